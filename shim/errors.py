@@ -1,0 +1,19 @@
+"""The errors the CLI turns into one line on stderr and an exit status (no traceback)."""
+
+
+class KeepError(Exception):
+    """A user-facing failure: the message is printed as `keep: MESSAGE`, the process exits with
+    `exit_status`. Raise it (or a subclass) for bad input, bad config, wrong keys and the like."""
+
+    exit_status: int = 1
+
+    def __init__(self, message: str, *, exit_status: int | None = None) -> None:
+        super().__init__(message)
+        if exit_status is not None:
+            self.exit_status = exit_status
+
+
+class UsageError(KeepError):
+    """Bad command-line usage (exit status 2, as argparse uses)."""
+
+    exit_status = 2

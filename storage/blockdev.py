@@ -1,0 +1,271 @@
+"""Block devices: the bottom layer, where bytes meet the (untrusted) host.
+
+Theory of operation: a `BlockDevice` is a fixed-size array of bytes with positional reads and
+writes and a durability barrier (`sync`). Nothing above this layer knows whether the bytes live in
+an image file, a real block device or memory. Every access is bounds-checked: a read past the end
+raises `ShortRead` (EIO) rather than returning zeros, because silently padded data would look
+like valid (if garbled) ciphertext to the layers above.
+
+One process opens a volume at a time: opening an image writable takes an exclusive, non-blocking
+`flock`; read-only opens take a shared one. `flock` locks belong to the open file description, so
+two opens within one process also exclude each other; a process that wants to share a device
+shares the object instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import threading
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from storage.errors import NoSpace, ShortRead, VolumeInUse
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """A fixed-size byte array on some medium, with positional I/O and a durability barrier."""
+
+    @property
+    def size(self) -> int:
+        """Total size in bytes (fixed for the device's lifetime)."""
+        ...
+
+    @property
+    def writable(self) -> bool:
+        """False when opened read-only: `write` then raises EROFS."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`; `ShortRead` if the range passes the end."""
+        ...
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill `buffer` completely from `offset` (no intermediate copy)."""
+        ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of `data` at `offset`; `NoSpace` if the range passes the end."""
+        ...
+
+    def sync(self) -> None:
+        """Make every completed write durable (fdatasync for files)."""
+        ...
+
+    def close(self) -> None:
+        """Release the medium and its lock. Idempotent."""
+        ...
+
+
+def _check_range(offset: int, length: int, size: int, *, writing: bool) -> None:
+    """Reject negative or out-of-device ranges before touching the medium."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length ({offset}, {length})")
+    if offset + length > size:
+        where = f"[{offset}, {offset + length}) is past the end of the {size}-byte device"
+        if writing:
+            raise NoSpace(f"write {where}")
+        raise ShortRead(f"read {where}")
+
+
+class _ClosesOnExit:
+    """`with device:` closes the device on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+class FileBlockDevice(_ClosesOnExit):
+    """An image file (created sparse on request) or a block-device path, with an image lock.
+
+    `FileBlockDevice(path, writable=True, create_size=N)` creates a new sparse image of N bytes
+    and refuses to overwrite an existing file. Without `create_size` the file must exist; its
+    size is the file's size (or the block device's size).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool,
+                 create_size: int | None = None) -> None:
+        self._path = os.fspath(path)
+        self._writable = writable
+        self._lock = threading.Lock()
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        flags |= os.O_CLOEXEC
+        if create_size is not None:
+            if not writable:
+                raise ValueError("create_size needs writable=True")
+            if create_size <= 0:
+                raise ValueError(f"image size must be positive, not {create_size}")
+            flags |= os.O_CREAT | os.O_EXCL
+        self._fd: int | None = os.open(self._path, flags, 0o600)
+        try:
+            self._take_lock()
+            if create_size is not None:
+                os.ftruncate(self._fd, create_size)  # sparse: no data blocks allocated
+                os.fsync(self._fd)
+                _fsync_parent_directory(self._path)
+            self._size = self._measure_size()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            if create_size is not None:
+                os.unlink(self._path)
+            raise
+
+    def _take_lock(self) -> None:
+        assert self._fd is not None
+        operation = (fcntl.LOCK_EX if self._writable else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        try:
+            fcntl.flock(self._fd, operation)
+        except BlockingIOError:
+            raise VolumeInUse(f"{self._path} is in use by another process") from None
+
+    def _measure_size(self) -> int:
+        assert self._fd is not None
+        info = os.fstat(self._fd)
+        if stat.S_ISREG(info.st_mode):
+            return info.st_size
+        if stat.S_ISBLK(info.st_mode):
+            return os.lseek(self._fd, 0, os.SEEK_END)
+        raise OSError(errno.EINVAL, f"{self._path} is neither a regular file nor a block device")
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self._path}: device is closed")
+        return self._fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(offset, buffer)
+        return bytes(buffer)
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
+        view = memoryview(buffer).cast("B")
+        _check_range(offset, len(view), self._size, writing=False)
+        fd = self._open_fd()
+        done = 0
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], offset + done)
+            if count == 0:  # the file shrank under us: never pad with zeros
+                raise ShortRead(f"{self._path}: unexpected end of image at {offset + done}")
+            done += count
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self._writable:
+            raise OSError(errno.EROFS, f"{self._path} is open read-only")
+        view = memoryview(data).cast("B")
+        _check_range(offset, len(view), self._size, writing=True)
+        fd = self._open_fd()
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def sync(self) -> None:
+        os.fdatasync(self._open_fd())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)  # closing the last descriptor releases the flock
+
+    def __repr__(self) -> str:
+        mode = "rw" if self._writable else "ro"
+        return f"FileBlockDevice({self._path!r}, {mode}, size={self._size})"
+
+
+class MemoryBlockDevice(_ClosesOnExit):
+    """A device in RAM, for tests and benchmarks. `snapshot()` / `restore()` let tests model a
+    crash (sync points) or a host that replays old contents."""
+
+    def __init__(self, size: int, *, initial: bytes | None = None, writable: bool = True) -> None:
+        if size <= 0:
+            raise ValueError(f"device size must be positive, not {size}")
+        if initial is not None and len(initial) != size:
+            raise ValueError("initial contents must be exactly `size` bytes")
+        self._data = bytearray(initial) if initial is not None else bytearray(size)
+        self._writable = writable
+        self._closed = False
+        self.sync_count = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("device is closed")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_open()
+        _check_range(offset, length, len(self._data), writing=False)
+        return bytes(self._data[offset:offset + length])
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        _check_range(offset, len(view), len(self._data), writing=False)
+        view[:] = self._data[offset:offset + len(view)]
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
+        if not self._writable:
+            raise OSError(errno.EROFS, "device is read-only")
+        view = memoryview(data).cast("B")
+        _check_range(offset, len(view), len(self._data), writing=True)
+        self._data[offset:offset + len(view)] = view
+
+    def sync(self) -> None:
+        self._check_open()
+        self.sync_count += 1
+
+    def close(self) -> None:
+        self._closed = True
+
+    def snapshot(self) -> bytes:
+        """A copy of the whole device (what the host could save and replay later)."""
+        return bytes(self._data)
+
+    def restore(self, contents: bytes) -> None:
+        """Replace the whole device contents (the host replaying a snapshot)."""
+        if len(contents) != len(self._data):
+            raise ValueError("snapshot size differs from the device size")
+        self._data[:] = contents
+
+    def __repr__(self) -> str:
+        return f"MemoryBlockDevice(size={len(self._data)})"
+
+
+def _fsync_parent_directory(path: str) -> None:
+    """Make a newly created file's directory entry durable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

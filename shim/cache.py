@@ -1,0 +1,193 @@
+"""The compile cache: compiled modules sealed with AES-GCM so the next start takes milliseconds.
+
+Theory of operation
+-------------------
+Compiling a large module takes minutes; deserializing wasmtime's compiled form takes
+milliseconds. But deserializing bytes is executing them: a changed entry would run arbitrary
+native code, and a plaintext entry would put the workload's code on the host disk. So every
+entry is sealed:
+
+- a 32-byte cache key comes from a key provider (on the `nil` backend a key file created 0600
+  under the cache directory; a TEE backend would derive a sealing key instead);
+- two subkeys are derived from it with HKDF-SHA256: one names entries, one seals them;
+- the entry's *identity* is SHA-256 of (module bytes, engine settings fingerprint, wasmtime
+  version); its *file name* is HMAC-SHA256(name key, identity), so the host cannot tell which
+  module an entry belongs to;
+- the file holds `magic || nonce || AES-256-GCM(seal key, nonce, serialized module, aad)` with
+  aad = `magic || key id || file name`: an entry moved to another name, sealed under another key,
+  flipped or truncated fails authentication, is deleted and the module is recompiled;
+- the decrypted bytes go straight to `Module.deserialize` in memory; no plaintext is ever
+  written to disk. Writes are atomic (a temporary file in the same directory, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import wasmtime
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shim.engine import EngineSettings
+from shim.errors import KeepError
+
+_MAGIC = b"keepshim-compile-cache-v1\n"
+_NONCE_SIZE = 12
+_KEY_SIZE = 32
+_KEY_FILE = "cache.key"
+_ENTRIES = "modules"
+
+
+def default_cache_directory() -> Path:
+    """`$KEEPSHIM_CACHE_DIR`, else `$XDG_CACHE_HOME/keepshim`, else `~/.cache/keepshim`."""
+    explicit = os.environ.get("KEEPSHIM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "keepshim"
+
+
+def load_or_create_key_file(path: Path) -> bytes:
+    """The `nil` backend's cache key: read `path`, or create it (mode 0600) with 32 random bytes.
+
+    Creation is race-free between processes: the key is written to a private temporary file and
+    hard-linked into place, so exactly one key wins and everyone reads that one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".key-")
+        try:
+            os.fchmod(descriptor, 0o600)
+            os.write(descriptor, secrets.token_bytes(_KEY_SIZE))
+            os.fsync(descriptor)
+            os.close(descriptor)
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+    try:
+        key = path.read_bytes()
+    except OSError as error:
+        raise KeepError(f"cannot read the compile cache key {path}: {error.strerror}") from None
+    if len(key) != _KEY_SIZE:
+        raise KeepError(f"compile cache key {path} is damaged (not {_KEY_SIZE} bytes): "
+                        "remove it to start a new cache")
+    return key
+
+
+@dataclass
+class CacheStatistics:
+    """What this cache object did (for tests and --debug; no timings involved)."""
+
+    hits: int = 0
+    misses: int = 0
+    discarded: int = 0
+    write_failures: int = 0
+
+
+@dataclass
+class CompileCache:
+    """Sealed compiled modules in `directory`, under a 32-byte `key`."""
+
+    directory: Path
+    key: bytes = field(repr=False)
+    statistics: CacheStatistics = field(default_factory=CacheStatistics)
+
+    def __post_init__(self) -> None:
+        if len(self.key) != _KEY_SIZE:
+            raise ValueError(f"the cache key must be {_KEY_SIZE} bytes")
+        self._name_key = _derive(self.key, b"keepshim compile cache: entry names")
+        self._seal = AESGCM(_derive(self.key, b"keepshim compile cache: sealing"))
+        self._key_id = _derive(self.key, b"keepshim compile cache: key id")[:16]
+
+    @classmethod
+    def open(cls, directory: Path | None = None) -> CompileCache:
+        """The `nil` backend cache: key file `cache.key` (0600) in `directory` (default:
+        `default_cache_directory()`)."""
+        directory = directory if directory is not None else default_cache_directory()
+        return cls(directory, load_or_create_key_file(directory / _KEY_FILE))
+
+    def entry_path(self, wasm: bytes, settings: EngineSettings) -> Path:
+        """Where the entry for this module and these settings lives (the name reveals nothing
+        about the module without the key)."""
+        identity = hashlib.sha256()
+        for part in (b"module", hashlib.sha256(wasm).digest(), b"settings", settings.fingerprint()):
+            identity.update(len(part).to_bytes(8, "little") + part)
+        name = hmac.new(self._name_key, identity.digest(), hashlib.sha256).hexdigest()
+        return self.directory / _ENTRIES / f"{name}.sealed"
+
+    def load_module(self, engine: wasmtime.Engine, settings: EngineSettings,
+                    wasm: bytes) -> tuple[wasmtime.Module, bool]:
+        """The compiled module for `wasm`: from the cache if a valid entry exists (True), else
+        compiled now and stored (False). Raises wasmtime.WasmtimeError for an invalid module."""
+        path = self.entry_path(wasm, settings)
+        module = self._read(engine, path)
+        if module is not None:
+            self.statistics.hits += 1
+            return module, True
+        self.statistics.misses += 1
+        module = wasmtime.Module(engine, wasm)
+        self._write(path, bytes(module.serialize()))
+        return module, False
+
+    def _aad(self, path: Path) -> bytes:
+        return _MAGIC + self._key_id + path.name.encode()
+
+    def _read(self, engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
+        try:
+            sealed = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self.statistics.discarded += 1
+            return None
+        header = len(_MAGIC) + _NONCE_SIZE
+        if len(sealed) < header + 16 or not sealed.startswith(_MAGIC):
+            self._discard(path)
+            return None
+        nonce = sealed[len(_MAGIC):header]
+        try:
+            serialized = self._seal.decrypt(nonce, sealed[header:], self._aad(path))
+        except InvalidTag:
+            self._discard(path)
+            return None
+        try:
+            return wasmtime.Module.deserialize(engine, serialized)
+        except wasmtime.WasmtimeError:  # authentic but incompatible (e.g. another CPU's features)
+            self._discard(path)
+            return None
+
+    def _discard(self, path: Path) -> None:
+        self.statistics.discarded += 1
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def _write(self, path: Path, serialized: bytes) -> None:
+        nonce = secrets.token_bytes(_NONCE_SIZE)
+        sealed = _MAGIC + nonce + self._seal.encrypt(nonce, serialized, self._aad(path))
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".entry-")
+            try:
+                with os.fdopen(descriptor, "wb") as stream:
+                    stream.write(sealed)
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError:  # a cache that cannot be written only costs the next start time
+            self.statistics.write_failures += 1
+
+
+def _derive(key: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(key)

@@ -1,0 +1,467 @@
+"""TLS listeners and connections over trio, usable from a thread that is not trio's.
+
+Theory of operation
+-------------------
+The guest runs in a worker thread and makes blocking or non-blocking socket calls; TLS runs in
+trio. To keep both sides simple and fast, every connection owns two buffers and two trio tasks:
+
+    peer --TLS--> [pump task]   --plaintext--> receive buffer --try_receive()--> guest thread
+    peer <--TLS-- [writer task] <--plaintext-- send buffer    <--try_send()----- guest thread
+
+`try_receive` / `try_send` are plain synchronous methods guarded by a lock: they never enter trio,
+so a guest reading data that has already arrived pays no thread hop. They raise BlockingIOError
+when they would block; the caller then waits with `Connection.wait_readable` /
+`wait_writable` through `trio.from_thread.run`. Plaintext already decrypted and buffered counts as
+readable, which is what `poll_oneoff` must report (Enarx looked at the raw TCP socket instead).
+
+Every state change (data arrived, space freed, connection accepted, peer gone) calls
+`ReadinessBoard.changed()`, which wakes whoever waits on the board; waiters re-check their own
+predicate. One board per keep: at most a handful of waiters exist at any time.
+
+A `Listener` accepts TCP connections and runs each TLS handshake in its own task with a timeout, so
+a slow or hostile client never delays the event loop, the guest or other clients. Failed
+handshakes are logged and dropped; completed connections wait in a bounded queue for the guest's
+`sock_accept`.
+
+Errors are reported as the OSError subclasses the WASI layer maps to errno: ConnectionResetError
+when the peer went away (including a TLS stream cut without close_notify: a truncation the guest
+must not mistake for a clean end), BrokenPipeError when writing after the write side is gone.
+
+Half-close: `shutdown_write` drains the send buffer, then sends TLS close_notify once (SSL_shutdown
+without waiting for the peer's reply, as trio's own `aclose` does) and keeps receiving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from net.errors import ConnectFailed, HandshakeFailed
+from net.tls import ServerVerification, check_pin
+
+log = logging.getLogger("keep.net")
+
+RECEIVE_CHUNK = 64 * 1024
+BUFFER_LIMIT = 256 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 10.0
+ACCEPT_BACKLOG = 128
+
+
+class ReadinessBoard:
+    """Wakes every trio-side waiter when any socket's state changes."""
+
+    def __init__(self, trio_token: trio.lowlevel.TrioToken) -> None:
+        self._event = trio.Event()
+        self._token = trio_token
+
+    def changed(self) -> None:
+        """Call from the trio thread after a state change."""
+        self._event.set()
+        self._event = trio.Event()
+
+    def changed_from_thread(self) -> None:
+        """Call from any other thread: schedules `changed` without waiting for it."""
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self.changed)
+
+    async def wait_until(self, predicate: Callable[[], bool], deadline: float = math.inf) -> bool:
+        """Wait until `predicate()` holds (True) or the trio clock passes `deadline` (False)."""
+        while not predicate():
+            if trio.current_time() >= deadline:
+                return False
+            event = self._event
+            with trio.move_on_at(deadline):
+                await event.wait()
+        return True
+
+
+def _describe_failure(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause) or type(cause).__name__
+
+
+class Connection:
+    """A connected stream (TLS or, when policy allows, plaintext TCP) with plaintext buffers."""
+
+    def __init__(self, stream: trio.abc.Stream, board: ReadinessBoard, peer: str,
+                 *, buffer_limit: int = BUFFER_LIMIT) -> None:
+        self.peer = peer
+        self._stream = stream
+        self._board = board
+        self._limit = buffer_limit
+        self._lock = threading.Lock()
+        self._received = bytearray()
+        self._to_send = bytearray()
+        self._sending = 0
+        self._eof = False
+        self._read_error: OSError | None = None
+        self._write_error: OSError | None = None
+        self._read_shut = False
+        self._write_shut_requested = False
+        self._write_shut_done = False
+        self._close_requested = False
+        self._finished = False
+
+    @property
+    def is_tls(self) -> bool:
+        return isinstance(self._stream, trio.SSLStream)
+
+    # ---- guest-thread side: synchronous, never blocks -----------------------------------------
+
+    def try_receive(self, max_bytes: int, *, peek: bool = False) -> bytes:
+        """Up to `max_bytes` of buffered plaintext; b"" at end of stream; BlockingIOError if none
+        yet; ConnectionResetError if the peer went away."""
+        with self._lock:
+            if self._read_shut:
+                return b""
+            if self._received:
+                data = bytes(self._received[:max_bytes])
+                if not peek:
+                    was_full = len(self._received) >= self._limit
+                    del self._received[:max_bytes]
+                    if was_full and len(self._received) < self._limit:
+                        self._board.changed_from_thread()
+                return data
+            if self._read_error is not None:
+                raise ConnectionResetError(self._read_error.errno, self._read_error.strerror)
+            if self._eof:
+                return b""
+        raise BlockingIOError("no data buffered yet")
+
+    def try_send(self, data: bytes | memoryview) -> int:
+        """Queue as much of `data` as fits; BlockingIOError if nothing fits; BrokenPipeError after
+        the write side is shut or the peer went away."""
+        with self._lock:
+            if self._write_shut_requested or self._close_requested:
+                raise BrokenPipeError("the write side is shut down")
+            if self._write_error is not None:
+                raise BrokenPipeError(self._write_error.errno, self._write_error.strerror)
+            room = self._limit - len(self._to_send)
+            if room <= 0:
+                raise BlockingIOError("send buffer full")
+            was_empty = not self._to_send
+            accepted = data[:room]
+            self._to_send += accepted
+        if was_empty:
+            self._board.changed_from_thread()
+        return len(accepted)
+
+    def readable(self) -> bool:
+        """True when a receive would not block (data, end of stream or an error)."""
+        with self._lock:
+            return bool(self._received or self._eof or self._read_error or self._read_shut)
+
+    def buffered(self) -> int:
+        """Bytes of plaintext ready to receive now."""
+        with self._lock:
+            return len(self._received)
+
+    def writable(self) -> bool:
+        """True when a send would not block (room in the buffer, or an error to report)."""
+        with self._lock:
+            return (len(self._to_send) < self._limit or self._write_error is not None
+                    or self._write_shut_requested)
+
+    def shutdown_read(self) -> None:
+        """Later receives return end of stream; data still arriving is discarded."""
+        with self._lock:
+            self._read_shut = True
+            self._received.clear()
+        self._board.changed_from_thread()
+
+    def shutdown_write(self) -> None:
+        """Send what is queued, then TLS close_notify (or a TCP FIN for plaintext)."""
+        with self._lock:
+            self._write_shut_requested = True
+        self._board.changed_from_thread()
+
+    def close(self) -> None:
+        """Like close(2) on a socket: queued data is still sent, then the stream is closed."""
+        with self._lock:
+            self._close_requested = True
+            self._read_shut = True
+            self._received.clear()
+        self._board.changed_from_thread()
+
+    # ---- trio side -------------------------------------------------------------------------
+
+    async def wait_readable(self, deadline: float = math.inf) -> bool:
+        return await self._board.wait_until(self.readable, deadline)
+
+    async def wait_writable(self, deadline: float = math.inf) -> bool:
+        return await self._board.wait_until(self.writable, deadline)
+
+    async def wait_sent(self) -> None:
+        """Wait until everything queued so far has been handed to the transport (or failed)."""
+        def drained() -> bool:
+            with self._lock:
+                return (not self._to_send and not self._sending) or self._write_error is not None
+        await self._board.wait_until(drained)
+
+    async def run(self) -> None:
+        """Run the pump and the writer until the connection is closed and flushed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, nursery.cancel_scope)
+            await self._writer()
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await self._stream.aclose()
+        self._finished = True
+        self._board.changed()
+
+    async def _pump(self, scope: trio.CancelScope) -> None:
+        def room() -> bool:
+            with self._lock:
+                return len(self._received) < self._limit or self._read_shut
+        while True:
+            await self._board.wait_until(room)
+            try:
+                data = await self._stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                with self._lock:
+                    self._read_error = ConnectionResetError(
+                        "peer reset the connection or cut TLS without close_notify: "
+                        + _describe_failure(error))
+                self._board.changed()
+                return
+            with self._lock:
+                if not data:
+                    self._eof = True
+                elif not self._read_shut:
+                    self._received += data
+            self._board.changed()
+            if not data:
+                return
+
+    async def _writer(self) -> None:
+        def work() -> bool:
+            with self._lock:
+                return bool(self._to_send or self._write_shut_requested or self._close_requested)
+        while True:
+            await self._board.wait_until(work)
+            with self._lock:
+                chunk = bytes(self._to_send)
+                self._to_send.clear()
+                self._sending = len(chunk)
+                closing = self._close_requested
+                shut = self._write_shut_requested or closing
+            try:
+                if chunk:
+                    with trio.move_on_after(CLOSE_TIMEOUT if closing else math.inf):
+                        await self._stream.send_all(chunk)
+                elif shut:
+                    await self._send_end_of_stream()
+                    if closing:
+                        return
+                    await self._board.wait_until(lambda: self._close_requested)
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                with self._lock:
+                    self._write_error = BrokenPipeError(_describe_failure(error))
+                    self._to_send.clear()
+                self._board.changed()
+                if closing:
+                    return
+                await self._board.wait_until(lambda: self._close_requested)
+                return
+            finally:
+                with self._lock:
+                    self._sending = 0
+                self._board.changed()
+
+    async def _send_end_of_stream(self) -> None:
+        if self._write_shut_done:
+            return
+        self._write_shut_done = True
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            # SSL_shutdown once: close_notify goes out and receiving continues (trio's own aclose
+            # makes the same call). It must not run while undecrypted records sit in the incoming
+            # buffer, or OpenSSL would consume them as part of the shutdown; the pump drains them.
+            await self._board.wait_until(lambda: _incoming_drained(stream) or self._read_shut)
+            await stream._retry(stream._ssl_object.unwrap, ignore_want_read=True)
+        elif isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+
+
+def _incoming_drained(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
+    return stream._incoming.pending == 0 and stream._ssl_object.pending() == 0
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """What a listener needs beyond its address: TLS context (None = plaintext TCP)."""
+
+    name: str
+    context: ssl.SSLContext | None
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    backlog: int = ACCEPT_BACKLOG
+
+
+class Listener:
+    """Accepts connections and completes their TLS handshakes in the background."""
+
+    def __init__(self, settings: ListenerSettings, socket_listeners: list[trio.SocketListener],
+                 board: ReadinessBoard, nursery: trio.Nursery) -> None:
+        self.settings = settings
+        self._listeners = socket_listeners
+        self._board = board
+        self._nursery = nursery
+        self._lock = threading.Lock()
+        self._ready: deque[Connection] = deque()
+        self._in_handshake = 0
+        self._closed = False
+        self.handshake_failures = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the configuration asked for port 0)."""
+        address = self._listeners[0].socket.getsockname()
+        return int(address[1])
+
+    def try_accept(self) -> Connection:
+        """A connection whose handshake completed, or BlockingIOError."""
+        with self._lock:
+            if self._ready:
+                connection = self._ready.popleft()
+                self._board.changed_from_thread()
+                return connection
+        raise BlockingIOError("no connection ready")
+
+    def readable(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    async def wait_readable(self, deadline: float = math.inf) -> bool:
+        return await self._board.wait_until(self.readable, deadline)
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted but not taken are closed."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._ready)
+            self._ready.clear()
+        for connection in pending:
+            connection.close()
+        self._board.changed_from_thread()
+
+    async def serve(self) -> None:
+        """Accept until closed. Run as a task in the keep's nursery."""
+        async with trio.open_nursery() as nursery:
+            for listener in self._listeners:
+                nursery.start_soon(self._accept_loop, listener)
+            await self._board.wait_until(lambda: self._closed)
+            nursery.cancel_scope.cancel()
+        for listener in self._listeners:
+            await listener.aclose()
+
+    def _has_room(self) -> bool:
+        with self._lock:
+            return len(self._ready) + self._in_handshake < self.settings.backlog
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        while True:
+            await self._board.wait_until(self._has_room)
+            try:
+                tcp = await listener.accept()
+            except OSError as error:  # EMFILE and friends: log, back off, keep serving
+                log.warning("listener %s: accept failed: %s", self.settings.name, error)
+                await trio.sleep(0.1)
+                continue
+            with self._lock:
+                self._in_handshake += 1
+            self._nursery.start_soon(self._handshake, tcp)
+
+    async def _handshake(self, tcp: trio.SocketStream) -> None:
+        peer = _peer_name(tcp)
+        stream: trio.abc.Stream = tcp
+        try:
+            if self.settings.context is not None:
+                tls = trio.SSLStream(tcp, self.settings.context, server_side=True)
+                with trio.fail_after(self.settings.handshake_timeout):
+                    await tls.do_handshake()
+                stream = tls
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
+            reason = "timed out" if isinstance(error, trio.TooSlowError) else _describe_failure(error)
+            log.warning("listener %s: TLS handshake with %s refused: %s",
+                        self.settings.name, peer, reason)
+            self.handshake_failures += 1
+            with self._lock:
+                self._in_handshake -= 1
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            self._board.changed()
+            return
+        connection = Connection(stream, self._board, peer)
+        with self._lock:
+            self._in_handshake -= 1
+            closed = self._closed
+            if not closed:
+                self._ready.append(connection)
+        if closed:
+            connection.close()
+        self._board.changed()
+        await connection.run()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    return f"{address[0]}:{address[1]}"
+
+
+async def open_listener(settings: ListenerSettings, host: str, port: int, board: ReadinessBoard,
+                        nursery: trio.Nursery) -> Listener:
+    """Bind `host`:`port` and start accepting in `nursery`."""
+    bind_host = None if host in ("", "::") else host  # "::" (Enarx's default): every address
+    socket_listeners = await trio.open_tcp_listeners(port, host=bind_host)
+    listener = Listener(settings, socket_listeners, board, nursery)
+    nursery.start_soon(listener.serve)
+    return listener
+
+
+async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
+                          verification: ServerVerification, board: ReadinessBoard,
+                          nursery: trio.Nursery, *, server_name: str | None = None,
+                          handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
+    """Connect out, complete the TLS handshake and check the pin; start the connection's tasks."""
+    connect_host = "127.0.0.1" if host == "localhost" else host
+    try:
+        tcp = await trio.open_tcp_stream(connect_host, port)
+    except OSError as error:
+        raise ConnectFailed(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    stream: trio.abc.Stream = tcp
+    if context is not None:
+        tls = trio.SSLStream(tcp, context, server_hostname=server_name or host)
+        try:
+            with trio.fail_after(handshake_timeout):
+                await tls.do_handshake()
+            check_pin(verification, tls.getpeercert(binary_form=True))
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            if isinstance(error, trio.TooSlowError):
+                raise HandshakeFailed(f"TLS handshake with {host}:{port} timed out") from None
+            if isinstance(error, trio.BrokenResourceError):
+                raise HandshakeFailed(
+                    f"TLS handshake with {host}:{port} failed: {_describe_failure(error)}") from None
+            raise
+        stream = tls
+    connection = Connection(stream, board, f"{host}:{port}")
+    nursery.start_soon(connection.run)
+    return connection

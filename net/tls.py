@@ -1,0 +1,235 @@
+"""The keep's TLS identity and the `ssl` contexts built from it.
+
+Theory of operation
+-------------------
+A keep has one *identity*: a private key and the certificate chain that names its public key. It is
+produced once at start by a `CertificateProvider`:
+
+- `SelfSignedProvider` makes an ECDSA P-256 key inside the keep and a self-signed certificate for
+  `localhost` (what Enarx does without a Steward);
+- `FileCertificateProvider` loads a certificate and key the owner configured in keep.toml;
+- an attestation provider (RA-TLS: evidence binding SHA-256 of the public key in an X.509
+  extension) will plug in behind the same protocol later.
+
+The private key never touches the host disk: Python's `ssl` only loads keys from a path, so the PEM
+is written to an anonymous in-memory file (`memfd_create`) and loaded through `/proc/self/fd/N`.
+
+Every context is TLS 1.3 only. Server contexts present the identity and optionally require a
+client certificate chaining to a configured CA. Client contexts verify the server against the
+system trust store, a configured CA file, and/or a pinned SHA-256 of its SubjectPublicKeyInfo
+(checked by `check_pin` after the handshake, because `ssl` has no pinning hook).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from net.errors import CertificateError, PinMismatch
+
+SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
+SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
+
+
+@dataclass(frozen=True, repr=False)
+class KeepIdentity:
+    """The keep's key pair and certificate chain (leaf first), all PEM.
+
+    `repr` is suppressed so that the key never lands in a log line or a traceback.
+    """
+
+    certificate_chain_pem: bytes
+    private_key_pem: bytes
+
+    def __post_init__(self) -> None:
+        if b"-----BEGIN CERTIFICATE-----" not in self.certificate_chain_pem:
+            raise CertificateError("the certificate chain holds no PEM certificate")
+        if b"PRIVATE KEY-----" not in self.private_key_pem:
+            raise CertificateError("the private key is not a PEM private key")
+
+    def __repr__(self) -> str:
+        return f"KeepIdentity(spki_sha256={self.spki_sha256()})"
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """The certificate that names the keep's public key."""
+        return x509.load_pem_x509_certificate(self.certificate_chain_pem)
+
+    def leaf_pem(self) -> bytes:
+        """The leaf certificate alone, for clients to trust (`curl --cacert`)."""
+        return self.leaf.public_bytes(serialization.Encoding.PEM)
+
+    def spki_sha256(self) -> str:
+        """Hex SHA-256 of the leaf's DER SubjectPublicKeyInfo (what a client pins)."""
+        return spki_sha256(self.leaf)
+
+
+class CertificateProvider(Protocol):
+    """Something that gives the keep its TLS identity once, at start."""
+
+    def identity(self) -> KeepIdentity:
+        """Return the identity; called once per keep."""
+        ...
+
+
+@dataclass(frozen=True)
+class SelfSignedProvider:
+    """A fresh ECDSA P-256 key made in memory and a self-signed certificate for `names`."""
+
+    names: tuple[str, ...] = SELF_SIGNED_NAMES
+    validity: datetime.timedelta = SELF_SIGNED_VALIDITY
+
+    def identity(self) -> KeepIdentity:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.names[0])])
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + self.validity)
+            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in self.names]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return KeepIdentity(
+            certificate_chain_pem=certificate.public_bytes(serialization.Encoding.PEM),
+            private_key_pem=key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()),
+        )
+
+
+@dataclass(frozen=True)
+class FileCertificateProvider:
+    """A certificate chain and private key the owner configured (PEM files)."""
+
+    certificate_path: Path
+    key_path: Path
+
+    def identity(self) -> KeepIdentity:
+        try:
+            chain = self.certificate_path.read_bytes()
+            key = self.key_path.read_bytes()
+        except OSError as error:
+            raise CertificateError(f"cannot read {error.filename}: {error.strerror}") from None
+        identity = KeepIdentity(certificate_chain_pem=chain, private_key_pem=key)
+        _load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), identity)  # key matches cert?
+        return identity
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def spki_sha256(certificate: x509.Certificate) -> str:
+    """Hex SHA-256 of a certificate's DER SubjectPublicKeyInfo."""
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _load_identity(context: ssl.SSLContext, identity: KeepIdentity) -> None:
+    """Load the identity into `context` through an in-memory file, never the host disk."""
+    fd = os.memfd_create("keep-identity", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, identity.certificate_chain_pem + b"\n" + identity.private_key_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    except ssl.SSLError as error:
+        raise CertificateError(f"the certificate and key do not load: {error.reason}") from None
+    finally:
+        os.close(fd)
+
+
+def _tls13_only(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def server_context(identity: KeepIdentity, client_ca: Path | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 server context presenting `identity`; with `client_ca`, clients must present a
+    certificate chaining to it."""
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    _load_identity(context, identity)
+    if client_ca is not None:
+        _load_ca(context, client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@dataclass(frozen=True)
+class ServerVerification:
+    """How a connect socket checks the server it reached.
+
+    With neither `ca_file` nor `pin_sha256`, the system trust store is used. With only a pin, the
+    pin is the whole check (the certificate may be self-signed). With both, both must hold.
+    """
+
+    ca_file: Path | None = None
+    pin_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pin_sha256 is not None:
+            pin = self.pin_sha256.lower().replace(":", "")
+            if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+                raise ValueError("a SPKI pin is 64 hex digits (SHA-256)")
+            object.__setattr__(self, "pin_sha256", pin)
+
+
+def client_context(verification: ServerVerification,
+                   identity: KeepIdentity | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 client context that checks the server as `verification` says and, when given,
+    presents the keep's identity as client certificate (as Enarx does)."""
+    context = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    if verification.ca_file is not None:
+        _load_ca(context, verification.ca_file)
+    elif verification.pin_sha256 is not None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if identity is not None:
+        _load_identity(context, identity)
+    return context
+
+
+def check_pin(verification: ServerVerification, peer_certificate_der: bytes | None) -> None:
+    """Raise PinMismatch unless the peer's certificate carries the pinned public key."""
+    if verification.pin_sha256 is None:
+        return
+    if peer_certificate_der is None:
+        raise PinMismatch("the server presented no certificate")
+    actual = spki_sha256(x509.load_der_x509_certificate(peer_certificate_der))
+    if not hmac.compare_digest(actual, verification.pin_sha256):
+        raise PinMismatch(f"server public key SHA-256 {actual} does not match the pin")
+
+
+def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise CertificateError(f"CA file {ca_file} does not exist") from None
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(f"CA file {ca_file} does not load: {error}") from None

@@ -37,7 +37,9 @@ def answer(module: wasmtime.Module, engine: wasmtime.Engine, settings: EngineSet
     return func(store)
 
 
-def load(cache_dir: Path, wasm: bytes, settings: EngineSettings = EngineSettings()) -> tuple[CompileCache, bool, object]:
+def load(cache_dir: Path, wasm: bytes,
+         settings: EngineSettings | None = None) -> tuple[CompileCache, bool, object]:
+    settings = settings or EngineSettings()
     cache = CompileCache.open(cache_dir)
     engine = settings.make_engine()
     module, hit = cache.load_module(engine, settings, wasm)
@@ -46,7 +48,7 @@ def load(cache_dir: Path, wasm: bytes, settings: EngineSettings = EngineSettings
 
 def test_second_load_hits_the_cache(tmp_path: Path) -> None:
     wasm = module_bytes()
-    first, first_hit, first_answer = load(tmp_path, wasm)
+    _, first_hit, first_answer = load(tmp_path, wasm)
     second, second_hit, second_answer = load(tmp_path, wasm)
     assert (first_hit, second_hit) == (False, True)
     assert (first_answer, second_answer) == (42, 42)
@@ -112,7 +114,7 @@ def test_entry_sealed_under_another_key_is_discarded(tmp_path: Path) -> None:
     wasm = module_bytes()
     load(tmp_path, wasm)
     (tmp_path / "cache.key").unlink()
-    cache, hit, _ = load(tmp_path, wasm)
+    _, hit, _ = load(tmp_path, wasm)
     assert not hit  # a new key gives a new name: the old entry is simply never found
     assert len(entries(tmp_path)) == 2
 

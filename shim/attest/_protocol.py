@@ -1,0 +1,376 @@
+"""The deploy protocol, sans-I/O: bytes in, messages out; no sockets, no trio.
+
+Theory of operation. After the TLS handshake (whose certificate the owner has verified, see
+_tls), owner and keep exchange frames:
+
+    frame   = header_length (u32, big endian) || payload_length (u32, big endian)
+              || header (UTF-8 JSON object, at most MAX_HEADER_BYTES)
+              || payload (opaque bytes, at most the limit of the header's "type")
+
+Messages, in the only order the conversation allows (the `_TRANSITIONS` table):
+
+    owner -> keep   deploy    header: args, config (keep.toml text), volumes (name, key or
+                              passphrase, pinned generation), workload_sha256; payload: the module
+    keep  -> owner  refused   header: reason                        (conversation ends)
+                    accepted  header: workload_sha256
+                    output    header: stream ("stdout" | "stderr"); payload: a chunk
+                    finished  header: exit_status, error, volumes (name, uuid, generation, root_mac)
+
+Limits are fixed: a frame announcing more than its type allows is refused as soon as its
+header arrives, before the payload is buffered. Errors say whose fault they are, as in h11:
+LocalProtocolError (this side tried to send something invalid) vs RemoteProtocolError (the peer
+sent something invalid; the connection must be dropped).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from shim.errors import KeepError
+
+MAX_HEADER_BYTES: Final = 1 << 20
+MAX_WORKLOAD_BYTES: Final = 128 << 20
+MAX_OUTPUT_CHUNK_BYTES: Final = 64 << 10
+MAX_ARGS: Final = 4096
+_PREFIX: Final = struct.Struct(">II")
+
+
+class ProtocolError(KeepError):
+    """The deploy conversation broke its rules."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send a message that is invalid or out of order (a bug here)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid message in this state; drop the connection."""
+
+
+@dataclass(frozen=True)
+class VolumeGrant:
+    """A volume the deployment may open: exactly one of `key` (raw volume key) or `passphrase`,
+    and the generation the owner pinned (an older volume is refused). Secrets never appear in
+    repr, so they cannot leak into logs or tracebacks."""
+
+    name: str
+    key: bytes | None = field(default=None, repr=False)
+    passphrase: str | None = field(default=None, repr=False)
+    pinned_generation: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.passphrase is None):
+            raise LocalProtocolError(f"volume {self.name!r}: give exactly one of key or passphrase")
+        if self.pinned_generation is not None and self.pinned_generation < 0:
+            raise LocalProtocolError(f"volume {self.name!r}: a generation is never negative")
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    """A volume's state after the run, as its last commit returned it: the owner stores it and
+    pins `generation` in the next deployment."""
+
+    name: str
+    uuid: str
+    generation: int
+    root_mac: bytes
+
+
+@dataclass(frozen=True)
+class Deploy:
+    workload: bytes = field(repr=False)
+    config: str = ""
+    args: tuple[str, ...] = ()
+    volumes: tuple[VolumeGrant, ...] = ()
+
+    @property
+    def workload_sha256(self) -> bytes:
+        return hashlib.sha256(self.workload).digest()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    workload_sha256: bytes
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Finished:
+    exit_status: int
+    error: str | None = None
+    volumes: tuple[VolumeState, ...] = ()
+
+
+Message = Deploy | Accepted | Refused | Output | Finished
+Role = Literal["owner", "keep"]
+
+
+class State(enum.Enum):
+    AWAIT_DEPLOY = "await deploy"
+    AWAIT_VERDICT = "await verdict"
+    RUNNING = "running"
+    DONE = "done"
+
+
+_TRANSITIONS: Final[dict[tuple[State, str], tuple[Role, State]]] = {
+    (State.AWAIT_DEPLOY, "deploy"): ("owner", State.AWAIT_VERDICT),
+    (State.AWAIT_VERDICT, "refused"): ("keep", State.DONE),
+    (State.AWAIT_VERDICT, "accepted"): ("keep", State.RUNNING),
+    (State.RUNNING, "output"): ("keep", State.RUNNING),
+    (State.RUNNING, "finished"): ("keep", State.DONE),
+}
+_PAYLOAD_LIMITS: Final = {"deploy": MAX_WORKLOAD_BYTES, "output": MAX_OUTPUT_CHUNK_BYTES,
+                          "accepted": 0, "refused": 0, "finished": 0}
+_TYPE_NAMES: Final = {Deploy: "deploy", Accepted: "accepted", Refused: "refused",
+                      Output: "output", Finished: "finished"}
+
+
+def encode_message(message: Message) -> bytes:
+    """One frame for `message`; LocalProtocolError if it breaks a limit."""
+    kind = _TYPE_NAMES[type(message)]
+    payload = b""
+    header: dict[str, object]
+    match message:
+        case Deploy():
+            header = {"args": list(message.args), "config": message.config,
+                      "volumes": [_grant_to_json(grant) for grant in message.volumes],
+                      "workload_sha256": message.workload_sha256.hex()}
+            payload = message.workload
+        case Accepted():
+            header = {"workload_sha256": message.workload_sha256.hex()}
+        case Refused():
+            header = {"reason": message.reason}
+        case Output():
+            header = {"stream": message.stream}
+            payload = message.data
+        case Finished():
+            header = {"exit_status": message.exit_status, "error": message.error,
+                      "volumes": [{"name": state.name, "uuid": state.uuid,
+                                   "generation": state.generation,
+                                   "root_mac": state.root_mac.hex()} for state in message.volumes]}
+    header["type"] = kind
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"{kind} header is {len(header_bytes)} bytes, over the "
+                                 f"{MAX_HEADER_BYTES} byte limit")
+    if len(payload) > _PAYLOAD_LIMITS[kind]:
+        raise LocalProtocolError(f"{kind} payload is {len(payload)} bytes, over the "
+                                 f"{_PAYLOAD_LIMITS[kind]} byte limit")
+    try:
+        decode_header(kind, json.loads(header_bytes), payload)  # never send what we would refuse
+    except RemoteProtocolError as error:
+        raise LocalProtocolError(str(error)) from None
+    return _PREFIX.pack(len(header_bytes), len(payload)) + header_bytes + payload
+
+
+def _grant_to_json(grant: VolumeGrant) -> dict[str, object]:
+    return {"name": grant.name, "pinned_generation": grant.pinned_generation,
+            "key": None if grant.key is None else base64.b64encode(grant.key).decode(),
+            "passphrase": grant.passphrase}
+
+
+class _Header:
+    """Typed accessors over a received JSON header; every failure is the remote's fault."""
+
+    def __init__(self, kind: str, fields: dict[str, object]) -> None:
+        self.kind, self.fields = kind, fields
+
+    def get(self, key: str, expected: type | tuple[type, ...], *, optional: bool = False) -> object:
+        value = self.fields.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is int):
+            raise RemoteProtocolError(f"{self.kind} message: field {key!r} is missing or has the wrong type")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self.get(key, str)
+        assert isinstance(value, str)
+        return value
+
+    def integer(self, key: str, *, optional: bool = False) -> int | None:
+        value = self.get(key, int, optional=optional)
+        assert value is None or isinstance(value, int)
+        return value
+
+    def digest(self, key: str) -> bytes:
+        value = self.text(key)
+        try:
+            digest = bytes.fromhex(value)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise RemoteProtocolError(f"{self.kind} message: field {key!r} is not a SHA-256 digest")
+        return digest
+
+    def table_list(self, key: str) -> list[_Header]:
+        value = self.get(key, list)
+        assert isinstance(value, list)
+        if not all(isinstance(item, dict) for item in value):
+            raise RemoteProtocolError(f"{self.kind} message: {key!r} must be a list of tables")
+        return [_Header(f"{self.kind} {key}", item) for item in value]
+
+
+def decode_header(kind: str, fields: dict[str, object], payload: bytes) -> Message:
+    """Build a message from a parsed header and its payload; RemoteProtocolError if invalid."""
+    header = _Header(kind, fields)
+    match kind:
+        case "deploy":
+            args = header.get("args", list)
+            assert isinstance(args, list)
+            if len(args) > MAX_ARGS or not all(isinstance(arg, str) for arg in args):
+                raise RemoteProtocolError("deploy message: args must be a list of strings")
+            message = Deploy(workload=payload, config=header.text("config"), args=tuple(args),
+                             volumes=tuple(_grant_from_json(item) for item in header.table_list("volumes")))
+            if message.workload_sha256 != header.digest("workload_sha256"):
+                raise RemoteProtocolError("deploy message: the workload does not match its SHA-256")
+            return message
+        case "accepted":
+            return Accepted(workload_sha256=header.digest("workload_sha256"))
+        case "refused":
+            return Refused(reason=header.text("reason"))
+        case "output":
+            stream = header.text("stream")
+            if stream not in ("stdout", "stderr"):
+                raise RemoteProtocolError(f"output message: unknown stream {stream!r}")
+            return Output(stream="stdout" if stream == "stdout" else "stderr", data=payload)
+        case "finished":
+            status = header.integer("exit_status")
+            assert status is not None
+            error = header.get("error", str, optional=True)
+            assert error is None or isinstance(error, str)
+            return Finished(exit_status=status, error=error,
+                            volumes=tuple(_state_from_json(item) for item in header.table_list("volumes")))
+    raise RemoteProtocolError(f"unknown message type {kind!r}")
+
+
+def _grant_from_json(header: _Header) -> VolumeGrant:
+    key_text = header.get("key", str, optional=True)
+    passphrase = header.get("passphrase", str, optional=True)
+    assert passphrase is None or isinstance(passphrase, str)
+    key = None
+    if isinstance(key_text, str):
+        try:
+            key = base64.b64decode(key_text, validate=True)
+        except ValueError:
+            raise RemoteProtocolError("deploy message: a volume key is not base64") from None
+    try:
+        return VolumeGrant(name=header.text("name"), key=key, passphrase=passphrase,
+                           pinned_generation=header.integer("pinned_generation", optional=True))
+    except LocalProtocolError as error:
+        raise RemoteProtocolError(f"deploy message: {error}") from None
+
+
+def _state_from_json(header: _Header) -> VolumeState:
+    root_mac = header.text("root_mac")
+    try:
+        mac = bytes.fromhex(root_mac)
+    except ValueError:
+        raise RemoteProtocolError("finished message: a root_mac is not hex") from None
+    generation = header.integer("generation")
+    assert generation is not None
+    return VolumeState(name=header.text("name"), uuid=header.text("uuid"), generation=generation,
+                       root_mac=mac)
+
+
+class Conversation:
+    """One side of a deploy conversation: `send` returns the bytes to write; `receive_data`
+    feeds bytes read; `next_message` returns the next complete message or None (need more data).
+
+    Both directions share one state, because the conversation is strictly ordered."""
+
+    def __init__(self, role: Role) -> None:
+        self.role: Role = role
+        self.state = State.AWAIT_DEPLOY
+        self._buffer = bytearray()
+        self._eof = False
+
+    def _advance(self, kind: str, sender: Role) -> None:
+        transition = _TRANSITIONS.get((self.state, kind))
+        if transition is None or transition[0] != sender:
+            error = LocalProtocolError if sender == self.role else RemoteProtocolError
+            raise error(f"the {sender} may not send {kind!r} in state {self.state.value!r}")
+        self.state = transition[1]
+
+    def send(self, message: Message) -> bytes:
+        """The frame to write for `message`, after checking it is this role's turn to send it."""
+        frame = encode_message(message)
+        self._advance(_TYPE_NAMES[type(message)], self.role)
+        return frame
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; b"" means end of stream."""
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def next_message(self) -> Message | None:
+        """The next complete message from the peer, or None if more bytes are needed.
+
+        RemoteProtocolError for anything invalid, oversize, out of order, or a stream that ended
+        in the middle of a frame."""
+        if len(self._buffer) < _PREFIX.size:
+            self._check_not_ended()
+            return None
+        header_length, payload_length = _PREFIX.unpack_from(self._buffer)
+        if header_length > MAX_HEADER_BYTES:
+            raise RemoteProtocolError(f"frame header of {header_length} bytes is over the "
+                                      f"{MAX_HEADER_BYTES} byte limit")
+        if payload_length > MAX_WORKLOAD_BYTES:
+            raise RemoteProtocolError(f"frame payload of {payload_length} bytes is over the "
+                                      f"{MAX_WORKLOAD_BYTES} byte limit")
+        header_end = _PREFIX.size + header_length
+        if len(self._buffer) < header_end:
+            self._check_not_ended()
+            return None
+        try:
+            fields = json.loads(bytes(self._buffer[_PREFIX.size:header_end]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise RemoteProtocolError("frame header is not UTF-8 JSON") from None
+        if not isinstance(fields, dict) or not isinstance(fields.get("type"), str):
+            raise RemoteProtocolError("frame header is not a JSON object with a 'type'")
+        kind = fields["type"]
+        if kind not in _PAYLOAD_LIMITS:
+            raise RemoteProtocolError(f"unknown message type {kind!r}")
+        if payload_length > _PAYLOAD_LIMITS[kind]:
+            raise RemoteProtocolError(f"{kind} payload of {payload_length} bytes is over the "
+                                      f"{_PAYLOAD_LIMITS[kind]} byte limit")
+        sender: Role = "keep" if self.role == "owner" else "owner"
+        transition = _TRANSITIONS.get((self.state, kind))
+        if transition is None or transition[0] != sender:
+            raise RemoteProtocolError(f"the {sender} may not send {kind!r} in state {self.state.value!r}")
+        frame_end = header_end + payload_length
+        if len(self._buffer) < frame_end:
+            self._check_not_ended()
+            return None
+        payload = bytes(self._buffer[header_end:frame_end])
+        del self._buffer[:frame_end]
+        message = decode_header(kind, fields, payload)
+        self._advance(kind, sender)
+        return message
+
+    def _check_not_ended(self) -> None:
+        if self._eof:
+            if self._buffer:
+                raise RemoteProtocolError(f"the {'keep' if self.role == 'owner' else 'owner'} "
+                                          f"closed the connection in the middle of a frame "
+                                          f"({len(self._buffer)} bytes buffered)")
+            if self.state is not State.DONE:
+                raise RemoteProtocolError(f"the connection closed in state {self.state.value!r}")
+        return None

@@ -239,12 +239,12 @@ def read_metadata(device: BlockDevice) -> HeaderState:
             errors.append(error)
             break
     if not copies:
-        for error in errors:
-            if isinstance(error, UnsupportedFormat):
-                raise error
-        for error in errors:
-            if isinstance(error, CorruptHeader):
-                raise CorruptHeader(f"no valid LUKS2 header: {error}") from None
+        for found in errors:
+            if isinstance(found, UnsupportedFormat):
+                raise found
+        for found in errors:
+            if isinstance(found, CorruptHeader):
+                raise CorruptHeader(f"no valid LUKS2 header: {found}") from None
         raise NotLuks("not a LUKS2 volume (no LUKS header found)")
     if len(copies) == 2 and copies[0][0].uuid != copies[1][0].uuid:
         raise CorruptHeader("the two LUKS2 header copies belong to different volumes")

@@ -13,6 +13,7 @@ another process's, `UnsupportedFormat` is a valid image this code does not handl
 from __future__ import annotations
 
 import errno
+import os
 
 
 class StorageError(Exception):
@@ -75,6 +76,21 @@ class ShortRead(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class RollbackError(StorageError):
+    """The image is older than the generation the owner pinned: a rolled-back volume."""
+
+
+class FilesystemError(OSError):
+    """A filesystem operation refused with a POSIX errno (ENOENT, EEXIST, ENOTEMPTY, ...), so
+    that every caller maps errno once."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(code, message or os.strerror(code))
 
     def __str__(self) -> str:
         return str(self.strerror)

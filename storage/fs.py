@@ -1,0 +1,867 @@
+"""The in-keep filesystem: an inode-level API over SQLite, stored through the region VFS.
+
+Theory of operation
+-------------------
+Everything (inodes, directory entries, file data, symlink targets, xattrs) is rows of one SQLite
+database that lives on the protected store (see `storage._vfs`). Each operation is one SQLite
+transaction, so a crash shows every operation entirely or not at all; durability comes from
+`fsync()`, which is one integrity commit of every operation so far (all files: a group commit).
+
+The API follows FUSE (pyfuse3) with plain ints, so that the WASI host adapter and a FUSE mount can
+share it: inode numbers are stable (`INTEGER PRIMARY KEY AUTOINCREMENT`, never reused), the root
+is inode 1, names are `bytes` (1..255 bytes, anything but ``/`` and NUL), timestamps are
+nanoseconds, and every refusal is a `FilesystemError` carrying the POSIX errno.
+
+Schema:
+    inodes(ino, mode, nlink, size, uid, gid, atime, mtime, ctime)  mode = st_mode with type bits
+    dirents(cookie, parent, name, ino)   cookie: AUTOINCREMENT, so readdir positions stay stable
+    chunks(key = ino << 32 | index, data)  file data in CHUNK_SIZE pieces; a missing chunk, or
+                                           the part of a short one, reads as zeros (sparse files)
+    symlinks(ino, target), xattrs(ino, name, value), orphans(ino)
+    meta(key, value)                       format version and chunk size
+
+Unlinked-but-open files: `open()`/`release()` keep in-memory open counts; an inode whose last
+name goes away while it is open is listed in `orphans` and freed at its last `release()`, or at
+the next mount if the process died. Large deletions run in bounded transactions (so they fit the
+WAL region even on a full volume); a crash between them leaves at most an orphan that the next
+mount reaps, or chunks past the end of a file that a later size increase deletes before they
+could be seen.
+
+Directory nlink is 2 + the number of subdirectories (the root's ".." is itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import apsw
+
+from storage._vfs import RegionVfs
+from storage.errors import FilesystemError, IntegrityError, NoSpace
+from storage.integrity import SECTOR_SIZE, MerkleStore, PlainStore, VolumeState
+
+ROOT_INODE = 1
+NAME_MAX = 255
+CHUNK_SIZE = 4096
+FORMAT_VERSION = 1
+RENAME_NOREPLACE = 1  # as Linux renameat2
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1  # as Linux setxattr
+XATTR_REPLACE = 2
+_CHUNK_KEY_BITS = 32
+_DELETE_BATCH = 256  # chunks freed per transaction when deleting or truncating
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE inodes(ino INTEGER PRIMARY KEY AUTOINCREMENT, mode INTEGER NOT NULL,
+    nlink INTEGER NOT NULL, size INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL);
+CREATE TABLE dirents(cookie INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL,
+    name BLOB NOT NULL, ino INTEGER NOT NULL, UNIQUE(parent, name));
+CREATE INDEX dirents_by_ino ON dirents(ino);
+CREATE TABLE chunks(key INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE symlinks(ino INTEGER PRIMARY KEY, target BLOB NOT NULL);
+CREATE TABLE xattrs(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name)) WITHOUT ROWID;
+CREATE TABLE orphans(ino INTEGER PRIMARY KEY);
+CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Attr:
+    """An inode's attributes, FUSE style: `mode` is st_mode including the file-type bits."""
+
+    ino: int
+    mode: int
+    nlink: int
+    size: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def blocks(self) -> int:
+        """512-byte blocks, as st_blocks (an upper bound: sparse holes are not subtracted)."""
+        return -(-self.size // 512)
+
+
+@dataclass(frozen=True)
+class StatFs:
+    """Filesystem usage, as statvfs: sizes in `block_size` units."""
+
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+def _error(code: int, message: str | None = None) -> FilesystemError:
+    return FilesystemError(code, message)
+
+
+def check_name(name: bytes) -> None:
+    """Names are 1..255 bytes of anything but '/' and NUL (EINVAL / ENAMETOOLONG otherwise)."""
+    if not isinstance(name, bytes):
+        raise TypeError("names are bytes")
+    if len(name) > NAME_MAX:
+        raise _error(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise _error(errno.EINVAL, f"invalid name {name!r}")
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+class Filesystem:
+    """The inode-level filesystem on a protected store. Not thread-safe: callers serialise."""
+
+    def __init__(self, store: MerkleStore | PlainStore, *, create: bool = False) -> None:
+        self._store = store
+        total = store.sector_count
+        if total < 256:
+            raise FilesystemError(errno.ENOSPC, "volume too small for a filesystem")
+        self._wal_sectors = min(max(total // 8, 96), 16384)
+        self._vfs = RegionVfs(store, self._wal_sectors)
+        self._open_counts: dict[int, int] = {}
+        self._closed = False
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE if store.writable \
+            else apsw.SQLITE_OPEN_READONLY
+        try:
+            self._db = apsw.Connection("db", flags=flags, vfs=self._vfs.name)
+            self._configure(create)
+            if create:
+                self._format()
+            self._check_format()
+            if store.writable:
+                self._reap_orphans()
+        except BaseException:
+            self._shutdown()
+            raise
+        wal_bytes = self._wal_sectors * SECTOR_SIZE
+        self._transaction_bytes = max(CHUNK_SIZE, min(1 << 20, wal_bytes // 8))
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _configure(self, create: bool) -> None:
+        db = self._db
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        if create:
+            db.execute(f"PRAGMA page_size={SECTOR_SIZE}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        wal_pages = self._wal_sectors * SECTOR_SIZE // (SECTOR_SIZE + 24)
+        db.execute(f"PRAGMA wal_autocheckpoint={max(8, wal_pages // 2)}")
+        db.execute(f"PRAGMA journal_size_limit={self._wal_sectors * SECTOR_SIZE}")
+        db.execute("PRAGMA cache_size=-16384")
+        db.execute("PRAGMA temp_store=MEMORY")
+        db_pages = (self._store.sector_count - self._wal_sectors) * SECTOR_SIZE // SECTOR_SIZE
+        db.execute(f"PRAGMA max_page_count={db_pages}")
+        self._db_pages = db_pages
+
+    def _format(self) -> None:
+        now = _now()
+        with self._db:
+            self._db.execute(_SCHEMA)
+            self._db.execute(
+                "INSERT INTO inodes(ino, mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                " VALUES (?, ?, 2, 0, 0, 0, ?, ?, ?)", (ROOT_INODE, stat.S_IFDIR | 0o755, now, now, now))
+            self._db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                                 [("format", FORMAT_VERSION), ("chunk_size", CHUNK_SIZE)])
+        self._store.commit()
+
+    def _check_format(self) -> None:
+        try:
+            rows: dict[str, Any] = dict(self._all("SELECT key, value FROM meta"))
+        except apsw.SQLError as exc:
+            raise FilesystemError(errno.EIO, f"no keepshim filesystem on this volume ({exc})") from None
+        if rows.get("format") != FORMAT_VERSION or rows.get("chunk_size") != CHUNK_SIZE:
+            raise FilesystemError(errno.EIO, f"unsupported filesystem format {rows}")
+
+    def _reap_orphans(self) -> None:
+        """Free inodes left unlinked-but-open by a process that died."""
+        for (ino,) in self._all("SELECT ino FROM orphans"):
+            self._free_inode(ino)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _run(self, work: Callable[[], T]) -> T:
+        """Run `work` as one transaction, translating SQLite failures to errno."""
+        if self._closed:
+            raise _error(errno.EBADF, "filesystem is closed")
+        try:
+            with self._db:
+                result = work()
+        except apsw.FullError:
+            raise NoSpace() from None
+        except apsw.ReadOnlyError:
+            raise _error(errno.EROFS) from None
+        except (apsw.IOError, apsw.CorruptError) as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise IntegrityError(f"filesystem I/O error: {exc}") from None
+        return result
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        """The first row of a query, or None (rows are typed loosely: SQLite is dynamic)."""
+        return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return list(self._db.execute(sql, args).fetchall())
+
+    def _attr(self, ino: int) -> Attr:
+        row = self._one("SELECT ino, mode, nlink, size, uid, gid, atime, mtime, ctime FROM inodes"
+                        " WHERE ino = ?", (ino,))
+        if row is None:
+            raise _error(errno.ENOENT, f"no inode {ino}")
+        return Attr(*row)
+
+    def _dir(self, ino: int) -> Attr:
+        attr = self._attr(ino)
+        if not attr.is_dir:
+            raise _error(errno.ENOTDIR)
+        return attr
+
+    def _child(self, parent: int, name: bytes) -> int | None:
+        row = self._one("SELECT ino FROM dirents WHERE parent = ? AND name = ?", (parent, name))
+        return None if row is None else int(row[0])
+
+    def _parent_of(self, directory: int) -> int:
+        if directory == ROOT_INODE:
+            return ROOT_INODE
+        row = self._one("SELECT parent FROM dirents WHERE ino = ?", (directory,))
+        return ROOT_INODE if row is None else int(row[0])
+
+    def _touch(self, ino: int, *, mtime: bool = True) -> None:
+        now = _now()
+        if mtime:
+            self._db.execute("UPDATE inodes SET mtime = ?, ctime = ? WHERE ino = ?", (now, now, ino))
+        else:
+            self._db.execute("UPDATE inodes SET ctime = ? WHERE ino = ?", (now, ino))
+
+    def _add_nlink(self, ino: int, delta: int) -> None:
+        self._db.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?", (delta, ino))
+
+    def _live_dir(self, parent: int) -> Attr:
+        attr = self._dir(parent)
+        if attr.nlink == 0:
+            raise _error(errno.ENOENT, "directory was removed")
+        return attr
+
+    def _new_inode(self, parent: int, name: bytes, mode: int, nlink: int) -> int:
+        check_name(name)
+        self._live_dir(parent)
+        if name in (b".", b"..") or self._child(parent, name) is not None:
+            raise _error(errno.EEXIST)
+        now = _now()
+        self._db.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                         " VALUES (?, ?, 0, 0, 0, ?, ?, ?)", (mode, nlink, now, now, now))
+        ino = int(self._db.last_insert_rowid())
+        self._db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+        self._touch(parent)
+        return ino
+
+    def _drop_link(self, ino: int) -> None:
+        """One name of `ino` went away: free it when nothing refers to it any more."""
+        attr = self._attr(ino)
+        remaining = 0 if attr.is_dir else attr.nlink - 1
+        self._db.execute("UPDATE inodes SET nlink = ?, ctime = ? WHERE ino = ?", (remaining, _now(), ino))
+        if remaining == 0:
+            self._db.execute("INSERT OR IGNORE INTO orphans(ino) VALUES (?)", (ino,))
+
+    def _free_inode(self, ino: int) -> None:
+        """Delete an orphan's data in bounded transactions, then the inode itself."""
+        base = ino << _CHUNK_KEY_BITS
+        while True:
+            deleted = self._run(lambda: self._delete_chunks(base, base + (1 << _CHUNK_KEY_BITS) - 1))
+            if deleted < _DELETE_BATCH:
+                break
+
+        def finish() -> None:
+            for table in ("inodes", "symlinks", "orphans"):
+                self._db.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
+            self._db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+        self._run(finish)
+
+    def _delete_chunks(self, first_key: int, last_key: int) -> int:
+        rows = self._all("SELECT key FROM chunks WHERE key BETWEEN ? AND ? ORDER BY key DESC"
+                         " LIMIT ?", (first_key, last_key, _DELETE_BATCH))
+        if rows:
+            self._db.execute("DELETE FROM chunks WHERE key BETWEEN ? AND ?", (rows[-1][0], rows[0][0]))
+        return len(rows)
+
+    def _release_if_unused(self, ino: int) -> None:
+        if self._open_counts.get(ino, 0) == 0:
+            row = self._one("SELECT 1 FROM orphans WHERE ino = ?", (ino,))
+            if row is not None:
+                self._free_inode(ino)
+
+    # -- lookups and attributes ------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """The attributes of `name` in directory `parent` (ENOENT, ENOTDIR)."""
+        def work() -> Attr:
+            self._dir(parent)
+            if name == b".":
+                return self._attr(parent)
+            if name == b"..":
+                return self._attr(self._parent_of(parent))
+            check_name(name)
+            child = self._child(parent, name)
+            if child is None:
+                raise _error(errno.ENOENT)
+            return self._attr(child)
+        return self._run(work)
+
+    def getattr(self, ino: int) -> Attr:
+        return self._run(lambda: self._attr(ino))
+
+    def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None,
+                uid: int | None = None, gid: int | None = None) -> Attr:
+        """Change permission bits, size (truncate or sparse extension), times or owner. ctime
+        always becomes now; a size change also sets mtime unless `mtime_ns` is given."""
+        if size is not None and size < 0:
+            raise _error(errno.EINVAL)
+        if size is not None and size >= CHUNK_SIZE << _CHUNK_KEY_BITS:
+            raise _error(errno.EFBIG)
+
+        def work() -> Attr:
+            attr = self._attr(ino)
+            now = _now()
+            updates: dict[str, int] = {"ctime": now}
+            if mode is not None:
+                updates["mode"] = stat.S_IFMT(attr.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                updates["uid"] = uid
+            if gid is not None:
+                updates["gid"] = gid
+            if atime_ns is not None:
+                updates["atime"] = atime_ns
+            if mtime_ns is not None:
+                updates["mtime"] = mtime_ns
+            if size is not None:
+                if attr.is_dir:
+                    raise _error(errno.EISDIR)
+                if not attr.is_file:
+                    raise _error(errno.EINVAL)
+                if size != attr.size:
+                    self._resize(ino, attr.size, size)
+                    updates["size"] = size
+                    updates.setdefault("mtime", now)
+            assignments = ", ".join(f"{column} = ?" for column in updates)
+            self._db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*updates.values(), ino))
+            return self._attr(ino)
+        result = self._run(work)
+        if size is not None:
+            self._trim_chunks(ino, size)
+        return result
+
+    def _resize(self, ino: int, old: int, new: int) -> None:
+        """Within a transaction: make bytes past `new` unreadable (truncate the partial last
+        chunk now; whole chunks go in bounded batches by `_trim_chunks`) or, when growing, drop
+        any stale chunk in the new range so that it reads as zeros."""
+        base = ino << _CHUNK_KEY_BITS
+        if new < old:
+            index, offset = divmod(new, CHUNK_SIZE)
+            if offset:
+                row = self._one("SELECT data FROM chunks WHERE key = ?", (base + index,))
+                if row is not None and len(row[0]) > offset:
+                    self._db.execute("UPDATE chunks SET data = ? WHERE key = ?", (row[0][:offset], base + index))
+        else:
+            self._clear_range(ino, old, new)
+
+    def _clear_range(self, ino: int, old: int, new: int) -> None:
+        """Growing from `old` to `new`: chunks there (left by an interrupted truncate) vanish."""
+        base = ino << _CHUNK_KEY_BITS
+        first_whole = -(-old // CHUNK_SIZE)
+        last = (new - 1) // CHUNK_SIZE
+        if first_whole <= last:
+            self._db.execute("DELETE FROM chunks WHERE key BETWEEN ? AND ?", (base + first_whole, base + last))
+        index, offset = divmod(old, CHUNK_SIZE)
+        if offset:
+            row = self._one("SELECT data FROM chunks WHERE key = ?", (base + index,))
+            if row is not None and len(row[0]) > offset:
+                self._db.execute("UPDATE chunks SET data = ? WHERE key = ?", (row[0][:offset], base + index))
+
+    def _trim_chunks(self, ino: int, size: int) -> None:
+        """Delete the whole chunks past `size`, in bounded transactions."""
+        base = ino << _CHUNK_KEY_BITS
+        first = base + -(-size // CHUNK_SIZE)
+        while self._run(lambda: self._delete_chunks(first, base + (1 << _CHUNK_KEY_BITS) - 1)) >= _DELETE_BATCH:
+            pass
+
+    # -- namespace operations --------------------------------------------------------------
+
+    def create(self, parent: int, name: bytes, mode: int = 0o644) -> Attr:
+        """A new empty regular file (EEXIST if the name exists)."""
+        return self._run(lambda: self._attr(self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1)))
+
+    def mkdir(self, parent: int, name: bytes, mode: int = 0o755) -> Attr:
+        def work() -> Attr:
+            ino = self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 2)
+            self._add_nlink(parent, 1)
+            return self._attr(ino)
+        return self._run(work)
+
+    def symlink(self, parent: int, name: bytes, target: bytes) -> Attr:
+        if not target or b"\0" in target or len(target) > 4095:
+            raise _error(errno.EINVAL if len(target) <= 4095 else errno.ENAMETOOLONG)
+
+        def work() -> Attr:
+            ino = self._new_inode(parent, name, stat.S_IFLNK | 0o777, 1)
+            self._db.execute("INSERT INTO symlinks(ino, target) VALUES (?, ?)", (ino, target))
+            self._db.execute("UPDATE inodes SET size = ? WHERE ino = ?", (len(target), ino))
+            return self._attr(ino)
+        return self._run(work)
+
+    def readlink(self, ino: int) -> bytes:
+        def work() -> bytes:
+            row = self._one("SELECT target FROM symlinks WHERE ino = ?", (ino,))
+            if row is None:
+                self._attr(ino)
+                raise _error(errno.EINVAL, "not a symbolic link")
+            return bytes(row[0])
+        return self._run(work)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        """A new name for an existing non-directory (EPERM for directories)."""
+        def work() -> Attr:
+            check_name(new_name)
+            attr = self._attr(ino)
+            if attr.is_dir:
+                raise _error(errno.EPERM)
+            if attr.nlink == 0:
+                raise _error(errno.ENOENT)
+            self._live_dir(new_parent)
+            if new_name in (b".", b"..") or self._child(new_parent, new_name) is not None:
+                raise _error(errno.EEXIST)
+            self._db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (new_parent, new_name, ino))
+            self._add_nlink(ino, 1)
+            self._touch(ino, mtime=False)
+            self._touch(new_parent)
+            return self._attr(ino)
+        return self._run(work)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a non-directory name (EISDIR for directories)."""
+        def work() -> int:
+            self._dir(parent)
+            if name in (b".", b".."):
+                raise _error(errno.EISDIR)
+            check_name(name)
+            ino = self._child(parent, name)
+            if ino is None:
+                raise _error(errno.ENOENT)
+            if self._attr(ino).is_dir:
+                raise _error(errno.EISDIR)
+            self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (parent, name))
+            self._drop_link(ino)
+            self._touch(parent)
+            return ino
+        self._release_if_unused(self._run(work))
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty directory (ENOTDIR, ENOTEMPTY; EINVAL for "." , ENOTEMPTY for "..")."""
+        def work() -> int:
+            self._dir(parent)
+            if name == b".":
+                raise _error(errno.EINVAL)
+            if name == b"..":
+                raise _error(errno.ENOTEMPTY)
+            check_name(name)
+            ino = self._child(parent, name)
+            if ino is None:
+                raise _error(errno.ENOENT)
+            self._remove_directory_entry(parent, name, ino)
+            return ino
+        self._release_if_unused(self._run(work))
+
+    def _remove_directory_entry(self, parent: int, name: bytes, ino: int) -> None:
+        if not self._attr(ino).is_dir:
+            raise _error(errno.ENOTDIR)
+        if self._one("SELECT 1 FROM dirents WHERE parent = ? LIMIT 1", (ino,)) is not None:
+            raise _error(errno.ENOTEMPTY)
+        self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (parent, name))
+        self._add_nlink(parent, -1)
+        self._drop_link(ino)
+        self._touch(parent)
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """Whether `ancestor` is `ino` or one of its ancestors."""
+        current = ino
+        seen = 0
+        while True:
+            if current == ancestor:
+                return True
+            if current == ROOT_INODE or seen > 1 << 20:
+                return False
+            current = self._parent_of(current)
+            seen += 1
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        """Atomic rename, as Linux renameat2: replaces an existing target (a directory only by
+        an empty directory), or with RENAME_NOREPLACE refuses it (EEXIST), or with
+        RENAME_EXCHANGE swaps the two names."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise _error(errno.EINVAL)
+        replaced: list[int] = []
+
+        def work() -> None:
+            self._dir(old_parent)
+            self._live_dir(new_parent)
+            for name in (old_name, new_name):
+                if name in (b".", b".."):
+                    raise _error(errno.EBUSY if name == b"." else errno.EINVAL)
+                check_name(name)
+            source = self._child(old_parent, old_name)
+            if source is None:
+                raise _error(errno.ENOENT)
+            target = self._child(new_parent, new_name)
+            source_attr = self._attr(source)
+            if flags & RENAME_EXCHANGE:
+                if target is None:
+                    raise _error(errno.ENOENT)
+                self._exchange(old_parent, old_name, source, new_parent, new_name, target)
+                return
+            if target is not None and flags & RENAME_NOREPLACE:
+                raise _error(errno.EEXIST)
+            if source_attr.is_dir and new_parent != old_parent and self._is_ancestor(source, new_parent):
+                raise _error(errno.EINVAL)
+            if target == source:
+                return  # two names of one inode (or the same name): nothing to do
+            if target is not None:
+                target_attr = self._attr(target)
+                if source_attr.is_dir and not target_attr.is_dir:
+                    raise _error(errno.ENOTDIR)
+                if not source_attr.is_dir and target_attr.is_dir:
+                    raise _error(errno.EISDIR)
+                if target_attr.is_dir:
+                    self._remove_directory_entry(new_parent, new_name, target)
+                else:
+                    self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (new_parent, new_name))
+                    self._drop_link(target)
+                replaced.append(target)
+            self._db.execute("UPDATE dirents SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+                             (new_parent, new_name, old_parent, old_name))
+            if source_attr.is_dir and new_parent != old_parent:
+                self._add_nlink(old_parent, -1)
+                self._add_nlink(new_parent, 1)
+            self._touch(source, mtime=False)
+            self._touch(old_parent)
+            if new_parent != old_parent:
+                self._touch(new_parent)
+        self._run(work)
+        for ino in replaced:
+            self._release_if_unused(ino)
+
+    def _exchange(self, old_parent: int, old_name: bytes, source: int,
+                  new_parent: int, new_name: bytes, target: int) -> None:
+        if source == target:
+            return
+        source_dir = self._attr(source).is_dir
+        target_dir = self._attr(target).is_dir
+        if old_parent != new_parent:
+            if source_dir and self._is_ancestor(source, new_parent):
+                raise _error(errno.EINVAL)
+            if target_dir and self._is_ancestor(target, old_parent):
+                raise _error(errno.EINVAL)
+        self._db.execute("UPDATE dirents SET ino = ? WHERE parent = ? AND name = ?", (target, old_parent, old_name))
+        self._db.execute("UPDATE dirents SET ino = ? WHERE parent = ? AND name = ?", (source, new_parent, new_name))
+        if old_parent != new_parent and source_dir != target_dir:
+            moved_to_new = 1 if source_dir else -1
+            self._add_nlink(new_parent, moved_to_new)
+            self._add_nlink(old_parent, -moved_to_new)
+        for ino in {source, target, old_parent, new_parent}:
+            self._touch(ino, mtime=ino in (old_parent, new_parent))
+
+    # -- directories -----------------------------------------------------------------------
+
+    def readdir(self, ino: int, cookie: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after position `cookie` (0 = start) as (name, attributes, next cookie):
+        ".", "..", then the names in creation order. Cookies stay valid across inserts and
+        deletes of other entries."""
+        def first() -> tuple[Attr, Attr]:
+            attr = self._dir(ino)
+            return attr, self._attr(self._parent_of(ino))
+        attr, parent = self._run(first)
+        if cookie < 1:
+            yield b".", attr, 1
+        if cookie < 2:
+            yield b"..", parent, 2
+        position = max(cookie - 2, 0)
+        while True:
+            def batch(after: int = position) -> list[tuple[bytes, Attr, int]]:
+                rows = self._all(
+                    "SELECT d.cookie, d.name, i.ino, i.mode, i.nlink, i.size, i.uid, i.gid, i.atime,"
+                    " i.mtime, i.ctime FROM dirents d JOIN inodes i ON i.ino = d.ino"
+                    " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT 256", (ino, after))
+                return [(bytes(row[1]), Attr(*row[2:]), int(row[0]) + 2) for row in rows]
+            entries = self._run(batch)
+            if not entries:
+                return
+            yield from entries
+            position = entries[-1][2] - 2
+
+    def statfs(self) -> StatFs:
+        def work() -> StatFs:
+            page_count = int(self._one("PRAGMA page_count", ())[0])
+            free_pages = int(self._one("PRAGMA freelist_count", ())[0])
+            files = int(self._one("SELECT count(*) FROM inodes", ())[0])
+            free = max(self._db_pages - page_count + free_pages, 0)
+            return StatFs(SECTOR_SIZE, self._db_pages, free, files + free, free, NAME_MAX)
+        return self._run(work)
+
+    # -- open files and data ---------------------------------------------------------------
+
+    def open(self, ino: int) -> Attr:
+        """Count an open handle: the inode outlives its last name until `release`."""
+        attr = self.getattr(ino)
+        self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
+        return attr
+
+    def release(self, ino: int) -> None:
+        count = self._open_counts.get(ino, 0)
+        if count <= 0:
+            raise _error(errno.EBADF, f"inode {ino} is not open")
+        if count == 1:
+            del self._open_counts[ino]
+            self._release_if_unused(ino)
+        else:
+            self._open_counts[ino] = count - 1
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset` (short at end of file; holes read as zeros)."""
+        if offset < 0 or size < 0:
+            raise _error(errno.EINVAL)
+
+        def work() -> bytes:
+            attr = self._attr(ino)
+            if attr.is_dir:
+                raise _error(errno.EISDIR)
+            if not attr.is_file:
+                raise _error(errno.EINVAL)
+            end = min(offset + size, attr.size)
+            if end <= offset:
+                return b""
+            first = offset // CHUNK_SIZE
+            last = (end - 1) // CHUNK_SIZE
+            base = ino << _CHUNK_KEY_BITS
+            rows = self._all("SELECT key, data FROM chunks WHERE key BETWEEN ? AND ?",
+                             (base + first, base + last))
+            if len(rows) == last - first + 1 and all(len(row[1]) == CHUNK_SIZE for row in rows):
+                joined = b"".join(row[1] for row in rows)
+            else:
+                buffer = bytearray((last - first + 1) * CHUNK_SIZE)
+                for key, data in rows:
+                    start = (key - base - first) * CHUNK_SIZE
+                    buffer[start:start + len(data)] = data
+                joined = bytes(buffer)
+            skip = offset - first * CHUNK_SIZE
+            return joined[skip:skip + end - offset]
+        return self._run(work)
+
+    def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write all of `data` at `offset` (extending the file, with a hole if past the end).
+        Large writes are split into bounded transactions (each atomic on its own)."""
+        view = memoryview(data).cast("B")
+        if offset < 0:
+            raise _error(errno.EINVAL)
+        if offset + len(view) >= CHUNK_SIZE << _CHUNK_KEY_BITS:
+            raise _error(errno.EFBIG)
+        step = self._transaction_bytes
+        for start in range(0, max(len(view), 1), step):
+            piece = view[start:start + step]
+            self._run(functools.partial(self._write_piece, ino, offset + start, piece))
+        return len(view)
+
+    def _write_piece(self, ino: int, offset: int, data: memoryview) -> None:
+        attr = self._attr(ino)
+        if attr.is_dir:
+            raise _error(errno.EISDIR)
+        if not attr.is_file:
+            raise _error(errno.EINVAL)
+        now = _now()
+        if not len(data):
+            return
+        end = offset + len(data)
+        if offset > attr.size:
+            self._clear_range(ino, attr.size, offset)
+        base = ino << _CHUNK_KEY_BITS
+        first = offset // CHUNK_SIZE
+        last = (end - 1) // CHUNK_SIZE
+        position = 0
+        rows: list[tuple[int, bytes]] = []
+        for index in range(first, last + 1):
+            chunk_start = index * CHUNK_SIZE
+            start = max(offset, chunk_start) - chunk_start
+            stop = min(end, chunk_start + CHUNK_SIZE) - chunk_start
+            piece = data[position:position + stop - start]
+            position += stop - start
+            if start == 0 and stop == CHUNK_SIZE:
+                rows.append((base + index, bytes(piece)))
+                continue
+            row = self._one("SELECT data FROM chunks WHERE key = ?", (base + index,))
+            existing = bytearray(row[0]) if row is not None else bytearray()
+            if chunk_start + len(existing) > attr.size:  # never resurrect bytes past the old end
+                del existing[max(attr.size - chunk_start, 0):]
+            if len(existing) < stop:
+                existing.extend(bytes(stop - len(existing)))
+            existing[start:stop] = piece
+            rows.append((base + index, bytes(existing)))
+        self._db.executemany("INSERT OR REPLACE INTO chunks(key, data) VALUES (?, ?)", rows)
+        self._db.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ? WHERE ino = ?",
+                         (end, now, now, ino))
+
+    def fsync(self, ino: int | None = None) -> VolumeState:
+        """Make every operation so far durable (one integrity commit for all files)."""
+        if self._closed:
+            raise _error(errno.EBADF, "filesystem is closed")
+        return self._store.commit()
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        def work() -> bytes:
+            self._attr(ino)
+            row = self._one("SELECT value FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+            if row is None:
+                raise _error(errno.ENODATA)
+            return bytes(row[0])
+        return self._run(work)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name or len(name) > 255 or b"\0" in name:
+            raise _error(errno.ERANGE if len(name) > 255 else errno.EINVAL)
+        if len(value) > 65536:
+            raise _error(errno.E2BIG)
+
+        def work() -> None:
+            self._attr(ino)
+            exists = self._one("SELECT 1 FROM xattrs WHERE ino = ? AND name = ?", (ino, name)) is not None
+            if flags & XATTR_CREATE and exists:
+                raise _error(errno.EEXIST)
+            if flags & XATTR_REPLACE and not exists:
+                raise _error(errno.ENODATA)
+            self._db.execute("INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, name, value))
+            self._touch(ino, mtime=False)
+        self._run(work)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        def work() -> list[bytes]:
+            self._attr(ino)
+            return [bytes(row[0]) for row in
+                    self._db.execute("SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (ino,))]
+        return self._run(work)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        def work() -> None:
+            self._attr(ino)
+            if self._one("SELECT 1 FROM xattrs WHERE ino = ? AND name = ?", (ino, name)) is None:
+                raise _error(errno.ENODATA)
+            self._db.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+            self._touch(ino, mtime=False)
+        self._run(work)
+
+    # -- consistency -----------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Filesystem invariants: SQLite's integrity_check, link counts, dangling entries,
+        orphans, stray chunks. Returns problems (empty when clean)."""
+        problems: list[str] = []
+
+        def work() -> None:
+            db = self._db
+            for (line,) in db.execute("PRAGMA integrity_check"):
+                if line != "ok":
+                    problems.append(f"sqlite: {line}")
+            for cookie, ino in db.execute(
+                    "SELECT cookie, ino FROM dirents WHERE ino NOT IN (SELECT ino FROM inodes)"):
+                problems.append(f"dirent {cookie} points to missing inode {ino}")
+            for cookie, parent in db.execute(
+                    "SELECT d.cookie, d.parent FROM dirents d LEFT JOIN inodes i ON i.ino = d.parent"
+                    " WHERE i.ino IS NULL OR (i.mode & 61440) != 16384"):
+                problems.append(f"dirent {cookie} has parent {parent}, which is not a directory")
+            open_now = {ino for ino, count in self._open_counts.items() if count}
+            rows = self._all(
+                "SELECT i.ino, i.mode, i.nlink,"
+                " (SELECT count(*) FROM dirents d WHERE d.ino = i.ino),"
+                " (SELECT count(*) FROM dirents d JOIN inodes c ON c.ino = d.ino"
+                "   WHERE d.parent = i.ino AND (c.mode & 61440) = 16384),"
+                " EXISTS(SELECT 1 FROM orphans o WHERE o.ino = i.ino) FROM inodes i")
+            for ino, mode, nlink, names, subdirs, orphan in rows:
+                if ino == ROOT_INODE:
+                    expected = 2 + subdirs
+                elif stat.S_ISDIR(mode):
+                    expected = 2 + subdirs if names else 0
+                    if names > 1:
+                        problems.append(f"directory {ino} has {names} names")
+                else:
+                    expected = names
+                if nlink != expected:
+                    problems.append(f"inode {ino}: nlink {nlink}, expected {expected}")
+                if names == 0 and ino != ROOT_INODE and not (orphan and ino in open_now):
+                    problems.append(f"inode {ino} has no name and is not open (leaked)")
+                if stat.S_ISLNK(mode) and db.execute("SELECT 1 FROM symlinks WHERE ino = ?", (ino,)).fetchone() is None:
+                    problems.append(f"symlink {ino} has no target")
+            for (key,) in db.execute(
+                    "SELECT c.key FROM chunks c LEFT JOIN inodes i ON i.ino = (c.key >> 32)"
+                    " WHERE i.ino IS NULL OR (i.mode & 61440) != 32768"
+                    " OR (c.key & 4294967295) * ? >= i.size", (CHUNK_SIZE,)):
+                problems.append(f"chunk {key >> 32}:{key & 0xFFFFFFFF} has no file or lies past its end")
+        self._run(work)
+        return problems
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            try:
+                db.close()
+            finally:
+                self._vfs.unregister()
+        else:
+            self._vfs.unregister()
+
+    def close(self) -> None:
+        """Checkpoint SQLite's WAL into the database, then stop. Open handles are forgotten
+        (their orphans are reaped at the next mount). Does not close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._store.writable:
+                # on failure the WAL stays valid and is replayed at the next open
+                with contextlib.suppress(apsw.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._shutdown()
+

@@ -1,0 +1,766 @@
+"""The integrity layer: a Merkle tree over the sectors' ciphertext, with crash-safe commits.
+
+Theory of operation
+-------------------
+The layer sits on the LUKS2 data segment (a run of 4 KiB sectors encrypted with aes-xts-plain64)
+and offers its clients (the filesystem) a smaller array of *data sectors* with three promises:
+
+* a read returns exactly what was last written and committed (or written since), or raises
+  `IntegrityError` (EIO): a changed, moved or replayed sector is never returned as data;
+* `commit()` is atomic and durable: after a crash the volume comes back exactly as it was at
+  some `commit()` (the last one that returned, or a later one whose record reached the disk);
+* each commit has a generation number and a root MAC; opening with a pinned
+  `expected_generation` refuses an older image (`RollbackError`).
+
+Layout of the data segment (sector numbers relative to the segment start, all XTS-encrypted):
+
+    0, 1                superblocks A and B (the newer valid one wins)
+    2 .. 2+L            redo log (L sectors)
+    2+L .. 2+L+P        leaf pages: the SHA-256 of every data sector's ciphertext, 128 per page
+    2+L+P .. end        data sectors (D of them; P = ceil(D / 128))
+
+Tree: level 0 is the array of leaf hashes, stored in the leaf pages; each higher level is the
+SHA-256 of each 4 KiB page of the level below (128-ary), up to a single root hash. Only level 0 is
+stored: the whole tree is rebuilt in memory at open (32 bytes of RAM per 4 KiB of volume, 0.8 %:
+a documented limit) and checked against the MAC'd root. The root MAC is
+``HMAC-SHA256(K, "keepshim/state/v1" | uuid | generation | layout | SHA-256(client metadata) | root)``
+with ``K = HKDF-SHA256(volume key, salt=uuid, info="keepshim/integrity/v1")``.
+
+Commit protocol (one fdatasync per commit): dirty sectors live in memory until a commit encrypts
+them for their home sector, hashes the ciphertext, updates the tree, and appends ONE log record
+(header with the generation, the previous root MAC, the (sector, hash) list and a header MAC;
+then the sectors' ciphertext verbatim; then the changed leaf pages in full) with a single write
+and fdatasync: that is the durability point. A checkpoint (log half full, cache large, close)
+copies the logged sectors and leaf pages home, syncs, writes the alternate superblock (generation,
+root MAC, log start) and syncs. Recovery: the newest valid superblock, then every valid record
+after its log start in order (MAC, generation and previous-MAC chain checked; stop at the first
+invalid one, which is a torn, never-acknowledged write), then the rebuilt tree must match the
+last root MAC. A full recovery is therefore never worse than "the last acknowledged commit".
+
+`PlainStore` implements the same interface with no integrity (``integrity="none"``): the data
+segment holds one metadata sector and then the data sectors; commits are not atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from storage.blockdev import BlockDevice
+from storage.errors import IntegrityError, NoSpace, RollbackError, StorageError
+
+SECTOR_SIZE = 4096
+HASH_SIZE = 32
+HASHES_PER_PAGE = SECTOR_SIZE // HASH_SIZE  # 128: the tree's fan-out
+METADATA_LIMIT = 1024  # bytes of client metadata carried by every commit
+
+_SUPERBLOCK_MAGIC = b"KSHIMSB1"
+_RECORD_MAGIC = b"KSHIMLR1"
+_PLAIN_MAGIC = b"KSHIMPL1"
+_UUID_FIELD = 40
+# superblock: magic, uuid, generation, sectors, log, pages, data, log_start, metadata length,
+# tree root, root MAC; then the metadata; then the superblock MAC over all of that.
+_SUPERBLOCK = struct.Struct(f"<8s{_UUID_FIELD}sQQQQQQH32s32s")
+# record header: magic, uuid, generation, previous root MAC, data count, page count, header
+# sectors, metadata length, tree root, root MAC; then metadata, entries, header MAC.
+_RECORD = struct.Struct(f"<8s{_UUID_FIELD}sQ32sIIIH32s32s")
+_ENTRY = struct.Struct("<Q32s")
+_PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
+_ZERO_SECTOR = bytes(SECTOR_SIZE)
+_ZERO_CIPHERTEXT_HASH = hashlib.sha256(_ZERO_SECTOR).digest()
+
+INTEGRITY_MODES = ("merkle", "none")
+
+
+class SectorCipherLike(Protocol):
+    """What this layer needs from storage.xts.SectorCipher (sector numbers are relative to the
+    data segment start)."""
+
+    def encrypt_run(self, first_sector: int, data: bytes) -> bytes: ...
+
+    def decrypt_run(self, first_sector: int, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    """What a commit returns and what an owner pins: a volume newer than `generation` with this
+    `uuid` is accepted, an older one refused. `root_mac` is empty without integrity."""
+
+    uuid: str
+    generation: int
+    root_mac: bytes
+
+
+@dataclass(frozen=True)
+class MerkleLayout:
+    """Where each region of the data segment starts and how long it is, in sectors."""
+
+    total: int
+    log_sectors: int
+    page_sectors: int
+    data_sectors: int
+
+    @property
+    def log_start(self) -> int:
+        return 2
+
+    @property
+    def page_start(self) -> int:
+        return 2 + self.log_sectors
+
+    @property
+    def data_start(self) -> int:
+        return 2 + self.log_sectors + self.page_sectors
+
+    def packed(self) -> bytes:
+        return struct.pack("<QQQQ", self.total, self.log_sectors, self.page_sectors, self.data_sectors)
+
+    @classmethod
+    def for_sectors(cls, total: int) -> MerkleLayout:
+        """The layout for a data segment of `total` sectors: a log of 1/16 of the volume (between
+        64 sectors and 32 MiB), then as many data sectors as the leaf pages can cover."""
+        log = min(max(total // 16, 64), 8192)
+        rest = total - 2 - log
+        if rest < 4:
+            raise StorageError(f"a {total * SECTOR_SIZE}-byte data segment is too small for integrity")
+        data = rest * HASHES_PER_PAGE // (HASHES_PER_PAGE + 1)
+        pages = -(-data // HASHES_PER_PAGE)
+        while pages + data > rest:
+            data -= 1
+            pages = -(-data // HASHES_PER_PAGE)
+        return cls(total, log, pages, data)
+
+
+def integrity_key(volume_key: bytes, uuid: str) -> bytes:
+    """The integrity subkey: HKDF-SHA256 of the volume key, salted with the LUKS uuid."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=uuid.encode(),
+                info=b"keepshim/integrity/v1").derive(volume_key)
+
+
+class DataSegment:
+    """The LUKS2 data segment as an array of encrypted sectors: raw ciphertext I/O plus the
+    cipher, with sector numbers relative to the segment start."""
+
+    def __init__(self, device: BlockDevice, offset: int, size: int, cipher: SectorCipherLike) -> None:
+        if offset % SECTOR_SIZE or size % SECTOR_SIZE or size <= 0:
+            raise StorageError(f"data segment [{offset}, +{size}) is not made of 4 KiB sectors")
+        if offset + size > device.size:
+            raise StorageError("data segment runs past the end of the device")
+        self.device = device
+        self.offset = offset
+        self.sectors = size // SECTOR_SIZE
+        self.cipher = cipher
+
+    def read_raw(self, first: int, count: int) -> bytes:
+        return self.device.read(self.offset + first * SECTOR_SIZE, count * SECTOR_SIZE)
+
+    def write_raw(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        self.device.write(self.offset + first * SECTOR_SIZE, data)
+
+    def read_plain(self, first: int, count: int) -> bytes:
+        return self.cipher.decrypt_run(first, self.read_raw(first, count))
+
+    def write_plain(self, first: int, data: bytes) -> None:
+        self.write_raw(first, self.cipher.encrypt_run(first, data))
+
+    def sync(self) -> None:
+        self.device.sync()
+
+
+def _runs(sectors: Iterable[int]) -> list[tuple[int, int]]:
+    """Group sorted sector numbers into (first, count) runs of consecutive sectors."""
+    runs: list[tuple[int, int]] = []
+    for sector in sectors:
+        if runs and runs[-1][0] + runs[-1][1] == sector:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((sector, 1))
+    return runs
+
+
+def _uuid_field(uuid: str) -> bytes:
+    raw = uuid.encode()
+    if len(raw) > _UUID_FIELD:
+        raise StorageError("uuid too long")
+    return raw.ljust(_UUID_FIELD, b"\0")
+
+
+class _CachedStore:
+    """Dirty/clean sector caches shared by both store kinds; subclasses say how sectors reach
+    the disk and how they are checked on the way back."""
+
+    def __init__(self, uuid: str, sector_count: int, writable: bool, cache_limit: int) -> None:
+        self.uuid = uuid
+        self.sector_count = sector_count
+        self.writable = writable
+        self._dirty: dict[int, bytes] = {}
+        self._clean: dict[int, bytes] = {}
+        self._clean_limit = 2048
+        self._dirty_limit = cache_limit
+        self._metadata = b""
+        self._committed_metadata = b""
+        self._closed = False
+
+    # -- client API ------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> bytes:
+        """Small client metadata (the filesystem's file sizes) carried by the next commit."""
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: bytes) -> None:
+        if len(value) > METADATA_LIMIT:
+            raise ValueError(f"metadata is limited to {METADATA_LIMIT} bytes")
+        self._metadata = bytes(value)
+
+    def read(self, first: int, count: int) -> bytes:
+        """`count` data sectors from `first`, checked; raises IntegrityError on any mismatch."""
+        self._check_range(first, count)
+        parts: list[bytes] = []
+        missing: list[int] = []
+        found: dict[int, bytes] = {}
+        for sector in range(first, first + count):
+            cached = self._lookup(sector)
+            if cached is None:
+                missing.append(sector)
+            else:
+                found[sector] = cached
+        for run_first, run_count in _runs(missing):
+            plain = self._read_home(run_first, run_count)
+            for index in range(run_count):
+                piece = plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+                found[run_first + index] = piece
+                self._remember_clean(run_first + index, piece)
+        if count == 1:
+            return found[first]
+        for sector in range(first, first + count):
+            parts.append(found[sector])
+        return b"".join(parts)
+
+    def write(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Replace whole data sectors from `first`; durable at the next commit."""
+        if not self.writable:
+            raise OSError(30, "volume is open read-only")  # EROFS
+        view = memoryview(data).cast("B")
+        if len(view) % SECTOR_SIZE:
+            raise ValueError("writes cover whole sectors")
+        count = len(view) // SECTOR_SIZE
+        self._check_range(first, count, writing=True)
+        for index in range(count):
+            sector = first + index
+            self._clean.pop(sector, None)
+            self._dirty[sector] = bytes(view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+        if len(self._dirty) >= self._dirty_limit:
+            self._pressure_commit()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_range(self, first: int, count: int, *, writing: bool = False) -> None:
+        if self._closed:
+            raise ValueError("store is closed")
+        if first < 0 or count < 0 or first + count > self.sector_count:
+            if writing:
+                raise NoSpace(f"sectors [{first}, +{count}) are past the end of the volume")
+            raise IntegrityError(f"read of sectors [{first}, +{count}) past the end of the volume")
+
+    def _lookup(self, sector: int) -> bytes | None:
+        found = self._dirty.get(sector)
+        if found is None:
+            found = self._clean.get(sector)
+        return found
+
+    def _remember_clean(self, sector: int, plain: bytes) -> None:
+        if len(self._clean) >= self._clean_limit:
+            del self._clean[next(iter(self._clean))]
+        self._clean[sector] = plain
+
+    def _read_home(self, first: int, count: int) -> bytes:
+        raise NotImplementedError
+
+    def _pressure_commit(self) -> None:
+        raise NotImplementedError
+
+
+class MerkleStore(_CachedStore):
+    """Data sectors protected by the Merkle tree, with a redo log for atomic commits.
+
+    Open one with `MerkleStore.open(...)` or create one with `MerkleStore.format(...)`.
+    """
+
+    def __init__(self, segment: DataSegment, key: bytes, uuid: str, layout: MerkleLayout,
+                 writable: bool) -> None:
+        super().__init__(uuid, layout.data_sectors, writable,
+                         cache_limit=max(8, layout.log_sectors // 8))
+        self._segment = segment
+        self._key = key
+        self._layout = layout
+        self._uuid_field = _uuid_field(uuid)
+        page_bytes = layout.page_sectors * SECTOR_SIZE
+        self._leaves = bytearray(page_bytes)
+        self._levels: list[bytearray] = []
+        self._generation = 0
+        self._root_mac = b""
+        self._superblock_slot = 0
+        self._superblock_generation = 0
+        self._log_position = 0  # sectors into the log where the next record goes
+        # committed (logged) but not yet home: sector -> (ciphertext, plaintext)
+        self._pending: dict[int, tuple[bytes, bytes]] = {}
+        self._pages_since_checkpoint: set[int] = set()
+
+    # -- creation and opening -----------------------------------------------------------
+
+    @classmethod
+    def format(cls, segment: DataSegment, volume_key: bytes, uuid: str) -> MerkleStore:
+        """Lay out a fresh integrity area on `segment` (whose sectors read as zeros) and write
+        generation 1. Only the leaf pages and one superblock are written."""
+        layout = MerkleLayout.for_sectors(segment.sectors)
+        store = cls(segment, integrity_key(volume_key, uuid), uuid, layout, writable=True)
+        zero_page = _ZERO_CIPHERTEXT_HASH * HASHES_PER_PAGE
+        for page in range(layout.page_sectors):
+            store._leaves[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE] = zero_page
+        # hashes past the last data sector are zero bytes (the pages are padded), fixed forever
+        tail = layout.data_sectors * HASH_SIZE
+        store._leaves[tail:] = bytes(len(store._leaves) - tail)
+        store._rebuild_levels()
+        store._generation = 1
+        store._root_mac = store._state_mac(1, store._tree_root(), b"")
+        batch = 256
+        for first in range(0, layout.page_sectors, batch):
+            count = min(batch, layout.page_sectors - first)
+            segment.write_plain(layout.page_start + first,
+                                bytes(store._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
+        segment.sync()
+        store._write_superblock()
+        return store
+
+    @classmethod
+    def open(cls, segment: DataSegment, volume_key: bytes, uuid: str, *, writable: bool,
+             expected_generation: int | None = None) -> MerkleStore:
+        """Open and recover: newest valid superblock, replay of the valid log records, tree
+        rebuilt and checked against the MAC'd root; refuses a generation older than pinned."""
+        key = integrity_key(volume_key, uuid)
+        layout = MerkleLayout.for_sectors(segment.sectors)
+        store = cls(segment, key, uuid, layout, writable)
+        store._recover()
+        if expected_generation is not None and store._generation < expected_generation:
+            raise RollbackError(
+                f"volume is at generation {store._generation}, older than the pinned "
+                f"generation {expected_generation}: refusing a rolled-back image")
+        if writable and store._generation != store._superblock_generation:
+            store._checkpoint()
+        return store
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def layout(self) -> MerkleLayout:
+        return self._layout
+
+    def state(self) -> VolumeState:
+        """The last committed (uuid, generation, root MAC)."""
+        return VolumeState(self.uuid, self._generation, self._root_mac)
+
+    def commit(self) -> VolumeState:
+        """Make every write so far durable and atomic, as one new generation (one fdatasync).
+        Without changes since the last commit, nothing is written."""
+        if self._closed:
+            raise ValueError("store is closed")
+        if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
+            return self.state()
+        self._append_record()
+        if (self._log_position > self._layout.log_sectors // 2
+                or len(self._pending) >= self._dirty_limit * 2):
+            self._checkpoint()
+        return self.state()
+
+    def close(self) -> None:
+        """Commit, checkpoint (so the next open replays nothing) and stop. Idempotent; does not
+        close the device, which belongs to the caller."""
+        if self._closed:
+            return
+        if self.writable:
+            self.commit()
+            if self._generation != self._superblock_generation:
+                self._checkpoint()
+        self._closed = True
+        self._dirty.clear()
+        self._clean.clear()
+        self._pending.clear()
+
+    def check(self) -> list[str]:
+        """fsck: re-read every data sector and leaf page from the disk and compare with the
+        tree. Returns problems found (empty when clean); logged sectors are checked in memory."""
+        problems: list[str] = []
+        layout = self._layout
+        batch = 256
+        for first in range(0, layout.data_sectors, batch):
+            count = min(batch, layout.data_sectors - first)
+            raw = self._segment.read_raw(layout.data_start + first, count)
+            for index in range(count):
+                sector = first + index
+                if sector in self._pending:
+                    continue
+                digest = hashlib.sha256(raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]).digest()
+                if digest != self._leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]:
+                    problems.append(f"data sector {sector}: ciphertext does not match the tree")
+        for first in range(0, layout.page_sectors, batch):
+            count = min(batch, layout.page_sectors - first)
+            plain = self._segment.read_plain(layout.page_start + first, count)
+            for index in range(count):
+                page = first + index
+                if page in self._pages_since_checkpoint:
+                    continue
+                if plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] != \
+                        self._leaves[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE]:
+                    problems.append(f"leaf page {page}: does not match the tree")
+        return problems
+
+    # -- tree ------------------------------------------------------------------------------
+
+    def _rebuild_levels(self) -> None:
+        self._levels = [self._leaves]
+        level = self._leaves
+        while len(level) > SECTOR_SIZE or len(self._levels) == 1:
+            pages = -(-len(level) // SECTOR_SIZE)
+            upper = bytearray(pages * HASH_SIZE)
+            for page in range(pages):
+                chunk = level[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE]
+                upper[page * HASH_SIZE:(page + 1) * HASH_SIZE] = hashlib.sha256(
+                    chunk.ljust(SECTOR_SIZE, b"\0")).digest()
+            self._levels.append(upper)
+            level = upper
+            if pages == 1:
+                break
+
+    def _tree_root(self) -> bytes:
+        return bytes(self._levels[-1][:HASH_SIZE])
+
+    def _update_levels(self, pages: set[int]) -> None:
+        """Recompute the hashes above the changed level-0 pages, up to the root."""
+        dirty = pages
+        for depth in range(1, len(self._levels)):
+            below = self._levels[depth - 1]
+            level = self._levels[depth]
+            for page in dirty:
+                chunk = below[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE]
+                level[page * HASH_SIZE:(page + 1) * HASH_SIZE] = hashlib.sha256(
+                    chunk.ljust(SECTOR_SIZE, b"\0")).digest()
+            dirty = {page // HASHES_PER_PAGE for page in dirty}
+
+    def _state_mac(self, generation: int, root: bytes, metadata: bytes) -> bytes:
+        message = (b"keepshim/state/v1" + self._uuid_field + struct.pack("<Q", generation)
+                   + self._layout.packed() + hashlib.sha256(metadata).digest() + root)
+        return hmac.new(self._key, message, "sha256").digest()
+
+    def _mac(self, label: bytes, body: bytes) -> bytes:
+        return hmac.new(self._key, label + body, "sha256").digest()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _lookup(self, sector: int) -> bytes | None:
+        found = self._dirty.get(sector)
+        if found is not None:
+            return found
+        logged = self._pending.get(sector)
+        if logged is not None:
+            return logged[1]
+        return self._clean.get(sector)
+
+    def _read_home(self, first: int, count: int) -> bytes:
+        raw = self._segment.read_raw(self._layout.data_start + first, count)
+        leaves = self._leaves
+        for index in range(count):
+            sector = first + index
+            digest = hashlib.sha256(raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]).digest()
+            if digest != leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]:
+                raise IntegrityError(
+                    f"integrity error: data sector {sector} was changed, moved or replayed")
+        return self._segment.cipher.decrypt_run(self._layout.data_start + first, raw)
+
+    # -- commit ----------------------------------------------------------------------------
+
+    def _pressure_commit(self) -> None:
+        self.commit()
+
+    def _append_record(self) -> None:
+        layout = self._layout
+        sectors = sorted(self._dirty)
+        ciphertexts: dict[int, bytes] = {}
+        for first, count in _runs(sectors):
+            plain = b"".join(self._dirty[s] for s in range(first, first + count))
+            cipher = self._segment.cipher.encrypt_run(layout.data_start + first, plain)
+            for index in range(count):
+                ciphertexts[first + index] = cipher[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+        leaves = self._leaves
+        entries: list[bytes] = []
+        changed_pages: set[int] = set()
+        for sector in sectors:
+            digest = hashlib.sha256(ciphertexts[sector]).digest()
+            leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
+            entries.append(_ENTRY.pack(sector, digest))
+            changed_pages.add(sector // HASHES_PER_PAGE)
+        self._update_levels(changed_pages)
+        pages = sorted(changed_pages)
+        page_bytes = [bytes(leaves[p * SECTOR_SIZE:(p + 1) * SECTOR_SIZE]) for p in pages]
+        level1 = self._levels[1]
+        for page in pages:
+            entries.append(_ENTRY.pack(page, bytes(level1[page * HASH_SIZE:(page + 1) * HASH_SIZE])))
+        generation = self._generation + 1
+        root = self._tree_root()
+        metadata = self._metadata
+        root_mac = self._state_mac(generation, root, metadata)
+        body_length = _RECORD.size + len(metadata) + len(entries) * _ENTRY.size + HASH_SIZE
+        header_sectors = -(-body_length // SECTOR_SIZE)
+        record_sectors = header_sectors + len(sectors) + len(pages)
+        if self._log_position + record_sectors > layout.log_sectors:
+            self._checkpoint()
+        if record_sectors > layout.log_sectors:
+            raise StorageError("commit larger than the redo log")  # prevented by the cache limit
+        head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
+                            len(sectors), len(pages), header_sectors, len(metadata), root, root_mac)
+        body = head + metadata + b"".join(entries)
+        header = (body + self._mac(b"keepshim/log/v1", body)).ljust(header_sectors * SECTOR_SIZE, b"\0")
+        position = layout.log_start + self._log_position
+        header_cipher = self._segment.cipher.encrypt_run(position, header)
+        page_position = position + header_sectors + len(sectors)
+        page_cipher = self._segment.cipher.encrypt_run(page_position, b"".join(page_bytes)) if pages else b""
+        record = b"".join([header_cipher, *(ciphertexts[s] for s in sectors), page_cipher])
+        self._segment.write_raw(position, record)
+        self._segment.sync()  # the durability point
+        self._log_position += record_sectors
+        for sector in sectors:
+            self._pending[sector] = (ciphertexts[sector], self._dirty[sector])
+        self._dirty.clear()
+        self._pages_since_checkpoint.update(pages)
+        self._generation = generation
+        self._root_mac = root_mac
+        self._committed_metadata = metadata
+
+    def _checkpoint(self) -> None:
+        """Copy logged sectors and changed leaf pages home, then the alternate superblock."""
+        layout = self._layout
+        for first, count in _runs(sorted(self._pending)):
+            self._segment.write_raw(layout.data_start + first,
+                                    b"".join(self._pending[s][0] for s in range(first, first + count)))
+        for first, count in _runs(sorted(self._pages_since_checkpoint)):
+            self._segment.write_plain(layout.page_start + first,
+                                      bytes(self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
+        self._segment.sync()
+        for sector, (_cipher, plain) in self._pending.items():
+            self._remember_clean(sector, plain)
+        self._pending.clear()
+        self._pages_since_checkpoint.clear()
+        self._log_position = 0
+        self._superblock_slot ^= 1
+        self._write_superblock()
+
+    def _write_superblock(self) -> None:
+        layout = self._layout
+        metadata = self._committed_metadata
+        body = _SUPERBLOCK.pack(_SUPERBLOCK_MAGIC, self._uuid_field, self._generation, layout.total,
+                                layout.log_sectors, layout.page_sectors, layout.data_sectors,
+                                self._log_position, len(metadata), self._tree_root(),
+                                self._root_mac) + metadata
+        sector = (body + self._mac(b"keepshim/superblock/v1", body)).ljust(SECTOR_SIZE, b"\0")
+        self._segment.write_plain(self._superblock_slot, sector)
+        self._segment.sync()
+        self._superblock_generation = self._generation
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _parse_superblock(self, slot: int) -> tuple[int, int, bytes, bytes, bytes] | None:
+        """(generation, log start, tree root, root MAC, metadata) of a valid superblock."""
+        sector = self._segment.read_plain(slot, 1)
+        try:
+            fields = _SUPERBLOCK.unpack_from(sector)
+        except struct.error:
+            return None
+        (magic, uuid, generation, total, log, pages, data, log_start, meta_length, root,
+         root_mac) = fields
+        end = _SUPERBLOCK.size + meta_length
+        if magic != _SUPERBLOCK_MAGIC or meta_length > METADATA_LIMIT:
+            return None
+        body = sector[:end]
+        if not hmac.compare_digest(sector[end:end + HASH_SIZE], self._mac(b"keepshim/superblock/v1", body)):
+            return None
+        layout = self._layout
+        if uuid != self._uuid_field or (total, log, pages, data) != (
+                layout.total, layout.log_sectors, layout.page_sectors, layout.data_sectors):
+            return None
+        if log_start > layout.log_sectors:
+            return None
+        return generation, log_start, root, root_mac, sector[_SUPERBLOCK.size:end]
+
+    def _recover(self) -> None:
+        layout = self._layout
+        candidates = [(slot, self._parse_superblock(slot)) for slot in (0, 1)]
+        valid = [(parsed[0], slot, parsed) for slot, parsed in candidates if parsed is not None]
+        if not valid:
+            raise IntegrityError("integrity error: no valid superblock (wrong key or damaged image)")
+        generation, slot, (_, log_start, root, root_mac, metadata) = max(valid)
+        self._superblock_slot = slot
+        self._superblock_generation = generation
+        batch = 256
+        for first in range(0, layout.page_sectors, batch):
+            count = min(batch, layout.page_sectors - first)
+            self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE] = \
+                self._segment.read_plain(layout.page_start + first, count)
+        position = log_start
+        while True:
+            replayed = self._replay_record(position, generation + 1, root_mac)
+            if replayed is None:
+                break
+            position, root, root_mac, metadata = replayed
+            generation += 1
+        self._rebuild_levels()
+        if self._tree_root() != root or not hmac.compare_digest(
+                self._state_mac(generation, root, metadata), root_mac):
+            raise IntegrityError(
+                f"integrity error: the Merkle tree does not match the root MAC of generation {generation}")
+        self._generation = generation
+        self._root_mac = root_mac
+        self._metadata = self._committed_metadata = metadata
+        self._log_position = position
+
+    def _replay_record(self, position: int, generation: int,
+                       previous_mac: bytes) -> tuple[int, bytes, bytes, bytes] | None:
+        """Apply the record at `position` if it is valid and next in the chain: returns (next
+        position, tree root, root MAC, metadata), or None at the end of the log."""
+        layout = self._layout
+        if position >= layout.log_sectors:
+            return None
+        start = layout.log_start + position
+        first = self._segment.read_plain(start, 1)
+        try:
+            fields = _RECORD.unpack_from(first)
+        except struct.error:
+            return None
+        (magic, uuid, record_generation, previous, data_count, page_count, header_sectors,
+         meta_length, root, root_mac) = fields
+        if (magic != _RECORD_MAGIC or uuid != self._uuid_field or record_generation != generation
+                or previous != previous_mac.ljust(32, b"\0") or meta_length > METADATA_LIMIT):
+            return None
+        total = header_sectors + data_count + page_count
+        body_length = _RECORD.size + meta_length + (data_count + page_count) * _ENTRY.size
+        if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
+            return None
+        header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
+        body = header[:body_length]
+        if not hmac.compare_digest(header[body_length:body_length + HASH_SIZE],
+                                   self._mac(b"keepshim/log/v1", body)):
+            return None
+        metadata = body[_RECORD.size:_RECORD.size + meta_length]
+        entries = [_ENTRY.unpack_from(body, _RECORD.size + meta_length + i * _ENTRY.size)
+                   for i in range(data_count + page_count)]
+        raw = self._segment.read_raw(start + header_sectors, data_count)
+        pages_plain = self._segment.read_plain(start + header_sectors + data_count, page_count) \
+            if page_count else b""
+        updates: dict[int, bytes] = {}
+        for index, (sector, digest) in enumerate(entries[:data_count]):
+            cipher = raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+            if sector >= layout.data_sectors or hashlib.sha256(cipher).digest() != digest:
+                return None  # torn record: never acknowledged
+            updates[sector] = cipher
+        page_updates: dict[int, bytes] = {}
+        for index, (page, digest) in enumerate(entries[data_count:]):
+            plain = pages_plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+            if page >= layout.page_sectors or hashlib.sha256(plain).digest() != digest:
+                return None
+            page_updates[page] = plain
+        for page, plain in page_updates.items():
+            self._leaves[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE] = plain
+            self._pages_since_checkpoint.add(page)
+        for sector, cipher in updates.items():
+            plain = self._segment.cipher.decrypt_run(layout.data_start + sector, cipher)
+            self._pending[sector] = (cipher, plain)
+            self._clean.pop(sector, None)
+        return position + total, root, root_mac, metadata
+
+
+class PlainStore(_CachedStore):
+    """`integrity="none"`: the plain LUKS2 data area. Sector 0 of the segment holds the client
+    metadata and a generation counter; data sectors follow. Nothing is authenticated and a crash
+    between writes can leave a mix of old and new sectors (as with dm-crypt alone)."""
+
+    def __init__(self, segment: DataSegment, uuid: str, writable: bool) -> None:
+        super().__init__(uuid, segment.sectors - 1, writable, cache_limit=4096)
+        self._segment = segment
+        self._uuid_field = _uuid_field(uuid)
+        self._generation = 0
+
+    @classmethod
+    def format(cls, segment: DataSegment, uuid: str) -> PlainStore:
+        store = cls(segment, uuid, writable=True)
+        store._generation = 1
+        store._write_header()
+        segment.sync()
+        return store
+
+    @classmethod
+    def open(cls, segment: DataSegment, uuid: str, *, writable: bool,
+             expected_generation: int | None = None) -> PlainStore:
+        store = cls(segment, uuid, writable)
+        header = segment.read_plain(0, 1)
+        magic, uuid_field, generation, meta_length = _PLAIN.unpack_from(header)
+        if magic != _PLAIN_MAGIC or uuid_field != store._uuid_field or meta_length > METADATA_LIMIT:
+            raise StorageError("the data area holds no keepshim filesystem (or the key is wrong)")
+        store._generation = generation
+        store._metadata = store._committed_metadata = header[_PLAIN.size:_PLAIN.size + meta_length]
+        if expected_generation is not None and generation < expected_generation:
+            raise RollbackError(f"volume is at generation {generation}, older than the pinned "
+                                f"generation {expected_generation}")
+        return store
+
+    def state(self) -> VolumeState:
+        return VolumeState(self.uuid, self._generation, b"")
+
+    def _write_header(self) -> None:
+        header = _PLAIN.pack(_PLAIN_MAGIC, self._uuid_field, self._generation, len(self._metadata))
+        self._segment.write_plain(0, (header + self._metadata).ljust(SECTOR_SIZE, b"\0"))
+
+    def _flush(self) -> None:
+        for first, count in _runs(sorted(self._dirty)):
+            plain = b"".join(self._dirty[s] for s in range(first, first + count))
+            self._segment.write_plain(1 + first, plain)
+            for index in range(count):
+                self._remember_clean(first + index, plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+        self._dirty.clear()
+
+    def _pressure_commit(self) -> None:
+        self._flush()
+
+    def commit(self) -> VolumeState:
+        if self._closed:
+            raise ValueError("store is closed")
+        if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
+            return self.state()
+        self._flush()
+        self._generation += 1
+        self._committed_metadata = self._metadata
+        self._write_header()
+        self._segment.sync()
+        return self.state()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self.writable:
+            self.commit()
+        self._closed = True
+
+    def check(self) -> list[str]:
+        return []
+
+    def _read_home(self, first: int, count: int) -> bytes:
+        return self._segment.read_plain(1 + first, count)
+
+
+ProtectedStore = MerkleStore | PlainStore

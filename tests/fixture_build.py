@@ -1,0 +1,117 @@
+"""Compiles the C fixtures under fixtures/ to wasm32-wasi with zig from PyPI, cached.
+
+Fixtures are never committed as binaries: each one is built on first use and stored under a name
+that carries the SHA-256 of everything that decides its bytes (its source, every shared header in
+fixtures/, the compiler flags and the ziglang version). A rerun, or a second test asking for the
+same fixture, costs one hash; a changed source builds a new file next to the old one, so parallel
+test processes never see a half-written module (the compiler writes to a temporary name that is
+renamed into place).
+
+Locations, each overridable through the environment:
+- compiled modules: KEEPSHIM_FIXTURE_BUILD_DIR, default build/fixtures/ in the repository
+  (gitignored);
+- zig's own cache (its wasi-libc build, ~1 minute the first time on a fresh machine):
+  ZIG_GLOBAL_CACHE_DIR, default ~/.cache/keepshim/zig.
+
+Also a command: `python tests/fixture_build.py [NAME...]` builds the named fixtures (all of them
+without names) and prints one `NAME PATH` line each, for benchmarks and manual runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+FIXTURE_SOURCES = REPOSITORY / "fixtures"
+COMPILE_FLAGS = ("-target", "wasm32-wasi", "-O2", "-s")
+
+
+class FixtureBuildError(Exception):
+    """A fixture is missing or did not compile; the message carries the compiler's output."""
+
+
+def default_build_dir() -> Path:
+    configured = os.environ.get("KEEPSHIM_FIXTURE_BUILD_DIR")
+    return Path(configured) if configured else REPOSITORY / "build" / "fixtures"
+
+
+def default_zig_cache_dir() -> Path:
+    configured = os.environ.get("ZIG_GLOBAL_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "keepshim" / "zig"
+
+
+@dataclass
+class FixtureBuilder:
+    """Builds fixtures by name (`hello` means fixtures/hello.c) into `build_dir`, lazily."""
+
+    source_dir: Path = FIXTURE_SOURCES
+    build_dir: Path = field(default_factory=default_build_dir)
+    zig_cache_dir: Path = field(default_factory=default_zig_cache_dir)
+
+    def names(self) -> list[str]:
+        """Every fixture that can be built, sorted."""
+        return sorted(path.stem for path in self.source_dir.glob("*.c"))
+
+    def source(self, name: str) -> Path:
+        path = self.source_dir / f"{name}.c"
+        if not name.isidentifier() or not path.is_file():
+            raise FixtureBuildError(f"no fixture named {name!r} (expected {path})")
+        return path
+
+    def output_path(self, name: str) -> Path:
+        """Where the module for the current source of `name` lives (built or not)."""
+        digest = hashlib.sha256()
+        for part in (self.source(name), *sorted(self.source_dir.glob("*.h"))):
+            digest.update(part.name.encode() + b"\0" + part.read_bytes() + b"\0")
+        digest.update(" ".join(COMPILE_FLAGS).encode() + b"\0")
+        digest.update(importlib.metadata.version("ziglang").encode())
+        return self.build_dir / f"{name}-{digest.hexdigest()[:20]}.wasm"
+
+    def build(self, name: str) -> Path:
+        """Returns the compiled module for `name`, compiling it only if this source never was."""
+        output = self.output_path(name)
+        if output.is_file():
+            return output
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+        command = [sys.executable, "-m", "ziglang", "cc", *COMPILE_FLAGS,
+                   str(self.source(name)), "-o", str(partial)]
+        environment = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": str(self.zig_cache_dir)}
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+        if result.returncode != 0 or not partial.is_file():
+            partial.unlink(missing_ok=True)
+            raise FixtureBuildError(
+                f"fixture {name} failed to compile (exit {result.returncode}):\n"
+                f"{result.stderr.strip() or result.stdout.strip()}")
+        partial.replace(output)
+        return output
+
+    def build_many(self, names: Iterable[str], jobs: int = 2) -> dict[str, Path]:
+        """Builds several fixtures with up to `jobs` compilers at once (the machine has 2 cores)."""
+        wanted = list(names)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            return dict(zip(wanted, pool.map(self.build, wanted), strict=True))
+
+
+def main(arguments: list[str]) -> int:
+    builder = FixtureBuilder()
+    try:
+        built = builder.build_many(arguments or builder.names())
+    except FixtureBuildError as error:
+        print(error, file=sys.stderr)
+        return 1
+    for name, path in built.items():
+        print(name, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -314,7 +314,7 @@ class Conversation:
         self._advance(_TYPE_NAMES[type(message)], self.role)
         return frame
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; b"" means end of stream."""
         if not data:
             self._eof = True

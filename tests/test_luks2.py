@@ -1,0 +1,270 @@
+"""storage.luks2: format/open round trips, keyslot management, and the header as hostile input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from storage._af import af_merge, af_split
+from storage._luks2_header import BinaryHeader, _checksum, build_header_area, read_metadata
+from storage.blockdev import MemoryBlockDevice
+from storage.errors import (
+    CorruptHeader,
+    KeyslotError,
+    NotLuks,
+    StorageError,
+    UnsupportedFormat,
+    WrongPassphrase,
+)
+from storage.luks2 import KdfCost, LuksVolume, format_luks2, is_luks2, open_luks2
+
+FAST_ARGON2 = KdfCost(iterations=1, memory_kib=8 * 1024, parallel=1)
+FAST_PBKDF2 = KdfCost(iterations=1000)
+DEVICE_SIZE = (16 << 20) + (1 << 20)
+
+
+def _formatted(pbkdf: str = "pbkdf2", passphrase: bytes = b"correct horse") -> tuple[
+        MemoryBlockDevice, LuksVolume]:
+    device = MemoryBlockDevice(DEVICE_SIZE)
+    cost = FAST_PBKDF2 if pbkdf == "pbkdf2" else FAST_ARGON2
+    volume = format_luks2(device, passphrase, pbkdf=pbkdf, cost=cost)  # type: ignore[arg-type]
+    return device, volume
+
+
+def _rewrite_metadata(device: MemoryBlockDevice, mutate: Callable[[dict[str, Any]], None]) -> None:
+    """Change the JSON of both header copies and re-checksum them: what a hostile host can do."""
+    state = read_metadata(device)
+    raw = copy.deepcopy(state.raw)
+    mutate(raw)
+    for offset in (0, state.binary.hdr_size):
+        header = BinaryHeader(hdr_size=state.binary.hdr_size, seqid=state.binary.seqid + 1,
+                              label="", checksum_alg="sha256", uuid=state.binary.uuid,
+                              subsystem="", hdr_offset=offset)
+        device.write(offset, build_header_area(header, os.urandom(64), raw))
+
+
+def test_af_split_and_merge_round_trip() -> None:
+    key = os.urandom(64)
+    material = af_split(key, 4000, "sha256")
+    assert len(material) == 64 * 4000
+    assert af_merge(material, 64, 4000, "sha256") == key
+    damaged = bytearray(material)
+    damaged[1234] ^= 1
+    assert af_merge(bytes(damaged), 64, 4000, "sha256") != key  # any stripe matters
+
+
+@pytest.mark.parametrize("pbkdf", ["argon2id", "pbkdf2"])
+def test_format_then_open_recovers_the_volume_key(pbkdf: str) -> None:
+    device, volume = _formatted(pbkdf)
+    reopened = open_luks2(device, b"correct horse")
+    assert reopened.volume_key == volume.volume_key
+    assert reopened.opened_keyslot == 0
+    assert reopened.uuid == volume.uuid
+    assert (reopened.data_offset, reopened.sector_size) == (16 << 20, 4096)
+    assert reopened.data_size == 1 << 20
+    assert reopened.dump()["keyslots"][0]["kdf"]["type"] == pbkdf
+
+
+def test_wrong_passphrase_is_refused_and_writes_nothing() -> None:
+    device, _ = _formatted()
+    before = device.snapshot()
+    with pytest.raises(WrongPassphrase, match="wrong passphrase"):
+        open_luks2(device, b"Correct horse")
+    assert device.snapshot() == before
+
+
+def test_open_with_the_volume_key_and_a_wrong_one() -> None:
+    device, volume = _formatted()
+    assert open_luks2(device, volume_key=volume.volume_key).uuid == volume.uuid
+    with pytest.raises(WrongPassphrase):
+        open_luks2(device, volume_key=os.urandom(64))
+
+
+def test_data_written_through_the_cipher_reads_back() -> None:
+    device, volume = _formatted()
+    cipher = volume.cipher()
+    plaintext = os.urandom(4096 * 2)
+    device.write(volume.data_offset + 4096 * 3, cipher.encrypt_run(3, plaintext))
+    again = open_luks2(device, b"correct horse").cipher()
+    assert again.decrypt_run(3, device.read(volume.data_offset + 4096 * 3, 8192)) == plaintext
+    assert device.read(volume.data_offset + 4096 * 3, 8192) != plaintext
+
+
+def test_add_change_and_remove_keyslots() -> None:
+    device, volume = _formatted()
+    second = volume.add_keyslot(b"second", pbkdf="argon2id", cost=FAST_ARGON2)
+    assert second == 1 and volume.keyslots == [0, 1]
+    assert open_luks2(device, b"second").opened_keyslot == 1
+    replaced = volume.change_passphrase(0, b"renamed", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    assert replaced not in (0, 1)
+    with pytest.raises(WrongPassphrase):
+        open_luks2(device, b"correct horse")
+    assert open_luks2(device, b"renamed").volume_key == volume.volume_key
+    volume.remove_keyslot(1)
+    with pytest.raises(WrongPassphrase):
+        open_luks2(device, b"second")
+    with pytest.raises(KeyslotError, match="last keyslot"):
+        volume.remove_keyslot(replaced)
+    with pytest.raises(KeyslotError):
+        volume.remove_keyslot(7)
+
+
+def test_removed_keyslot_area_is_wiped() -> None:
+    device, volume = _formatted()
+    slot = volume.add_keyslot(b"temporary", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    area = volume.dump()["keyslots"][slot]
+    material = device.read(area["area_offset"], area["area_size"])
+    volume.remove_keyslot(slot)
+    assert device.read(area["area_offset"], area["area_size"]) != material
+
+
+def test_keyslots_fill_up_cleanly() -> None:
+    device = MemoryBlockDevice((1 << 20) + 4096)
+    volume = format_luks2(device, b"a", pbkdf="pbkdf2", cost=FAST_PBKDF2, data_offset=1 << 20)
+    with pytest.raises(KeyslotError):
+        for index in range(40):
+            volume.add_keyslot(b"k%d" % index, pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    assert open_luks2(device, b"a").volume_key == volume.volume_key
+
+
+def test_secrets_never_appear_in_repr_or_dump() -> None:
+    _, volume = _formatted()
+    text = repr(volume) + json.dumps(volume.dump()) + repr(volume.cipher())
+    assert volume.volume_key.hex() not in text and "volume_key" not in text
+
+
+def test_a_damaged_primary_header_falls_back_to_the_secondary() -> None:
+    device, volume = _formatted()
+    device.write(5000, b"garbage")  # inside the primary's JSON area
+    assert open_luks2(device, b"correct horse").volume_key == volume.volume_key
+    device.write(0, b"\0" * 6)  # primary magic gone as well
+    assert is_luks2(device)
+
+
+def test_the_copy_with_the_higher_seqid_wins() -> None:
+    device, volume = _formatted()
+    old_primary = device.read(0, 16384)
+    volume.add_keyslot(b"newer", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    device.write(0, old_primary)  # the primary is a valid but older copy now
+    assert open_luks2(device, b"newer").opened_keyslot == 1
+
+
+def test_not_luks_and_empty_devices() -> None:
+    with pytest.raises(NotLuks):
+        open_luks2(MemoryBlockDevice(DEVICE_SIZE), b"x")
+    noise = MemoryBlockDevice(DEVICE_SIZE, initial=random.Random(1).randbytes(DEVICE_SIZE))
+    with pytest.raises(NotLuks):
+        open_luks2(noise, b"x")
+    assert not is_luks2(noise)
+
+
+def test_luks1_is_reported_as_unsupported() -> None:
+    device = MemoryBlockDevice(1 << 20)
+    device.write(0, b"LUKS\xba\xbe\x00\x01")
+    with pytest.raises(UnsupportedFormat, match="LUKS version 1"):
+        open_luks2(device, b"x")
+
+
+HOSTILE_MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], type[StorageError]]] = {
+    "huge argon2 memory": (lambda raw: raw["keyslots"]["0"]["kdf"].update(
+        type="argon2id", time=4, cpus=4, memory=64 * 1024 * 1024), CorruptHeader),
+    "huge pbkdf2 iterations": (lambda raw: raw["keyslots"]["0"]["kdf"].update(
+        iterations=4_000_000_000), CorruptHeader),
+    "huge stripes": (lambda raw: raw["keyslots"]["0"]["af"].update(stripes=10**9), CorruptHeader),
+    "area past keyslots": (lambda raw: raw["keyslots"]["0"]["area"].update(
+        offset=str(1 << 40)), CorruptHeader),
+    "area overlaps headers": (lambda raw: raw["keyslots"]["0"]["area"].update(offset="0"),
+                              CorruptHeader),
+    "segment past the image": (lambda raw: raw["segments"]["0"].update(offset=str(1 << 50)),
+                               CorruptHeader),
+    "requirements": (lambda raw: raw["config"].update(
+        requirements={"mandatory": ["online-reencrypt-v2"]}), UnsupportedFormat),
+    "unknown segment type": (lambda raw: raw["segments"]["0"].update(type="linear"),
+                             UnsupportedFormat),
+    "integrity segment": (lambda raw: raw["segments"]["0"].update(
+        integrity={"type": "hmac(sha256)"}), UnsupportedFormat),
+    "other cipher": (lambda raw: raw["segments"]["0"].update(encryption="serpent-cbc-essiv"),
+                     UnsupportedFormat),
+    "bad sector size": (lambda raw: raw["segments"]["0"].update(sector_size=3000), CorruptHeader),
+    "string for integer": (lambda raw: raw["keyslots"]["0"].update(key_size="sixty-four"),
+                           CorruptHeader),
+    "bad base64 salt": (lambda raw: raw["digests"]["0"].update(salt="!!!"), CorruptHeader),
+    "digest of a ghost keyslot": (lambda raw: raw["digests"]["0"].update(keyslots=["0", "9"]),
+                                  CorruptHeader),
+    "missing section": (lambda raw: raw.pop("segments"), CorruptHeader),
+    "keyslot id out of range": (lambda raw: raw["keyslots"].update(
+        {"99": raw["keyslots"]["0"]}), CorruptHeader),
+    "json_size lie": (lambda raw: raw["config"].update(json_size="999999"), CorruptHeader),
+    "boolean integer": (lambda raw: raw["keyslots"]["0"]["kdf"].update(iterations=True),
+                        CorruptHeader),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_MUTATIONS))
+def test_hostile_metadata_is_a_clean_error(name: str) -> None:
+    mutate, expected = HOSTILE_MUTATIONS[name]
+    device, _ = _formatted()
+    _rewrite_metadata(device, mutate)
+    with pytest.raises(expected):
+        open_luks2(device, b"correct horse")
+
+
+def _write_json_text(device: MemoryBlockDevice, text: bytes) -> None:
+    """Put arbitrary JSON bytes into both header copies with valid checksums."""
+    state = read_metadata(device)
+    for offset in (0, 16384):
+        header = BinaryHeader(hdr_size=16384, seqid=state.binary.seqid + 1, label="",
+                              checksum_alg="sha256", uuid=state.binary.uuid, subsystem="",
+                              hdr_offset=offset)
+        area = bytearray(build_header_area(header, os.urandom(64), {}))
+        area[4096:] = text.ljust(16384 - 4096, b"\0")
+        area[448:512] = bytes(64)
+        area[448:512] = _checksum(bytes(area), "sha256").ljust(64, b"\0")
+        device.write(offset, bytes(area))
+
+
+@pytest.mark.parametrize("text", [b"[" * 6000 + b"]" * 6000, b"{" * 5000, b"\xff\xfe",
+                                  b'{"config": 1e999999}', b"7" * 5000, b"x" * 12288])
+def test_malformed_json_is_a_clean_error(text: bytes) -> None:
+    device, _ = _formatted()
+    _write_json_text(device, text)
+    with pytest.raises(CorruptHeader):
+        open_luks2(device, b"correct horse")
+
+
+@pytest.mark.slow
+def test_truncation_and_random_byte_flips_always_give_a_clean_error() -> None:
+    """Fuzz-ish: truncate at many offsets and flip random header/keyslot bytes; every outcome is
+    either the right key or a StorageError subclass, never another exception or wrong key."""
+    device, volume = _formatted()
+    pristine = device.snapshot()
+    generator = random.Random(20261127)
+    area_end = 32768 + 258048
+    truncations = sorted({0, 1, 4095, 4096, 16383, 16384, 20000, 32767, 32768, 100000,
+                          area_end - 1, area_end, (16 << 20), *[generator.randrange(len(pristine))
+                                                                for _ in range(25)]})
+    for length in truncations:
+        truncated = MemoryBlockDevice(max(length, 1), initial=pristine[:length] or b"\0")
+        try:
+            opened = open_luks2(truncated, b"correct horse")
+        except StorageError:
+            continue
+        assert opened.volume_key == volume.volume_key
+    for _ in range(200):
+        damaged = bytearray(pristine)
+        for _ in range(generator.choice((1, 1, 2, 8))):
+            position = generator.choice((generator.randrange(0, 32768),
+                                         generator.randrange(32768, area_end)))
+            damaged[position] ^= 1 << generator.randrange(8)
+        device.restore(bytes(damaged))
+        try:
+            opened = open_luks2(device, b"correct horse")
+        except StorageError:
+            continue
+        assert opened.volume_key == volume.volume_key

@@ -34,6 +34,7 @@ without waiting for the peer's reply, as trio's own `aclose` does) and keeps rec
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import ssl
@@ -62,6 +63,7 @@ class ReadinessBoard:
     def __init__(self, trio_token: trio.lowlevel.TrioToken) -> None:
         self._event = trio.Event()
         self._token = trio_token
+        self.live_connections = 0
 
     def changed(self) -> None:
         """Call from the trio thread after a state change."""
@@ -111,7 +113,6 @@ class Connection:
         self._write_shut_requested = False
         self._write_shut_done = False
         self._close_requested = False
-        self._finished = False
 
     @property
     def is_tls(self) -> bool:
@@ -134,22 +135,22 @@ class Connection:
                         self._board.changed_from_thread()
                 return data
             if self._read_error is not None:
-                raise ConnectionResetError(self._read_error.errno, self._read_error.strerror)
+                raise self._read_error
             if self._eof:
                 return b""
-        raise BlockingIOError("no data buffered yet")
+        raise BlockingIOError(errno.EAGAIN, "no data buffered yet")
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Queue as much of `data` as fits; BlockingIOError if nothing fits; BrokenPipeError after
         the write side is shut or the peer went away."""
         with self._lock:
             if self._write_shut_requested or self._close_requested:
-                raise BrokenPipeError("the write side is shut down")
+                raise BrokenPipeError(errno.EPIPE, "the write side is shut down")
             if self._write_error is not None:
-                raise BrokenPipeError(self._write_error.errno, self._write_error.strerror)
+                raise self._write_error
             room = self._limit - len(self._to_send)
             if room <= 0:
-                raise BlockingIOError("send buffer full")
+                raise BlockingIOError(errno.EAGAIN, "send buffer full")
             was_empty = not self._to_send
             accepted = data[:room]
             self._to_send += accepted
@@ -166,6 +167,17 @@ class Connection:
         """Bytes of plaintext ready to receive now."""
         with self._lock:
             return len(self._received)
+
+    def has_at_least(self, size: int) -> bool:
+        """True when `size` bytes are buffered, or no more will come (end, error, shut down)."""
+        with self._lock:
+            return (len(self._received) >= size or self._eof or self._read_error is not None
+                    or self._read_shut)
+
+    def room(self) -> int:
+        """Bytes a send could queue now."""
+        with self._lock:
+            return max(0, self._limit - len(self._to_send))
 
     def writable(self) -> bool:
         """True when a send would not block (room in the buffer, or an error to report)."""
@@ -211,18 +223,21 @@ class Connection:
 
     async def run(self) -> None:
         """Run the pump and the writer until the connection is closed and flushed."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, nursery.cancel_scope)
-            await self._writer()
-            nursery.cancel_scope.cancel()
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            with contextlib.suppress(trio.BrokenResourceError, OSError):
-                await self._stream.aclose()
-        self._finished = True
-        self._board.changed()
+        self._board.live_connections += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                await self._writer()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await self._stream.aclose()
+            self._board.live_connections -= 1
+            self._board.changed()
 
-    async def _pump(self, scope: trio.CancelScope) -> None:
+    async def _pump(self) -> None:
         def room() -> bool:
             with self._lock:
                 return len(self._received) < self._limit or self._read_shut
@@ -233,7 +248,7 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 with self._lock:
                     self._read_error = ConnectionResetError(
-                        "peer reset the connection or cut TLS without close_notify: "
+                        errno.ECONNRESET, "peer reset the connection or cut TLS without close_notify: "
                         + _describe_failure(error))
                 self._board.changed()
                 return
@@ -270,7 +285,7 @@ class Connection:
                     return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 with self._lock:
-                    self._write_error = BrokenPipeError(_describe_failure(error))
+                    self._write_error = BrokenPipeError(errno.EPIPE, _describe_failure(error))
                     self._to_send.clear()
                 self._board.changed()
                 if closing:
@@ -339,7 +354,7 @@ class Listener:
                 connection = self._ready.popleft()
                 self._board.changed_from_thread()
                 return connection
-        raise BlockingIOError("no connection ready")
+        raise BlockingIOError(errno.EAGAIN, "no connection ready")
 
     def readable(self) -> bool:
         with self._lock:

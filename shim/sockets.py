@@ -1,0 +1,376 @@
+"""keep.toml sockets for the guest: net's trio TLS streams behind wasi_host's Socket protocol.
+
+Theory of operation
+-------------------
+`open_keep_network(config, policy)` runs inside the keep's trio loop. It checks the network policy
+for every socket entry first (nothing is opened when one is refused), makes the keep's TLS
+identity (in memory; configured files; a pluggable provider later replaced by attestation),
+binds the listeners, connects the connect entries, and yields a `KeepNetwork` whose `sockets`
+(in keep.toml order) and `waiter` go into `wasi_host.Guest`.
+
+The guest calls these objects from its worker thread. Anything that can be answered from the
+connection's buffers is answered there, under a lock, without entering trio (`net.streams`
+explains the buffers). Only a call that must block enters trio, once, through
+`trio.from_thread.run`, and waits on the keep's readiness board; handshakes happen in trio tasks
+of their own, so a blocked or slow peer never holds the guest or the event loop.
+
+Errors leave here as OSError with the errno the guest should see (wasi_host maps it once):
+EAGAIN for a non-blocking call that would block, ECONNRESET when the peer went away (or cut TLS
+without close_notify), EPIPE when writing after the peer or our own shutdown closed the write
+side, ENOTCONN for data calls on a listener, EINVAL for accept on a connection, ECANCELED once the
+keep is stopping.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from net.errors import NetError
+from net.policy import NetworkPolicy
+from net.streams import (
+    BUFFER_LIMIT,
+    Connection,
+    Listener,
+    ListenerSettings,
+    ReadinessBoard,
+    open_connection,
+    open_listener,
+)
+from net.tls import (
+    CertificateProvider,
+    FileCertificateProvider,
+    KeepIdentity,
+    SelfSignedProvider,
+    ServerVerification,
+    client_context,
+    server_context,
+)
+from shim.config import ConnectFile, KeepConfig, ListenFile
+from shim.errors import KeepError
+from wasi_host._backend import Buffer, Pollable, Readiness
+
+log = logging.getLogger("keep.net")
+
+STOP_GRACE_SECONDS = 2.0
+
+
+class NetworkError(KeepError):
+    """The keep's sockets could not be set up: policy, certificates, bind or connect."""
+
+
+class _Bridge:
+    """The guest thread's way into trio, and the keep-wide "stopping" flag."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, board: ReadinessBoard) -> None:
+        self.token = token
+        self.board = board
+        self.stopping = False
+
+    def block(self, wait: Callable[[], Awaitable[object]]) -> None:
+        """Run `wait` in trio and block this thread until it returns."""
+        if self.stopping:
+            raise OSError(errno.ECANCELED, "the keep is stopping")
+        try:
+            trio.from_thread.run(wait, trio_token=self.token)
+        except trio.RunFinishedError:
+            raise OSError(errno.ECANCELED, "the keep is stopping") from None
+        if self.stopping:
+            raise OSError(errno.ECANCELED, "the keep is stopping")
+
+
+class ConnectionSocket:
+    """A connected socket (accepted, or a keep.toml `connect` entry)."""
+
+    def __init__(self, connection: Connection, bridge: _Bridge) -> None:
+        self.connection = connection
+        self._bridge = bridge
+
+    def fileno(self) -> int | None:
+        return None
+
+    def readiness(self, write: bool) -> Readiness | None:
+        connection = self.connection
+        if write:
+            return Readiness(connection.room()) if connection.writable() else None
+        if not connection.readable():
+            return None
+        buffered = connection.buffered()
+        return Readiness(buffered, hangup=buffered == 0)
+
+    def accept(self, nonblocking: bool) -> ConnectionSocket:
+        raise OSError(errno.EINVAL, "not a listening socket")
+
+    def recv(self, size: int, *, peek: bool, waitall: bool, nonblocking: bool) -> bytes:
+        if size <= 0:
+            return b""
+        connection = self.connection
+        if peek:
+            if waitall and not nonblocking:
+                wanted = min(size, BUFFER_LIMIT)
+                self._wait_for(lambda: connection.has_at_least(wanted))
+            return self._receive_once(size, peek=True, nonblocking=nonblocking)
+        if not waitall:
+            return self._receive_once(size, peek=False, nonblocking=nonblocking)
+        chunks: list[bytes] = []
+        received = 0
+        while received < size:
+            try:
+                data = self._receive_once(size - received, peek=False, nonblocking=nonblocking)
+            except OSError:
+                if received:
+                    break
+                raise
+            if not data:
+                break
+            chunks.append(data)
+            received += len(data)
+        return b"".join(chunks)
+
+    def _receive_once(self, size: int, *, peek: bool, nonblocking: bool) -> bytes:
+        connection = self.connection
+        while True:
+            try:
+                return connection.try_receive(size, peek=peek)
+            except BlockingIOError:
+                if nonblocking:
+                    raise
+            self._bridge.block(connection.wait_readable)
+
+    def _wait_for(self, ready: Callable[[], bool]) -> None:
+        if not ready():
+            board = self._bridge.board
+            bridge = self._bridge
+
+            async def wait() -> None:
+                await board.wait_until(lambda: ready() or bridge.stopping)
+
+            self._bridge.block(wait)
+
+    def send(self, data: Buffer, *, nonblocking: bool) -> int:
+        connection = self.connection
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            try:
+                sent += connection.try_send(view[sent:])
+            except BlockingIOError:
+                if nonblocking:
+                    if sent:
+                        return sent
+                    raise
+                self._bridge.block(connection.wait_writable)
+            except BrokenPipeError:
+                if sent:
+                    return sent
+                raise
+        return sent
+
+    def shutdown(self, read: bool, write: bool) -> None:
+        if read:
+            self.connection.shutdown_read()
+        if write:
+            self.connection.shutdown_write()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class ListenerSocket:
+    """A keep.toml `listen` entry: accept returns connections whose handshake is complete."""
+
+    def __init__(self, listener: Listener, bridge: _Bridge) -> None:
+        self.listener = listener
+        self._bridge = bridge
+
+    def fileno(self) -> int | None:
+        return None
+
+    def readiness(self, write: bool) -> Readiness | None:
+        if write:
+            return None
+        return Readiness(1) if self.listener.readable() else None
+
+    def accept(self, nonblocking: bool) -> ConnectionSocket:
+        while True:
+            try:
+                return ConnectionSocket(self.listener.try_accept(), self._bridge)
+            except BlockingIOError:
+                if nonblocking:
+                    raise
+            self._bridge.block(self.listener.wait_readable)
+
+    def recv(self, size: int, *, peek: bool, waitall: bool, nonblocking: bool) -> bytes:
+        raise OSError(errno.ENOTCONN, "a listening socket carries no data")
+
+    def send(self, data: Buffer, *, nonblocking: bool) -> int:
+        raise OSError(errno.ENOTCONN, "a listening socket carries no data")
+
+    def shutdown(self, read: bool, write: bool) -> None:
+        raise OSError(errno.ENOTCONN, "a listening socket is not connected")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class TrioWaiter:
+    """wasi_host's Waiter for a keep with sockets: blocks poll_oneoff on trio.
+
+    Keep sockets wake it through the readiness board; other pollables with an OS fd (stdin) are
+    watched with trio's fd waiting; anything else is re-checked every 10 ms.
+    """
+
+    def __init__(self, bridge: _Bridge) -> None:
+        self._bridge = bridge
+
+    def wait(self, interests: Sequence[tuple[Pollable, bool]], deadline_ns: int | None) -> None:
+        timeout = None if deadline_ns is None else max(0, deadline_ns - time.monotonic_ns()) / 1e9
+        bridge = self._bridge
+        board = bridge.board
+
+        def ready() -> bool:
+            return bridge.stopping or any(p.readiness(w) is not None for p, w in interests)
+
+        foreign = [(p, w) for p, w in interests if not isinstance(p, ConnectionSocket | ListenerSocket)]
+
+        async def watch_fd(fd: int, write: bool) -> None:
+            try:
+                await (trio.lowlevel.wait_writable(fd) if write else trio.lowlevel.wait_readable(fd))
+            except trio.BusyResourceError:
+                await trio.sleep(0.01)
+            board.changed()
+
+        async def tick() -> None:
+            while True:
+                await trio.sleep(0.01)
+                board.changed()
+
+        async def wait() -> None:
+            async with trio.open_nursery() as nursery:
+                if any(pollable.fileno() is None for pollable, _ in foreign):
+                    nursery.start_soon(tick)
+                for pollable, write in foreign:
+                    fd = pollable.fileno()
+                    if fd is not None:
+                        nursery.start_soon(watch_fd, fd, write)
+                with trio.move_on_after(float("inf") if timeout is None else timeout):
+                    await board.wait_until(ready)
+                nursery.cancel_scope.cancel()
+
+        if bridge.stopping:
+            return
+        try:
+            trio.from_thread.run(wait, trio_token=bridge.token)
+        except trio.RunFinishedError:
+            return
+
+
+@dataclass
+class KeepNetwork:
+    """The guest-facing sockets (keep.toml order) and waiter, plus what tests and operators need."""
+
+    sockets: tuple[ListenerSocket | ConnectionSocket, ...]
+    waiter: TrioWaiter
+    identity: KeepIdentity | None
+    listeners: dict[str, Listener]
+
+
+def _identity_provider(config: KeepConfig) -> CertificateProvider:
+    if config.tls.certificate is not None and config.tls.key is not None:
+        return FileCertificateProvider(config.tls.certificate, config.tls.key)
+    return SelfSignedProvider()
+
+
+def _translate(error: NetError) -> NetworkError:
+    return NetworkError(str(error))
+
+
+@asynccontextmanager
+async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = None,
+                            provider: CertificateProvider | None = None
+                            ) -> AsyncIterator[KeepNetwork]:
+    """Open every keep.toml socket; on exit close them (queued data and close_notify get
+    `STOP_GRACE_SECONDS` to leave) and stop their tasks."""
+    policy = policy or NetworkPolicy()
+    entries = config.sockets
+    try:
+        for entry in entries:
+            policy.check(entry.name, entry.prot, entry_allows_plaintext=entry.insecure_plaintext)
+        identity = None
+        if any(entry.prot == "tls" for entry in entries):
+            identity = (provider or _identity_provider(config)).identity()
+            if config.tls.export_certificate is not None:
+                _export_certificate(config, identity)
+    except NetError as error:
+        raise _translate(error) from None
+    board = ReadinessBoard(trio.lowlevel.current_trio_token())
+    bridge = _Bridge(trio.lowlevel.current_trio_token(), board)
+    async with trio.open_nursery() as nursery:
+        sockets: list[ListenerSocket | ConnectionSocket] = []
+        listeners: dict[str, Listener] = {}
+        try:
+            for entry in entries:
+                if isinstance(entry, ListenFile):
+                    listener = await _listen(entry, identity, board, nursery)
+                    listeners[entry.name] = listener
+                    sockets.append(ListenerSocket(listener, bridge))
+                else:
+                    connection = await _connect(entry, identity, board, nursery)
+                    sockets.append(ConnectionSocket(connection, bridge))
+        except NetError as error:
+            nursery.cancel_scope.cancel()
+            raise _translate(error) from None
+        except OSError as error:
+            nursery.cancel_scope.cancel()
+            raise NetworkError(f"cannot open the keep's sockets: {error.strerror or error}") from None
+        try:
+            yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners)
+        finally:
+            bridge.stopping = True
+            for socket in sockets:
+                socket.close()
+            board.changed()
+            with trio.move_on_after(STOP_GRACE_SECONDS) as scope:
+                scope.shield = True  # queued data and close_notify get a moment to leave
+                await board.wait_until(lambda: board.live_connections == 0)
+            nursery.cancel_scope.cancel()
+
+
+def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:
+    path = config.tls.export_certificate
+    assert path is not None
+    try:
+        path.write_bytes(identity.certificate_chain_pem)
+    except OSError as error:
+        raise NetworkError(f"cannot write the certificate to {path}: {error.strerror}") from None
+
+
+async def _listen(entry: ListenFile, identity: KeepIdentity | None, board: ReadinessBoard,
+                  nursery: trio.Nursery) -> Listener:
+    context = None
+    if entry.prot == "tls":
+        assert identity is not None
+        context = server_context(identity, entry.client_ca)
+    settings = ListenerSettings(name=entry.name, context=context)
+    try:
+        return await open_listener(settings, entry.addr, entry.port, board, nursery)
+    except OSError as error:
+        raise NetworkError(f'listen "{entry.name}" on {entry.addr} port {entry.port}: '
+                           f"{error.strerror or error}") from None
+
+
+async def _connect(entry: ConnectFile, identity: KeepIdentity | None, board: ReadinessBoard,
+                   nursery: trio.Nursery) -> Connection:
+    verification = ServerVerification(ca_file=entry.ca, pin_sha256=entry.pin_sha256)
+    context = client_context(verification, identity) if entry.prot == "tls" else None
+    try:
+        return await open_connection(entry.host, entry.port, context, verification, board, nursery,
+                                     server_name=entry.server_name)
+    except NetError as error:
+        raise NetworkError(f'connect "{entry.name}": {error}') from None

@@ -19,12 +19,12 @@ import shim
 from shim.attest import (
     EVIDENCE_OIDS,
     NONCE_BYTES,
+    AttestedIdentity,
     BackendNotAllowed,
     BackendUnavailable,
     DebugNotAllowed,
     EvidenceRefused,
     InsecureNilNotAllowed,
-    KeepIdentity,
     KeyBindingMismatch,
     MalformedEvidence,
     MeasurementNotAllowed,
@@ -53,7 +53,7 @@ def _der(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(Encoding.DER)
 
 
-def _builder(identity: KeepIdentity, serial: int = 1) -> x509.CertificateBuilder:
+def _builder(identity: AttestedIdentity, serial: int = 1) -> x509.CertificateBuilder:
     """A certificate builder for `identity`'s key, with no extension yet."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keepshim keep")])
     now = datetime.datetime.now(datetime.UTC)
@@ -62,7 +62,7 @@ def _builder(identity: KeepIdentity, serial: int = 1) -> x509.CertificateBuilder
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1)))
 
 
-def _certificate_with_evidence(identity: KeepIdentity, evidence: bytes, backend: str = "nil") -> bytes:
+def _certificate_with_evidence(identity: AttestedIdentity, evidence: bytes, backend: str = "nil") -> bytes:
     """A certificate signed by `identity` carrying arbitrary evidence bytes (forged or tampered)."""
     extension = x509.UnrecognizedExtension(EVIDENCE_OIDS[backend], der_octet_string(evidence))
     return _der(_builder(identity).add_extension(extension, critical=False)
@@ -70,7 +70,7 @@ def _certificate_with_evidence(identity: KeepIdentity, evidence: bytes, backend:
 
 
 def test_nil_certificate_is_accepted_with_the_flag_and_warns(capsys: pytest.CaptureFixture[str]) -> None:
-    identity = KeepIdentity()
+    identity = AttestedIdentity()
     claims = verify_keep_certificate(_der(identity.certificate(NilBackend(), NONCE)), NONCE, NIL_OK)
     assert claims.backend == "nil" and claims.insecure and not claims.debug
     assert claims.report_data == hashlib.sha256(identity.spki_der).digest() + NONCE
@@ -79,7 +79,7 @@ def test_nil_certificate_is_accepted_with_the_flag_and_warns(capsys: pytest.Capt
 
 
 def test_every_acceptance_of_nil_warns_again(capsys: pytest.CaptureFixture[str]) -> None:
-    identity = KeepIdentity()
+    identity = AttestedIdentity()
     certificate = _der(identity.certificate(NilBackend(), NONCE))
     for _ in range(3):
         verify_keep_certificate(certificate, NONCE, NIL_OK)
@@ -87,26 +87,26 @@ def test_every_acceptance_of_nil_warns_again(capsys: pytest.CaptureFixture[str])
 
 
 def test_nil_without_allow_flag_is_refused() -> None:
-    identity = KeepIdentity()
+    identity = AttestedIdentity()
     with pytest.raises(InsecureNilNotAllowed, match=r"\(insecure nil\).*--allow-insecure-nil"):
         verify_keep_certificate(_der(identity.certificate(NilBackend(), NONCE)), NONCE, Policy())
 
 
 def test_wrong_nonce_is_refused() -> None:
-    certificate = _der(KeepIdentity().certificate(NilBackend(), NONCE))
+    certificate = _der(AttestedIdentity().certificate(NilBackend(), NONCE))
     with pytest.raises(NonceMismatch, match=r"\(nonce\)"):
         verify_keep_certificate(certificate, bytes(NONCE_BYTES), NIL_OK)
 
 
 def test_evidence_bound_to_another_key_is_refused() -> None:
-    keep, thief = KeepIdentity(), KeepIdentity()
+    keep, thief = AttestedIdentity(), AttestedIdentity()
     stolen_evidence = NilBackend().evidence(report_data_for(keep.spki_der, NONCE))
     with pytest.raises(KeyBindingMismatch, match=r"\(key binding\)"):
         verify_keep_certificate(_certificate_with_evidence(thief, stolen_evidence), NONCE, NIL_OK)
 
 
 def test_disallowed_measurement_is_refused_and_named() -> None:
-    certificate = _der(KeepIdentity().certificate(NilBackend(), NONCE))
+    certificate = _der(AttestedIdentity().certificate(NilBackend(), NONCE))
     policy = replace(NIL_OK, allowed_measurements=frozenset({bytes(32)}))
     with pytest.raises(MeasurementNotAllowed, match=expected_nil_measurement().hex()):
         verify_keep_certificate(certificate, NONCE, policy)
@@ -115,20 +115,20 @@ def test_disallowed_measurement_is_refused_and_named() -> None:
 
 
 def test_backend_missing_from_policy_is_refused() -> None:
-    certificate = _der(KeepIdentity().certificate(NilBackend(), NONCE))
+    certificate = _der(AttestedIdentity().certificate(NilBackend(), NONCE))
     with pytest.raises(BackendNotAllowed, match=r"\(backend\)"):
         verify_keep_certificate(certificate, NONCE, replace(NIL_OK, allowed_backends=frozenset({"sev-snp"})))
 
 
 def test_debug_keep_is_refused_unless_policy_allows_debug() -> None:
-    certificate = _der(KeepIdentity().certificate(NilBackend(debug=True), NONCE))
+    certificate = _der(AttestedIdentity().certificate(NilBackend(debug=True), NONCE))
     with pytest.raises(DebugNotAllowed, match=r"\(debug\)"):
         verify_keep_certificate(certificate, NONCE, NIL_OK)
     assert verify_keep_certificate(certificate, NONCE, replace(NIL_OK, allow_debug=True)).debug
 
 
 def test_a_changed_byte_anywhere_in_the_evidence_is_refused() -> None:
-    identity = KeepIdentity()
+    identity = AttestedIdentity()
     evidence = NilBackend().evidence(report_data_for(identity.spki_der, NONCE))
     assert verify_keep_certificate(_certificate_with_evidence(identity, evidence), NONCE, NIL_OK)
     checks: set[str] = set()
@@ -145,7 +145,7 @@ def test_a_changed_byte_anywhere_in_the_evidence_is_refused() -> None:
 
 
 def test_a_changed_byte_in_the_certificate_is_refused() -> None:
-    certificate = bytearray(_der(KeepIdentity().certificate(NilBackend(), NONCE)))
+    certificate = bytearray(_der(AttestedIdentity().certificate(NilBackend(), NONCE)))
     refused = 0
     for position in range(0, len(certificate), 7):
         tampered = bytearray(certificate)
@@ -157,7 +157,7 @@ def test_a_changed_byte_in_the_certificate_is_refused() -> None:
 
 
 def test_certificate_signed_by_another_key_is_refused() -> None:
-    keep, other = KeepIdentity(), KeepIdentity()
+    keep, other = AttestedIdentity(), AttestedIdentity()
     template = keep.certificate(NilBackend(), NONCE)
     forged = (_builder(keep, serial=2).add_extension(template.extensions[0].value, critical=False)
               .sign(other.private_key, hashes.SHA256()))
@@ -166,7 +166,7 @@ def test_certificate_signed_by_another_key_is_refused() -> None:
 
 
 def test_certificate_without_evidence_is_malformed() -> None:
-    identity = KeepIdentity()
+    identity = AttestedIdentity()
     bare = _builder(identity, serial=3).sign(identity.private_key, hashes.SHA256())
     with pytest.raises(MalformedEvidence, match="0 keepshim evidence extensions"):
         verify_keep_certificate(_der(bare), NONCE, NIL_OK)
@@ -175,7 +175,7 @@ def test_certificate_without_evidence_is_malformed() -> None:
 
 
 def test_certificate_carries_nil_evidence_under_the_documented_oid() -> None:
-    certificate = KeepIdentity().certificate(NilBackend(), NONCE)
+    certificate = AttestedIdentity().certificate(NilBackend(), NONCE)
     extension = certificate.extensions.get_extension_for_oid(
         x509.ObjectIdentifier("2.25.104800065238602234654380733802874138067.1.1"))
     assert not extension.critical

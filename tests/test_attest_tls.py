@@ -11,12 +11,14 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from net.tls import server_context
 from shim.attest import (
     NO_NONCE,
+    AttestedCertificateProvider,
+    AttestedIdentity,
     Conversation,
     Deploy,
     InsecureNilNotAllowed,
-    KeepIdentity,
     KeepTLS,
     NilBackend,
     NonceMismatch,
@@ -67,7 +69,7 @@ def test_the_nonce_travels_in_the_server_name() -> None:
 
 
 async def test_owner_verifies_the_certificate_of_this_very_connection() -> None:
-    keep = KeepTLS(KeepIdentity(), NilBackend())
+    keep = KeepTLS(AttestedIdentity(), NilBackend())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_one_message, keep)
         nonces = iter([b"\x11" * 32, b"\x22" * 32])
@@ -92,7 +94,7 @@ async def test_owner_verifies_the_certificate_of_this_very_connection() -> None:
 
 
 async def test_nil_keep_is_refused_over_tls_without_the_flag() -> None:
-    keep = KeepTLS(KeepIdentity(), NilBackend())
+    keep = KeepTLS(AttestedIdentity(), NilBackend())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_one_message, keep)
         with pytest.raises(InsecureNilNotAllowed):
@@ -101,7 +103,7 @@ async def test_nil_keep_is_refused_over_tls_without_the_flag() -> None:
 
 
 async def test_a_client_without_a_nonce_gets_a_certificate_no_owner_accepts() -> None:
-    keep = KeepTLS(KeepIdentity(), NilBackend())
+    keep = KeepTLS(AttestedIdentity(), NilBackend())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_one_message, keep)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
@@ -118,5 +120,14 @@ async def test_a_client_without_a_nonce_gets_a_certificate_no_owner_accepts() ->
 
 
 def test_the_keep_context_is_tls13_only() -> None:
-    context = KeepTLS(KeepIdentity(), NilBackend()).server_context()
+    context = KeepTLS(AttestedIdentity(), NilBackend()).server_context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_the_attested_provider_gives_the_guest_sockets_a_nonce_bound_certificate() -> None:
+    identity, nonce = AttestedIdentity(), b"\x55" * 32
+    net_identity = AttestedCertificateProvider(identity, NilBackend(), nonce).identity()
+    leaf = net_identity.leaf.public_bytes(serialization.Encoding.DER)
+    claims = verify_keep_certificate(leaf, nonce, NIL_OK)
+    assert claims.report_data[:32] == hashlib.sha256(identity.spki_der).digest()
+    assert server_context(net_identity).minimum_version == ssl.TLSVersion.TLSv1_3

@@ -32,7 +32,7 @@ from shim.attest._certificate import (
     KEEPSHIM_OID_ARC,
     NO_NONCE,
     NONCE_BYTES,
-    KeepIdentity,
+    AttestedIdentity,
     evidence_from_certificate,
     report_data_for,
     verify_keep_certificate,
@@ -69,6 +69,7 @@ from shim.attest._protocol import (
     encode_message,
 )
 from shim.attest._tls import (
+    AttestedCertificateProvider,
     KeepTLS,
     nonce_from_server_name,
     open_verified_stream,
@@ -86,6 +87,8 @@ __all__ = [
     "REPORT_DATA_BYTES",
     "Accepted",
     "AttestationError",
+    "AttestedCertificateProvider",
+    "AttestedIdentity",
     "Backend",
     "BackendNotAllowed",
     "BackendUnavailable",
@@ -96,7 +99,6 @@ __all__ = [
     "EvidenceRefused",
     "Finished",
     "InsecureNilNotAllowed",
-    "KeepIdentity",
     "KeepTLS",
     "KeyBindingMismatch",
     "LocalProtocolError",

@@ -2,7 +2,7 @@
 
 Layout (the contract between keep and owner):
 
-- The keep's key is ECDSA P-256, generated in memory when the keep starts (`KeepIdentity`); it is
+- The keep's key is ECDSA P-256, generated in memory when the keep starts (`AttestedIdentity`); it is
   never serialized except, encrypted, into an anonymous in-memory file for OpenSSL (see _tls).
 - report_data (64 bytes) = SHA-256(DER SubjectPublicKeyInfo of the certificate's key)
   || nonce (32 bytes, chosen by the owner for this connection).
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from net import tls as net_tls
 from shim.attest._backends import KNOWN_BACKENDS, REPORT_DATA_BYTES, Backend, Claims, backend_named
 from shim.attest._errors import (
     BackendNotAllowed,
@@ -64,7 +65,7 @@ def report_data_for(spki_der: bytes, nonce: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class KeepIdentity:
+class AttestedIdentity:
     """The keep's in-memory key pair; makes one RA-TLS certificate per nonce."""
 
     private_key: ec.EllipticCurvePrivateKey = field(
@@ -74,6 +75,15 @@ class KeepIdentity:
     def spki_der(self) -> bytes:
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def net_identity(self, certificate: x509.Certificate) -> net_tls.KeepIdentity:
+        """`certificate` and this key as net.tls's identity (what its TLS contexts load); the
+        PEM stays in memory."""
+        return net_tls.KeepIdentity(
+            certificate_chain_pem=certificate.public_bytes(serialization.Encoding.PEM),
+            private_key_pem=self.private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
 
     def certificate(self, backend: Backend, nonce: bytes) -> x509.Certificate:
         """A self-signed certificate whose evidence binds this key and `nonce`."""

@@ -16,9 +16,8 @@ A client that sends no such server name (openssl s_client, curl) gets the start-
 bound to the all-zero nonce: fine for inspection, refused by every owner.
 
 The nonce is public (it travels in clear in the ClientHello); it only has to be unpredictable and
-fresh, which os.urandom per connection gives. OpenSSL can only load keys from a file, so the key
-goes, encrypted with a random in-memory password, into an anonymous memory file (memfd) that is
-closed right after loading: it never reaches the host disk.
+fresh, which os.urandom per connection gives. The key reaches OpenSSL through net.tls, which loads
+it from an anonymous in-memory file (memfd): it never reaches the host disk.
 """
 
 from __future__ import annotations
@@ -33,10 +32,12 @@ from typing import Final
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
+from net.errors import NetError
+from net.tls import KeepIdentity as NetKeepIdentity
+from net.tls import server_context
 from shim.attest._backends import Backend, Claims
-from shim.attest._certificate import NO_NONCE, NONCE_BYTES, KeepIdentity, verify_keep_certificate
+from shim.attest._certificate import NO_NONCE, NONCE_BYTES, AttestedIdentity, verify_keep_certificate
 from shim.attest._errors import AttestationError, MalformedEvidence
 from shim.attest._policy import Policy
 
@@ -62,28 +63,17 @@ def nonce_from_server_name(server_name: str | None) -> bytes | None:
     return nonce if len(nonce) == NONCE_BYTES else None
 
 
-def _server_context(identity: KeepIdentity, certificate: x509.Certificate) -> ssl.SSLContext:
-    """A TLS 1.3 server context presenting `certificate` with the identity's key (via memfd)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    password = os.urandom(32).hex().encode()
-    pem = certificate.public_bytes(serialization.Encoding.PEM) + identity.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(password))
-    descriptor = os.memfd_create("keepshim-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(descriptor, pem)
-        context.load_cert_chain(f"/proc/self/fd/{descriptor}", password=password)
-    finally:
-        os.close(descriptor)
-    return context
+def _server_context(identity: AttestedIdentity, certificate: x509.Certificate) -> ssl.SSLContext:
+    """A TLS 1.3 server context presenting `certificate` with the identity's key (loaded by
+    net.tls through an in-memory file, never the host disk)."""
+    return server_context(identity.net_identity(certificate))
 
 
 @dataclass(frozen=True)
 class KeepTLS:
     """The keep's TLS server side: one identity, one backend, a certificate per connection."""
 
-    identity: KeepIdentity
+    identity: AttestedIdentity
     backend: Backend
 
     def server_context(self) -> ssl.SSLContext:
@@ -104,7 +94,7 @@ class KeepTLS:
         try:
             connection.context = _server_context(self.identity,
                                                  self.identity.certificate(self.backend, nonce))
-        except (AttestationError, OSError, ssl.SSLError):
+        except (AttestationError, NetError, OSError, ssl.SSLError):
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         return None
 
@@ -138,3 +128,18 @@ async def open_verified_stream(
         await trio.aclose_forcefully(stream)
         raise
     return stream, claims
+
+
+@dataclass(frozen=True)
+class AttestedCertificateProvider:
+    """net.tls's CertificateProvider for the guest's own TLS sockets (keep.toml listen/connect):
+    the keep's attested key with a certificate whose evidence binds `nonce` (for a deployed
+    workload: the nonce of the owner's deploy connection, so the owner can check that the
+    workload's listeners terminate TLS inside the keep it attested)."""
+
+    identity_key: AttestedIdentity
+    backend: Backend
+    nonce: bytes = NO_NONCE
+
+    def identity(self) -> NetKeepIdentity:
+        return self.identity_key.net_identity(self.identity_key.certificate(self.backend, self.nonce))

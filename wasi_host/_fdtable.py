@@ -1,0 +1,252 @@
+"""The fd table: guest fd numbers mapped to a tagged union of open things, with rights.
+
+Each entry kind (file, directory, stdio stream, socket) is one class; accessors on the table
+(`get_file`, `get_directory`, `get_seekable`, ...) return the right kind or raise the errno
+wasmtime returns for the wrong one, and check rights in one place (:meth:`FdTable.get`) before
+any backend is called.  A missing FD_READ/FD_WRITE right is EBADF (as POSIX and wasmtime say for
+a file opened without that access); any other missing right is ENOTCAPABLE.
+
+Numbering follows wasmtime: a closed number is reused (highest first), otherwise one more than
+the highest in use.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from wasi_host._abi import Errno, Fdflags, Filetype, Rights
+from wasi_host._backend import Buffer, Directory, File, Readiness, Socket, Stream
+from wasi_host._errors import WasiError
+
+_ACCESS_RIGHTS = Rights.FD_READ | Rights.FD_WRITE
+
+
+class Entry:
+    """Common state of every open fd: rights and fdflags."""
+
+    __slots__ = ("fdflags", "filetype", "rights_base", "rights_inheriting")
+
+    def __init__(self, rights_base: int, rights_inheriting: int, fdflags: int = 0) -> None:
+        self.filetype = Filetype.UNKNOWN
+        self.rights_base = rights_base
+        self.rights_inheriting = rights_inheriting
+        self.fdflags = fdflags
+
+    def read(self, size: int) -> bytes:
+        """fd_read: the next bytes (b"" at end), advancing the offset where there is one."""
+        raise WasiError(Errno.BADF)
+
+    def write(self, data: Buffer) -> int:
+        """fd_write: write at the offset (or the end for APPEND) and advance."""
+        raise WasiError(Errno.BADF)
+
+    def readiness(self, write: bool) -> Readiness | None:
+        """poll_oneoff readiness; only streams, sockets and files can be polled."""
+        raise WasiError(Errno.BADF)
+
+    def close(self) -> None:
+        """Release the backend object."""
+
+
+class OpenFile(Entry):
+    """A regular file: the backend File plus the offset wasi_host owns."""
+
+    __slots__ = ("file", "offset")
+
+    def __init__(self, file: File, filetype: int, rights_base: int, rights_inheriting: int, fdflags: int) -> None:
+        super().__init__(rights_base, rights_inheriting, fdflags)
+        self.file = file
+        self.offset = 0
+        self.filetype = filetype
+
+    def read(self, size: int) -> bytes:
+        data = self.file.pread(size, self.offset)
+        self.offset += len(data)
+        return data
+
+    def write(self, data: Buffer) -> int:
+        if self.fdflags & Fdflags.APPEND:
+            end = self.file.stat().size
+            written = self.file.pwrite(data, end)
+            self.offset = end + written
+            return written
+        written = self.file.pwrite(data, self.offset)
+        self.offset += written
+        return written
+
+    def readiness(self, write: bool) -> Readiness | None:
+        if write:
+            return Readiness(1)
+        remaining = self.file.stat().size - self.offset
+        return Readiness(1, hangup=remaining <= 0)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class OpenDirectory(Entry):
+    """A directory; ``preopen_name`` is set for the pre-opened ones (fd_prestat_*)."""
+
+    __slots__ = ("directory", "preopen_name")
+
+    def __init__(
+        self, directory: Directory, rights_base: int, rights_inheriting: int, preopen_name: bytes | None = None
+    ) -> None:
+        super().__init__(rights_base, rights_inheriting)
+        self.directory = directory
+        self.preopen_name = preopen_name
+        self.filetype = Filetype.DIRECTORY
+
+    def close(self) -> None:
+        self.directory.close()
+
+
+class OpenStream(Entry):
+    """stdin, stdout or stderr."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Stream, rights_base: int) -> None:
+        super().__init__(rights_base, rights_base)
+        self.stream = stream
+        self.filetype = Filetype.CHARACTER_DEVICE if stream.is_terminal() else Filetype.UNKNOWN
+
+    def read(self, size: int) -> bytes:
+        return self.stream.read(size)
+
+    def write(self, data: Buffer) -> int:
+        return self.stream.write(data)
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return self.stream.readiness(write)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class OpenSocket(Entry):
+    """A pre-opened socket, or one returned by sock_accept."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, socket: Socket, rights_base: int = Rights.SOCKET_BASE, fdflags: int = 0) -> None:
+        super().__init__(rights_base, rights_base, fdflags)
+        self.socket = socket
+        self.filetype = Filetype.SOCKET_STREAM
+
+    def read(self, size: int) -> bytes:
+        return self.socket.recv(size, peek=False, waitall=False, nonblocking=bool(self.fdflags & Fdflags.NONBLOCK))
+
+    def write(self, data: Buffer) -> int:
+        return self.socket.send(data, nonblocking=bool(self.fdflags & Fdflags.NONBLOCK))
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return self.socket.readiness(write)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+E = TypeVar("E", bound=Entry)
+
+
+def require(entry: Entry, rights: int) -> None:
+    """Raise unless ``entry`` holds every right in ``rights`` (the one rights check)."""
+    missing = rights & ~entry.rights_base
+    if missing:
+        raise WasiError(Errno.BADF if missing & _ACCESS_RIGHTS else Errno.NOTCAPABLE)
+
+
+class FdTable:
+    """fd number -> Entry."""
+
+    __slots__ = ("entries", "free")
+
+    def __init__(self) -> None:
+        self.entries: dict[int, Entry] = {}
+        self.free: set[int] = set()
+
+    def add(self, entry: Entry) -> int:
+        """Install ``entry`` under a fresh number (a freed one, highest first, as wasmtime)."""
+        if self.free:
+            fd = max(self.free)
+            self.free.discard(fd)
+        else:
+            fd = max(self.entries, default=-1) + 1
+            if fd >= 1 << 31:
+                raise WasiError(Errno.MFILE)
+        self.entries[fd] = entry
+        return fd
+
+    def get(self, fd: int, rights: int = 0) -> Entry:
+        """The entry for ``fd`` holding ``rights``; EBADF when not open."""
+        entry = self.entries.get(fd)
+        if entry is None:
+            raise WasiError(Errno.BADF)
+        if rights & ~entry.rights_base:
+            require(entry, rights)
+        return entry
+
+    def _get_kind(self, fd: int, kind: type[E], rights: int, wrong_kind: int) -> E:
+        entry = self.get(fd)
+        if not isinstance(entry, kind):
+            raise WasiError(wrong_kind)
+        require(entry, rights)
+        return entry
+
+    def get_file(self, fd: int, rights: int = 0) -> OpenFile:
+        """A regular-file entry; EBADF for anything else (as wasmtime's get_file)."""
+        return self._get_kind(fd, OpenFile, rights, Errno.BADF)
+
+    def get_seekable(self, fd: int, rights: int = 0) -> OpenFile:
+        """A file that has an offset; ESPIPE for stdio and sockets, EBADF otherwise."""
+        entry = self.get(fd)
+        if isinstance(entry, OpenFile):
+            require(entry, rights)
+            return entry
+        if isinstance(entry, OpenStream | OpenSocket):
+            raise WasiError(Errno.SPIPE)
+        raise WasiError(Errno.BADF)
+
+    def get_directory(self, fd: int, rights: int = 0, wrong_kind: int = Errno.BADF) -> OpenDirectory:
+        """A directory entry; ``wrong_kind`` (EBADF, or ENOTDIR for path_open) otherwise."""
+        return self._get_kind(fd, OpenDirectory, rights, wrong_kind)
+
+    def get_socket(self, fd: int, rights: int = 0) -> OpenSocket:
+        """A socket entry; ENOTSOCK for any other open fd."""
+        return self._get_kind(fd, OpenSocket, rights, Errno.NOTSOCK)
+
+    def close(self, fd: int) -> None:
+        """fd_close: remove and release; EBADF when not open."""
+        entry = self.entries.pop(fd, None)
+        if entry is None:
+            raise WasiError(Errno.BADF)
+        self.free.add(fd)
+        entry.close()
+
+    def renumber(self, source: int, target: int) -> None:
+        """fd_renumber: move ``source`` onto ``target``, closing whatever ``target`` held."""
+        entry = self.get(source)
+        if source == target:
+            return
+        del self.entries[source]
+        self.free.add(source)
+        self.free.discard(target)
+        previous = self.entries.get(target)
+        self.entries[target] = entry
+        if previous is not None:
+            previous.close()
+
+    def close_all(self) -> None:
+        """Close every fd (the guest is finished); the first failure is re-raised at the end."""
+        entries = list(self.entries.values())
+        self.entries.clear()
+        self.free.clear()
+        error: BaseException | None = None
+        for entry in entries:
+            try:
+                entry.close()
+            except Exception as exc:  # keep closing the others
+                error = error or exc
+        if error is not None:
+            raise error

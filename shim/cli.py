@@ -51,6 +51,45 @@ def _add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keep serve`: owned by the attestation work (shim/serve.py)."""
+    parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                        help="where to wait for the owner's deployment (port 0: any free port)")
+    parser.add_argument("--backend", default="nil", choices=["nil", "sev-snp", "tdx", "sgx"],
+                        help="attestation backend (default nil: INSECURE, no hardware)")
+
+    def handler(args: argparse.Namespace) -> int:
+        from shim.serve import serve_command
+
+        return serve_command(args)
+
+    parser.set_defaults(handler=handler)
+
+
+def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keep deploy`: owned by the attestation work (shim/deploy.py)."""
+    parser.add_argument("--to", required=True, metavar="ADDR:PORT", help="the keep to deploy to")
+    parser.add_argument("--config", metavar="KEEP.toml", help="the workload's keep.toml")
+    parser.add_argument("--policy", metavar="POLICY.toml",
+                        help="what keeps to accept (backends, measurements, debug, volume generation)")
+    parser.add_argument("--allow-insecure-nil", action="store_true",
+                        help="accept a keep on the nil backend (no hardware, forgeable evidence)")
+    parser.add_argument("--volume-key", action="append", default=[], metavar="NAME=KEYFILE",
+                        help="send volume NAME's key (the file's exact bytes) to the attested keep")
+    parser.add_argument("--volume-state", metavar="STATE.json",
+                        help="pin volume generations from this file and store the returned ones")
+    parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to deploy")
+    parser.add_argument("guest_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="arguments passed to the guest")
+
+    def handler(args: argparse.Namespace) -> int:
+        from shim.deploy import deploy_command
+
+        return deploy_command(args)
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="keep", description="Run unmodified WASI programs inside a keep.")
     parser.add_argument("--version", action="version", version=f"keep {__version__}")
@@ -59,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_run_arguments(commands.add_parser("run", help="run a WASI module in a keep"))
     _add_volume_arguments(commands.add_parser("volume", help="create and manage encrypted volumes"))
+    _add_serve_arguments(commands.add_parser("serve", help="wait for one attested deployment"))
+    _add_deploy_arguments(commands.add_parser("deploy", help="attest a keep and deploy a module to it"))
     return parser
 
 

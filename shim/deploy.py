@@ -1,0 +1,187 @@
+"""`keep deploy`: attest a keep, then send it a workload, its config and volume keys.
+
+Theory of operation
+-------------------
+1. Before any connection: read the module, keep.toml (validated here too, so a typo is reported
+   on the owner's side), the policy, the volume keys and, with --volume-state, the generations to
+   pin. A pin below the policy's min_volume_generation is refused (VolumeGenerationTooOld).
+2. `open_verified_stream` (shim.attest): TLS 1.3 with a fresh nonce in the server name; the peer
+   certificate of that session must carry evidence binding the session's key and the nonce, and
+   pass the policy. Nothing is sent before that check succeeds.
+3. The deploy protocol: `deploy` -> `accepted` | `refused`; then the guest's stdout and stderr are
+   written to ours as they arrive; `finished` gives the exit status (which `keep deploy` exits
+   with), a keep-side error, and the volumes' final states, which are checked against the pins
+   (an older generation is a rollback) and written back to --volume-state for the next deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from shim.attest import (
+    Accepted,
+    Claims,
+    Conversation,
+    Deploy,
+    Finished,
+    Output,
+    Policy,
+    Refused,
+    RemoteProtocolError,
+    VolumeGenerationTooOld,
+    VolumeGrant,
+    VolumeState,
+    load_policy,
+    open_verified_stream,
+)
+from shim.config import parse_config
+from shim.errors import KeepError, UsageError
+from shim.serve import parse_address
+
+
+class DeployRefused(KeepError):
+    """The keep refused the deployment (busy, bad config, unsupported feature)."""
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a deployment came back with."""
+
+    claims: Claims
+    exit_status: int
+    error: str | None
+    volumes: tuple[VolumeState, ...]
+
+
+def check_pins(deploy: Deploy, policy: Policy) -> None:
+    """Refuse to deploy with a pinned generation below the policy's minimum."""
+    for grant in deploy.volumes:
+        pinned = grant.pinned_generation or 0
+        if pinned < policy.min_volume_generation:
+            raise VolumeGenerationTooOld(
+                f"volume {grant.name!r}: pinned generation {pinned} is below the policy's "
+                f"min_volume_generation {policy.min_volume_generation}")
+
+
+def check_returned_volumes(deploy: Deploy, returned: Sequence[VolumeState]) -> None:
+    """A volume that comes back older than it was pinned has been rolled back."""
+    pins = {grant.name: grant.pinned_generation or 0 for grant in deploy.volumes}
+    for state in returned:
+        if state.name in pins and state.generation < pins[state.name]:
+            raise VolumeGenerationTooOld(f"volume {state.name!r} came back at generation "
+                                         f"{state.generation}, older than the pinned {pins[state.name]}")
+
+
+async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
+                    stdout: BinaryIO, stderr: BinaryIO) -> DeployResult:
+    """Attest the keep at host:port, deploy, stream its output into `stdout`/`stderr`."""
+    check_pins(deploy, policy)
+    try:
+        stream, claims = await open_verified_stream(host, port, policy)
+    except OSError as error:
+        raise KeepError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    async with stream:
+        conversation = Conversation("owner")
+        await stream.send_all(conversation.send(deploy))
+        while True:
+            message = conversation.next_message()
+            if message is None:
+                conversation.receive_data(await stream.receive_some())
+                continue
+            match message:
+                case Refused():
+                    raise DeployRefused(f"the keep refused the deployment: {message.reason}")
+                case Accepted():
+                    if message.workload_sha256 != deploy.workload_sha256:
+                        raise RemoteProtocolError("the keep accepted another workload than ours")
+                case Output():
+                    sink = stdout if message.stream == "stdout" else stderr
+                    sink.write(message.data)
+                    sink.flush()
+                case Finished():
+                    check_returned_volumes(deploy, message.volumes)
+                    return DeployResult(claims, message.exit_status, message.error, message.volumes)
+                case _:
+                    raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
+
+
+def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--volume-state {path}: unreadable ({error})") from None
+    if not isinstance(document, dict) or not all(
+            isinstance(entry, dict) and type(entry.get("generation")) is int for entry in document.values()):
+        raise UsageError(f"--volume-state {path}: expected {{name: {{generation: N, ...}}}}")
+    return document
+
+
+def _write_volume_state(path: Path, states: Sequence[VolumeState],
+                        previous: dict[str, dict[str, object]]) -> None:
+    document = dict(previous)
+    for state in states:
+        document[state.name] = {"uuid": state.uuid, "generation": state.generation,
+                                "root_mac": state.root_mac.hex()}
+    try:
+        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise KeepError(f"cannot write --volume-state {path}: {error.strerror}") from None
+
+
+def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> tuple[VolumeGrant, ...]:
+    grants = []
+    for spec in specs:
+        name, separator, key_path = spec.partition("=")
+        if not name or not separator or not key_path:
+            raise UsageError(f"--volume-key {spec!r}: expected NAME=KEYFILE")
+        try:
+            key = Path(key_path).read_bytes()
+        except OSError as error:
+            raise UsageError(f"--volume-key {name}: cannot read {key_path}: {error.strerror}") from None
+        pinned = pins.get(name, {}).get("generation")
+        grants.append(VolumeGrant(name, key=key, pinned_generation=pinned if isinstance(pinned, int) else None))
+    return tuple(grants)
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    """`keep deploy --to ADDR:PORT ... MODULE.wasm [ARGS...]`: exits with the guest's status."""
+    host, port = parse_address(args.to, "--to")
+    try:
+        workload = Path(args.module).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read {args.module}: {error.strerror}") from None
+    config_text = ""
+    if args.config is not None:
+        try:
+            config_text = Path(args.config).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"cannot read {args.config}: {error}") from None
+        parse_config(config_text, source=args.config)  # report mistakes here, before connecting
+    if args.policy is not None:
+        policy = load_policy(Path(args.policy), allow_insecure_nil=args.allow_insecure_nil)
+    else:
+        policy = Policy(allow_insecure_nil=args.allow_insecure_nil)
+    state_path = None if args.volume_state is None else Path(args.volume_state)
+    previous = _read_volume_state(state_path)
+    deploy = Deploy(workload=workload, config=config_text, args=tuple(args.guest_args),
+                    volumes=_volume_grants(args.volume_key, previous))
+    result = trio.run(functools.partial(deploy_to, host, port, deploy, policy,
+                                        stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
+    print(f"keep: deployed to an attested {result.claims.backend} keep (measurement "
+          f"{result.claims.measurement.hex()}); exit status {result.exit_status}", file=sys.stderr)
+    if state_path is not None and result.volumes:
+        _write_volume_state(state_path, result.volumes, previous)
+    if result.error is not None:
+        print(f"keep: the keep reports: {result.error}", file=sys.stderr)
+    return result.exit_status

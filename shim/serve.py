@@ -1,0 +1,287 @@
+"""`keep serve`: an empty keep that waits, over RA-TLS, for one attested deployment.
+
+Theory of operation
+-------------------
+At start the keep makes its key in memory (`AttestedIdentity`) and its start-up certificate (which
+asks the backend for evidence, so an unsupported backend fails here), listens, and prints one line
+`keep: serving on HOST:PORT (backend B, measurement M)` on stderr.
+
+Each connection: a TLS 1.3 handshake in which the keep presents a certificate bound to the nonce
+the owner put in the server name (shim.attest._tls), then the deploy protocol
+(shim.attest._protocol). The first valid `deploy` makes the keep busy: it answers `accepted`,
+compiles the workload in memory (no compile cache: the module bytes and the compiled code never
+reach the host disk), runs it with stdout/stderr streamed back as `output` frames, and ends with
+`finished` (exit status, error, final volume states). Any other deployment that arrives meanwhile
+is `refused` ("this keep already runs a workload"). A deployment refused before it started
+(a bad keep.toml, something not wired yet) leaves the keep waiting for the next one. After the one
+deployment has finished, `serve` returns.
+
+The guest's stdio: fd 0 is empty (end of file), fds 1 and 2 go to the owner unless keep.toml makes
+them `null`. Nothing of the workload, its config or the volume keys is logged or written to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from shim.attest import (
+    REPORT_DATA_BYTES,
+    Accepted,
+    AttestedIdentity,
+    Backend,
+    Conversation,
+    Deploy,
+    Finished,
+    KeepTLS,
+    Output,
+    ProtocolError,
+    Refused,
+    VolumeState,
+    backend_named,
+)
+from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
+from shim.config import ConfigError, KeepConfig, StdioFile, parse_config
+from shim.errors import KeepError, UsageError
+from wasi_host._backend import Buffer, Readiness
+
+HANDSHAKE_SECONDS = 30.0
+BUSY_REASON = "this keep already runs a workload"
+StreamName = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a deployed workload ended: exit status, a trap or keep-side error, volume states."""
+
+    exit_status: int
+    error: str | None = None
+    volumes: tuple[VolumeState, ...] = ()
+
+
+Runner = Callable[[Deploy, KeepConfig, "GuestOutput", "GuestOutput"], Awaitable[RunOutcome]]
+
+
+class EmptyInput:
+    """The guest's stdin in a deployed keep: always at end of file."""
+
+    def read(self, size: int) -> bytes:
+        return b""
+
+    def write(self, data: Buffer) -> int:
+        raise OSError(errno.EBADF, "stdin is not writable")
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return None if write else Readiness(0, hangup=True)
+
+    def fileno(self) -> int | None:
+        return None
+
+    def is_terminal(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+class GuestOutput:
+    """The guest's stdout or stderr: each write is handed to the connection's trio task, which
+    frames it as `output`. The guest thread blocks while the channel is full (back-pressure), so
+    a slow owner slows the guest down instead of growing memory. `discard` makes it /dev/null."""
+
+    def __init__(self, name: StreamName, channel: trio.MemorySendChannel[tuple[StreamName, bytes]],
+                 *, discard: bool = False) -> None:
+        self.name: StreamName = name
+        self._channel = channel
+        self._discard = discard
+
+    def read(self, size: int) -> bytes:
+        raise OSError(errno.EBADF, f"{self.name} is not readable")
+
+    def write(self, data: Buffer) -> int:
+        chunk = bytes(data)
+        if chunk and not self._discard:
+            try:
+                trio.from_thread.run(self._channel.send, (self.name, chunk))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+                raise OSError(errno.EPIPE, "the owner's connection is gone") from None
+        return len(chunk)
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return Readiness(MAX_OUTPUT_CHUNK_BYTES) if write else None
+
+    def fileno(self) -> int | None:
+        return None
+
+    def is_terminal(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+def preflight(deploy: Deploy) -> KeepConfig:
+    """Check a deployment before accepting it; a KeepError here becomes `refused`."""
+    config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
+    if config.sockets:
+        raise KeepError("sockets in a deployed keep.toml are not wired into `keep serve` yet")
+    if deploy.volumes:
+        raise KeepError("encrypted volumes are not wired into `keep serve` yet")
+    if config.tls.certificate is not None or config.tls.export_certificate is not None:
+        raise KeepError("a deployed keep.toml cannot name host files ([tls] paths)")
+    return config
+
+
+async def run_deployment(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
+                         stderr: GuestOutput) -> RunOutcome:
+    """The default runner: shim.run with the module bytes in memory and the compile cache off."""
+    from shim.run import RunConfig, Stdio, run_module_async
+
+    run_config = RunConfig(
+        module="main.wasm", module_bytes=deploy.workload, args=config.args + deploy.args,
+        env=tuple(config.guest_env().items()), stdio=Stdio(EmptyInput(), stdout, stderr),
+        cache=False)
+    try:
+        result = await run_module_async(run_config)
+    except KeepError as error:
+        return RunOutcome(exit_status=1, error=str(error))
+    return RunOutcome(exit_status=result.exit_code,
+                      error=None if result.trap is None else f"guest trapped: {result.trap}")
+
+
+class Keep:
+    """One keep: its identity, its backend, and whether it already runs a workload."""
+
+    def __init__(self, backend: Backend, runner: Runner = run_deployment, *,
+                 handshake_seconds: float = HANDSHAKE_SECONDS) -> None:
+        self.identity = AttestedIdentity()
+        self.backend = backend
+        self.tls = KeepTLS(self.identity, backend)
+        self._runner = runner
+        self._handshake_seconds = handshake_seconds
+        self._busy = False
+        self.finished = trio.Event()
+
+    def measurement(self) -> bytes:
+        """The measurement this keep's evidence states (from a throw-away piece of evidence)."""
+        return self.backend.verify(self.backend.evidence(bytes(REPORT_DATA_BYTES))).measurement
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on host:port until one deployment has finished; `task_status.started` gets
+        the bound address (port 0 picks a free port)."""
+        context = self.tls.server_context()
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as error:
+            raise KeepError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        address = listeners[0].socket.getsockname()
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, context, nursery)
+            task_status.started((str(address[0]), int(address[1])))
+            await self.finished.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, context: ssl.SSLContext,
+                           nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                tcp = await listener.accept()
+                nursery.start_soon(self._connection, tcp, context)
+
+    async def _connection(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> None:
+        stream = trio.SSLStream(tcp, context, server_side=True)
+        try:
+            with trio.fail_after(self._handshake_seconds):
+                await stream.do_handshake()
+            await self._converse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
+            return  # the peer went away, stalled its handshake or broke the protocol
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _converse(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        conversation = Conversation("keep")
+        while (message := conversation.next_message()) is None:
+            conversation.receive_data(await stream.receive_some())
+        assert isinstance(message, Deploy)
+        if self._busy:
+            await stream.send_all(conversation.send(Refused(BUSY_REASON)))
+            return
+        self._busy = True
+        try:
+            config = preflight(message)
+        except (ConfigError, KeepError) as error:
+            self._busy = False
+            await stream.send_all(conversation.send(Refused(str(error))))
+            return
+        await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
+        outcome = await self._run(stream, conversation, message, config)
+        try:
+            await stream.send_all(conversation.send(Finished(outcome.exit_status, outcome.error,
+                                                             outcome.volumes)))
+            await stream.aclose()
+        finally:
+            self.finished.set()
+
+    async def _run(self, stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
+                   deploy: Deploy, config: KeepConfig) -> RunOutcome:
+        send, receive = trio.open_memory_channel[tuple[StreamName, bytes]](16)
+        kinds = [entry.kind if isinstance(entry, StdioFile) else "null" for entry in config.stdio]
+        stdout = GuestOutput("stdout", send, discard=kinds[1] == "null")
+        stderr = GuestOutput("stderr", send, discard=kinds[2] == "null")
+        outcome = RunOutcome(exit_status=1, error="the workload did not run")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_forward_output, stream, conversation, receive)
+            async with send:
+                try:
+                    outcome = await self._runner(deploy, config, stdout, stderr)
+                except Exception as error:  # a bug in the keep: the owner still gets an answer
+                    outcome = RunOutcome(exit_status=70, error=f"keep internal error: "
+                                         f"{type(error).__name__}: {error}")
+        return outcome
+
+
+async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
+                          receive: trio.MemoryReceiveChannel[tuple[StreamName, bytes]]) -> None:
+    """Frame the guest's output as `output` messages, in the order it was written."""
+    async with receive:
+        async for name, data in receive:
+            for start in range(0, len(data), MAX_OUTPUT_CHUNK_BYTES):
+                await stream.send_all(conversation.send(
+                    Output(name, data[start:start + MAX_OUTPUT_CHUNK_BYTES])))
+
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT, as given to --listen / --to."""
+    host, separator, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"{option} {text!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`keep serve --listen ADDR:PORT [--backend NAME]`: serve one deployment, then exit 0."""
+    host, port = parse_address(args.listen, "--listen")
+    backend = backend_named(args.backend, debug=bool(args.debug))
+
+    async def main() -> None:
+        keep = Keep(backend)
+        async with trio.open_nursery() as nursery:
+            bound_host, bound_port = await nursery.start(keep.serve, host, port)
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
+                  f"{keep.measurement().hex()})", file=sys.stderr, flush=True)
+
+    trio.run(main)
+    return 0

@@ -130,10 +130,11 @@ class Rights:
     SOCK_ACCEPT: Final = 1 << 29
     ALL: Final = (1 << 30) - 1
 
-    # The sets wasmtime hands out for a pre-opened directory (base and inheriting); wasi-libc
-    # derives the rights it asks for in path_open from the inheriting set.
+    # The sets wasmtime hands out for a pre-opened directory (base and inheriting), plus
+    # PATH_FILESTAT_SET_SIZE (wasmtime checks no rights, so O_TRUNC works there and must here);
+    # wasi-libc derives the rights it asks for in path_open from the inheriting set.
     DIRECTORY_BASE: Final = (
-        PATH_CREATE_DIRECTORY | PATH_CREATE_FILE | PATH_LINK_SOURCE | PATH_LINK_TARGET | PATH_OPEN
+        PATH_FILESTAT_SET_SIZE | PATH_CREATE_DIRECTORY | PATH_CREATE_FILE | PATH_LINK_SOURCE | PATH_LINK_TARGET | PATH_OPEN
         | FD_READDIR | PATH_READLINK | PATH_RENAME_SOURCE | PATH_RENAME_TARGET | PATH_SYMLINK
         | PATH_REMOVE_DIRECTORY | PATH_UNLINK_FILE | PATH_FILESTAT_GET | PATH_FILESTAT_SET_TIMES
         | FD_FILESTAT_GET | FD_FILESTAT_SET_TIMES

@@ -484,6 +484,8 @@ def path_open(
     require(parent, needed)
     if oflags & Oflags.DIRECTORY and oflags & (Oflags.CREAT | Oflags.EXCL | Oflags.TRUNC):
         raise WasiError(Errno.INVAL)  # wasmtime refuses these combinations
+    # Rights beyond the directory's inheriting set, or that do not apply to the type opened,
+    # are dropped silently (wasmtime checks none; wasi-libc asks for everything it may need).
     base = rights_base & parent.rights_inheriting
     inheriting = rights_inheriting & parent.rights_inheriting
     readable = bool(base & (Rights.FD_READ | Rights.FD_READDIR))
@@ -505,7 +507,7 @@ def path_open(
             if writable or oflags & Oflags.TRUNC:
                 raise WasiError(Errno.ISDIR)
             child = resolved.directory.open_directory(resolved.name)
-            entry = OpenDirectory(child, base, inheriting)
+            entry = OpenDirectory(child, base & Rights.DIRECTORY_BASE, inheriting)
             store_u32(memory, result_ptr, guest.fds.add(entry))
             return 0
         elif want_directory:
@@ -515,7 +517,7 @@ def path_open(
             truncate=bool(oflags & Oflags.TRUNC), read=readable, write=writable,
         )
     filetype = status.filetype if status is not None else Filetype.REGULAR_FILE
-    entry = OpenFile(file, filetype, base, inheriting, fdflags)
+    entry = OpenFile(file, filetype, base & Rights.FILE_BASE, inheriting, fdflags)
     store_u32(memory, result_ptr, guest.fds.add(entry))
     return 0
 

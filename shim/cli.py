@@ -41,7 +41,84 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_volume_arguments(parser: argparse.ArgumentParser) -> None:
-    """`keep volume ...`: owned by the encrypted volume work."""
+    """`keep volume ACTION IMG ...`: owned by the encrypted volume work (shim/volume_cli.py).
+    Option spellings follow cryptsetup where they overlap (--key-file, --pbkdf, --iter-time,
+    --pbkdf-memory, --pbkdf-force-iterations, --pbkdf-parallel, --key-slot)."""
+
+    def key_options(sub: argparse.ArgumentParser, prefix: str = "", what: str = "the key") -> None:
+        group = sub.add_argument_group(f"{what} (default: prompt without echo)")
+        group.add_argument(f"--{prefix}passphrase-file", metavar="FILE",
+                           help=f"{what}: a text file (one trailing newline is dropped)")
+        group.add_argument(f"--{prefix}key-file", metavar="FILE",
+                           help=f"{what}: the file's exact bytes ('-' for stdin)")
+        group.add_argument(f"--{prefix}passphrase-env", metavar="NAME",
+                           help=f"{what}: the value of environment variable NAME")
+
+    def kdf_options(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_argument_group("keyslot KDF")
+        group.add_argument("--pbkdf", choices=["argon2id", "pbkdf2"], default="argon2id",
+                           help="keyslot KDF (default argon2id)")
+        group.add_argument("--iter-time", type=int, metavar="MS", default=2000,
+                           help="milliseconds one unlock should take here (default 2000)")
+        group.add_argument("--pbkdf-memory", type=int, metavar="KIB",
+                           help="argon2id memory cost in KiB (default 262144)")
+        group.add_argument("--pbkdf-force-iterations", type=int, metavar="N",
+                           help="fixed iterations (pbkdf2) or time cost (argon2id); no benchmark")
+        group.add_argument("--pbkdf-parallel", type=int, metavar="N",
+                           help="argon2id lanes (default 4)")
+
+    actions = parser.add_subparsers(dest="volume_action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+
+    def action(name: str, summary: str, *, key: bool = True) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=summary, description=summary)
+        sub.add_argument("image", metavar="IMG", help="the volume image file (or block device)")
+        if key:
+            key_options(sub)
+        return sub
+
+    create = action("create", "create a new encrypted volume image (sparse)")
+    create.add_argument("--size", required=True, help="image size, e.g. 64M, 1G, 4GiB, 10000000")
+    create.add_argument("--integrity", choices=["merkle", "none"], default="merkle",
+                        help="integrity layer (default merkle; none = plain LUKS2 data area)")
+    create.add_argument("--label", default="", help="LUKS2 label")
+    kdf_options(create)
+    info = action("info", "show LUKS2, integrity and usage details")
+    info.add_argument("--header-only", action="store_true",
+                      help="show only what the LUKS2 header says (no key needed)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    ls = action("ls", "list a directory of the volume")
+    ls.add_argument("path", metavar="PATH", nargs="?", default="/")
+    cat = action("cat", "write a file of the volume to stdout")
+    cat.add_argument("path", metavar="PATH")
+    put = action("put", "copy a host file into the volume")
+    put.add_argument("host_file", metavar="HOSTFILE", help="host file ('-' for stdin)")
+    put.add_argument("path", metavar="PATH")
+    get = action("get", "copy a file of the volume to the host")
+    get.add_argument("path", metavar="PATH")
+    get.add_argument("host_file", metavar="HOSTFILE", help="host file ('-' for stdout)")
+    rm = action("rm", "remove a file (or, with -r, a directory tree) from the volume")
+    rm.add_argument("path", metavar="PATH")
+    rm.add_argument("-r", "--recursive", action="store_true", help="remove directories too")
+    mkdir = action("mkdir", "make a directory in the volume")
+    mkdir.add_argument("path", metavar="PATH")
+    mkdir.add_argument("-p", "--parents", action="store_true", help="make parents as needed")
+    import_ = action("import", "copy a host directory tree into the volume")
+    import_.add_argument("host_dir", metavar="HOSTDIR")
+    import_.add_argument("path", metavar="PATH", nargs="?", default="/")
+    export = action("export", "copy a directory tree of the volume to the host")
+    export.add_argument("host_dir", metavar="HOSTDIR")
+    export.add_argument("path", metavar="PATH", nargs="?", default="/")
+    action("fsck", "check every sector and the filesystem")
+    add_key = action("add-key", "add a keyslot for a new passphrase or key file")
+    key_options(add_key, "new-", "the new key")
+    kdf_options(add_key)
+    remove_key = action("remove-key", "remove the keyslot the given key opens (or --key-slot N)")
+    remove_key.add_argument("--key-slot", type=int, metavar="N",
+                            help="remove keyslot N (the given key must open another slot)")
+    passwd = action("passwd", "change the passphrase of the keyslot the given key opens")
+    key_options(passwd, "new-", "the new key")
+    kdf_options(passwd)
 
     def handler(args: argparse.Namespace) -> int:
         from shim.volume_cli import volume_command

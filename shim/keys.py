@@ -1,0 +1,97 @@
+"""Where a volume key comes from: a prompt, a passphrase file, a key file or an environment
+variable. Shared by `keep volume` and `keep run --volume`.
+
+The spellings follow cryptsetup where they overlap: `--key-file FILE` uses the file's bytes
+exactly (binary keys welcome; `-` is stdin); `--passphrase-file FILE` is a text file whose one
+trailing newline is dropped (what `echo secret > file` makes); `--passphrase-env NAME` reads the
+variable's bytes. Without any of them the passphrase is prompted for on the terminal without echo
+(twice when a new passphrase is being set). Key material is only ever returned, never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from dataclasses import dataclass
+
+from shim.errors import KeepError, UsageError
+
+MAX_KEY_FILE_BYTES = 8 << 20  # cryptsetup's default key file size limit
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """One way to obtain a key; at most one of the fields is set (none: prompt)."""
+
+    passphrase_file: str | None = None
+    key_file: str | None = None
+    passphrase_env: str | None = None
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, prefix: str = "") -> KeySource:
+        """Read `--{prefix}passphrase-file` etc. as parsed by argparse (dest uses `_`)."""
+        stem = prefix.replace("-", "_")
+        source = cls(passphrase_file=getattr(args, f"{stem}passphrase_file", None),
+                     key_file=getattr(args, f"{stem}key_file", None),
+                     passphrase_env=getattr(args, f"{stem}passphrase_env", None))
+        given = [name for name in (source.passphrase_file, source.key_file, source.passphrase_env)
+                 if name is not None]
+        if len(given) > 1:
+            raise UsageError(f"give only one of --{prefix}passphrase-file, --{prefix}key-file, "
+                             f"--{prefix}passphrase-env")
+        return source
+
+    @property
+    def prompts(self) -> bool:
+        return self.passphrase_file is None and self.key_file is None and self.passphrase_env is None
+
+
+def read_key(source: KeySource, *, prompt: str = "Passphrase: ", confirm: bool = False) -> bytes:
+    """The key bytes from `source`; a clear KeepError if they cannot be had (never empty)."""
+    if source.key_file is not None:
+        key = _read_file(source.key_file, "key file")
+    elif source.passphrase_file is not None:
+        key = _read_file(source.passphrase_file, "passphrase file")
+        if key.endswith(b"\n"):
+            key = key[:-1]
+            if key.endswith(b"\r"):
+                key = key[:-1]
+    elif source.passphrase_env is not None:
+        value = os.environb.get(os.fsencode(source.passphrase_env))
+        if value is None:
+            raise KeepError(f"environment variable {source.passphrase_env} is not set")
+        key = value
+    else:
+        key = _prompt(prompt, confirm)
+    if not key:
+        raise KeepError("the passphrase is empty")
+    return key
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as error:
+        raise KeepError(f"cannot read {what} {path}: {error.strerror}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeepError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    return data
+
+
+def _prompt(prompt: str, confirm: bool) -> bytes:
+    if not sys.stdin.isatty():
+        raise KeepError("no passphrase given and no terminal to ask on: use --passphrase-file, "
+                        "--key-file or --passphrase-env")
+    try:
+        first = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Verify passphrase: ") != first:
+            raise KeepError("passphrases do not match")
+    except EOFError:
+        raise KeepError("no passphrase entered") from None
+    return first.encode()

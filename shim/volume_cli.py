@@ -1,0 +1,593 @@
+"""`keep volume ...`: create and manage encrypted volumes from the command line.
+
+Each action opens the image, does one thing and closes it (closing commits). Storage errors are
+translated here, once, into a one-line KeepError: a wrong passphrase is exit status 2 and
+"wrong passphrase" (raised before anything is written); a missing image, a non-LUKS file, a
+damaged header, an image in use by another process, an integrity failure or a filesystem refusal
+(ENOENT, EEXIST, ENOSPC...) is exit status 1 with a message naming the image or path.
+
+Key management (`add-key`, `remove-key`, `passwd`) touches only the LUKS2 container, so it works on
+any LUKS2 image, including ones cryptsetup made. The file actions go through storage.volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from shim.errors import KeepError, UsageError
+from shim.keys import KeySource, read_key
+from storage.blockdev import FileBlockDevice
+from storage.errors import (
+    CorruptHeader,
+    FilesystemError,
+    IntegrityError,
+    KeyslotError,
+    NoSpace,
+    NotLuks,
+    RollbackError,
+    StorageError,
+    UnsupportedFormat,
+    VolumeInUse,
+    WrongPassphrase,
+)
+from storage.fs import ROOT_INODE, Attr, Filesystem
+from storage.luks2 import (
+    DEFAULT_ARGON2_LANES,
+    DEFAULT_ARGON2_MEMORY_KIB,
+    KdfCost,
+    LuksVolume,
+    benchmark_kdf,
+    open_luks2,
+    read_header_info,
+)
+from storage.volume import Volume, create_volume, open_volume
+
+COPY_CHUNK = 1 << 20
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def volume_command(args: argparse.Namespace) -> int:
+    """Run one `keep volume` action; storage errors become KeepError here and only here."""
+    action: Callable[[argparse.Namespace], int] = _ACTIONS[args.volume_action]
+    try:
+        return action(args)
+    except WrongPassphrase:
+        raise KeepError("wrong passphrase", exit_status=2) from None
+    except FileNotFoundError as error:
+        if error.filename is not None:
+            raise KeepError(f"{error.filename}: no such file") from None
+        raise KeepError(f"{args.image}: no such file") from None
+    except NotLuks:
+        raise KeepError(f"{args.image} is not a LUKS2 volume") from None
+    except (CorruptHeader, UnsupportedFormat) as error:
+        raise KeepError(f"{args.image}: {error}") from None
+    except VolumeInUse:
+        raise KeepError(f"{args.image} is in use by another process") from None
+    except RollbackError as error:
+        raise KeepError(f"{args.image}: {error}") from None
+    except IntegrityError as error:
+        raise KeepError(f"{args.image}: integrity error: {error}") from None
+    except NoSpace:
+        raise KeepError(f"{args.image}: no space left on the volume") from None
+    except (KeyslotError, StorageError) as error:
+        raise KeepError(f"{args.image}: {error}") from None
+    except FilesystemError as error:
+        raise KeepError(f"{getattr(error, 'volume_path', args.image)}: {error.strerror}") from None
+    except IsADirectoryError as error:
+        raise KeepError(f"{error.filename or args.image}: is a directory") from None
+    except PermissionError as error:
+        raise KeepError(f"{error.filename or args.image}: permission denied") from None
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4GiB', '512k', '10000000' -> bytes (binary units, as cryptsetup)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise UsageError(f"invalid size {text!r} (examples: 64M, 1G, 4GiB, 10000000)")
+    number, unit, _ = match.groups()
+    return int(number) * _UNITS[unit.lower()]
+
+
+def _key(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    return read_key(KeySource.from_arguments(args), confirm=confirm)
+
+
+def _new_key(args: argparse.Namespace) -> bytes:
+    return read_key(KeySource.from_arguments(args, "new-"), prompt="New passphrase: ", confirm=True)
+
+
+def _kdf_cost(args: argparse.Namespace) -> KdfCost | None:
+    """Explicit KDF costs from --pbkdf-force-iterations / --pbkdf-memory / --pbkdf-parallel."""
+    if args.iter_time <= 0:
+        raise UsageError("--iter-time must be positive")
+    memory = args.pbkdf_memory if args.pbkdf_memory is not None else DEFAULT_ARGON2_MEMORY_KIB
+    parallel = args.pbkdf_parallel if args.pbkdf_parallel is not None else DEFAULT_ARGON2_LANES
+    if args.pbkdf_force_iterations is not None:
+        return KdfCost(iterations=args.pbkdf_force_iterations, memory_kib=memory, parallel=parallel)
+    if args.pbkdf_memory is not None or args.pbkdf_parallel is not None:
+        return benchmark_kdf(args.pbkdf, args.iter_time, memory_kib=memory, parallel=parallel)
+    return None
+
+
+def _split_path(path: str) -> list[bytes]:
+    return [part for part in os.fsencode(path).split(b"/") if part and part != b"."]
+
+
+class _VolumePathError(FilesystemError):
+    """A filesystem error that names the path inside the volume."""
+
+    def __init__(self, code: int, volume_path: str) -> None:
+        super().__init__(code)
+        self.volume_path = volume_path
+
+
+def _resolve(fs: Filesystem, path: str) -> Attr:
+    """Walk `path` from the root (no symlinks followed: the CLI names entries literally)."""
+    attr = fs.getattr(ROOT_INODE)
+    for name in _split_path(path):
+        if name == b"..":
+            raise _VolumePathError(errno.EINVAL, path)
+        try:
+            attr = fs.lookup(attr.ino, name)
+        except FilesystemError as error:
+            raise _VolumePathError(error.errno or errno.EIO, path) from None
+    return attr
+
+
+def _parent_and_name(fs: Filesystem, path: str) -> tuple[Attr, bytes]:
+    parts = _split_path(path)
+    if not parts:
+        raise _VolumePathError(errno.EEXIST, path)
+    parent = _resolve(fs, "/".join(os.fsdecode(part) for part in parts[:-1]))
+    if not parent.is_dir:
+        raise _VolumePathError(errno.ENOTDIR, path)
+    return parent, parts[-1]
+
+
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace, *, writable: bool) -> Iterator[Volume]:
+    key = _key(args)
+    with open_volume(args.image, key, writable=writable) as volume:
+        yield volume
+
+
+class _Progress:
+    """A progress bar on stderr for work that takes over a second (only on a terminal).
+
+    With `total` it shows a fraction; without, a bar that moves while the work runs."""
+
+    def __init__(self, label: str, total: int | None = None) -> None:
+        self._label = label
+        self._total = total
+        self._done = 0
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._enabled = sys.stderr.isatty()
+        self._shown = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def advance(self, amount: int = 1) -> None:
+        self._done += amount
+
+    def _line(self) -> str:
+        elapsed = time.monotonic() - self._start
+        width = 30
+        if self._total:
+            filled = min(width, width * self._done // self._total)
+            bar = "#" * filled + "-" * (width - filled)
+            return f"\r{self._label} [{bar}] {self._done}/{self._total} {elapsed:5.1f}s"
+        position = int(elapsed * 10) % width
+        bar = "-" * position + "#" + "-" * (width - position - 1)
+        return f"\r{self._label} [{bar}] {elapsed:5.1f}s"
+
+    def _run(self) -> None:
+        if self._stop.wait(1.0):
+            return
+        self._shown = True
+        while not self._stop.wait(0.1):
+            sys.stderr.write(self._line())
+            sys.stderr.flush()
+
+    def __enter__(self) -> Self:
+        if self._enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._stop.set()
+        if self._enabled:
+            self._thread.join()
+            if self._shown:
+                sys.stderr.write(self._line() + (" done\n" if kind is None else " failed\n"))
+                sys.stderr.flush()
+
+
+# -- LUKS-level actions --------------------------------------------------------------------------
+
+
+def _create(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    if os.path.exists(args.image):
+        raise KeepError(f"{args.image} already exists (refusing to overwrite it)")
+    key = _key(args, confirm=True)
+    cost = _kdf_cost(args)
+    with _Progress(f"creating {args.image}"):
+        volume = create_volume(args.image, size, key, pbkdf=args.pbkdf, iter_time_ms=args.iter_time,
+                               kdf_cost=cost, integrity=args.integrity, label=args.label)
+        with volume:
+            state = volume.commit()
+    print(f"created {args.image}: {size} bytes, uuid {state.uuid}, integrity {args.integrity}, "
+          f"generation {state.generation}")
+    return 0
+
+
+def _format_info(facts: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(facts, indent=2, sort_keys=True, default=str)
+    lines: list[str] = []
+
+    def emit(mapping: dict[Any, Any], indent: str) -> None:
+        for name, value in mapping.items():
+            if isinstance(value, dict):
+                lines.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{name}: {value}")
+
+    emit(facts, "")
+    return "\n".join(lines)
+
+
+def _info(args: argparse.Namespace) -> int:
+    if args.header_only:
+        with FileBlockDevice(args.image, writable=False) as device:
+            facts = read_header_info(device)
+        print(_format_info(facts, args.json))
+        return 0
+    with _opened(args, writable=False) as volume:
+        facts = {"luks2": volume.luks.dump(), **volume.info()}
+    print(_format_info(facts, args.json))
+    return 0
+
+
+@contextlib.contextmanager
+def _luks(args: argparse.Namespace) -> Iterator[tuple[LuksVolume, bytes]]:
+    """The image's LUKS2 container, unlocked with the given key, open for writing."""
+    key = _key(args)
+    with FileBlockDevice(args.image, writable=True) as device:
+        yield open_luks2(device, key), key
+
+
+def _add_key(args: argparse.Namespace) -> int:
+    with _luks(args) as (luks, _):
+        new_key = _new_key(args)
+        with _Progress("deriving the new keyslot key"):
+            slot = luks.add_keyslot(new_key, pbkdf=args.pbkdf, iter_time_ms=args.iter_time,
+                                    cost=_kdf_cost(args))
+    print(f"added keyslot {slot}")
+    return 0
+
+
+def _remove_key(args: argparse.Namespace) -> int:
+    with _luks(args) as (luks, _):
+        opened = luks.opened_keyslot
+        target = args.key_slot if args.key_slot is not None else opened
+        if target is None:
+            raise KeepError("cannot tell which keyslot to remove")
+        luks.remove_keyslot(target)
+    print(f"removed keyslot {target}")
+    return 0
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    with _luks(args) as (luks, _):
+        old_slot = luks.opened_keyslot
+        if old_slot is None:
+            raise KeepError("cannot tell which keyslot to change")
+        new_key = _new_key(args)
+        with _Progress("deriving the new keyslot key"):
+            new_slot = luks.change_passphrase(old_slot, new_key, pbkdf=args.pbkdf,
+                                              iter_time_ms=args.iter_time, cost=_kdf_cost(args))
+    print(f"changed the passphrase (keyslot {old_slot} replaced by keyslot {new_slot})")
+    return 0
+
+
+# -- file-level actions --------------------------------------------------------------------------
+
+
+def _type_letter(attr: Attr) -> str:
+    return "d" if attr.is_dir else "l" if attr.is_symlink else "-" if attr.is_file else "?"
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _opened(args, writable=False) as volume:
+        fs = volume.fs
+        attr = _resolve(fs, args.path)
+        entries: list[tuple[bytes, Attr]]
+        if attr.is_dir:
+            entries = [(name, entry) for name, entry, _ in fs.readdir(attr.ino)
+                       if name not in (b".", b"..")]
+        else:
+            entries = [(_split_path(args.path)[-1], attr)]
+        out = sys.stdout
+        for name, entry in entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.mtime_ns / 1e9))
+            text = os.fsdecode(name)
+            if entry.is_symlink:
+                text += " -> " + os.fsdecode(fs.readlink(entry.ino))
+            elif entry.is_dir:
+                text += "/"
+            mode = stat.filemode(entry.mode)
+            out.write(f"{mode} {entry.nlink:3d} {entry.size:12d} {when} {text}\n")
+    return 0
+
+
+def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes]) -> None:
+    offset = 0
+    while offset < attr.size:
+        chunk = fs.read(attr.ino, offset, min(COPY_CHUNK, attr.size - offset))
+        if not chunk:
+            break
+        sink.write(chunk)
+        offset += len(chunk)
+
+
+def _cat(args: argparse.Namespace) -> int:
+    with _opened(args, writable=False) as volume:
+        attr = _resolve(volume.fs, args.path)
+        if attr.is_dir:
+            raise _VolumePathError(errno.EISDIR, args.path)
+        _copy_out(volume.fs, attr, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mode: int,
+                volume_path: str, progress: _Progress | None = None) -> Attr:
+    """Create or replace the regular file `name` in `parent` with the bytes of `source`."""
+    try:
+        attr = fs.lookup(parent.ino, name)
+        if not attr.is_file:
+            raise _VolumePathError(errno.EISDIR if attr.is_dir else errno.EEXIST, volume_path)
+        fs.setattr(attr.ino, size=0)
+    except FilesystemError as error:
+        if error.errno != errno.ENOENT:
+            raise
+        attr = fs.create(parent.ino, name, mode)
+    offset = 0
+    while chunk := source.read(COPY_CHUNK):
+        fs.write(attr.ino, offset, chunk)
+        offset += len(chunk)
+        if progress is not None:
+            progress.advance(len(chunk))
+    return fs.getattr(attr.ino)
+
+
+def _put(args: argparse.Namespace) -> int:
+    source: IO[bytes]
+    if args.host_file == "-":
+        source = sys.stdin.buffer
+        mode = 0o644
+    else:
+        host = os.stat(args.host_file)
+        if stat.S_ISDIR(host.st_mode):
+            raise KeepError(f"{args.host_file} is a directory (use `keep volume import`)")
+        source = open(args.host_file, "rb")  # noqa: SIM115 - closed below
+        mode = stat.S_IMODE(host.st_mode)
+    try:
+        with _opened(args, writable=True) as volume:
+            fs = volume.fs
+            parent, name = _parent_and_name(fs, args.path)
+            with _Progress(f"writing {args.path}"):
+                _write_file(fs, parent, name, source, mode, args.path)
+            volume.commit()
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _opened(args, writable=False) as volume:
+        attr = _resolve(volume.fs, args.path)
+        if not attr.is_file:
+            raise _VolumePathError(errno.EISDIR if attr.is_dir else errno.EINVAL, args.path)
+        if args.host_file == "-":
+            _copy_out(volume.fs, attr, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return 0
+        temporary = f"{args.host_file}.keep-partial"
+        with open(temporary, "wb") as sink:
+            _copy_out(volume.fs, attr, sink)
+        os.chmod(temporary, stat.S_IMODE(attr.mode))
+        os.replace(temporary, args.host_file)
+    return 0
+
+
+def _remove_tree(fs: Filesystem, parent: Attr, name: bytes) -> None:
+    attr = fs.lookup(parent.ino, name)
+    if attr.is_dir:
+        children = [child for child, _, _ in fs.readdir(attr.ino) if child not in (b".", b"..")]
+        for child in children:
+            _remove_tree(fs, attr, child)
+        fs.rmdir(parent.ino, name)
+    else:
+        fs.unlink(parent.ino, name)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    with _opened(args, writable=True) as volume:
+        fs = volume.fs
+        parent, name = _parent_and_name(fs, args.path)
+        attr = _resolve(fs, args.path)
+        if attr.is_dir and not args.recursive:
+            raise KeepError(f"{args.path}: is a directory (use rm -r)")
+        try:
+            _remove_tree(fs, parent, name)
+        except FilesystemError as error:
+            raise _VolumePathError(error.errno or errno.EIO, args.path) from None
+        volume.commit()
+    return 0
+
+
+def _mkdir(args: argparse.Namespace) -> int:
+    with _opened(args, writable=True) as volume:
+        fs = volume.fs
+        if args.parents:
+            _make_directories(fs, args.path)
+        else:
+            parent, name = _parent_and_name(fs, args.path)
+            try:
+                fs.mkdir(parent.ino, name)
+            except FilesystemError as error:
+                raise _VolumePathError(error.errno or errno.EIO, args.path) from None
+        volume.commit()
+    return 0
+
+
+def _make_directories(fs: Filesystem, path: str) -> Attr:
+    attr = fs.getattr(ROOT_INODE)
+    for name in _split_path(path):
+        try:
+            attr = fs.lookup(attr.ino, name)
+        except FilesystemError as error:
+            if error.errno != errno.ENOENT:
+                raise _VolumePathError(error.errno or errno.EIO, path) from None
+            attr = fs.mkdir(attr.ino, name)
+        if not attr.is_dir:
+            raise _VolumePathError(errno.ENOTDIR, path)
+    return attr
+
+
+def _walk_size(root: Path) -> int:
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
+
+
+def _import(args: argparse.Namespace) -> int:
+    host_root = Path(args.host_dir)
+    if not host_root.is_dir():
+        raise KeepError(f"{args.host_dir} is not a directory")
+    with _opened(args, writable=True) as volume:
+        fs = volume.fs
+        target = _make_directories(fs, args.path)
+        count = 0
+        with _Progress(f"importing {args.host_dir}", total=_walk_size(host_root)) as progress:
+            count = _import_tree(fs, host_root, target, args.path, progress)
+        volume.commit()
+    print(f"imported {count} entries into {args.path}")
+    return 0
+
+
+def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
+                 progress: _Progress) -> int:
+    count = 0
+    for entry in sorted(os.scandir(host_dir), key=lambda item: item.name):
+        name = os.fsencode(entry.name)
+        inner = f"{volume_path.rstrip('/')}/{entry.name}"
+        info = entry.stat(follow_symlinks=False)
+        if entry.is_symlink():
+            with contextlib.suppress(FilesystemError):
+                fs.unlink(target.ino, name)
+            fs.symlink(target.ino, name, os.fsencode(os.readlink(entry.path)))
+        elif entry.is_dir(follow_symlinks=False):
+            try:
+                child = fs.lookup(target.ino, name)
+            except FilesystemError:
+                child = fs.mkdir(target.ino, name, stat.S_IMODE(info.st_mode))
+            if not child.is_dir:
+                raise _VolumePathError(errno.ENOTDIR, inner)
+            count += _import_tree(fs, Path(entry.path), child, inner, progress)
+        elif entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as source:
+                attr = _write_file(fs, target, name, source, stat.S_IMODE(info.st_mode), inner,
+                                   progress)
+            fs.setattr(attr.ino, mode=stat.S_IMODE(info.st_mode), atime_ns=info.st_atime_ns,
+                       mtime_ns=info.st_mtime_ns)
+        else:
+            print(f"keep: skipping {entry.path} (not a file, directory or symlink)", file=sys.stderr)
+            continue
+        count += 1
+    return count
+
+
+def _export(args: argparse.Namespace) -> int:
+    with _opened(args, writable=False) as volume:
+        fs = volume.fs
+        source = _resolve(fs, args.path)
+        if not source.is_dir:
+            raise _VolumePathError(errno.ENOTDIR, args.path)
+        destination = Path(args.host_dir)
+        destination.mkdir(parents=True, exist_ok=True)
+        with _Progress(f"exporting to {args.host_dir}"):
+            count = _export_tree(fs, source, destination)
+    print(f"exported {count} entries to {args.host_dir}")
+    return 0
+
+
+def _export_tree(fs: Filesystem, source: Attr, destination: Path) -> int:
+    count = 0
+    for name, attr, _ in fs.readdir(source.ino):
+        if name in (b".", b".."):
+            continue
+        target = destination / os.fsdecode(name)
+        if attr.is_symlink:
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            os.symlink(fs.readlink(attr.ino), target)
+        elif attr.is_dir:
+            target.mkdir(exist_ok=True)
+            count += _export_tree(fs, attr, target)
+            os.chmod(target, stat.S_IMODE(attr.mode))
+        elif attr.is_file:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            with open(target, "wb") as sink:
+                _copy_out(fs, attr, sink)
+            os.chmod(target, stat.S_IMODE(attr.mode))
+            os.utime(target, ns=(attr.atime_ns, attr.mtime_ns))
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    with _opened(args, writable=False) as volume, _Progress(f"checking {args.image}"):
+        problems = volume.fsck()
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise KeepError(f"{args.image}: {len(problems)} problem(s) found")
+    print(f"{args.image}: clean")
+    return 0
+
+
+_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "create": _create, "info": _info, "ls": _ls, "cat": _cat, "put": _put, "get": _get,
+    "rm": _rm, "mkdir": _mkdir, "import": _import, "export": _export, "fsck": _fsck,
+    "add-key": _add_key, "remove-key": _remove_key, "passwd": _passwd,
+}

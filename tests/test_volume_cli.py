@@ -1,0 +1,197 @@
+"""`keep volume ...` end to end, as a subprocess (real images, small KDF costs for speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shim.errors import KeepError
+from shim.keys import KeySource, read_key
+
+PASSPHRASE = "volume test passphrase"
+FAST_KDF = ["--pbkdf-memory", "8192", "--pbkdf-force-iterations", "1", "--pbkdf-parallel", "1"]
+
+
+def keep(*args: str | os.PathLike[str], passphrase: str | None = PASSPHRASE,
+         env: dict[str, str] | None = None, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run `keep volume ARGS` with the key in $KEEP_TEST_KEY (unless passphrase is None)."""
+    environment = {**os.environ, **(env or {})}
+    command = [sys.executable, "-m", "shim", "volume", *map(str, args)]
+    if passphrase is not None:
+        environment["KEEP_TEST_KEY"] = passphrase
+        command += ["--passphrase-env", "KEEP_TEST_KEY"]
+    return subprocess.run(command, env=environment, input=stdin, capture_output=True, timeout=120)
+
+
+def ok(*args: str | os.PathLike[str], **options: object) -> bytes:
+    result = keep(*args, **options)  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pristine_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    image = tmp_path_factory.mktemp("volume") / "base.img"
+    ok("create", image, "--size", "24M", *FAST_KDF)
+    return image
+
+
+@pytest.fixture
+def image(pristine_image: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "volume.img"
+    shutil.copyfile(pristine_image, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_put_ls_cat_get_mkdir_rm_round_trip(image: Path, tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    (tmp_path / "data.bin").write_bytes(payload)
+    ok("mkdir", image, "/docs/deep", "-p")
+    ok("put", image, tmp_path / "data.bin", "/docs/data.bin")
+    ok("put", image, "-", "/docs/deep/note.txt", stdin=b"hello from stdin\n")
+    listing = ok("ls", image, "/docs").decode()
+    assert "data.bin" in listing and "300000" in listing and "deep/" in listing
+    assert ok("cat", image, "/docs/deep/note.txt") == b"hello from stdin\n"
+    ok("get", image, "/docs/data.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == payload
+    ok("rm", image, "/docs/data.bin")
+    missing = keep("cat", image, "/docs/data.bin")
+    assert missing.returncode == 1 and b"/docs/data.bin: No such file or directory" in missing.stderr
+    refused = keep("rm", image, "/docs")
+    assert refused.returncode == 1 and b"is a directory" in refused.stderr
+    ok("rm", image, "/docs", "-r")
+    assert ok("ls", image).strip() == b""
+    assert ok("fsck", image).strip().endswith(b"clean")
+    assert payload[:4096] not in image.read_bytes()  # the host sees ciphertext only
+
+
+def test_import_export_round_trip(image: Path, tmp_path: Path) -> None:
+    source = tmp_path / "tree"
+    (source / "a" / "b").mkdir(parents=True)
+    (source / "a" / "b" / "file.bin").write_bytes(os.urandom(70_000))
+    (source / "top.txt").write_text("top\n")
+    (source / "empty").mkdir()
+    os.symlink("a/b/file.bin", source / "link")
+    os.chmod(source / "top.txt", 0o600)
+    ok("import", image, source, "/imported")
+    out = tmp_path / "out"
+    ok("export", image, out, "/imported")
+    assert (out / "a" / "b" / "file.bin").read_bytes() == (source / "a" / "b" / "file.bin").read_bytes()
+    assert (out / "top.txt").read_text() == "top\n"
+    assert os.stat(out / "top.txt").st_mode & 0o777 == 0o600
+    assert os.stat(out / "top.txt").st_mtime_ns == os.stat(source / "top.txt").st_mtime_ns
+    assert (out / "empty").is_dir()
+    assert os.readlink(out / "link") == "a/b/file.bin"
+
+
+def test_wrong_passphrase_exits_2_and_writes_nothing(image: Path, tmp_path: Path) -> None:
+    before = image.read_bytes()
+    (tmp_path / "f").write_bytes(b"x")
+    attempts: list[tuple[str | Path, ...]] = [
+        ("put", image, tmp_path / "f", "/f"), ("ls", image),
+        ("add-key", image, "--new-passphrase-env", "NEW_KEY", *FAST_KDF)]
+    for args in attempts:
+        result = keep(*args, passphrase="not the passphrase", env={"NEW_KEY": "whatever"})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.decode().strip() == "keep: wrong passphrase"
+    assert image.read_bytes() == before
+
+
+def test_non_luks_and_missing_images_are_clear_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    result = keep("ls", junk)
+    assert result.returncode == 1 and b"is not a LUKS2 volume" in result.stderr
+    missing = keep("info", tmp_path / "nope.img")
+    assert missing.returncode == 1 and b"no such file" in missing.stderr
+    assert b"Traceback" not in result.stderr + missing.stderr
+
+
+def test_an_image_in_use_is_refused(image: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom storage.blockdev import FileBlockDevice\n"
+         f"device = FileBlockDevice({str(image)!r}, writable=True)\nprint('locked', flush=True)\n"
+         "sys.stdin.read()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        result = keep("ls", image)
+        assert result.returncode == 1
+        assert b"is in use by another process" in result.stderr
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_add_key_passwd_remove_key(image: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "binary.key"
+    key_file.write_bytes(os.urandom(64))
+    ok("add-key", image, "--new-key-file", key_file, *FAST_KDF)
+    listed = keep("ls", image, "--key-file", key_file, passphrase=None)
+    assert listed.returncode == 0, listed.stderr
+    (tmp_path / "new.txt").write_text("brand new\n")
+    ok("passwd", image, "--new-passphrase-file", tmp_path / "new.txt", *FAST_KDF)
+    assert keep("ls", image).returncode == 2  # the old passphrase is gone
+    assert keep("ls", image, passphrase="brand new").returncode == 0  # newline dropped
+    ok("remove-key", image, "--key-file", key_file, passphrase=None)
+    assert keep("ls", image, "--key-file", key_file, passphrase=None).returncode == 2
+    last = keep("remove-key", image, passphrase="brand new")
+    assert last.returncode == 1 and b"last keyslot" in last.stderr
+    if shutil.which("cryptsetup"):
+        check = subprocess.run(["cryptsetup", "open", "--test-passphrase", str(image),
+                                "--key-file", "-"], input=b"brand new", capture_output=True)
+        assert check.returncode == 0, check.stderr
+
+
+def test_info_and_header_only_info(image: Path) -> None:
+    facts = json.loads(ok("info", image, "--json"))
+    assert facts["integrity"] == "merkle" and facts["luks2"]["cipher"] == "aes-xts-plain64"
+    assert facts["luks2"]["sector_size"] == 4096 and isinstance(facts["generation"], int)
+    header = json.loads(ok("info", image, "--header-only", "--json", passphrase=None))
+    assert header["uuid"] == facts["uuid"] and header["keyslots"] == [0]
+
+
+def test_create_without_integrity_and_refusals(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.img"
+    ok("create", plain, "--size", "24M", "--integrity", "none", "--pbkdf", "pbkdf2",
+       "--pbkdf-force-iterations", "1000")
+    ok("put", plain, "-", "/x", stdin=b"plain data area")
+    assert ok("cat", plain, "/x") == b"plain data area"
+    assert json.loads(ok("info", plain, "--json"))["integrity"] == "none"
+    again = keep("create", plain, "--size", "24M", *FAST_KDF)
+    assert again.returncode == 1 and b"already exists" in again.stderr
+    bad_size = keep("create", tmp_path / "b.img", "--size", "lots", *FAST_KDF)
+    assert bad_size.returncode == 2 and b"invalid size" in bad_size.stderr
+    tiny = keep("create", tmp_path / "t.img", "--size", "1M", *FAST_KDF)
+    assert tiny.returncode == 1 and not (tmp_path / "t.img").exists()
+
+
+def test_no_key_source_and_no_terminal_is_a_clear_error(image: Path) -> None:
+    result = keep("ls", image, passphrase=None)
+    assert result.returncode == 1 and b"no passphrase given" in result.stderr
+
+
+def test_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "pass.txt"
+    text.write_bytes(b"line\r\n")
+    binary = tmp_path / "key.bin"
+    binary.write_bytes(b"\x00\xffkey\n")
+    assert read_key(KeySource(passphrase_file=str(text))) == b"line"
+    assert read_key(KeySource(key_file=str(binary))) == b"\x00\xffkey\n"
+    monkeypatch.setenv("SOME_KEY", "from env")
+    assert read_key(KeySource(passphrase_env="SOME_KEY")) == b"from env"
+    with pytest.raises(KeepError, match="not set"):
+        read_key(KeySource(passphrase_env="UNSET_KEY_VARIABLE"))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(KeepError, match="empty"):
+        read_key(KeySource(key_file=str(tmp_path / "empty")))
+    with pytest.raises(KeepError, match="cannot read"):
+        read_key(KeySource(key_file=str(tmp_path / "missing")))

@@ -24,7 +24,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,9 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 FIXTURE_SOURCES = REPOSITORY / "fixtures"
 COMPILE_FLAGS = ("-target", "wasm32-wasi", "-O2", "-s")
+
+# What the `wasm_fixture` pytest fixture returns: fixture name -> compiled module path.
+WasmFixture = Callable[[str], Path]
 
 
 class FixtureBuildError(Exception):

@@ -428,7 +428,7 @@ class MerkleStore(_CachedStore):
     def _rebuild_levels(self) -> None:
         self._levels = [self._leaves]
         level = self._leaves
-        while len(level) > SECTOR_SIZE or len(self._levels) == 1:
+        while True:  # one hash per 4 KiB page of the level below, until a single root hash
             pages = -(-len(level) // SECTOR_SIZE)
             upper = bytearray(pages * HASH_SIZE)
             for page in range(pages):
@@ -436,9 +436,9 @@ class MerkleStore(_CachedStore):
                 upper[page * HASH_SIZE:(page + 1) * HASH_SIZE] = hashlib.sha256(
                     chunk.ljust(SECTOR_SIZE, b"\0")).digest()
             self._levels.append(upper)
-            level = upper
             if pages == 1:
                 break
+            level = upper
 
     def _tree_root(self) -> bytes:
         return bytes(self._levels[-1][:HASH_SIZE])
@@ -526,8 +526,8 @@ class MerkleStore(_CachedStore):
             raise StorageError("commit larger than the redo log")  # prevented by the cache limit
         head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
                             len(sectors), len(pages), header_sectors, len(metadata), root, root_mac)
-        body = head + metadata + b"".join(entries)
-        header = (body + self._mac(b"keepshim/log/v1", body)).ljust(header_sectors * SECTOR_SIZE, b"\0")
+        body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
+        header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
         position = layout.log_start + self._log_position
         header_cipher = self._segment.cipher.encrypt_run(position, header)
         page_position = position + header_sectors + len(sectors)
@@ -569,7 +569,8 @@ class MerkleStore(_CachedStore):
                                 layout.log_sectors, layout.page_sectors, layout.data_sectors,
                                 self._log_position, len(metadata), self._tree_root(),
                                 self._root_mac) + metadata
-        sector = (body + self._mac(b"keepshim/superblock/v1", body)).ljust(SECTOR_SIZE, b"\0")
+        body = body.ljust(SECTOR_SIZE - HASH_SIZE, b"\0")
+        sector = body + self._mac(b"keepshim/superblock/v1", body)  # the whole sector is authenticated
         self._segment.write_plain(self._superblock_slot, sector)
         self._segment.sync()
         self._superblock_generation = self._generation
@@ -588,8 +589,8 @@ class MerkleStore(_CachedStore):
         end = _SUPERBLOCK.size + meta_length
         if magic != _SUPERBLOCK_MAGIC or meta_length > METADATA_LIMIT:
             return None
-        body = sector[:end]
-        if not hmac.compare_digest(sector[end:end + HASH_SIZE], self._mac(b"keepshim/superblock/v1", body)):
+        if not hmac.compare_digest(sector[-HASH_SIZE:],
+                                   self._mac(b"keepshim/superblock/v1", sector[:-HASH_SIZE])):
             return None
         layout = self._layout
         if uuid != self._uuid_field or (total, log, pages, data) != (
@@ -653,10 +654,9 @@ class MerkleStore(_CachedStore):
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
         header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
-        body = header[:body_length]
-        if not hmac.compare_digest(header[body_length:body_length + HASH_SIZE],
-                                   self._mac(b"keepshim/log/v1", body)):
+        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(b"keepshim/log/v1", header[:-HASH_SIZE])):
             return None
+        body = header[:body_length]
         metadata = body[_RECORD.size:_RECORD.size + meta_length]
         entries = [_ENTRY.unpack_from(body, _RECORD.size + meta_length + i * _ENTRY.size)
                    for i in range(data_count + page_count)]

@@ -45,7 +45,6 @@ from shim.attest import (
 )
 from shim.config import parse_config
 from shim.errors import KeepError, UsageError
-from shim.serve import parse_address
 
 
 class DeployRefused(KeepError):
@@ -152,6 +151,16 @@ def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> 
         pinned = pins.get(name, {}).get("generation")
         grants.append(VolumeGrant(name, key=key, pinned_generation=pinned if isinstance(pinned, int) else None))
     return tuple(grants)
+
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT, as given to --listen / --to."""
+    host, separator, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"{option} {text!r}: expected HOST:PORT")
+    return host, int(port_text)
 
 
 def deploy_command(args: argparse.Namespace) -> int:

@@ -49,7 +49,8 @@ from shim.attest import (
 )
 from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
 from shim.config import ConfigError, KeepConfig, StdioFile, parse_config
-from shim.errors import KeepError, UsageError
+from shim.deploy import parse_address
+from shim.errors import KeepError
 from wasi_host._backend import Buffer, Readiness
 
 HANDSHAKE_SECONDS = 30.0
@@ -258,16 +259,6 @@ async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversatio
             for start in range(0, len(data), MAX_OUTPUT_CHUNK_BYTES):
                 await stream.send_all(conversation.send(
                     Output(name, data[start:start + MAX_OUTPUT_CHUNK_BYTES])))
-
-
-def parse_address(text: str, option: str) -> tuple[str, int]:
-    """HOST:PORT or [IPv6]:PORT, as given to --listen / --to."""
-    host, separator, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"{option} {text!r}: expected HOST:PORT")
-    return host, int(port_text)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,220 @@
+"""`keep serve` + `keep deploy` on loopback: attested delivery end to end.
+
+The CLI tests run both sides as real `keep` processes; the concurrency tests run a `Keep` in
+process with a runner that waits on an event, so "a second deployment while one runs" is
+deterministic."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from fixture_build import WasmFixture
+
+from shim.attest import Deploy, InsecureNilNotAllowed, NilBackend, Policy, VolumeGenerationTooOld, VolumeGrant
+from shim.config import KeepConfig
+from shim.deploy import DeployRefused, deploy_to
+from shim.serve import BUSY_REASON, GuestOutput, Keep, RunOutcome
+
+NIL_OK = Policy(allow_insecure_nil=True)
+
+
+class Keeper:
+    """A `keep serve` process on a free loopback port, in its own cwd/HOME/TMPDIR/cache dirs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for name in ("cwd", "home", "tmp", "cache"):
+            (root / name).mkdir(parents=True)
+        environment = {**os.environ, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
+                       "KEEPSHIM_CACHE_DIR": str(root / "cache")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"], cwd=root / "cwd",
+            env=environment, stderr=subprocess.PIPE, text=True)
+        assert self.process.stderr is not None
+        first = self.process.stderr.readline()
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+) \(backend nil, measurement ([0-9a-f]{64})\)", first)
+        assert found, first
+        self.port, self.measurement = int(found.group(1)), found.group(2)
+
+    def deploy(self, *arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{self.port}",
+                               *arguments], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+    def wait(self) -> int:
+        return self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def keeper(tmp_path: Path) -> Iterator[Keeper]:
+    started = Keeper(tmp_path / "keep")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def test_deploy_streams_output_and_exit_status_then_the_keep_exits(keeper: Keeper,
+                                                                   wasm_fixture: WasmFixture) -> None:
+    completed = keeper.deploy("--allow-insecure-nil", str(wasm_fixture("exit_code")), "exit", "7")
+    assert completed.returncode == 7
+    assert completed.stdout == "mode=exit code=7\n"
+    assert "stderr before exit\n" in completed.stderr
+    assert "WARNING: accepted an INSECURE nil keep" in completed.stderr
+    assert f"measurement {keeper.measurement}" in completed.stderr
+    assert keeper.wait() == 0  # one deployment, then the keep is done
+
+
+def test_guest_args_and_keep_toml_reach_the_guest(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                  tmp_path: Path) -> None:
+    config = tmp_path / "keep.toml"
+    config.write_text('args = ["from-config"]\n[env]\nGREETING = "hi there"\n')
+    completed = keeper.deploy("--allow-insecure-nil", "--config", str(config),
+                              str(wasm_fixture("args_env")), "from command", "")
+    assert completed.returncode == 0, completed.stderr
+    assert "argv[0]=[main.wasm]\nargv[1]=[from-config]\nargv[2]=[from command]\nargv[3]=[]\n" in completed.stdout
+    assert "getenv(GREETING)=[hi there]" in completed.stdout
+    assert "getenv(HOME)=(unset)" in completed.stdout  # the keep host's environment stays out
+
+
+def test_a_trap_comes_back_as_134_with_the_message(keeper: Keeper, wasm_fixture: WasmFixture) -> None:
+    completed = keeper.deploy("--allow-insecure-nil", str(wasm_fixture("exit_code")), "trap")
+    assert completed.returncode == 134
+    assert "the keep reports: guest trapped" in completed.stderr
+
+
+def test_nil_without_the_flag_is_refused_and_the_keep_keeps_waiting(keeper: Keeper,
+                                                                    wasm_fixture: WasmFixture) -> None:
+    refused = keeper.deploy(str(wasm_fixture("hello")))
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("keep: attestation refused (insecure nil):")
+    assert len(refused.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert keeper.process.poll() is None
+    accepted = keeper.deploy("--allow-insecure-nil", str(wasm_fixture("hello")))
+    assert accepted.returncode == 0 and accepted.stdout == "Hello, world!\n"
+
+
+def test_a_policy_with_another_measurement_is_refused_naming_it(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                                 tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'allowed_measurements = ["{"00" * 32}"]\n')
+    refused = keeper.deploy("--allow-insecure-nil", "--policy", str(policy), str(wasm_fixture("hello")))
+    assert refused.returncode == 1
+    assert f"attestation refused (measurement): measurement {keeper.measurement}" in refused.stderr
+    policy.write_text(f'allowed_backends = ["nil"]\nallowed_measurements = ["{keeper.measurement}"]\n')
+    accepted = keeper.deploy("--allow-insecure-nil", "--policy", str(policy), str(wasm_fixture("hello")))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_bad_policy_and_bad_config_fail_on_the_owners_side(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                           tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("allow_debug = 1\n")
+    completed = keeper.deploy("--allow-insecure-nil", "--policy", str(policy), str(wasm_fixture("hello")))
+    assert completed.returncode == 1 and "allow_debug must be true or false" in completed.stderr
+    config = tmp_path / "keep.toml"
+    config.write_text("colour = 1\n")
+    completed = keeper.deploy("--allow-insecure-nil", "--config", str(config), str(wasm_fixture("hello")))
+    assert completed.returncode == 2 and "colour" in completed.stderr
+    assert keeper.process.poll() is None
+
+
+def test_volumes_are_refused_explicitly_until_wired(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                    tmp_path: Path) -> None:
+    key = tmp_path / "volume.key"
+    key.write_bytes(os.urandom(64))
+    completed = keeper.deploy("--allow-insecure-nil", "--volume-key", f"data={key}", str(wasm_fixture("hello")))
+    assert completed.returncode == 1
+    assert "refused the deployment: encrypted volumes are not wired" in completed.stderr
+
+
+def test_the_keep_host_never_sees_the_workload_or_the_keys(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                           tmp_path: Path) -> None:
+    module = wasm_fixture("args_env").read_bytes()
+    secret_argument = "secret-" + os.urandom(8).hex()
+    completed = keeper.deploy("--allow-insecure-nil", str(wasm_fixture("args_env")), secret_argument)
+    assert completed.returncode == 0 and secret_argument in completed.stdout
+    assert keeper.wait() == 0
+    windows = [module[offset:offset + 64] for offset in range(0, len(module) - 64, len(module) // 8)]
+    scanned = 0
+    for path in keeper.root.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            scanned += 1
+            assert not any(window in content for window in windows), path
+            assert secret_argument.encode() not in content, path
+    # The keep's own directories exist and were scanned (even if the keep wrote nothing there).
+    assert {p.name for p in keeper.root.iterdir()} == {"cwd", "home", "tmp", "cache"}
+    assert scanned >= 0
+
+
+# In process: a keep that already runs a workload refuses another.
+
+
+async def test_a_keep_that_already_runs_a_workload_refuses_another() -> None:
+    started, release = trio.Event(), trio.Event()
+
+    async def runner(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
+                     stderr: GuestOutput) -> RunOutcome:
+        started.set()
+        await release.wait()
+        await trio.to_thread.run_sync(stdout.write, b"first done\n")
+        return RunOutcome(exit_status=5)
+
+    keep = Keep(NilBackend(), runner)
+    first_out = io.BytesIO()
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        results = []
+
+        async def first() -> None:
+            results.append(await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm one"), NIL_OK,
+                                           stdout=first_out, stderr=io.BytesIO()))
+
+        nursery.start_soon(first)
+        await started.wait()
+        with pytest.raises(DeployRefused, match=BUSY_REASON):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm two"), NIL_OK,
+                            stdout=io.BytesIO(), stderr=io.BytesIO())
+        release.set()
+        await keep.finished.wait()
+    assert results[0].exit_status == 5 and first_out.getvalue() == b"first done\n"
+
+
+async def test_the_owner_refuses_before_sending_anything_when_evidence_fails() -> None:
+    received = []
+
+    async def runner(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
+                     stderr: GuestOutput) -> RunOutcome:
+        received.append(deploy)
+        return RunOutcome(0)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with pytest.raises(InsecureNilNotAllowed):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), Policy(),
+                            stdout=io.BytesIO(), stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+    assert received == []
+
+
+async def test_a_pin_below_the_policy_minimum_is_refused_before_connecting() -> None:
+    deploy = Deploy(workload=b"\0asm", volumes=(VolumeGrant("data", key=b"k" * 64, pinned_generation=3),))
+    with pytest.raises(VolumeGenerationTooOld, match="below the policy's min_volume_generation 4"):
+        await deploy_to("127.0.0.1", 1, deploy, Policy(min_volume_generation=4, allow_insecure_nil=True),
+                        stdout=io.BytesIO(), stderr=io.BytesIO())

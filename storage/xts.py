@@ -33,6 +33,8 @@ Engine = Literal["auto", "pyca", "libcrypto"]
 ENGINE_ENVIRONMENT_VARIABLE = "KEEPSHIM_XTS"
 _SELF_TEST_SECTORS = 4
 _MAX_SECTOR_SIZE = 4096
+_SCRATCH_LIMIT = 4 << 20  # runs up to this size reuse one warm output buffer per cipher
+_TWEAK = struct.Struct("<QQ")
 
 
 class SectorCipher:
@@ -248,6 +250,7 @@ class _LibcryptoXts:
         self._contexts = {True: encrypt_context, False: decrypt_context}
         self._iv = ctypes.create_string_buffer(16)
         self._out_length = ctypes.c_int(0)
+        self._scratch = ctypes.create_string_buffer(_MAX_SECTOR_SIZE)
         self._lock = threading.Lock()
 
     @classmethod
@@ -275,32 +278,47 @@ class _LibcryptoXts:
 
     def run(self, encrypting: bool, tweaks: range, data: bytes | bytearray | memoryview,
             sector_size: int) -> bytes:
-        output = ctypes.create_string_buffer(memoryview(data).nbytes)
-        self.run_into(encrypting, tweaks, data, memoryview(output).cast("B"), sector_size)
-        return output.raw
+        """Encrypt or decrypt into a warm per-instance scratch buffer and return one new bytes
+        object: fresh large buffers cost page faults that dominate the AES work on VMs."""
+        length = memoryview(data).nbytes
+        source_address, _source_anchor = _address_of(data)
+        with self._lock:
+            if length > _SCRATCH_LIMIT:
+                scratch = ctypes.create_string_buffer(length)
+            else:
+                if len(self._scratch) < length:
+                    self._scratch = ctypes.create_string_buffer(length)
+                scratch = self._scratch
+            self._crypt(encrypting, tweaks, source_address, ctypes.addressof(scratch), sector_size)
+            return ctypes.string_at(scratch, length)
 
     def run_into(self, encrypting: bool, tweaks: range, data: bytes | bytearray | memoryview,
                  out: memoryview, sector_size: int) -> None:
+        source_address, _source_anchor = _address_of(data)
+        output_anchor = ctypes.c_char.from_buffer(out)
+        with self._lock:
+            self._crypt(encrypting, tweaks, source_address, ctypes.addressof(output_anchor),
+                        sector_size)
+
+    def _crypt(self, encrypting: bool, tweaks: range, source_address: int, output_address: int,
+               sector_size: int) -> None:
+        """The per-sector loop; the caller holds the lock and keeps both buffers alive."""
         functions = self._functions
         init = functions.encrypt_init if encrypting else functions.decrypt_init
         update = functions.encrypt_update if encrypting else functions.decrypt_update
-        source_address, _source_anchor = _address_of(data)
-        output_anchor = ctypes.c_char.from_buffer(out)
-        output_address = ctypes.addressof(output_anchor)
-        pack_tweak = struct.Struct("<QQ").pack_into
-        with self._lock:
-            context = self._contexts[encrypting]
-            iv = self._iv
-            out_length = ctypes.byref(self._out_length)
-            offset = 0
-            for tweak in tweaks:
-                pack_tweak(iv, 0, tweak, 0)
-                if init(context, None, None, None, iv) != 1:
-                    raise SelfTestFailed("libcrypto refused an XTS tweak")
-                if update(context, output_address + offset, out_length,
-                          source_address + offset, sector_size) != 1:
-                    raise SelfTestFailed("libcrypto XTS update failed")
-                offset += sector_size
+        pack_tweak = _TWEAK.pack_into
+        context = self._contexts[encrypting]
+        iv = self._iv
+        out_length = ctypes.byref(self._out_length)
+        offset = 0
+        for tweak in tweaks:
+            pack_tweak(iv, 0, tweak, 0)
+            if init(context, None, None, None, iv) != 1:
+                raise SelfTestFailed("libcrypto refused an XTS tweak")
+            if update(context, output_address + offset, out_length, source_address + offset,
+                      sector_size) != 1:
+                raise SelfTestFailed("libcrypto XTS update failed")
+            offset += sector_size
 
     def __del__(self) -> None:
         for context in self._contexts.values():

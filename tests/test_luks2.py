@@ -162,6 +162,10 @@ def test_not_luks_and_empty_devices() -> None:
     with pytest.raises(NotLuks):
         open_luks2(noise, b"x")
     assert not is_luks2(noise)
+    with pytest.raises(NotLuks):  # shorter than a binary header: still "not LUKS", not "corrupt"
+        open_luks2(MemoryBlockDevice(5, initial=b"hello"), b"x")
+    with pytest.raises(CorruptHeader, match="truncated"):
+        open_luks2(MemoryBlockDevice(7, initial=b"LUKS\xba\xbe\x00"), b"x")
 
 
 def test_luks1_is_reported_as_unsupported() -> None:

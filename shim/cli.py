@@ -27,7 +27,42 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """`keep run`: owned by the WASI host / guest lifecycle work."""
+    """`keep run`: owned by the WASI host / guest lifecycle work (wasmtime CLI spellings)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+        return value
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+        return value
+
+    parser.add_argument("--dir", action="append", default=[], metavar="HOST[::GUEST]",
+                        help="pre-open host directory HOST for the guest (at GUEST, default HOST)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                        help="set a guest environment variable (NAME alone passes the host's value)")
+    parser.add_argument("--invoke", metavar="EXPORT",
+                        help="call this export (after _initialize) instead of _start; "
+                             "ARGS are its parameters")
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                        help="stop the guest (a trap) after this many seconds")
+    parser.add_argument("--max-memory", type=count, metavar="BYTES",
+                        help="refuse to grow guest memory beyond this many bytes")
+    parser.add_argument("--fuel", type=count, metavar="N",
+                        help="trap after N units of fuel (roughly wasm instructions)")
+    parser.add_argument("--trap-unknown-imports", action="store_true",
+                        help="link imports the keep does not provide as functions that trap")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to run")
     parser.add_argument("guest_args", nargs=argparse.REMAINDER, metavar="ARGS",
                         help="arguments passed to the guest")

@@ -146,6 +146,7 @@ class _GuestMemory:
         self._looked_up = False
         self._extern = ffi.wasmtime_extern_t()
         self._memory_address: int | None = None
+        self._context: int | None = None
         self._data = -1
         self._size = -1
         self._view: memoryview | None = None
@@ -157,7 +158,7 @@ class _GuestMemory:
         memory_address = self._memory_address
         if memory_address is None:
             return None
-        context = _caller_context(caller)
+        context = self._context
         data = _memory_data(context, memory_address) or 0
         size = _memory_data_size(context, memory_address)
         if data != self._data or size != self._size:
@@ -167,6 +168,9 @@ class _GuestMemory:
 
     def _look_up(self, caller: int) -> None:
         self._looked_up = True
+        # The caller's context is its store's context (the same `StoreInner` for every call into
+        # this store), so it is fetched once rather than on every call.
+        self._context = _caller_context(caller)
         found = _caller_export_get(caller, _MEMORY_EXPORT, len(_MEMORY_EXPORT),
                                    ctypes.addressof(self._extern))
         if found and cast(int, self._extern.kind) == ffi.WASMTIME_EXTERN_MEMORY.value:

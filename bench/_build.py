@@ -1,0 +1,84 @@
+"""Compile a benchmark's C program (bench/NAME.c) to wasm32-wasi with zig, cached by content.
+
+Never committed as binaries: the module is built at bench run time into
+`$KEEPSHIM_CACHE_DIR/bench` (default ~/.cache/keepshim/bench) under a name carrying the SHA-256
+of the source, the flags and the ziglang version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+FLAGS = ("-target", "wasm32-wasi", "-O2", "-s")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("KEEPSHIM_CACHE_DIR") or str(Path.home() / ".cache" / "keepshim")
+    return Path(base) / "bench"
+
+
+def build(name: str) -> Path:
+    """The compiled module for bench/NAME.c (built on first use)."""
+    source = BENCH / f"{name}.c"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()
+                            + importlib.metadata.version("ziglang").encode()).hexdigest()[:20]
+    output = cache_dir() / f"{name}-{digest}.wasm"
+    if output.is_file():
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.{os.getpid()}")
+    zig_cache = os.environ.get("ZIG_GLOBAL_CACHE_DIR") or str(Path.home() / ".cache" / "keepshim" / "zig")
+    subprocess.run([sys.executable, "-m", "ziglang", "cc", *FLAGS, str(source), "-o", str(partial)],
+                   check=True, env={**os.environ, "ZIG_GLOBAL_CACHE_DIR": zig_cache})
+    partial.replace(output)
+    return output
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds and process CPU seconds (the machine is shared: CPU time is the
+    steadier of the two, wall time is what a user sees)."""
+
+    wall: float
+    cpu: float
+
+
+class Timer:
+    """Starts on construction; `stop()` returns the Timing since then."""
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+
+    def stop(self) -> Timing:
+        return Timing(time.perf_counter() - self._wall, time.process_time() - self._cpu)
+
+
+def time_keepshim_run(module_path: Path, args: tuple[str, ...],
+                      dirs: tuple[tuple[str, str], ...] = ()) -> Timing:
+    """Wall and CPU seconds for one `keep run`-equivalent run in this process (stdio on
+    /dev/null; the module comes from the warm compile cache). Exits if the guest fails."""
+    from shim.run import DirectoryMapping, RunConfig, Stdio, run_module
+    from wasi_host.streams import OsStream
+
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        config = RunConfig(module=str(module_path), args=args,
+                           dirs=tuple(DirectoryMapping(host, guest) for host, guest in dirs),
+                           stdio=Stdio(OsStream(null), OsStream(null), OsStream(2)))
+        timer = Timer()
+        result = run_module(config)
+        elapsed = timer.stop()
+    finally:
+        os.close(null)
+    if result.exit_code != 0:
+        raise SystemExit(f"benchmark guest failed: exit {result.exit_code} {result.trap or ''}")
+    return elapsed

@@ -1,0 +1,63 @@
+"""CPU-bound guest: keepshim vs wasmtime's built-in WASI, same module, same engine settings.
+
+A guest that makes no host calls in its hot loop should run at the same speed under both; the
+design's target is within 5%. Runs alternate between the two and the best of REPEATS is kept
+(the machine is shared). Asserts nothing.
+
+usage: python bench/bench_cpu.py [ROUNDS] [REPEATS]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import wasmtime
+from _build import Timer, Timing, build, time_keepshim_run
+
+
+def builtin(module_path: Path, rounds: int) -> Timing:
+    engine = wasmtime.Engine()
+    module = wasmtime.Module.from_file(engine, str(module_path))
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    store = wasmtime.Store(engine)
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = ["cpu_loop", str(rounds)]
+    wasi.stdout_file = os.devnull
+    store.set_wasi(wasi)
+    timer = Timer()  # compile excluded, instantiation included (as for ours)
+    instance = linker.instantiate(store, module)
+    start = instance.exports(store)["_start"]
+    assert isinstance(start, wasmtime.Func)
+    start(store)
+    return timer.stop()
+
+
+def ours(module_path: Path, rounds: int) -> Timing:
+    return time_keepshim_run(module_path, (str(rounds),))
+
+
+def main(arguments: list[str]) -> int:
+    rounds = int(arguments[0]) if arguments else 100
+    repeats = int(arguments[1]) if len(arguments) > 1 else 5
+    module_path = build("cpu_loop")
+    ours(module_path, 1)  # fill the compile cache
+    references: list[Timing] = []
+    measured: list[Timing] = []
+    for _ in range(repeats):
+        references.append(builtin(module_path, rounds))
+        measured.append(ours(module_path, rounds))
+    print(f"CPU-bound benchmark (sieve, {rounds} rounds), best of {repeats}")
+    print(f"{'clock':<6} {'built-in WASI':>14} {'keepshim':>10} {'ratio':>7}")
+    for clock in ("wall", "cpu"):
+        reference = min(getattr(timing, clock) for timing in references)
+        ours_best = min(getattr(timing, clock) for timing in measured)
+        print(f"{clock:<6} {reference:>12.3f} s {ours_best:>8.3f} s {ours_best / reference:>7.3f}")
+    print("target: ratio <= 1.05")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

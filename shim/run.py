@@ -1,0 +1,373 @@
+"""`keep run`: load a module, build its guest, run it on a worker thread, report the outcome.
+
+Theory of operation
+-------------------
+A run is described by one frozen `RunConfig` (the CLI fills it from its options; tests and
+library users build it directly) and produces one `RunResult`. `run_module(config)` starts trio;
+`run_module_async(config)` runs inside an existing trio loop.
+
+1. The module bytes are read (or taken from `RunConfig.module_bytes`, so a workload delivered
+   over an attested channel never touches the disk) and compiled on a worker thread, through the
+   sealed compile cache unless it is turned off.
+2. A `wasi_host.Guest` is built from the config: args (argv[0] is the module as given), env,
+   pre-opened directories, stdio (the process's fds 0/1/2 unless the config supplies streams).
+3. The guest runs on one trio worker thread with its own Engine, Store and Linker. Its host
+   functions are bound through `wasi_host._bind`; exit codes and host errors are recorded on the
+   Guest object, never in a global. Meanwhile a trio task enforces `--timeout` by bumping the
+   engine's epoch, which traps the guest at its next loop back-edge or function entry.
+4. The outcome: the guest's proc_exit code, 0 when `_start` returns, 134 (as wasmtime) for a
+   trap, whose message and wasm backtrace go in `RunResult.trap`.
+
+Adding an option: add a field to `RunConfig` (with a default, so existing callers keep working),
+fill it in `shim.cli._add_run_arguments` / `config_from_arguments`, and consume it in
+`_build_guest` (for what the guest sees) or `_GuestRun` (for how it runs). Pre-built backends
+(an encrypted volume, sockets from keep.toml) plug in through `RunConfig.preopens` and
+`RunConfig.sockets` without touching this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import outcome
+import trio
+import wasmtime
+
+from shim.cache import CompileCache
+from shim.engine import EngineSettings
+from shim.errors import KeepError, UsageError
+from wasi_host import Directory, Guest, Socket, Stream
+from wasi_host._bind import (
+    GuestTrap,
+    LinkError,
+    Scalar,
+    bind_host_functions,
+    call_export,
+    check_imports,
+    instantiate,
+)
+from wasi_host._functions import FUNCTIONS
+from wasi_host.hostdir import HostDirectory
+from wasi_host.streams import OsStream
+
+TRAP_EXIT_STATUS = 134  # what wasmtime's CLI exits with for a trap (128 + SIGABRT)
+WASI_MODULE = "wasi_snapshot_preview1"
+
+
+class ModuleError(KeepError):
+    """The module cannot be run: unreadable, not wasm, unlinkable, or no entry point."""
+
+
+@dataclass(frozen=True)
+class DirectoryMapping:
+    """`--dir HOST[::GUEST]`: a host directory pre-opened for the guest at GUEST (default HOST)."""
+
+    host: str
+    guest: str
+
+    @classmethod
+    def parse(cls, spec: str) -> DirectoryMapping:
+        host, separator, guest = spec.partition("::")
+        if not host or (separator and not guest):
+            raise UsageError(f"--dir {spec!r}: expected HOST or HOST::GUEST")
+        return cls(host, guest if separator else host)
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """The guest's stdin, stdout and stderr (wasi_host Stream objects)."""
+
+    stdin: Stream
+    stdout: Stream
+    stderr: Stream
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; frozen so it can be shared, logged and compared.
+
+    `module` is the path as given (it becomes argv[0]); `module_bytes`, when set, is used instead
+    of reading that path. `args` are the guest's arguments after argv[0] (with `invoke`, the
+    exported function's parameters instead). `preopens` and `sockets` are already-open backends
+    appended after the `dirs` (pre-opened directories come before sockets, as wasi-libc needs).
+    `stdio` None means the process's own fds 0, 1 and 2."""
+
+    module: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    dirs: tuple[DirectoryMapping, ...] = ()
+    preopens: tuple[tuple[str, Directory], ...] = ()
+    sockets: tuple[Socket, ...] = ()
+    invoke: str | None = None
+    timeout: float | None = None
+    max_memory: int | None = None
+    fuel: int | None = None
+    trap_unknown_imports: bool = False
+    cache: bool = True
+    cache_dir: Path | None = None
+    module_bytes: bytes | None = field(default=None, repr=False)
+    stdio: Stdio | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+        if self.max_memory is not None and self.max_memory < 0:
+            raise UsageError("--max-memory must not be negative")
+        if self.fuel is not None and self.fuel < 0:
+            raise UsageError("--fuel must not be negative")
+
+    @property
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(epoch_interruption=self.timeout is not None,
+                              consume_fuel=self.fuel is not None)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended. `trap` is wasmtime's message with the wasm backtrace (None unless the
+    guest trapped); `results` are `--invoke`'s return values; `cache_hit` is None when the
+    compile cache was off."""
+
+    exit_code: int
+    trap: str | None = None
+    trap_code: wasmtime.TrapCode | None = None
+    results: tuple[Scalar, ...] = ()
+    cache_hit: bool | None = None
+
+
+def run_module(config: RunConfig) -> RunResult:
+    """Run one guest to completion (starts and stops a trio loop)."""
+    result: RunResult = trio.run(run_module_async, config)
+    return result
+
+
+async def run_module_async(config: RunConfig) -> RunResult:
+    """Run one guest to completion inside the current trio loop."""
+    wasm = _read_module(config)
+    settings = config.engine_settings
+    engine = settings.make_engine()
+    module, cache_hit = await trio.to_thread.run_sync(_compile, engine, settings, wasm, config)
+    guest = _build_guest(config)
+    run = _GuestRun(config, engine, module, guest)
+    try:
+        async with trio.open_nursery() as nursery:
+            if config.timeout is not None:
+                nursery.start_soon(_interrupt_after, engine, config.timeout)
+            # captured, so a KeepError leaves the nursery as itself, not in an ExceptionGroup
+            captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
+            nursery.cancel_scope.cancel()
+    finally:
+        guest.close()
+    result = captured.unwrap()
+    return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit)
+
+
+async def _interrupt_after(engine: wasmtime.Engine, seconds: float) -> None:
+    """Stop the guest after `seconds`: its store's epoch deadline is one tick away.
+
+    Keeps ticking until cancelled, so a guest whose store was set up only after the first tick
+    (a very short timeout) is still stopped."""
+    await trio.sleep(seconds)
+    while True:
+        engine.increment_epoch()
+        await trio.sleep(0.01)
+
+
+def _read_module(config: RunConfig) -> bytes:
+    if config.module_bytes is not None:
+        return config.module_bytes
+    try:
+        return Path(config.module).read_bytes()
+    except OSError as error:
+        raise ModuleError(f"cannot read {config.module}: {error.strerror}") from None
+
+
+def _compile(engine: wasmtime.Engine, settings: EngineSettings, wasm: bytes,
+             config: RunConfig) -> tuple[wasmtime.Module, bool | None]:
+    if not wasm.startswith(b"\0asm"):
+        raise ModuleError(f"{config.module} is not a WebAssembly module (no \\0asm header)")
+    try:
+        if config.cache:
+            cache = CompileCache.open(config.cache_dir)
+            module, hit = cache.load_module(engine, settings, wasm)
+            return module, hit
+        return wasmtime.Module(engine, wasm), None
+    except wasmtime.WasmtimeError as error:
+        raise ModuleError(f"{config.module} is not a valid module: {one_line(str(error))}") from None
+
+
+def one_line(message: str) -> str:
+    """wasmtime's multi-line error chain ("X\\n\\nCaused by:\\n    Y") as `X: Y`."""
+    parts = [line.strip() for line in message.splitlines()]
+    kept = [part for part in parts if part and part != "Caused by:"]
+    return ": ".join(kept) if kept else "unknown error"
+
+
+def _build_guest(config: RunConfig) -> Guest:
+    """The wasi_host Guest this config describes (args, env, pre-opens, stdio, sockets)."""
+    opened: list[HostDirectory] = []
+    try:
+        for mapping in config.dirs:
+            opened.append(_open_host_directory(mapping.host))
+        preopens: list[tuple[str, Directory]] = [(mapping.guest, directory)
+                    for mapping, directory in zip(config.dirs, opened, strict=True)]
+        preopens.extend(config.preopens)
+        stdio = config.stdio or Stdio(OsStream(0), OsStream(1), OsStream(2))
+        argv = [os.fsencode(config.module)]
+        if config.invoke is None:
+            argv.extend(os.fsencode(argument) for argument in config.args)
+        env = [(os.fsencode(name), os.fsencode(value)) for name, value in config.env]
+        try:
+            return Guest(args=argv, env=env, preopens=preopens, stdin=stdio.stdin,
+                         stdout=stdio.stdout, stderr=stdio.stderr, sockets=config.sockets)
+        except ValueError as error:  # NUL bytes or a bad name in args or env
+            raise UsageError(str(error)) from None
+    except BaseException:
+        for directory in opened:
+            directory.close()
+        raise
+
+
+def _open_host_directory(path: str) -> HostDirectory:
+    try:
+        return HostDirectory.open(path)
+    except NotADirectoryError:
+        raise UsageError(f"--dir {path}: not a directory") from None
+    except OSError as error:
+        raise UsageError(f"--dir {path}: {error.strerror}") from None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    exit_code: int
+    trap: str | None = None
+    trap_code: wasmtime.TrapCode | None = None
+    results: tuple[Scalar, ...] = ()
+
+
+class _GuestRun:
+    """One guest's Store, Linker and host binding, used only on the guest's worker thread."""
+
+    def __init__(self, config: RunConfig, engine: wasmtime.Engine, module: wasmtime.Module,
+                 guest: Guest) -> None:
+        self._config = config
+        self._engine = engine
+        self._module = module
+        self._guest = guest
+
+    def execute(self) -> _Outcome:
+        config = self._config
+        store = wasmtime.Store(self._engine)
+        linker = wasmtime.Linker(self._engine)
+        binding = bind_host_functions(linker, WASI_MODULE, FUNCTIONS, self._guest)
+        try:
+            if config.timeout is not None:
+                store.set_epoch_deadline(1)  # one increment_epoch() from the timer stops the guest
+            if config.max_memory is not None:
+                store.set_limits(memory_size=config.max_memory)
+            if config.fuel is not None:
+                store.set_fuel(config.fuel)
+            try:
+                check_imports(self._module, binding, trap_unknown=config.trap_unknown_imports,
+                              linker=linker)
+                instance = instantiate(linker, store, self._module)
+            except LinkError as error:
+                raise ModuleError(f"cannot instantiate {config.module}: {error}") from None
+            except GuestTrap as trap:
+                return self._trapped(trap)
+            try:
+                return self._call_entry(store, instance)
+            except GuestTrap as trap:
+                return self._trapped(trap)
+        finally:
+            store.close()
+            linker.close()
+            binding.close()
+
+    def _call_entry(self, store: wasmtime.Store, instance: wasmtime.Instance) -> _Outcome:
+        config = self._config
+        exports = instance.exports(store)
+        if config.invoke is None:
+            start = exports.get("_start")
+            if not isinstance(start, wasmtime.Func):
+                raise ModuleError(f"{config.module} has no `_start` function to run "
+                                  "(for a reactor module use --invoke EXPORT)")
+            call_export(store, start, [])
+            return _Outcome(0)
+        target = exports.get(config.invoke)
+        if not isinstance(target, wasmtime.Func):
+            raise ModuleError(f"{config.module} exports no function named `{config.invoke}`")
+        initialize = exports.get("_initialize")
+        if isinstance(initialize, wasmtime.Func):
+            call_export(store, initialize, [])
+        arguments = _parse_invoke_arguments(target.type(store), config.args, config.invoke)
+        try:
+            results = call_export(store, target, arguments)
+        except ValueError as error:
+            raise ModuleError(f"cannot invoke `{config.invoke}`: {error}") from None
+        return _Outcome(0, results=tuple(results))
+
+    def _trapped(self, trap: GuestTrap) -> _Outcome:
+        guest = self._guest
+        if guest.exit_code is not None:
+            return _Outcome(int(guest.exit_code))
+        if guest.host_error is not None:
+            raise guest.host_error
+        return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
+
+
+def _parse_invoke_arguments(func_type: wasmtime.FuncType, texts: Sequence[str],
+                            name: str) -> list[Scalar]:
+    params = func_type.params
+    if len(texts) != len(params):
+        raise ModuleError(f"`{name}` takes {len(params)} argument(s), {len(texts)} given")
+    values: list[Scalar] = []
+    for kind, text in zip(params, texts, strict=True):
+        try:
+            values.append(float(text) if str(kind) in ("f32", "f64") else int(text, 0))
+        except ValueError:
+            raise ModuleError(f"`{name}`: cannot read {text!r} as {kind}") from None
+    return values
+
+
+def config_from_arguments(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig for parsed `keep run` arguments."""
+    env: list[tuple[str, str]] = []
+    for item in args.env:
+        name, separator, value = item.partition("=")
+        if not name:
+            raise UsageError(f"--env {item!r}: expected NAME=VALUE or NAME")
+        if not separator:
+            inherited = os.environ.get(name)
+            if inherited is None:
+                continue
+            value = inherited
+        env.append((name, value))
+    return RunConfig(
+        module=args.module,
+        args=tuple(args.guest_args),
+        env=tuple(env),
+        dirs=tuple(DirectoryMapping.parse(spec) for spec in args.dir),
+        invoke=args.invoke,
+        timeout=args.timeout,
+        max_memory=args.max_memory,
+        fuel=args.fuel,
+        trap_unknown_imports=args.trap_unknown_imports,
+        cache=not args.no_cache,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
+    config = config_from_arguments(args)
+    result = run_module(config)
+    if result.trap is not None:
+        print(f"keep: {config.module}: guest trapped:\n{result.trap}", file=sys.stderr)
+    for value in result.results:
+        print(value)
+    return result.exit_code

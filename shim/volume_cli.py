@@ -229,8 +229,8 @@ def _create(args: argparse.Namespace) -> int:
     if os.path.exists(args.image):
         raise KeepError(f"{args.image} already exists (refusing to overwrite it)")
     key = _key(args, confirm=True)
-    cost = _kdf_cost(args)
     with _Progress(f"creating {args.image}"):
+        cost = _kdf_cost(args)
         volume = create_volume(args.image, size, key, pbkdf=args.pbkdf, iter_time_ms=args.iter_time,
                                kdf_cost=cost, integrity=args.integrity, label=args.label)
         with volume:

@@ -195,3 +195,60 @@ def test_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         read_key(KeySource(key_file=str(tmp_path / "empty")))
     with pytest.raises(KeepError, match="cannot read"):
         read_key(KeySource(key_file=str(tmp_path / "missing")))
+
+
+def _run_on_a_terminal(command: list[str], typed: bytes) -> tuple[int, bytes]:
+    """Run `command` with a pseudo-terminal as its controlling terminal, type `typed` at every
+    passphrase prompt, and return (exit status, everything the terminal showed)."""
+    import fcntl
+    import select
+    import termios
+
+    main_fd, terminal_fd = os.openpty()
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(command, stdin=terminal_fd, stdout=terminal_fd, stderr=terminal_fd,
+                               start_new_session=True, preexec_fn=take_terminal)
+    os.close(terminal_fd)
+    shown = b""
+    answered = 0
+    try:
+        while True:
+            ready, _, _ = select.select([main_fd], [], [], 60)
+            if not ready:
+                raise AssertionError(f"no output from {command}: {shown!r}")
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if shown.count(b"assphrase: ") > answered:
+                os.write(main_fd, typed)
+                answered += 1
+    finally:
+        os.close(main_fd)
+    return process.wait(timeout=60), shown
+
+
+def test_passphrase_prompt_on_a_terminal_does_not_echo(image: Path) -> None:
+    status, shown = _run_on_a_terminal(
+        [sys.executable, "-m", "shim", "volume", "ls", str(image)], PASSPHRASE.encode() + b"\n")
+    assert status == 0, shown
+    assert b"Passphrase: " in shown
+    assert PASSPHRASE.encode() not in shown  # echo was off while typing
+
+
+@pytest.mark.slow
+def test_create_on_a_terminal_confirms_the_passphrase_and_shows_progress(tmp_path: Path) -> None:
+    image = tmp_path / "interactive.img"
+    status, shown = _run_on_a_terminal(
+        [sys.executable, "-m", "shim", "volume", "create", str(image), "--size", "24M",
+         "--iter-time", "1500", "--pbkdf-memory", "65536"], b"typed twice\n")
+    assert status == 0, shown
+    assert b"Verify passphrase: " in shown and b"typed twice" not in shown
+    assert b"creating " in shown and b"done" in shown  # the bar appeared (work took over 1 s)
+    assert keep("ls", image, passphrase="typed twice").returncode == 0

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from shim.attest import (
     Accepted,
@@ -56,6 +59,7 @@ class DeployResult:
     """What a deployment came back with."""
 
     claims: Claims
+    spki_sha256: str
     exit_status: int
     error: str | None
     volumes: tuple[VolumeState, ...]
@@ -81,13 +85,22 @@ def check_returned_volumes(deploy: Deploy, returned: Sequence[VolumeState]) -> N
 
 
 async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
-                    stdout: BinaryIO, stderr: BinaryIO) -> DeployResult:
-    """Attest the keep at host:port, deploy, stream its output into `stdout`/`stderr`."""
+                    stdout: BinaryIO, stderr: BinaryIO, announce: TextIO | None = None) -> DeployResult:
+    """Attest the keep at host:port, deploy, stream its output into `stdout`/`stderr`.
+
+    With `announce`, one line names the attested keep and the SHA-256 of its key (the key its
+    keep.toml TLS sockets use too, so clients of the workload can pin it) before anything is sent."""
     check_pins(deploy, policy)
     try:
         stream, claims = await open_verified_stream(host, port, policy)
     except OSError as error:
         raise KeepError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    certificate = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True) or b"")
+    spki_sha256 = hashlib.sha256(certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    if announce is not None:
+        print(f"keep: attested a {claims.backend} keep at {host}:{port}: measurement "
+              f"{claims.measurement.hex()}, key spki-sha256 {spki_sha256}", file=announce, flush=True)
     async with stream:
         conversation = Conversation("owner")
         await stream.send_all(conversation.send(deploy))
@@ -108,7 +121,8 @@ async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
                     sink.flush()
                 case Finished():
                     check_returned_volumes(deploy, message.volumes)
-                    return DeployResult(claims, message.exit_status, message.error, message.volumes)
+                    return DeployResult(claims, spki_sha256, message.exit_status, message.error,
+                                        message.volumes)
                 case _:
                     raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
 
@@ -186,9 +200,8 @@ def deploy_command(args: argparse.Namespace) -> int:
     deploy = Deploy(workload=workload, config=config_text, args=tuple(args.guest_args),
                     volumes=_volume_grants(args.volume_key, previous))
     result = trio.run(functools.partial(deploy_to, host, port, deploy, policy,
-                                        stdout=sys.stdout.buffer, stderr=sys.stderr.buffer))
-    print(f"keep: deployed to an attested {result.claims.backend} keep (measurement "
-          f"{result.claims.measurement.hex()}); exit status {result.exit_status}", file=sys.stderr)
+                                        stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                                        announce=sys.stderr))
     if state_path is not None and result.volumes:
         _write_volume_state(state_path, result.volumes, previous)
     if result.error is not None:

@@ -35,6 +35,7 @@ import trio
 from shim.attest import (
     REPORT_DATA_BYTES,
     Accepted,
+    AttestedCertificateProvider,
     AttestedIdentity,
     Backend,
     Conversation,
@@ -67,7 +68,19 @@ class RunOutcome:
     volumes: tuple[VolumeState, ...] = ()
 
 
-Runner = Callable[[Deploy, KeepConfig, "GuestOutput", "GuestOutput"], Awaitable[RunOutcome]]
+@dataclass(frozen=True)
+class Deployment:
+    """What a runner gets: the owner's message, its validated keep.toml, the guest's output
+    streams, and the keep's attested key for the guest's own TLS sockets."""
+
+    message: Deploy
+    config: KeepConfig
+    stdout: GuestOutput
+    stderr: GuestOutput
+    certificates: AttestedCertificateProvider
+
+
+Runner = Callable[[Deployment], Awaitable[RunOutcome]]
 
 
 class EmptyInput:
@@ -131,26 +144,33 @@ class GuestOutput:
 def preflight(deploy: Deploy) -> KeepConfig:
     """Check a deployment before accepting it; a KeepError here becomes `refused`."""
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
-    if config.sockets:
-        raise KeepError("sockets in a deployed keep.toml are not wired into `keep serve` yet")
     if deploy.volumes:
         raise KeepError("encrypted volumes are not wired into `keep serve` yet")
     if config.tls.certificate is not None or config.tls.export_certificate is not None:
-        raise KeepError("a deployed keep.toml cannot name host files ([tls] paths)")
+        raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
+                        "TLS sockets use its attested key")
+    for entry in config.sockets:
+        if getattr(entry, "client_ca", None) is not None or getattr(entry, "ca", None) is not None:
+            raise KeepError(f"socket {entry.name!r}: CA files on the keep host cannot be trusted "
+                            "by a deployed workload (use pin_sha256)")
     return config
 
 
-async def run_deployment(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
-                         stderr: GuestOutput) -> RunOutcome:
-    """The default runner: shim.run with the module bytes in memory and the compile cache off."""
+async def run_deployment(deployment: Deployment) -> RunOutcome:
+    """The default runner: shim.run with the module bytes in memory and the compile cache off;
+    keep.toml sockets are opened with the keep's attested key (shim.sockets)."""
     from shim.run import RunConfig, Stdio, run_module_async
+    from shim.sockets import open_keep_network
 
-    run_config = RunConfig(
-        module="main.wasm", module_bytes=deploy.workload, args=config.args + deploy.args,
-        env=tuple(config.guest_env().items()), stdio=Stdio(EmptyInput(), stdout, stderr),
-        cache=False)
+    message, config = deployment.message, deployment.config
     try:
-        result = await run_module_async(run_config)
+        async with open_keep_network(config, provider=deployment.certificates) as network:
+            run_config = RunConfig(
+                module="main.wasm", module_bytes=message.workload, args=config.args + message.args,
+                env=tuple(config.guest_env().items()),
+                stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr),
+                sockets=network.sockets, cache=False)
+            result = await run_module_async(run_config)
     except KeepError as error:
         return RunOutcome(exit_status=1, error=str(error))
     return RunOutcome(exit_status=result.exit_code,
@@ -244,7 +264,9 @@ class Keep:
             nursery.start_soon(_forward_output, stream, conversation, receive)
             async with send:
                 try:
-                    outcome = await self._runner(deploy, config, stdout, stderr)
+                    outcome = await self._runner(Deployment(
+                        deploy, config, stdout, stderr,
+                        AttestedCertificateProvider(self.identity, self.backend)))
                 except Exception as error:  # a bug in the keep: the owner still gets an answer
                     outcome = RunOutcome(exit_status=70, error=f"keep internal error: "
                                          f"{type(error).__name__}: {error}")

@@ -6,22 +6,36 @@ deterministic."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from fixture_build import WasmFixture
 
-from shim.attest import Deploy, InsecureNilNotAllowed, NilBackend, Policy, VolumeGenerationTooOld, VolumeGrant
-from shim.config import KeepConfig
+from shim.attest import (
+    NO_NONCE,
+    Deploy,
+    InsecureNilNotAllowed,
+    NilBackend,
+    Policy,
+    VolumeGenerationTooOld,
+    VolumeGrant,
+    verify_keep_certificate,
+)
 from shim.deploy import DeployRefused, deploy_to
-from shim.serve import BUSY_REASON, GuestOutput, Keep, RunOutcome
+from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome
 
 NIL_OK = Policy(allow_insecure_nil=True)
 
@@ -165,11 +179,10 @@ def test_the_keep_host_never_sees_the_workload_or_the_keys(keeper: Keeper, wasm_
 async def test_a_keep_that_already_runs_a_workload_refuses_another() -> None:
     started, release = trio.Event(), trio.Event()
 
-    async def runner(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
-                     stderr: GuestOutput) -> RunOutcome:
+    async def runner(deployment: Deployment) -> RunOutcome:
         started.set()
         await release.wait()
-        await trio.to_thread.run_sync(stdout.write, b"first done\n")
+        await trio.to_thread.run_sync(deployment.stdout.write, b"first done\n")
         return RunOutcome(exit_status=5)
 
     keep = Keep(NilBackend(), runner)
@@ -195,9 +208,8 @@ async def test_a_keep_that_already_runs_a_workload_refuses_another() -> None:
 async def test_the_owner_refuses_before_sending_anything_when_evidence_fails() -> None:
     received = []
 
-    async def runner(deploy: Deploy, config: KeepConfig, stdout: GuestOutput,
-                     stderr: GuestOutput) -> RunOutcome:
-        received.append(deploy)
+    async def runner(deployment: Deployment) -> RunOutcome:
+        received.append(deployment.message)
         return RunOutcome(0)
 
     keep = Keep(NilBackend(), runner)
@@ -215,3 +227,70 @@ async def test_a_pin_below_the_policy_minimum_is_refused_before_connecting() -> 
     with pytest.raises(VolumeGenerationTooOld, match="below the policy's min_volume_generation 4"):
         await deploy_to("127.0.0.1", 1, deploy, Policy(min_volume_generation=4, allow_insecure_nil=True),
                         stdout=io.BytesIO(), stderr=io.BytesIO())
+
+
+def test_a_deployed_tls_server_uses_the_attested_key(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                     tmp_path: Path) -> None:
+    """keep.toml's listen socket terminates TLS inside the keep with the key the owner attested:
+    a client pins the SPKI `keep deploy` announced, and the certificate carries nil evidence."""
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    config = tmp_path / "keep.toml"
+    config.write_text('[[files]]\nkind = "stdin"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
+                      f'[[files]]\nkind = "listen"\nname = "echo"\naddr = "127.0.0.1"\nport = {port}\n')
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}", "--allow-insecure-nil",
+         "--config", str(config), str(wasm_fixture("net_echo_server")), "echo", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert deploy.stderr is not None
+        announced = ""
+        while "key spki-sha256" not in announced:
+            announced = deploy.stderr.readline()
+            assert announced, "keep deploy ended before announcing the keep"
+        spki = re.search(r"key spki-sha256 ([0-9a-f]{64})", announced)
+        assert spki is not None
+        payload = os.urandom(3000)
+        certificate, echoed = _echo_with_retries(port, payload)
+        assert echoed == payload
+        leaf = x509.load_der_x509_certificate(certificate)
+        leaf_spki = leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert hashlib.sha256(leaf_spki).hexdigest() == spki.group(1)
+        assert verify_keep_certificate(certificate, NO_NONCE, NIL_OK).backend == "nil"
+        stdout, _ = deploy.communicate(timeout=60)
+        assert deploy.returncode == 0
+        assert "served 1 errors 0" in stdout
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.communicate(timeout=10)
+
+
+def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
+    """Connect (the guest's listener opens once the keep accepted the deployment), send the
+    payload, read it back, end with close_notify; returns (peer certificate DER, echoed bytes)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with context.wrap_socket(raw) as tls:
+        certificate = tls.getpeercert(binary_form=True)
+        assert certificate is not None
+        tls.sendall(payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        tls.unwrap().close()  # close_notify both ways, as the echo server expects
+    return certificate, bytes(received)

@@ -41,7 +41,7 @@ import wasmtime
 from shim.cache import CompileCache
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError
-from wasi_host import Directory, Guest, Socket, Stream
+from wasi_host import Directory, Guest, Socket, Stream, Waiter
 from wasi_host._bind import (
     GuestTrap,
     LinkError,
@@ -94,7 +94,8 @@ class RunConfig:
     `module` is the path as given (it becomes argv[0]); `module_bytes`, when set, is used instead
     of reading that path. `args` are the guest's arguments after argv[0] (with `invoke`, the
     exported function's parameters instead). `preopens` and `sockets` are already-open backends
-    appended after the `dirs` (pre-opened directories come before sockets, as wasi-libc needs).
+    appended after the `dirs` (pre-opened directories come before sockets, as wasi-libc needs);
+    `waiter` blocks poll_oneoff (None: wasi_host's thread waiter; sockets on trio bring their own).
     `stdio` None means the process's own fds 0, 1 and 2."""
 
     module: str
@@ -103,6 +104,7 @@ class RunConfig:
     dirs: tuple[DirectoryMapping, ...] = ()
     preopens: tuple[tuple[str, Directory], ...] = ()
     sockets: tuple[Socket, ...] = ()
+    waiter: Waiter | None = None
     invoke: str | None = None
     timeout: float | None = None
     max_memory: int | None = None
@@ -224,7 +226,8 @@ def _build_guest(config: RunConfig) -> Guest:
         env = [(os.fsencode(name), os.fsencode(value)) for name, value in config.env]
         try:
             return Guest(args=argv, env=env, preopens=preopens, stdin=stdio.stdin,
-                         stdout=stdio.stdout, stderr=stdio.stderr, sockets=config.sockets)
+                         stdout=stdio.stdout, stderr=stdio.stderr, sockets=config.sockets,
+                         waiter=config.waiter)
         except ValueError as error:  # NUL bytes or a bad name in args or env
             raise UsageError(str(error)) from None
     except BaseException:

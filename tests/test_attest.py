@@ -174,6 +174,19 @@ def test_certificate_without_evidence_is_malformed() -> None:
         verify_keep_certificate(b"not a certificate", NONCE, NIL_OK)
 
 
+def test_certificate_with_two_evidence_extensions_is_malformed() -> None:
+    identity = AttestedIdentity()
+    evidence = NilBackend().evidence(report_data_for(identity.spki_der, NONCE))
+    both = (_builder(identity)
+            .add_extension(x509.UnrecognizedExtension(EVIDENCE_OIDS["nil"], der_octet_string(evidence)),
+                           critical=False)
+            .add_extension(x509.UnrecognizedExtension(EVIDENCE_OIDS["sev-snp"], der_octet_string(b"x")),
+                           critical=False)
+            .sign(identity.private_key, hashes.SHA256()))
+    with pytest.raises(MalformedEvidence, match="2 keepshim evidence extensions"):
+        verify_keep_certificate(_der(both), NONCE, NIL_OK)
+
+
 def test_certificate_carries_nil_evidence_under_the_documented_oid() -> None:
     certificate = AttestedIdentity().certificate(NilBackend(), NONCE)
     extension = certificate.extensions.get_extension_for_oid(

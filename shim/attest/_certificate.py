@@ -164,7 +164,7 @@ def verify_keep_certificate(cert_der: bytes, expected_nonce: bytes, policy: Poli
         raise SignatureInvalid(f"the keep's certificate self-signature does not verify ({error or 'bad signature'})") from None
     try:
         backend_name, evidence = evidence_from_certificate(certificate)
-    except ValueError as error:  # cryptography refuses to parse a mangled extension list
+    except (ValueError, x509.DuplicateExtension) as error:  # a mangled extension list
         raise MalformedEvidence(f"the certificate's extensions do not parse: {error}") from None
 
     if backend_name not in policy.allowed_backends:

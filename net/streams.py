@@ -10,8 +10,8 @@ trio. To keep both sides simple and fast, every connection owns two buffers and 
 
 `try_receive` / `try_send` are plain synchronous methods guarded by a lock: they never enter trio,
 so a guest reading data that has already arrived pays no thread hop. They raise BlockingIOError
-when they would block; the caller then waits with `Connection.wait_readable` /
-`wait_writable` through `trio.from_thread.run`. Plaintext already decrypted and buffered counts as
+when they would block; the caller then waits on the board from its own thread
+(`ReadinessBoard.wait_in_thread`), or in trio with `Connection.wait_readable` / `wait_writable`. Plaintext already decrypted and buffered counts as
 readable, which is what `poll_oneoff` must report (Enarx looked at the raw TCP socket instead).
 
 Every state change (data arrived, space freed, connection accepted, peer gone) calls
@@ -39,6 +39,7 @@ import logging
 import math
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,12 +64,28 @@ class ReadinessBoard:
     def __init__(self, trio_token: trio.lowlevel.TrioToken) -> None:
         self._event = trio.Event()
         self._token = trio_token
+        self._condition = threading.Condition()
         self.live_connections = 0
 
     def changed(self) -> None:
         """Call from the trio thread after a state change."""
         self._event.set()
         self._event = trio.Event()
+        with self._condition:
+            self._condition.notify_all()
+
+    def wait_in_thread(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """From a thread that is not trio's: block until `predicate()` holds (True) or `timeout`
+        seconds pass (False). Waking goes straight from `changed` to this thread, without a trio
+        task in between: the guest's blocking calls cost one thread switch, not three."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not predicate():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+        return True
 
     def changed_from_thread(self) -> None:
         """Call from any other thread: schedules `changed` without waiting for it."""
@@ -246,12 +263,16 @@ class Connection:
             try:
                 data = await self._stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                with self._lock:
-                    self._read_error = ConnectionResetError(
-                        errno.ECONNRESET, "peer reset the connection or cut TLS without close_notify: "
-                        + _describe_failure(error))
-                self._board.changed()
-                return
+                if not isinstance(error.__cause__, ssl.SSLZeroReturnError):
+                    with self._lock:
+                        self._read_error = ConnectionResetError(
+                            errno.ECONNRESET, "peer reset the connection or cut TLS without "
+                            "close_notify: " + _describe_failure(error))
+                    self._board.changed()
+                    return
+                # The peer's close_notify after our own: CPython's SSLObject.read raises
+                # SSLZeroReturnError instead of returning b"" once both directions are shut.
+                data = b""
             with self._lock:
                 if not data:
                     self._eof = True

@@ -63,6 +63,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trap-unknown-imports", action="store_true",
                         help="link imports the keep does not provide as functions that trap")
     parser.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    parser.add_argument("--config", metavar="KEEP.toml",
+                        help="keep.toml (or an Enarx.toml): args, env, stdio and TLS sockets")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help='allow keep.toml sockets with prot = "tcp" (the host sees plaintext)')
     parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to run")
     parser.add_argument("guest_args", nargs=argparse.REMAINDER, metavar="ARGS",
                         help="arguments passed to the guest")

@@ -28,6 +28,7 @@ fill it in `shim.cli._add_run_arguments` / `config_from_arguments`, and consume 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ import trio
 import wasmtime
 
 from shim.cache import CompileCache
+from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
@@ -96,7 +98,9 @@ class RunConfig:
     exported function's parameters instead). `preopens` and `sockets` are already-open backends
     appended after the `dirs` (pre-opened directories come before sockets, as wasi-libc needs);
     `waiter` blocks poll_oneoff (None: wasi_host's thread waiter; sockets on trio bring their own).
-    `stdio` None means the process's own fds 0, 1 and 2."""
+    `stdio` None means the process's own fds 0, 1 and 2. `keep_config` (keep.toml) adds its args,
+    environment, stdio and sockets around the run (shim.sockets); `insecure_plaintext` is the
+    operator's opt-in to its `prot = "tcp"` sockets."""
 
     module: str
     args: tuple[str, ...] = ()
@@ -114,6 +118,8 @@ class RunConfig:
     cache_dir: Path | None = None
     module_bytes: bytes | None = field(default=None, repr=False)
     stdio: Stdio | None = None
+    keep_config: KeepConfig | None = None
+    insecure_plaintext: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
@@ -150,6 +156,13 @@ def run_module(config: RunConfig) -> RunResult:
 
 async def run_module_async(config: RunConfig) -> RunResult:
     """Run one guest to completion inside the current trio loop."""
+    if config.keep_config is not None:  # keep.toml's sockets live exactly as long as the guest
+        from net.policy import NetworkPolicy
+        from shim.sockets import run_with_keep_config
+
+        return await run_with_keep_config(dataclasses.replace(config, keep_config=None),
+                                          config.keep_config,
+                                          NetworkPolicy(allow_plaintext=config.insecure_plaintext))
     wasm = _read_module(config)
     settings = config.engine_settings
     engine = settings.make_engine()
@@ -362,6 +375,8 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
         fuel=args.fuel,
         trap_unknown_imports=args.trap_unknown_imports,
         cache=not args.no_cache,
+        keep_config=load_config(Path(args.config)) if args.config else None,
+        insecure_plaintext=args.insecure_plaintext,
     )
 
 

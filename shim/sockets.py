@@ -10,9 +10,11 @@ binds the listeners, connects the connect entries, and yields a `KeepNetwork` wh
 
 The guest calls these objects from its worker thread. Anything that can be answered from the
 connection's buffers is answered there, under a lock, without entering trio (`net.streams`
-explains the buffers). Only a call that must block enters trio, once, through
-`trio.from_thread.run`, and waits on the keep's readiness board; handshakes happen in trio tasks
-of their own, so a blocked or slow peer never holds the guest or the event loop.
+explains the buffers). A call that must block waits on the keep's readiness board from the guest
+thread itself (a condition the trio side notifies, so waking costs one thread switch); only a
+poll_oneoff that also watches a host fd (stdin) enters trio through `trio.from_thread.run`.
+Handshakes happen in trio tasks of their own, so a blocked or slow peer never holds the guest or
+the event loop.
 
 Errors leave here as OSError with the errno the guest should see (wasi_host maps it once):
 EAGAIN for a non-blocking call that would block, ECONNRESET when the peer went away (or cut TLS
@@ -23,10 +25,11 @@ keep is stopping.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -54,7 +57,8 @@ from net.tls import (
 )
 from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError
-from wasi_host._backend import Buffer, Pollable, Readiness
+from shim.run import RunConfig, RunResult, Stdio
+from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 
 log = logging.getLogger("keep.net")
 
@@ -66,21 +70,16 @@ class NetworkError(KeepError):
 
 
 class _Bridge:
-    """The guest thread's way into trio, and the keep-wide "stopping" flag."""
+    """How the guest thread waits for the keep's sockets, and the keep-wide "stopping" flag."""
 
     def __init__(self, token: trio.lowlevel.TrioToken, board: ReadinessBoard) -> None:
         self.token = token
         self.board = board
         self.stopping = False
 
-    def block(self, wait: Callable[[], Awaitable[object]]) -> None:
-        """Run `wait` in trio and block this thread until it returns."""
-        if self.stopping:
-            raise OSError(errno.ECANCELED, "the keep is stopping")
-        try:
-            trio.from_thread.run(wait, trio_token=self.token)
-        except trio.RunFinishedError:
-            raise OSError(errno.ECANCELED, "the keep is stopping") from None
+    def block_until(self, ready: Callable[[], bool]) -> None:
+        """Block this (non-trio) thread until `ready()`; ECANCELED once the keep is stopping."""
+        self.board.wait_in_thread(lambda: self.stopping or ready())
         if self.stopping:
             raise OSError(errno.ECANCELED, "the keep is stopping")
 
@@ -141,17 +140,11 @@ class ConnectionSocket:
             except BlockingIOError:
                 if nonblocking:
                     raise
-            self._bridge.block(connection.wait_readable)
+            self._bridge.block_until(connection.readable)
 
     def _wait_for(self, ready: Callable[[], bool]) -> None:
         if not ready():
-            board = self._bridge.board
-            bridge = self._bridge
-
-            async def wait() -> None:
-                await board.wait_until(lambda: ready() or bridge.stopping)
-
-            self._bridge.block(wait)
+            self._bridge.block_until(ready)
 
     def send(self, data: Buffer, *, nonblocking: bool) -> int:
         connection = self.connection
@@ -165,7 +158,7 @@ class ConnectionSocket:
                     if sent:
                         return sent
                     raise
-                self._bridge.block(connection.wait_writable)
+                self._bridge.block_until(connection.writable)
             except BrokenPipeError:
                 if sent:
                     return sent
@@ -204,7 +197,7 @@ class ListenerSocket:
             except BlockingIOError:
                 if nonblocking:
                     raise
-            self._bridge.block(self.listener.wait_readable)
+            self._bridge.block_until(self.listener.readable)
 
     def recv(self, size: int, *, peek: bool, waitall: bool, nonblocking: bool) -> bytes:
         raise OSError(errno.ENOTCONN, "a listening socket carries no data")
@@ -238,6 +231,9 @@ class TrioWaiter:
             return bridge.stopping or any(p.readiness(w) is not None for p, w in interests)
 
         foreign = [(p, w) for p, w in interests if not isinstance(p, ConnectionSocket | ListenerSocket)]
+        if not foreign:  # only keep sockets: wait on the board from this thread, no trio task
+            board.wait_in_thread(ready, timeout)
+            return
 
         async def watch_fd(fd: int, write: bool) -> None:
             try:
@@ -269,6 +265,39 @@ class TrioWaiter:
             trio.from_thread.run(wait, trio_token=bridge.token)
         except trio.RunFinishedError:
             return
+
+
+class NullStream:
+    """keep.toml's `null` file: reads see end of file, writes are accepted and dropped."""
+
+    def read(self, size: int) -> bytes:
+        return b""
+
+    def write(self, data: Buffer) -> int:
+        return len(memoryview(data))
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return Readiness(0, hangup=not write)
+
+    def fileno(self) -> int | None:
+        return None
+
+    def is_terminal(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def stdio_streams(config: KeepConfig) -> tuple[Stream, Stream, Stream]:
+    """fds 0, 1 and 2 as keep.toml describes them: the process's own stdio, or null."""
+    from wasi_host.streams import OsStream
+
+    own = {"stdin": 0, "stdout": 1, "stderr": 2}
+    streams: list[Stream] = []
+    for entry in config.stdio:
+        streams.append(NullStream() if entry.kind == "null" else OsStream(own[entry.kind]))
+    return streams[0], streams[1], streams[2]
 
 
 @dataclass
@@ -305,12 +334,12 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
         identity = None
         if any(entry.prot == "tls" for entry in entries):
             identity = (provider or _identity_provider(config)).identity()
-            if config.tls.export_certificate is not None:
-                _export_certificate(config, identity)
     except NetError as error:
         raise _translate(error) from None
     board = ReadinessBoard(trio.lowlevel.current_trio_token())
     bridge = _Bridge(trio.lowlevel.current_trio_token(), board)
+    # Errors leave after the nursery closes, so callers see them as themselves, not in a group.
+    failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         sockets: list[ListenerSocket | ConnectionSocket] = []
         listeners: dict[str, Listener] = {}
@@ -323,15 +352,19 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
                 else:
                     connection = await _connect(entry, identity, board, nursery)
                     sockets.append(ConnectionSocket(connection, bridge))
+            if identity is not None and config.tls.export_certificate is not None:
+                _export_certificate(config, identity)  # last: its appearance means "listening"
         except NetError as error:
-            nursery.cancel_scope.cancel()
-            raise _translate(error) from None
+            failure = _translate(error)
         except OSError as error:
-            nursery.cancel_scope.cancel()
-            raise NetworkError(f"cannot open the keep's sockets: {error.strerror or error}") from None
-        try:
-            yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners)
-        finally:
+            failure = NetworkError(f"cannot open the keep's sockets: {error.strerror or error}")
+        except NetworkError as error:
+            failure = error
+        if failure is None:
+            try:
+                yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners)
+            except BaseException as error:  # the guest run's own outcome, re-raised below
+                failure = error
             bridge.stopping = True
             for socket in sockets:
                 socket.close()
@@ -339,14 +372,18 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
             with trio.move_on_after(STOP_GRACE_SECONDS) as scope:
                 scope.shield = True  # queued data and close_notify get a moment to leave
                 await board.wait_until(lambda: board.live_connections == 0)
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:
     path = config.tls.export_certificate
     assert path is not None
     try:
-        path.write_bytes(identity.certificate_chain_pem)
+        temporary = path.with_name(path.name + ".partial")
+        temporary.write_bytes(identity.certificate_chain_pem)
+        temporary.replace(path)
     except OSError as error:
         raise NetworkError(f"cannot write the certificate to {path}: {error.strerror}") from None
 
@@ -374,3 +411,37 @@ async def _connect(entry: ConnectFile, identity: KeepIdentity | None, board: Rea
                                      server_name=entry.server_name)
     except NetError as error:
         raise NetworkError(f'connect "{entry.name}": {error}') from None
+
+
+def preopen_names(run_config: RunConfig) -> list[str]:
+    """The guest paths of a run's pre-opened directories, in fd order."""
+    return [mapping.guest for mapping in run_config.dirs] + [name for name, _ in run_config.preopens]
+
+
+def with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
+                     network: KeepNetwork | None) -> RunConfig:
+    """`run_config` completed from keep.toml: its args come first (then the command line's), its
+    environment (FD_COUNT, FD_NAMES, [env]) under the command line's --env, stdio as its first
+    three entries say, and the network's sockets and waiter."""
+    env = dict(keep_config.guest_env(preopen_names(run_config)))
+    env.update(dict(run_config.env))
+    stdin, stdout, stderr = stdio_streams(keep_config)
+    return dataclasses.replace(
+        run_config,
+        args=keep_config.args + run_config.args,
+        env=tuple(env.items()),
+        stdio=run_config.stdio or Stdio(stdin, stdout, stderr),
+        sockets=network.sockets if network is not None else (),
+        waiter=network.waiter if network is not None else None,
+    )
+
+
+async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
+                               policy: NetworkPolicy) -> RunResult:
+    """Run a guest with keep.toml's files: the sockets live exactly as long as the guest."""
+    from shim.run import run_module_async
+
+    if not keep_config.sockets:
+        return await run_module_async(with_keep_config(run_config, keep_config, None))
+    async with open_keep_network(keep_config, policy) as network:
+        return await run_module_async(with_keep_config(run_config, keep_config, network))

@@ -93,36 +93,23 @@ class SectorCipher:
 
     def encrypt(self, sector_number: int, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Encrypt exactly one sector."""
-        self._check_length(plaintext, single=True)
-        return self.encrypt_run(sector_number, plaintext)
+        return self._run(True, sector_number, plaintext, single=True)
 
     def decrypt(self, sector_number: int, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypt exactly one sector."""
-        self._check_length(ciphertext, single=True)
-        return self.decrypt_run(sector_number, ciphertext)
+        return self._run(False, sector_number, ciphertext, single=True)
 
     def encrypt_run(self, first_sector: int, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt consecutive whole sectors starting at `first_sector` (one data unit each)."""
-        self._check_length(data, single=False)
-        self.tweak(first_sector + len(data) // self._sector_size - 1)  # range check, once
-        if self._fast is not None:
-            return self._fast.run(True, self._tweaks(first_sector, len(data)), data,
-                                  self._sector_size)
-        return self._pyca_run(True, first_sector, data)
+        return self._run(True, first_sector, data, single=False)
 
     def decrypt_run(self, first_sector: int, data: bytes | bytearray | memoryview) -> bytes:
         """Decrypt consecutive whole sectors starting at `first_sector`."""
-        self._check_length(data, single=False)
-        self.tweak(first_sector + len(data) // self._sector_size - 1)
-        if self._fast is not None:
-            return self._fast.run(False, self._tweaks(first_sector, len(data)), data,
-                                  self._sector_size)
-        return self._pyca_run(False, first_sector, data)
+        return self._run(False, first_sector, data, single=False)
 
     def encrypt_into(self, first_sector: int, data: bytes | bytearray | memoryview,
                      out: bytearray | memoryview) -> None:
-        """`encrypt_run` into a caller-owned buffer of the same length (no allocation: reusing
-        one buffer avoids page faults on fresh memory, which dominate large runs on VMs)."""
+        """`encrypt_run` into a caller-owned buffer of the same length (no allocation)."""
         self._into(True, first_sector, data, out)
 
     def decrypt_into(self, first_sector: int, data: bytes | bytearray | memoryview,
@@ -130,38 +117,47 @@ class SectorCipher:
         """`decrypt_run` into a caller-owned buffer of the same length."""
         self._into(False, first_sector, data, out)
 
+    def _run(self, encrypting: bool, first_sector: int, data: bytes | bytearray | memoryview, *,
+             single: bool) -> bytes:
+        tweaks = self._tweaks(first_sector, data, single)
+        if self._fast is not None:
+            return self._fast.run(encrypting, tweaks, data, self._sector_size)
+        return self._pyca_run(encrypting, tweaks, data)
+
     def _into(self, encrypting: bool, first_sector: int, data: bytes | bytearray | memoryview,
               out: bytearray | memoryview) -> None:
-        self._check_length(data, single=False)
+        tweaks = self._tweaks(first_sector, data, False)
         target = memoryview(out).cast("B")
-        length = memoryview(data).nbytes
-        if target.readonly or target.nbytes != length:
+        if target.readonly or target.nbytes != len(tweaks) * self._sector_size:
             raise ValueError("output buffer must be writable and as long as the input")
-        self.tweak(first_sector + length // self._sector_size - 1)
         if self._fast is not None:
-            self._fast.run_into(encrypting, self._tweaks(first_sector, length), data, target,
-                                self._sector_size)
+            self._fast.run_into(encrypting, tweaks, data, target, self._sector_size)
         else:
-            target[:] = self._pyca_run(encrypting, first_sector, data)
+            target[:] = self._pyca_run(encrypting, tweaks, data)
 
-    def _tweaks(self, first_sector: int, length: int) -> range:
-        start = first_sector * self._units_per_sector + self._iv_offset
-        return range(start, start + (length // self._sector_size) * self._units_per_sector,
-                     self._units_per_sector)
+    def _tweaks(self, first_sector: int, data: bytes | bytearray | memoryview,
+                single: bool) -> range:
+        """The tweak of every sector in `data`, after checking lengths and the plain64 range
+        (the one validation point of every public method)."""
+        length = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        size = self._sector_size
+        if single and length != size:
+            raise ValueError(f"a sector is {size} bytes, not {length}")
+        if length == 0 or length % size:
+            raise ValueError(f"{length} bytes is not a whole number of {size}-byte sectors")
+        units = self._units_per_sector
+        start = first_sector * units + self._iv_offset
+        end = start + (length // size) * units
+        if first_sector < 0 or end - units >= 1 << 64:
+            raise ValueError(f"sector number {first_sector} out of the plain64 range")
+        return range(start, end, units)
 
-    def _check_length(self, data: bytes | bytearray | memoryview, *, single: bool) -> None:
-        length = memoryview(data).nbytes
-        if single and length != self._sector_size:
-            raise ValueError(f"a sector is {self._sector_size} bytes, not {length}")
-        if length == 0 or length % self._sector_size:
-            raise ValueError(f"{length} bytes is not a whole number of {self._sector_size}-byte sectors")
-
-    def _pyca_run(self, encrypting: bool, first_sector: int,
+    def _pyca_run(self, encrypting: bool, tweaks: range,
                   data: bytes | bytearray | memoryview) -> bytes:
         view = memoryview(data).cast("B")
         size = self._sector_size
         pieces = []
-        for index, tweak in enumerate(self._tweaks(first_sector, len(view))):
+        for index, tweak in enumerate(tweaks):
             cipher = Cipher(self._algorithm, modes.XTS(tweak.to_bytes(16, "little")))
             context = cipher.encryptor() if encrypting else cipher.decryptor()
             pieces.append(context.update(view[index * size:(index + 1) * size]))
@@ -172,8 +168,8 @@ class SectorCipher:
         """The fast path must match pyca on random sectors with this very key, both ways."""
         sample = os.urandom(self._sector_size * _SELF_TEST_SECTORS)
         first = int.from_bytes(os.urandom(4), "little")
-        tweaks = self._tweaks(first, len(sample))
-        reference = self._pyca_run(True, first, sample)
+        tweaks = self._tweaks(first, sample, False)
+        reference = self._pyca_run(True, tweaks, sample)
         if fast.run(True, tweaks, sample, self._sector_size) != reference:
             raise SelfTestFailed("libcrypto XTS encryption disagrees with pyca")
         if fast.run(False, tweaks, reference, self._sector_size) != sample:

@@ -157,3 +157,15 @@ def test_openssl_aes_decrypts_one_sector_with_the_luks2_tweak() -> None:
     plaintext = os.urandom(4096)
     ciphertext = cipher.encrypt(9, plaintext)
     assert xts_decrypt_with_openssl(key, 9 * 8, ciphertext) == plaintext
+
+
+def test_sector_numbers_outside_plain64_are_refused() -> None:
+    cipher = SectorCipher(os.urandom(64), sector_size=4096)
+    last = ((1 << 64) - 8) // 8  # the last 4 KiB sector whose tweak fits 64 bits
+    assert len(cipher.encrypt(last, bytes(4096))) == 4096
+    with pytest.raises(ValueError, match="plain64"):
+        cipher.encrypt(last + 1, bytes(4096))
+    with pytest.raises(ValueError, match="plain64"):
+        cipher.encrypt_run(last, bytes(8192))  # the run's second sector overflows
+    with pytest.raises(ValueError, match="plain64"):
+        cipher.decrypt(-1, bytes(4096))

@@ -156,7 +156,7 @@ def _parent_and_name(fs: Filesystem, path: str) -> tuple[Attr, bytes]:
     parts = _split_path(path)
     if not parts:
         raise _VolumePathError(errno.EEXIST, path)
-    parent = _resolve(fs, "/".join(os.fsdecode(part) for part in parts[:-1]))
+    parent = _resolve(fs, "/" + "/".join(os.fsdecode(part) for part in parts[:-1]))
     if not parent.is_dir:
         raise _VolumePathError(errno.ENOTDIR, path)
     return parent, parts[-1]

@@ -374,3 +374,65 @@ def test_a_bad_keep_toml_names_the_line_and_key(tmp_path: Path, wasm_fixture,
     assert result.stderr.strip() == (
         f"keep: {tmp_path / 'keep.toml'}:13: files[3].port: "
         "expected a port number 0-65535, got 'https'")
+
+
+def test_keep_toml_args_env_and_fd_names_reach_the_guest(tmp_path: Path, wasm_fixture,
+                                                         env: dict[str, str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    toml = ('args = ["from-toml"]\n[env]\nGREETING = "hello from keep.toml"\n\n' + STDIO
+            + listen_entry("web", free_port()))
+    result = run_keep_sync(tmp_path, wasm_fixture("args_env"), toml, ["from-cli"], env,
+                           extra=["--dir", f"{data}::/data", "--env", "EMPTY="])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "argc=3" in lines and "argv[1]=[from-toml]" in lines and "argv[2]=[from-cli]" in lines
+    assert "env[FD_COUNT=5]" in lines
+    assert "env[FD_NAMES=stdin:stdout:stderr:/data:web]" in lines
+    assert "getenv(GREETING)=[hello from keep.toml]" in lines
+    assert "getenv(EMPTY)=[]" in lines
+
+
+def test_preopened_directories_still_work_next_to_sockets(tmp_path: Path, wasm_fixture,
+                                                          env: dict[str, str]) -> None:
+    outputs = []
+    for case, toml in (("plain", STDIO), ("sockets", STDIO + listen_entry("a", free_port())
+                                                     + listen_entry("b", free_port()))):
+        sandbox = tmp_path / case / "sandbox"
+        sandbox.mkdir(parents=True)
+        result = run_keep_sync(tmp_path / case, wasm_fixture("files_basic"), toml, [], env,
+                               extra=["--dir", f"{sandbox}::/sandbox"])
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1]
+    assert "open O_WRONLY: ok" in outputs[1]  # the pre-open was found: files were opened
+
+
+def test_null_stdout_discards_output(tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
+    toml = '[[files]]\nkind = "stdin"\n[[files]]\nkind = "null"\n[[files]]\nkind = "stderr"\n'
+    result = run_keep_sync(tmp_path, wasm_fixture("hello"), toml, [], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    plain = run_keep_sync(tmp_path, wasm_fixture("hello"), STDIO, [], env)
+    assert plain.stdout != ""
+
+
+@deadline
+async def test_a_client_stuck_in_its_handshake_does_not_hold_up_others(
+        tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
+                                STDIO + listen_entry("echo", port), ["echo", "3"], env)
+        await keep.wait_listening()
+        silent = await trio.open_tcp_stream("127.0.0.1", port)  # never sends a ClientHello
+        half = await trio.open_tcp_stream("127.0.0.1", port)
+        await half.send_all(b"\x16\x03\x01\x02\x00")  # the first bytes of a record, then nothing
+        context = keep.client_context()
+        for index in range(3):
+            payload = f"served while two handshakes hang ({index})".encode()
+            assert await echo_once(port, context, payload) == payload
+        assert await keep.finish() == 0
+        await silent.aclose()
+        await half.aclose()
+    assert "served 3 errors 0" in keep.stdout

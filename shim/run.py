@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,9 @@ class RunConfig:
     `waiter` blocks poll_oneoff (None: wasi_host's thread waiter; sockets on trio bring their own).
     `stdio` None means the process's own fds 0, 1 and 2. `keep_config` (keep.toml) adds its args,
     environment, stdio and sockets around the run (shim.sockets); `insecure_plaintext` is the
-    operator's opt-in to its `prot = "tcp"` sockets."""
+    operator's opt-in to its `prot = "tcp"` sockets. `interruptible` makes cancelling
+    `run_module_async` stop the guest (through epoch checks, which cost about 20% in tight loops,
+    so it is off unless asked for; `timeout` turns the same checks on)."""
 
     module: str
     args: tuple[str, ...] = ()
@@ -120,6 +123,7 @@ class RunConfig:
     stdio: Stdio | None = None
     keep_config: KeepConfig | None = None
     insecure_plaintext: bool = False
+    interruptible: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
@@ -131,7 +135,7 @@ class RunConfig:
 
     @property
     def engine_settings(self) -> EngineSettings:
-        return EngineSettings(epoch_interruption=self.timeout is not None,
+        return EngineSettings(epoch_interruption=self.timeout is not None or self.interruptible,
                               consume_fuel=self.fuel is not None)
 
 
@@ -169,12 +173,18 @@ async def run_module_async(config: RunConfig) -> RunResult:
     module, cache_hit = await trio.to_thread.run_sync(_compile, engine, settings, wasm, config)
     guest = _build_guest(config)
     run = _GuestRun(config, engine, module, guest)
+    finished = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             if config.timeout is not None:
                 nursery.start_soon(_interrupt_after, engine, config.timeout)
-            # captured, so a KeepError leaves the nursery as itself, not in an ExceptionGroup
+            if config.interruptible:
+                nursery.start_soon(_interrupt_when_cancelled, engine, finished)
+            # The worker thread cannot be abandoned (it owns the guest), so a cancelled run waits
+            # here until the epoch tick has stopped the guest. Captured, so that a KeepError leaves
+            # the nursery as itself rather than inside an ExceptionGroup.
             captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
+            finished.set()
             nursery.cancel_scope.cancel()
     finally:
         guest.close()
@@ -191,6 +201,18 @@ async def _interrupt_after(engine: wasmtime.Engine, seconds: float) -> None:
     while True:
         engine.increment_epoch()
         await trio.sleep(0.01)
+
+
+async def _interrupt_when_cancelled(engine: wasmtime.Engine, finished: trio.Event) -> None:
+    """When the run is cancelled (and not merely finished), tick the epoch until the guest
+    thread has stopped."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            while not finished.is_set():
+                engine.increment_epoch()
+                await trio.sleep(0.01)
 
 
 def _read_module(config: RunConfig) -> bytes:
@@ -282,8 +304,8 @@ class _GuestRun:
         linker = wasmtime.Linker(self._engine)
         binding = bind_host_functions(linker, WASI_MODULE, FUNCTIONS, self._guest)
         try:
-            if config.timeout is not None:
-                store.set_epoch_deadline(1)  # one increment_epoch() from the timer stops the guest
+            if config.engine_settings.epoch_interruption:
+                store.set_epoch_deadline(1)  # one increment_epoch() stops the guest
             if config.max_memory is not None:
                 store.set_limits(memory_size=config.max_memory)
             if config.fuel is not None:
@@ -383,6 +405,9 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
 def run_command(args: argparse.Namespace) -> int:
     """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
     config = config_from_arguments(args)
+    # Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise wait for a
+    # guest that has no epoch checks to notice it).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     result = run_module(config)
     if result.trap is not None:
         print(f"keep: {config.module}: guest trapped:\n{result.trap}", file=sys.stderr)

@@ -7,6 +7,7 @@ CLI-facing behaviour (one-line errors, exit statuses, nothing like a traceback o
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 import wasmtime
 from fixture_build import FixtureBuilder
 
-from shim.run import DirectoryMapping, RunConfig, RunResult, Stdio, run_module
+from shim.run import DirectoryMapping, RunConfig, RunResult, Stdio, run_module, run_module_async
 from wasi_host.streams import MemoryStream
 
 TRAP = 134
@@ -306,3 +308,47 @@ def test_two_guests_in_two_threads_each_get_their_own_result(fixtures: FixtureBu
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+# cancellation -------------------------------------------------------------------------------------
+
+def test_cancelling_an_interruptible_run_stops_the_guest(fixtures: FixtureBuilder) -> None:
+    """The guest thread cannot be abandoned, so cancellation must reach it through the epoch."""
+    module = fixtures.build("endless_loop")
+    stdout = MemoryStream()
+    config = RunConfig(module=str(module), interruptible=True,
+                       stdio=Stdio(MemoryStream(), stdout, MemoryStream()))
+    outcomes: list[str] = []
+
+    async def cancel_once_looping() -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_module_async, config)
+                while stdout.output != b"looping\n":
+                    await trio.sleep(0.01)
+                scope.cancel()
+        outcomes.append("cancelled" if scope.cancelled_caught else "finished")
+
+    # a hang guard, not a timing assertion: without interruption the loop never ends
+    thread = threading.Thread(target=trio.run, args=(cancel_once_looping,), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the cancelled guest kept running"
+    assert outcomes == ["cancelled"]
+
+
+def test_ctrl_c_ends_keep_run_at_once(fixtures: FixtureBuilder) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "shim", "run", str(fixtures.build("endless_loop"))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"looping\n"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)  # a hang guard
+    finally:
+        process.kill()
+        process.wait()
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGINT

@@ -18,15 +18,12 @@ SUPPORTED_HASHES = frozenset({"sha1", "sha256", "sha512"})
 
 
 def _diffuse(block: bytes, hash_name: str) -> bytes:
-    digest_size = hashlib.new(hash_name).digest_size
-    pieces = []
-    for index, start in enumerate(range(0, len(block), digest_size)):
-        chunk = block[start:start + digest_size]
-        hasher = hashlib.new(hash_name)
-        hasher.update(index.to_bytes(4, "big"))
-        hasher.update(chunk)
-        pieces.append(hasher.digest()[:len(chunk)])
-    return b"".join(pieces)
+    hash_function = getattr(hashlib, hash_name)
+    digest_size = hash_function().digest_size
+    return b"".join(
+        hash_function(index.to_bytes(4, "big") + block[start:start + digest_size]).digest()[
+            :min(digest_size, len(block) - start)]
+        for index, start in enumerate(range(0, len(block), digest_size)))
 
 
 def _xor(left: bytes, right: bytes) -> bytes:

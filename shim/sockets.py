@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import outcome
 import trio
 
 from net.errors import NetError
@@ -308,6 +309,12 @@ class KeepNetwork:
     waiter: TrioWaiter
     identity: KeepIdentity | None
     listeners: dict[str, Listener]
+    bridge: _Bridge
+
+    def stop(self) -> None:
+        """From the trio thread: every blocked and later socket call fails with ECANCELED."""
+        self.bridge.stopping = True
+        self.bridge.board.changed()
 
 
 def _identity_provider(config: KeepConfig) -> CertificateProvider:
@@ -362,7 +369,7 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
             failure = error
         if failure is None:
             try:
-                yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners)
+                yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners, bridge)
             except BaseException as error:  # the guest run's own outcome, re-raised below
                 failure = error
             bridge.stopping = True
@@ -444,4 +451,17 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
     if not keep_config.sockets:
         return await run_module_async(with_keep_config(run_config, keep_config, None))
     async with open_keep_network(keep_config, policy) as network:
-        return await run_module_async(with_keep_config(run_config, keep_config, network))
+        guest_config = with_keep_config(run_config, keep_config, network)
+        async with trio.open_nursery() as nursery:
+            if run_config.timeout is not None:
+                # The engine's epoch only stops wasm code; a guest blocked in accept or recv
+                # must be woken too (ECANCELED), then it traps at its next instruction.
+                nursery.start_soon(_stop_after, network, run_config.timeout)
+            result = await outcome.acapture(run_module_async, guest_config)
+            nursery.cancel_scope.cancel()
+        return result.unwrap()
+
+
+async def _stop_after(network: KeepNetwork, seconds: float) -> None:
+    await trio.sleep(seconds)
+    network.stop()

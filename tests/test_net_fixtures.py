@@ -436,3 +436,13 @@ async def test_a_client_stuck_in_its_handshake_does_not_hold_up_others(
         await silent.aclose()
         await half.aclose()
     assert "served 3 errors 0" in keep.stdout
+
+
+def test_timeout_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixture,
+                                                 env: dict[str, str]) -> None:
+    toml = STDIO + listen_entry("https", free_port())
+    result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["https", "1"], env,
+                           extra=["--timeout", "1"], timeout=30)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "served" not in result.stdout

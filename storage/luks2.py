@@ -264,6 +264,9 @@ class LuksVolume:
         del raw["keyslots"][str(keyslot)]
         for digest in raw["digests"].values():
             digest["keyslots"] = [n for n in digest["keyslots"] if n != str(keyslot)]
+        for token in raw["tokens"].values():  # e.g. systemd-cryptenroll's, as cryptsetup does
+            if isinstance(token, dict) and isinstance(token.get("keyslots"), list):
+                token["keyslots"] = [n for n in token["keyslots"] if n != str(keyslot)]
         self._commit(raw)
         self._device.write(area.area_offset, os.urandom(area.area_size))
         self._device.sync()

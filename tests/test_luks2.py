@@ -115,6 +115,17 @@ def test_add_change_and_remove_keyslots() -> None:
         volume.remove_keyslot(7)
 
 
+def test_tokens_survive_rewrites_and_lose_removed_keyslots() -> None:
+    device, volume = _formatted()
+    slot = volume.add_keyslot(b"token slot", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    token = {"type": "systemd-tpm2", "keyslots": ["0", str(slot)], "tpm2-blob": "AAAA"}
+    _rewrite_metadata(device, lambda raw: raw["tokens"].update({"0": token}))
+    reopened = open_luks2(device, b"token slot")
+    reopened.remove_keyslot(slot)
+    tokens = read_metadata(device).raw["tokens"]
+    assert tokens["0"]["keyslots"] == ["0"] and tokens["0"]["tpm2-blob"] == "AAAA"
+
+
 def test_removed_keyslot_area_is_wiped() -> None:
     device, volume = _formatted()
     slot = volume.add_keyslot(b"temporary", pbkdf="pbkdf2", cost=FAST_PBKDF2)

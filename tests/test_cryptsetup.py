@@ -135,3 +135,15 @@ def test_data_we_encrypt_decrypts_with_the_key_cryptsetup_dumps(tmp_path: Path) 
     ciphertext = image.read_bytes()[data_offset + sector * 4096:data_offset + (sector + 1) * 4096]
 
     assert xts_decrypt_with_openssl(key, sector * 8, ciphertext) == plaintext
+
+
+def test_a_token_cryptsetup_imported_survives_our_keyslot_changes(tmp_path: Path) -> None:
+    image, _ = our_image(tmp_path, "pbkdf2")
+    token_file = tmp_path / "token.json"
+    token_file.write_text('{"type":"keepshim-test","keyslots":["0"],"note":"kept"}')
+    cryptsetup("token", "import", "--json-file", token_file, image)
+    with FileBlockDevice(image, writable=True) as device:
+        open_luks2(device, PASSPHRASE).add_keyslot(b"another", pbkdf="pbkdf2", cost=KdfCost(1000))
+    exported = cryptsetup("token", "export", "--token-id", "0", image).stdout
+    assert '"note":"kept"' in exported.replace(" ", "")
+    cryptsetup("open", "--test-passphrase", image, key=b"another")

@@ -173,6 +173,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to wait for the owner's deployment (port 0: any free port)")
     parser.add_argument("--backend", default="nil", choices=["nil", "sev-snp", "tdx", "sgx"],
                         help="attestation backend (default nil: INSECURE, no hardware)")
+    parser.add_argument("--volume", action="append", default=[], metavar="NAME=IMAGE",
+                        help="offer encrypted volume image IMAGE as NAME (the owner sends its key)")
 
     def handler(args: argparse.Namespace) -> int:
         from shim.serve import serve_command
@@ -191,7 +193,8 @@ def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-insecure-nil", action="store_true",
                         help="accept a keep on the nil backend (no hardware, forgeable evidence)")
     parser.add_argument("--volume-key", action="append", default=[], metavar="NAME=KEYFILE",
-                        help="send volume NAME's key (the file's exact bytes) to the attested keep")
+                        help="send volume NAME's key file (its exact bytes, as cryptsetup --key-file) "
+                             "to the attested keep")
     parser.add_argument("--volume-state", metavar="STATE.json",
                         help="pin volume generations from this file and store the returned ones")
     parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to deploy")

@@ -76,12 +76,19 @@ def check_pins(deploy: Deploy, policy: Policy) -> None:
 
 
 def check_returned_volumes(deploy: Deploy, returned: Sequence[VolumeState]) -> None:
-    """A volume that comes back older than it was pinned has been rolled back."""
-    pins = {grant.name: grant.pinned_generation or 0 for grant in deploy.volumes}
-    for state in returned:
-        if state.name in pins and state.generation < pins[state.name]:
-            raise VolumeGenerationTooOld(f"volume {state.name!r} came back at generation "
-                                         f"{state.generation}, older than the pinned {pins[state.name]}")
+    """Every granted volume comes back, as the pinned volume (uuid), not older than its pin."""
+    states = {state.name: state for state in returned}
+    for grant in deploy.volumes:
+        state = states.get(grant.name)
+        if state is None:
+            raise VolumeGenerationTooOld(f"volume {grant.name!r}: the keep returned no state for it")
+        if grant.pinned_uuid is not None and state.uuid != grant.pinned_uuid:
+            raise VolumeGenerationTooOld(f"volume {grant.name!r} came back as another volume "
+                                         f"(uuid {state.uuid}, pinned {grant.pinned_uuid})")
+        if state.generation < (grant.pinned_generation or 0):
+            raise VolumeGenerationTooOld(f"volume {grant.name!r} came back at generation "
+                                         f"{state.generation}, older than the pinned "
+                                         f"{grant.pinned_generation}")
 
 
 async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
@@ -162,8 +169,11 @@ def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> 
             key = Path(key_path).read_bytes()
         except OSError as error:
             raise UsageError(f"--volume-key {name}: cannot read {key_path}: {error.strerror}") from None
-        pinned = pins.get(name, {}).get("generation")
-        grants.append(VolumeGrant(name, key=key, pinned_generation=pinned if isinstance(pinned, int) else None))
+        pin = pins.get(name, {})
+        generation, uuid = pin.get("generation"), pin.get("uuid")
+        grants.append(VolumeGrant(name, key_file=key,
+                                  pinned_generation=generation if isinstance(generation, int) else None,
+                                  pinned_uuid=uuid if isinstance(uuid, str) else None))
     return tuple(grants)
 
 

@@ -26,9 +26,10 @@ import argparse
 import errno
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -45,14 +46,18 @@ from shim.attest import (
     Output,
     ProtocolError,
     Refused,
+    VolumeGrant,
     VolumeState,
     backend_named,
 )
 from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
 from shim.config import ConfigError, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
-from shim.errors import KeepError
+from shim.errors import KeepError, UsageError
 from wasi_host._backend import Buffer, Readiness
+
+if TYPE_CHECKING:
+    from storage.volume import Volume
 
 HANDSHAKE_SECONDS = 30.0
 BUSY_REASON = "this keep already runs a workload"
@@ -61,11 +66,10 @@ StreamName = Literal["stdout", "stderr"]
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a deployed workload ended: exit status, a trap or keep-side error, volume states."""
+    """How a deployed workload ended: exit status and a trap or keep-side error."""
 
     exit_status: int
     error: str | None = None
-    volumes: tuple[VolumeState, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Deployment:
     stdout: GuestOutput
     stderr: GuestOutput
     certificates: AttestedCertificateProvider
+    volumes: Mapping[str, Volume] = field(default_factory=dict)
 
 
 Runner = Callable[[Deployment], Awaitable[RunOutcome]]
@@ -144,8 +149,6 @@ class GuestOutput:
 def preflight(deploy: Deploy) -> KeepConfig:
     """Check a deployment before accepting it; a KeepError here becomes `refused`."""
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
-    if deploy.volumes:
-        raise KeepError("encrypted volumes are not wired into `keep serve` yet")
     if config.tls.certificate is not None or config.tls.export_certificate is not None:
         raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
                         "TLS sockets use its attested key")
@@ -158,7 +161,12 @@ def preflight(deploy: Deploy) -> KeepConfig:
 
 async def run_deployment(deployment: Deployment) -> RunOutcome:
     """The default runner: shim.run with the module bytes in memory and the compile cache off;
-    keep.toml sockets are opened with the keep's attested key (shim.sockets)."""
+    keep.toml sockets are opened with the keep's attested key (shim.sockets).
+
+    `deployment.volumes` are open (key checked, pin enforced) and are committed by the keep
+    after the run, but the guest does not see them yet: that needs a wasi_host Directory over
+    storage.fs (then `preopens=((guest_path, directory),)` here) and a keep.toml entry naming
+    each volume's guest path."""
     from shim.run import RunConfig, Stdio, run_module_async
     from shim.sockets import open_keep_network
 
@@ -177,12 +185,63 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
                       error=None if result.trap is None else f"guest trapped: {result.trap}")
 
 
+def open_granted_volumes(grants: Sequence[VolumeGrant], images: Mapping[str, Path]) -> dict[str, Volume]:
+    """Open every granted volume with the owner's secret, refusing an image older than the pin
+    (RollbackError) or another volume than the pinned one (uuid). All or nothing: on any
+    failure the volumes already opened are closed and a KeepError names the volume."""
+    from storage.errors import StorageError
+    from storage.volume import open_volume
+
+    opened: dict[str, Volume] = {}
+    try:
+        for grant in grants:
+            image = images.get(grant.name)
+            if image is None:
+                raise KeepError(f"this keep has no volume {grant.name!r} "
+                                "(the operator names it with keep serve --volume NAME=IMAGE)")
+            try:
+                volume = open_volume(image, grant.key_file, volume_key=grant.volume_key,
+                                     writable=True, expected_generation=grant.pinned_generation)
+            except (StorageError, OSError) as error:
+                raise KeepError(f"volume {grant.name!r}: {type(error).__name__}: {error}") from None
+            opened[grant.name] = volume
+            uuid = volume.state().uuid
+            if grant.pinned_uuid is not None and uuid != grant.pinned_uuid:
+                raise KeepError(f"volume {grant.name!r} is another volume (uuid {uuid}, pinned "
+                                f"{grant.pinned_uuid})")
+    except BaseException:
+        close_volumes(opened)
+        raise
+    return opened
+
+
+def close_volumes(volumes: Mapping[str, Volume]) -> tuple[VolumeState, ...]:
+    """Commit and close every volume; the states are what the owner pins next time. A volume
+    that fails to commit is closed anyway and reported as an error."""
+    states: list[VolumeState] = []
+    problems: list[str] = []
+    for name, volume in volumes.items():
+        try:
+            state = volume.commit()
+            states.append(VolumeState(name, state.uuid, state.generation, state.root_mac))
+        except OSError as error:
+            problems.append(f"volume {name!r}: {error}")
+        finally:
+            volume.close()
+    if problems:
+        raise KeepError("; ".join(problems))
+    return tuple(states)
+
+
 class Keep:
-    """One keep: its identity, its backend, and whether it already runs a workload."""
+    """One keep: its identity, its backend, the volume images the operator offers, and whether
+    it already runs a workload."""
 
     def __init__(self, backend: Backend, runner: Runner = run_deployment, *,
+                 volumes: Mapping[str, Path] | None = None,
                  handshake_seconds: float = HANDSHAKE_SECONDS) -> None:
         self.identity = AttestedIdentity()
+        self._volume_images = dict(volumes or {})
         self.backend = backend
         self.tls = KeepTLS(self.identity, backend)
         self._runner = runner
@@ -240,21 +299,29 @@ class Keep:
         self._busy = True
         try:
             config = preflight(message)
+            volumes = await trio.to_thread.run_sync(open_granted_volumes, message.volumes,
+                                                    self._volume_images)
         except (ConfigError, KeepError) as error:
             self._busy = False
             await stream.send_all(conversation.send(Refused(str(error))))
             return
-        await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
-        outcome = await self._run(stream, conversation, message, config)
+        try:
+            await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
+            outcome = await self._run(stream, conversation, message, config, volumes)
+        finally:
+            try:
+                states = await trio.to_thread.run_sync(close_volumes, volumes)
+            except KeepError as error:
+                states, outcome = (), RunOutcome(exit_status=1, error=str(error))
         try:
             await stream.send_all(conversation.send(Finished(outcome.exit_status, outcome.error,
-                                                             outcome.volumes)))
+                                                             states)))
             await stream.aclose()
         finally:
             self.finished.set()
 
     async def _run(self, stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
-                   deploy: Deploy, config: KeepConfig) -> RunOutcome:
+                   deploy: Deploy, config: KeepConfig, volumes: Mapping[str, Volume]) -> RunOutcome:
         send, receive = trio.open_memory_channel[tuple[StreamName, bytes]](16)
         kinds = [entry.kind if isinstance(entry, StdioFile) else "null" for entry in config.stdio]
         stdout = GuestOutput("stdout", send, discard=kinds[1] == "null")
@@ -266,7 +333,7 @@ class Keep:
                 try:
                     outcome = await self._runner(Deployment(
                         deploy, config, stdout, stderr,
-                        AttestedCertificateProvider(self.identity, self.backend)))
+                        AttestedCertificateProvider(self.identity, self.backend), volumes))
                 except Exception as error:  # a bug in the keep: the owner still gets an answer
                     outcome = RunOutcome(exit_status=70, error=f"keep internal error: "
                                          f"{type(error).__name__}: {error}")
@@ -283,13 +350,29 @@ async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversatio
                     Output(name, data[start:start + MAX_OUTPUT_CHUNK_BYTES])))
 
 
+def _volume_images(specs: Sequence[str]) -> dict[str, Path]:
+    images: dict[str, Path] = {}
+    for spec in specs:
+        name, separator, image = spec.partition("=")
+        if not name or not separator or not image:
+            raise UsageError(f"--volume {spec!r}: expected NAME=IMAGE")
+        if name in images:
+            raise UsageError(f"--volume {name}: given twice")
+        if not Path(image).is_file():
+            raise UsageError(f"--volume {name}: {image} is not a volume image file")
+        images[name] = Path(image)
+    return images
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    """`keep serve --listen ADDR:PORT [--backend NAME]`: serve one deployment, then exit 0."""
+    """`keep serve --listen ADDR:PORT [--backend NAME] [--volume NAME=IMAGE ...]`: serve one
+    deployment, then exit 0."""
     host, port = parse_address(args.listen, "--listen")
+    images = _volume_images(args.volume)
     backend = backend_named(args.backend, debug=bool(args.debug))
 
     async def main() -> None:
-        keep = Keep(backend)
+        keep = Keep(backend, volumes=images)
         async with trio.open_nursery() as nursery:
             bound_host, bound_port = await nursery.start(keep.serve, host, port)
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host

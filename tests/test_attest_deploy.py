@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import socket
@@ -36,6 +37,8 @@ from shim.attest import (
 )
 from shim.deploy import DeployRefused, deploy_to
 from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome
+from storage.luks2 import KdfCost
+from storage.volume import MIN_VOLUME_SIZE, create_volume, open_volume
 
 NIL_OK = Policy(allow_insecure_nil=True)
 
@@ -43,14 +46,15 @@ NIL_OK = Policy(allow_insecure_nil=True)
 class Keeper:
     """A `keep serve` process on a free loopback port, in its own cwd/HOME/TMPDIR/cache dirs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *serve_arguments: str) -> None:
         self.root = root
         for name in ("cwd", "home", "tmp", "cache"):
-            (root / name).mkdir(parents=True)
+            (root / name).mkdir(parents=True, exist_ok=True)
         environment = {**os.environ, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
                        "KEEPSHIM_CACHE_DIR": str(root / "cache")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"], cwd=root / "cwd",
+            [sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0", *serve_arguments],
+            cwd=root / "cwd",
             env=environment, stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None
         first = self.process.stderr.readline()
@@ -147,13 +151,61 @@ def test_bad_policy_and_bad_config_fail_on_the_owners_side(keeper: Keeper, wasm_
     assert keeper.process.poll() is None
 
 
-def test_volumes_are_refused_explicitly_until_wired(keeper: Keeper, wasm_fixture: WasmFixture,
-                                                    tmp_path: Path) -> None:
+def test_volume_state_comes_back_is_pinned_and_a_rollback_is_refused(tmp_path: Path,
+                                                                     wasm_fixture: WasmFixture) -> None:
+    """The owner's key opens the volume inside the keep; the final state returns and is stored;
+    the next deployment pins it, so the host's older copy of the image is refused."""
+    keep_root, owner = tmp_path / "keep", tmp_path / "owner"
+    (keep_root / "cwd").mkdir(parents=True)
+    owner.mkdir()
+    key_file = owner / "data.key"
+    key_file.write_bytes(b"owner-secret-" + os.urandom(16).hex().encode())
+    image = keep_root / "cwd" / "data.img"
+    create_volume(image, MIN_VOLUME_SIZE, key_file.read_bytes(), pbkdf="pbkdf2",
+                  kdf_cost=KdfCost(iterations=1000)).close()
+    old_copy = image.read_bytes()
+    with open_volume(image, key_file.read_bytes()) as volume:  # a later change (an earlier run)
+        note = volume.fs.create(1, b"note")
+        volume.fs.write(note.ino, 0, b"written after the host's copy")
+    state_file = owner / "volumes.json"
+    hello = str(wasm_fixture("hello"))
+
+    first = Keeper(keep_root, "--volume", f"data={image}")
+    try:
+        wrong = owner / "wrong.key"
+        wrong.write_bytes(b"not the key")
+        refused = first.deploy("--allow-insecure-nil", "--volume-key", f"data={wrong}", hello)
+        assert refused.returncode == 1 and "volume 'data': WrongPassphrase" in refused.stderr
+        completed = first.deploy("--allow-insecure-nil", "--volume-key", f"data={key_file}",
+                                 "--volume-state", str(state_file), hello)
+        assert completed.returncode == 0, completed.stderr
+        assert first.wait() == 0
+    finally:
+        first.stop()
+    stored = json.loads(state_file.read_text())["data"]
+    assert stored["generation"] > 0 and re.fullmatch(r"[0-9a-f]{64}", stored["root_mac"])
+    for path in keep_root.rglob("*"):  # the key file's bytes never reach the keep's host
+        assert not path.is_file() or key_file.read_bytes() not in path.read_bytes(), path
+
+    image.write_bytes(old_copy)  # the host rolls the image back
+    second = Keeper(keep_root, "--volume", f"data={image}")
+    try:
+        rolled_back = second.deploy("--allow-insecure-nil", "--volume-key", f"data={key_file}",
+                                    "--volume-state", str(state_file), hello)
+        assert rolled_back.returncode == 1
+        assert "refused the deployment: volume 'data': RollbackError" in rolled_back.stderr
+        assert json.loads(state_file.read_text())["data"] == stored  # the pin is kept
+    finally:
+        second.stop()
+
+
+def test_a_volume_the_keep_does_not_offer_is_refused(keeper: Keeper, wasm_fixture: WasmFixture,
+                                                     tmp_path: Path) -> None:
     key = tmp_path / "volume.key"
     key.write_bytes(os.urandom(64))
     completed = keeper.deploy("--allow-insecure-nil", "--volume-key", f"data={key}", str(wasm_fixture("hello")))
     assert completed.returncode == 1
-    assert "refused the deployment: encrypted volumes are not wired" in completed.stderr
+    assert "refused the deployment: this keep has no volume 'data'" in completed.stderr
 
 
 def test_the_keep_host_never_sees_the_workload_or_the_keys(keeper: Keeper, wasm_fixture: WasmFixture,
@@ -223,7 +275,7 @@ async def test_the_owner_refuses_before_sending_anything_when_evidence_fails() -
 
 
 async def test_a_pin_below_the_policy_minimum_is_refused_before_connecting() -> None:
-    deploy = Deploy(workload=b"\0asm", volumes=(VolumeGrant("data", key=b"k" * 64, pinned_generation=3),))
+    deploy = Deploy(workload=b"\0asm", volumes=(VolumeGrant("data", key_file=b"k" * 64, pinned_generation=3),))
     with pytest.raises(VolumeGenerationTooOld, match="below the policy's min_volume_generation 4"):
         await deploy_to("127.0.0.1", 1, deploy, Policy(min_volume_generation=4, allow_insecure_nil=True),
                         stdout=io.BytesIO(), stderr=io.BytesIO())

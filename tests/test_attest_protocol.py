@@ -26,8 +26,9 @@ from shim.attest._protocol import MAX_HEADER_BYTES, MAX_OUTPUT_CHUNK_BYTES, MAX_
 
 DEPLOY = Deploy(workload=b"\0asm\1\0\0\0" + bytes(range(256)), config='[[files]]\nkind = "stdout"\n',
                 args=("--flag", "ünïcode", ""),
-                volumes=(VolumeGrant("data", key=bytes(range(64)), pinned_generation=3),
-                         VolumeGrant("logs", passphrase="correct horse")))
+                volumes=(VolumeGrant("data", volume_key=bytes(range(64)), pinned_generation=3,
+                                     pinned_uuid="8d1c-uuid"),
+                         VolumeGrant("logs", key_file=b"correct horse")))
 FINISHED = Finished(exit_status=3, error=None,
                     volumes=(VolumeState("data", "8d1c-uuid", 4, bytes(range(32))),))
 
@@ -143,9 +144,9 @@ def test_sending_oversize_output_is_a_local_error() -> None:
     ({"type": "deploy", "args": [], "config": 5, "volumes": [], "workload_sha256": "00" * 32},
      b"", "'config'"),
     ({"type": "deploy", "args": [], "config": "", "workload_sha256": "00" * 32,
-      "volumes": [{"name": "v", "key": "AA==", "passphrase": "p"}]}, b"", "exactly one of key"),
+      "volumes": [{"name": "v", "key_file": "AA==", "volume_key": "AA=="}]}, b"", "exactly one of"),
     ({"type": "deploy", "args": [], "config": "", "workload_sha256": "00" * 32,
-      "volumes": [{"name": "v", "key": "%%%"}]}, b"", "not base64"),
+      "volumes": [{"name": "v", "volume_key": "%%%"}]}, b"", "not base64"),
 ])
 def test_invalid_frames_from_the_owner_are_remote_errors(header: dict[str, object], payload: bytes,
                                                          complaint: str) -> None:
@@ -176,6 +177,8 @@ def test_volume_secrets_never_show_in_repr() -> None:
 def test_a_volume_grant_needs_exactly_one_secret() -> None:
     with pytest.raises(LocalProtocolError, match="exactly one"):
         VolumeGrant("v")
+    with pytest.raises(LocalProtocolError, match="exactly one"):
+        VolumeGrant("v", key_file=b"k", volume_key=b"k")
 
 
 @given(workload=st.binary(max_size=2048), args=st.lists(st.text(max_size=20), max_size=5),
@@ -187,7 +190,7 @@ def test_any_conversation_round_trips(workload: bytes, args: list[str], config: 
                                       chunks: list[tuple[str, bytes]]) -> None:
     owner, keep = Conversation("owner"), Conversation("keep")
     deploy = Deploy(workload=workload, config=config, args=tuple(args),
-                    volumes=(VolumeGrant("v", key=key, pinned_generation=generation),))
+                    volumes=(VolumeGrant("v", key_file=key, pinned_generation=generation),))
     assert _deliver(owner, keep, deploy) == deploy
     assert _deliver(keep, owner, Accepted(deploy.workload_sha256)) == Accepted(deploy.workload_sha256)
     for stream, data in chunks:

@@ -9,8 +9,9 @@ _tls), owner and keep exchange frames:
 
 Messages, in the only order the conversation allows (the `_TRANSITIONS` table):
 
-    owner -> keep   deploy    header: args, config (keep.toml text), volumes (name, key or
-                              passphrase, pinned generation), workload_sha256; payload: the module
+    owner -> keep   deploy    header: args, config (keep.toml text), volumes (name, key_file or
+                              volume_key, pinned generation and uuid), workload_sha256;
+                              payload: the module
     keep  -> owner  refused   header: reason                        (conversation ends)
                     accepted  header: workload_sha256
                     output    header: stream ("stdout" | "stderr"); payload: a chunk
@@ -55,18 +56,21 @@ class RemoteProtocolError(ProtocolError):
 
 @dataclass(frozen=True)
 class VolumeGrant:
-    """A volume the deployment may open: exactly one of `key` (raw volume key) or `passphrase`,
-    and the generation the owner pinned (an older volume is refused). Secrets never appear in
+    """A volume the deployment may open, with exactly one secret: `key_file` (the bytes of a
+    LUKS2 key file or passphrase, as cryptsetup's --key-file) or `volume_key` (the raw volume
+    key). The pin (`pinned_generation`, `pinned_uuid`) is the state the owner stored after the
+    last deployment: an older generation or another volume is refused. Secrets never appear in
     repr, so they cannot leak into logs or tracebacks."""
 
     name: str
-    key: bytes | None = field(default=None, repr=False)
-    passphrase: str | None = field(default=None, repr=False)
+    key_file: bytes | None = field(default=None, repr=False)
+    volume_key: bytes | None = field(default=None, repr=False)
     pinned_generation: int | None = None
+    pinned_uuid: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.key is None) == (self.passphrase is None):
-            raise LocalProtocolError(f"volume {self.name!r}: give exactly one of key or passphrase")
+        if (self.key_file is None) == (self.volume_key is None):
+            raise LocalProtocolError(f"volume {self.name!r}: give exactly one of key_file or volume_key")
         if self.pinned_generation is not None and self.pinned_generation < 0:
             raise LocalProtocolError(f"volume {self.name!r}: a generation is never negative")
 
@@ -180,9 +184,12 @@ def encode_message(message: Message) -> bytes:
 
 
 def _grant_to_json(grant: VolumeGrant) -> dict[str, object]:
+    def encoded(secret: bytes | None) -> str | None:
+        return None if secret is None else base64.b64encode(secret).decode()
+
     return {"name": grant.name, "pinned_generation": grant.pinned_generation,
-            "key": None if grant.key is None else base64.b64encode(grant.key).decode(),
-            "passphrase": grant.passphrase}
+            "pinned_uuid": grant.pinned_uuid, "key_file": encoded(grant.key_file),
+            "volume_key": encoded(grant.volume_key)}
 
 
 class _Header:
@@ -261,17 +268,20 @@ def decode_header(kind: str, fields: dict[str, object], payload: bytes) -> Messa
 
 
 def _grant_from_json(header: _Header) -> VolumeGrant:
-    key_text = header.get("key", str, optional=True)
-    passphrase = header.get("passphrase", str, optional=True)
-    assert passphrase is None or isinstance(passphrase, str)
-    key = None
-    if isinstance(key_text, str):
-        try:
-            key = base64.b64decode(key_text, validate=True)
-        except ValueError:
-            raise RemoteProtocolError("deploy message: a volume key is not base64") from None
+    secrets: dict[str, bytes | None] = {}
+    for key in ("key_file", "volume_key"):
+        text = header.get(key, str, optional=True)
+        secrets[key] = None
+        if isinstance(text, str):
+            try:
+                secrets[key] = base64.b64decode(text, validate=True)
+            except ValueError:
+                raise RemoteProtocolError(f"deploy message: a volume's {key} is not base64") from None
+    uuid = header.get("pinned_uuid", str, optional=True)
+    assert uuid is None or isinstance(uuid, str)
     try:
-        return VolumeGrant(name=header.text("name"), key=key, passphrase=passphrase,
+        return VolumeGrant(name=header.text("name"), key_file=secrets["key_file"],
+                           volume_key=secrets["volume_key"], pinned_uuid=uuid,
                            pinned_generation=header.integer("pinned_generation", optional=True))
     except LocalProtocolError as error:
         raise RemoteProtocolError(f"deploy message: {error}") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -452,16 +453,37 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
         return await run_module_async(with_keep_config(run_config, keep_config, None))
     async with open_keep_network(keep_config, policy) as network:
         guest_config = with_keep_config(run_config, keep_config, network)
+        signals: list[int] = []
         async with trio.open_nursery() as nursery:
             if run_config.timeout is not None:
                 # The engine's epoch only stops wasm code; a guest blocked in accept or recv
                 # must be woken too (ECANCELED), then it traps at its next instruction.
                 nursery.start_soon(_stop_after, network, run_config.timeout)
+            await nursery.start(_stop_on_signal, network, signals)
             result = await outcome.acapture(run_module_async, guest_config)
             nursery.cancel_scope.cancel()
+        if signals:
+            raise KeyboardInterrupt
         return result.unwrap()
 
 
 async def _stop_after(network: KeepNetwork, seconds: float) -> None:
     await trio.sleep(seconds)
     network.stop()
+
+
+async def _stop_on_signal(network: KeepNetwork, received: list[int],
+                          *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Ctrl-C or SIGTERM while the guest is blocked on a socket: trio cannot deliver
+    KeyboardInterrupt into a worker thread, so wake the guest (ECANCELED) and let the run end."""
+    try:
+        receiver = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+    except RuntimeError:  # not the main thread (library use): the caller handles signals
+        task_status.started()
+        return
+    with receiver as signals:
+        task_status.started()
+        async for signal_number in signals:
+            received.append(signal_number)
+            network.stop()
+            return

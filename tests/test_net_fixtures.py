@@ -12,6 +12,7 @@ import datetime
 import functools
 import secrets
 import shutil
+import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -446,3 +447,15 @@ def test_timeout_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixture,
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "served" not in result.stdout
+
+
+@deadline
+async def test_ctrl_c_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixture,
+                                                      env: dict[str, str]) -> None:
+    async with trio.open_nursery() as nursery:
+        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
+                                STDIO + listen_entry("https", free_port()), ["https", "1"], env)
+        await keep.wait_listening()
+        keep.process.send_signal(signal.SIGINT)
+        assert await keep.finish(timeout=20) == 130
+    assert "Traceback" not in keep.stderr

@@ -214,9 +214,16 @@ class Filesystem:
         """Run `work` as one transaction, translating SQLite failures to errno."""
         if self._closed:
             raise _error(errno.EBADF, "filesystem is closed")
+        db = self._db
         try:
-            with self._db:
+            db.execute("BEGIN")
+            try:
                 result = work()
+                db.execute("COMMIT")
+            except BaseException:
+                if not db.get_autocommit():  # SQLite may already have rolled back (SQLITE_FULL)
+                    db.execute("ROLLBACK")
+                raise
         except apsw.FullError:
             raise NoSpace() from None
         except apsw.ReadOnlyError:

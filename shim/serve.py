@@ -305,15 +305,15 @@ class Keep:
             self._busy = False
             await stream.send_all(conversation.send(Refused(str(error))))
             return
-        try:
-            await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
-            outcome = await self._run(stream, conversation, message, config, volumes)
-        finally:
+        try:  # from here on this keep has run its one deployment, however the owner behaves
             try:
-                states = await trio.to_thread.run_sync(close_volumes, volumes)
-            except KeepError as error:
-                states, outcome = (), RunOutcome(exit_status=1, error=str(error))
-        try:
+                await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
+                outcome = await self._run(stream, conversation, message, config, volumes)
+            finally:
+                try:
+                    states = await trio.to_thread.run_sync(close_volumes, volumes)
+                except KeepError as error:
+                    states, outcome = (), RunOutcome(exit_status=1, error=str(error))
             await stream.send_all(conversation.send(Finished(outcome.exit_status, outcome.error,
                                                              states)))
             await stream.aclose()
@@ -342,12 +342,18 @@ class Keep:
 
 async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
                           receive: trio.MemoryReceiveChannel[tuple[StreamName, bytes]]) -> None:
-    """Frame the guest's output as `output` messages, in the order it was written."""
+    """Frame the guest's output as `output` messages, in the order it was written. If the
+    owner goes away, the rest is drained and dropped, so the guest still runs to its end (and
+    its volumes are committed) instead of blocking on a full channel."""
     async with receive:
-        async for name, data in receive:
-            for start in range(0, len(data), MAX_OUTPUT_CHUNK_BYTES):
-                await stream.send_all(conversation.send(
-                    Output(name, data[start:start + MAX_OUTPUT_CHUNK_BYTES])))
+        try:
+            async for name, data in receive:
+                for start in range(0, len(data), MAX_OUTPUT_CHUNK_BYTES):
+                    await stream.send_all(conversation.send(
+                        Output(name, data[start:start + MAX_OUTPUT_CHUNK_BYTES])))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            async for _ in receive:
+                pass
 
 
 def _volume_images(specs: Sequence[str]) -> dict[str, Path]:

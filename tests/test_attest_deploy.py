@@ -27,12 +27,14 @@ from fixture_build import WasmFixture
 
 from shim.attest import (
     NO_NONCE,
+    Conversation,
     Deploy,
     InsecureNilNotAllowed,
     NilBackend,
     Policy,
     VolumeGenerationTooOld,
     VolumeGrant,
+    open_verified_stream,
     verify_keep_certificate,
 )
 from shim.deploy import DeployRefused, deploy_to
@@ -346,3 +348,27 @@ def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
             received += chunk
         tls.unwrap().close()  # close_notify both ways, as the echo server expects
     return certificate, bytes(received)
+
+
+async def test_an_owner_that_goes_away_mid_run_does_not_wedge_the_keep() -> None:
+    owner_gone, wrote = trio.Event(), []
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        await owner_gone.wait()
+        for _ in range(40):  # more than the output channel holds: must not block forever
+            wrote.append(await trio.to_thread.run_sync(deployment.stdout.write, b"x" * 1000))
+        return RunOutcome(exit_status=0)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        stream, _claims = await open_verified_stream("127.0.0.1", port, NIL_OK)
+        owner = Conversation("owner")
+        await stream.send_all(owner.send(Deploy(workload=b"\0asm")))
+        while owner.next_message() is None:
+            owner.receive_data(await stream.receive_some())
+        await trio.aclose_forcefully(stream)
+        owner_gone.set()
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert len(wrote) == 40

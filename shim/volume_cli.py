@@ -81,7 +81,10 @@ def volume_command(args: argparse.Namespace) -> int:
     except RollbackError as error:
         raise KeepError(f"{args.image}: {error}") from None
     except IntegrityError as error:
-        raise KeepError(f"{args.image}: integrity error: {error}") from None
+        message = str(error)
+        if not message.startswith("integrity error"):
+            message = f"integrity error: {message}"
+        raise KeepError(f"{args.image}: {message}") from None
     except NoSpace:
         raise KeepError(f"{args.image}: no space left on the volume") from None
     except (KeyslotError, StorageError) as error:
@@ -263,8 +266,16 @@ def _info(args: argparse.Namespace) -> int:
             facts = read_header_info(device)
         print(_format_info(facts, args.json))
         return 0
-    with _opened(args, writable=False) as volume:
-        facts = {"luks2": volume.luks.dump(), **volume.info()}
+    key = _key(args)
+    try:
+        with open_volume(args.image, key, writable=False) as volume:
+            facts = {"luks2": volume.luks.dump(), **volume.info()}
+    except IntegrityError:
+        # The LUKS2 container opens but holds no (intact) keepshim volume, e.g. an image that
+        # cryptsetup made: show the container, then report the integrity failure.
+        with FileBlockDevice(args.image, writable=False) as device:
+            print(_format_info({"luks2": open_luks2(device, key).dump()}, args.json))
+        raise
     print(_format_info(facts, args.json))
     return 0
 

@@ -252,3 +252,20 @@ def test_create_on_a_terminal_confirms_the_passphrase_and_shows_progress(tmp_pat
     assert b"Verify passphrase: " in shown and b"typed twice" not in shown
     assert b"creating " in shown and b"done" in shown  # the bar appeared (work took over 1 s)
     assert keep("ls", image, passphrase="typed twice").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup is not installed")
+def test_a_plain_cryptsetup_image_gets_key_management_and_a_clear_info(tmp_path: Path) -> None:
+    image = tmp_path / "cryptsetup.img"
+    with open(image, "wb") as handle:
+        handle.truncate(20 << 20)
+    subprocess.run(["cryptsetup", "-q", "luksFormat", "--type", "luks2", "--sector-size", "4096",
+                    "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", str(image),
+                    "--key-file", "-"], input=PASSPHRASE.encode(), check=True, capture_output=True)
+    info = keep("info", image)
+    assert info.returncode == 1 and b"cipher: aes-xts-plain64" in info.stdout
+    assert b"integrity error" in info.stderr and b"Traceback" not in info.stderr
+    ok("add-key", image, "--new-passphrase-env", "SECOND", *FAST_KDF, env={"SECOND": "second"})
+    check = subprocess.run(["cryptsetup", "open", "--test-passphrase", str(image), "--key-file", "-"],
+                           input=b"second", capture_output=True)
+    assert check.returncode == 0, check.stderr

@@ -59,6 +59,7 @@ from wasi_host.hostdir import HostDirectory
 from wasi_host.streams import OsStream
 
 TRAP_EXIT_STATUS = 134  # what wasmtime's CLI exits with for a trap (128 + SIGABRT)
+INVALID_EXIT_STATUS = 126  # proc_exit codes from here on are an error in wasmtime (exit status 1)
 WASI_MODULE = "wasi_snapshot_preview1"
 
 
@@ -141,8 +142,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended. `trap` is wasmtime's message with the wasm backtrace (None unless the
-    guest trapped); `results` are `--invoke`'s return values; `cache_hit` is None when the
+    """How a run ended. `trap` is wasmtime's message with the wasm backtrace when the guest
+    trapped, or the reason an exit status was refused (proc_exit >= 126, exit status 1, as
+    wasmtime); None for a normal end. `results` are `--invoke`'s return values; `cache_hit` is None when the
     compile cache was off."""
 
     exit_code: int
@@ -353,7 +355,10 @@ class _GuestRun:
     def _trapped(self, trap: GuestTrap) -> _Outcome:
         guest = self._guest
         if guest.exit_code is not None:
-            return _Outcome(int(guest.exit_code))
+            code = int(guest.exit_code)
+            if code >= INVALID_EXIT_STATUS:  # wasmtime refuses these: an error, exit status 1
+                return _Outcome(1, "exit with invalid exit status outside of [0..126)")
+            return _Outcome(code)
         if guest.host_error is not None:
             raise guest.host_error
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
@@ -410,7 +415,7 @@ def run_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     result = run_module(config)
     if result.trap is not None:
-        print(f"keep: {config.module}: guest trapped:\n{result.trap}", file=sys.stderr)
+        print(f"keep: {config.module}: {result.trap}", file=sys.stderr)
     for value in result.results:
         print(value)
     return result.exit_code

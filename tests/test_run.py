@@ -352,3 +352,11 @@ def test_ctrl_c_ends_keep_run_at_once(fixtures: FixtureBuilder) -> None:
         process.stdout.close()
         process.stderr.close()
     assert process.returncode == -signal.SIGINT
+
+
+@pytest.mark.parametrize("code", [126, 255])
+def test_exit_status_from_126_on_is_an_error_as_in_wasmtime(fixtures: FixtureBuilder, code: int) -> None:
+    completed = keep("run", str(fixtures.build("exit_code")), "exit", str(code))
+    assert completed.returncode == 1
+    assert "invalid exit status" in completed.stderr
+    assert completed.stderr.startswith("stderr before exit\n")

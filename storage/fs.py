@@ -17,15 +17,15 @@ Schema:
     dirents(cookie, parent, name, ino)   cookie: AUTOINCREMENT, so readdir positions stay stable
     chunks(key = ino << 32 | index, data)  file data in CHUNK_SIZE pieces; a missing chunk, or
                                            the part of a short one, reads as zeros (sparse files)
-    symlinks(ino, target), xattrs(ino, name, value), orphans(ino)
+    symlinks(ino, target), xattrs(ino, name, value), orphans(ino), trims(ino)
     meta(key, value)                       format version and chunk size
 
 Unlinked-but-open files: `open()`/`release()` keep in-memory open counts; an inode whose last
 name goes away while it is open is listed in `orphans` and freed at its last `release()`, or at
 the next mount if the process died. Large deletions run in bounded transactions (so they fit the
 WAL region even on a full volume); a crash between them leaves at most an orphan that the next
-mount reaps, or chunks past the end of a file that a later size increase deletes before they
-could be seen.
+mount reaps, or a shrunk file listed in `trims` whose chunks past the end the next mount deletes
+(a size increase also deletes them first, so they are never seen).
 
 Directory nlink is 2 + the number of subdirectories (the root's ".." is itself).
 """
@@ -72,6 +72,7 @@ CREATE TABLE symlinks(ino INTEGER PRIMARY KEY, target BLOB NOT NULL);
 CREATE TABLE xattrs(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY(ino, name)) WITHOUT ROWID;
 CREATE TABLE orphans(ino INTEGER PRIMARY KEY);
+CREATE TABLE trims(ino INTEGER PRIMARY KEY);
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
@@ -204,9 +205,13 @@ class Filesystem:
             raise FilesystemError(errno.EIO, f"unsupported filesystem format {rows}")
 
     def _reap_orphans(self) -> None:
-        """Free inodes left unlinked-but-open by a process that died."""
+        """Free inodes left unlinked-but-open by a process that died, and finish truncations
+        it had started."""
         for (ino,) in self._all("SELECT ino FROM orphans"):
             self._free_inode(ino)
+        for (ino,) in self._all("SELECT ino FROM trims"):
+            row = self._all("SELECT size FROM inodes WHERE ino = ?", (ino,))
+            self._trim_chunks(ino, int(row[0][0]) if row else 0)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -311,7 +316,7 @@ class Filesystem:
                 break
 
         def finish() -> None:
-            for table in ("inodes", "symlinks", "orphans"):
+            for table in ("inodes", "symlinks", "orphans", "trims"):
                 self._db.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
             self._db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
         self._run(finish)
@@ -396,6 +401,7 @@ class Filesystem:
         any stale chunk in the new range so that it reads as zeros."""
         base = ino << _CHUNK_KEY_BITS
         if new < old:
+            self._db.execute("INSERT OR IGNORE INTO trims(ino) VALUES (?)", (ino,))
             index, offset = divmod(new, CHUNK_SIZE)
             if offset:
                 row = self._one("SELECT data FROM chunks WHERE key = ?", (base + index,))
@@ -423,6 +429,7 @@ class Filesystem:
         first = base + -(-size // CHUNK_SIZE)
         while self._run(lambda: self._delete_chunks(first, base + (1 << _CHUNK_KEY_BITS) - 1)) >= _DELETE_BATCH:
             pass
+        self._run(lambda: self._db.execute("DELETE FROM trims WHERE ino = ?", (ino,)))
 
     # -- namespace operations --------------------------------------------------------------
 

@@ -18,8 +18,9 @@ binding's table of host functions. One call does:
 
 1. unpack all arguments with one precompiled `struct.Struct` over a memoryview of `cells`
    (memoryviews are cached by address: wasmtime hands us the same stack slot nearly every time);
-2. read the caller's memory base pointer and size (three small C calls); rebuild the memoryview
-   of guest memory only when either changed, since `memory.grow` may move or extend it;
+2. read the size of the caller's memory (one small C call); when it changed (`memory.grow` may
+   extend or move memory, and a move implies a new size), re-read the base pointer and rebuild
+   the memoryview of guest memory;
 3. call the implementation and write its errno into cell 0.
 
 Every outcome is recorded on the guest's own state object, never in a global: `ProcExit` sets
@@ -147,7 +148,6 @@ class _GuestMemory:
         self._extern = ffi.wasmtime_extern_t()
         self._memory_address: int | None = None
         self._context: int | None = None
-        self._data = -1
         self._size = -1
         self._view: memoryview | None = None
 
@@ -159,10 +159,12 @@ class _GuestMemory:
         if memory_address is None:
             return None
         context = self._context
-        data = _memory_data(context, memory_address) or 0
         size = _memory_data_size(context, memory_address)
-        if data != self._data or size != self._size:
-            self._data, self._size = data, size
+        if size != self._size:
+            # Memory only moves when it grows, and growing changes its size: an unchanged size
+            # means an unchanged base pointer, so the base is re-read only after a change.
+            data = _memory_data(context, memory_address) or 0
+            self._size = size
             self._view = _view(data, size) if data else memoryview(bytearray())
         return self._view
 

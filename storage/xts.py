@@ -33,7 +33,8 @@ Engine = Literal["auto", "pyca", "libcrypto"]
 ENGINE_ENVIRONMENT_VARIABLE = "KEEPSHIM_XTS"
 _SELF_TEST_SECTORS = 4
 _MAX_SECTOR_SIZE = 4096
-_SCRATCH_LIMIT = 4 << 20  # runs up to this size reuse one warm output buffer per cipher
+_BUFFER_CACHE_LIMIT = 1 << 20  # runs up to this size reuse warm buffers (per cipher) ...
+_BUFFER_CACHE_SIZES = 4  # ... for this many distinct sizes
 _TWEAK = struct.Struct("<QQ")
 
 
@@ -179,6 +180,17 @@ class SectorCipher:
         return f"SectorCipher(sector_size={self._sector_size}, engine={self.engine!r})"
 
 
+def _pointer_argument(data: bytes | bytearray | memoryview) -> bytes | ctypes.Array[ctypes.c_char]:
+    """`data` as something ctypes passes as a pointer to its first byte, without copying when
+    the buffer allows it."""
+    if isinstance(data, bytes):
+        return data
+    view = memoryview(data).cast("B")
+    if view.readonly:
+        return view.tobytes()
+    return (ctypes.c_char * len(view)).from_buffer(view)
+
+
 def _address_of(data: bytes | bytearray | memoryview) -> tuple[int, object]:
     """The address of `data`'s first byte, and the object that must stay alive while the
     address is used. bytes and writable buffers are not copied; other read-only buffers are
@@ -246,7 +258,7 @@ class _LibcryptoXts:
         self._contexts = {True: encrypt_context, False: decrypt_context}
         self._iv = ctypes.create_string_buffer(16)
         self._out_length = ctypes.c_int(0)
-        self._scratch = ctypes.create_string_buffer(_MAX_SECTOR_SIZE)
+        self._pairs: dict[int, tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char]]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -274,19 +286,45 @@ class _LibcryptoXts:
 
     def run(self, encrypting: bool, tweaks: range, data: bytes | bytearray | memoryview,
             sector_size: int) -> bytes:
-        """Encrypt or decrypt into a warm per-instance scratch buffer and return one new bytes
-        object: fresh large buffers cost page faults that dominate the AES work on VMs."""
-        length = memoryview(data).nbytes
-        source_address, _source_anchor = _address_of(data)
+        """Encrypt or decrypt through warm per-instance buffers and return one new bytes object.
+
+        Why the buffers: on these VMs fresh large buffers cost page faults, and ctypes address
+        arithmetic on a bytes object (`cast`) costs more than copying 4 KiB; `.raw` of an
+        exact-size buffer is the cheapest way back to bytes."""
+        length = len(tweaks) * sector_size
         with self._lock:
-            if length > _SCRATCH_LIMIT:
-                scratch = ctypes.create_string_buffer(length)
-            else:
-                if len(self._scratch) < length:
-                    self._scratch = ctypes.create_string_buffer(length)
-                scratch = self._scratch
-            self._crypt(encrypting, tweaks, source_address, ctypes.addressof(scratch), sector_size)
-            return ctypes.string_at(scratch, length)
+            if len(tweaks) == 1 and isinstance(data, bytes):  # the common single-sector call
+                output = self._buffers(length)[1]
+                self._crypt_one(encrypting, tweaks[0], data, output, sector_size)
+                return output.raw
+            source, output = self._buffers(length)
+            ctypes.memmove(source, _pointer_argument(data), length)
+            self._crypt(encrypting, tweaks, ctypes.addressof(source), ctypes.addressof(output),
+                        sector_size)
+            return output.raw
+
+    def _buffers(self, length: int) -> tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char]]:
+        """An (input, output) pair of exactly `length` bytes, reused for small sizes."""
+        pair = self._pairs.get(length)
+        if pair is None:
+            pair = (ctypes.create_string_buffer(length), ctypes.create_string_buffer(length))
+            if length <= _BUFFER_CACHE_LIMIT:
+                if len(self._pairs) >= _BUFFER_CACHE_SIZES:
+                    self._pairs.clear()
+                self._pairs[length] = pair
+        return pair
+
+    def _crypt_one(self, encrypting: bool, tweak: int, data: bytes,
+                   output: ctypes.Array[ctypes.c_char], sector_size: int) -> None:
+        functions = self._functions
+        context = self._contexts[encrypting]
+        _TWEAK.pack_into(self._iv, 0, tweak, 0)
+        init = functions.encrypt_init if encrypting else functions.decrypt_init
+        update = functions.encrypt_update if encrypting else functions.decrypt_update
+        if init(context, None, None, None, self._iv) != 1:
+            raise SelfTestFailed("libcrypto refused an XTS tweak")
+        if update(context, output, ctypes.byref(self._out_length), data, sector_size) != 1:
+            raise SelfTestFailed("libcrypto XTS update failed")
 
     def run_into(self, encrypting: bool, tweaks: range, data: bytes | bytearray | memoryview,
                  out: memoryview, sector_size: int) -> None:

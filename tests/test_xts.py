@@ -117,7 +117,11 @@ def test_fast_path_equals_pyca_on_random_data(key: bytes, first: int, sectors: i
     fast = SectorCipher(key, engine="libcrypto")
     ciphertext = reference.encrypt_run(first, data)
     assert fast.encrypt_run(first, data) == ciphertext
+    assert fast.encrypt_run(first, bytearray(data)) == ciphertext
     assert fast.decrypt_run(first, ciphertext) == data
+    assert fast.decrypt_run(first, memoryview(ciphertext)) == data
+    assert fast.decrypt_run(first, memoryview(bytearray(ciphertext))) == data
+    assert fast.encrypt(first, data[:4096]) == ciphertext[:4096]
     out = bytearray(len(data))
     fast.decrypt_into(first, memoryview(ciphertext), out)
     assert out == data

@@ -72,11 +72,26 @@ class FixtureBuilder:
     def output_path(self, name: str) -> Path:
         """Where the module for the current source of `name` lives (built or not)."""
         digest = hashlib.sha256()
-        for part in (self.source(name), *sorted(self.source_dir.glob("*.h"))):
+        for part in self._inputs(self.source(name)):
             digest.update(part.name.encode() + b"\0" + part.read_bytes() + b"\0")
         digest.update(" ".join(COMPILE_FLAGS).encode() + b"\0")
         digest.update(importlib.metadata.version("ziglang").encode())
         return self.build_dir / f"{name}-{digest.hexdigest()[:20]}.wasm"
+
+    def _inputs(self, source: Path) -> list[Path]:
+        """`source` and every header it includes with `#include "..."`, transitively, sorted."""
+        found: set[Path] = set()
+        pending = [source]
+        while pending:
+            path = pending.pop()
+            if path in found or not path.is_file():
+                continue
+            found.add(path)
+            for line in path.read_text(errors="replace").splitlines():
+                words = line.replace("#", "# ", 1).split()
+                if words[:2] == ["#", "include"] and len(words) > 2 and words[2].startswith('"'):
+                    pending.append(path.parent / words[2].strip('"'))
+        return sorted(found)
 
     def build(self, name: str) -> Path:
         """Returns the compiled module for `name`, compiling it only if this source never was."""

@@ -206,8 +206,9 @@ def _read(device: BlockDevice, offset: int, length: int, what: str) -> bytes:
 def _read_copy(device: BlockDevice, offset: int) -> tuple[BinaryHeader, dict[str, Any], Metadata]:
     """Read, checksum and validate the header copy at `offset`."""
     expected_magic = MAGIC_PRIMARY if offset == 0 else MAGIC_SECONDARY
-    available = max(0, min(len(expected_magic), device.size - offset))
-    if device.read(offset, available) != expected_magic:
+    if offset + len(expected_magic) > device.size:
+        raise NotLuks("no LUKS header magic (the image is too short)")
+    if device.read(offset, len(expected_magic)) != expected_magic:
         raise NotLuks("no LUKS header magic")
     block = _read(device, offset, BINARY_HEADER_SIZE, "LUKS2 binary header")
     header = _parse_binary(block, offset)

@@ -293,7 +293,7 @@ def _integer(value: object, where: str, low: int, high: int) -> int:
     if isinstance(value, bool):
         raise CorruptHeader(f"LUKS2 metadata: {where} must be an integer")
     if isinstance(value, str):
-        if not value.isdigit() or len(value) > 20:
+        if not (value.isascii() and value.isdigit()) or len(value) > 20:
             raise CorruptHeader(f"LUKS2 metadata: {where} is not a decimal integer")
         value = int(value)
     if not isinstance(value, int):
@@ -321,7 +321,7 @@ def _hash_name(value: object, where: str) -> str:
 
 
 def _number_key(key: str, where: str, limit: int) -> int:
-    if not key.isdigit() or len(key) > 3 or int(key) >= limit:
+    if not (key.isascii() and key.isdigit()) or len(key) > 3 or int(key) >= limit:
         raise CorruptHeader(f"LUKS2 metadata: {where} id {key!r} is invalid")
     return int(key)
 

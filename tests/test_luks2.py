@@ -216,6 +216,10 @@ HOSTILE_MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], type[Storag
     "keyslot id out of range": (lambda raw: raw["keyslots"].update(
         {"99": raw["keyslots"]["0"]}), CorruptHeader),
     "json_size lie": (lambda raw: raw["config"].update(json_size="999999"), CorruptHeader),
+    "unicode digits": (lambda raw: raw["segments"]["0"].update(offset="\u00b2\u00b3"),
+                       CorruptHeader),
+    "unicode keyslot id": (lambda raw: raw["keyslots"].update({"\u0661": raw["keyslots"]["0"]}),
+                           CorruptHeader),
     "boolean integer": (lambda raw: raw["keyslots"]["0"]["kdf"].update(iterations=True),
                         CorruptHeader),
 }

@@ -1,9 +1,10 @@
-"""Stdio streams: one over an OS fd, one in memory (tests, captured output)."""
+"""Stdio streams (over an OS fd, or in memory for tests) and a Socket over an OS socket."""
 
 from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 
 from wasi_host._backend import Buffer, Readiness
@@ -73,3 +74,37 @@ class MemoryStream:
 
     def close(self) -> None:
         self.closed = True
+
+
+class OsSocket:
+    """A Socket over a connected or listening OS socket (plain TCP or a Unix socket pair)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def accept(self, nonblocking: bool) -> OsSocket:
+        self._sock.settimeout(0 if nonblocking else None)
+        connection, _ = self._sock.accept()
+        connection.settimeout(None)
+        return OsSocket(connection)
+
+    def recv(self, size: int, *, peek: bool, waitall: bool, nonblocking: bool) -> bytes:
+        flags = (socket.MSG_PEEK if peek else 0) | (socket.MSG_WAITALL if waitall else 0)
+        return self._sock.recv(size, flags | (socket.MSG_DONTWAIT if nonblocking else 0))
+
+    def send(self, data: Buffer, *, nonblocking: bool) -> int:
+        return self._sock.send(data, socket.MSG_DONTWAIT if nonblocking else 0)
+
+    def shutdown(self, read: bool, write: bool) -> None:
+        self._sock.shutdown(socket.SHUT_RDWR if read and write else socket.SHUT_RD if read else socket.SHUT_WR)
+
+    def readiness(self, write: bool) -> Readiness | None:
+        fd = self._sock.fileno()
+        readable, writable, _ = select.select([] if write else [fd], [fd] if write else [], [], 0)
+        return Readiness(1) if readable or writable else None
+
+    def fileno(self) -> int | None:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()

@@ -158,6 +158,21 @@ def _add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     passwd = action("passwd", "change the passphrase of the keyslot the given key opens")
     key_options(passwd, "new-", "the new key")
     kdf_options(passwd)
+    mount = action("mount", "mount the volume with FUSE (serves in the foreground until unmounted)")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    mount.add_argument("--read-only", action="store_true", help="mount read-only (nothing written)")
+    mount.add_argument("--foreground", action="store_true",
+                       help="stay in the foreground (the default); Ctrl-C / SIGTERM unmounts cleanly")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users access the mount (needs user_allow_other for non-root)")
+    mount.add_argument("--volume-generation", type=int, metavar="N",
+                       help="refuse a volume older than generation N (a rollback)")
+    mount.add_argument("--commit-interval", type=float, metavar="SECONDS", default=5.0,
+                       help="commit changes this often (default 5; 0: only on fsync and unmount)")
+    umount = actions.add_parser("umount", help="unmount a mounted volume (fusermount3 -u)",
+                                description="unmount a mounted volume (fusermount3 -u)")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(image=None)
 
     def handler(args: argparse.Namespace) -> int:
         from shim.volume_cli import volume_command

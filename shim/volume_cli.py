@@ -597,8 +597,21 @@ def _fsck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount(args: argparse.Namespace) -> int:
+    from shim.fuse import mount_command  # pyfuse3 only when mounting
+
+    return mount_command(args)
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from shim.fuse import umount_command
+
+    return umount_command(args)
+
+
 _ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": _create, "info": _info, "ls": _ls, "cat": _cat, "put": _put, "get": _get,
     "rm": _rm, "mkdir": _mkdir, "import": _import, "export": _export, "fsck": _fsck,
     "add-key": _add_key, "remove-key": _remove_key, "passwd": _passwd,
+    "mount": _mount, "umount": _umount,
 }

@@ -1,0 +1,526 @@
+"""`keep volume mount` / `umount`: an encrypted volume as a FUSE filesystem, for operators.
+
+Theory of operation
+-------------------
+`FuseOperations` is a `pyfuse3.Operations` subclass over the inode-level `storage.fs.Filesystem`
+(whose API was shaped after pyfuse3's, so most handlers are one call). It runs on trio through
+`pyfuse3.main()`. Storage errors are `OSError`s carrying an errno; `_storage_errors` is the one
+place that turns them into `FUSEError(errno)` (an `IntegrityError` is EIO and logged; any other
+exception is a bug: logged with its traceback and answered with EIO, so the mount stays up).
+
+Storage is synchronous and is called inline, on the trio thread, without a worker thread.
+Why: the volume is one non-thread-safe instance, so FUSE requests could only ever run one at a
+time anyway; inline calls cost nothing extra, whereas a `trio.to_thread.run_sync` hop costs tens of
+microseconds per request (measured in bench/bench_fuse.py's notes: more than a small getattr) and
+a lock. Because no handler awaits while it holds the storage, every request is atomic with respect
+to the others and to the commit timer, with no lock. The price: the loop does not read the next
+request while one runs, which changes nothing when they are serialised anyway. A caller that
+shares the same volume with another thread (a guest) passes `lock`, held around every call.
+
+Durability: the volume is committed (one integrity commit, the group commit of `fs.fsync`) on
+fsync/fsyncdir, every `commit_interval` seconds when something changed, and at unmount, where the
+final (uuid, generation, root MAC) is printed. A SIGKILLed mount loses at most the changes since
+the last commit and leaves a consistent volume (the storage commit protocol is crash-safe); the
+kernel keeps a dead mount point ("Transport endpoint is not connected") that `fusermount3 -u`
+clears, and `mount` names that command when it meets one.
+
+File handles are their own ids (`FileHandle`), distinct from inode numbers: each open handle
+counts on the inode (`fs.open`/`fs.release`), so a file unlinked while open keeps its data until
+its last handle goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
+
+from shim.errors import KeepError
+from shim.keys import KeySource, read_key
+from storage.errors import IntegrityError
+from storage.fs import Attr, Filesystem
+from storage.integrity import VolumeState
+from storage.volume import Volume, open_volume
+
+FileHandle = NewType("FileHandle", int)
+Inode = NewType("Inode", int)
+
+DEFAULT_COMMIT_INTERVAL = 5.0
+# The kernel caches attributes and names this long. Only this process changes the volume (the
+# image lock), and every change goes through the kernel, which updates its cache itself.
+ATTR_TIMEOUT = 1.0
+_BLOCK_SIZE = 4096
+_UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
+
+log = logging.getLogger("keepshim.fuse")
+
+
+@contextlib.contextmanager
+def _storage_errors(operation: str) -> Iterator[None]:
+    """The one translation of storage failures to FUSE replies."""
+    try:
+        yield
+    except FUSEError:
+        raise
+    except IntegrityError as error:
+        log.error("integrity failure during %s: %s (answered EIO)", operation, error)
+        raise FUSEError(errno.EIO) from None
+    except OSError as error:
+        raise FUSEError(error.errno or errno.EIO) from None
+    except Exception:
+        log.exception("internal error during %s (answered EIO)", operation)
+        raise FUSEError(errno.EIO) from None
+
+
+def _entry(attr: Attr) -> EntryAttributes:
+    entry = EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = 0  # inode numbers are never reused (AUTOINCREMENT)
+    entry.entry_timeout = ATTR_TIMEOUT
+    entry.attr_timeout = ATTR_TIMEOUT
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = 0
+    entry.st_size = attr.size
+    entry.st_blksize = _BLOCK_SIZE
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = attr.atime_ns
+    entry.st_mtime_ns = attr.mtime_ns
+    entry.st_ctime_ns = attr.ctime_ns
+    return entry
+
+
+class FuseOperations(pyfuse3.Operations):
+    """FUSE requests over one open volume (see the module notes for threading)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume, *, lock: contextlib.AbstractContextManager[object] | None = None) -> None:
+        super().__init__()
+        self._volume = volume
+        self._fs: Filesystem = volume.fs
+        self._lock: contextlib.AbstractContextManager[object] = lock or contextlib.nullcontext()
+        self._handles: dict[FileHandle, Inode] = {}
+        self._next_handle = 1
+        self._dirty = False
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _call(self, operation: str, *, changes: bool = False) -> Iterator[Filesystem]:
+        with _storage_errors(operation), self._lock:
+            if changes:
+                self._dirty = True
+            yield self._fs
+
+    def _inode(self, handle: FileHandle) -> Inode:
+        try:
+            return self._handles[handle]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    def _own(self, attr: Attr, ctx: RequestContext, fs: Filesystem) -> Attr:
+        """New inodes belong to the caller (storage creates them owned by 0:0)."""
+        if (ctx.uid, ctx.gid) != (attr.uid, attr.gid):
+            return fs.setattr(attr.ino, uid=ctx.uid, gid=ctx.gid)
+        return attr
+
+    def _open_handle(self, ino: int, fs: Filesystem) -> FileHandle:
+        fs.open(ino)
+        handle = FileHandle(self._next_handle)
+        self._next_handle += 1
+        self._handles[handle] = Inode(ino)
+        return handle
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def commit(self) -> VolumeState:
+        """Make everything so far durable; the (uuid, generation, root MAC) to pin."""
+        with self._lock:
+            state = self._volume.commit() if self._volume.writable else self._volume.state()
+            self._dirty = False
+            return state
+
+    # -- attributes and names --------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        with self._call("lookup") as fs:
+            return _entry(fs.lookup(parent_inode, name))
+
+    async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        with self._call("getattr") as fs:
+            return _entry(fs.getattr(inode))
+
+    async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
+                      fh: int | None, ctx: RequestContext) -> EntryAttributes:
+        with self._call("setattr", changes=True) as fs:
+            result = fs.setattr(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                size=attr.st_size if fields.update_size else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            )
+            return _entry(result)
+
+    async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        with self._call("readlink") as fs:
+            return fs.readlink(inode)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # no device nodes, FIFOs or sockets on the volume
+        with self._call("mknod", changes=True) as fs:
+            return _entry(self._own(fs.create(parent_inode, name, mode), ctx, fs))
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: RequestContext) -> EntryAttributes:
+        with self._call("mkdir", changes=True) as fs:
+            return _entry(self._own(fs.mkdir(parent_inode, name, mode), ctx, fs))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: RequestContext) -> EntryAttributes:
+        with self._call("symlink", changes=True) as fs:
+            return _entry(self._own(fs.symlink(parent_inode, name, target), ctx, fs))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: RequestContext) -> EntryAttributes:
+        with self._call("link", changes=True) as fs:
+            return _entry(fs.link(inode, new_parent_inode, new_name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        with self._call("unlink", changes=True) as fs:
+            fs.unlink(parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        with self._call("rmdir", changes=True) as fs:
+            fs.rmdir(parent_inode, name)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: RequestContext) -> None:
+        with self._call("rename", changes=True) as fs:
+            fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        with self._call("open") as fs:
+            return FileInfo(fh=self._open_handle(inode, fs))
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+        with self._call("create", changes=True) as fs:
+            attr = self._own(fs.create(parent_inode, name, mode), ctx, fs)
+            return FileInfo(fh=self._open_handle(attr.ino, fs)), _entry(attr)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with self._call("read") as fs:
+            return fs.read(self._inode(FileHandle(fh)), off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with self._call("write", changes=True) as fs:
+            return fs.write(self._inode(FileHandle(fh)), off, buf)
+
+    async def flush(self, fh: int) -> None:
+        self._inode(FileHandle(fh))  # data is in the filesystem already; fsync makes it durable
+
+    async def release(self, fh: int) -> None:
+        with self._call("release") as fs:
+            ino = self._handles.pop(FileHandle(fh), None)
+            if ino is not None:
+                fs.release(ino)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._inode(FileHandle(fh))
+        with _storage_errors("fsync"):
+            self.commit()
+
+    # -- directories -----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        with self._call("opendir") as fs:
+            if not fs.getattr(inode).is_dir:
+                raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with self._call("readdir") as fs:
+            for name, attr, cookie in fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, name, _entry(attr), cookie):
+                    break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        with _storage_errors("fsyncdir"):
+            self.commit()
+
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        with self._call("statfs") as fs:
+            usage = fs.statfs()
+        data = StatvfsData()
+        data.f_bsize = usage.block_size
+        data.f_frsize = usage.block_size
+        data.f_blocks = usage.blocks
+        data.f_bfree = usage.blocks_free
+        data.f_bavail = usage.blocks_free
+        data.f_files = usage.files
+        data.f_ffree = usage.files_free
+        data.f_favail = usage.files_free
+        data.f_namemax = usage.name_max
+        return data
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        with self._call("setxattr", changes=True) as fs:
+            fs.setxattr(inode, name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        with self._call("getxattr") as fs:
+            return fs.getxattr(inode, name)
+
+    async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
+        with self._call("listxattr") as fs:
+            return fs.listxattr(inode)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        with self._call("removexattr", changes=True) as fs:
+            fs.removexattr(inode, name)
+
+    def release_all(self) -> None:
+        """At unmount: the kernel may not have sent every release; drop the open counts."""
+        with _storage_errors("unmount"), self._lock:
+            for ino in self._handles.values():
+                with contextlib.suppress(OSError):
+                    self._fs.release(ino)
+            self._handles.clear()
+
+
+# -- mounting ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """How to mount: `commit_interval` seconds between timed commits (0: only fsync/unmount)."""
+
+    mountpoint: str
+    read_only: bool = False
+    allow_other: bool = False
+    commit_interval: float = DEFAULT_COMMIT_INTERVAL
+    fsname: str = "keep"
+
+    def fuse_options(self) -> set[str]:
+        options = set(pyfuse3.default_options) | {f"fsname={self.fsname}", "subtype=keep"}
+        if self.read_only:
+            options.add("ro")
+        if self.allow_other:
+            options.add("allow_other")
+        return options
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """A clear KeepError unless `mountpoint` is a directory that nothing is mounted on."""
+    try:
+        info = os.stat(mountpoint)
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise KeepError(stale_mount_message(mountpoint)) from None
+        if error.errno == errno.ENOENT:
+            raise KeepError(f"{mountpoint}: no such directory") from None
+        raise KeepError(f"{mountpoint}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise KeepError(f"{mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise KeepError(f"{mountpoint} is already a mount point")
+
+
+def stale_mount_message(mountpoint: str) -> str:
+    return (f"{mountpoint} is a stale FUSE mount (Transport endpoint is not connected: the "
+            f"process that served it died); clear it with `fusermount3 -u {mountpoint}`")
+
+
+def fuse_unavailable_reason() -> str | None:
+    """Why FUSE mounts cannot work here (None if they may)."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse (load the fuse module or run the container with --device /dev/fuse)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and shutil.which("fusermount3") is None:
+        return "/dev/fuse is not accessible and fusermount3 is not installed (Debian: fuse3)"
+    return None
+
+
+async def serve(operations: FuseOperations, options: MountOptions,
+                ready: threading.Event | None = None) -> None:
+    """Mount, serve requests until unmounted (or SIGINT/SIGTERM/SIGHUP), then unmount.
+
+    The caller owns the volume: it commits and closes it after this returns."""
+    try:
+        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
+    except RuntimeError as error:
+        raise KeepError(f"cannot mount on {options.mountpoint}: {error} "
+                        "(no FUSE permission? see the message above)") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals)
+            if options.commit_interval > 0 and not options.read_only:
+                nursery.start_soon(_commit_periodically, operations, options.commit_interval)
+            if ready is not None:
+                ready.set()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        operations.release_all()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+async def _commit_periodically(operations: FuseOperations, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        if operations.dirty:
+            try:
+                operations.commit()
+            except OSError as error:  # reported; the next fsync or unmount tries again
+                log.error("timed commit failed: %s", error)
+
+
+def _describe(state: VolumeState) -> str:
+    mac = state.root_mac.hex() if state.root_mac else "none (no integrity)"
+    return f"uuid {state.uuid}, generation {state.generation}, root MAC {mac}"
+
+
+def _fsname(image: str) -> str:
+    """The image's absolute path in /proc/mounts (so `umount` can wait for it), when the mount
+    option syntax allows it."""
+    path = os.path.abspath(image)
+    if any(character in path for character in ",\\ \t\n"):
+        return "keep"
+    return f"keep:{path}"
+
+
+def mount_command(args: argparse.Namespace) -> int:
+    """`keep volume mount IMG MOUNTPOINT`: serve in the foreground until unmounted or signalled.
+    Storage errors (wrong key, in use, rollback, ...) are translated by the caller."""
+    if args.commit_interval < 0:
+        raise KeepError("--commit-interval must not be negative", exit_status=2)
+    reason = fuse_unavailable_reason()
+    if reason is not None:
+        raise KeepError(f"cannot mount: {reason}")
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    key = read_key(KeySource.from_arguments(args))
+    volume = open_volume(args.image, key, writable=not args.read_only,
+                         expected_generation=args.volume_generation)
+    del key
+    options = MountOptions(mountpoint, read_only=args.read_only, allow_other=args.allow_other,
+                           commit_interval=args.commit_interval, fsname=_fsname(args.image))
+    operations = FuseOperations(volume)
+    mounted = threading.Event()
+    try:
+        state = volume.state()
+        mode = "read-only" if args.read_only else "read-write"
+        print(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(serve, operations, options, mounted)
+    finally:
+        volume.close()
+    state = volume.state()
+    if mounted.is_set():
+        print(f"unmounted {mountpoint}; {args.image} committed: {_describe(state)}", flush=True)
+    return 0
+
+
+def _mount_source(mountpoint: str) -> str | None:
+    """The fsname of the FUSE mount on `mountpoint` (from /proc/self/mountinfo), or None."""
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == mountpoint and " - " in line:
+                after = line.split(" - ", 1)[1].split()
+                if len(after) >= 2:
+                    return after[1]
+    return None
+
+
+def _wait_for_release(image: str, timeout: float) -> bool:
+    """Wait until no process holds the image's lock (the mount process committed and exited)."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def umount_command(args: argparse.Namespace) -> int:
+    """`keep volume umount MOUNTPOINT`: fusermount3 -u, then wait for the commit at unmount."""
+    mountpoint = os.path.abspath(args.mountpoint)
+    stale = False
+    try:
+        os.stat(mountpoint)
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise KeepError(f"{args.mountpoint}: {error.strerror}") from None
+        stale = True
+    if not stale and not os.path.ismount(mountpoint):
+        raise KeepError(f"{args.mountpoint} is not mounted")
+    source = _mount_source(mountpoint)
+    tool = shutil.which("fusermount3")
+    command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise KeepError(f"cannot unmount {args.mountpoint}: {message}")
+    if stale:
+        print(f"cleared the stale mount on {args.mountpoint}")
+        return 0
+    if source is not None and source.startswith("keep:"):
+        image = source.removeprefix("keep:")
+        if not _wait_for_release(image, _UMOUNT_WAIT):
+            raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")
+    print(f"unmounted {args.mountpoint}")
+    return 0

@@ -360,3 +360,17 @@ def test_exit_status_from_126_on_is_an_error_as_in_wasmtime(fixtures: FixtureBui
     assert completed.returncode == 1
     assert "invalid exit status" in completed.stderr
     assert completed.stderr.startswith("stderr before exit\n")
+
+
+class BrokenStream(MemoryStream):
+    """A stream whose write fails with a host bug (not an OSError, so not an errno)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        raise RuntimeError("the host stream is broken")
+
+
+def test_host_bug_surfaces_as_the_hosts_exception_not_a_guest_status(fixtures: FixtureBuilder) -> None:
+    config = RunConfig(module=str(fixtures.build("hello")),
+                       stdio=Stdio(MemoryStream(), BrokenStream(), MemoryStream()))
+    with pytest.raises(RuntimeError, match="the host stream is broken"):
+        run_module(config)

@@ -102,36 +102,47 @@ async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
         stream, claims = await open_verified_stream(host, port, policy)
     except OSError as error:
         raise KeepError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    except trio.BrokenResourceError as error:
+        raise KeepError(f"no TLS 1.3 keep at {host}:{port}: {error.__cause__ or error}") from None
     certificate = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True) or b"")
     spki_sha256 = hashlib.sha256(certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
     if announce is not None:
         print(f"keep: attested a {claims.backend} keep at {host}:{port}: measurement "
               f"{claims.measurement.hex()}, key spki-sha256 {spki_sha256}", file=announce, flush=True)
-    async with stream:
-        conversation = Conversation("owner")
-        await stream.send_all(conversation.send(deploy))
-        while True:
-            message = conversation.next_message()
-            if message is None:
-                conversation.receive_data(await stream.receive_some())
-                continue
-            match message:
-                case Refused():
-                    raise DeployRefused(f"the keep refused the deployment: {message.reason}")
-                case Accepted():
-                    if message.workload_sha256 != deploy.workload_sha256:
-                        raise RemoteProtocolError("the keep accepted another workload than ours")
-                case Output():
-                    sink = stdout if message.stream == "stdout" else stderr
-                    sink.write(message.data)
-                    sink.flush()
-                case Finished():
-                    check_returned_volumes(deploy, message.volumes)
-                    return DeployResult(claims, spki_sha256, message.exit_status, message.error,
-                                        message.volumes)
-                case _:
-                    raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
+    try:
+        async with stream:
+            return await _converse(stream, deploy, claims, spki_sha256, stdout, stderr)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        raise KeepError(f"the connection to the keep broke: {error.__cause__ or error}") from None
+
+
+async def _converse(stream: trio.SSLStream[trio.SocketStream], deploy: Deploy, claims: Claims,
+                    spki_sha256: str, stdout: BinaryIO, stderr: BinaryIO) -> DeployResult:
+    """The owner's half of the deploy protocol on a verified stream."""
+    conversation = Conversation("owner")
+    await stream.send_all(conversation.send(deploy))
+    while True:
+        message = conversation.next_message()
+        if message is None:
+            conversation.receive_data(await stream.receive_some())
+            continue
+        match message:
+            case Refused():
+                raise DeployRefused(f"the keep refused the deployment: {message.reason}")
+            case Accepted():
+                if message.workload_sha256 != deploy.workload_sha256:
+                    raise RemoteProtocolError("the keep accepted another workload than ours")
+            case Output():
+                sink = stdout if message.stream == "stdout" else stderr
+                sink.write(message.data)
+                sink.flush()
+            case Finished():
+                check_returned_volumes(deploy, message.volumes)
+                return DeployResult(claims, spki_sha256, message.exit_status, message.error,
+                                    message.volumes)
+            case _:
+                raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
 
 
 def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:

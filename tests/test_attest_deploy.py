@@ -38,6 +38,7 @@ from shim.attest import (
     verify_keep_certificate,
 )
 from shim.deploy import DeployRefused, deploy_to
+from shim.errors import KeepError
 from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome
 from storage.luks2 import KdfCost
 from storage.volume import MIN_VOLUME_SIZE, create_volume, open_volume
@@ -372,3 +373,20 @@ async def test_an_owner_that_goes_away_mid_run_does_not_wedge_the_keep() -> None
         with trio.fail_after(30):
             await keep.finished.wait()
     assert len(wrote) == 40
+
+
+async def test_deploying_to_something_that_is_not_a_keep_is_one_clear_error() -> None:
+    async def plaintext(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, plaintext, 0)
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(KeepError, match=r"no TLS 1\.3 keep at 127\.0\.0\.1"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
+                            stdout=io.BytesIO(), stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+    with pytest.raises(KeepError, match=r"cannot connect to 127\.0\.0\.1"):
+        await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
+                        stdout=io.BytesIO(), stderr=io.BytesIO())

@@ -23,6 +23,9 @@ binding's table of host functions. One call does:
    the memoryview of guest memory;
 3. call the implementation and write its errno into cell 0.
 
+A binding serves one guest: one store holding one instance. The instance's `memory` export and
+the store's context are looked up on the first host call and reused after that.
+
 Every outcome is recorded on the guest's own state object, never in a global: `ProcExit` sets
 `guest.exit_code`, an exception that is not an errno sets `guest.host_error`, and both turn into a
 trap that unwinds the guest. No Python exception ever reaches wasmtime.
@@ -195,6 +198,9 @@ class HostBinding:
     def define(self, linker: wasmtime.Linker, module: str, function: HostFunction) -> None:
         """Define `module::function.name` in `linker`, calling `function.impl` for this guest."""
         shape = (tuple(function.params), tuple(function.results))
+        unsupported = [kind for kind in shape[0] + shape[1] if kind not in _FORMATS]
+        if unsupported:
+            raise ValueError(f"{function.name}: unsupported value types {unsupported}")
         callback = self._callbacks.get(shape)
         if callback is None:
             callback = self._callbacks[shape] = self._make_callback(*shape)

@@ -339,6 +339,9 @@ class _GuestRun:
             if not isinstance(start, wasmtime.Func):
                 raise ModuleError(f"{config.module} has no `_start` function to run "
                                   "(for a reactor module use --invoke EXPORT)")
+            start_type = start.type(store)
+            if start_type.params or start_type.results:
+                raise ModuleError(f"{config.module}: `_start` must take and return nothing")
             call_export(store, start, [])
             return _Outcome(0)
         target = exports.get(config.invoke)

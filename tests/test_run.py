@@ -374,3 +374,8 @@ def test_host_bug_surfaces_as_the_hosts_exception_not_a_guest_status(fixtures: F
                        stdio=Stdio(MemoryStream(), BrokenStream(), MemoryStream()))
     with pytest.raises(RuntimeError, match="the host stream is broken"):
         run_module(config)
+
+
+def test_start_with_a_signature_is_a_one_line_error(tmp_path: Path) -> None:
+    module = wat_file(tmp_path, "odd", '(module (func (export "_start") (param i32)))')
+    assert_one_line_error(keep("run", str(module)), "_start")

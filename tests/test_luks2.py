@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from storage._af import af_merge, af_split
 from storage._luks2_header import BinaryHeader, _checksum, build_header_area, read_metadata
@@ -287,3 +289,56 @@ def test_truncation_and_random_byte_flips_always_give_a_clean_error() -> None:
         except StorageError:
             continue
         assert opened.volume_key == volume.volume_key
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 5000) | st.sampled_from([2**70, 1 << 63])
+    | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.sampled_from(["0", "4096", "dynamic", "argon2id", "pbkdf2", "luks2", "crypt", "raw",
+                       "sha256", "aes-xts-plain64", "AAAA", "18446744073709551616"]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8),
+                                                                      children, max_size=3),
+    max_leaves=6)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_structured_metadata_mutations_never_crash(data: st.DataObject) -> None:
+    """Replace or delete any JSON node (checksums fixed up, as a hostile host can): opening
+    either works with the right key or raises a StorageError subclass, nothing else."""
+    device, volume = _formatted()
+    raw = read_metadata(device).raw
+    path = data.draw(st.sampled_from(_paths(raw)[1:]))
+    delete = data.draw(st.booleans())
+    replacement = None if delete else data.draw(_JSON_VALUES)
+
+    def mutate(document: dict[str, Any]) -> None:
+        parent: Any = document
+        for step in path[:-1]:
+            parent = parent[step]
+        if delete:
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = replacement
+
+    try:
+        _rewrite_metadata(device, mutate)
+    except (StorageError, TypeError, ValueError):
+        return  # our own serialiser refused to write it (e.g. it does not fit): nothing to test
+    try:
+        opened = open_luks2(device, b"correct horse")
+    except StorageError:
+        return
+    assert opened.volume_key == volume.volume_key

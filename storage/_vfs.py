@@ -2,7 +2,8 @@
 
 Theory of operation: the filesystem's SQLite database ("db") and its write-ahead log ("db-wal")
 are byte ranges of the protected sector array (`MerkleStore` / `PlainStore`): the WAL region is a
-fixed fraction of the volume, the database region is the rest. Their logical sizes travel in the
+fixed fraction of the volume, then the database region (the filesystem keeps file data in the
+rest). Their logical sizes travel in the
 store's client metadata, so each integrity commit records them atomically with the data. Reads and
 writes that do not cover whole sectors are read-modify-write on the store's caches; bytes past a
 file's logical size read back as zeros.
@@ -175,7 +176,7 @@ class MemoryFile:
 class RegionVfs(apsw.VFS):
     """A VFS with exactly two persistent files, "db" and "db-wal", in fixed store regions."""
 
-    def __init__(self, store: MerkleStore | PlainStore, wal_sectors: int) -> None:
+    def __init__(self, store: MerkleStore | PlainStore, wal_sectors: int, db_sectors: int) -> None:
         self.name = f"keepshim-region-{os.getpid()}-{next(_INSTANCE_NUMBERS)}"
         super().__init__(self.name, base="")
         self.store = store
@@ -186,7 +187,9 @@ class RegionVfs(apsw.VFS):
             magic, db_size, wal_size = _SIZES.unpack_from(metadata)
             if magic != _SIZES_MAGIC:
                 raise apsw.CorruptError("unknown filesystem metadata")
-        self.db = RegionFile(self, wal_sectors, (total - wal_sectors) * SECTOR_SIZE, db_size)
+        if wal_sectors + db_sectors > total:
+            raise apsw.CantOpenError("regions larger than the store")
+        self.db = RegionFile(self, wal_sectors, db_sectors * SECTOR_SIZE, db_size)
         self.wal = RegionFile(self, 0, wal_sectors * SECTOR_SIZE, wal_size)
         self._journal = MemoryFile()
 

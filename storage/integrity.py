@@ -43,10 +43,12 @@ segment holds one metadata sector and then the data sectors; commits are not ato
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -201,12 +203,13 @@ class _CachedStore:
         self.sector_count = sector_count
         self.writable = writable
         self._dirty: dict[int, bytes] = {}
-        self._clean: dict[int, bytes] = {}
+        self._clean: OrderedDict[int, bytes] = OrderedDict()  # FIFO: popitem(last=False) is O(1)
         self._clean_limit = 2048
         self._dirty_limit = cache_limit
         self._metadata = b""
         self._committed_metadata = b""
         self._closed = False
+        self._holds = 0
 
     # -- client API ------------------------------------------------------------------------
 
@@ -233,12 +236,16 @@ class _CachedStore:
                 missing.append(sector)
             else:
                 found[sector] = cached
+        remember = count <= 16  # large (streaming) reads would only flush the cache
         for run_first, run_count in _runs(missing):
             plain = self._read_home(run_first, run_count)
+            if run_count == count:
+                return plain
             for index in range(run_count):
                 piece = plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
                 found[run_first + index] = piece
-                self._remember_clean(run_first + index, piece)
+                if remember:
+                    self._remember_clean(run_first + index, piece)
         if count == 1:
             return found[first]
         for sector in range(first, first + count):
@@ -258,8 +265,25 @@ class _CachedStore:
             sector = first + index
             self._clean.pop(sector, None)
             self._dirty[sector] = bytes(view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
-        if len(self._dirty) >= self._dirty_limit:
+        if len(self._dirty) >= self._dirty_limit and not self._holds:
             self._pressure_commit()
+
+    @property
+    def batch_limit(self) -> int:
+        """The most sectors one `hold()` block may write (so a commit always fits the log)."""
+        return self._dirty_limit
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Defer cache-pressure commits to the end of the block, so that no commit can capture
+        half of a client operation (the client keeps each block under `batch_limit` sectors)."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds and len(self._dirty) >= self._dirty_limit and not self._closed:
+                self._pressure_commit()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -279,7 +303,7 @@ class _CachedStore:
 
     def _remember_clean(self, sector: int, plain: bytes) -> None:
         if len(self._clean) >= self._clean_limit:
-            del self._clean[next(iter(self._clean))]
+            self._clean.popitem(last=False)
         self._clean[sector] = plain
 
     def _read_home(self, first: int, count: int) -> bytes:
@@ -554,8 +578,6 @@ class MerkleStore(_CachedStore):
             self._segment.write_plain(layout.page_start + first,
                                       bytes(self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
         self._segment.sync()
-        for sector, (_cipher, plain) in self._pending.items():
-            self._remember_clean(sector, plain)
         self._pending.clear()
         self._pages_since_checkpoint.clear()
         self._log_position = 0

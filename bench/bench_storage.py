@@ -1,0 +1,184 @@
+"""Storage benchmark: the encrypted, integrity-protected filesystem beside plain files.
+
+Prints numbers and ratios; asserts nothing. Each workload runs on a keepshim volume (an image
+file in a temporary directory) and, as the peer, on plain files in the same directory (same disk),
+plus `openssl speed -evp aes-256-xts` as the crypto ceiling.
+
+    python bench/bench_storage.py [--size-mib 256] [--random-ops 3000] [--files 5000]
+                                  [--integrity merkle|none] [--dir DIR]
+
+Targets from issue 3 (integrity on): sequential write >= 150 MiB/s, durable random 4 KiB
+overwrites >= 3,000 ops/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from storage.fs import ROOT_INODE
+from storage.luks2 import KdfCost
+from storage.volume import Volume, create_volume
+
+MIB = 1 << 20
+BLOCK = 4096
+
+
+def timed(work: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def openssl_xts_ceiling() -> float | None:
+    """MB/s of `openssl speed -evp aes-256-xts` at 4 KiB blocks (None if unavailable)."""
+    try:
+        result = subprocess.run(["openssl", "speed", "-seconds", "2", "-bytes", "4096", "-evp", "aes-256-xts"],
+                                capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in result.stdout.splitlines():
+        if line.lower().startswith("aes-256-xts"):
+            match = re.findall(r"([\d.]+)k", line)
+            if match:
+                return float(match[-1]) * 1000 / 1e6
+    return None
+
+
+class VolumeWorkloads:
+    def __init__(self, volume: Volume, size: int) -> None:
+        self.volume = volume
+        self.fs = volume.fs
+        self.size = size
+
+    def sequential_write(self) -> None:
+        ino = self.fs.create(ROOT_INODE, b"seq").ino
+        chunk = os.urandom(MIB)
+        for offset in range(0, self.size, MIB):
+            self.fs.write(ino, offset, chunk)
+        self.fs.fsync(ino)
+
+    def sequential_read(self) -> None:
+        ino = self.fs.lookup(ROOT_INODE, b"seq").ino
+        for offset in range(0, self.size, MIB):
+            self.fs.read(ino, offset, MIB)
+
+    def random_overwrites(self, ops: int, span: int) -> None:
+        ino = self.fs.lookup(ROOT_INODE, b"seq").ino
+        rng = random.Random(1)
+        block = os.urandom(BLOCK)
+        for _ in range(ops):
+            self.fs.write(ino, rng.randrange(span // BLOCK) * BLOCK, block)
+            self.fs.fsync(ino)
+
+    def small_files(self, count: int) -> None:
+        directory = self.fs.mkdir(ROOT_INODE, b"small").ino
+        body = os.urandom(1000)
+        for index in range(count):
+            ino = self.fs.create(directory, b"file%05d" % index).ino
+            self.fs.write(ino, 0, body)
+        self.fs.fsync()
+
+
+class PlainWorkloads:
+    def __init__(self, directory: Path, size: int) -> None:
+        self.directory = directory
+        self.size = size
+        self.path = directory / "plain-seq"
+
+    def sequential_write(self) -> None:
+        chunk = os.urandom(MIB)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(0, self.size, MIB):
+                os.write(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sequential_read(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while os.read(fd, MIB):
+                pass
+        finally:
+            os.close(fd)
+
+    def random_overwrites(self, ops: int, span: int) -> None:
+        rng = random.Random(1)
+        block = os.urandom(BLOCK)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for _ in range(ops):
+                os.pwrite(fd, block, rng.randrange(span // BLOCK) * BLOCK)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def small_files(self, count: int) -> None:
+        directory = self.directory / "plain-small"
+        directory.mkdir()
+        body = os.urandom(1000)
+        for index in range(count):
+            fd = os.open(directory / f"file{index:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, body)
+            os.close(fd)
+        os.sync()
+
+
+def row(label: str, ours: float, peer: float, unit: str) -> None:
+    ratio = ours / peer if peer else float("nan")
+    print(f"  {label:<34} {ours:>10.1f} {unit:<7} plain {peer:>10.1f} {unit:<7} ratio {ratio:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--random-ops", type=int, default=3000)
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--integrity", choices=["merkle", "none"], default="merkle")
+    parser.add_argument("--dir", default=None, help="where the image and plain files go (same disk)")
+    options = parser.parse_args()
+    size = options.size_mib * MIB
+    with tempfile.TemporaryDirectory(dir=options.dir, prefix="keepshim-bench-") as scratch:
+        directory = Path(scratch)
+        image = directory / "bench.img"
+        image_size = 16 * MIB + size * 2 + 64 * MIB
+        with create_volume(image, image_size, b"bench", pbkdf="pbkdf2", kdf_cost=KdfCost(iterations=1000),
+                           integrity=options.integrity) as volume:
+            ours = VolumeWorkloads(volume, size)
+            plain = PlainWorkloads(directory, size)
+            print(f"keepshim storage benchmark: {options.size_mib} MiB, integrity={options.integrity}, "
+                  f"cipher engine {volume.store_cipher_engine()}, dir {directory}")
+            write_ours = timed(ours.sequential_write)
+            write_plain = timed(plain.sequential_write)
+            row("sequential write", size / MIB / write_ours, size / MIB / write_plain, "MiB/s")
+            read_ours = timed(ours.sequential_read)
+            read_plain = timed(plain.sequential_read)
+            row("sequential read", size / MIB / read_ours, size / MIB / read_plain, "MiB/s")
+            ops = options.random_ops
+            span = min(size, 64 * MIB)
+            random_ours = timed(lambda: ours.random_overwrites(ops, span))
+            random_plain = timed(lambda: plain.random_overwrites(ops, span))
+            row("durable random 4 KiB overwrites", ops / random_ours, ops / random_plain, "ops/s")
+            files = options.files
+            small_ours = timed(lambda: ours.small_files(files))
+            small_plain = timed(lambda: plain.small_files(files))
+            row(f"{files} small-file creates", files / small_ours, files / small_plain, "files/s")
+            info = volume.info()
+        ceiling = openssl_xts_ceiling()
+        if ceiling is not None:
+            print(f"  openssl aes-256-xts ceiling (4 KiB) {ceiling:>10.1f} MB/s; sequential write is "
+                  f"{size / write_ours / 1e6 / ceiling:.3f} of it, read {size / read_ours / 1e6 / ceiling:.3f}")
+        print(f"  generation {info['generation']}, image {image.stat().st_blocks * 512 / MIB:.0f} MiB allocated")
+
+
+if __name__ == "__main__":
+    main()

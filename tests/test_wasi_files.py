@@ -187,8 +187,8 @@ def test_escapes_and_odd_paths_give_wasmtimes_errno(harness: GuestHarness) -> No
     assert harness.open_errno("dir/nested/file/more") == Errno.NOTDIR
     assert harness.open_errno("n" * 256, CREAT) == Errno.NAMETOOLONG
     # symlinks
-    assert harness.symlink("/etc", "absolute") == 0
-    assert harness.open_errno("absolute/passwd") == Errno.PERM
+    assert harness.symlink("/etc", "absolute") == Errno.PERM  # wasmtime refuses absolute targets
+    assert harness.open_errno("absolute/passwd") == Errno.NOENT
     assert harness.symlink("../..", "up") == 0
     assert harness.open_errno("up/x") == Errno.PERM
     assert harness.symlink("loop2", "loop1") == 0
@@ -230,7 +230,8 @@ def test_create_and_remove_directories(harness: GuestHarness) -> None:
     assert harness.path_call("path_remove_directory", "file") == Errno.NOTDIR
     assert harness.path_call("path_unlink_file", "a") == Errno.ISDIR
     assert harness.path_call("path_unlink_file", "file/") == Errno.NOTDIR
-    assert harness.path_call("path_remove_directory", "a/b/") == 0
+    assert harness.path_call("path_remove_directory", "a/b/") == Errno.INVAL  # as wasmtime (cap-std)
+    assert harness.path_call("path_remove_directory", "a/b") == 0
     assert harness.path_call("path_remove_directory", "a") == 0
     assert harness.path_call("path_remove_directory", "a") == Errno.NOENT
     assert harness.path_call("path_remove_directory", ".") == Errno.INVAL

@@ -531,6 +531,8 @@ def path_readlink(
             resolved.stat()
             raise WasiError(Errno.INVAL)  # a directory is not a symlink
         contents = resolved.directory.readlink(resolved.name).encode("utf-8", "surrogateescape")
+    if contents.startswith(b"/"):
+        raise WasiError(Errno.PERM)  # wasmtime (cap-std) refuses to reveal absolute link targets
     contents = contents[:buf_len]  # silently truncated, as readlink(2) and wasmtime
     write_bytes(memory, buf, contents)
     store_u32(memory, result_ptr, len(contents))
@@ -542,6 +544,9 @@ def path_remove_directory(guest: Guest, memory: Memory, fd: int, path: int, path
     with resolve(directory, read_path(memory, path, path_len), follow=False) as resolved:
         if resolved.name == ".":
             raise WasiError(Errno.INVAL)  # rmdir(".") as Linux
+        if resolved.trailing_slash:
+            resolved.stat()  # ENOENT, ENOTDIR first
+            raise WasiError(Errno.INVAL)  # wasmtime (cap-std) refuses rmdir("dir/")
         resolved.directory.rmdir(resolved.name)
     return 0
 
@@ -570,6 +575,8 @@ def path_symlink(
     target = read_path(memory, old_path, old_path_len)
     if "\0" in target:
         raise WasiError(Errno.INVAL)
+    if target.startswith("/"):
+        raise WasiError(Errno.PERM)  # wasmtime (cap-std): an absolute link would lead outside
     with resolve(directory, read_path(memory, new_path, new_path_len), follow=False) as resolved:
         if resolved.name == "." or resolved.trailing_slash:
             raise WasiError(Errno.NOENT if resolved.stat_or_none() is None else Errno.EXIST)

@@ -27,8 +27,13 @@ MAX_NAME_BYTES = 255
 
 
 def _components(path: str) -> list[str]:
-    """The components of ``path`` in reverse order (a stack), without empty and ``.`` ones."""
-    parts = [part for part in path.split("/") if part and part != "."]
+    """The components of ``path`` in reverse order (a stack), without empty and ``.`` ones.
+
+    A final ``.`` is kept: ``x/.`` names x's ``.``, so x must be an existing directory (ENOENT,
+    ENOTDIR otherwise) and the name operated on is ``.``, as in wasmtime (cap-std).
+    """
+    parts = [part for part in path.split("/") if part]
+    parts = [part for index, part in enumerate(parts) if part != "." or index == len(parts) - 1]
     for part in parts:
         if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
             raise WasiError(Errno.NAMETOOLONG)

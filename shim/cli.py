@@ -207,9 +207,10 @@ def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what keeps to accept (backends, measurements, debug, volume generation)")
     parser.add_argument("--allow-insecure-nil", action="store_true",
                         help="accept a keep on the nil backend (no hardware, forgeable evidence)")
-    parser.add_argument("--volume-key", action="append", default=[], metavar="NAME=KEYFILE",
+    parser.add_argument("--volume-key", action="append", default=[],
+                        metavar="NAME[::GUEST_PATH]=KEYFILE",
                         help="send volume NAME's key file (its exact bytes, as cryptsetup --key-file) "
-                             "to the attested keep")
+                             "to the attested keep; the guest sees it at GUEST_PATH (default /NAME)")
     parser.add_argument("--volume-state", metavar="STATE.json",
                         help="pin volume generations from this file and store the returned ones")
     parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to deploy")

@@ -38,6 +38,7 @@ from shim.attest import (
     Finished,
     Output,
     Policy,
+    ProtocolError,
     Refused,
     RemoteProtocolError,
     VolumeGenerationTooOld,
@@ -171,20 +172,26 @@ def _write_volume_state(path: Path, states: Sequence[VolumeState],
 
 
 def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> tuple[VolumeGrant, ...]:
+    """`--volume-key NAME[::GUEST_PATH]=KEYFILE` options as grants, pinned from --volume-state."""
     grants = []
     for spec in specs:
-        name, separator, key_path = spec.partition("=")
+        target, separator, key_path = spec.partition("=")
+        name, _, guest_path = target.partition("::")
         if not name or not separator or not key_path:
-            raise UsageError(f"--volume-key {spec!r}: expected NAME=KEYFILE")
+            raise UsageError(f"--volume-key {spec!r}: expected NAME[::GUEST_PATH]=KEYFILE")
         try:
             key = Path(key_path).read_bytes()
         except OSError as error:
             raise UsageError(f"--volume-key {name}: cannot read {key_path}: {error.strerror}") from None
         pin = pins.get(name, {})
         generation, uuid = pin.get("generation"), pin.get("uuid")
-        grants.append(VolumeGrant(name, key_file=key,
-                                  pinned_generation=generation if isinstance(generation, int) else None,
-                                  pinned_uuid=uuid if isinstance(uuid, str) else None))
+        try:
+            grants.append(VolumeGrant(
+                name, key_file=key, guest_path=guest_path,
+                pinned_generation=generation if isinstance(generation, int) else None,
+                pinned_uuid=uuid if isinstance(uuid, str) else None))
+        except ProtocolError as error:
+            raise UsageError(f"--volume-key {spec!r}: {error}") from None
     return tuple(grants)
 
 

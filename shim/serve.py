@@ -165,8 +165,9 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
 
     `deployment.volumes` are open (key checked, pin enforced) and are committed by the keep
     after the run, but the guest does not see them yet: that needs a wasi_host Directory over
-    storage.fs (then `preopens=((guest_path, directory),)` here) and a keep.toml entry naming
-    each volume's guest path."""
+    storage.fs (issue 4). Then, here: `preopens=tuple((grant.guest_path,
+    directory_over(deployment.volumes[grant.name])) for grant in message.volumes)` in the
+    RunConfig, and `config.guest_env(preopen_names)` so FD_NAMES counts them."""
     from shim.run import RunConfig, Stdio, run_module_async
     from shim.sockets import open_keep_network
 

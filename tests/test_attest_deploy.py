@@ -390,3 +390,16 @@ async def test_deploying_to_something_that_is_not_a_keep_is_one_clear_error() ->
     with pytest.raises(KeepError, match=r"cannot connect to 127\.0\.0\.1"):
         await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
                         stdout=io.BytesIO(), stderr=io.BytesIO())
+
+
+def test_bad_volume_key_options_fail_before_connecting(tmp_path: Path, wasm_fixture: WasmFixture) -> None:
+    key = tmp_path / "data.key"
+    key.write_bytes(b"k")
+    for spec, complaint in [(f"data::relative={key}", "must be absolute"),
+                            (f"={key}", "expected NAME[::GUEST_PATH]=KEYFILE"),
+                            (f"data={tmp_path / 'absent.key'}", "cannot read")]:
+        completed = subprocess.run(
+            [sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1", "--volume-key", spec,
+             str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 2, completed.stderr
+        assert complaint in completed.stderr and len(completed.stderr.splitlines()) == 1

@@ -28,7 +28,7 @@ DEPLOY = Deploy(workload=b"\0asm\1\0\0\0" + bytes(range(256)), config='[[files]]
                 args=("--flag", "ünïcode", ""),
                 volumes=(VolumeGrant("data", volume_key=bytes(range(64)), pinned_generation=3,
                                      pinned_uuid="8d1c-uuid"),
-                         VolumeGrant("logs", key_file=b"correct horse")))
+                         VolumeGrant("logs", key_file=b"correct horse", guest_path="/var/log")))
 FINISHED = Finished(exit_status=3, error=None,
                     volumes=(VolumeState("data", "8d1c-uuid", 4, bytes(range(32))),))
 
@@ -179,6 +179,16 @@ def test_a_volume_grant_needs_exactly_one_secret() -> None:
         VolumeGrant("v")
     with pytest.raises(LocalProtocolError, match="exactly one"):
         VolumeGrant("v", key_file=b"k", volume_key=b"k")
+
+
+def test_a_volume_grant_has_a_safe_guest_path() -> None:
+    assert VolumeGrant("data", key_file=b"k").guest_path == "/data"
+    assert VolumeGrant("data", key_file=b"k", guest_path="/srv/db").guest_path == "/srv/db"
+    for bad in ("relative", "/a/../etc", "/a\0b"):
+        with pytest.raises(LocalProtocolError, match="guest path"):
+            VolumeGrant("data", key_file=b"k", guest_path=bad)
+    with pytest.raises(LocalProtocolError, match="volume name"):
+        VolumeGrant("a/b", key_file=b"k")
 
 
 @given(workload=st.binary(max_size=2048), args=st.lists(st.text(max_size=20), max_size=5),

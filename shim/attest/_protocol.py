@@ -10,7 +10,8 @@ _tls), owner and keep exchange frames:
 Messages, in the only order the conversation allows (the `_TRANSITIONS` table):
 
     owner -> keep   deploy    header: args, config (keep.toml text), volumes (name, key_file or
-                              volume_key, pinned generation and uuid), workload_sha256;
+                              volume_key, pinned generation and uuid, guest path),
+                              workload_sha256;
                               payload: the module
     keep  -> owner  refused   header: reason                        (conversation ends)
                     accepted  header: workload_sha256
@@ -59,16 +60,26 @@ class VolumeGrant:
     """A volume the deployment may open, with exactly one secret: `key_file` (the bytes of a
     LUKS2 key file or passphrase, as cryptsetup's --key-file) or `volume_key` (the raw volume
     key). The pin (`pinned_generation`, `pinned_uuid`) is the state the owner stored after the
-    last deployment: an older generation or another volume is refused. Secrets never appear in
-    repr, so they cannot leak into logs or tracebacks."""
+    last deployment: an older generation or another volume is refused. `guest_path` is where
+    the guest will find it (default `/NAME`). Secrets never appear in repr, so they cannot leak
+    into logs or tracebacks."""
 
     name: str
     key_file: bytes | None = field(default=None, repr=False)
     volume_key: bytes | None = field(default=None, repr=False)
     pinned_generation: int | None = None
     pinned_uuid: str | None = None
+    guest_path: str = ""
 
     def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "\0" in self.name:
+            raise LocalProtocolError(f"volume name {self.name!r} must be non-empty, without '/'")
+        if not self.guest_path:
+            object.__setattr__(self, "guest_path", "/" + self.name)
+        parts = self.guest_path.split("/")
+        if not self.guest_path.startswith("/") or "\0" in self.guest_path or ".." in parts:
+            raise LocalProtocolError(f"volume {self.name!r}: guest path {self.guest_path!r} must be "
+                                     "absolute, without '..'")
         if (self.key_file is None) == (self.volume_key is None):
             raise LocalProtocolError(f"volume {self.name!r}: give exactly one of key_file or volume_key")
         if self.pinned_generation is not None and self.pinned_generation < 0:
@@ -188,7 +199,8 @@ def _grant_to_json(grant: VolumeGrant) -> dict[str, object]:
         return None if secret is None else base64.b64encode(secret).decode()
 
     return {"name": grant.name, "pinned_generation": grant.pinned_generation,
-            "pinned_uuid": grant.pinned_uuid, "key_file": encoded(grant.key_file),
+            "pinned_uuid": grant.pinned_uuid, "guest_path": grant.guest_path,
+            "key_file": encoded(grant.key_file),
             "volume_key": encoded(grant.volume_key)}
 
 
@@ -279,9 +291,11 @@ def _grant_from_json(header: _Header) -> VolumeGrant:
                 raise RemoteProtocolError(f"deploy message: a volume's {key} is not base64") from None
     uuid = header.get("pinned_uuid", str, optional=True)
     assert uuid is None or isinstance(uuid, str)
+    guest_path = header.get("guest_path", str, optional=True) or ""
+    assert isinstance(guest_path, str)
     try:
         return VolumeGrant(name=header.text("name"), key_file=secrets["key_file"],
-                           volume_key=secrets["volume_key"], pinned_uuid=uuid,
+                           volume_key=secrets["volume_key"], pinned_uuid=uuid, guest_path=guest_path,
                            pinned_generation=header.integer("pinned_generation", optional=True))
     except LocalProtocolError as error:
         raise RemoteProtocolError(f"deploy message: {error}") from None

@@ -2,9 +2,10 @@
 
 Each entry kind (file, directory, stdio stream, socket) is one class; accessors on the table
 (`get_file`, `get_directory`, `get_seekable`, ...) return the right kind or raise the errno
-wasmtime returns for the wrong one, and check rights in one place (:meth:`FdTable.get`) before
-any backend is called.  A missing FD_READ/FD_WRITE right is EBADF (as POSIX and wasmtime say for
-a file opened without that access); any other missing right is ENOTCAPABLE.
+wasmtime returns for the wrong one, and check rights in one place (:func:`require`) before any
+backend is called.  A right that wasi-libc withholds because of the access mode gives the errno
+the OS gives for an fd not opened for that access (EBADF for a write to a read-only fd); any
+other missing right is ENOTCAPABLE.
 
 Numbering follows wasmtime: a closed number is reused (highest first), otherwise one more than
 the highest in use.
@@ -18,7 +19,15 @@ from wasi_host._abi import Errno, Fdflags, Filetype, Rights
 from wasi_host._backend import Buffer, Directory, File, Readiness, Socket, Stream
 from wasi_host._errors import WasiError
 
-_ACCESS_RIGHTS = Rights.FD_READ | Rights.FD_WRITE
+# The rights wasi-libc withholds according to the access mode (O_RDONLY/O_WRONLY) of open():
+# missing, they give the errno the host OS (and so wasmtime, which checks no rights) gives for an
+# fd not opened for that access.  Any other missing right is ENOTCAPABLE.
+_ACCESS_MODE_ERRNO = (
+    (Rights.FD_READ, Errno.BADF),
+    (Rights.FD_WRITE, Errno.BADF),
+    (Rights.FD_FILESTAT_SET_SIZE, Errno.INVAL),
+    (Rights.FD_ALLOCATE, Errno.NOTSUP),
+)
 
 
 class Entry:
@@ -154,7 +163,10 @@ def require(entry: Entry, rights: int) -> None:
     """Raise unless ``entry`` holds every right in ``rights`` (the one rights check)."""
     missing = rights & ~entry.rights_base
     if missing:
-        raise WasiError(Errno.BADF if missing & _ACCESS_RIGHTS else Errno.NOTCAPABLE)
+        for right, errno in _ACCESS_MODE_ERRNO:
+            if missing & right:
+                raise WasiError(errno)
+        raise WasiError(Errno.NOTCAPABLE)
 
 
 class FdTable:

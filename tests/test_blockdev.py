@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,33 @@ def test_memory_device_snapshot_and_restore() -> None:
     device.restore(saved)
     assert device.read(0, 3) == b"old"
     assert isinstance(device, BlockDevice)
+
+
+def _attach_loop_device(image: Path) -> str | None:
+    """Attach `image` to a free loop device (root only); None when the system does not allow it."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        return None
+    result = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def test_a_block_device_path_works_like_an_image(tmp_path: Path) -> None:
+    image = tmp_path / "backing.img"
+    with open(image, "wb") as handle:
+        handle.truncate(4 << 20)
+    loop = _attach_loop_device(image)
+    if loop is None:
+        pytest.skip("needs root and loop devices (losetup) to get a real block device")
+    try:
+        with FileBlockDevice(loop, writable=True) as device:
+            assert device.size == 4 << 20  # measured with lseek, as st_size is 0 for devices
+            device.write(8192, b"through the block device")
+            device.sync()
+            with pytest.raises(VolumeInUse):
+                FileBlockDevice(loop, writable=True)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    with open(image, "rb") as handle:
+        handle.seek(8192)
+        assert handle.read(24) == b"through the block device"

@@ -254,22 +254,29 @@ class Keep:
         """The measurement this keep's evidence states (from a throw-away piece of evidence)."""
         return self.backend.verify(self.backend.evidence(bytes(REPORT_DATA_BYTES))).measurement
 
-    async def serve(self, host: str, port: int, *,
-                    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on host:port until one deployment has finished; `task_status.started` gets
-        the bound address (port 0 picks a free port)."""
-        context = self.tls.server_context()
+    async def listen(self, host: str, port: int) -> list[trio.SocketListener]:
+        """Bind host:port (port 0 picks a free port); KeepError if it cannot."""
         try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            return await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
             raise KeepError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-        address = listeners[0].socket.getsockname()
+
+    async def serve_on(self, listeners: list[trio.SocketListener]) -> None:
+        """Accept connections on `listeners` until one deployment has finished."""
+        context = self.tls.server_context()
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, context, nursery)
-            task_status.started((str(address[0]), int(address[1])))
             await self.finished.wait()
             nursery.cancel_scope.cancel()
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """`listen` then `serve_on`; `task_status.started` gets the bound address."""
+        listeners = await self.listen(host, port)
+        address = listeners[0].socket.getsockname()
+        task_status.started((str(address[0]), int(address[1])))
+        await self.serve_on(listeners)
 
     async def _accept_loop(self, listener: trio.SocketListener, context: ssl.SSLContext,
                            nursery: trio.Nursery) -> None:
@@ -378,13 +385,16 @@ def serve_command(args: argparse.Namespace) -> int:
     images = _volume_images(args.volume)
     backend = backend_named(args.backend, debug=bool(args.debug))
 
+    keep = Keep(backend, volumes=images)
+    measurement = keep.measurement()  # an unsupported backend fails here, as one line
+
     async def main() -> None:
-        keep = Keep(backend, volumes=images)
-        async with trio.open_nursery() as nursery:
-            bound_host, bound_port = await nursery.start(keep.serve, host, port)
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
-                  f"{keep.measurement().hex()})", file=sys.stderr, flush=True)
+        listeners = await keep.listen(host, port)
+        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
+              f"{measurement.hex()})", file=sys.stderr, flush=True)
+        await keep.serve_on(listeners)
 
     trio.run(main)
     return 0

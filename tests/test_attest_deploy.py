@@ -403,3 +403,15 @@ def test_bad_volume_key_options_fail_before_connecting(tmp_path: Path, wasm_fixt
              str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
         assert completed.returncode == 2, completed.stderr
         assert complaint in completed.stderr and len(completed.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("backend", "device"), [("sev-snp", "/dev/sev-guest"), ("tdx", "/dev/tdx_guest"),
+                                                 ("sgx", "/dev/sgx_enclave")])
+def test_serve_on_a_hardware_backend_this_machine_lacks_is_one_clear_line(backend: str, device: str) -> None:
+    if Path(device).exists():
+        pytest.skip(f"this machine has {device}")
+    completed = subprocess.run([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0",
+                                "--backend", backend], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert completed.stderr == (f"keep: {backend} is not supported on this machine ({device} is missing); "
+                                f"cannot produce {backend} evidence\n")

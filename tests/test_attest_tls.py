@@ -3,13 +3,14 @@ in the peer certificate of that very connection."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
 
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from net.tls import server_context
 from shim.attest import (
@@ -20,6 +21,7 @@ from shim.attest import (
     Deploy,
     InsecureNilNotAllowed,
     KeepTLS,
+    KeyBindingMismatch,
     NilBackend,
     NonceMismatch,
     Policy,
@@ -131,3 +133,40 @@ def test_the_attested_provider_gives_the_guest_sockets_a_nonce_bound_certificate
     claims = verify_keep_certificate(leaf, nonce, NIL_OK)
     assert claims.report_data[:32] == hashlib.sha256(identity.spki_der).digest()
     assert server_context(net_identity).minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+async def test_a_relay_that_shows_a_real_keeps_evidence_under_its_own_key_is_refused() -> None:
+    """The attack channel binding stops: an impostor asks the real keep for evidence bound to the
+    owner's nonce, then terminates TLS itself with its own key and that evidence."""
+    real = KeepTLS(AttestedIdentity(), NilBackend())
+    nonce = b"\x66" * 32
+    async with trio.open_nursery() as nursery:
+        real_port = await nursery.start(_serve_one_message, real)
+        tcp = await trio.open_tcp_stream("127.0.0.1", real_port)
+        probe = trio.SSLStream(tcp, owner_client_context(), server_hostname=server_name_for_nonce(nonce))
+        await probe.do_handshake()
+        stolen = x509.load_der_x509_certificate(probe.getpeercert(binary_form=True))
+        await trio.aclose_forcefully(probe)
+        # The real keep's evidence is genuine for this nonce:
+        assert verify_keep_certificate(stolen.public_bytes(serialization.Encoding.DER), nonce, NIL_OK)
+
+        impostor_key = AttestedIdentity()
+        forged = (x509.CertificateBuilder().subject_name(stolen.subject).issuer_name(stolen.issuer)
+                  .public_key(impostor_key.private_key.public_key()).serial_number(7)
+                  .not_valid_before(stolen.not_valid_before_utc).not_valid_after(stolen.not_valid_after_utc)
+                  .add_extension(stolen.extensions[0].value, critical=False)
+                  .sign(impostor_key.private_key, hashes.SHA256()))
+        context = server_context(impostor_key.net_identity(forged))
+
+        async def impostor(stream: trio.SocketStream) -> None:
+            tls = trio.SSLStream(stream, context, server_side=True)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await tls.do_handshake()
+                await tls.receive_some()
+            await trio.aclose_forcefully(tls)
+
+        listeners = await nursery.start(trio.serve_tcp, impostor, 0)
+        impostor_port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(KeyBindingMismatch, match=r"\(key binding\)"):
+            await open_verified_stream("127.0.0.1", impostor_port, NIL_OK, nonce_source=lambda _n: nonce)
+        nursery.cancel_scope.cancel()

@@ -2,8 +2,9 @@
 
 Layout (the contract between keep and owner):
 
-- The keep's key is ECDSA P-256, generated in memory when the keep starts (`AttestedIdentity`); it is
-  never serialized except, encrypted, into an anonymous in-memory file for OpenSSL (see _tls).
+- The keep's key is ECDSA P-256, generated in memory when the keep starts (`AttestedIdentity`); it
+  is serialized only in memory, for net.tls, which hands it to OpenSSL through an anonymous
+  in-memory file (memfd), never the host disk.
 - report_data (64 bytes) = SHA-256(DER SubjectPublicKeyInfo of the certificate's key)
   || nonce (32 bytes, chosen by the owner for this connection).
 - The certificate is self-signed (subject = issuer = CN "keepshim keep") and carries exactly one

@@ -342,3 +342,70 @@ def test_structured_metadata_mutations_never_crash(data: st.DataObject) -> None:
     except StorageError:
         return
     assert opened.volume_key == volume.volume_key
+
+
+class _PowerCut(Exception):
+    """The simulated crash."""
+
+
+class _CrashingDevice(MemoryBlockDevice):
+    """A memory device that loses power at its `writes_left`-th write, which is torn: only
+    its first half reaches the medium."""
+
+    writes_left = 1 << 30
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.writes_left == 0:
+            super().write(offset, bytes(data)[:len(data) // 2])
+            raise _PowerCut()
+        self.writes_left -= 1
+        super().write(offset, data)
+
+
+def _opens(device: MemoryBlockDevice, passphrase: bytes) -> bool:
+    try:
+        open_luks2(device, passphrase)
+    except WrongPassphrase:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("operation", ["add", "remove", "change"])
+def test_a_crash_at_any_write_leaves_a_usable_header(operation: str) -> None:
+    """Cut the power during each write of a keyslot change in turn (a torn write): the volume
+    always opens, with the old passphrase or (once the change is committed) the new one."""
+    device = _CrashingDevice(DEVICE_SIZE)
+    volume = format_luks2(device, b"old", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    if operation == "remove":
+        volume.add_keyslot(b"doomed", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    pristine = device.snapshot()
+    for crash_at in range(10):
+        device.restore(pristine)
+        device.writes_left = crash_at
+        current = open_luks2(device, b"old")
+        try:
+            if operation == "add":
+                current.add_keyslot(b"new", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+            elif operation == "remove":
+                current.remove_keyslot(1)
+            else:
+                current.change_passphrase(0, b"new", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+            finished = True
+        except _PowerCut:
+            finished = False
+        device.writes_left = 1 << 30
+        state = read_metadata(device)  # a valid header copy always remains
+        assert state.metadata.keyslots
+        if operation == "add":
+            assert _opens(device, b"old")
+            assert _opens(device, b"new") or not finished
+        elif operation == "remove":
+            assert _opens(device, b"old")
+            assert not _opens(device, b"doomed") or not finished
+        else:
+            assert _opens(device, b"old") or _opens(device, b"new")
+            assert (_opens(device, b"new") and not _opens(device, b"old")) or not finished
+        if finished:
+            break
+    else:
+        raise AssertionError("the operation never finished within the crash points tried")

@@ -448,6 +448,18 @@ def read_header_info(device: BlockDevice) -> dict[str, Any]:
             "sector_size": metadata.segment.sector_size}
 
 
+def _wipe_keyslots_area(device: BlockDevice, start: int, end: int) -> None:
+    """Zero what an earlier LUKS header left in the keyslots area (old keyslots could unlock the
+    old volume key), as cryptsetup luksFormat does; chunks already zero (a fresh sparse image)
+    are not written, so they stay unallocated on the host."""
+    chunk = 1 << 20
+    zeros = bytes(chunk)
+    for offset in range(start, end, chunk):
+        length = min(chunk, end - offset)
+        if device.read(offset, length) != zeros[:length]:
+            device.write(offset, zeros[:length])
+
+
 def format_luks2(device: BlockDevice, passphrase: bytes, *, pbkdf: Pbkdf = "argon2id",
                  iter_time_ms: int = DEFAULT_ITER_TIME_MS, cost: KdfCost | None = None,
                  data_offset: int = DEFAULT_DATA_OFFSET, sector_size: int = DEFAULT_SECTOR_SIZE,
@@ -492,6 +504,7 @@ def format_luks2(device: BlockDevice, passphrase: bytes, *, pbkdf: Pbkdf = "argo
                           subsystem="", hdr_offset=0)
     # An empty-keyslot header first, so add_keyslot can reuse the one keyslot code path. Wipe
     # any old header pair (e.g. re-formatting) by writing ours over it.
+    _wipe_keyslots_area(device, 2 * DEFAULT_HEADER_SIZE, data_offset)
     state = _write_headers(device, binary, raw, seqid=1)
     volume = LuksVolume(device, state, volume_key, None)
     volume.opened_keyslot = volume.add_keyslot(passphrase, pbkdf=pbkdf, iter_time_ms=iter_time_ms,

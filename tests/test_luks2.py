@@ -7,6 +7,7 @@ import json
 import os
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from storage._af import af_merge, af_split
 from storage._luks2_header import BinaryHeader, _checksum, build_header_area, read_metadata
-from storage.blockdev import MemoryBlockDevice
+from storage.blockdev import FileBlockDevice, MemoryBlockDevice
 from storage.errors import (
     CorruptHeader,
     KeyslotError,
@@ -135,6 +136,19 @@ def test_removed_keyslot_area_is_wiped() -> None:
     material = device.read(area["area_offset"], area["area_size"])
     volume.remove_keyslot(slot)
     assert device.read(area["area_offset"], area["area_size"]) != material
+
+
+def test_reformatting_wipes_old_keyslots_and_keeps_new_images_sparse(tmp_path: Path) -> None:
+    device, _ = _formatted()
+    old_material = device.read(32768, 258048)
+    format_luks2(device, b"fresh", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    assert old_material not in device.snapshot()
+    with pytest.raises(WrongPassphrase):
+        open_luks2(device, b"correct horse")
+    image = tmp_path / "sparse.img"
+    with FileBlockDevice(image, writable=True, create_size=DEVICE_SIZE) as file_device:
+        format_luks2(file_device, b"x", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    assert os.stat(image).st_blocks * 512 < 1 << 20  # headers and one keyslot only
 
 
 def test_keyslots_fill_up_cleanly() -> None:

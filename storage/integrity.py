@@ -28,9 +28,12 @@ with ``K = HKDF-SHA256(volume key, salt=uuid, info="keepshim/integrity/v1")``.
 
 Commit protocol (one fdatasync per commit): dirty sectors live in memory until a commit encrypts
 them for their home sector, hashes the ciphertext, updates the tree, and appends ONE log record
-(header with the generation, the previous root MAC, the (sector, hash) list and a header MAC;
-then the sectors' ciphertext verbatim; then the changed leaf pages in full) with a single write
-and fdatasync: that is the durability point. A checkpoint (log half full, cache large, close)
+(header with the generation, the previous root MAC, the (sector, leaf hash) list and a MAC over
+the whole header; then the sectors' ciphertext verbatim) with a single write and fdatasync: that
+is the durability point. Leaf pages are not logged: they change on disk only at checkpoints, so
+the pages as of the superblock (or newer, or torn by an interrupted checkpoint: XTS keeps each
+16-byte block independent, so a torn page mixes old and new hashes only where entries changed
+them) plus every logged entry since give the exact leaves. A checkpoint (log half full, cache large, close)
 copies the logged sectors and leaf pages home, syncs, writes the alternate superblock (generation,
 root MAC, log start) and syncs. Recovery: the newest valid superblock, then every valid record
 after its log start in order (MAC, generation and previous-MAC chain checked; stop at the first
@@ -70,8 +73,8 @@ _UUID_FIELD = 40
 # superblock: magic, uuid, generation, sectors, log, pages, data, log_start, metadata length,
 # tree root, root MAC; then the metadata; then the superblock MAC over all of that.
 _SUPERBLOCK = struct.Struct(f"<8s{_UUID_FIELD}sQQQQQQH32s32s")
-# record header: magic, uuid, generation, previous root MAC, data count, page count, header
-# sectors, metadata length, tree root, root MAC; then metadata, entries, header MAC.
+# record header: magic, uuid, generation, previous root MAC, data count, reserved (0), header
+# sectors, metadata length, tree root, root MAC; then metadata, entries, padding, header MAC.
 _RECORD = struct.Struct(f"<8s{_UUID_FIELD}sQ32sIIIH32s32s")
 _ENTRY = struct.Struct("<Q32s")
 _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
@@ -515,55 +518,56 @@ class MerkleStore(_CachedStore):
         self.commit()
 
     def _append_record(self) -> None:
+        """Encrypt and hash the dirty sectors, update the tree, and append one log record
+        (header with the (sector, leaf hash) entries, then the ciphertext) with one sync."""
         layout = self._layout
         sectors = sorted(self._dirty)
-        ciphertexts: dict[int, bytes] = {}
-        for first, count in _runs(sectors):
-            plain = b"".join(self._dirty[s] for s in range(first, first + count))
-            cipher = self._segment.cipher.encrypt_run(layout.data_start + first, plain)
-            for index in range(count):
-                ciphertexts[first + index] = cipher[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+        dirty = self._dirty
         leaves = self._leaves
+        encrypt = self._segment.cipher.encrypt_run
+        sha256 = hashlib.sha256
+        pack = _ENTRY.pack
+        run_ciphertexts: list[bytes] = []
         entries: list[bytes] = []
         changed_pages: set[int] = set()
-        for sector in sectors:
-            digest = hashlib.sha256(ciphertexts[sector]).digest()
-            leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
-            entries.append(_ENTRY.pack(sector, digest))
-            changed_pages.add(sector // HASHES_PER_PAGE)
+        logged: list[tuple[int, bytes]] = []
+        for first, count in _runs(sectors):
+            cipher = encrypt(layout.data_start + first, b"".join([dirty[s] for s in range(first, first + count)]))
+            run_ciphertexts.append(cipher)
+            for index in range(count):
+                sector = first + index
+                piece = cipher[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+                digest = sha256(piece).digest()
+                leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
+                entries.append(pack(sector, digest))
+                logged.append((sector, piece))
+            changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
         self._update_levels(changed_pages)
-        pages = sorted(changed_pages)
-        page_bytes = [bytes(leaves[p * SECTOR_SIZE:(p + 1) * SECTOR_SIZE]) for p in pages]
-        level1 = self._levels[1]
-        for page in pages:
-            entries.append(_ENTRY.pack(page, bytes(level1[page * HASH_SIZE:(page + 1) * HASH_SIZE])))
         generation = self._generation + 1
         root = self._tree_root()
         metadata = self._metadata
         root_mac = self._state_mac(generation, root, metadata)
         body_length = _RECORD.size + len(metadata) + len(entries) * _ENTRY.size + HASH_SIZE
         header_sectors = -(-body_length // SECTOR_SIZE)
-        record_sectors = header_sectors + len(sectors) + len(pages)
+        record_sectors = header_sectors + len(sectors)
         if self._log_position + record_sectors > layout.log_sectors:
             self._checkpoint()
         if record_sectors > layout.log_sectors:
             raise StorageError("commit larger than the redo log")  # prevented by the cache limit
         head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
-                            len(sectors), len(pages), header_sectors, len(metadata), root, root_mac)
+                            len(sectors), 0, header_sectors, len(metadata), root, root_mac)
         body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
         header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
         position = layout.log_start + self._log_position
-        header_cipher = self._segment.cipher.encrypt_run(position, header)
-        page_position = position + header_sectors + len(sectors)
-        page_cipher = self._segment.cipher.encrypt_run(page_position, b"".join(page_bytes)) if pages else b""
-        record = b"".join([header_cipher, *(ciphertexts[s] for s in sectors), page_cipher])
+        record = b"".join([encrypt(position, header), *run_ciphertexts])
         self._segment.write_raw(position, record)
         self._segment.sync()  # the durability point
         self._log_position += record_sectors
-        for sector in sectors:
-            self._pending[sector] = (ciphertexts[sector], self._dirty[sector])
-        self._dirty.clear()
-        self._pages_since_checkpoint.update(pages)
+        pending = self._pending
+        for sector, piece in logged:
+            pending[sector] = (piece, dirty[sector])
+        dirty.clear()
+        self._pages_since_checkpoint.update(changed_pages)
         self._generation = generation
         self._root_mac = root_mac
         self._committed_metadata = metadata
@@ -666,13 +670,13 @@ class MerkleStore(_CachedStore):
             fields = _RECORD.unpack_from(first)
         except struct.error:
             return None
-        (magic, uuid, record_generation, previous, data_count, page_count, header_sectors,
+        (magic, uuid, record_generation, previous, data_count, reserved, header_sectors,
          meta_length, root, root_mac) = fields
         if (magic != _RECORD_MAGIC or uuid != self._uuid_field or record_generation != generation
-                or previous != previous_mac.ljust(32, b"\0") or meta_length > METADATA_LIMIT):
+                or previous != previous_mac.ljust(32, b"\0") or meta_length > METADATA_LIMIT or reserved):
             return None
-        total = header_sectors + data_count + page_count
-        body_length = _RECORD.size + meta_length + (data_count + page_count) * _ENTRY.size
+        total = header_sectors + data_count
+        body_length = _RECORD.size + meta_length + data_count * _ENTRY.size
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
         header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
@@ -681,26 +685,20 @@ class MerkleStore(_CachedStore):
         body = header[:body_length]
         metadata = body[_RECORD.size:_RECORD.size + meta_length]
         entries = [_ENTRY.unpack_from(body, _RECORD.size + meta_length + i * _ENTRY.size)
-                   for i in range(data_count + page_count)]
+                   for i in range(data_count)]
         raw = self._segment.read_raw(start + header_sectors, data_count)
-        pages_plain = self._segment.read_plain(start + header_sectors + data_count, page_count) \
-            if page_count else b""
         updates: dict[int, bytes] = {}
-        for index, (sector, digest) in enumerate(entries[:data_count]):
+        for index, (sector, digest) in enumerate(entries):
             cipher = raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
             if sector >= layout.data_sectors or hashlib.sha256(cipher).digest() != digest:
                 return None  # torn record: never acknowledged
             updates[sector] = cipher
-        page_updates: dict[int, bytes] = {}
-        for index, (page, digest) in enumerate(entries[data_count:]):
-            plain = pages_plain[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-            if page >= layout.page_sectors or hashlib.sha256(plain).digest() != digest:
-                return None
-            page_updates[page] = plain
-        for page, plain in page_updates.items():
-            self._leaves[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE] = plain
-            self._pages_since_checkpoint.add(page)
+        # The leaf pages on disk are as of the superblock, or newer (a checkpoint that did not
+        # finish), possibly torn; either way re-applying every entry since the superblock gives
+        # the exact leaves, because pages only change at checkpoints and each change is logged.
         for sector, cipher in updates.items():
+            self._leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = hashlib.sha256(cipher).digest()
+            self._pages_since_checkpoint.add(sector // HASHES_PER_PAGE)
             plain = self._segment.cipher.decrypt_run(layout.data_start + sector, cipher)
             self._pending[sector] = (cipher, plain)
             self._clean.pop(sector, None)

@@ -128,14 +128,14 @@ def test_flips_in_live_log_records_are_caught_when_the_generation_is_pinned() ->
     store = image.format()
     rng = random.Random(3)
     contents = {}
-    for sector in range(0, 6):  # below the cache limit: one record of 1 + 6 + 1 sectors
+    for sector in range(0, 6):  # below the cache limit: one record of 1 + 6 sectors
         contents[sector] = rng.randbytes(SECTOR_SIZE)
         store.write(sector, contents[sector])
     latest = store.commit()  # logged, not checkpointed: the crash image has a live record
     assert latest.generation == 2
     crashed = image.device.snapshot()
     layout = store.layout
-    record_sectors = range(layout.log_start, layout.log_start + 1 + 6 + 1)
+    record_sectors = range(layout.log_start, layout.log_start + 1 + 6)
     for segment_sector in record_sectors:
         image.device.restore(crashed)
         offset = image.sector_offset(segment_sector) + rng.randrange(SECTOR_SIZE)

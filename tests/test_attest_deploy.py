@@ -154,6 +154,7 @@ def test_bad_policy_and_bad_config_fail_on_the_owners_side(keeper: Keeper, wasm_
     assert keeper.process.poll() is None
 
 
+@pytest.mark.slow  # two keep processes, two volume opens: 5-12 s on a shared 2-core machine
 def test_volume_state_comes_back_is_pinned_and_a_rollback_is_refused(tmp_path: Path,
                                                                      wasm_fixture: WasmFixture) -> None:
     """The owner's key opens the volume inside the keep; the final state returns and is stored;

@@ -156,7 +156,7 @@ def main() -> None:
             ours = VolumeWorkloads(volume, size)
             plain = PlainWorkloads(directory, size)
             print(f"keepshim storage benchmark: {options.size_mib} MiB, integrity={options.integrity}, "
-                  f"cipher engine {volume.store_cipher_engine()}, dir {directory}")
+                  f"cipher engine {volume.cipher_engine}, dir {directory}")
             write_ours = timed(ours.sequential_write)
             write_plain = timed(plain.sequential_write)
             row("sequential write", size / MIB / write_ours, size / MIB / write_plain, "MiB/s")

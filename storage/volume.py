@@ -42,7 +42,8 @@ class Volume:
     """An open volume. Use as a context manager, or call `close()` (which commits)."""
 
     def __init__(self, device: BlockDevice, luks: LuksVolume, store: MerkleStore | PlainStore,
-                 filesystem: Filesystem, integrity: Integrity, owns_device: bool) -> None:
+                 filesystem: Filesystem, integrity: Integrity, owns_device: bool,
+                 cipher_engine: str = "unknown") -> None:
         self.device = device
         self.luks = luks
         self.store = store
@@ -50,6 +51,7 @@ class Volume:
         self.integrity: Integrity = integrity
         self._owns_device = owns_device
         self._closed = False
+        self.cipher_engine = cipher_engine
 
     @property
     def writable(self) -> bool:
@@ -77,7 +79,7 @@ class Volume:
             "data_size": self.luks.data_size,
             "sector_size": self.luks.sector_size,
             "keyslots": self.luks.keyslots,
-            "cipher_engine": self.store_cipher_engine(),
+            "cipher_engine": self.cipher_engine,
             "block_size": usage.block_size,
             "blocks": usage.blocks,
             "blocks_free": usage.blocks_free,
@@ -88,10 +90,6 @@ class Volume:
             facts.update(log_sectors=layout.log_sectors, leaf_page_sectors=layout.page_sectors,
                          data_sectors=layout.data_sectors)
         return facts
-
-    def store_cipher_engine(self) -> str:
-        engine = getattr(self.luks.cipher(), "engine", "unknown")
-        return str(engine)
 
     def fsck(self) -> list[str]:
         """Every check there is: each sector's hash against the tree, SQLite's integrity_check,
@@ -157,7 +155,8 @@ def create_volume(target: str | os.PathLike[str] | BlockDevice, size: int | None
         if iter_time_ms is not None:
             options["iter_time_ms"] = iter_time_ms
         luks = format_luks2(device, passphrase, **options)
-        segment = DataSegment(device, luks.data_offset, luks.data_size, luks.cipher())
+        cipher = luks.cipher()
+        segment = DataSegment(device, luks.data_offset, luks.data_size, cipher)
         store: MerkleStore | PlainStore
         if integrity == "merkle":
             store = MerkleStore.format(segment, luks.volume_key, luks.uuid)
@@ -165,7 +164,7 @@ def create_volume(target: str | os.PathLike[str] | BlockDevice, size: int | None
             store = PlainStore.format(segment, luks.uuid)
         filesystem = Filesystem(store, create=True)
         store.commit()
-        return Volume(device, luks, store, filesystem, integrity, owns)
+        return Volume(device, luks, store, filesystem, integrity, owns, cipher.engine)
     except BaseException:
         if owns:
             device.close()
@@ -185,7 +184,8 @@ def open_volume(target: str | os.PathLike[str] | BlockDevice, passphrase: bytes 
     device, owns = _device_for(target, writable=writable)
     try:
         luks = open_luks2(device, passphrase, volume_key=volume_key, keyslot=keyslot)
-        segment = DataSegment(device, luks.data_offset, luks.data_size, luks.cipher())
+        cipher = luks.cipher()
+        segment = DataSegment(device, luks.data_offset, luks.data_size, cipher)
         store: MerkleStore | PlainStore
         integrity: Integrity
         if segment.read_plain(0, 1).startswith(_PLAIN_MAGIC):
@@ -197,7 +197,7 @@ def open_volume(target: str | os.PathLike[str] | BlockDevice, passphrase: bytes 
             store = MerkleStore.open(segment, luks.volume_key, luks.uuid, writable=writable,
                                      expected_generation=expected_generation)
         filesystem = Filesystem(store)
-        return Volume(device, luks, store, filesystem, integrity, owns)
+        return Volume(device, luks, store, filesystem, integrity, owns, cipher.engine)
     except BaseException:
         if owns:
             device.close()

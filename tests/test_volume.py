@@ -117,3 +117,16 @@ def test_memory_volume_for_tests() -> None:
         volume.fs.mkdir(ROOT_INODE, b"d")
     with open_volume(device, PASSPHRASE) as volume:
         assert volume.fs.lookup(ROOT_INODE, b"d").is_dir
+
+
+def test_read_only_open_of_a_crashed_image_replays_in_memory_and_writes_nothing() -> None:
+    device = MemoryBlockDevice(24 << 20)
+    volume = create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST)
+    ino = volume.fs.create(ROOT_INODE, b"late").ino
+    volume.fs.write(ino, 0, b"fsync'd but never checkpointed")
+    pinned = volume.commit()
+    crashed = MemoryBlockDevice(device.size, initial=device.snapshot(), writable=False)
+    volume.close()
+    with open_volume(crashed, PASSPHRASE, writable=False, expected_generation=pinned.generation) as reopened:
+        assert reopened.fs.read(ino, 0, 100) == b"fsync'd but never checkpointed"
+        assert reopened.fsck() == []

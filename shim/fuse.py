@@ -299,6 +299,10 @@ class FuseOperations(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------------------------
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        if name.startswith(b"system."):
+            # POSIX ACLs and other kernel-interpreted names: stored as plain bytes they would
+            # claim an ACL that nothing enforces (and `cp -a` would then skip its chmod).
+            raise FUSEError(errno.EOPNOTSUPP)
         with self._call("setxattr", changes=True) as fs:
             fs.setxattr(inode, name, value)
 

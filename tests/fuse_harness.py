@@ -59,6 +59,12 @@ def keep_ok(*args: str | os.PathLike[str], **options: object) -> str:
     return result.stdout.decode()
 
 
+def create_image(path: Path, size: str) -> Path:
+    """A new empty volume image at `path` (tiny KDF costs: tests only)."""
+    keep_ok("create", path, "--size", size, *FAST_KDF)
+    return path
+
+
 def force_unmount(mountpoint: Path) -> None:
     """Best effort: detach whatever is mounted on `mountpoint` (used in teardown only)."""
     for flags in (["-u"], ["-u", "-z"]):

@@ -239,6 +239,7 @@ class FdTable:
     def renumber(self, source: int, target: int) -> None:
         """fd_renumber: move ``source`` onto ``target``, closing whatever ``target`` held."""
         entry = self.get(source)
+        self.get(target)  # wasmtime: the target must be open too (EBADF)
         if source == target:
             return
         del self.entries[source]

@@ -162,6 +162,8 @@ CASES: tuple[Case, ...] = (
                "full/y.txt": b"y\n"}),
     Case("unlink-open", "unlink_open", tree={"doomed.txt": b"still here\n"}),
     Case("links", "links", tree={"target.txt": b"target\n", "d": Directory()}),
+    Case("fd-ops", "fd_ops", tree={"data.txt": b"0123456789", "dir": Directory()}),
+    Case("big-file", "big_file"),
     Case("escape", "escape", tree=ESCAPE_TREE),
     Case("poll", "poll", stdin=b"ready\n"),
     Case("clocks-random", "clocks_random", known_differences=tuple(

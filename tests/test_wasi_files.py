@@ -8,20 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from wasi_harness import PREOPEN, RESULT, GuestHarness, closing
+from wasi_harness import BACKENDS, PREOPEN, RESULT, GuestHarness, closing
 
 from wasi_host import Errno, Filetype, Rights
 from wasi_host._abi import FDSTAT, Fdflags, Fstflags, Oflags, Whence
 from wasi_host.hostdir import HostDirectory
-from wasi_host.memfs import MemoryFilesystem
 
 CREAT, DIRECTORY, EXCL, TRUNC = Oflags.CREAT, Oflags.DIRECTORY, Oflags.EXCL, Oflags.TRUNC
 
 
-@pytest.fixture(params=["memfs", "hostdir"])
+@pytest.fixture(params=sorted(BACKENDS))
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GuestHarness]:
-    root = MemoryFilesystem().root() if request.param == "memfs" else HostDirectory.open(tmp_path)
-    with closing(GuestHarness(root)) as guest:
+    with closing(GuestHarness(BACKENDS[request.param](tmp_path))) as guest:
         yield guest
 
 

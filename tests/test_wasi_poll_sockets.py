@@ -3,6 +3,7 @@ real sockets on loopback."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -12,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 from wasi_harness import PREOPEN, RESULT, GuestHarness, closing
 
-from wasi_host import Errno
+from wasi_host import Errno, Guest
 from wasi_host._abi import EVENT, EVENT_FD_READWRITE_HANGUP, Clockid, Eventtype, Fdflags
 from wasi_host.memfs import MemoryFilesystem
-from wasi_host.streams import OsSocket
+from wasi_host.streams import MemoryStream, OsSocket, OsStream
 
 SOCKET_FD = 4  # after stdio and the pre-opened directory
 
@@ -172,3 +173,21 @@ def test_poll_wakes_when_a_socket_becomes_readable(tcp_guest: tuple[GuestHarness
             (2, Eventtype.CLOCK, clock(Clockid.MONOTONIC, 30_000_000)),
         )
         assert [event[0] for event in events] == [2]
+
+
+def test_poll_on_a_pipe_stdin_waits_in_select_until_data_arrives() -> None:
+    read_end, write_end = os.pipe()
+    stdin = OsStream(read_end, owned=True)
+    guest = Guest([b"p"], [], [], stdin, MemoryStream(), MemoryStream())
+    with closing(GuestHarness.around(guest)) as harness:
+        timer = threading.Timer(0.05, os.write, args=(write_end, b"piped"))
+        timer.start()
+        try:
+            start = time.monotonic()
+            events = poll(harness, (9, Eventtype.FD_READ, fd_payload(0)))
+        finally:
+            timer.join()
+            os.close(write_end)
+        assert time.monotonic() - start >= 0.04
+        assert [event[0] for event in events] == [9]
+        assert harness.read(0, 10) == b"piped"

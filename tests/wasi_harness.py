@@ -6,13 +6,24 @@ Used by tests/test_wasi_*.py to exercise every preview1 function on every backen
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
 
 from wasi_host import FUNCTIONS, Directory, Errno, Guest, ProcExit, Rights, errno_for_exception
 from wasi_host._abi import FILESTAT, LOOKUP_SYMLINK_FOLLOW
 from wasi_host._backend import FileStat, Socket
+from wasi_host.hostdir import HostDirectory
+from wasi_host.memfs import MemoryFilesystem
 from wasi_host.streams import MemoryStream
+
+#: Every filesystem backend the behaviour tests run on: name -> (empty tmp dir -> root Directory).
+#: A new backend (the encrypted volume) joins every test in test_wasi_files.py by adding itself.
+BACKENDS: Mapping[str, Callable[[Path], Directory]] = MappingProxyType({
+    "memfs": lambda tmp_path: MemoryFilesystem().root(),
+    "hostdir": HostDirectory.open,
+})
 
 MEMORY_SIZE = 1 << 16
 SCRATCH_START = 4096
@@ -33,6 +44,15 @@ class GuestHarness:
         )
         self.memory = memoryview(bytearray(MEMORY_SIZE))
         self._next = SCRATCH_START
+
+    @classmethod
+    def around(cls, guest: Guest) -> GuestHarness:
+        """A harness for a Guest built by the test itself (its own stdio streams)."""
+        harness = cls.__new__(cls)
+        harness.guest = guest
+        harness.memory = memoryview(bytearray(MEMORY_SIZE))
+        harness._next = SCRATCH_START
+        return harness
 
     def call(self, name: str, *args: int) -> int:
         """Call one host function like the binding does; a host bug fails the test."""

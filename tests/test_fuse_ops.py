@@ -1,0 +1,101 @@
+"""FuseOperations in process, without a kernel mount: the one errno translation, EIO for integrity
+failures (logged), EIO for bugs (logged with a traceback), handles distinct from inodes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install keepshim[fuse])")
+
+from pyfuse3 import RequestContext  # noqa: E402
+
+from shim.fuse import FuseOperations  # noqa: E402
+from storage.errors import IntegrityError  # noqa: E402
+from storage.fs import ROOT_INODE  # noqa: E402
+from storage.luks2 import KdfCost  # noqa: E402
+from storage.volume import Volume, create_volume  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Stands in for pyfuse3.RequestContext (only uid and gid are read)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+def Context(uid: int = 0, gid: int = 0) -> RequestContext:
+    return cast(RequestContext, _Context(uid, gid))
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Volume]:
+    with create_volume(tmp_path / "v.img", 24 << 20, b"pw", kdf_cost=KdfCost(1, 8192, 1)) as opened:
+        yield opened
+
+
+async def fuse_errno(call: object, *args: object) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await call(*args)  # type: ignore[operator]
+    return int(raised.value.errno)
+
+
+async def test_storage_errors_become_the_same_errno(volume: Volume) -> None:
+    operations = FuseOperations(volume)
+    context = Context()
+    assert await fuse_errno(operations.lookup, ROOT_INODE, b"missing", context) == errno.ENOENT
+    await operations.mkdir(ROOT_INODE, b"d", 0o755, context)
+    assert await fuse_errno(operations.mkdir, ROOT_INODE, b"d", 0o755, context) == errno.EEXIST
+    assert await fuse_errno(operations.unlink, ROOT_INODE, b"d", context) == errno.EISDIR
+    assert await fuse_errno(operations.read, 12345, 0, 10) == errno.EBADF
+    assert await fuse_errno(operations.mknod, ROOT_INODE, b"fifo", 0o010644, 0, context) == errno.EPERM
+
+
+async def test_new_inodes_belong_to_the_caller_and_handles_are_not_inodes(volume: Volume) -> None:
+    operations = FuseOperations(volume)
+    info, entry = await operations.create(ROOT_INODE, b"f", 0o100600, 0, Context(uid=1000, gid=100))
+    assert (entry.st_uid, entry.st_gid) == (1000, 100)
+    assert info.fh != entry.st_ino
+    assert await operations.write(info.fh, 10, b"data") == 4
+    assert await operations.read(info.fh, 0, 100) == bytes(10) + b"data"
+    assert operations.dirty
+    operations.commit()
+    assert not operations.dirty
+    await operations.release(info.fh)
+    assert await fuse_errno(operations.read, info.fh, 0, 1) == errno.EBADF
+
+
+async def test_integrity_failure_is_eio_and_logged(volume: Volume, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    operations = FuseOperations(volume)
+    info, _ = await operations.create(ROOT_INODE, b"f", 0o100644, 0, Context())
+
+    def tampered(*_: object) -> bytes:
+        raise IntegrityError("sector 42 does not match its hash")
+
+    monkeypatch.setattr(volume.fs, "read", tampered)
+    with caplog.at_level(logging.ERROR, logger="keepshim.fuse"):
+        assert await fuse_errno(operations.read, info.fh, 0, 10) == errno.EIO
+    assert "integrity failure during read: sector 42" in caplog.text
+
+
+async def test_a_bug_is_eio_and_logged_with_its_traceback(volume: Volume, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    operations = FuseOperations(volume)
+
+    def broken(*_: object) -> object:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(volume.fs, "getattr", broken)
+    with caplog.at_level(logging.ERROR, logger="keepshim.fuse"):
+        assert await fuse_errno(operations.getattr, ROOT_INODE, Context()) == errno.EIO
+    assert "internal error during getattr" in caplog.text and "ValueError: a bug" in caplog.text

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 from shim import __version__
 from shim.errors import KeepError
@@ -24,6 +25,34 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"keep: {message} (see `{self.prog} --help`)\n")
+
+    #: Options whose value is optional but may only be attached with `=` (`--trace` alone means
+    #: its default, so `--trace MODULE.wasm` never takes the module as the trace file).
+    attached_only: Mapping[str, str] = MappingProxyType({})
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        if self.attached_only and args is not None:
+            args = self._attach_defaults(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _attach_defaults(self, args: list[str]) -> list[str]:
+        """`--trace` before the first positional argument becomes `--trace=DEFAULT`."""
+        rewritten = list(args)
+        index = 0
+        while index < len(rewritten):
+            token = rewritten[index]
+            if token == "--" or not token.startswith("-"):
+                break
+            if token in self.attached_only:
+                rewritten[index] = f"{token}={self.attached_only[token]}"
+            else:
+                action = self._option_string_actions.get(token)
+                if action is not None and action.nargs is None:
+                    index += 1  # the option's value, whatever it looks like
+            index += 1
+        return rewritten
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +96,26 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep.toml (or an Enarx.toml): args, env, stdio and TLS sockets")
     parser.add_argument("--insecure-plaintext", action="store_true",
                         help='allow keep.toml sockets with prot = "tcp" (the host sees plaintext)')
+    testing = parser.add_argument_group("testing an app's I/O (trace, faults, leak audit)")
+    testing.add_argument("--trace", nargs="?", const="-", metavar="FILE",
+                         help="log every WASI call (decoded, errno, duration) to stderr, or "
+                              "--trace=FILE; buffers appear only as sizes")
+    testing.add_argument("--trace-format", choices=["text", "jsonl"], default="text",
+                         help="strace-like text (default) or JSON Lines")
+    testing.add_argument("--trace-data", action="store_true",
+                         help="also show the bytes read and written (the guest's PLAINTEXT)")
+    testing.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                         help="make chosen WASI calls fail or misbehave (repeatable; grammar below)")
+    testing.add_argument("--audit-host", metavar="MARKER",
+                         help="after the run, search the host's view (volume images, compile cache, "
+                              "--dir directories, trace file, socket bytes) for MARKER in plaintext; "
+                              "exit 3 if found")
+    if isinstance(parser, _Parser):
+        parser.attached_only = {"--trace": "-"}
+    from wasi_host._faults import GRAMMAR
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = GRAMMAR
     parser.add_argument("module", metavar="MODULE.wasm", help="the WebAssembly module to run")
     parser.add_argument("guest_args", nargs=argparse.REMAINDER, metavar="ARGS",
                         help="arguments passed to the guest")

@@ -30,11 +30,12 @@ fill it in `shim.cli._add_run_arguments` / `config_from_arguments`, and consume 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +43,13 @@ import outcome
 import trio
 import wasmtime
 
+from shim.audit import AUDIT_EXIT_STATUS, marker_forms
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError
+from shim.faults import parse_faults
+from shim.trace import open_tracer
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
 from wasi_host._bind import (
     GuestTrap,
@@ -56,7 +60,9 @@ from wasi_host._bind import (
     check_imports,
     instantiate,
 )
-from wasi_host._functions import FUNCTIONS
+from wasi_host._faults import FaultInjector, FaultSpec
+from wasi_host._functions import FUNCTIONS, HostFunction
+from wasi_host._trace import Tracer
 from wasi_host.hostdir import HostDirectory
 from wasi_host.streams import OsStream
 
@@ -106,7 +112,9 @@ class RunConfig:
     environment, stdio and sockets around the run (shim.sockets); `insecure_plaintext` is the
     operator's opt-in to its `prot = "tcp"` sockets. `interruptible` makes cancelling
     `run_module_async` stop the guest (through epoch checks, which cost about 20% in tight loops,
-    so it is off unless asked for; `timeout` turns the same checks on)."""
+    so it is off unless asked for; `timeout` turns the same checks on). `trace` reports every
+    host call to its sink (wasi_host._trace); `faults` make chosen calls fail or misbehave
+    (wasi_host._faults); with neither, the plain host functions are bound."""
 
     module: str
     args: tuple[str, ...] = ()
@@ -127,6 +135,8 @@ class RunConfig:
     keep_config: KeepConfig | None = None
     insecure_plaintext: bool = False
     interruptible: bool = False
+    trace: Tracer | None = field(default=None, compare=False)
+    faults: tuple[FaultSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
@@ -306,7 +316,7 @@ class _GuestRun:
         config = self._config
         store = wasmtime.Store(self._engine)
         linker = wasmtime.Linker(self._engine)
-        binding = bind_host_functions(linker, WASI_MODULE, FUNCTIONS, self._guest)
+        binding = bind_host_functions(linker, WASI_MODULE, host_functions(config), self._guest)
         try:
             if config.engine_settings.epoch_interruption:
                 store.set_epoch_deadline(1)  # one increment_epoch() stops the guest
@@ -369,6 +379,18 @@ class _GuestRun:
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
 
 
+def host_functions(config: RunConfig) -> Mapping[str, HostFunction]:
+    """The preview1 table to bind: the plain `FUNCTIONS` unless the run injects faults or is
+    traced (so an untraced run pays nothing); faults inside, so the trace shows what the guest
+    saw. A fresh fault injector per call: its counters belong to one run."""
+    functions: Mapping[str, HostFunction] = FUNCTIONS
+    if config.faults:
+        functions = FaultInjector(config.faults).wrap(functions)
+    if config.trace is not None:
+        functions = config.trace.wrap(functions)
+    return functions
+
+
 def _parse_invoke_arguments(func_type: wasmtime.FuncType, texts: Sequence[str],
                             name: str) -> list[Scalar]:
     params = func_type.params
@@ -409,6 +431,7 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
         cache=not args.no_cache,
         keep_config=load_config(Path(args.config)) if args.config else None,
         insecure_plaintext=args.insecure_plaintext,
+        faults=parse_faults(args.fault),
     )
 
 
@@ -418,9 +441,21 @@ def run_command(args: argparse.Namespace) -> int:
     # Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise wait for a
     # guest that has no epoch checks to notice it).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    result = run_module(config)
+    if args.audit_host is not None:
+        marker_forms(os.fsencode(args.audit_host))  # a bad marker fails before the run
+    with contextlib.ExitStack() as stack:
+        if args.trace is not None:
+            tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,
+                                                     show_data=args.trace_data))
+            config = dataclasses.replace(config, trace=tracer)
+        result = run_module(config)
     if result.trap is not None:
         print(f"keep: {config.module}: {result.trap}", file=sys.stderr)
     for value in result.results:
         print(value)
+    if args.audit_host is not None:
+        from shim.audit import audit_places, audit_run
+
+        if audit_run(args.audit_host, audit_places(config, args)):
+            return AUDIT_EXIT_STATUS
     return result.exit_code

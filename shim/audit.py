@@ -1,0 +1,213 @@
+"""`keep run --audit-host MARKER`: after a run, find every place outside the keep holding MARKER.
+
+Theory of operation
+-------------------
+The keep promises that what a guest stores or sends leaves it only as ciphertext. The audit
+checks that promise for one run: a test (or an operator) lets the guest handle a known MARKER and
+then searches everything the host can see for it, in the forms plaintext usually takes:
+
+- the bytes as given, UTF-16LE and UTF-16BE (Windows-ish and Java-ish encodings of text);
+- base64 and base64url, at each of the three byte alignments (only the characters that depend on
+  the marker alone are searched, so a marker embedded at any offset is found).
+
+Places: the image files of the volumes the run used, the compile-cache directory, host
+directories given with --dir (plaintext by design: a finding there is expected and still
+reported, so a leak test that wants none must not use --dir), the trace file, and the bytes that
+crossed the host's sockets as the network layer saw them (a `WireRecorder`, when the run's
+sockets were tapped). Files are read in chunks with an overlap, so a marker across a chunk
+boundary is found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shim.errors import UsageError
+
+if TYPE_CHECKING:
+    from shim.run import RunConfig
+
+AUDIT_EXIT_STATUS = 3  # the run's exit status when the marker was found somewhere
+MINIMUM_MARKER = 6  # shorter markers turn up by chance in binary data (and in base64 of anything)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The marker, in one form, at one place (a file and offset, or a socket direction)."""
+
+    place: str
+    form: str
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.place}: {self.form} at offset {self.offset}"
+
+
+def marker_forms(marker: bytes) -> Mapping[str, tuple[bytes, ...]]:
+    """The byte strings to look for, by form name."""
+    if len(marker) < MINIMUM_MARKER:
+        raise UsageError(f"--audit-host: the marker must be at least {MINIMUM_MARKER} bytes")
+    text = marker.decode("utf-8", "surrogateescape")
+    forms: dict[str, tuple[bytes, ...]] = {"plain": (marker,)}
+    try:
+        forms["utf-16le"] = (text.encode("utf-16-le"),)
+        forms["utf-16be"] = (text.encode("utf-16-be"),)
+    except UnicodeEncodeError:  # not text: the binary form only
+        pass
+    standard, urlsafe = [], []
+    for shift in range(3):
+        encoded = base64.b64encode(bytes(shift) + marker)
+        first = -(-8 * shift // 6)  # the first character whose bits all come from the marker
+        last = 8 * (shift + len(marker)) // 6  # one past the last such character
+        core = encoded[first:last]
+        standard.append(core)
+        urlsafe.append(core.translate(bytes.maketrans(b"+/", b"-_")))
+    forms["base64"] = tuple(standard)
+    if urlsafe != standard:
+        forms["base64url"] = tuple(urlsafe)
+    return forms
+
+
+class _Scanner:
+    """Finds every form in a stream of chunks (keeps an overlap between chunks)."""
+
+    def __init__(self, forms: Mapping[str, tuple[bytes, ...]]) -> None:
+        self._needles = [(form, needle) for form, needles in forms.items() for needle in needles]
+        self._overlap = max(len(needle) for _, needle in self._needles) - 1
+        self._tail = b""
+        self._position = 0  # offset of the tail's first byte in the whole stream
+        self.found: list[tuple[str, int]] = []
+
+    def feed(self, data: bytes) -> None:
+        window = self._tail + data
+        seen = {offset for _, offset in self.found}
+        for form, needle in self._needles:
+            start = window.find(needle)
+            while start >= 0:
+                offset = self._position + start
+                if offset not in seen:
+                    self.found.append((form, offset))
+                    seen.add(offset)
+                start = window.find(needle, start + 1)
+        keep = min(self._overlap, len(window))
+        self._position += len(window) - keep
+        self._tail = window[len(window) - keep:] if keep else b""
+
+
+def scan_file(path: Path, forms: Mapping[str, tuple[bytes, ...]]) -> list[tuple[str, int]]:
+    """(form, offset) of every occurrence in one file."""
+    scanner = _Scanner(forms)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            scanner.feed(chunk)
+    return scanner.found
+
+
+def _files(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    for directory, _, names in os.walk(root, followlinks=False):
+        for name in sorted(names):
+            path = Path(directory, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+class WireRecorder:
+    """Scans the bytes a socket layer sends and receives on the host side, as they pass.
+
+    `record(label, direction, data)` is called by the network layer (from any thread) with the
+    raw bytes of one connection (TLS records for a TLS socket); only findings are kept."""
+
+    def __init__(self, marker: bytes) -> None:
+        self._forms = marker_forms(marker)
+        self._scanners: dict[str, _Scanner] = {}
+        self._lock = threading.Lock()
+        self.byte_count = 0
+
+    def record(self, label: str, direction: str, data: bytes) -> None:
+        key = f"socket {label} ({direction})"
+        with self._lock:
+            scanner = self._scanners.get(key)
+            if scanner is None:
+                scanner = self._scanners[key] = _Scanner(self._forms)
+            scanner.feed(bytes(data))
+            self.byte_count += len(data)
+
+    def findings(self) -> list[Finding]:
+        with self._lock:
+            return [Finding(place, form, offset) for place, scanner in self._scanners.items()
+                    for form, offset in scanner.found]
+
+
+def audit_host(marker: bytes, places: Iterable[tuple[str, Path]],
+               wire: WireRecorder | None = None) -> list[Finding]:
+    """Every occurrence of `marker` (in every form) in `places` ((what, path) pairs: a file or a
+    directory searched recursively; missing paths are skipped) and on the recorded wire."""
+    forms = marker_forms(marker)
+    findings: list[Finding] = []
+    for what, root in places:
+        if not root.exists():
+            continue
+        for path in _files(root):
+            try:
+                found = scan_file(path, forms)
+            except OSError as error:
+                findings.append(Finding(f"{what} {path}", f"unreadable ({error.strerror})", 0))
+                continue
+            findings.extend(Finding(f"{what} {path}", form, offset) for form, offset in found)
+    if wire is not None:
+        findings.extend(wire.findings())
+    return findings
+
+
+def report(marker: str, findings: list[Finding], places: list[tuple[str, Path]],
+           wire: WireRecorder | None) -> str:
+    """The audit's summary for stderr: what was searched, and each finding on its own line."""
+    searched = ", ".join(f"{what} {path}" for what, path in places) or "no files"
+    if wire is not None:
+        searched += f", {wire.byte_count} socket bytes"
+    if not findings:
+        return f"keep: audit-host: {marker!r} not found in plaintext (searched {searched})"
+    grouped: dict[tuple[str, str], list[int]] = {}
+    for finding in findings:
+        grouped.setdefault((finding.place, finding.form), []).append(finding.offset)
+    lines = [f"keep: audit-host: {marker!r} found in plaintext in {len(grouped)} place(s) "
+             f"(searched {searched}):"]
+    for (place, form), offsets in grouped.items():
+        times = f" ({len(offsets)} times)" if len(offsets) > 1 else ""
+        lines.append(f"keep: audit-host:   {place}: {form} at offset {offsets[0]}{times}")
+    return "\n".join(lines)
+
+
+def audit_places(config: RunConfig, args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """What `keep run --audit-host` searches for one run: the --dir host directories, the
+    compile cache's entries, the trace file and the volume images the run used."""
+    from shim.cache import default_cache_directory
+
+    places: list[tuple[str, Path]] = [("--dir", Path(mapping.host)) for mapping in config.dirs]
+    cache = config.cache_dir if config.cache_dir is not None else default_cache_directory()
+    places.append(("compile cache", cache / "modules"))
+    trace = getattr(args, "trace", None)
+    if trace not in (None, "-"):
+        places.append(("trace file", Path(trace)))
+    for spec in getattr(args, "volume", None) or ():  # `--volume IMG[::GUEST]` (run's volumes)
+        places.append(("volume image", Path(str(spec).split("::", 1)[0])))
+    return places
+
+
+def audit_run(marker: str, places: list[tuple[str, Path]], wire: WireRecorder | None = None) -> bool:
+    """Search, print the report to stderr, and say whether the marker was found."""
+    findings = audit_host(os.fsencode(marker), places, wire)
+    print(report(marker, findings, places, wire), file=sys.stderr)
+    return bool(findings)

@@ -1,0 +1,60 @@
+"""`keep run --trace[=FILE]`: where the trace goes and in which format.
+
+The tracing itself is `wasi_host._trace` (pure Python: a wrapper around each host function that
+is installed only when tracing is on). This module opens the destination (stderr by default, or
+FILE, created with mode 0600 since paths in a trace are metadata of the guest) and picks the
+format: strace-like text or JSON Lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+from shim.errors import UsageError
+from wasi_host._trace import TraceEvent, Tracer, TraceSink, jsonl_writer, text_writer
+
+__all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace"]
+
+STDERR = "-"
+FORMATS = ("text", "jsonl")
+
+
+@contextmanager
+def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = False) -> Iterator[Tracer]:
+    """A Tracer writing to `target` (`-` for stderr) in `trace_format`, closed on exit."""
+    if trace_format not in FORMATS:
+        raise UsageError(f"--trace-format {trace_format!r}: expected one of {', '.join(FORMATS)}")
+    stream: TextIO
+    if target == STDERR:
+        stream, owned = sys.stderr, False
+    else:
+        try:
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise UsageError(f"--trace={target}: {error.strerror}") from None
+        stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
+    try:
+        sink: TraceSink = jsonl_writer(stream) if trace_format == "jsonl" else text_writer(stream)
+        yield Tracer(sink, show_data=show_data)
+    finally:
+        if owned:
+            stream.close()
+
+
+def read_jsonl_trace(text: str) -> list[TraceEvent]:
+    """The events of a `--trace-format jsonl` trace (lines that are not JSON objects are skipped:
+    with the default --trace=- the trace shares stderr with the guest)."""
+    import json
+
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(TraceEvent.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return events

@@ -1,0 +1,400 @@
+"""Tracing of preview1 calls: one decoded event per host call, for `keep run --trace`.
+
+Theory of operation
+-------------------
+`Tracer.wrap(functions)` returns a copy of a host-function table in which every implementation is
+wrapped: the wrapper decodes the arguments (paths read from guest memory, flags, rights, whence
+and clocks by name, fds, buffer sizes), times the call, turns its outcome into an errno exactly as
+the binding would (so the event shows what the guest sees), reads the results the call stored
+(bytes transferred, the fd opened, the new offset), and hands one `TraceEvent` to the sink. The
+exception, if any, is re-raised unchanged, so the binding's handling is untouched.
+
+Nothing is wrapped unless tracing is on: the runner binds the plain `FUNCTIONS` otherwise, so an
+untraced run pays nothing.
+
+Buffers are shown only as sizes. With `show_data` the bytes written (before the call) and the
+bytes read (after it) are attached to the event; that is plaintext of the guest, so it is opt-in.
+
+The `_LAYOUTS` table says how to decode each function's parameters; every preview1 name has one
+(a test checks it against `FUNCTIONS`). `TRANSFERS` names the calls that move buffer contents;
+the fault injector uses it as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final, Literal, TextIO
+
+from wasi_host._abi import U32, U32_PAIR, U64, Clockid, Errno, Fdflags, Fstflags, Oflags, Rights, Whence
+from wasi_host._errors import ProcExit, errno_for_exception
+from wasi_host._functions import HostFunction
+from wasi_host._memory import Memory
+
+TraceValue = int | str
+
+
+def replace_impl(function: HostFunction, impl: Callable[..., int]) -> HostFunction:
+    """`function` with another implementation (same name and signature)."""
+    return replace(function, impl=impl)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A call that moves buffer contents: where its iovec array and its byte count live."""
+
+    iovs: int  # index of the iovec pointer (the count follows it)
+    result: int  # index of the pointer receiving the number of bytes moved
+    direction: Literal["read", "write"]
+
+
+TRANSFERS: Final[Mapping[str, Transfer]] = MappingProxyType({
+    "fd_read": Transfer(1, 3, "read"),
+    "fd_pread": Transfer(1, 4, "read"),
+    "fd_write": Transfer(1, 3, "write"),
+    "fd_pwrite": Transfer(1, 4, "write"),
+    "sock_recv": Transfer(1, 4, "read"),
+    "sock_send": Transfer(1, 4, "write"),
+})
+
+# Parameter kinds: "fd", "int", "sint" (signed 64), "ptr" (not shown), "path" (ptr + len),
+# "iovs" (ptr + count, shown as the total size), "buf" (ptr + len, shown as the length),
+# "out32:NAME" / "out64:NAME" (a result stored through a pointer, shown after the call),
+# "path_out" (ptr + len filled by the call) and the flag kinds named in _FLAG_NAMES.
+_LAYOUTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType({
+    "args_get": ("ptr", "ptr"),
+    "args_sizes_get": ("out32:count", "out32:size"),
+    "environ_get": ("ptr", "ptr"),
+    "environ_sizes_get": ("out32:count", "out32:size"),
+    "clock_res_get": ("clock:id", "out64:resolution"),
+    "clock_time_get": ("clock:id", "int:precision", "out64:time"),
+    "fd_advise": ("fd", "int:offset", "int:len", "int:advice"),
+    "fd_allocate": ("fd", "int:offset", "int:len"),
+    "fd_close": ("fd",),
+    "fd_datasync": ("fd",),
+    "fd_fdstat_get": ("fd", "ptr"),
+    "fd_fdstat_set_flags": ("fd", "fdflags:flags"),
+    "fd_fdstat_set_rights": ("fd", "rights:base", "rights:inheriting"),
+    "fd_filestat_get": ("fd", "ptr"),
+    "fd_filestat_set_size": ("fd", "int:size"),
+    "fd_filestat_set_times": ("fd", "int:atim", "int:mtim", "fstflags:flags"),
+    "fd_pread": ("fd", "iovs", "int:offset", "out32:nread"),
+    "fd_prestat_get": ("fd", "ptr"),
+    "fd_prestat_dir_name": ("fd", "path_out"),
+    "fd_pwrite": ("fd", "iovs", "int:offset", "out32:nwritten"),
+    "fd_read": ("fd", "iovs", "out32:nread"),
+    "fd_readdir": ("fd", "buf", "int:cookie", "out32:used"),
+    "fd_renumber": ("fd", "fd:to"),
+    "fd_seek": ("fd", "sint:offset", "whence:whence", "out64:offset"),
+    "fd_sync": ("fd",),
+    "fd_tell": ("fd", "out64:offset"),
+    "fd_write": ("fd", "iovs", "out32:nwritten"),
+    "path_create_directory": ("fd", "path"),
+    "path_filestat_get": ("fd", "lookup:flags", "path", "ptr"),
+    "path_filestat_set_times": ("fd", "lookup:flags", "path", "int:atim", "int:mtim", "fstflags:fst_flags"),
+    "path_link": ("fd:old_fd", "lookup:old_flags", "path:old_path", "fd:new_fd", "path:new_path"),
+    "path_open": ("fd", "lookup:dirflags", "path", "oflags:oflags", "rights:rights_base",
+                  "rights:rights_inheriting", "fdflags:fdflags", "out32:opened_fd"),
+    "path_readlink": ("fd", "path", "buf", "out32:used"),
+    "path_remove_directory": ("fd", "path"),
+    "path_rename": ("fd", "path:old_path", "fd:new_fd", "path:new_path"),
+    "path_symlink": ("path:old_path", "fd", "path:new_path"),
+    "path_unlink_file": ("fd", "path"),
+    "poll_oneoff": ("ptr", "ptr", "int:nsubscriptions", "out32:nevents"),
+    "proc_exit": ("int:code",),
+    "proc_raise": ("int:signal",),
+    "sched_yield": (),
+    "random_get": ("buf",),
+    "sock_accept": ("fd", "fdflags:flags", "out32:accepted_fd"),
+    "sock_recv": ("fd", "iovs", "int:ri_flags", "out32:nread", "ptr"),
+    "sock_send": ("fd", "iovs", "int:si_flags", "out32:nwritten"),
+    "sock_shutdown": ("fd", "int:how"),
+})
+
+_TWO_PARAMETER_KINDS = frozenset({"path", "iovs", "buf", "path_out"})
+
+
+def _flag_names(owner: type, *, skip: tuple[str, ...] = ("ALL",)) -> tuple[tuple[int, str], ...]:
+    return tuple((value, name) for name, value in vars(owner).items()
+                 if name.isupper() and isinstance(value, int) and name not in skip
+                 and value and value & (value - 1) == 0)
+
+
+_FLAG_NAMES: Final[Mapping[str, tuple[tuple[int, str], ...]]] = MappingProxyType({
+    "oflags": _flag_names(Oflags),
+    "fdflags": _flag_names(Fdflags),
+    "fstflags": _flag_names(Fstflags),
+    "rights": _flag_names(Rights),
+    "lookup": ((1, "SYMLINK_FOLLOW"),),
+})
+_ENUM_NAMES: Final[Mapping[str, Mapping[int, str]]] = MappingProxyType({
+    "whence": {Whence.SET: "SET", Whence.CUR: "CUR", Whence.END: "END"},
+    "clock": {Clockid.REALTIME: "REALTIME", Clockid.MONOTONIC: "MONOTONIC",
+              Clockid.PROCESS_CPUTIME_ID: "PROCESS_CPUTIME_ID",
+              Clockid.THREAD_CPUTIME_ID: "THREAD_CPUTIME_ID"},
+})
+
+
+def flags_text(kind: str, value: int) -> str:
+    """`value` as NAME|NAME (unknown bits in hex), or 0."""
+    if kind == "rights" and value & Rights.ALL == Rights.ALL:
+        return "ALL"
+    if kind == "rights" and (value & Rights.ALL).bit_count() > 15:  # most rights: name the missing
+        return f"ALL&~({flags_text(kind, Rights.ALL & ~value)})"
+    names = []
+    rest = value
+    for bit, name in _FLAG_NAMES[kind]:
+        if value & bit:
+            names.append(name)
+            rest &= ~bit
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+def errno_name(errno: int) -> str:
+    """E-prefixed name of a WASI errno (`SUCCESS` for 0)."""
+    try:
+        name = Errno(errno).name
+    except ValueError:
+        return str(errno)
+    return name if errno == 0 else "E" + name
+
+
+def _c_string(data: bytes, limit: int) -> str:
+    """A C-like quoted, escaped rendering of `data` (at most `limit` bytes, then `...`)."""
+    shown = data[:limit]
+    text = "".join(chr(byte) if 32 <= byte < 127 and byte not in (0x22, 0x5C) else
+                   {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x22: '\\"', 0x5C: "\\\\"}.get(byte, f"\\x{byte:02x}")
+                   for byte in shown)
+    return '"' + text + '"' + ("..." if len(data) > limit else "")
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One host call: decoded arguments, the errno the guest saw, results, duration.
+
+    `args` and `results` keep the order of the parameters. `data` is set only when the tracer
+    shows buffer contents (the bytes written, or read). `exit_code` is set for proc_exit."""
+
+    seq: int
+    function: str
+    args: Mapping[str, TraceValue]
+    errno: int
+    results: Mapping[str, int] = field(default_factory=dict)
+    duration_us: float = 0.0
+    data: bytes | None = None
+    exit_code: int | None = None
+
+    @property
+    def errno_name(self) -> str:
+        return errno_name(self.errno)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (data base64-encoded); `from_json` reverses it."""
+        record: dict[str, Any] = {"seq": self.seq, "call": self.function, "args": dict(self.args),
+                                  "errno": self.errno_name, "results": dict(self.results),
+                                  "us": round(self.duration_us, 1)}
+        if self.data is not None:
+            record["data"] = base64.b64encode(self.data).decode()
+        if self.exit_code is not None:
+            record["exit_code"] = self.exit_code
+        return record
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TraceEvent:
+        name = str(record["errno"])
+        errno = 0 if name == "SUCCESS" else int(Errno[name[1:]]) if name.startswith("E") else int(name)
+        data = record.get("data")
+        return cls(int(record["seq"]), str(record["call"]), dict(record["args"]), errno,
+                   {key: int(value) for key, value in dict(record["results"]).items()},
+                   float(record["us"]), base64.b64decode(data) if data is not None else None,
+                   record.get("exit_code"))
+
+    def format(self, data_limit: int = 256) -> str:
+        """The strace-like line: `name(arg=value, ...) = ERRNO result=value <N us>`."""
+        shown = []
+        for key, value in self.args.items():
+            shown.append(f"{key}={_c_string(value.encode('utf-8', 'surrogateescape'), 4096)}"
+                         if isinstance(value, str) and key.endswith("path") else f"{key}={value}")
+        if self.data is not None:
+            shown.append(f"data={_c_string(self.data, data_limit)}")
+        outcome = f"exit {self.exit_code}" if self.exit_code is not None else self.errno_name
+        results = "".join(f" {key}={value}" for key, value in self.results.items())
+        return f"{self.function}({', '.join(shown)}) = {outcome}{results} <{self.duration_us:.1f} us>"
+
+
+TraceSink = Callable[[TraceEvent], None]
+
+
+class Tracer:
+    """Wraps host functions so that each call produces one TraceEvent for `sink`.
+
+    One Tracer per run (it numbers the events). `show_data` attaches buffer contents."""
+
+    def __init__(self, sink: TraceSink, *, show_data: bool = False) -> None:
+        self.sink = sink
+        self.show_data = show_data
+        self._seq = 0
+
+    def wrap(self, functions: Mapping[str, HostFunction]) -> Mapping[str, HostFunction]:
+        """A copy of `functions` whose implementations report every call."""
+        return MappingProxyType({name: replace_impl(function, self._traced(name, function.impl))
+                                 for name, function in functions.items()})
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _traced(self, name: str, impl: Callable[..., int]) -> Callable[..., int]:
+        layout = _LAYOUTS.get(name, ())
+        transfer = TRANSFERS.get(name)
+        show_data = self.show_data
+        sink = self.sink
+        clock = time.perf_counter_ns
+
+        def traced(guest: object, memory: Memory, *arguments: int) -> int:
+            decoded, outputs = _decode(layout, memory, arguments)
+            written = (_iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1], None)
+                       if show_data and transfer is not None and transfer.direction == "write" else None)
+            start = clock()
+            try:
+                errno = impl(guest, memory, *arguments)
+            except ProcExit as exit_request:
+                sink(TraceEvent(self._next_seq(), name, decoded, 0, {}, (clock() - start) / 1000,
+                                None, exit_request.code))
+                raise
+            except Exception as error:
+                mapped = errno_for_exception(error)
+                sink(TraceEvent(self._next_seq(), name, decoded, -1 if mapped is None else mapped, {},
+                                (clock() - start) / 1000))
+                raise
+            elapsed = (clock() - start) / 1000
+            results: dict[str, int] = {}
+            data = written
+            if errno == 0:
+                _read_outputs(outputs, memory, arguments, decoded, results)
+                if show_data and transfer is not None and transfer.direction == "read":
+                    count = _load(U32, memory, arguments[transfer.result])
+                    data = _iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1], count)
+                elif data is not None and transfer is not None:
+                    data = data[:_load(U32, memory, arguments[transfer.result]) or 0]
+            else:
+                data = None
+            sink(TraceEvent(self._next_seq(), name, decoded, errno, results, elapsed, data))
+            return errno
+
+        return traced
+
+
+_Output = tuple[str, str, int]  # (kind, name, parameter index)
+
+
+def _decode(layout: tuple[str, ...], memory: Memory,
+            arguments: tuple[int, ...]) -> tuple[dict[str, TraceValue], list[_Output]]:
+    decoded: dict[str, TraceValue] = {}
+    outputs: list[_Output] = []
+    index = 0
+    for item in layout:
+        kind, _, name = item.partition(":")
+        name = name or kind
+        if index >= len(arguments):
+            break
+        value = arguments[index]
+        if kind in ("fd", "int"):
+            decoded[name] = value
+        elif kind == "sint":
+            decoded[name] = value - (1 << 64) if value >= 1 << 63 else value
+        elif kind == "path":
+            decoded[name] = _path(memory, value, arguments[index + 1])
+        elif kind == "iovs":
+            decoded["size"] = _iovec_size(memory, value, arguments[index + 1])
+        elif kind == "buf":
+            decoded["size"] = arguments[index + 1]
+        elif kind in ("out32", "out64", "path_out"):
+            outputs.append((kind, name if kind != "path_out" else "path", index))
+        elif kind in _FLAG_NAMES:
+            decoded[name] = flags_text(kind, value)
+        elif kind in _ENUM_NAMES:
+            decoded[name] = _ENUM_NAMES[kind].get(value, str(value))
+        index += 2 if kind in _TWO_PARAMETER_KINDS else 1
+    return decoded, outputs
+
+
+def _read_outputs(outputs: list[_Output], memory: Memory, arguments: tuple[int, ...],
+                  decoded: dict[str, TraceValue], results: dict[str, int]) -> None:
+    for kind, name, index in outputs:
+        if kind == "path_out":
+            decoded[name] = _path(memory, arguments[index], arguments[index + 1])
+            continue
+        value = _load(U32 if kind == "out32" else U64, memory, arguments[index])
+        if value is not None:
+            results[name] = value
+
+
+def _load(layout: struct.Struct, memory: Memory, pointer: int) -> int | None:
+    try:
+        value: int = layout.unpack_from(memory, pointer)[0]  # type: ignore[arg-type]
+    except (struct.error, TypeError):
+        return None
+    return value
+
+
+def _path(memory: Memory, pointer: int, length: int) -> str:
+    if memory is None or pointer + length > len(memory):
+        return "<bad pointer>"
+    return bytes(memory[pointer:pointer + length]).decode("utf-8", "surrogateescape")
+
+
+def _iovecs(memory: Memory, pointer: int, count: int) -> list[tuple[int, int]] | None:
+    if memory is None or pointer + 8 * count > len(memory):
+        return None
+    return [(buf, length) for buf, length in U32_PAIR.iter_unpack(memory[pointer:pointer + 8 * count])]
+
+
+def _iovec_size(memory: Memory, pointer: int, count: int) -> int:
+    vectors = _iovecs(memory, pointer, count)
+    return -1 if vectors is None else sum(length for _, length in vectors)
+
+
+def _iovec_bytes(memory: Memory, pointer: int, count: int, limit: int | None) -> bytes | None:
+    """The contents of an iovec array (the first `limit` bytes), or None for a bad pointer."""
+    vectors = _iovecs(memory, pointer, count)
+    if vectors is None or memory is None:
+        return None
+    chunks = []
+    remaining = limit if limit is not None else sum(length for _, length in vectors)
+    for buf, length in vectors:
+        take = min(length, remaining)
+        if buf + take > len(memory):
+            return None
+        chunks.append(bytes(memory[buf:buf + take]))
+        remaining -= take
+        if remaining <= 0:
+            break
+    return b"".join(chunks)
+
+
+def text_writer(stream: TextIO, *, prefix: str = "") -> TraceSink:
+    """A sink printing one strace-like line per event (flushed, so a crash loses nothing)."""
+
+    def write(event: TraceEvent) -> None:
+        stream.write(prefix + event.format() + "\n")
+        stream.flush()
+
+    return write
+
+
+def jsonl_writer(stream: TextIO) -> TraceSink:
+    """A sink printing one JSON object per line (`TraceEvent.from_json` reads them back)."""
+
+    def write(event: TraceEvent) -> None:
+        stream.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
+        stream.flush()
+
+    return write

@@ -164,6 +164,8 @@ CASES: tuple[Case, ...] = (
     Case("links", "links", tree={"target.txt": b"target\n", "d": Directory()}),
     Case("fd-ops", "fd_ops", tree={"data.txt": b"0123456789", "dir": Directory()}),
     Case("big-file", "big_file"),
+    Case("short-write-naive", "short_write_naive"),
+    Case("short-write-ok", "short_write_ok"),
     Case("escape", "escape", tree=ESCAPE_TREE),
     Case("poll", "poll", stdin=b"ready\n"),
     Case("clocks-random", "clocks_random", known_differences=tuple(

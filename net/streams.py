@@ -52,6 +52,7 @@ from net.tls import ServerVerification, check_pin
 log = logging.getLogger("keep.net")
 
 RECEIVE_CHUNK = 64 * 1024
+SEND_CHUNK = 64 * 1024  # handed to TLS at a time: the guest can refill while it is encrypted
 BUFFER_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
@@ -165,7 +166,7 @@ class Connection:
                 raise BrokenPipeError(errno.EPIPE, "the write side is shut down")
             if self._write_error is not None:
                 raise self._write_error
-            room = self._limit - len(self._to_send)
+            room = self._limit - len(self._to_send) - self._sending
             if room <= 0:
                 raise BlockingIOError(errno.EAGAIN, "send buffer full")
             was_empty = not self._to_send
@@ -194,13 +195,13 @@ class Connection:
     def room(self) -> int:
         """Bytes a send could queue now."""
         with self._lock:
-            return max(0, self._limit - len(self._to_send))
+            return max(0, self._limit - len(self._to_send) - self._sending)
 
     def writable(self) -> bool:
         """True when a send would not block (room in the buffer, or an error to report)."""
         with self._lock:
-            return (len(self._to_send) < self._limit or self._write_error is not None
-                    or self._write_shut_requested)
+            return (len(self._to_send) + self._sending < self._limit
+                    or self._write_error is not None or self._write_shut_requested)
 
     def shutdown_read(self) -> None:
         """Later receives return end of stream; data still arriving is discarded."""
@@ -289,8 +290,8 @@ class Connection:
         while True:
             await self._board.wait_until(work)
             with self._lock:
-                chunk = bytes(self._to_send)
-                self._to_send.clear()
+                chunk = bytes(self._to_send[:SEND_CHUNK])
+                del self._to_send[:SEND_CHUNK]
                 self._sending = len(chunk)
                 closing = self._close_requested
                 shut = self._write_shut_requested or closing

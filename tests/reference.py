@@ -17,6 +17,7 @@ other error (such as proc_exit with a status outside [0, 126)).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 
@@ -42,7 +43,10 @@ def wasi_config(arguments: argparse.Namespace) -> wasmtime.WasiConfig:
     environment = []
     for item in arguments.env:
         name, has_value, value = item.partition("=")
-        environment.append((name, value if has_value else ""))
+        if has_value:
+            environment.append((name, value))
+        elif name in os.environ:  # `--env NAME` passes the host's value on, as wasmtime's CLI
+            environment.append((name, os.environ[name]))
     config.env = environment
     for item in arguments.dir:
         host, _, guest = item.partition("::")

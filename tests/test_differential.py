@@ -83,6 +83,8 @@ class Case:
     stdin: bytes = b""
     tree: TreeSpec = field(default_factory=dict)
     options: tuple[str, ...] = ()
+    # Set in the environment of both runtimes (`--env NAME` passes the host's value on).
+    host_env: Mapping[str, str] = field(default_factory=dict)
     expected_status: int = 0
     # The guest's own stderr before the host's diagnostic (see the module docstring), or None.
     host_diagnostic: bytes | None = None
@@ -135,6 +137,10 @@ CASES: tuple[Case, ...] = (
     Case("args-env", "args_env",
          args=("one", "two words", "", "--dir", "ünïcode ✓"),
          env=("GREETING=hello world", "EMPTY=", "WITH_EQUALS=a=b=c")),
+    Case("args-env-many", "args_env", args=tuple(f"argument number {index}" for index in range(500)),
+         env=tuple(f"VARIABLE_{index}=value {index}" for index in range(200))),
+    Case("env-from-host", "args_env", env=("KEEPSHIM_TEST_FROM_HOST", "KEEPSHIM_TEST_NOT_SET", "PLAIN=1"),
+         host_env={"KEEPSHIM_TEST_FROM_HOST": "the host's value"}),
     Case("exit-0", "exit_code", args=("exit", "0")),
     Case("exit-3", "exit_code", args=("exit", "3"), expected_status=3),
     Case("exit-125", "exit_code", args=("exit", "125"), expected_status=125),
@@ -145,6 +151,7 @@ CASES: tuple[Case, ...] = (
     Case("trap", "exit_code", args=("trap",), expected_status=TRAP_STATUS,
          host_diagnostic=b"stderr before trap\n"),
     Case("echo-2mib", "echo", stdin=_two_mebibytes()),
+    Case("echo-empty", "echo"),
     Case("files-basic", "files_basic",
          tree={"input.txt": b"prepared by the test\n", "dir": Directory()},
          known_differences=(
@@ -200,7 +207,8 @@ def run_guest(command: tuple[str, ...], directory: GuestDirectory, case: Case, m
     with (open(streams / "stdin", "rb") as stdin, open(streams / "stdout", "wb") as stdout,
           open(streams / "stderr", "wb") as stderr):
         completed = subprocess.run([*command, *arguments, *case.options, str(module), *case.args],
-                                   stdin=stdin, stdout=stdout, stderr=stderr, env=dict(environment),
+                                   stdin=stdin, stdout=stdout, stderr=stderr,
+                                   env={**environment, **case.host_env},
                                    cwd=streams, timeout=RUN_DEADLINE_SECONDS, check=False)
     return Outcome(stdout=(streams / "stdout").read_bytes(), stderr=(streams / "stderr").read_bytes(),
                    status=completed.returncode, tree=describe_tree(directory.read_back()))

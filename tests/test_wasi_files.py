@@ -345,3 +345,21 @@ def test_prestat_and_renumber(harness: GuestHarness) -> None:
     assert harness.call("fd_renumber", 77, second) == Errno.BADF
     assert harness.call("fd_close", second) == 0
     assert harness.call("fd_close", second) == Errno.BADF
+
+
+def test_readdir_can_resume_from_a_cookie_on_a_fresh_handle(harness: GuestHarness) -> None:
+    for name in ("one", "two", "three"):
+        make_file(harness, name)
+    first = harness.open(".", DIRECTORY, rights=Rights.DIRECTORY_BASE)
+    names = harness.readdir_names(first)
+    buf = harness.alloc(256)
+    second = harness.open(".", DIRECTORY, rights=Rights.DIRECTORY_BASE)
+    assert harness.call("fd_readdir", second, buf, 256, 3, RESULT) == 0  # after the first entry
+    used = harness.u32(RESULT)
+    rest = []
+    offset = 0
+    while offset < used:
+        _, _, namlen, _ = struct.unpack_from("<QQIB", harness.memory, buf + offset)
+        rest.append(bytes(harness.memory[buf + offset + 24 : buf + offset + 24 + namlen]).decode())
+        offset += 24 + namlen
+    assert rest == names[3:]

@@ -6,8 +6,9 @@ at a time, so a symlink the host swaps in between two calls can make an operatio
 never make it reach outside the pre-opened tree.
 
 Readdir lists the directory in the host's own order (getdents order, as wasmtime's built-in WASI
-reports it) into a snapshot taken when reading starts at cookie 0; cookie ``n`` resumes after the
-n-th entry of that snapshot, so cookies are stable while the handle is open.
+reports it) into a snapshot taken when reading starts at cookie 0 (or first resumes from another
+cookie); cookie ``n`` resumes after the n-th entry of that snapshot, so cookies are stable while
+the handle is open.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class HostDirectory:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._snapshot: list[tuple[str, int, int]] = []
+        self._snapshot: list[tuple[str, int, int]] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> HostDirectory:
@@ -180,7 +181,7 @@ class HostDirectory:
             os.close(fd)
 
     def readdir(self, cookie: int) -> Iterator[DirEntry]:
-        if cookie == 0:
+        if cookie == 0 or self._snapshot is None:
             self._snapshot = self._take_snapshot()
         snapshot = self._snapshot
         for index in range(cookie, len(snapshot)):

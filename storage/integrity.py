@@ -130,8 +130,9 @@ class MerkleLayout:
     @classmethod
     def for_sectors(cls, total: int) -> MerkleLayout:
         """The layout for a data segment of `total` sectors: a log of 1/16 of the volume (between
-        64 sectors and 32 MiB), then as many data sectors as the leaf pages can cover."""
-        log = min(max(total // 16, 64), 8192)
+        1 MiB and 32 MiB, at most a quarter of a tiny segment), then as many data sectors as the
+        leaf pages can cover."""
+        log = min(max(total // 16, 256), 8192, max(total // 4, 16))
         rest = total - 2 - log
         if rest < 4:
             raise StorageError(f"a {total * SECTOR_SIZE}-byte data segment is too small for integrity")
@@ -325,7 +326,7 @@ class MerkleStore(_CachedStore):
     def __init__(self, segment: DataSegment, key: bytes, uuid: str, layout: MerkleLayout,
                  writable: bool) -> None:
         super().__init__(uuid, layout.data_sectors, writable,
-                         cache_limit=max(8, layout.log_sectors // 8))
+                         cache_limit=max(8, layout.log_sectors // 6))
         self._segment = segment
         self._key = key
         self._layout = layout

@@ -135,6 +135,19 @@ async def _run_process(command: list[str], stdout: int, stderr: int, env: dict[s
                 await process.wait()
 
 
+async def start_listening_keep(nursery: trio.Nursery, directory: Path, wasm: Path, name: str,
+                               args: list[str], env: dict[str, str],
+                               **listen_options: object) -> KeepProcess:
+    """A keep whose one socket is a TLS listener `name` on a free loopback port (passed to the
+    guest as its first argument), started and listening."""
+    port = free_port()
+    keep = await start_keep(nursery, directory, wasm, STDIO + listen_entry(name, port, **listen_options),
+                            [name, *args], env)
+    keep.port = port
+    await keep.wait_listening()
+    return keep
+
+
 def run_keep_sync(directory: Path, wasm: Path, toml: str, args: list[str], env: dict[str, str],
                   *, extra: list[str] | None = None, timeout: float = 30.0
                   ) -> subprocess.CompletedProcess[str]:

@@ -29,6 +29,7 @@ from keep_net import (
     listen_entry,
     run_keep_sync,
     start_keep,
+    start_listening_keep,
 )
 
 from net.tls import spki_sha256
@@ -70,11 +71,10 @@ def env(keep_environment: dict[str, str]) -> dict[str, str]:
 async def test_echo_server_serves_many_python_ssl_clients_at_once(
         tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
     clients = 20
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
-                                STDIO + listen_entry("echo", port), ["echo", str(clients)], env)
-        await keep.wait_listening()
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
+                                          "echo", [str(clients)], env)
+        port = keep.port
         context = keep.client_context()
         payloads = [secrets.token_bytes(1000 * (i + 1)) for i in range(clients)]
         results: dict[int, bytes] = {}
@@ -152,11 +152,10 @@ def _socket_calls_client(port: int, context: ssl.SSLContext) -> None:
 @deadline
 async def test_http_server_answers_curl_and_openssl_s_client(
         tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
-                                STDIO + listen_entry("https", port), ["https", "3"], env)
-        await keep.wait_listening()
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
+                                          "https", ["3"], env)
+        port = keep.port
         curl = await trio.run_process(
             ["curl", "--silent", "--show-error", "--tlsv1.3", "--cacert", str(keep.certificate),
              f"https://localhost:{port}/from-curl"], capture_stdout=True, capture_stderr=True,
@@ -188,12 +187,11 @@ async def test_handshake_failures_are_refused_logged_and_others_still_served(
         tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
     ca, other_ca = trustme.CA(), trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "clients-ca.pem"))
-    port = free_port()
-    toml = STDIO + listen_entry("echo", port, client_ca=str(tmp_path / "clients-ca.pem"))
     async with trio.open_nursery() as nursery:
-        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_echo_server"), toml,
-                                ["echo", "1"], env)
-        await keep.wait_listening()
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
+                                          "echo", ["1"], env,
+                                          client_ca=str(tmp_path / "clients-ca.pem"))
+        port = keep.port
 
         def client_context(certificate: trustme.LeafCert | None) -> ssl.SSLContext:
             context = keep.client_context()
@@ -421,11 +419,10 @@ def test_null_stdout_discards_output(tmp_path: Path, wasm_fixture, env: dict[str
 @deadline
 async def test_a_client_stuck_in_its_handshake_does_not_hold_up_others(
         tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
-                                STDIO + listen_entry("echo", port), ["echo", "3"], env)
-        await keep.wait_listening()
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
+                                          "echo", ["3"], env)
+        port = keep.port
         silent = await trio.open_tcp_stream("127.0.0.1", port)  # never sends a ClientHello
         half = await trio.open_tcp_stream("127.0.0.1", port)
         await half.send_all(b"\x16\x03\x01\x02\x00")  # the first bytes of a record, then nothing
@@ -453,9 +450,8 @@ def test_timeout_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixture,
 async def test_ctrl_c_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixture,
                                                       env: dict[str, str]) -> None:
     async with trio.open_nursery() as nursery:
-        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
-                                STDIO + listen_entry("https", free_port()), ["https", "1"], env)
-        await keep.wait_listening()
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
+                                          "https", ["1"], env)
         keep.process.send_signal(signal.SIGINT)
         assert await keep.finish(timeout=20) == 130
     assert "Traceback" not in keep.stderr

@@ -445,13 +445,15 @@ def with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
 
 
 async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
-                               policy: NetworkPolicy) -> RunResult:
-    """Run a guest with keep.toml's files: the sockets live exactly as long as the guest."""
+                               policy: NetworkPolicy,
+                               provider: CertificateProvider | None = None) -> RunResult:
+    """Run a guest with keep.toml's files: the sockets live exactly as long as the guest.
+    `provider` replaces keep.toml's identity (an attested deployment passes its RA-TLS one)."""
     from shim.run import run_module_async
 
     if not keep_config.sockets:
         return await run_module_async(with_keep_config(run_config, keep_config, None))
-    async with open_keep_network(keep_config, policy) as network:
+    async with open_keep_network(keep_config, policy, provider) as network:
         guest_config = with_keep_config(run_config, keep_config, network)
         signals: list[int] = []
         async with trio.open_nursery() as nursery:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
 from keep_net import STDIO, connect_entry, free_port, listen_entry
 
 from net.policy import NetworkPolicy
 from net.streams import BUFFER_LIMIT
+from net.tls import KeepIdentity, spki_sha256
 from shim.config import parse_config
 from shim.sockets import (
     ConnectionSocket,
@@ -150,3 +152,27 @@ async def test_plaintext_socket_refused_before_anything_is_opened(tmp_path: Path
     with pytest.raises(NetworkError, match="cannot connect"):
         async with open_keep_network(config, NetworkPolicy(allow_plaintext=True)):
             pass
+
+
+async def test_an_attested_identity_plugs_in_as_the_certificate_provider() -> None:
+    from shim.attest import NO_NONCE, AttestedIdentity, NilBackend, evidence_from_certificate
+
+    class AttestedProvider:
+        def __init__(self) -> None:
+            self.key = AttestedIdentity()
+
+        def identity(self) -> KeepIdentity:
+            return self.key.net_identity(self.key.certificate(NilBackend(), NO_NONCE))
+
+    port = free_port()
+    config = parse_config(STDIO + listen_entry("l", port))
+    async with open_keep_network(config, provider=AttestedProvider()) as network:
+        assert network.identity is not None
+        context = ssl.create_default_context(cadata=network.identity.leaf_pem().decode())
+        context.check_hostname = False  # the RA-TLS certificate names no host; trust is its key
+        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+        async with stream:
+            await stream.do_handshake()
+            peer = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True) or b"")
+    assert evidence_from_certificate(peer)[0] == "nil"
+    assert spki_sha256(peer) == network.identity.spki_sha256()

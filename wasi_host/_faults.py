@@ -8,7 +8,8 @@ which each function some spec names is wrapped; the others are left as they are.
 spec that names the function is checked in order:
 
 1. filters: `fd=N` (the call's fd) and `path=GLOB` (the path argument of a path_* call joined to
-   its directory, or the path an fd was opened with; `fnmatch`, so `*` also crosses `/`);
+   its directory, or the path an fd was opened with; `fnmatch`, so `*` also crosses `/`, and a
+   glob without `/` also matches the last component);
 2. when: the calls passing the filters are counted, and `nth=N` picks the Nth, `every=N` every
    Nth, `probability=P` a pseudo-random share from `random.Random(seed)` (default seed 0), drawn
    only for calls that passed the other conditions, so one seed always gives the same faults for
@@ -50,7 +51,8 @@ fault SPEC grammar:  CALLS:ACTION[:CONDITION...]
              enospc-after=N  transfers move N bytes in total, then fail with ENOSPC
              reset-after=N   transfers move N bytes in total, then fail with ECONNRESET
   CONDITION  fd=N            only calls on fd N
-             path=GLOB       only calls whose path (or the path the fd was opened with) matches
+             path=GLOB       only calls whose guest path (or the path the fd was opened with)
+                             matches; '*' crosses '/'; a GLOB without '/' matches the name
              nth=N           only the Nth matching call (1 = the first)
              every=N         every Nth matching call
              probability=P   each matching call with probability P (0..1)
@@ -309,6 +311,10 @@ class FaultInjector:
 
 
 def _path_matches(path: str, pattern: str) -> bool:
+    """The guest path (pre-open name joined with the relative path) against the glob; a glob
+    without '/' is matched against the last component too."""
+    if "/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(path), pattern):
+        return True
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path.lstrip("/"), pattern.lstrip("/"))
 
 

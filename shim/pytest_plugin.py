@@ -1,0 +1,219 @@
+"""A pytest plugin for testing WASI apps in a keep: the `keep` fixture.
+
+Registered through the `pytest11` entry point (`keepshim = "shim.pytest_plugin"`), so installing
+keepshim makes the fixture available to any test suite::
+
+    def test_app_survives_a_full_disk(keep):
+        result = keep("app.wasm", files={"config.toml": b"..."}, args=["--save", "/data/out"],
+                      faults=["fd_write:enospc-after=4096:path=/data/*"])
+        assert result.exit_code == 1
+        assert b"disk full" in result.stderr
+        assert "out" not in result.files
+        assert [event.errno_name for event in result.calls("fd_write")][-1] == "ENOSPC"
+
+Each call runs one module to completion in a keep, in this process, with:
+
+- a guest directory pre-opened at `mount` (default `/data`), filled from `files` (a dict of
+  relative path -> bytes or str, or a host directory copied in); after the run its regular files
+  come back as `result.files` (relative path -> bytes);
+- stdin from bytes, stdout and stderr captured, args and env as given;
+- `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`);
+- every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
+  bytes read and written).
+
+Where the guest directory lives: `GUEST_DIRECTORY` says. Today it is `wasi_host.memfs` (an
+in-memory tree with the same Directory interface the encrypted volume implements); the
+`volume_directory` hook below switches it to an in-memory encrypted volume once the volume's
+Directory adapter exists.
+
+`await keep.run_async(...)` does the same from a trio test (the plain call starts its own trio
+loop, which cannot nest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from wasi_host import Directory, DirEntry, Filetype
+from wasi_host._faults import FaultSpec
+from wasi_host._functions import FUNCTIONS
+from wasi_host._trace import TraceEvent, Tracer
+from wasi_host.memfs import MemoryDirectory, MemoryFilesystem
+from wasi_host.streams import MemoryStream
+
+FileTree = Mapping[str, bytes | str]
+GUEST_DIRECTORY = "memfs"  # "memfs" (wasi_host.memfs) until the volume adapter lands
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class KeepRun:
+    """The outcome of one `keep(...)` call."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    trace: list[TraceEvent] = field(repr=False)
+    files: dict[str, bytes] = field(repr=False)
+    trap: str | None = None
+
+    def calls(self, name: str) -> list[TraceEvent]:
+        """The traced calls of one preview1 function, in order."""
+        return [event for event in self.trace if event.function == name]
+
+    def errors(self) -> list[TraceEvent]:
+        """The traced calls that failed (errno other than SUCCESS)."""
+        return [event for event in self.trace if event.errno != 0 and event.exit_code is None]
+
+
+def _split(relative: str) -> list[str]:
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"files: {relative!r} is not a relative path inside the guest directory")
+    return parts
+
+
+def _subdirectory(root: MemoryDirectory, parts: Sequence[str]) -> MemoryDirectory:
+    directory = root
+    for part in parts:
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(part)
+        directory = directory.open_directory(part)
+    return directory
+
+
+def fill(root: MemoryDirectory, files: FileTree | Path) -> None:
+    """Put `files` (relative path -> contents, or a host directory's tree) into `root`."""
+    if isinstance(files, Path):
+        for directory, subdirectories, names in os.walk(files):
+            relative = Path(directory).relative_to(files)
+            base = list(relative.parts)
+            for name in subdirectories:
+                _subdirectory(root, [*base, name])
+            for name in names:
+                source = Path(directory, name)
+                parent = _subdirectory(root, base)
+                if source.is_symlink():
+                    parent.symlink(os.readlink(source), name)
+                elif source.is_file():
+                    _write(parent, name, source.read_bytes())
+        return
+    for name, contents in files.items():
+        parts = _split(name)
+        data = contents.encode() if isinstance(contents, str) else bytes(contents)
+        _write(_subdirectory(root, parts[:-1]), parts[-1], data)
+
+
+def _write(directory: MemoryDirectory, name: str, data: bytes) -> None:
+    handle = directory.open_file(name, create=True, exclusive=False, truncate=True, read=False, write=True)
+    try:
+        handle.pwrite(data, 0)
+    finally:
+        handle.close()
+
+
+def read_tree(root: Directory, prefix: str = "") -> dict[str, bytes]:
+    """Every regular file under `root` as relative path -> contents (symlinks not followed)."""
+    tree: dict[str, bytes] = {}
+    for entry in _entries(root):
+        path = f"{prefix}{entry.name}"
+        if entry.filetype == Filetype.DIRECTORY:
+            child = root.open_directory(entry.name)
+            try:
+                tree.update(read_tree(child, path + "/"))
+            finally:
+                child.close()
+        elif entry.filetype == Filetype.REGULAR_FILE:
+            handle = root.open_file(entry.name, create=False, exclusive=False, truncate=False,
+                                    read=True, write=False)
+            try:
+                chunks, offset = [], 0
+                while chunk := handle.pread(_READ_CHUNK, offset):
+                    chunks.append(chunk)
+                    offset += len(chunk)
+                tree[path] = b"".join(chunks)
+            finally:
+                handle.close()
+    return tree
+
+
+def _entries(directory: Directory) -> Iterator[DirEntry]:
+    yield from sorted(directory.readdir(0), key=lambda entry: entry.name)
+
+
+def memfs_directory(files: FileTree | Path | None) -> Directory:
+    """The guest directory as an in-memory tree (wasi_host.memfs), pre-filled."""
+    root = MemoryFilesystem().root()
+    if files is not None:
+        fill(root, files)
+    return root
+
+
+class KeepRunner:
+    """The `keep` fixture's value: call it to run a module (see the module docstring)."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.guest_directory = GUEST_DIRECTORY
+
+    def __call__(self, module: str | os.PathLike[str] | bytes, **options: object) -> KeepRun:
+        import trio
+
+        result: KeepRun = trio.run(lambda: self.run_async(module, **options))  # type: ignore[arg-type]
+        return result
+
+    async def run_async(
+        self,
+        module: str | os.PathLike[str] | bytes,
+        *,
+        files: FileTree | Path | None = None,
+        mount: str = "/data",
+        stdin: bytes = b"",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        faults: Sequence[str] = (),
+        trace_data: bool = False,
+        timeout: float | None = 60.0,
+    ) -> KeepRun:
+        """Run `module` (a path, or the module's bytes) to completion; see the module docstring."""
+        from shim.run import RunConfig, Stdio, run_module_async
+
+        names = frozenset(FUNCTIONS)
+        specs = tuple(FaultSpec.parse(text, names) for text in faults)
+        directory = memfs_directory(files)
+        events: list[TraceEvent] = []
+        stdout, stderr = MemoryStream(), MemoryStream()
+        if isinstance(module, bytes):
+            module_name, module_bytes = "module.wasm", module
+        else:
+            module_name, module_bytes = os.fspath(module), None
+        config = RunConfig(
+            module=module_name, module_bytes=module_bytes, args=tuple(args),
+            env=tuple((env or {}).items()), preopens=((mount, directory),),
+            stdio=Stdio(MemoryStream(stdin), stdout, stderr), timeout=timeout,
+            cache_dir=self.cache_dir, trace=Tracer(events.append, show_data=trace_data),
+            faults=specs,
+        )
+        outcome = await run_module_async(config)
+        # The run closed the guest's handle; a memfs handle stays usable and the tree lives on.
+        return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
+                       read_tree(directory), outcome.trap)
+
+
+@pytest.fixture(scope="session")
+def keep_plugin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compile cache of the `keep` fixture (one per session, in a temporary directory)."""
+    return tmp_path_factory.mktemp("keep-plugin-cache")
+
+
+@pytest.fixture
+def keep(keep_plugin_cache: Path) -> KeepRunner:
+    """Run a wasm module in a keep and inspect what it did: `keep(module, files=..., stdin=...,
+    args=..., env=..., faults=[...])` -> KeepRun(exit_code, stdout, stderr, trace, files)."""
+    return KeepRunner(keep_plugin_cache)

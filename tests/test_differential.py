@@ -152,6 +152,7 @@ CASES: tuple[Case, ...] = (
          host_diagnostic=b"stderr before trap\n"),
     Case("echo-2mib", "echo", stdin=_two_mebibytes()),
     Case("echo-empty", "echo"),
+    Case("stdio", "stdio", stdin=b"input\n"),
     Case("files-basic", "files_basic",
          tree={"input.txt": b"prepared by the test\n", "dir": Directory()},
          known_differences=(

@@ -22,6 +22,7 @@ Backends shipped here, all behind the protocols only:
 
 from wasi_host._abi import Errno, Filetype, Rights
 from wasi_host._backend import (
+    Buffer,
     Clock,
     Directory,
     DirEntry,
@@ -41,6 +42,7 @@ from wasi_host._guest import Guest, SystemClock, ThreadWaiter
 
 __all__ = [
     "FUNCTIONS",
+    "Buffer",
     "Clock",
     "DirEntry",
     "Directory",

@@ -178,7 +178,7 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
                 module="main.wasm", module_bytes=message.workload, args=config.args + message.args,
                 env=tuple(config.guest_env().items()),
                 stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr),
-                sockets=network.sockets, cache=False)
+                sockets=network.sockets, waiter=network.waiter, cache=False)
             result = await run_module_async(run_config)
     except KeepError as error:
         return RunOutcome(exit_status=1, error=str(error))

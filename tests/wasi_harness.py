@@ -18,11 +18,24 @@ from wasi_host.hostdir import HostDirectory
 from wasi_host.memfs import MemoryFilesystem
 from wasi_host.streams import MemoryStream
 
+
+def volume_root(tmp_path: Path) -> Directory:
+    """The root of a fresh encrypted volume image in `tmp_path` (cheap KDF), through the keep's
+    adapter (shim.volume_backend); the image lock goes with the volume object."""
+    from shim.volume_backend import directory_over
+    from storage.luks2 import KdfCost
+    from storage.volume import create_volume
+
+    return directory_over(create_volume(tmp_path / "volume.img", 32 << 20, b"test", pbkdf="pbkdf2",
+                                        kdf_cost=KdfCost(iterations=1000)))
+
+
 #: Every filesystem backend the behaviour tests run on: name -> (empty tmp dir -> root Directory).
 #: A new backend (the encrypted volume) joins every test in test_wasi_files.py by adding itself.
 BACKENDS: Mapping[str, Callable[[Path], Directory]] = MappingProxyType({
     "memfs": lambda tmp_path: MemoryFilesystem().root(),
     "hostdir": HostDirectory.open,
+    "volume": volume_root,
 })
 
 MEMORY_SIZE = 1 << 16

@@ -1,0 +1,374 @@
+"""An open encrypted volume as a wasi_host filesystem backend (`keep run --volume IMG::/data`).
+
+Theory of operation
+-------------------
+`VolumeSession` owns one open `storage.volume.Volume` for the length of a run (the image lock is
+held by this process the whole time) and hands out `VolumeDirectory` / `VolumeFile` objects that
+implement the same `wasi_host` Directory / File protocols as `wasi_host.hostdir`: one name in one
+directory per call, no paths, no-follow, failures as `OSError(errno)`. wasi_host therefore knows
+nothing of volumes; path resolution, rights and `.`/`..` stay there.
+
+Names cross the boundary as `str` with surrogate escapes (wasi_host's convention) and reach
+storage.fs as bytes. Directory and file handles are inode numbers; an open file counts on its
+inode (`fs.open` / `fs.release`), so a file unlinked while open keeps its data until its last
+handle closes, as on a host filesystem.
+
+Durability: `fd_sync` and `fd_datasync` (File.sync / File.datasync) are one volume commit
+(`fs.fsync`: a group commit of everything so far, every file), and `VolumeSession.close` commits
+once more when the guest has ended, however it ended. The commit returns the (uuid, generation,
+root MAC) the owner pins.
+
+Small writes are buffered inside the keep (the design's advantage over a FUSE mount: DESIGN.md,
+"The peer to beat"): one write-back buffer per session holds a contiguous run of bytes of one
+inode, up to `WRITE_BUFFER_BYTES`. Any other call on the session first writes the buffer out
+(`flush`), so every handle, and every other operation, sees the bytes at once; only a pwrite
+that extends the buffered run skips the storage call. The price, as with a kernel page cache: a
+failure while writing the buffer out (ENOSPC, EIO) is reported by the call that flushed it (the
+next operation, fsync or close), not by the write that filled it; the bytes are never silently
+dropped.
+
+Integrity failures (a sector changed by the host) reach the guest as EIO through the normal
+errno table, and `on_integrity_error` (the CLI prints one line on stderr) is told, so that the
+operator learns why the program failed.
+
+Thread safety: storage is not thread-safe; a session lock is held around every storage call, so
+a FUSE mount or a second guest in the same process may share one session.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Concatenate, ParamSpec, TypeVar
+
+from storage.errors import FilesystemError, IntegrityError
+from storage.fs import ROOT_INODE, Attr, Filesystem
+from storage.integrity import VolumeState
+from storage.volume import Volume
+from wasi_host import DirEntry, FileStat, Now, TimeUpdate
+from wasi_host._backend import Buffer
+from wasi_host.hostdir import _filetype  # st_mode -> preview1 filetype, as for host files
+
+#: Bytes of one inode's contiguous small writes held in memory before they go to storage.
+WRITE_BUFFER_BYTES = 1 << 20
+#: Writes at least this big go to storage directly (after the buffer), without a copy.
+DIRECT_WRITE_BYTES = 1 << 16
+
+P = ParamSpec("P")
+T = TypeVar("T")
+H = TypeVar("H", bound="_Handle")
+IntegrityReporter = Callable[[IntegrityError], None]
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _times(atime: TimeUpdate, mtime: TimeUpdate) -> tuple[int | None, int | None]:
+    now = time.time_ns()
+    return (now if atime is Now.NOW else atime), (now if mtime is Now.NOW else mtime)
+
+
+class VolumeSession:
+    """One open volume shared by the handles of a run: lock, write-back buffer, commits."""
+
+    def __init__(self, volume: Volume, *, on_integrity_error: IntegrityReporter | None = None,
+                 lock: threading.RLock | None = None) -> None:
+        self.volume = volume
+        self.fs: Filesystem = volume.fs
+        self.lock = lock if lock is not None else threading.RLock()
+        self._on_integrity_error = on_integrity_error
+        self.integrity_failures = 0
+        state = volume.state()
+        # st_dev: stable for the volume, distinct from host devices' small numbers
+        self.device = int.from_bytes(hashlib.sha256(state.uuid.encode()).digest()[:4], "big") | 1 << 32
+        # the write-back buffer: inode, file offset of its first byte, the bytes
+        self._buffer_ino = 0
+        self._buffer_offset = 0
+        self._buffer = bytearray()
+        self._closed = False
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def integrity_failed(self, error: IntegrityError) -> None:
+        """Count a failure and tell the reporter (it must not raise)."""
+        self.integrity_failures += 1
+        if self._on_integrity_error is not None:
+            self._on_integrity_error(error)
+
+    def flush(self) -> None:
+        """Write the buffered bytes to storage (the lock is held by the caller)."""
+        if not self._buffer:
+            return
+        ino, offset, data = self._buffer_ino, self._buffer_offset, self._buffer
+        self._buffer = bytearray()
+        self._buffer_ino = 0
+        self.fs.write(ino, offset, data)
+
+    def buffered_write(self, ino: int, offset: int, data: Buffer) -> int:
+        """A pwrite through the write-back buffer (the lock is held by the caller)."""
+        length = len(data)
+        buffer = self._buffer
+        if buffer and self._buffer_ino == ino and self._buffer_offset + len(buffer) == offset \
+                and len(buffer) + length <= WRITE_BUFFER_BYTES:
+            buffer += data
+            return length
+        self.flush()
+        if length >= DIRECT_WRITE_BYTES:
+            return self.fs.write(ino, offset, data)
+        self._buffer_ino = ino
+        self._buffer_offset = offset
+        self._buffer = bytearray(data)  # a copy: `data` is a view of guest memory
+        return length
+
+    def attr_stat(self, attr: Attr) -> FileStat:
+        return FileStat(self.device, attr.ino, _filetype(attr.mode), attr.nlink, attr.size,
+                        attr.atime_ns, attr.mtime_ns, attr.ctime_ns)
+
+    def root(self) -> VolumeDirectory:
+        """A handle on the volume's root directory (what the guest's pre-open is)."""
+        return VolumeDirectory(self, ROOT_INODE)
+
+    def commit(self) -> VolumeState:
+        """Buffered bytes to storage, then one integrity commit; the state to pin."""
+        with self.lock:
+            try:
+                self.flush()
+                return self.volume.commit()
+            except IntegrityError as error:
+                self.integrity_failed(error)
+                raise
+
+    def close(self) -> VolumeState:
+        """Commit and close the volume; returns the final state, the one to pin (closing
+        checkpoints SQLite, one more commit). Idempotent. The volume is closed even when the
+        commit fails (the failure is raised)."""
+        with self.lock:
+            if not self._closed:
+                self._closed = True
+                try:
+                    self.commit()
+                finally:
+                    self.volume.close()
+            return self.volume.state()
+
+
+def _storage_call(method: Callable[Concatenate[H, P], T]) -> Callable[Concatenate[H, P], T]:
+    """Run a backend method under the session lock, after writing out the write-back buffer,
+    reporting integrity failures (which then reach the guest as EIO)."""
+    @functools.wraps(method)
+    def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        session = self.session
+        with session.lock:
+            try:
+                session.flush()
+                return method(self, *args, **kwargs)
+            except IntegrityError as error:
+                session.integrity_failed(error)
+                raise
+            except FilesystemError as error:  # as the OS's own subclass (FileNotFoundError, ...)
+                raise OSError(error.errno, error.strerror) from None
+    return wrapper
+
+
+class _Handle:
+    """What file and directory handles share: the session and the inode."""
+
+    __slots__ = ("ino", "session")
+
+    def __init__(self, session: VolumeSession, ino: int) -> None:
+        self.session = session
+        self.ino = ino
+
+    @_storage_call
+    def stat(self) -> FileStat:
+        return self.session.attr_stat(self.session.fs.getattr(self.ino))
+
+    @_storage_call
+    def set_times(self, atime: TimeUpdate, mtime: TimeUpdate) -> None:
+        new_atime, new_mtime = _times(atime, mtime)
+        self.session.fs.setattr(self.ino, atime_ns=new_atime, mtime_ns=new_mtime)
+
+
+class VolumeFile(_Handle):
+    """An open regular file of the volume (counted on its inode until `close`)."""
+
+    __slots__ = ("_closed", "_read", "_write")
+
+    def __init__(self, session: VolumeSession, ino: int, *, read: bool, write: bool) -> None:
+        super().__init__(session, ino)
+        self._read = read
+        self._write = write
+        self._closed = False
+
+    @_storage_call
+    def pread(self, size: int, offset: int) -> bytes:
+        if not self._read:
+            raise _error(errno.EBADF)
+        return self.session.fs.read(self.ino, offset, size)
+
+    def pwrite(self, data: Buffer, offset: int) -> int:
+        if not self._write:
+            raise _error(errno.EBADF)
+        if offset < 0:
+            raise _error(errno.EINVAL)
+        session = self.session
+        with session.lock:
+            try:
+                return session.buffered_write(self.ino, offset, data)
+            except IntegrityError as error:
+                session.integrity_failed(error)
+                raise
+            except FilesystemError as error:
+                raise OSError(error.errno, error.strerror) from None
+
+    @_storage_call
+    def set_size(self, size: int) -> None:
+        if not self._write:
+            raise _error(errno.EINVAL)  # as ftruncate on a read-only fd
+        self.session.fs.setattr(self.ino, size=size)
+
+    def sync(self) -> None:
+        self.session.commit()
+
+    def datasync(self) -> None:
+        self.session.commit()
+
+    @_storage_call
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.session.fs.release(self.ino)
+
+
+class VolumeDirectory(_Handle):
+    """An open directory of the volume: per-name operations, as wasi_host's Directory."""
+
+    __slots__ = ()
+
+    def _lookup(self, name: str) -> Attr:
+        fs = self.session.fs
+        return fs.getattr(self.ino) if name == "." else fs.lookup(self.ino, _name(name))
+
+    def _same_volume(self, other: object) -> VolumeDirectory:
+        if not isinstance(other, VolumeDirectory) or other.session is not self.session:
+            raise _error(errno.EXDEV)
+        return other
+
+    @_storage_call
+    def stat_at(self, name: str) -> FileStat:
+        return self.session.attr_stat(self._lookup(name))
+
+    @_storage_call
+    def open_directory(self, name: str) -> VolumeDirectory:
+        attr = self._lookup(name)
+        if attr.is_symlink:
+            raise _error(errno.ELOOP)
+        if not attr.is_dir:
+            raise _error(errno.ENOTDIR)
+        return VolumeDirectory(self.session, attr.ino)
+
+    @_storage_call
+    def open_file(self, name: str, *, create: bool, exclusive: bool, truncate: bool, read: bool,
+                  write: bool) -> VolumeFile:
+        fs = self.session.fs
+        try:
+            attr = self._lookup(name)
+        except FilesystemError as error:
+            if error.errno != errno.ENOENT or not create:
+                raise
+            attr = fs.create(self.ino, _name(name), 0o644)
+        else:
+            if create and exclusive:
+                raise _error(errno.EEXIST) from None
+            if attr.is_symlink:
+                raise _error(errno.ELOOP)
+            if attr.is_dir:
+                raise _error(errno.EISDIR)
+            if truncate and attr.size:
+                fs.setattr(attr.ino, size=0)
+        fs.open(attr.ino)
+        return VolumeFile(self.session, attr.ino, read=read, write=write)
+
+    @_storage_call
+    def mkdir(self, name: str) -> None:
+        self.session.fs.mkdir(self.ino, _name(name))
+
+    @_storage_call
+    def rmdir(self, name: str) -> None:
+        self.session.fs.rmdir(self.ino, _name(name))
+
+    @_storage_call
+    def unlink(self, name: str) -> None:
+        self.session.fs.unlink(self.ino, _name(name))
+
+    @_storage_call
+    def symlink(self, target: str, name: str) -> None:
+        if not target:
+            raise _error(errno.ENOENT)  # as symlink(2) with an empty target
+        self.session.fs.symlink(self.ino, _name(name), _name(target))
+
+    @_storage_call
+    def readlink(self, name: str) -> str:
+        attr = self._lookup(name)
+        return self.session.fs.readlink(attr.ino).decode("utf-8", "surrogateescape")
+
+    @_storage_call
+    def link(self, name: str, target_dir: object, target_name: str) -> None:
+        target = self._same_volume(target_dir)
+        attr = self._lookup(name)
+        self.session.fs.link(attr.ino, target.ino, _name(target_name))
+
+    @_storage_call
+    def rename(self, name: str, target_dir: object, target_name: str) -> None:
+        target = self._same_volume(target_dir)
+        if name == "." or target_name == ".":
+            raise _error(errno.EBUSY)
+        self.session.fs.rename(self.ino, _name(name), target.ino, _name(target_name))
+
+    @_storage_call
+    def set_times_at(self, name: str, atime: TimeUpdate, mtime: TimeUpdate) -> None:
+        attr = self._lookup(name)
+        new_atime, new_mtime = _times(atime, mtime)
+        self.session.fs.setattr(attr.ino, atime_ns=new_atime, mtime_ns=new_mtime)
+
+    def readdir(self, cookie: int) -> Iterator[DirEntry]:
+        """Entries in creation order; a cookie is the storage's dirent cookie (stable across
+        inserts and deletes of other entries). storage.fs counts its own "." and ".." as
+        positions 1 and 2 (its positions are dirent cookies + 2); wasi_host adds those two
+        itself, so they are skipped here."""
+        session = self.session
+        with session.lock:
+            session.flush()
+        entries = session.fs.readdir(self.ino, cookie + 2)
+        while True:
+            with session.lock:
+                try:
+                    item = next(entries, None)
+                except IntegrityError as error:
+                    session.integrity_failed(error)
+                    raise
+                except FilesystemError as error:
+                    raise OSError(error.errno, error.strerror) from None
+            if item is None:
+                return
+            name, attr, next_cookie = item
+            yield DirEntry(next_cookie - 2, name.decode("utf-8", "surrogateescape"), _filetype(attr.mode), attr.ino)
+
+    def close(self) -> None:
+        """Nothing to release: a directory handle is only an inode number."""
+
+
+def directory_over(volume: Volume, *, on_integrity_error: IntegrityReporter | None = None) -> VolumeDirectory:
+    """The root directory of an open volume as a wasi_host Directory, in a new session.
+    Commit through `handle.session.commit()`; `handle.session.close()` commits and closes."""
+    return VolumeSession(volume, on_integrity_error=on_integrity_error).root()

@@ -21,10 +21,11 @@ Each call runs one module to completion in a keep, in this process, with:
 - every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
   bytes read and written).
 
-Where the guest directory lives: `GUEST_DIRECTORY` says. Today it is `wasi_host.memfs` (an
-in-memory tree with the same Directory interface the encrypted volume implements); the
-`volume_directory` hook below switches it to an in-memory encrypted volume once the volume's
-Directory adapter exists.
+Where the guest directory lives: by default an **in-memory encrypted volume** (a LUKS2 +
+Merkle-integrity volume over `storage.blockdev.MemoryBlockDevice`, with a random passphrase and a
+cheap KDF, served through `shim.volume_backend`, exactly what `keep run --volume` gives a guest);
+`result.image` is the device's bytes after the final commit (ciphertext: what a host would
+see). `directory="memfs"` uses `wasi_host.memfs` instead (faster, no encryption).
 
 `await keep.run_async(...)` does the same from a trio test (the plain call starts its own trio
 loop, which cannot nest).
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 
@@ -44,11 +47,16 @@ from wasi_host import Directory, DirEntry, Filetype
 from wasi_host._faults import FaultSpec
 from wasi_host._functions import FUNCTIONS
 from wasi_host._trace import TraceEvent, Tracer
-from wasi_host.memfs import MemoryDirectory, MemoryFilesystem
+from wasi_host.memfs import MemoryFilesystem
 from wasi_host.streams import MemoryStream
 
+if TYPE_CHECKING:
+    from shim.volume_backend import VolumeSession
+    from storage.blockdev import MemoryBlockDevice
+
 FileTree = Mapping[str, bytes | str]
-GUEST_DIRECTORY = "memfs"  # "memfs" (wasi_host.memfs) until the volume adapter lands
+GuestDirectoryKind = Literal["volume", "memfs"]
+VOLUME_SIZE = 32 << 20  # the LUKS2 header takes 16 MiB of it
 _READ_CHUNK = 1 << 20
 
 
@@ -62,6 +70,7 @@ class KeepRun:
     trace: list[TraceEvent] = field(repr=False)
     files: dict[str, bytes] = field(repr=False)
     trap: str | None = None
+    image: bytes | None = field(default=None, repr=False)
 
     def calls(self, name: str) -> list[TraceEvent]:
         """The traced calls of one preview1 function, in order."""
@@ -79,7 +88,7 @@ def _split(relative: str) -> list[str]:
     return parts
 
 
-def _subdirectory(root: MemoryDirectory, parts: Sequence[str]) -> MemoryDirectory:
+def _subdirectory(root: Directory, parts: Sequence[str]) -> Directory:
     directory = root
     for part in parts:
         with contextlib.suppress(FileExistsError):
@@ -88,7 +97,7 @@ def _subdirectory(root: MemoryDirectory, parts: Sequence[str]) -> MemoryDirector
     return directory
 
 
-def fill(root: MemoryDirectory, files: FileTree | Path) -> None:
+def fill(root: Directory, files: FileTree | Path) -> None:
     """Put `files` (relative path -> contents, or a host directory's tree) into `root`."""
     if isinstance(files, Path):
         for directory, subdirectories, names in os.walk(files):
@@ -110,7 +119,7 @@ def fill(root: MemoryDirectory, files: FileTree | Path) -> None:
         _write(_subdirectory(root, parts[:-1]), parts[-1], data)
 
 
-def _write(directory: MemoryDirectory, name: str, data: bytes) -> None:
+def _write(directory: Directory, name: str, data: bytes) -> None:
     handle = directory.open_file(name, create=True, exclusive=False, truncate=True, read=False, write=True)
     try:
         handle.pwrite(data, 0)
@@ -147,12 +156,45 @@ def _entries(directory: Directory) -> Iterator[DirEntry]:
     yield from sorted(directory.readdir(0), key=lambda entry: entry.name)
 
 
-def memfs_directory(files: FileTree | Path | None) -> Directory:
-    """The guest directory as an in-memory tree (wasi_host.memfs), pre-filled."""
-    root = MemoryFilesystem().root()
-    if files is not None:
-        fill(root, files)
-    return root
+class GuestTree:
+    """The guest's pre-opened directory for one run: filled before, read back after."""
+
+    def __init__(self, kind: GuestDirectoryKind, files: FileTree | Path | None,
+                 volume_size: int = VOLUME_SIZE) -> None:
+        self.kind = kind
+        self._device: MemoryBlockDevice | None = None
+        self._session: VolumeSession | None = None
+        if kind == "memfs":
+            self.directory: Directory = MemoryFilesystem().root()
+        elif kind == "volume":
+            # Imported here: the plugin loads in every pytest session, the volume stack only
+            # when a test asks for it.
+            from shim.volume_backend import VolumeSession
+            from storage.blockdev import MemoryBlockDevice
+            from storage.luks2 import KdfCost
+            from storage.volume import create_volume
+
+            self._device = MemoryBlockDevice(volume_size)
+            volume = create_volume(self._device, None, secrets.token_bytes(32), pbkdf="pbkdf2",
+                                   kdf_cost=KdfCost(iterations=1000))
+            self._session = VolumeSession(volume)
+            self.directory = self._session.root()
+        else:
+            raise ValueError(f"directory must be 'volume' or 'memfs', not {kind!r}")
+        if files is not None:
+            fill(self.directory, files)
+
+    def finish(self) -> tuple[dict[str, bytes], bytes | None]:
+        """The files after the run, and (for a volume) the image after its final commit."""
+        if self._session is None:
+            return read_tree(self.directory), None
+        try:
+            self._session.commit()
+            files = read_tree(self._session.root())  # the run closed the guest's handle
+        finally:
+            self._session.close()
+        assert self._device is not None
+        return files, self._device.snapshot()
 
 
 class KeepRunner:
@@ -160,7 +202,6 @@ class KeepRunner:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self.guest_directory = GUEST_DIRECTORY
 
     def __call__(self, module: str | os.PathLike[str] | bytes, **options: object) -> KeepRun:
         import trio
@@ -174,6 +215,7 @@ class KeepRunner:
         *,
         files: FileTree | Path | None = None,
         mount: str = "/data",
+        directory: GuestDirectoryKind = "volume",
         stdin: bytes = b"",
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -186,7 +228,7 @@ class KeepRunner:
 
         names = frozenset(FUNCTIONS)
         specs = tuple(FaultSpec.parse(text, names) for text in faults)
-        directory = memfs_directory(files)
+        tree = GuestTree(directory, files)
         events: list[TraceEvent] = []
         stdout, stderr = MemoryStream(), MemoryStream()
         if isinstance(module, bytes):
@@ -195,15 +237,17 @@ class KeepRunner:
             module_name, module_bytes = os.fspath(module), None
         config = RunConfig(
             module=module_name, module_bytes=module_bytes, args=tuple(args),
-            env=tuple((env or {}).items()), preopens=((mount, directory),),
+            env=tuple((env or {}).items()), preopens=((mount, tree.directory),),
             stdio=Stdio(MemoryStream(stdin), stdout, stderr), timeout=timeout,
             cache_dir=self.cache_dir, trace=Tracer(events.append, show_data=trace_data),
             faults=specs,
         )
-        outcome = await run_module_async(config)
-        # The run closed the guest's handle; a memfs handle stays usable and the tree lives on.
+        try:
+            outcome = await run_module_async(config)
+        finally:
+            files_after, image = tree.finish()
         return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
-                       read_tree(directory), outcome.trap)
+                       files_after, outcome.trap, image)
 
 
 @pytest.fixture(scope="session")

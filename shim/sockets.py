@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -488,4 +489,12 @@ async def _stop_on_signal(network: KeepNetwork, received: list[int],
         async for signal_number in signals:
             received.append(signal_number)
             network.stop()
+            break
+        else:
             return
+    # The previous handlers are back. A guest busy in wasm code does not notice ECANCELED: if the
+    # run has not ended after a grace period (this task is cancelled when it does), the signal
+    # ends the process as it would have without us.
+    await trio.sleep(STOP_GRACE_SECONDS)
+    signal.signal(signal_number, signal.SIG_DFL)
+    os.kill(os.getpid(), signal_number)

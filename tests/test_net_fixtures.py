@@ -455,3 +455,14 @@ async def test_ctrl_c_stops_a_guest_blocked_in_accept(tmp_path: Path, wasm_fixtu
         keep.process.send_signal(signal.SIGINT)
         assert await keep.finish(timeout=20) == 130
     assert "Traceback" not in keep.stderr
+
+
+@deadline
+async def test_ctrl_c_still_ends_a_guest_busy_in_wasm_code(tmp_path: Path, wasm_fixture,
+                                                           env: dict[str, str]) -> None:
+    async with trio.open_nursery() as nursery:
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("endless_loop"),
+                                          "unused", [], env)
+        await keep.wait_for_output("looping")
+        keep.process.send_signal(signal.SIGINT)
+        assert await keep.finish(timeout=20) == -signal.SIGINT  # as without keep.toml

@@ -196,6 +196,7 @@ def test_escapes_and_odd_paths_give_wasmtimes_errno(harness: GuestHarness) -> No
     assert harness.symlink("dir/nested", "link") == 0
     assert harness.call("fd_close", harness.open("link/file")) == 0
     assert harness.open_errno("link", dirflags=0) == Errno.LOOP  # O_NOFOLLOW on the link itself
+    assert harness.open_errno("link", DIRECTORY, dirflags=0, rights=0) == Errno.LOOP
     assert harness.open_errno("link/", dirflags=0, rights=0) == Errno.SUCCESS  # a trailing slash follows
 
 

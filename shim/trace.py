@@ -38,7 +38,10 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
             raise UsageError(f"--trace={target}: {error.strerror}") from None
         stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
     try:
-        sink: TraceSink = jsonl_writer(stream) if trace_format == "jsonl" else text_writer(stream)
+        # Lines to stderr are flushed one by one (they interleave with the guest's stderr);
+        # a trace file of its own is flushed when the run ends.
+        writer = jsonl_writer if trace_format == "jsonl" else text_writer
+        sink: TraceSink = writer(stream, flush=not owned)
         yield Tracer(sink, show_data=show_data)
     finally:
         if owned:

@@ -380,21 +380,24 @@ def _iovec_bytes(memory: Memory, pointer: int, count: int, limit: int | None) ->
     return b"".join(chunks)
 
 
-def text_writer(stream: TextIO, *, prefix: str = "") -> TraceSink:
-    """A sink printing one strace-like line per event (flushed, so a crash loses nothing)."""
+def text_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
+    """A sink printing one strace-like line per event. `flush` after each line keeps the order
+    with other writers of the same stream (the guest's stderr); a file of its own need not."""
 
     def write(event: TraceEvent) -> None:
-        stream.write(prefix + event.format() + "\n")
-        stream.flush()
+        stream.write(event.format() + "\n")
+        if flush:
+            stream.flush()
 
     return write
 
 
-def jsonl_writer(stream: TextIO) -> TraceSink:
+def jsonl_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
     """A sink printing one JSON object per line (`TraceEvent.from_json` reads them back)."""
 
     def write(event: TraceEvent) -> None:
         stream.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
-        stream.flush()
+        if flush:
+            stream.flush()
 
     return write

@@ -55,6 +55,19 @@ class _Parser(argparse.ArgumentParser):
         return rewritten
 
 
+def _add_key_options(sub: argparse.ArgumentParser, prefix: str = "", what: str = "the key",
+                     title: str | None = None) -> argparse._ArgumentGroup:
+    """The key options of `keep volume` and `keep run --volume` (read by shim.keys.KeySource)."""
+    group = sub.add_argument_group(title or f"{what} (default: prompt without echo)")
+    group.add_argument(f"--{prefix}passphrase-file", metavar="FILE",
+                       help=f"{what}: a text file (one trailing newline is dropped)")
+    group.add_argument(f"--{prefix}key-file", metavar="FILE",
+                       help=f"{what}: the file's exact bytes ('-' for stdin)")
+    group.add_argument(f"--{prefix}passphrase-env", metavar="NAME",
+                       help=f"{what}: the value of environment variable NAME")
+    return group
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`keep run`: owned by the WASI host / guest lifecycle work (wasmtime CLI spellings)."""
 
@@ -96,6 +109,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep.toml (or an Enarx.toml): args, env, stdio and TLS sockets")
     parser.add_argument("--insecure-plaintext", action="store_true",
                         help='allow keep.toml sockets with prot = "tcp" (the host sees plaintext)')
+    volumes = _add_key_options(parser, what="the volume key", title="encrypted volumes (one key "
+                               "opens every --volume; default: prompt without echo)")
+    volumes.add_argument("--volume", action="append", default=[], metavar="IMG[::GUEST_PATH]",
+                         help="pre-open encrypted volume image IMG for the guest at GUEST_PATH "
+                              "(default /data); repeatable. Unlike --dir, the host sees only "
+                              "ciphertext")
+    volumes.add_argument("--volume-generation", action="append", type=count, default=[], metavar="N",
+                         help="refuse a volume older than generation N (a rollback); once per "
+                              "--volume, in order")
+    volumes.add_argument("--volume-state", metavar="FILE.json",
+                         help="pin the volumes' generations from FILE (when it exists) and write "
+                              "their final (uuid, generation, root MAC) to it")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="report volume states (opened, final commit) and --dir warnings")
     testing = parser.add_argument_group("testing an app's I/O (trace, faults, leak audit)")
     testing.add_argument("--trace", nargs="?", const="-", metavar="FILE",
                          help="log every WASI call (decoded, errno, duration) to stderr, or "
@@ -133,14 +160,7 @@ def _add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     Option spellings follow cryptsetup where they overlap (--key-file, --pbkdf, --iter-time,
     --pbkdf-memory, --pbkdf-force-iterations, --pbkdf-parallel, --key-slot)."""
 
-    def key_options(sub: argparse.ArgumentParser, prefix: str = "", what: str = "the key") -> None:
-        group = sub.add_argument_group(f"{what} (default: prompt without echo)")
-        group.add_argument(f"--{prefix}passphrase-file", metavar="FILE",
-                           help=f"{what}: a text file (one trailing newline is dropped)")
-        group.add_argument(f"--{prefix}key-file", metavar="FILE",
-                           help=f"{what}: the file's exact bytes ('-' for stdin)")
-        group.add_argument(f"--{prefix}passphrase-env", metavar="NAME",
-                           help=f"{what}: the value of environment variable NAME")
+    key_options = _add_key_options
 
     def kdf_options(sub: argparse.ArgumentParser) -> None:
         group = sub.add_argument_group("keyslot KDF")

@@ -443,12 +443,26 @@ def run_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if args.audit_host is not None:
         marker_forms(os.fsencode(args.audit_host))  # a bad marker fails before the run
+    from shim.run_volumes import RunVolumes, SignalledRun, run_until_signalled, warn_plaintext_dirs
+
+    warn_plaintext_dirs(args)
     with contextlib.ExitStack() as stack:
         if args.trace is not None:
             tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,
                                                      show_data=args.trace_data))
             config = dataclasses.replace(config, trace=tracer)
-        result = run_module(config)
+        volumes = RunVolumes.from_arguments(args)  # --volume: committed and closed however the run ends
+        if volumes is None:
+            result = run_module(config)
+        else:
+            with volumes:
+                config = volumes.configure(config)
+                ended = run_until_signalled(config)
+            if isinstance(ended, SignalledRun):
+                print(f"keep: {signal.Signals(ended.signal_number).name}: guest stopped, volumes "
+                      "committed", file=sys.stderr)
+                return ended.exit_status
+            result = ended
     if result.trap is not None:
         print(f"keep: {config.module}: {result.trap}", file=sys.stderr)
     for value in result.results:

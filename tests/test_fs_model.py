@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -293,4 +294,4 @@ class FilesystemModel(RuleBasedStateMachine):
 FilesystemModel.TestCase.settings = settings(
     max_examples=40, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-TestFilesystemModel = FilesystemModel.TestCase
+TestFilesystemModel = pytest.mark.slow(FilesystemModel.TestCase)

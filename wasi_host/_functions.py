@@ -67,6 +67,7 @@ from wasi_host._memory import (
     scatter,
     store,
     store_u32,
+    transfer_limit,
     view,
     write_bytes,
 )
@@ -208,6 +209,7 @@ def sched_yield(guest: Guest, memory: Memory) -> int:
 def fd_advise(guest: Guest, memory: Memory, fd: int, offset: int, length: int, advice: int) -> int:
     _invalid_unless(advice <= ADVICE_MAX)
     guest.fds.get_file(fd, Rights.FD_ADVISE)
+    _invalid_unless(length <= _MAX_OFFSET)  # a negative off_t length, as Linux's fadvise (wasmtime)
     return 0  # advisory only
 
 
@@ -297,7 +299,7 @@ def fd_filestat_set_times(guest: Guest, memory: Memory, fd: int, atim: int, mtim
 def fd_read(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, result_ptr: int) -> int:
     entry = guest.fds.get(fd, Rights.FD_READ)
     buffers = iovecs(memory, iovs, iovs_len)
-    total = sum(map(len, buffers))
+    total = min(sum(map(len, buffers)), transfer_limit(memory))
     count = scatter(buffers, entry.read(total)) if total else 0
     store_u32(memory, result_ptr, count)
     return 0
@@ -307,7 +309,7 @@ def fd_pread(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, of
     entry = guest.fds.get_seekable(fd, Rights.FD_READ | Rights.FD_SEEK)
     buffers = iovecs(memory, iovs, iovs_len)
     _invalid_unless(offset <= _MAX_OFFSET)
-    total = sum(map(len, buffers))
+    total = min(sum(map(len, buffers)), transfer_limit(memory))
     count = scatter(buffers, entry.file.pread(total, offset)) if total else 0
     store_u32(memory, result_ptr, count)
     return 0
@@ -682,7 +684,7 @@ def sock_recv(
     _invalid_unless(ri_flags <= RIFLAGS_RECV_PEEK | RIFLAGS_RECV_WAITALL)
     entry = guest.fds.get_socket(fd, Rights.FD_READ)
     buffers = iovecs(memory, ri_data, ri_data_len)
-    total = sum(map(len, buffers))
+    total = min(sum(map(len, buffers)), transfer_limit(memory))
     data = entry.socket.recv(
         total, peek=bool(ri_flags & RIFLAGS_RECV_PEEK), waitall=bool(ri_flags & RIFLAGS_RECV_WAITALL),
         nonblocking=bool(entry.fdflags & Fdflags.NONBLOCK),

@@ -179,6 +179,7 @@ CASES: tuple[Case, ...] = (
              "enforces none, so files opened through it are still writable there; keepshim enforces "
              "rights (issue 2), so FD_WRITE must stay inheritable for those writes to work"),)),
     Case("big-file", "big_file"),
+    Case("offsets", "offsets"),
     Case("short-write-naive", "short_write_naive"),
     Case("short-write-ok", "short_write_ok"),
     Case("fault-writes", "fault_writes"),

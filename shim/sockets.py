@@ -65,7 +65,8 @@ from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 
 log = logging.getLogger("keep.net")
 
-STOP_GRACE_SECONDS = 2.0
+STOP_GRACE_SECONDS = 2.0  # for queued data and close_notify to leave when the keep stops
+SIGNAL_GRACE_SECONDS = 5.0  # after Ctrl-C, for the guest to end (and the sockets to close)
 
 
 class NetworkError(KeepError):
@@ -454,20 +455,30 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
 
     if not keep_config.sockets:
         return await run_module_async(with_keep_config(run_config, keep_config, None))
-    async with open_keep_network(keep_config, policy, provider) as network:
-        guest_config = with_keep_config(run_config, keep_config, network)
-        signals: list[int] = []
-        async with trio.open_nursery() as nursery:
-            if run_config.timeout is not None:
-                # The engine's epoch only stops wasm code; a guest blocked in accept or recv
-                # must be woken too (ECANCELED), then it traps at its next instruction.
-                nursery.start_soon(_stop_after, network, run_config.timeout)
-            await nursery.start(_stop_on_signal, network, signals)
-            result = await outcome.acapture(run_module_async, guest_config)
-            nursery.cancel_scope.cancel()
-        if signals:
-            raise KeyboardInterrupt
-        return result.unwrap()
+    interrupts = _Interrupts()
+
+    async def run_in_network() -> RunResult:
+        async with open_keep_network(keep_config, policy, provider) as network:
+            interrupts.network = network
+            if interrupts.received:  # a signal came while the sockets were being opened
+                network.stop()
+            async with trio.open_nursery() as nursery:
+                if run_config.timeout is not None:
+                    # The engine's epoch only stops wasm code; a guest blocked in accept or recv
+                    # must be woken too (ECANCELED), then it traps at its next instruction.
+                    nursery.start_soon(_stop_after, network, run_config.timeout)
+                result = await outcome.acapture(
+                    run_module_async, with_keep_config(run_config, keep_config, network))
+                nursery.cancel_scope.cancel()
+            return result.unwrap()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, interrupts)  # before anything is opened
+        result = await outcome.acapture(run_in_network)
+        nursery.cancel_scope.cancel()
+    if interrupts.received:
+        raise KeyboardInterrupt
+    return result.unwrap()
 
 
 async def _stop_after(network: KeepNetwork, seconds: float) -> None:
@@ -475,7 +486,15 @@ async def _stop_after(network: KeepNetwork, seconds: float) -> None:
     network.stop()
 
 
-async def _stop_on_signal(network: KeepNetwork, received: list[int],
+@dataclass
+class _Interrupts:
+    """Signals received during a run, and the network to stop when one arrives."""
+
+    network: KeepNetwork | None = None
+    received: list[int] = dataclasses.field(default_factory=list)
+
+
+async def _stop_on_signal(interrupts: _Interrupts,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Ctrl-C or SIGTERM while the guest is blocked on a socket: trio cannot deliver
     KeyboardInterrupt into a worker thread, so wake the guest (ECANCELED) and let the run end."""
@@ -487,14 +506,15 @@ async def _stop_on_signal(network: KeepNetwork, received: list[int],
     with receiver as signals:
         task_status.started()
         async for signal_number in signals:
-            received.append(signal_number)
-            network.stop()
+            interrupts.received.append(signal_number)
+            if interrupts.network is not None:
+                interrupts.network.stop()
             break
         else:
             return
     # The previous handlers are back. A guest busy in wasm code does not notice ECANCELED: if the
     # run has not ended after a grace period (this task is cancelled when it does), the signal
     # ends the process as it would have without us.
-    await trio.sleep(STOP_GRACE_SECONDS)
+    await trio.sleep(SIGNAL_GRACE_SECONDS)
     signal.signal(signal_number, signal.SIG_DFL)
     os.kill(os.getpid(), signal_number)

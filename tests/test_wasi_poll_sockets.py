@@ -191,3 +191,21 @@ def test_poll_on_a_pipe_stdin_waits_in_select_until_data_arrives() -> None:
         assert time.monotonic() - start >= 0.04
         assert [event[0] for event in events] == [9]
         assert harness.read(0, 10) == b"piped"
+
+
+def test_a_timeout_of_2_to_the_64_ns_does_not_break_the_waiter() -> None:
+    read_end, write_end = os.pipe()
+    guest = Guest([b"p"], [], [], OsStream(read_end, owned=True), MemoryStream(), MemoryStream())
+    with closing(GuestHarness.around(guest)) as harness:
+        timer = threading.Timer(0.05, os.write, args=(write_end, b"x"))
+        timer.start()
+        try:
+            events = poll(
+                harness,
+                (1, Eventtype.FD_READ, fd_payload(0)),
+                (2, Eventtype.CLOCK, clock(Clockid.MONOTONIC, 2**64 - 1)),
+            )
+        finally:
+            timer.join()
+            os.close(write_end)
+        assert [event[0] for event in events] == [1]

@@ -193,3 +193,15 @@ class FakeClock:
 
     def wait(self, interests: object, deadline_ns: int | None) -> None:
         self.now = max(self.now + 1, deadline_ns or 0)
+
+
+def test_overlapping_iovecs_move_at_most_the_memory_size(harness: GuestHarness) -> None:
+    fd = harness.open("f", 1)
+    count = 4096
+    array = harness.alloc(8 * count)
+    for index in range(count):  # every iovec covers the whole memory
+        struct.pack_into("<II", harness.memory, array + 8 * index, 0, MEMORY_SIZE)
+    assert harness.call("fd_write", fd, array, count, RESULT) == 0
+    assert harness.u32(RESULT) == MEMORY_SIZE  # a short write, not a 256 MiB allocation
+    assert harness.call("fd_pread", fd, array, count, 0, RESULT) == 0
+    assert harness.u32(RESULT) == MEMORY_SIZE

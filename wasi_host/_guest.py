@@ -22,6 +22,9 @@ from wasi_host._fdtable import FdTable, OpenDirectory, OpenSocket, OpenStream
 _STDIN_RIGHTS = Rights.FD_READ | Rights.FD_FILESTAT_GET | Rights.POLL_FD_READWRITE
 _STDOUT_RIGHTS = Rights.FD_WRITE | Rights.FD_FILESTAT_GET | Rights.POLL_FD_READWRITE
 _POLL_SLICE_S = 0.01  # how often the default waiter re-checks pollables it cannot select() on
+# The longest single sleep or select(): a guest may ask for 2**64-1 ns, which time.sleep and
+# select() refuse (OverflowError); waking once a day and sleeping again changes nothing else.
+_LONGEST_SLEEP_S = 86_400.0
 
 
 class SystemClock:
@@ -42,7 +45,7 @@ class SystemClock:
     def sleep_until(self, monotonic_deadline_ns: int) -> None:
         remaining = monotonic_deadline_ns - time.monotonic_ns()
         while remaining > 0:
-            time.sleep(remaining / 1e9)
+            time.sleep(min(remaining / 1e9, _LONGEST_SLEEP_S))
             remaining = monotonic_deadline_ns - time.monotonic_ns()
 
 
@@ -72,7 +75,7 @@ class ThreadWaiter:
             return
         timeout: float | None = None
         if deadline_ns is not None:
-            timeout = max(0, deadline_ns - self._clock.monotonic_ns()) / 1e9
+            timeout = min(max(0, deadline_ns - self._clock.monotonic_ns()) / 1e9, _LONGEST_SLEEP_S)
         if unselectable:
             timeout = _POLL_SLICE_S if timeout is None else min(timeout, _POLL_SLICE_S)
         if readers or writers:

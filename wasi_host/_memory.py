@@ -87,8 +87,18 @@ def iovecs(memory: Memory, ptr: int, count: int) -> list[memoryview]:
     return buffers
 
 
+def transfer_limit(memory: Memory) -> int:
+    """The most bytes one read or write moves: the memory size.
+
+    Overlapping iovecs could otherwise add up to far more than memory (an allocation the guest
+    controls); a shorter transfer than asked is always allowed.
+    """
+    return len(memory) if memory is not None else 0
+
+
 def gather(memory: Memory, ptr: int, count: int) -> memoryview | bytes:
-    """The concatenated contents of a ciovec array (zero-copy for a single buffer)."""
+    """The concatenated contents of a ciovec array (zero-copy for a single buffer), at most
+    :func:`transfer_limit` bytes."""
     if count == 1:
         try:
             buf, buf_len = U32_PAIR.unpack_from(memory, ptr)  # type: ignore[arg-type]
@@ -97,7 +107,16 @@ def gather(memory: Memory, ptr: int, count: int) -> memoryview | bytes:
         if buf + buf_len > len(memory):  # type: ignore[arg-type]
             raise fault()
         return memory[buf : buf + buf_len]  # type: ignore[index]
-    return b"".join(iovecs(memory, ptr, count))
+    limit = transfer_limit(memory)
+    chunks = []
+    total = 0
+    for buffer in iovecs(memory, ptr, count):
+        if total + len(buffer) > limit:
+            chunks.append(buffer[: limit - total])
+            break
+        chunks.append(buffer)
+        total += len(buffer)
+    return b"".join(chunks)
 
 
 def scatter(buffers: Sequence[memoryview], data: bytes | memoryview) -> int:

@@ -7,6 +7,7 @@ Knows nothing of wasmtime; shim wires these streams to the WASI host's socket pr
     policy    NetworkPolicy: plaintext TCP only with an explicit opt-in
     tls       the keep's identity (CertificateProvider: self-signed in memory, configured files,
               RA-TLS later), TLS 1.3-only server/client contexts, client-CA checks, SPKI pins
+    wiretap   TappedStream: the raw bytes under TLS reported to a tap (keep run --audit-host)
     streams   Connection (plaintext buffers + pump/writer tasks, usable from a non-trio thread),
               Listener (handshakes in background tasks), ReadinessBoard, open_listener,
               open_connection

@@ -48,6 +48,7 @@ import trio
 
 from net.errors import ConnectFailed, HandshakeFailed
 from net.tls import ServerVerification, check_pin
+from net.wiretap import tapped
 
 log = logging.getLogger("keep.net")
 
@@ -424,10 +425,10 @@ class Listener:
 
     async def _handshake(self, tcp: trio.SocketStream) -> None:
         peer = _peer_name(tcp)
-        stream: trio.abc.Stream = tcp
+        stream: trio.abc.Stream = tapped(tcp, f"{self.settings.name} <- {peer}")  # audit only
         try:
             if self.settings.context is not None:
-                tls = trio.SSLStream(tcp, self.settings.context, server_side=True)
+                tls = trio.SSLStream(stream, self.settings.context, server_side=True)
                 with trio.fail_after(self.settings.handshake_timeout):
                     await tls.do_handshake()
                 stream = tls
@@ -482,9 +483,9 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
         tcp = await trio.open_tcp_stream(connect_host, port)
     except OSError as error:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
-    stream: trio.abc.Stream = tcp
+    stream: trio.abc.Stream = tapped(tcp, f"-> {host}:{port}")  # audit only (net.wiretap)
     if context is not None:
-        tls = trio.SSLStream(tcp, context, server_hostname=server_name or host)
+        tls = trio.SSLStream(stream, context, server_hostname=server_name or host)
         try:
             with trio.fail_after(handshake_timeout):
                 await tls.do_handshake()

@@ -43,7 +43,8 @@ import outcome
 import trio
 import wasmtime
 
-from shim.audit import AUDIT_EXIT_STATUS, marker_forms
+from net.wiretap import WIRE_TAP
+from shim.audit import AUDIT_EXIT_STATUS, WireRecorder
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
@@ -441,8 +442,9 @@ def run_command(args: argparse.Namespace) -> int:
     # Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise wait for a
     # guest that has no epoch checks to notice it).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    wire: WireRecorder | None = None
     if args.audit_host is not None:
-        marker_forms(os.fsencode(args.audit_host))  # a bad marker fails before the run
+        wire = WireRecorder(os.fsencode(args.audit_host))  # a bad marker fails before the run
     from shim.run_volumes import RunVolumes, SignalledRun, run_until_signalled, warn_plaintext_dirs
 
     warn_plaintext_dirs(args)
@@ -451,6 +453,8 @@ def run_command(args: argparse.Namespace) -> int:
             tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,
                                                      show_data=args.trace_data))
             config = dataclasses.replace(config, trace=tracer)
+        if wire is not None:  # trio copies this context into every socket task of the run
+            stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))
         volumes = RunVolumes.from_arguments(args)  # --volume: committed and closed however the run ends
         if volumes is None:
             result = run_module(config)
@@ -470,6 +474,6 @@ def run_command(args: argparse.Namespace) -> int:
     if args.audit_host is not None:
         from shim.audit import audit_places, audit_run
 
-        if audit_run(args.audit_host, audit_places(config, args)):
+        if audit_run(args.audit_host, audit_places(config, args), wire):
             return AUDIT_EXIT_STATUS
     return result.exit_code

@@ -1,0 +1,161 @@
+"""`keep run --audit-host MARKER`: every place outside the keep holding the marker in plaintext
+(plain, UTF-16, base64) is reported and makes the run exit 3; an encrypted volume and a TLS
+socket show none, a --dir and a plaintext TCP socket do."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from fixture_build import WasmFixture
+from keep_net import STDIO, free_port, keep_env, listen_entry, start_keep
+from run_volume_support import PASSPHRASE, make_volume
+
+from shim.audit import AUDIT_EXIT_STATUS, Finding, WireRecorder, audit_host, marker_forms
+from shim.errors import UsageError
+from storage.volume import open_volume
+
+ALPHABET_MARKER = "abcdefghijklmnop"  # short_write_ok.c writes the alphabet over and over
+MARKER = b"AUDIT-MARKER-7c31e9"
+
+
+def found_forms(data: bytes, tmp_path: Path, marker: bytes = MARKER) -> set[str]:
+    target = tmp_path / "sample.bin"
+    target.write_bytes(data)
+    return {finding.form for finding in audit_host(marker, [("sample", target)])}
+
+
+@pytest.mark.parametrize("prefix", [b"", b"x", b"xy", b"xyz", b"\x00\xff\x10\x20"])
+def test_base64_is_found_at_every_alignment(prefix: bytes, tmp_path: Path) -> None:
+    encoded = base64.b64encode(prefix + MARKER + b"tail")
+    assert found_forms(b"header " + encoded + b" trailer", tmp_path) == {"base64"}
+    binary = b"\xfb\xef\xff" * 3 + MARKER  # encodes with '+' and '/', which base64url replaces
+    assert "base64url" in found_forms(base64.urlsafe_b64encode(prefix + binary), tmp_path, marker=binary)
+
+
+def test_plain_and_utf16_forms_are_found_and_nothing_else(tmp_path: Path) -> None:
+    text = MARKER.decode()
+    assert found_forms(b"..." + MARKER, tmp_path) == {"plain"}
+    assert found_forms(text.encode("utf-16-le"), tmp_path) == {"utf-16le"}
+    assert found_forms(b"\x00" + text.encode("utf-16-be"), tmp_path) == {"utf-16be"}
+    assert found_forms(MARKER[:-1] + b"?" + bytes(reversed(MARKER)), tmp_path) == set()
+
+
+def test_a_marker_across_a_chunk_boundary_and_in_subdirectories_is_found(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    big = tmp_path / "a" / "b" / "big.bin"
+    boundary = 1 << 20
+    big.write_bytes(bytes(boundary - 5) + MARKER + bytes(100))
+    (tmp_path / "clean.txt").write_text("nothing here")
+    assert audit_host(MARKER, [("--dir", tmp_path)]) == [Finding(f"--dir {big}", "plain", boundary - 5)]
+    assert audit_host(MARKER, [("missing", tmp_path / "nope")]) == []
+
+
+def test_a_short_marker_is_refused() -> None:
+    with pytest.raises(UsageError, match="at least 6 bytes"):
+        marker_forms(b"abc")
+    with pytest.raises(UsageError, match="at least 6 bytes"):
+        WireRecorder(b"short")
+
+
+def test_the_wire_recorder_finds_a_marker_split_across_chunks() -> None:
+    recorder = WireRecorder(MARKER)
+    recorder.record("conn", "sent", b"xx" + MARKER[:5])
+    recorder.record("conn", "sent", MARKER[5:] + b"yy")
+    recorder.record("conn", "received", MARKER[:5])  # another direction: never joined
+    recorder.record("other", "received", MARKER[5:])
+    assert recorder.findings() == [Finding("socket conn (sent)", "plain", 2)]
+    assert recorder.byte_count == 2 * len(MARKER) + 4
+
+
+def run_keep(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["keep", "run", *arguments], capture_output=True, text=True, env=environment)
+
+
+def test_a_guest_writing_the_marker_to_a_host_dir_is_flagged(wasm_fixture: WasmFixture, tmp_path: Path,
+                                                            keep_environment: dict[str, str]) -> None:
+    completed = run_keep(["--audit-host", ALPHABET_MARKER, "--dir", f"{tmp_path}::/sandbox",
+                          str(wasm_fixture("short_write_ok"))], keep_environment)
+    assert completed.returncode == AUDIT_EXIT_STATUS
+    assert completed.stdout == "wrote 10000 bytes in one call\n"
+    assert f"keep: audit-host: {ALPHABET_MARKER!r} found in plaintext in 1 place(s)" in completed.stderr
+    assert f"keep: audit-host:   --dir {tmp_path}/out.bin: plain at offset 0 (385 times)" in completed.stderr
+
+
+def test_the_same_guest_on_an_encrypted_volume_leaves_no_plaintext(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    image = tmp_path / "volume.img"
+    make_volume(image)
+    (tmp_path / "key").write_bytes(PASSPHRASE)
+    completed = run_keep(["--audit-host", ALPHABET_MARKER, "--volume", f"{image}::/sandbox",
+                          "--key-file", str(tmp_path / "key"), str(wasm_fixture("short_write_ok"))],
+                         keep_environment)
+    assert completed.returncode == 0, completed.stderr
+    assert f"keep: audit-host: {ALPHABET_MARKER!r} not found in plaintext (searched " in completed.stderr
+    assert f"volume image {image}" in completed.stderr
+    with open_volume(image, PASSPHRASE, writable=False) as volume:  # the plaintext is inside
+        inode = volume.fs.lookup(1, b"out.bin").ino
+        assert volume.fs.read(inode, 0, 100).startswith(ALPHABET_MARKER.encode())
+
+
+def test_a_trace_with_data_is_itself_a_leak(wasm_fixture: WasmFixture, tmp_path: Path,
+                                            keep_environment: dict[str, str]) -> None:
+    trace = tmp_path / "trace.log"
+    quiet = run_keep(["--audit-host", "Hello, world", f"--trace={trace}", str(wasm_fixture("hello"))],
+                     keep_environment)
+    assert quiet.returncode == 0 and "not found in plaintext" in quiet.stderr
+    loud = run_keep(["--audit-host", "Hello, world", f"--trace={trace}", "--trace-data",
+                     str(wasm_fixture("hello"))], keep_environment)
+    assert loud.returncode == AUDIT_EXIT_STATUS
+    assert f"keep: audit-host:   trace file {trace}: plain at offset" in loud.stderr
+
+
+def _echo_through(port: int, payload: bytes, certificate: Path | None) -> bytes:
+    """Blocking client (run in a thread): connect, retrying until the keep listens; send
+    `payload` over TLS (trusting `certificate`) or plain TCP; read as many bytes back."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    if certificate is not None:
+        context = ssl.create_default_context(cafile=str(certificate))
+        connection = context.wrap_socket(connection, server_hostname="127.0.0.1")
+    with connection, connection.makefile("rb") as replies:
+        connection.sendall(payload)
+        return replies.read(len(payload))
+
+
+@pytest.mark.parametrize("prot", ["tls", "tcp"])
+async def test_socket_bytes_are_audited_as_the_host_network_sees_them(
+        prot: str, wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    port = free_port()
+    extra = ["--audit-host", MARKER.decode()] + (["--insecure-plaintext"] if prot == "tcp" else [])
+    payload = b"request " + MARKER + b" end"
+    async with trio.open_nursery() as nursery:
+        keep = await start_keep(nursery, tmp_path, wasm_fixture("net_echo_server"),
+                                STDIO + listen_entry("echo", port, prot=prot), ["echo", "1"],
+                                keep_env(keep_environment), extra=extra, export=prot == "tls")
+        if prot == "tls":
+            await keep.wait_listening()
+        echoed = await trio.to_thread.run_sync(_echo_through, port, payload,
+                                               keep.certificate if prot == "tls" else None)
+        status = await keep.finish()
+    assert echoed == payload
+    if prot == "tls":
+        assert status == 0, keep.stderr
+        assert "not found in plaintext" in keep.stderr and "socket bytes" in keep.stderr
+    else:  # the positive control: the tap does see plaintext TCP
+        assert status == AUDIT_EXIT_STATUS, keep.stderr
+        assert "keep: audit-host:   socket echo <- 127.0.0.1:" in keep.stderr
+        assert "(received): plain at offset 8" in keep.stderr and "(sent): plain at offset 8" in keep.stderr

@@ -23,6 +23,7 @@ them `null`. Nothing of the workload, its config or the volume keys is logged or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ssl
 import sys
@@ -57,7 +58,7 @@ from shim.errors import KeepError, UsageError
 from wasi_host._backend import Buffer, Readiness
 
 if TYPE_CHECKING:
-    from storage.volume import Volume
+    from shim.volume_backend import VolumeSession
 
 HANDSHAKE_SECONDS = 30.0
 BUSY_REASON = "this keep already runs a workload"
@@ -82,7 +83,7 @@ class Deployment:
     stdout: GuestOutput
     stderr: GuestOutput
     certificates: AttestedCertificateProvider
-    volumes: Mapping[str, Volume] = field(default_factory=dict)
+    volumes: Mapping[str, VolumeSession] = field(default_factory=dict)
 
 
 Runner = Callable[[Deployment], Awaitable[RunOutcome]]
@@ -161,23 +162,20 @@ def preflight(deploy: Deploy) -> KeepConfig:
 
 async def run_deployment(deployment: Deployment) -> RunOutcome:
     """The default runner: shim.run with the module bytes in memory and the compile cache off;
-    keep.toml sockets are opened with the keep's attested key (shim.sockets).
-
-    `deployment.volumes` are open (key checked, pin enforced) and are committed by the keep
-    after the run, but the guest does not see them yet: that needs a wasi_host Directory over
-    storage.fs (issue 4). Then, here: `preopens=tuple((grant.guest_path,
-    directory_over(deployment.volumes[grant.name])) for grant in message.volumes)` in the
-    RunConfig, and `config.guest_env(preopen_names)` so FD_NAMES counts them."""
+    each granted volume pre-opened at its guest path (shim.volume_backend); keep.toml sockets
+    opened with the keep's attested key (shim.sockets)."""
     from shim.run import RunConfig, Stdio, run_module_async
     from shim.sockets import open_keep_network
 
     message, config = deployment.message, deployment.config
+    preopens = tuple((grant.guest_path, deployment.volumes[grant.name].root())
+                     for grant in message.volumes)
     try:
         async with open_keep_network(config, provider=deployment.certificates) as network:
             run_config = RunConfig(
                 module="main.wasm", module_bytes=message.workload, args=config.args + message.args,
-                env=tuple(config.guest_env().items()),
-                stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr),
+                env=tuple(config.guest_env([path for path, _ in preopens]).items()),
+                preopens=preopens, stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr),
                 sockets=network.sockets, waiter=network.waiter, cache=False)
             result = await run_module_async(run_config)
     except KeepError as error:
@@ -186,14 +184,18 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
                       error=None if result.trap is None else f"guest trapped: {result.trap}")
 
 
-def open_granted_volumes(grants: Sequence[VolumeGrant], images: Mapping[str, Path]) -> dict[str, Volume]:
+def open_granted_volumes(grants: Sequence[VolumeGrant], images: Mapping[str, Path],
+                         integrity_failures: list[str]) -> dict[str, VolumeSession]:
     """Open every granted volume with the owner's secret, refusing an image older than the pin
-    (RollbackError) or another volume than the pinned one (uuid). All or nothing: on any
-    failure the volumes already opened are closed and a KeepError names the volume."""
+    (RollbackError) or another volume than the pinned one (uuid), as a VolumeSession for the
+    guest. All or nothing: on any failure the volumes already opened are closed and a KeepError
+    names the volume. Integrity failures the guest meets (EIO) are noted in `integrity_failures`
+    for the owner."""
+    from shim.volume_backend import VolumeSession
     from storage.errors import StorageError
     from storage.volume import open_volume
 
-    opened: dict[str, Volume] = {}
+    opened: dict[str, VolumeSession] = {}
     try:
         for grant in grants:
             image = images.get(grant.name)
@@ -205,30 +207,33 @@ def open_granted_volumes(grants: Sequence[VolumeGrant], images: Mapping[str, Pat
                                      writable=True, expected_generation=grant.pinned_generation)
             except (StorageError, OSError) as error:
                 raise KeepError(f"volume {grant.name!r}: {type(error).__name__}: {error}") from None
-            opened[grant.name] = volume
+
+            def note(error: OSError, name: str = grant.name) -> None:
+                integrity_failures.append(f"volume {name!r}: integrity failure: {error}")
+
+            opened[grant.name] = VolumeSession(volume, on_integrity_error=note)
             uuid = volume.state().uuid
             if grant.pinned_uuid is not None and uuid != grant.pinned_uuid:
                 raise KeepError(f"volume {grant.name!r} is another volume (uuid {uuid}, pinned "
                                 f"{grant.pinned_uuid})")
     except BaseException:
-        close_volumes(opened)
+        with contextlib.suppress(KeepError):
+            close_volumes(opened)
         raise
     return opened
 
 
-def close_volumes(volumes: Mapping[str, Volume]) -> tuple[VolumeState, ...]:
-    """Commit and close every volume; the states are what the owner pins next time. A volume
-    that fails to commit is closed anyway and reported as an error."""
+def close_volumes(sessions: Mapping[str, VolumeSession]) -> tuple[VolumeState, ...]:
+    """Commit and close every volume; the final states (after the closing checkpoint) are what
+    the owner pins next time. A volume that fails to commit is closed anyway and reported."""
     states: list[VolumeState] = []
     problems: list[str] = []
-    for name, volume in volumes.items():
+    for name, session in sessions.items():
         try:
-            state = volume.commit()
+            state = session.close()
             states.append(VolumeState(name, state.uuid, state.generation, state.root_mac))
         except OSError as error:
             problems.append(f"volume {name!r}: {error}")
-        finally:
-            volume.close()
     if problems:
         raise KeepError("; ".join(problems))
     return tuple(states)
@@ -307,8 +312,9 @@ class Keep:
         self._busy = True
         try:
             config = preflight(message)
+            integrity_failures: list[str] = []
             volumes = await trio.to_thread.run_sync(open_granted_volumes, message.volumes,
-                                                    self._volume_images)
+                                                    self._volume_images, integrity_failures)
         except (ConfigError, KeepError) as error:
             self._busy = False
             await stream.send_all(conversation.send(Refused(str(error))))
@@ -322,6 +328,9 @@ class Keep:
                     states = await trio.to_thread.run_sync(close_volumes, volumes)
                 except KeepError as error:
                     states, outcome = (), RunOutcome(exit_status=1, error=str(error))
+            if integrity_failures:
+                outcome = RunOutcome(outcome.exit_status, "; ".join(
+                    [*([outcome.error] if outcome.error else []), *integrity_failures]))
             await stream.send_all(conversation.send(Finished(outcome.exit_status, outcome.error,
                                                              states)))
             await stream.aclose()
@@ -329,7 +338,8 @@ class Keep:
             self.finished.set()
 
     async def _run(self, stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
-                   deploy: Deploy, config: KeepConfig, volumes: Mapping[str, Volume]) -> RunOutcome:
+                   deploy: Deploy, config: KeepConfig,
+                   volumes: Mapping[str, VolumeSession]) -> RunOutcome:
         send, receive = trio.open_memory_channel[tuple[StreamName, bytes]](16)
         kinds = [entry.kind if isinstance(entry, StdioFile) else "null" for entry in config.stdio]
         stdout = GuestOutput("stdout", send, discard=kinds[1] == "null")

@@ -6,6 +6,7 @@ deterministic."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -289,31 +290,19 @@ def test_a_deployed_tls_server_uses_the_attested_key(keeper: Keeper, wasm_fixtur
                                                      tmp_path: Path) -> None:
     """keep.toml's listen socket terminates TLS inside the keep with the key the owner attested:
     a client pins the SPKI `keep deploy` announced, and the certificate carries nil evidence."""
-    with socket.socket() as probe:  # a loopback port that was free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = _free_port()
     config = tmp_path / "keep.toml"
-    config.write_text('[[files]]\nkind = "stdin"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
-                      f'[[files]]\nkind = "listen"\nname = "echo"\naddr = "127.0.0.1"\nport = {port}\n')
+    config.write_text(STDIO_TOML + _listen_toml("echo", port))
     deploy = subprocess.Popen(
         [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}", "--allow-insecure-nil",
          "--config", str(config), str(wasm_fixture("net_echo_server")), "echo", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert deploy.stderr is not None
-        announced = ""
-        while "key spki-sha256" not in announced:
-            announced = deploy.stderr.readline()
-            assert announced, "keep deploy ended before announcing the keep"
-        spki = re.search(r"key spki-sha256 ([0-9a-f]{64})", announced)
-        assert spki is not None
+        spki = _announced_spki(deploy)
         payload = os.urandom(3000)
         certificate, echoed = _echo_with_retries(port, payload)
         assert echoed == payload
-        leaf = x509.load_der_x509_certificate(certificate)
-        leaf_spki = leaf.public_key().public_bytes(serialization.Encoding.DER,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-        assert hashlib.sha256(leaf_spki).hexdigest() == spki.group(1)
+        assert _spki_sha256(certificate) == spki
         assert verify_keep_certificate(certificate, NO_NONCE, NIL_OK).backend == "nil"
         stdout, _ = deploy.communicate(timeout=60)
         assert deploy.returncode == 0
@@ -324,9 +313,9 @@ def test_a_deployed_tls_server_uses_the_attested_key(keeper: Keeper, wasm_fixtur
             deploy.communicate(timeout=10)
 
 
-def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
-    """Connect (the guest's listener opens once the keep accepted the deployment), send the
-    payload, read it back, end with close_notify; returns (peer certificate DER, echoed bytes)."""
+def _tls_client_with_retries(port: int) -> ssl.SSLSocket:
+    """A TLS connection to the guest's listener, which opens once the keep accepted the
+    deployment (the client pins by SPKI afterwards, so no CA check here)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + 30
@@ -338,7 +327,13 @@ def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    with context.wrap_socket(raw) as tls:
+    return context.wrap_socket(raw)
+
+
+def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
+    """Send the payload, read it back, end with close_notify; returns (peer certificate DER,
+    echoed bytes)."""
+    with _tls_client_with_retries(port) as tls:
         certificate = tls.getpeercert(binary_form=True)
         assert certificate is not None
         tls.sendall(payload)
@@ -350,6 +345,97 @@ def _echo_with_retries(port: int, payload: bytes) -> tuple[bytes, bytes]:
             received += chunk
         tls.unwrap().close()  # close_notify both ways, as the echo server expects
     return certificate, bytes(received)
+
+
+def _announced_spki(deploy: subprocess.Popen[str]) -> str:
+    """The key SHA-256 `keep deploy` announces once the keep is attested."""
+    assert deploy.stderr is not None
+    while True:
+        line = deploy.stderr.readline()
+        assert line, "keep deploy ended before announcing the keep"
+        found = re.search(r"key spki-sha256 ([0-9a-f]{64})", line)
+        if found:
+            return found.group(1)
+
+
+def _spki_sha256(certificate_der: bytes) -> str:
+    public_key = x509.load_der_x509_certificate(certificate_der).public_key()
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+STDIO_TOML = '[[files]]\nkind = "stdin"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
+
+
+def _listen_toml(name: str, port: int) -> str:
+    return f'[[files]]\nkind = "listen"\nname = "{name}"\naddr = "127.0.0.1"\nport = {port}\n'
+
+
+@pytest.mark.slow  # two keeps, two deployments, two volume opens
+def test_a_deployed_workload_serves_tls_and_keeps_its_files_on_the_encrypted_volume(
+        tmp_path: Path, wasm_fixture: WasmFixture) -> None:
+    """Issue 7's full deployment: attest, deploy with a keep.toml TLS listener and a volume key;
+    a client (pinning the attested key) hands the guest a secret line that it writes to the
+    volume; the next deployment (a new keep) reads it back. The keep host's disk, image included,
+    never holds the line, the key file or the workload in plaintext."""
+    keep_root, owner = tmp_path / "keep", tmp_path / "owner"
+    (keep_root / "cwd").mkdir(parents=True)
+    owner.mkdir()
+    key_file = owner / "data.key"
+    key_file.write_bytes(b"owner-key-" + os.urandom(16).hex().encode())
+    image = keep_root / "cwd" / "data.img"
+    create_volume(image, MIN_VOLUME_SIZE, key_file.read_bytes(), pbkdf="pbkdf2",
+                  kdf_cost=KdfCost(iterations=1000)).close()
+    module = wasm_fixture("net_deploy_store")
+    state_file = owner / "volumes.json"
+    markers: list[str] = []
+    generations: list[int] = []
+    for round_number in (1, 2):
+        port = _free_port()
+        config = owner / "keep.toml"
+        config.write_text(STDIO_TOML + _listen_toml("store", port))
+        keeper = Keeper(keep_root, "--volume", f"data={image}")
+        deploy = subprocess.Popen(
+            [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}",
+             "--allow-insecure-nil", "--config", str(config), "--volume-key", f"data={key_file}",
+             "--volume-state", str(state_file), str(module), "store"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            spki = _announced_spki(deploy)
+            markers.append(f"secret-{round_number}-{os.urandom(12).hex()}")
+            with _tls_client_with_retries(port) as tls:
+                assert _spki_sha256(tls.getpeercert(binary_form=True) or b"") == spki
+                tls.sendall(markers[-1].encode() + b"\n")
+                reply = bytearray()
+                while chunk := tls.recv(4096):
+                    reply += chunk
+            assert bytes(reply) == f"stored {len(markers[-1]) + 1} bytes\n".encode()
+            stdout, stderr = deploy.communicate(timeout=60)
+            assert deploy.returncode == 0, stderr
+            assert stdout == "".join(f"{marker}\n" for marker in markers)  # round 2 sees round 1
+            assert keeper.wait() == 0
+        finally:
+            if deploy.poll() is None:
+                deploy.kill()
+                deploy.communicate(timeout=10)
+            keeper.stop()
+        generations.append(json.loads(state_file.read_text())["data"]["generation"])
+    assert generations[1] > generations[0]
+
+    workload = module.read_bytes()
+    forbidden = [key_file.read_bytes(), *(workload[i:i + 64] for i in range(0, len(workload) - 64, 4096))]
+    for marker in markers:
+        forbidden += [marker.encode(), marker.encode("utf-16-le"), base64.b64encode(marker.encode())]
+    for path in keep_root.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(needle in content for needle in forbidden), f"plaintext in {path}"
 
 
 async def test_an_owner_that_goes_away_mid_run_does_not_wedge_the_keep() -> None:

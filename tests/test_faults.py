@@ -186,3 +186,12 @@ def test_faults_leave_the_plain_functions_alone_when_none_is_given() -> None:
     faulted = host_functions(RunConfig(module="m.wasm", faults=(parse("fd_write:EIO"),)))
     assert faulted["fd_write"].impl is not FUNCTIONS["fd_write"].impl
     assert faulted["fd_read"] is FUNCTIONS["fd_read"]  # functions no spec names stay unwrapped
+
+
+def test_a_catch_all_spec_fails_every_call_but_proc_exit(keep: KeepRunner, wasm_fixture: WasmFixture) -> None:
+    result = keep(wasm_fixture("hello"), faults=["*:EIO"], directory="memfs")
+    assert (result.exit_code, result.stdout, result.stderr, result.trap) == (0, b"", b"", None)
+    assert {event.errno_name for event in result.trace} == {"EIO"}  # _start returned; no proc_exit
+    # wasi-libc gives up on its pre-open scan with EX_OSERR: that proc_exit is not faulted.
+    exits = keep(wasm_fixture("short_write_ok"), faults=["*:EIO"], directory="memfs")
+    assert (exits.exit_code, exits.trace[-1].function, exits.trace[-1].exit_code) == (71, "proc_exit", 71)

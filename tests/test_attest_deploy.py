@@ -155,19 +155,26 @@ def test_bad_policy_and_bad_config_fail_on_the_owners_side(keeper: Keeper, wasm_
     assert keeper.process.poll() is None
 
 
+def _owner_key_and_keep_image(keep_root: Path, owner: Path) -> tuple[Path, Path]:
+    """The owner's key file (owner/data.key) and a new volume it opens, on the keep host
+    (keep_root/cwd/data.img, inside the directories the scans cover)."""
+    (keep_root / "cwd").mkdir(parents=True)
+    owner.mkdir()
+    key_file = owner / "data.key"
+    key_file.write_bytes(b"owner-key-" + os.urandom(16).hex().encode())
+    image = keep_root / "cwd" / "data.img"
+    create_volume(image, MIN_VOLUME_SIZE, key_file.read_bytes(), pbkdf="pbkdf2",
+                  kdf_cost=KdfCost(iterations=1000)).close()
+    return key_file, image
+
+
 @pytest.mark.slow  # two keep processes, two volume opens: 5-12 s on a shared 2-core machine
 def test_volume_state_comes_back_is_pinned_and_a_rollback_is_refused(tmp_path: Path,
                                                                      wasm_fixture: WasmFixture) -> None:
     """The owner's key opens the volume inside the keep; the final state returns and is stored;
     the next deployment pins it, so the host's older copy of the image is refused."""
     keep_root, owner = tmp_path / "keep", tmp_path / "owner"
-    (keep_root / "cwd").mkdir(parents=True)
-    owner.mkdir()
-    key_file = owner / "data.key"
-    key_file.write_bytes(b"owner-secret-" + os.urandom(16).hex().encode())
-    image = keep_root / "cwd" / "data.img"
-    create_volume(image, MIN_VOLUME_SIZE, key_file.read_bytes(), pbkdf="pbkdf2",
-                  kdf_cost=KdfCost(iterations=1000)).close()
+    key_file, image = _owner_key_and_keep_image(keep_root, owner)
     old_copy = image.read_bytes()
     with open_volume(image, key_file.read_bytes()) as volume:  # a later change (an earlier run)
         note = volume.fs.create(1, b"note")
@@ -385,13 +392,7 @@ def test_a_deployed_workload_serves_tls_and_keeps_its_files_on_the_encrypted_vol
     volume; the next deployment (a new keep) reads it back. The keep host's disk, image included,
     never holds the line, the key file or the workload in plaintext."""
     keep_root, owner = tmp_path / "keep", tmp_path / "owner"
-    (keep_root / "cwd").mkdir(parents=True)
-    owner.mkdir()
-    key_file = owner / "data.key"
-    key_file.write_bytes(b"owner-key-" + os.urandom(16).hex().encode())
-    image = keep_root / "cwd" / "data.img"
-    create_volume(image, MIN_VOLUME_SIZE, key_file.read_bytes(), pbkdf="pbkdf2",
-                  kdf_cost=KdfCost(iterations=1000)).close()
+    key_file, image = _owner_key_and_keep_image(keep_root, owner)
     module = wasm_fixture("net_deploy_store")
     state_file = owner / "volumes.json"
     markers: list[str] = []

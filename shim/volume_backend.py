@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
 from storage.errors import FilesystemError, IntegrityError
-from storage.fs import ROOT_INODE, Attr, Filesystem
+from storage.fs import BLOCK_SIZE, ROOT_INODE, Attr, Filesystem
 from storage.integrity import VolumeState
 from storage.volume import Volume
 from wasi_host import DirEntry, FileStat, Now, TimeUpdate
@@ -56,6 +56,8 @@ from wasi_host.hostdir import _filetype  # st_mode -> preview1 filetype, as for 
 
 #: Bytes of one inode's contiguous small writes held in memory before they go to storage.
 WRITE_BUFFER_BYTES = 1 << 20
+#: storage.fs's block map indexes 2^32 blocks per file (as ext4: 16 TiB with 4 KiB blocks).
+MAX_FILE_END = BLOCK_SIZE << 32
 #: Writes at least this big go to storage directly (after the buffer), without a copy.
 DIRECT_WRITE_BYTES = 1 << 16
 
@@ -117,6 +119,8 @@ class VolumeSession:
     def buffered_write(self, ino: int, offset: int, data: Buffer) -> int:
         """A pwrite through the write-back buffer (the lock is held by the caller)."""
         length = len(data)
+        if offset + length >= MAX_FILE_END:
+            raise _error(errno.EFBIG)  # what storage.fs would say, said before buffering
         buffer = self._buffer
         if buffer and self._buffer_ino == ino and self._buffer_offset + len(buffer) == offset \
                 and len(buffer) + length <= WRITE_BUFFER_BYTES:
@@ -136,6 +140,8 @@ class VolumeSession:
 
     def root(self) -> VolumeDirectory:
         """A handle on the volume's root directory (what the guest's pre-open is)."""
+        with self.lock:
+            self.fs.open(ROOT_INODE)
         return VolumeDirectory(self, ROOT_INODE)
 
     def commit(self) -> VolumeState:
@@ -275,6 +281,7 @@ class VolumeDirectory(_Handle):
             raise _error(errno.ELOOP)
         if not attr.is_dir:
             raise _error(errno.ENOTDIR)
+        self.session.fs.open(attr.ino)  # counted, as a file: a removed directory stays stat-able
         return VolumeDirectory(self.session, attr.ino)
 
     @_storage_call
@@ -364,8 +371,14 @@ class VolumeDirectory(_Handle):
             name, attr, next_cookie = item
             yield DirEntry(next_cookie - 2, name.decode("utf-8", "surrogateescape"), _filetype(attr.mode), attr.ino)
 
+    @_storage_call
     def close(self) -> None:
-        """Nothing to release: a directory handle is only an inode number."""
+        """Release the inode (a directory removed while open goes away with its last handle);
+        also writes out the write-back buffer, so that a guest's fds all closed means every
+        byte it wrote is in storage."""
+        if self.ino:
+            ino, self.ino = self.ino, 0
+            self.session.fs.release(ino)
 
 
 def directory_over(volume: Volume, *, on_integrity_error: IntegrityReporter | None = None) -> VolumeDirectory:

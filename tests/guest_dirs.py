@@ -160,7 +160,59 @@ class HostDirectory(GuestDirectory):
         return snapshot(self.root)
 
 
+class EncryptedVolume(GuestDirectory):
+    """An encrypted volume image pre-opened with `--volume IMG::GUEST` (issue 4, point 3).
+
+    `prepare` creates the image (a cheap KDF: tests only) and copies the initial tree in with
+    `keep volume import`; `read_back` copies the tree out with `keep volume export`, after
+    checking that the run left the volume consistent (every sector against the Merkle tree,
+    SQLite's integrity check, the filesystem invariants).
+    """
+
+    name = "volume"
+    PASSPHRASE = b"differential tests"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.image = workdir / "sandbox.img"
+        self.passphrase_file = workdir / "passphrase"
+
+    def _keep_volume(self, *arguments: str) -> None:
+        """`keep volume ARGUMENTS`, in this process (the CLI's own entry point, without the cost
+        of starting Python; `keep run` itself is still a separate process)."""
+        from shim.cli import main
+
+        status = main(["volume", *arguments, "--passphrase-file", str(self.passphrase_file)])
+        assert status == 0, f"keep volume {arguments[0]} exited {status}"
+
+    def prepare(self, initial: Path) -> None:
+        from storage.luks2 import KdfCost
+        from storage.volume import create_volume
+
+        self.passphrase_file.write_bytes(self.PASSPHRASE + b"\n")
+        create_volume(self.image, 64 << 20, self.PASSPHRASE, pbkdf="pbkdf2",
+                      kdf_cost=KdfCost(iterations=1000)).close()
+        if any(initial.iterdir()):
+            self._keep_volume("import", str(self.image), str(initial), "/")
+
+    def keep_arguments(self, guest_path: str) -> list[str]:
+        return ["--volume", f"{self.image}::{guest_path}", "--passphrase-file", str(self.passphrase_file)]
+
+    def read_back(self) -> Tree:
+        from storage.volume import open_volume
+
+        with open_volume(self.image, self.PASSPHRASE, writable=False) as volume:
+            problems = volume.fsck()
+        assert problems == [], f"the run left the volume inconsistent: {problems}"
+        exported = self.workdir / "exported"
+        self._keep_volume("export", str(self.image), str(exported), "/")
+        return snapshot(exported)
+
+
 GuestDirectoryFactory = Callable[[Path], GuestDirectory]
 
 # Every backend the differential tests run keepshim on; the reference always uses HostDirectory.
-GUEST_DIRECTORY_BACKENDS: Mapping[str, GuestDirectoryFactory] = {HostDirectory.name: HostDirectory}
+GUEST_DIRECTORY_BACKENDS: Mapping[str, GuestDirectoryFactory] = {
+    HostDirectory.name: HostDirectory,
+    EncryptedVolume.name: EncryptedVolume,
+}

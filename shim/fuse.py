@@ -167,7 +167,17 @@ class FuseOperations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         with self._call("lookup") as fs:
-            return _entry(fs.lookup(parent_inode, name))
+            try:
+                return _entry(fs.lookup(parent_inode, name))
+            except OSError as error:
+                if error.errno != errno.ENOENT:
+                    raise
+                # A negative entry the kernel may cache (a create through it replaces it):
+                # tools probe many names that do not exist, each one a request otherwise.
+                missing = EntryAttributes()
+                missing.st_ino = 0
+                missing.entry_timeout = ATTR_TIMEOUT
+                return missing
 
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
         with self._call("getattr") as fs:

@@ -52,7 +52,9 @@ async def fuse_errno(call: object, *args: object) -> int:
 async def test_storage_errors_become_the_same_errno(volume: Volume) -> None:
     operations = FuseOperations(volume)
     context = Context()
-    assert await fuse_errno(operations.lookup, ROOT_INODE, b"missing", context) == errno.ENOENT
+    assert await fuse_errno(operations.getattr, 99999, context) == errno.ENOENT
+    missing = await operations.lookup(ROOT_INODE, b"missing", context)
+    assert missing.st_ino == 0 and missing.entry_timeout > 0  # a negative entry the kernel caches
     await operations.mkdir(ROOT_INODE, b"d", 0o755, context)
     assert await fuse_errno(operations.mkdir, ROOT_INODE, b"d", 0o755, context) == errno.EEXIST
     assert await fuse_errno(operations.unlink, ROOT_INODE, b"d", context) == errno.EISDIR

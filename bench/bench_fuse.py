@@ -71,6 +71,19 @@ def _unmount(path: Path, process: subprocess.Popen[bytes] | None) -> None:
 
 
 @contextlib.contextmanager
+def _serving(what: str, command: list[str], mountpoint: Path,
+             environment: dict[str, str] | None = None) -> Iterator[Path]:
+    """Run a foreground FUSE server until the block ends, then unmount it and wait for it."""
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        _wait_for_mount(mountpoint, process, what)
+        yield mountpoint
+    finally:
+        _unmount(mountpoint, process)
+
+
+@contextlib.contextmanager
 def keep_mount(work: Path, size_mib: int) -> Iterator[Path]:
     image = work / "keep.img"
     mountpoint = work / "keep-mnt"
@@ -80,14 +93,9 @@ def keep_mount(work: Path, size_mib: int) -> Iterator[Path]:
     subprocess.run([sys.executable, "-m", "shim", "volume", "create", str(image), "--size",
                     f"{size_mib}M", *FAST_KDF, *key], env=environment, check=True,
                    capture_output=True)
-    process = subprocess.Popen([sys.executable, "-m", "shim", "volume", "mount", str(image),
-                                str(mountpoint), *key], env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_for_mount(mountpoint, process, "keep")
-        yield mountpoint
-    finally:
-        _unmount(mountpoint, process)
+    with _serving("keep", [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
+                   *key], mountpoint, environment) as mounted:
+        yield mounted
 
 
 @contextlib.contextmanager
@@ -99,13 +107,9 @@ def gocryptfs_mount(work: Path) -> Iterator[Path]:
     extpass = ["-extpass", f"echo {PASSWORD}"]
     subprocess.run(["gocryptfs", "-init", "-q", "-scryptn", "10", *extpass, str(cipher)],
                    check=True, capture_output=True)
-    process = subprocess.Popen(["gocryptfs", "-fg", "-q", *extpass, str(cipher), str(mountpoint)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_for_mount(mountpoint, process, "gocryptfs")
-        yield mountpoint
-    finally:
-        _unmount(mountpoint, process)
+    with _serving("gocryptfs", ["gocryptfs", "-fg", "-q", *extpass, str(cipher), str(mountpoint)],
+                  mountpoint) as mounted:
+        yield mounted
 
 
 def _syncfs(directory: Path) -> None:

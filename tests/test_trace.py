@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from fixture_build import WasmFixture
 
 from shim.cli import build_parser
@@ -58,26 +59,26 @@ def test_bare_trace_before_the_module_does_not_swallow_it() -> None:
     assert parser.parse_args(["run", "m.wasm"]).trace is None
 
 
+@pytest.mark.parametrize("trace_format", ["text", "jsonl"])
 def test_the_default_trace_never_shows_buffer_contents_and_trace_data_does(
-        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
-    for trace_format in ("text", "jsonl"):
-        quiet, loud = tmp_path / f"quiet.{trace_format}", tmp_path / f"loud.{trace_format}"
-        module = str(wasm_fixture("echo"))
-        for trace_file, extra in ((quiet, []), (loud, ["--trace-data"])):
-            completed = keep_run([f"--trace={trace_file}", "--trace-format", trace_format, *extra, module],
-                                 keep_environment, stdin=MARKER)
-            assert completed.returncode == 0 and completed.stdout == MARKER
-            assert b"fd_write" not in completed.stderr  # the trace went to the file
-        quiet_text, loud_text = quiet.read_bytes(), loud.read_bytes()
-        assert b"fd_read" in quiet_text and b"fd_write" in quiet_text
-        assert MARKER not in quiet_text
-        if trace_format == "text":
-            assert MARKER in loud_text
-        else:
-            events = read_jsonl_trace(loud_text.decode())
-            assert next(event.data for event in events if event.function == "fd_read") == MARKER
-            assert next(event.data for event in events if event.function == "fd_write") == MARKER
-        assert quiet.stat().st_mode & 0o777 == 0o600  # a trace holds the guest's paths
+        trace_format: str, wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    quiet, loud = tmp_path / f"quiet.{trace_format}", tmp_path / f"loud.{trace_format}"
+    module = str(wasm_fixture("echo"))
+    for trace_file, extra in ((quiet, []), (loud, ["--trace-data"])):
+        completed = keep_run([f"--trace={trace_file}", "--trace-format", trace_format, *extra, module],
+                             keep_environment, stdin=MARKER)
+        assert completed.returncode == 0 and completed.stdout == MARKER
+        assert b"fd_write" not in completed.stderr  # the trace went to the file
+    quiet_text, loud_text = quiet.read_bytes(), loud.read_bytes()
+    assert b"fd_read" in quiet_text and b"fd_write" in quiet_text
+    assert MARKER not in quiet_text
+    if trace_format == "text":
+        assert MARKER in loud_text
+    else:
+        events = read_jsonl_trace(loud_text.decode())
+        assert next(event.data for event in events if event.function == "fd_read") == MARKER
+        assert next(event.data for event in events if event.function == "fd_write") == MARKER
+    assert quiet.stat().st_mode & 0o777 == 0o600  # a trace holds the guest's paths
 
 
 def test_the_jsonl_trace_is_one_object_per_call_and_reads_back(wasm_fixture: WasmFixture, tmp_path: Path,

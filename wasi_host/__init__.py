@@ -12,6 +12,11 @@ each module only imports the ones above it):
     _guest      Guest: the per-instance context (args, env, fds, clocks, exit code)
     _functions  one Python function per preview1 name; FUNCTIONS is the table the binding installs
     _bind       the only module that touches wasmtime's C entry points (unchecked host calls)
+    _trace      Tracer: wraps the table so every call yields a decoded TraceEvent (--trace)
+    _faults     FaultSpec / FaultInjector: wraps the table so chosen calls misbehave (--fault)
+
+_trace and _faults return wrapped copies of FUNCTIONS; the runner binds them only when asked,
+so an untraced run calls the plain functions.
 
 Backends shipped here, all behind the protocols only:
 

@@ -157,13 +157,13 @@ def flags_text(kind: str, value: int) -> str:
     return "|".join(names) or "0"
 
 
+_ERRNO_NAMES: Final[Mapping[int, str]] = MappingProxyType(
+    {int(value): value.name if value == 0 else "E" + value.name for value in Errno})
+
+
 def errno_name(errno: int) -> str:
     """E-prefixed name of a WASI errno (`SUCCESS` for 0)."""
-    try:
-        name = Errno(errno).name
-    except ValueError:
-        return str(errno)
-    return name if errno == 0 else "E" + name
+    return _ERRNO_NAMES.get(errno) or str(errno)
 
 
 def _c_string(data: bytes, limit: int) -> str:
@@ -252,7 +252,7 @@ class Tracer:
         return self._seq
 
     def _traced(self, name: str, impl: Callable[..., int]) -> Callable[..., int]:
-        layout = _LAYOUTS.get(name, ())
+        layout = _compile_layout(_LAYOUTS.get(name, ()))
         transfer = TRANSFERS.get(name)
         show_data = self.show_data
         sink = self.sink
@@ -295,34 +295,46 @@ class Tracer:
 _Output = tuple[str, str, int]  # (kind, name, parameter index)
 
 
-def _decode(layout: tuple[str, ...], memory: Memory,
-            arguments: tuple[int, ...]) -> tuple[dict[str, TraceValue], list[_Output]]:
-    decoded: dict[str, TraceValue] = {}
-    outputs: list[_Output] = []
+_Step = tuple[str, str, int]  # (kind, shown name, parameter index)
+
+
+def _compile_layout(layout: tuple[str, ...]) -> tuple[_Step, ...]:
+    """A layout as (kind, name, parameter index) steps, worked out once per function."""
+    steps = []
     index = 0
     for item in layout:
         kind, _, name = item.partition(":")
-        name = name or kind
-        if index >= len(arguments):
-            break
+        if kind in ("iovs", "buf"):
+            name = "size"
+        elif kind == "path_out":
+            name = "path"
+        steps.append((kind, name or kind, index))
+        index += 2 if kind in _TWO_PARAMETER_KINDS else 1
+    return tuple(steps)
+
+
+def _decode(steps: tuple[_Step, ...], memory: Memory,
+            arguments: tuple[int, ...]) -> tuple[dict[str, TraceValue], list[_Output]]:
+    decoded: dict[str, TraceValue] = {}
+    outputs: list[_Output] = []
+    for kind, name, index in steps:
         value = arguments[index]
-        if kind in ("fd", "int"):
+        if kind == "fd" or kind == "int":
             decoded[name] = value
-        elif kind == "sint":
-            decoded[name] = value - (1 << 64) if value >= 1 << 63 else value
+        elif kind == "iovs":
+            decoded[name] = _iovec_size(memory, value, arguments[index + 1])
+        elif kind == "out32" or kind == "out64" or kind == "path_out":
+            outputs.append((kind, name, index))
         elif kind == "path":
             decoded[name] = _path(memory, value, arguments[index + 1])
-        elif kind == "iovs":
-            decoded["size"] = _iovec_size(memory, value, arguments[index + 1])
+        elif kind == "sint":
+            decoded[name] = value - (1 << 64) if value >= 1 << 63 else value
         elif kind == "buf":
-            decoded["size"] = arguments[index + 1]
-        elif kind in ("out32", "out64", "path_out"):
-            outputs.append((kind, name if kind != "path_out" else "path", index))
+            decoded[name] = arguments[index + 1]
         elif kind in _FLAG_NAMES:
             decoded[name] = flags_text(kind, value)
         elif kind in _ENUM_NAMES:
             decoded[name] = _ENUM_NAMES[kind].get(value, str(value))
-        index += 2 if kind in _TWO_PARAMETER_KINDS else 1
     return decoded, outputs
 
 

@@ -162,22 +162,23 @@ def preflight(deploy: Deploy) -> KeepConfig:
 
 async def run_deployment(deployment: Deployment) -> RunOutcome:
     """The default runner: shim.run with the module bytes in memory and the compile cache off;
-    each granted volume pre-opened at its guest path (shim.volume_backend); keep.toml sockets
-    opened with the keep's attested key (shim.sockets)."""
-    from shim.run import RunConfig, Stdio, run_module_async
-    from shim.sockets import open_keep_network
+    each granted volume pre-opened at its guest path (shim.volume_backend); keep.toml (args,
+    env, FD_NAMES, sockets) applied by shim.sockets, whose TLS sockets use the keep's attested
+    key. The guest's stdio is the deployment's whatever keep.toml says: its stdout and stderr
+    go to the owner, never to the host's terminal."""
+    from net.policy import NetworkPolicy
+    from shim.run import RunConfig, Stdio
+    from shim.sockets import run_with_keep_config
 
-    message, config = deployment.message, deployment.config
+    message = deployment.message
     preopens = tuple((grant.guest_path, deployment.volumes[grant.name].root())
                      for grant in message.volumes)
+    run_config = RunConfig(module="main.wasm", module_bytes=message.workload, args=message.args,
+                           preopens=preopens, cache=False,
+                           stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr))
     try:
-        async with open_keep_network(config, provider=deployment.certificates) as network:
-            run_config = RunConfig(
-                module="main.wasm", module_bytes=message.workload, args=config.args + message.args,
-                env=tuple(config.guest_env([path for path, _ in preopens]).items()),
-                preopens=preopens, stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr),
-                sockets=network.sockets, waiter=network.waiter, cache=False)
-            result = await run_module_async(run_config)
+        result = await run_with_keep_config(run_config, deployment.config, NetworkPolicy(),
+                                            deployment.certificates)
     except KeepError as error:
         return RunOutcome(exit_status=1, error=str(error))
     return RunOutcome(exit_status=result.exit_code,

@@ -67,6 +67,7 @@ DEFAULT_COMMIT_INTERVAL = 5.0
 # image lock), and every change goes through the kernel, which updates its cache itself.
 ATTR_TIMEOUT = 1.0
 _BLOCK_SIZE = 4096
+READ_AHEAD_KIB = 1024  # the largest FUSE request (libfuse 3 max_write / kernel max_pages: 1 MiB)
 _UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
 
 log = logging.getLogger("keepshim.fuse")
@@ -402,6 +403,7 @@ async def serve(operations: FuseOperations, options: MountOptions,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(_raise_read_ahead, options.mountpoint)
             if options.commit_interval > 0 and not options.read_only:
                 nursery.start_soon(_commit_periodically, operations, options.commit_interval)
             if ready is not None:
@@ -411,6 +413,29 @@ async def serve(operations: FuseOperations, options: MountOptions,
     finally:
         pyfuse3.close(unmount=True)
         operations.release_all()
+
+
+async def _raise_read_ahead(mountpoint: str) -> None:
+    """Let sequential reads reach us as 1 MiB requests instead of the kernel's 128 KiB default
+    (each request costs a transaction; measured 48 -> 62 MB/s). Needs root; skipped otherwise.
+
+    The kernel sets the read-ahead from our reply to FUSE's INIT request, which `pyfuse3.main`
+    answers after this task starts, so the knob is set a little later (and checked again). The
+    device comes from mountinfo: a stat of the mount point would ask this very process."""
+    knob = None
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == mountpoint:
+                knob = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+    if knob is None:
+        return
+    for delay in (0.1, 0.5, 2.0):
+        await trio.sleep(delay)
+        with contextlib.suppress(OSError), open(knob, "r+", encoding="ascii") as setting:
+            if setting.read().strip() != str(READ_AHEAD_KIB):
+                setting.seek(0)
+                setting.write(str(READ_AHEAD_KIB))
 
 
 async def _stop_on_signals() -> None:

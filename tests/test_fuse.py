@@ -291,6 +291,13 @@ def test_read_only_mount_reads_and_refuses_writes(image: Path, tmp_path: Path) -
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
 
 
+def test_allow_other_reaches_the_kernel(image: Path, tmp_path: Path) -> None:
+    with MountedVolume(image, tmp_path / "mnt", "--allow-other") as mount:
+        line = next(row for row in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if row.split()[4] == str(mount.mountpoint))
+        assert "allow_other" in line.split(" - ", 1)[1] and "fuse.keep" in line
+
+
 def test_umount_command_waits_for_the_commit(mounted: MountedVolume) -> None:
     (mounted.mountpoint / "x").write_text("x")
     result = keep_volume("umount", mounted.mountpoint, passphrase=None)

@@ -58,8 +58,9 @@ from wasi_host.hostdir import _filetype  # st_mode -> preview1 filetype, as for 
 WRITE_BUFFER_BYTES = 1 << 20
 #: storage.fs's block map indexes 2^32 blocks per file (as ext4: 16 TiB with 4 KiB blocks).
 MAX_FILE_END = BLOCK_SIZE << 32
-#: Writes at least this big go to storage directly (after the buffer), without a copy.
-DIRECT_WRITE_BYTES = 1 << 16
+#: Writes bigger than this go to storage directly (after the buffer), without a copy; smaller
+#: ones start a buffer, so that sequential 64 KiB writes reach storage as 1 MiB transactions.
+DIRECT_WRITE_BYTES = WRITE_BUFFER_BYTES // 2
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -127,7 +128,7 @@ class VolumeSession:
             buffer += data
             return length
         self.flush()
-        if length >= DIRECT_WRITE_BYTES:
+        if length > DIRECT_WRITE_BYTES:
             return self.fs.write(ino, offset, data)
         self._buffer_ino = ino
         self._buffer_offset = offset

@@ -26,11 +26,20 @@ a documented limit) and checked against the MAC'd root. The root MAC is
 ``HMAC-SHA256(K, "keepshim/state/v1" | uuid | generation | layout | SHA-256(client metadata) | root)``
 with ``K = HKDF-SHA256(volume key, salt=uuid, info="keepshim/integrity/v1")``.
 
+Free sectors: a leaf of 32 zero bytes (no SHA-256 output, in practice) marks a data sector with
+no committed content; it reads as zeros, whatever its ciphertext. A fresh volume is all free.
+
 Commit protocol (one fdatasync per commit): dirty sectors live in memory until a commit encrypts
 them for their home sector, hashes the ciphertext, updates the tree, and appends ONE log record
 (header with the generation, the previous root MAC, the (sector, leaf hash) list and a MAC over
 the whole header; then the sectors' ciphertext verbatim) with a single write and fdatasync: that
-is the durability point. Leaf pages are not logged: they change on disk only at checkpoints, so
+is the durability point. A sector that is free in the last commit has nothing to protect, so its
+ciphertext goes straight home instead of into the log (half the bytes written for new data): its
+entry is flagged "home" and carries only the hash. Until the record is valid the leaf still says
+free, so a torn commit leaves garbage only where nothing was; the last record's home sectors must
+match their hashes or the record counts as torn (earlier records were synced before the next
+one was written, so their home sectors are durable; a later checkpoint may have overwritten
+them with newer logged contents, which is why only the last record's are checked). Leaf pages are not logged: they change on disk only at checkpoints, so
 the pages as of the superblock (or newer, or torn by an interrupted checkpoint: XTS keeps each
 16-byte block independent, so a torn page mixes old and new hashes only where entries changed
 them) plus every logged entry since give the exact leaves. A checkpoint (log half full, cache large, close)
@@ -73,13 +82,15 @@ _UUID_FIELD = 40
 # superblock: magic, uuid, generation, sectors, log, pages, data, log_start, metadata length,
 # tree root, root MAC; then the metadata; then the superblock MAC over all of that.
 _SUPERBLOCK = struct.Struct(f"<8s{_UUID_FIELD}sQQQQQQH32s32s")
-# record header: magic, uuid, generation, previous root MAC, data count, reserved (0), header
+# record header: magic, uuid, generation, previous root MAC, entry count, home entry count, header
 # sectors, metadata length, tree root, root MAC; then metadata, entries, padding, header MAC.
+# An entry's sector number has _HOME_FLAG set when its ciphertext went home, not into the log.
 _RECORD = struct.Struct(f"<8s{_UUID_FIELD}sQ32sIIIH32s32s")
 _ENTRY = struct.Struct("<Q32s")
 _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
+_HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
-_ZERO_CIPHERTEXT_HASH = hashlib.sha256(_ZERO_SECTOR).digest()
+_FREE_LEAF = bytes(HASH_SIZE)  # the leaf of a sector without committed content
 
 INTEGRITY_MODES = ("merkle", "none")
 
@@ -91,6 +102,12 @@ class SectorCipherLike(Protocol):
     def encrypt_run(self, first_sector: int, data: bytes) -> bytes: ...
 
     def decrypt_run(self, first_sector: int, data: bytes) -> bytes: ...
+
+    def encrypt_into(self, first_sector: int, data: bytes | bytearray | memoryview,
+                     out: bytearray | memoryview) -> None: ...
+
+    def decrypt_into(self, first_sector: int, data: bytes | bytearray | memoryview,
+                     out: bytearray | memoryview) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,9 @@ class DataSegment:
 
     def write_raw(self, first: int, data: bytes | bytearray | memoryview) -> None:
         self.device.write(self.offset + first * SECTOR_SIZE, data)
+
+    def readinto_raw(self, first: int, buffer: bytearray | memoryview) -> None:
+        self.device.readinto(self.offset + first * SECTOR_SIZE, buffer)
 
     def read_plain(self, first: int, count: int) -> bytes:
         return self.cipher.decrypt_run(first, self.read_raw(first, count))
@@ -265,11 +285,8 @@ class _CachedStore:
             raise ValueError("writes cover whole sectors")
         count = len(view) // SECTOR_SIZE
         self._check_range(first, count, writing=True)
-        for index in range(count):
-            sector = first + index
-            self._clean.pop(sector, None)
-            self._dirty[sector] = bytes(view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
-        if len(self._dirty) >= self._dirty_limit and not self._holds:
+        self._stage(first, view, count)
+        if not self._holds and self._over_limit():
             self._pressure_commit()
 
     @property
@@ -286,7 +303,7 @@ class _CachedStore:
             yield
         finally:
             self._holds -= 1
-            if not self._holds and len(self._dirty) >= self._dirty_limit and not self._closed:
+            if not self._holds and not self._closed and self._over_limit():
                 self._pressure_commit()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -298,6 +315,19 @@ class _CachedStore:
             if writing:
                 raise NoSpace(f"sectors [{first}, +{count}) are past the end of the volume")
             raise IntegrityError(f"read of sectors [{first}, +{count}) past the end of the volume")
+
+    def _stage(self, first: int, view: memoryview, count: int) -> None:
+        """Copy `count` sectors of `view` into the dirty cache."""
+        clean_pop = self._clean.pop
+        dirty = self._dirty
+        for index in range(count):
+            sector = first + index
+            clean_pop(sector, None)
+            dirty[sector] = bytes(view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+
+    def _over_limit(self) -> bool:
+        """Whether the dirty sectors call for a commit (PlainStore: a flush)."""
+        return len(self._dirty) >= self._dirty_limit
 
     def _lookup(self, sector: int) -> bytes | None:
         found = self._dirty.get(sector)
@@ -342,21 +372,37 @@ class MerkleStore(_CachedStore):
         # committed (logged) but not yet home: sector -> (ciphertext, plaintext)
         self._pending: dict[int, tuple[bytes, bytes]] = {}
         self._pages_since_checkpoint: set[int] = set()
+        # Dirty sectors that will need log space (not free in the last commit): the log-bound
+        # commit trigger. Free ones go home directly, so only memory bounds them; the limit keeps
+        # a commit's header (40 bytes per entry) well inside the log.
+        self._dirty_logged = 0
+        self._memory_limit = max(self._dirty_limit, min(8192, layout.log_sectors * 20))
+
+    def _stage(self, first: int, view: memoryview, count: int) -> None:
+        clean_pop = self._clean.pop
+        dirty = self._dirty
+        leaves = self._leaves
+        logged = 0
+        for index in range(count):
+            sector = first + index
+            clean_pop(sector, None)
+            if sector not in dirty and leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF:
+                logged += 1
+            dirty[sector] = bytes(view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+        self._dirty_logged += logged
+
+    def _over_limit(self) -> bool:
+        return self._dirty_logged >= self._dirty_limit or len(self._dirty) >= self._memory_limit
 
     # -- creation and opening -----------------------------------------------------------
 
     @classmethod
     def format(cls, segment: DataSegment, volume_key: bytes, uuid: str) -> MerkleStore:
-        """Lay out a fresh integrity area on `segment` (whose sectors read as zeros) and write
-        generation 1. Only the leaf pages and one superblock are written."""
+        """Lay out a fresh integrity area on `segment` and write generation 1: every data sector
+        free (zero leaves; the hashes past the last data sector stay zero bytes forever). Only
+        the leaf pages and one superblock are written."""
         layout = MerkleLayout.for_sectors(segment.sectors)
         store = cls(segment, integrity_key(volume_key, uuid), uuid, layout, writable=True)
-        zero_page = _ZERO_CIPHERTEXT_HASH * HASHES_PER_PAGE
-        for page in range(layout.page_sectors):
-            store._leaves[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE] = zero_page
-        # hashes past the last data sector are zero bytes (the pages are padded), fixed forever
-        tail = layout.data_sectors * HASH_SIZE
-        store._leaves[tail:] = bytes(len(store._leaves) - tail)
         store._rebuild_levels()
         store._generation = 1
         store._root_mac = store._state_mac(1, store._tree_root(), b"")
@@ -420,6 +466,7 @@ class MerkleStore(_CachedStore):
                 self._checkpoint()
         self._closed = True
         self._dirty.clear()
+        self._dirty_logged = 0
         self._clean.clear()
         self._pending.clear()
 
@@ -436,8 +483,11 @@ class MerkleStore(_CachedStore):
                 sector = first + index
                 if sector in self._pending:
                     continue
+                leaf = self._leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]
+                if leaf == _FREE_LEAF:
+                    continue  # no committed content: any ciphertext reads as zeros
                 digest = hashlib.sha256(raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]).digest()
-                if digest != self._leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]:
+                if digest != leaf:
                     problems.append(f"data sector {sector}: ciphertext does not match the tree")
         for first in range(0, layout.page_sectors, batch):
             count = min(batch, layout.page_sectors - first)
@@ -503,15 +553,30 @@ class MerkleStore(_CachedStore):
         return self._clean.get(sector)
 
     def _read_home(self, first: int, count: int) -> bytes:
-        raw = self._segment.read_raw(self._layout.data_start + first, count)
+        """Read, verify (all hashes of the run compared at once) and decrypt in place."""
+        buffer = bytearray(count * SECTOR_SIZE)
+        home = self._layout.data_start + first
+        self._segment.readinto_raw(home, buffer)
+        view = memoryview(buffer)
+        sha256 = hashlib.sha256
+        digests = b"".join([sha256(view[offset:offset + SECTOR_SIZE]).digest()
+                            for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)])
         leaves = self._leaves
-        for index in range(count):
-            sector = first + index
-            digest = hashlib.sha256(raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]).digest()
-            if digest != leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]:
-                raise IntegrityError(
-                    f"integrity error: data sector {sector} was changed, moved or replayed")
-        return self._segment.cipher.decrypt_run(self._layout.data_start + first, raw)
+        free: list[int] = []
+        if digests != leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]:
+            for index in range(count):
+                sector = first + index
+                leaf = leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]
+                if digests[index * HASH_SIZE:(index + 1) * HASH_SIZE] == leaf:
+                    continue
+                if leaf != _FREE_LEAF:
+                    raise IntegrityError(
+                        f"integrity error: data sector {sector} was changed, moved or replayed")
+                free.append(index)
+        self._segment.cipher.decrypt_into(home, buffer, buffer)
+        for index in free:
+            buffer[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = _ZERO_SECTOR
+        return bytes(buffer)
 
     # -- commit ----------------------------------------------------------------------------
 
@@ -519,55 +584,89 @@ class MerkleStore(_CachedStore):
         self.commit()
 
     def _append_record(self) -> None:
-        """Encrypt and hash the dirty sectors, update the tree, and append one log record
-        (header with the (sector, leaf hash) entries, then the ciphertext) with one sync."""
+        """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free
+        straight home, and append one log record (header with the (sector, leaf hash) entries,
+        then the other sectors' ciphertext), all made durable by one sync."""
         layout = self._layout
-        sectors = sorted(self._dirty)
+        data_start = layout.data_start
         dirty = self._dirty
         leaves = self._leaves
-        encrypt = self._segment.cipher.encrypt_run
+        encrypt_into = self._segment.cipher.encrypt_into
         sha256 = hashlib.sha256
         pack = _ENTRY.pack
-        run_ciphertexts: list[bytes] = []
         entries: list[bytes] = []
         changed_pages: set[int] = set()
-        logged: list[tuple[int, bytes]] = []
-        for first, count in _runs(sectors):
-            cipher = encrypt(layout.data_start + first, b"".join([dirty[s] for s in range(first, first + count)]))
-            run_ciphertexts.append(cipher)
+        logged_parts: list[memoryview] = []  # ciphertext that goes into the log, in entry order
+        logged: list[tuple[int, memoryview]] = []
+        home_writes: list[tuple[int, memoryview]] = []  # (data sector, ciphertext) runs
+        home_sectors: list[int] = []
+        metadata = self._metadata
+        body_length = _RECORD.size + len(metadata) + len(dirty) * _ENTRY.size + HASH_SIZE
+        header_sectors = -(-body_length // SECTOR_SIZE)
+        record_sectors = header_sectors + self._dirty_logged
+        if self._log_position + record_sectors > layout.log_sectors:
+            self._checkpoint()  # before the leaves change: a checkpoint writes committed state only
+        if record_sectors > layout.log_sectors:
+            raise StorageError("commit larger than the redo log")  # prevented by the cache limits
+        for first, count in _runs(sorted(dirty)):
+            buffer = bytearray(count * SECTOR_SIZE)
+            for index in range(count):
+                buffer[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
+            encrypt_into(data_start + first, buffer, buffer)
+            view = memoryview(buffer)
+            run_start = 0
+            run_home = False
             for index in range(count):
                 sector = first + index
-                piece = cipher[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+                piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
                 digest = sha256(piece).digest()
-                leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
-                entries.append(pack(sector, digest))
-                logged.append((sector, piece))
+                leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
+                home = leaves[leaf] == _FREE_LEAF
+                leaves[leaf] = digest
+                if home:
+                    entries.append(pack(sector | _HOME_FLAG, digest))
+                    home_sectors.append(sector)
+                else:
+                    entries.append(pack(sector, digest))
+                    logged.append((sector, piece))
+                if index and home != run_home:
+                    part = view[run_start * SECTOR_SIZE:index * SECTOR_SIZE]
+                    if run_home:
+                        home_writes.append((first + run_start, part))
+                    else:
+                        logged_parts.append(part)
+                    run_start = index
+                run_home = home
+            part = view[run_start * SECTOR_SIZE:count * SECTOR_SIZE]
+            if run_home:
+                home_writes.append((first + run_start, part))
+            else:
+                logged_parts.append(part)
             changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
         self._update_levels(changed_pages)
+        if len(logged) != self._dirty_logged:
+            raise AssertionError("dirty sector accounting is off")  # _stage counts them
         generation = self._generation + 1
         root = self._tree_root()
-        metadata = self._metadata
         root_mac = self._state_mac(generation, root, metadata)
-        body_length = _RECORD.size + len(metadata) + len(entries) * _ENTRY.size + HASH_SIZE
-        header_sectors = -(-body_length // SECTOR_SIZE)
-        record_sectors = header_sectors + len(sectors)
-        if self._log_position + record_sectors > layout.log_sectors:
-            self._checkpoint()
-        if record_sectors > layout.log_sectors:
-            raise StorageError("commit larger than the redo log")  # prevented by the cache limit
         head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
-                            len(sectors), 0, header_sectors, len(metadata), root, root_mac)
+                            len(entries), len(home_sectors), header_sectors, len(metadata), root, root_mac)
         body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
         header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
         position = layout.log_start + self._log_position
-        record = b"".join([encrypt(position, header), *run_ciphertexts])
+        for sector, part in home_writes:
+            self._segment.write_raw(data_start + sector, part)
+        record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
         self._segment.write_raw(position, record)
         self._segment.sync()  # the durability point
         self._log_position += record_sectors
         pending = self._pending
         for sector, piece in logged:
-            pending[sector] = (piece, dirty[sector])
+            pending[sector] = (bytes(piece), dirty[sector])
+        for sector in home_sectors:
+            pending.pop(sector, None)
         dirty.clear()
+        self._dirty_logged = 0
         self._pages_since_checkpoint.update(changed_pages)
         self._generation = generation
         self._root_mac = root_mac
@@ -641,13 +740,24 @@ class MerkleStore(_CachedStore):
             count = min(batch, layout.page_sectors - first)
             self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE] = \
                 self._segment.read_plain(layout.page_start + first, count)
-        position = log_start
+        position, previous_mac = log_start, root_mac
+        records: list[_Record] = []
         while True:
-            replayed = self._replay_record(position, generation + 1, root_mac)
-            if replayed is None:
+            record = self._parse_record(position, generation + 1, previous_mac)
+            if record is None:
                 break
-            position, root, root_mac, metadata = replayed
-            generation += 1
+            records.append(record)
+            position, previous_mac, generation = record.end, record.root_mac, generation + 1
+        # Only the last record can be torn at home: each earlier one was synced before the next
+        # was written (and its home sectors may since hold newer, checkpointed contents).
+        if records and not self._home_sectors_match(records[-1]):
+            records.pop()
+        generation = self._superblock_generation + len(records)
+        position = records[-1].end if records else log_start
+        if records:
+            root, root_mac, metadata = records[-1].root, records[-1].root_mac, records[-1].metadata
+        for record in records:
+            self._apply_record(record)
         self._rebuild_levels()
         if self._tree_root() != root or not hmac.compare_digest(
                 self._state_mac(generation, root, metadata), root_mac):
@@ -658,10 +768,9 @@ class MerkleStore(_CachedStore):
         self._metadata = self._committed_metadata = metadata
         self._log_position = position
 
-    def _replay_record(self, position: int, generation: int,
-                       previous_mac: bytes) -> tuple[int, bytes, bytes, bytes] | None:
-        """Apply the record at `position` if it is valid and next in the chain: returns (next
-        position, tree root, root MAC, metadata), or None at the end of the log."""
+    def _parse_record(self, position: int, generation: int, previous_mac: bytes) -> _Record | None:
+        """The record at `position` if it is valid (MAC, generation and previous-MAC chain, its
+        logged ciphertext matching its hashes), or None at the end of the log."""
         layout = self._layout
         if position >= layout.log_sectors:
             return None
@@ -671,12 +780,14 @@ class MerkleStore(_CachedStore):
             fields = _RECORD.unpack_from(first)
         except struct.error:
             return None
-        (magic, uuid, record_generation, previous, data_count, reserved, header_sectors,
+        (magic, uuid, record_generation, previous, data_count, home_count, header_sectors,
          meta_length, root, root_mac) = fields
         if (magic != _RECORD_MAGIC or uuid != self._uuid_field or record_generation != generation
-                or previous != previous_mac.ljust(32, b"\0") or meta_length > METADATA_LIMIT or reserved):
+                or previous != previous_mac.ljust(32, b"\0") or meta_length > METADATA_LIMIT
+                or home_count > data_count):
             return None
-        total = header_sectors + data_count
+        logged_count = data_count - home_count
+        total = header_sectors + logged_count
         body_length = _RECORD.size + meta_length + data_count * _ENTRY.size
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
@@ -687,23 +798,63 @@ class MerkleStore(_CachedStore):
         metadata = body[_RECORD.size:_RECORD.size + meta_length]
         entries = [_ENTRY.unpack_from(body, _RECORD.size + meta_length + i * _ENTRY.size)
                    for i in range(data_count)]
-        raw = self._segment.read_raw(start + header_sectors, data_count)
-        updates: dict[int, bytes] = {}
-        for index, (sector, digest) in enumerate(entries):
-            cipher = raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-            if sector >= layout.data_sectors or hashlib.sha256(cipher).digest() != digest:
+        home = [(sector & ~_HOME_FLAG, digest) for sector, digest in entries if sector & _HOME_FLAG]
+        logged = [(sector, digest) for sector, digest in entries if not sector & _HOME_FLAG]
+        if len(home) != home_count or any(sector >= layout.data_sectors for sector, _ in home + logged):
+            return None
+        raw = self._segment.read_raw(start + header_sectors, logged_count)
+        view = memoryview(raw)
+        ciphertexts: dict[int, bytes] = {}
+        for index, (sector, digest) in enumerate(logged):
+            cipher = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+            if hashlib.sha256(cipher).digest() != digest:
                 return None  # torn record: never acknowledged
-            updates[sector] = cipher
-        # The leaf pages on disk are as of the superblock, or newer (a checkpoint that did not
-        # finish), possibly torn; either way re-applying every entry since the superblock gives
-        # the exact leaves, because pages only change at checkpoints and each change is logged.
-        for sector, cipher in updates.items():
-            self._leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = hashlib.sha256(cipher).digest()
+            ciphertexts[sector] = bytes(cipher)
+        return _Record(position + total, root, root_mac, bytes(metadata), ciphertexts, dict(home))
+
+    def _home_sectors_match(self, record: _Record) -> bool:
+        """Whether every sector the record wrote home holds the ciphertext it logged the hash of."""
+        data_start = self._layout.data_start
+        for first, count in _runs(sorted(record.home)):
+            raw = memoryview(self._segment.read_raw(data_start + first, count))
+            for index in range(count):
+                if hashlib.sha256(raw[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]).digest() \
+                        != record.home[first + index]:
+                    return False
+        return True
+
+    def _apply_record(self, record: _Record) -> None:
+        """Re-apply a valid record's entries to the leaves (and its logged sectors to pending).
+
+        The leaf pages on disk are as of the superblock, or newer (a checkpoint that did not
+        finish), possibly torn; either way re-applying every entry since the superblock gives
+        the exact leaves, because pages only change at checkpoints and each change is logged."""
+        data_start = self._layout.data_start
+        leaves = self._leaves
+        for sector, digest in record.home.items():
+            leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
             self._pages_since_checkpoint.add(sector // HASHES_PER_PAGE)
-            plain = self._segment.cipher.decrypt_run(layout.data_start + sector, cipher)
+            self._pending.pop(sector, None)
+            self._clean.pop(sector, None)
+        for sector, cipher in record.logged.items():
+            leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = hashlib.sha256(cipher).digest()
+            self._pages_since_checkpoint.add(sector // HASHES_PER_PAGE)
+            plain = self._segment.cipher.decrypt_run(data_start + sector, cipher)
             self._pending[sector] = (cipher, plain)
             self._clean.pop(sector, None)
-        return position + total, root, root_mac, metadata
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A valid log record, parsed: where the next one starts, the state it commits, the logged
+    sectors' ciphertext and the hashes of the sectors it wrote home."""
+
+    end: int
+    root: bytes
+    root_mac: bytes
+    metadata: bytes
+    logged: dict[int, bytes]
+    home: dict[int, bytes]
 
 
 class PlainStore(_CachedStore):

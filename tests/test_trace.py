@@ -122,3 +122,28 @@ def test_the_keep_fixture_returns_the_trace_as_events(keep: KeepRunner, wasm_fix
     assert all(isinstance(event, TraceEvent) and event.duration_us >= 0 and event.data is None
                for event in result.trace)
     assert writes[0].results["nwritten"] == len(result.stdout)
+
+
+def test_decoding_survives_bad_pointers_and_shows_read_data_only_when_asked() -> None:
+    import struct
+
+    from wasi_host import Guest, WasiError
+    from wasi_host.memfs import MemoryFilesystem
+    from wasi_host.streams import MemoryStream
+
+    def guest() -> Guest:
+        return Guest([b"m"], [], [("/data", MemoryFilesystem().root())], MemoryStream(b"secret input"),
+                     MemoryStream(), MemoryStream())
+
+    memory = memoryview(bytearray(4096))
+    struct.pack_into("<II", memory, 0, 100, 6)  # one iovec: 6 bytes at 100
+    for show_data, expected in ((False, None), (True, b"secret")):
+        events: list[TraceEvent] = []
+        traced = Tracer(events.append, show_data=show_data).wrap(FUNCTIONS)
+        assert traced["fd_read"].impl(guest(), memory, 0, 0, 1, 8) == 0
+        with pytest.raises(WasiError):  # raised on, unchanged, for the binding to map
+            traced["path_open"].impl(guest(), memory, 3, 0, 5000, 4, 0, 0, 0, 0, 16)
+        read, opened = events
+        assert (read.args, read.results, read.data) == ({"fd": 0, "size": 6}, {"nread": 6}, expected)
+        assert opened.args["path"] == "<bad pointer>" and opened.errno_name == "EFAULT"
+        assert opened.format().startswith('path_open(fd=3, dirflags=0, path="<bad pointer>", oflags=0')

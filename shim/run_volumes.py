@@ -73,20 +73,6 @@ def describe(state: VolumeState) -> str:
     return f"uuid {state.uuid}, generation {state.generation}, root MAC {mac}"
 
 
-def read_volume_state(path: Path) -> dict[str, dict[str, Any]]:
-    """The pins of a `--volume-state` file ({} when it does not exist yet)."""
-    if not path.exists():
-        return {}
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--volume-state {path}: unreadable ({error})") from None
-    if not isinstance(document, dict) or not all(
-            isinstance(entry, dict) and type(entry.get("generation")) is int for entry in document.values()):
-        raise UsageError(f"--volume-state {path}: expected {{IMAGE: {{generation: N, ...}}}}")
-    return document
-
-
 def _pins(mounts: Sequence[VolumeMount], generations: Sequence[int],
           recorded: dict[str, dict[str, Any]]) -> list[tuple[int | None, str | None]]:
     """(generation, uuid) to require of each volume: --volume-generation wins over the file."""
@@ -162,7 +148,9 @@ class RunVolumes:
         if len(set(images)) != len(images):
             raise UsageError("--volume: the same image is given twice")
         state_file = Path(state_path) if state_path is not None else None
-        recorded = read_volume_state(state_file) if state_file is not None else {}
+        from shim.deploy import _read_volume_state  # one format for `keep run` and `keep deploy`
+
+        recorded: dict[str, dict[str, Any]] = dict(_read_volume_state(state_file))
         pins = _pins(mounts, generations, recorded)
         key = read_key(KeySource.from_arguments(args), prompt="Volume passphrase: ")
         verbose = bool(getattr(args, "verbose", False))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything keepshim needs on a fresh Debian machine (run as root): the Debian packages
 # the tests and tools call (cryptsetup, openssl, curl, FUSE, sqlite3, gocryptfs for the FUSE
-# benchmark), a virtual environment in .venv with keepshim and its test tools, and warms the zig
-# cache used to build the C fixtures to wasm32-wasi. Safe to run again: it only adds what is missing.
+# benchmark) and a virtual environment in .venv with keepshim and its test tools (zig from PyPI
+# builds the C fixtures to wasm32-wasi on first use; its libc build is cached under
+# ~/.cache/keepshim/zig). Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -171,7 +171,7 @@ class RunVolumes:
                     volume = open_volume(mount.image, key, writable=True, expected_generation=generation)
                 except Exception as error:
                     raise _open_error(mount.image, error) from None
-                session = VolumeSession(volume, on_integrity_error=_reporter(mount.image))
+                session = VolumeSession(volume, on_integrity_error=_FirstIntegrityFailure(mount.image))
                 sessions.append(session)
                 actual = volume.state().uuid
                 if uuid is not None and actual != uuid:
@@ -229,15 +229,20 @@ class RunVolumes:
         self.close()
 
 
-def _reporter(image: str) -> Any:
-    """Print the first integrity failure of a volume as one line (the guest sees EIO)."""
-    def report(error: IntegrityError) -> None:
-        # called with the session lock held, on the guest's thread; never raises
-        if not getattr(report, "said", False):
-            report.said = True  # type: ignore[attr-defined]
-            print(f"keep: volume {image}: integrity failure: {error} (the host changed the image; "
-                  "the guest got EIO)", file=sys.stderr, flush=True)
-    return report
+class _FirstIntegrityFailure:
+    """Prints a volume's first integrity failure as one line on stderr (the guest got EIO; the
+    total is said at the end when there were more). Called on the guest's thread with the
+    session lock held; never raises."""
+
+    def __init__(self, image: str) -> None:
+        self._image = image
+        self._said = False
+
+    def __call__(self, error: IntegrityError) -> None:
+        if not self._said:
+            self._said = True
+            print(f"keep: volume {self._image}: integrity failure: {error} (the host changed the "
+                  "image; the guest got EIO)", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

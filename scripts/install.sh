@@ -21,5 +21,5 @@ dpkg -s gocryptfs >/dev/null 2>&1 || apt-get install -y -qq gocryptfs >/dev/null
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[fuse,test]'
+.venv/bin/python -m pip install -q -e '.[fuse,test,demo]'
 echo "keepshim installed: $(.venv/bin/keep --version 2>/dev/null || echo 'keep not runnable yet')"

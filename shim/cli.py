@@ -294,12 +294,31 @@ def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keep demo`: a self-contained tour (shim/demo.py): a WASI guestbook on a fresh encrypted
+    volume serving TLS from inside the keep, visited by an HTTPS client, then checked."""
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="put the image, keep.toml and certificate in DIR (created if missing, "
+                             "kept afterwards; default: a temporary directory, removed)")
+    parser.add_argument("--keep-files", action="store_true",
+                        help="keep the temporary work directory and print where it is")
+
+    def handler(args: argparse.Namespace) -> int:
+        from shim.demo import demo_command
+
+        return demo_command(args)
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="keep", description="Run unmodified WASI programs inside a keep.")
     parser.add_argument("--version", action="version", version=f"keep {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    _add_demo_arguments(commands.add_parser("demo", help="a self-contained tour: an encrypted "
+                                            "volume and TLS inside the keep, checked"))
     _add_run_arguments(commands.add_parser("run", help="run a WASI module in a keep"))
     _add_volume_arguments(commands.add_parser("volume", help="create and manage encrypted volumes"))
     _add_serve_arguments(commands.add_parser("serve", help="wait for one attested deployment"))

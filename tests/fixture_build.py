@@ -20,18 +20,18 @@ without names) and prints one `NAME PATH` line each, for benchmarks and manual r
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shim.wasm_compile import COMPILE_FLAGS, CompileError, compile_c_to_wasm, zig_version
+from shim.wasm_compile import default_zig_cache_dir as default_zig_cache_dir
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 FIXTURE_SOURCES = REPOSITORY / "fixtures"
-COMPILE_FLAGS = ("-target", "wasm32-wasi", "-O2", "-s")
 
 # What the `wasm_fixture` pytest fixture returns: fixture name -> compiled module path.
 WasmFixture = Callable[[str], Path]
@@ -44,11 +44,6 @@ class FixtureBuildError(Exception):
 def default_build_dir() -> Path:
     configured = os.environ.get("KEEPSHIM_FIXTURE_BUILD_DIR")
     return Path(configured) if configured else REPOSITORY / "build" / "fixtures"
-
-
-def default_zig_cache_dir() -> Path:
-    configured = os.environ.get("ZIG_GLOBAL_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "keepshim" / "zig"
 
 
 @dataclass
@@ -75,7 +70,7 @@ class FixtureBuilder:
         for part in self._inputs(self.source(name)):
             digest.update(part.name.encode() + b"\0" + part.read_bytes() + b"\0")
         digest.update(" ".join(COMPILE_FLAGS).encode() + b"\0")
-        digest.update(importlib.metadata.version("ziglang").encode())
+        digest.update(zig_version().encode())
         return self.build_dir / f"{name}-{digest.hexdigest()[:20]}.wasm"
 
     def _inputs(self, source: Path) -> list[Path]:
@@ -98,18 +93,10 @@ class FixtureBuilder:
         output = self.output_path(name)
         if output.is_file():
             return output
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-        command = [sys.executable, "-m", "ziglang", "cc", *COMPILE_FLAGS,
-                   str(self.source(name)), "-o", str(partial)]
-        environment = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": str(self.zig_cache_dir)}
-        result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
-        if result.returncode != 0 or not partial.is_file():
-            partial.unlink(missing_ok=True)
-            raise FixtureBuildError(
-                f"fixture {name} failed to compile (exit {result.returncode}):\n"
-                f"{result.stderr.strip() or result.stdout.strip()}")
-        partial.replace(output)
+        try:
+            compile_c_to_wasm(self.source(name), output, zig_cache_dir=self.zig_cache_dir)
+        except CompileError as error:
+            raise FixtureBuildError(f"fixture {name}: {error}") from None
         return output
 
     def build_many(self, names: Iterable[str], jobs: int = 2) -> dict[str, Path]:

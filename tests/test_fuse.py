@@ -220,12 +220,13 @@ def test_unmount_commits_and_prints_the_final_state(mounted: MountedVolume) -> N
     fsck_clean(mounted.image)
 
 
-def test_sigterm_unmounts_cleanly(mounted: MountedVolume) -> None:
-    (mounted.mountpoint / "f").write_text("written before SIGTERM")
-    assert mounted.signal(signal.SIGTERM) == 0
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_unmount_cleanly(mounted: MountedVolume, number: int) -> None:
+    (mounted.mountpoint / "f").write_text("written before the signal")
+    assert mounted.signal(number) == 0
     assert not os.path.ismount(mounted.mountpoint)
     assert "unmounted" in mounted.output
-    assert keep_ok("cat", mounted.image, "/f") == "written before SIGTERM"
+    assert keep_ok("cat", mounted.image, "/f") == "written before the signal"
 
 
 def test_timer_commits_without_fsync_and_sigkill_leaves_a_consistent_volume(
@@ -264,6 +265,8 @@ def test_volume_open_elsewhere_cannot_be_mounted(mounted: MountedVolume, tmp_pat
     assert refused.returncode == 1
     assert b"in use by another process" in refused.stderr
     assert not os.path.ismount(other)
+    taken = keep_volume("mount", mounted.image, mounted.mountpoint)  # checked before the image
+    assert taken.returncode == 1 and b"is already a mount point" in taken.stderr
 
 
 def test_mount_errors_are_clear(image: Path, tmp_path: Path) -> None:

@@ -294,6 +294,25 @@ def test_read_only_mount_reads_and_refuses_writes(image: Path, tmp_path: Path) -
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.slow
+def test_a_tampered_sector_reads_as_eio_and_is_logged(image: Path, tmp_path: Path) -> None:
+    """The host changes 16 bytes of ciphertext in the middle of a 40 MiB file's blocks."""
+    payload = random.Random(3).randbytes(40 << 20)
+    (tmp_path / "big").write_bytes(payload)
+    keep_ok("put", image, tmp_path / "big", "/big")
+    with open(image, "r+b") as raw:
+        raw.seek(56 << 20)  # inside the data region, which the file fills from its start
+        raw.write(b"\xff" * 16)
+    with MountedVolume(image, tmp_path / "mnt") as mount:
+        path = mount.mountpoint / "big"
+        assert errno_of(path.read_bytes) == errno.EIO
+        with open(path, "rb") as handle:
+            assert handle.read(4096) == payload[:4096]  # the untouched sectors still read
+        assert mount.stop() == 0
+    assert "integrity failure during read" in mount.errors
+    assert "was changed, moved or replayed (answered EIO)" in mount.errors
+
+
 def test_allow_other_reaches_the_kernel(image: Path, tmp_path: Path) -> None:
     with MountedVolume(image, tmp_path / "mnt", "--allow-other") as mount:
         line = next(row for row in Path("/proc/self/mountinfo").read_text().splitlines()

@@ -271,6 +271,11 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
                 with guest_scope:
                     try:
                         box["result"] = await run_module_async(config)
+                    except OSError as error:
+                        # Backends' errors reach the guest as errno; one escapes only while the
+                        # guest's fds are closed after it ended: a volume's last buffered bytes.
+                        box["error"] = KeepError(f"writing the guest's files when it ended failed: "
+                                                 f"{error.strerror or error}")
                     except Exception as error:  # re-raised below, as itself (not in a group)
                         box["error"] = error
                 nursery.cancel_scope.cancel()

@@ -2,8 +2,8 @@
 
 A differential test starts a guest on a known directory tree, lets it run, and compares the tree
 it leaves behind with the one wasmtime's built-in WASI left. The "where" is pluggable: a
-`GuestDirectory` is one place a tree can live for one run (a host directory now; an encrypted
-volume later), with three steps:
+`GuestDirectory` is one place a tree can live for one run (a host directory, or an encrypted
+volume), with three steps:
 
     prepare(initial)      fill it with the tree found in the host directory `initial`
     keep_arguments(guest) the `keep run` options that pre-open it at guest path `guest`

@@ -3,8 +3,9 @@
 Each case runs one fixture twice with the same arguments, environment, stdin, limits and initial
 directory tree: once under the reference (tests/reference.py: wasmtime's own WASI, on a host
 directory) and once under `keep run` on each backend of GUEST_DIRECTORY_BACKENDS (guest_dirs.py:
-a host directory now, the encrypted volume later). stdout, stderr, the exit status and the tree left
-behind must be identical. The only exceptions are written down per case, with the reason:
+a host directory with --dir, and an encrypted volume with --volume, read back with `keep volume
+export`). stdout, stderr, the exit status and the tree left behind must be identical; the volume
+needs no exception of its own (every difference below is the same on both backends). The only exceptions are written down per case, with the reason:
 
 - `host_diagnostic`: the run ends in a trap or a host error, and the host then prints its own
   diagnostic on stderr, whose wording is each runtime's own (wasmtime's CLI prints a backtrace,

@@ -425,9 +425,10 @@ class Filesystem:
         """Blocks [first, last] of a file (unmapped ones as zeros), reading physically
         contiguous runs in one store call each."""
         buffer = bytearray((last - first + 1) * BLOCK_SIZE)
-        for index, phys, count in _mapped_runs(mapping, first, last):
-            start = (index - first) * BLOCK_SIZE
-            buffer[start:start + count * BLOCK_SIZE] = self._store.read(self._data_first + phys, count)
+        with memoryview(buffer) as view:
+            for index, phys, count in _mapped_runs(mapping, first, last):
+                start = (index - first) * BLOCK_SIZE
+                self._store.read_into(self._data_first + phys, view[start:start + count * BLOCK_SIZE])
         return buffer
 
     def _zero_tail(self, ino: int, size: int) -> None:
@@ -794,7 +795,8 @@ class Filesystem:
             last = (end - 1) // BLOCK_SIZE
             buffer = self._read_blocks(self._map(ino, first, last), first, last)
             skip = offset - first * BLOCK_SIZE
-            return bytes(buffer[skip:skip + end - offset])
+            with memoryview(buffer) as view:
+                return bytes(view[skip:skip + end - offset])  # one copy
         return self._run(work)
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:

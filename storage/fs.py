@@ -167,14 +167,20 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
 def _mapped_runs(mapping: dict[int, int], first: int, last: int) -> list[tuple[int, int, int]]:
     """(index, phys, count) runs where both block indices and physical blocks are consecutive."""
     runs: list[tuple[int, int, int]] = []
+    get = mapping.get
+    run_index = run_phys = count = 0
     for index in range(first, last + 1):
-        phys = mapping.get(index)
+        phys = get(index)
         if phys is None:
             continue
-        if runs and runs[-1][0] + runs[-1][2] == index and runs[-1][1] + runs[-1][2] == phys:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((index, phys, 1))
+        if count and run_index + count == index and run_phys + count == phys:
+            count += 1
+            continue
+        if count:
+            runs.append((run_index, run_phys, count))
+        run_index, run_phys, count = index, phys, 1
+    if count:
+        runs.append((run_index, run_phys, count))
     return runs
 
 

@@ -203,11 +203,15 @@ class DataSegment:
 def _runs(sectors: Iterable[int]) -> list[tuple[int, int]]:
     """Group sorted sector numbers into (first, count) runs of consecutive sectors."""
     runs: list[tuple[int, int]] = []
+    start = end = -1
     for sector in sectors:
-        if runs and runs[-1][0] + runs[-1][1] == sector:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((sector, 1))
+        if sector != end:
+            if end > start:
+                runs.append((start, end - start))
+            start = sector
+        end = sector + 1
+    if end > start:
+        runs.append((start, end - start))
     return runs
 
 
@@ -434,13 +438,20 @@ class MerkleStore(_CachedStore):
         dirty = self._dirty
         leaves = self._leaves
         staged = self._copy_in(view, count)
-        logged = 0
-        for index in range(count):
-            sector = first + index
-            clean_pop(sector, None)
-            if sector not in dirty and leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF:
-                logged += 1
-            dirty[sector] = staged[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+        sectors = range(first, first + count)
+        old = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
+        if old == _FREE_LEAF * count:
+            logged = 0  # all free: they will go home
+        elif _FREE_LEAF not in old:
+            logged = count - len(dirty.keys() & set(sectors))
+        else:
+            logged = sum(1 for sector in sectors if sector not in dirty
+                         and leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF)
+        if self._clean:
+            for sector in self._clean.keys() & set(sectors):
+                clean_pop(sector)
+        dirty.update(zip(sectors, [staged[offset:offset + SECTOR_SIZE]
+                                   for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)], strict=True))
         self._dirty_logged += logged
 
     def _over_limit(self) -> bool:
@@ -669,6 +680,24 @@ class MerkleStore(_CachedStore):
             for index in range(count):
                 view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
             encrypt_into(data_start + first, view, view)
+            old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
+            uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
+            if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
+                home = old_leaves[:HASH_SIZE] == _FREE_LEAF
+                digests = [sha256(view[offset:offset + SECTOR_SIZE]).digest()
+                           for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)]
+                leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = b"".join(digests)
+                flag = _HOME_FLAG if home else 0
+                entries.extend([pack((first + index) | flag, digest) for index, digest in enumerate(digests)])
+                if home:
+                    home_sectors.extend(range(first, first + count))
+                    home_writes.append((first, view))
+                else:
+                    logged.extend([(first + index, view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+                                   for index in range(count)])
+                    logged_parts.append(view)
+                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+                continue
             run_start = 0
             run_home = False
             for index in range(count):

@@ -278,6 +278,8 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
                                                  f"{error.strerror or error}")
                     except Exception as error:  # re-raised below, as itself (not in a group)
                         box["error"] = error
+                    except KeyboardInterrupt:  # keep.toml's socket runs stop on signals themselves
+                        box["signal"] = box.get("signal", signal.SIGINT)
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:

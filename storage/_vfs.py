@@ -36,6 +36,7 @@ from storage.integrity import SECTOR_SIZE, MerkleStore, PlainStore
 _SIZES = struct.Struct("<4sQQ")
 _SIZES_MAGIC = b"KSF1"
 _INSTANCE_NUMBERS = itertools.count(1)
+_BUFFER_LIMIT = 1 << 20  # bytes of contiguous SQLite writes held before they go to the store
 
 
 class RegionFile:
@@ -51,6 +52,7 @@ class RegionFile:
     # SQLite VFS methods ------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:
+        self._vfs.flush()
         end = min(offset + amount, self.size)
         if end <= offset:
             return b""
@@ -61,10 +63,21 @@ class RegionFile:
         return data[start:start + end - offset]
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        length = len(data)
-        end = offset + length
+        end = offset + len(data)
         if end > self.capacity:
             raise apsw.FullError("region full")
+        if self._store.writable:
+            self._vfs.buffer_write(self, data, offset)
+        else:
+            self.write_now(data, offset)  # refused at once (EROFS), as the store refuses it
+        if end > self.size:
+            self.size = end
+            self._vfs.sizes_changed()
+
+    def write_now(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write through to the store (whole sectors; partial ones read-modify-write)."""
+        length = len(data)
+        end = offset + length
         first = offset // SECTOR_SIZE
         last = (end - 1) // SECTOR_SIZE
         head = offset - first * SECTOR_SIZE
@@ -78,9 +91,6 @@ class RegionFile:
                 buffer[-SECTOR_SIZE:] = self._existing_sector(last)
             buffer[head:head + length] = data
             self._store.write(self._first + first, buffer)
-        if end > self.size:
-            self.size = end
-            self._vfs.sizes_changed()
 
     def _existing_sector(self, sector: int) -> bytes:
         """The current sector, with the bytes past the logical size zeroed (never stale)."""
@@ -96,6 +106,7 @@ class RegionFile:
     def xTruncate(self, newsize: int) -> None:
         if newsize > self.capacity:
             raise apsw.FullError("region full")
+        self._vfs.flush()
         self.size = newsize
         self._vfs.sizes_changed()
 
@@ -103,10 +114,10 @@ class RegionFile:
         return self.size
 
     def xSync(self, flags: int) -> None:
-        self._store.commit()
+        self._store.commit()  # the commit hook flushes the write buffer first
 
     def xClose(self) -> None:
-        pass
+        self._vfs.flush()
 
     def xLock(self, level: int) -> None:
         pass
@@ -192,6 +203,41 @@ class RegionVfs(apsw.VFS):
         self.db = RegionFile(self, wal_sectors, db_sectors * SECTOR_SIZE, db_size)
         self.wal = RegionFile(self, 0, wal_sectors * SECTOR_SIZE, wal_size)
         self._journal = MemoryFile()
+        # One run of contiguous writes to one file, not yet in the store: SQLite writes a WAL
+        # frame as a 24-byte header and a 4096-byte page, so each would be a read-modify-write of
+        # two sectors; buffered, a transaction's frames reach the store as one aligned write.
+        # Any other access to the files, and every store commit (a hook), flushes it first.
+        self._buffer_file: RegionFile | None = None
+        self._buffer_offset = 0
+        self._buffer = bytearray()
+        store.add_commit_hook(self.flush)
+
+    def buffer_write(self, file: RegionFile, data: bytes, offset: int) -> None:
+        """Append to the write buffer, or flush it and start a new one."""
+        if file is not self._buffer_file or offset != self._buffer_offset + len(self._buffer):
+            self.flush()
+            self._buffer_file = file
+            self._buffer_offset = offset
+        self._buffer += data
+        if len(self._buffer) >= _BUFFER_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered run through to the store (detached first: the store write may
+        commit under cache pressure, which calls this hook again)."""
+        file = self._buffer_file
+        if file is None:
+            return
+        data, offset = self._buffer, self._buffer_offset
+        self._buffer_file = None
+        self._buffer = bytearray()
+        if data:
+            file.write_now(data, offset)
+
+    def unregister(self) -> None:
+        self.flush()
+        self.store.remove_commit_hook(self.flush)
+        super().unregister()
 
     def sizes_changed(self) -> None:
         self.store.metadata = _SIZES.pack(_SIZES_MAGIC, self.db.size, self.wal.size)

@@ -60,7 +60,7 @@ import hashlib
 import hmac
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -242,6 +242,7 @@ class _CachedStore:
         self._committed_metadata = b""
         self._closed = False
         self._holds = 0
+        self._commit_hooks: list[Callable[[], None]] = []
 
     # -- client API ------------------------------------------------------------------------
 
@@ -316,6 +317,21 @@ class _CachedStore:
         self._stage(first, view, count)
         if not self._holds and self._over_limit():
             self._pressure_commit()
+
+    def add_commit_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook` at the start of every commit (a client's write buffer flushes there, so
+        that a commit still holds every write issued before it)."""
+        self._commit_hooks.append(hook)
+
+    def remove_commit_hook(self, hook: Callable[[], None]) -> None:
+        """Stop calling `hook` (no error if it was not registered)."""
+        if hook in self._commit_hooks:
+            self._commit_hooks.remove(hook)
+
+    def _run_commit_hooks(self) -> None:
+        if self.writable:
+            for hook in list(self._commit_hooks):
+                hook()
 
     @property
     def batch_limit(self) -> int:
@@ -510,6 +526,7 @@ class MerkleStore(_CachedStore):
         Without changes since the last commit, nothing is written."""
         if self._closed:
             raise ValueError("store is closed")
+        self._run_commit_hooks()
         if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
             return self.state()
         self._append_record()
@@ -996,6 +1013,7 @@ class PlainStore(_CachedStore):
     def commit(self) -> VolumeState:
         if self._closed:
             raise ValueError("store is closed")
+        self._run_commit_hooks()
         if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
             return self.state()
         self._flush()

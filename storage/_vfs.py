@@ -6,7 +6,9 @@ fixed fraction of the volume, then the database region (the filesystem keeps fil
 rest). Their logical sizes travel in the
 store's client metadata, so each integrity commit records them atomically with the data. Reads and
 writes that do not cover whole sectors are read-modify-write on the store's caches; bytes past a
-file's logical size read back as zeros.
+file's logical size read back as zeros. Contiguous writes (a transaction's WAL frames) are
+buffered and reach the store as one write; any other file access and every store commit (through
+a commit hook) flush the buffer first, so a commit still holds every write issued before it.
 
 Durability is not SQLite's business here: the database runs with `synchronous=OFF`, and the
 filesystem calls `store.commit()` when a caller asks for durability. This is safe because a store

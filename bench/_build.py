@@ -62,21 +62,58 @@ class Timer:
         return Timing(time.perf_counter() - self._wall, time.process_time() - self._cpu)
 
 
+def time_builtin_run(module_path: Path, argv: list[str],
+                     preopens: tuple[tuple[str, str], ...] = ()) -> Timing:
+    """Wall and CPU seconds for one run under wasmtime's BUILT-IN WASI, the peer every bench
+    compares against (compile excluded, instantiation included, as for ours; stdout to
+    /dev/null, stderr inherited). Exits if the guest fails."""
+    import wasmtime
+
+    engine = wasmtime.Engine()
+    module = wasmtime.Module.from_file(engine, str(module_path))
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    store = wasmtime.Store(engine)
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = argv
+    wasi.stdout_file = os.devnull
+    wasi.inherit_stderr()
+    for host, guest in preopens:
+        wasi.preopen_dir(host, guest)
+    store.set_wasi(wasi)
+    timer = Timer()
+    instance = linker.instantiate(store, module)
+    start = instance.exports(store)["_start"]
+    assert isinstance(start, wasmtime.Func)
+    try:
+        start(store)
+    except wasmtime.ExitTrap as exit_trap:
+        if exit_trap.code != 0:
+            raise SystemExit(f"built-in WASI: {argv} failed (exit {exit_trap.code})") from None
+    return timer.stop()
+
+
 def time_keepshim_run(module_path: Path, args: tuple[str, ...],
-                      dirs: tuple[tuple[str, str], ...] = ()) -> Timing:
+                      dirs: tuple[tuple[str, str], ...] = (), *, trace_to: str | None = None) -> Timing:
     """Wall and CPU seconds for one `keep run`-equivalent run in this process (stdio on
-    /dev/null; the module comes from the warm compile cache). Exits if the guest fails."""
+    /dev/null; the module comes from the warm compile cache), traced (text format) to
+    `trace_to` when given. Exits if the guest fails."""
+    from contextlib import ExitStack
+
     from shim.run import DirectoryMapping, RunConfig, Stdio, run_module
+    from shim.trace import open_tracer
     from wasi_host.streams import OsStream
 
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        config = RunConfig(module=str(module_path), args=args,
-                           dirs=tuple(DirectoryMapping(host, guest) for host, guest in dirs),
-                           stdio=Stdio(OsStream(null), OsStream(null), OsStream(2)))
-        timer = Timer()
-        result = run_module(config)
-        elapsed = timer.stop()
+        with ExitStack() as stack:
+            tracer = stack.enter_context(open_tracer(trace_to)) if trace_to is not None else None
+            config = RunConfig(module=str(module_path), args=args,
+                               dirs=tuple(DirectoryMapping(host, guest) for host, guest in dirs),
+                               stdio=Stdio(OsStream(null), OsStream(null), OsStream(2)), trace=tracer)
+            timer = Timer()
+            result = run_module(config)
+            elapsed = timer.stop()
     finally:
         os.close(null)
     if result.exit_code != 0:

@@ -12,30 +12,14 @@ usage: python bench/bench_cpu.py [ROUNDS] [REPEATS]
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import wasmtime
-from _build import Timer, Timing, build, time_keepshim_run
+from _build import Timing, build, time_builtin_run, time_keepshim_run
 
 
 def builtin(module_path: Path, rounds: int) -> Timing:
-    engine = wasmtime.Engine()
-    module = wasmtime.Module.from_file(engine, str(module_path))
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    store = wasmtime.Store(engine)
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = ["cpu_loop", str(rounds)]
-    wasi.stdout_file = os.devnull
-    store.set_wasi(wasi)
-    timer = Timer()  # compile excluded, instantiation included (as for ours)
-    instance = linker.instantiate(store, module)
-    start = instance.exports(store)["_start"]
-    assert isinstance(start, wasmtime.Func)
-    start(store)
-    return timer.stop()
+    return time_builtin_run(module_path, ["cpu_loop", str(rounds)])
 
 
 def ours(module_path: Path, rounds: int) -> Timing:

@@ -21,59 +21,30 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import wasmtime
-from _build import Timer, Timing, build, time_keepshim_run
+from _build import Timing, build, time_builtin_run, time_keepshim_run
 
 
 def builtin(module_path: Path, count: int, target: str, directory: Path) -> Timing:
-    """One run under wasmtime's built-in WASI (compile excluded, instantiation included)."""
-    engine = wasmtime.Engine()
-    module = wasmtime.Module.from_file(engine, str(module_path))
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    store = wasmtime.Store(engine)
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = ["fd_write_loop", str(count)] + ([] if target == "null" else ["/out/bench.dat"])
-    wasi.stdout_file = "/dev/null"
-    wasi.preopen_dir(str(directory), "/out")
-    store.set_wasi(wasi)
-    timer = Timer()
-    instance = linker.instantiate(store, module)
-    start = instance.exports(store)["_start"]
-    assert isinstance(start, wasmtime.Func)
-    start(store)
-    return timer.stop()
+    """One run under wasmtime's built-in WASI."""
+    argv = ["fd_write_loop", str(count)] + ([] if target == "null" else ["/out/bench.dat"])
+    return time_builtin_run(module_path, argv, ((str(directory), "/out"),))
+
+
+def _guest_args(count: int, target: str) -> tuple[str, ...]:
+    return (str(count),) + (() if target == "null" else ("/out/bench.dat",))
 
 
 def ours(module_path: Path, count: int, target: str, directory: Path) -> Timing:
-    """Seconds for one keepshim run."""
-    args = (str(count),) + (() if target == "null" else ("/out/bench.dat",))
-    return time_keepshim_run(module_path, args, ((str(directory), "/out"),))
+    """One keepshim run."""
+    return time_keepshim_run(module_path, _guest_args(count, target), ((str(directory), "/out"),))
 
 
 def ours_traced(module_path: Path, count: int, target: str, directory: Path) -> Timing:
-    """Seconds for one keepshim run with `--trace=/dev/null` (text format): the price of tracing
-    (without it the plain host functions are bound, so the untraced column is the same run as
-    before tracing existed)."""
-    from shim.run import DirectoryMapping, RunConfig, Stdio, run_module
-    from shim.trace import open_tracer
-    from wasi_host.streams import OsStream
-
-    args = (str(count),) + (() if target == "null" else ("/out/bench.dat",))
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        with open_tracer(os.devnull) as tracer:
-            config = RunConfig(module=str(module_path), args=args,
-                               dirs=(DirectoryMapping(str(directory), "/out"),),
-                               stdio=Stdio(OsStream(null), OsStream(null), OsStream(2)), trace=tracer)
-            timer = Timer()
-            result = run_module(config)
-            elapsed = timer.stop()
-    finally:
-        os.close(null)
-    if result.exit_code != 0:
-        raise SystemExit(f"benchmark guest failed: exit {result.exit_code} {result.trap or ''}")
-    return elapsed
+    """One keepshim run with `--trace=/dev/null` (text format): the price of tracing (without it
+    the plain host functions are bound, so the untraced column is the same run as before tracing
+    existed)."""
+    return time_keepshim_run(module_path, _guest_args(count, target), ((str(directory), "/out"),),
+                             trace_to=os.devnull)
 
 
 def rates(runner: Callable[[Path, int, str, Path], Timing], module_path: Path, count: int,

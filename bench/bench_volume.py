@@ -26,8 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import wasmtime
-from _build import Timer, Timing, build, time_keepshim_run
+from _build import Timer, Timing, build, time_builtin_run, time_keepshim_run
 
 WORKLOADS = ("seq", "files", "small")
 IMAGE_SIZE = 192 << 20
@@ -35,26 +34,7 @@ PASSPHRASE = b"bench"
 
 
 def builtin(module_path: Path, workload: str, directory: Path) -> Timing:
-    engine = wasmtime.Engine()
-    module = wasmtime.Module.from_file(engine, str(module_path))
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    store = wasmtime.Store(engine)
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = ["volume_workloads", workload]
-    wasi.inherit_stderr()
-    wasi.preopen_dir(str(directory), "/data")
-    store.set_wasi(wasi)
-    timer = Timer()
-    instance = linker.instantiate(store, module)
-    start = instance.exports(store)["_start"]
-    assert isinstance(start, wasmtime.Func)
-    try:
-        start(store)
-    except wasmtime.ExitTrap as exit_trap:
-        if exit_trap.code != 0:
-            raise SystemExit(f"built-in WASI: {workload} failed (exit {exit_trap.code})") from None
-    return timer.stop()
+    return time_builtin_run(module_path, ["volume_workloads", workload], ((str(directory), "/data"),))
 
 
 def keepshim_dir(module_path: Path, workload: str, directory: Path) -> Timing:

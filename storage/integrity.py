@@ -61,6 +61,7 @@ import hmac
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,6 +92,7 @@ _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
 _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
 _FREE_LEAF = bytes(HASH_SIZE)  # the leaf of a sector without committed content
+_CHUNK_SECTORS = 256  # a commit encrypts, hashes and writes home 1 MiB at a time
 
 INTEGRITY_MODES = ("merkle", "none")
 
@@ -213,6 +215,13 @@ def _runs(sectors: Iterable[int]) -> list[tuple[int, int]]:
     if end > start:
         runs.append((start, end - start))
     return runs
+
+
+def _chunks(runs: list[tuple[int, int]], limit: int) -> Iterator[tuple[int, int]]:
+    """The runs cut into pieces of at most `limit` sectors."""
+    for first, count in runs:
+        for start in range(first, first + count, limit):
+            yield start, min(limit, first + count - start)
 
 
 def _uuid_field(uuid: str) -> bytes:
@@ -448,6 +457,7 @@ class MerkleStore(_CachedStore):
         self._memory_limit = max(self._dirty_limit, min(4096, layout.log_sectors * 20))
         self._arena_sectors = self._memory_limit + self._dirty_limit  # room for a held batch
         self._scratch = memoryview(bytearray(0))  # warm buffer for a commit's ciphertext
+        self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
 
     def _stage(self, first: int, view: memoryview, count: int) -> None:
         clean_pop = self._clean.pop
@@ -545,6 +555,9 @@ class MerkleStore(_CachedStore):
             if self._generation != self._superblock_generation:
                 self._checkpoint()
         self._closed = True
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         self._clear_dirty()
         self._dirty_logged = 0
         self._clean.clear()
@@ -676,7 +689,6 @@ class MerkleStore(_CachedStore):
         changed_pages: set[int] = set()
         logged_parts: list[memoryview] = []  # ciphertext that goes into the log, in entry order
         logged: list[tuple[int, memoryview]] = []
-        home_writes: list[tuple[int, memoryview]] = []  # (data sector, ciphertext) runs
         home_sectors: list[int] = []
         metadata = self._metadata
         body_length = _RECORD.size + len(metadata) + len(dirty) * _ENTRY.size + HASH_SIZE
@@ -691,74 +703,91 @@ class MerkleStore(_CachedStore):
             self._scratch = memoryview(bytearray(max(len(dirty), self._arena_sectors) * SECTOR_SIZE))
         scratch = self._scratch
         used = 0
-        for first, count in _runs(sorted(dirty)):
-            view = scratch[used:used + count * SECTOR_SIZE]
-            used += count * SECTOR_SIZE
-            for index in range(count):
-                view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
-            encrypt_into(data_start + first, view, view)
-            old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
-            uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
-            if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
-                home = old_leaves[:HASH_SIZE] == _FREE_LEAF
-                digests = [sha256(view[offset:offset + SECTOR_SIZE]).digest()
-                           for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)]
-                leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = b"".join(digests)
-                flag = _HOME_FLAG if home else 0
-                entries.extend([pack((first + index) | flag, digest) for index, digest in enumerate(digests)])
-                if home:
-                    home_sectors.extend(range(first, first + count))
-                    home_writes.append((first, view))
-                else:
-                    logged.extend([(first + index, view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
-                                   for index in range(count)])
-                    logged_parts.append(view)
-                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-                continue
-            run_start = 0
-            run_home = False
-            for index in range(count):
-                sector = first + index
-                piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-                digest = sha256(piece).digest()
-                leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
-                home = leaves[leaf] == _FREE_LEAF
-                leaves[leaf] = digest
-                if home:
-                    entries.append(pack(sector | _HOME_FLAG, digest))
-                    home_sectors.append(sector)
-                else:
-                    entries.append(pack(sector, digest))
-                    logged.append((sector, piece))
-                if index and home != run_home:
-                    part = view[run_start * SECTOR_SIZE:index * SECTOR_SIZE]
-                    if run_home:
-                        home_writes.append((first + run_start, part))
-                    else:
-                        logged_parts.append(part)
-                    run_start = index
-                run_home = home
-            part = view[run_start * SECTOR_SIZE:count * SECTOR_SIZE]
-            if run_home:
-                home_writes.append((first + run_start, part))
+        writes: list[Future[None]] = []
+        writer: ThreadPoolExecutor | None = None
+        if len(dirty) > _CHUNK_SECTORS:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepshim-home")
+            writer = self._writer
+
+        def write_home(sector: int, part: memoryview) -> None:
+            """Home writes go to the worker thread (pwrite releases the GIL), overlapping the
+            encryption and hashing of the next chunk; small commits write inline."""
+            if writer is None:
+                self._segment.write_raw(data_start + sector, part)
             else:
-                logged_parts.append(part)
-            changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-        self._update_levels(changed_pages)
-        if len(logged) != self._dirty_logged:
-            raise AssertionError("dirty sector accounting is off")  # _stage counts them
-        generation = self._generation + 1
-        root = self._tree_root()
-        root_mac = self._state_mac(generation, root, metadata)
-        head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
-                            len(entries), len(home_sectors), header_sectors, len(metadata), root, root_mac)
-        body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
-        header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
-        position = layout.log_start + self._log_position
-        for sector, part in home_writes:
-            self._segment.write_raw(data_start + sector, part)
-        record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
-        self._segment.write_raw(position, record)
+                writes.append(writer.submit(self._segment.write_raw, data_start + sector, part))
+        try:
+            for first, count in _chunks(_runs(sorted(dirty)), _CHUNK_SECTORS):
+                view = scratch[used:used + count * SECTOR_SIZE]
+                used += count * SECTOR_SIZE
+                for index in range(count):
+                    view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
+                encrypt_into(data_start + first, view, view)
+                old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
+                uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
+                if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
+                    home = old_leaves[:HASH_SIZE] == _FREE_LEAF
+                    digests = [sha256(view[offset:offset + SECTOR_SIZE]).digest()
+                               for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)]
+                    leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = b"".join(digests)
+                    flag = _HOME_FLAG if home else 0
+                    entries.extend([pack((first + index) | flag, digest) for index, digest in enumerate(digests)])
+                    if home:
+                        home_sectors.extend(range(first, first + count))
+                        write_home(first, view)
+                    else:
+                        logged.extend([(first + index, view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+                                       for index in range(count)])
+                        logged_parts.append(view)
+                    changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+                    continue
+                run_start = 0
+                run_home = False
+                for index in range(count):
+                    sector = first + index
+                    piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+                    digest = sha256(piece).digest()
+                    leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
+                    home = leaves[leaf] == _FREE_LEAF
+                    leaves[leaf] = digest
+                    if home:
+                        entries.append(pack(sector | _HOME_FLAG, digest))
+                        home_sectors.append(sector)
+                    else:
+                        entries.append(pack(sector, digest))
+                        logged.append((sector, piece))
+                    if index and home != run_home:
+                        part = view[run_start * SECTOR_SIZE:index * SECTOR_SIZE]
+                        if run_home:
+                            write_home(first + run_start, part)
+                        else:
+                            logged_parts.append(part)
+                        run_start = index
+                    run_home = home
+                part = view[run_start * SECTOR_SIZE:count * SECTOR_SIZE]
+                if run_home:
+                    write_home(first + run_start, part)
+                else:
+                    logged_parts.append(part)
+                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+            self._update_levels(changed_pages)
+            if len(logged) != self._dirty_logged:
+                raise AssertionError("dirty sector accounting is off")  # _stage counts them
+            generation = self._generation + 1
+            root = self._tree_root()
+            root_mac = self._state_mac(generation, root, metadata)
+            head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
+                                len(entries), len(home_sectors), header_sectors, len(metadata), root, root_mac)
+            body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
+            header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
+            position = layout.log_start + self._log_position
+            record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
+            self._segment.write_raw(position, record)
+        finally:
+            wait(writes)  # the scratch buffer must outlive every write
+        for future in writes:
+            future.result()  # the first failed home write, if any
         self._segment.sync()  # the durability point
         self._log_position += record_sectors
         pending = self._pending

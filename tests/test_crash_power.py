@@ -131,3 +131,41 @@ def test_power_cut_anywhere_recovers_an_acknowledged_or_in_flight_state(seed: in
             outcomes["last"] += 1
         assert store.check() == []
     assert outcomes["last"] > 0 and outcomes["in_flight"] > 0
+
+
+@pytest.mark.parametrize("fail_at", range(1, 9))
+def test_power_cut_in_a_big_commit_written_home_from_the_worker_thread(fail_at: int) -> None:
+    """A commit of more than one chunk writes its home sectors from a worker thread; a cut at
+    any device call of it (a home write, the record, the sync) and any surviving subset of the
+    unsynced pieces leaves either the whole commit or none of it."""
+    key = os.urandom(64)
+    size = 4 << 20
+    device = FlakyDevice(size, fail_at=10**9)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID)
+    device.sync()
+    rng = random.Random(fail_at)
+    count = 600  # three chunks of fresh sectors
+    data = rng.randbytes(count * SECTOR_SIZE)
+    device.fail_at = device.calls + fail_at
+    try:
+        store.write(5, data)
+        store.commit()
+        acknowledged = True
+    except PowerCut:
+        acknowledged = False
+    home_start = store.layout.data_start * SECTOR_SIZE
+    for attempt in range(4):
+        if attempt < 2:
+            survivor = device.after_cut(random.Random(attempt))
+        else:  # the record (log) survives whole, the home sectors only in part
+            survivor = MemoryBlockDevice(size, initial=device.snapshot())
+            for offset, written in device.unsynced:
+                for piece in range(0, len(written), SECTOR_SIZE):
+                    if offset < home_start or rng.random() < (0.5 if attempt == 2 else 0.98):
+                        survivor.write(offset + piece, written[piece:piece + SECTOR_SIZE])
+        reopened = MerkleStore.open(DataSegment(survivor, 0, size, SectorCipher(key)), key, UUID, writable=True)
+        recovered = reopened.read(5, count)
+        assert recovered in (data, bytes(count * SECTOR_SIZE)), "half a commit is visible"
+        if acknowledged:
+            assert recovered == data
+        assert reopened.check() == []

@@ -34,12 +34,14 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.resources
+import os
 import secrets
 import shutil
 import ssl
+import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +114,16 @@ class Narrator:
 
     @staticmethod
     def _print(text: str) -> None:
+        say(text)
+
+
+def say(text: str) -> None:
+    """Print one line now. If stdout is gone (`keep demo | head`), the rest is discarded and the
+    demo still runs to its end, so the keep stops and the volume is closed properly."""
+    try:
         print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class GuestOutput(NullStream):
@@ -145,9 +156,11 @@ def guest_source() -> bytes:
     return importlib.resources.files("shim").joinpath("guestbook.c").read_bytes()
 
 
-def build_guest(cache_dir: Path | None = None) -> tuple[bytes, Path, bool]:
+def build_guest(cache_dir: Path | None = None,
+                before_compiling: Callable[[], None] | None = None) -> tuple[bytes, Path, bool]:
     """The compiled guestbook (bytes, cached path, whether it was already cached). The cache
-    entry is named by SHA-256 of the source and flags; zig runs only on a miss."""
+    entry is named by SHA-256 of the source and flags; zig runs only on a miss (after
+    `before_compiling` is called, so a person knows why the first run waits)."""
     from shim.cache import default_cache_directory
     from shim.wasm_compile import COMPILE_FLAGS, compile_c_to_wasm
 
@@ -156,6 +169,8 @@ def build_guest(cache_dir: Path | None = None) -> tuple[bytes, Path, bool]:
     cached = (cache_dir or default_cache_directory()) / "demo" / f"guestbook-{digest}.wasm"
     if cached.is_file() and cached.read_bytes().startswith(b"\0asm"):
         return cached.read_bytes(), cached, True
+    if before_compiling is not None:
+        before_compiling()
     with tempfile.TemporaryDirectory(prefix="keep-demo-build-") as scratch:
         source_path = Path(scratch) / "guestbook.c"
         source_path.write_bytes(source)
@@ -299,22 +314,24 @@ async def serve_and_visit(run_config: RunConfig, keep_config: KeepConfig, entrie
                 guest_done.set()
 
             nursery.start_soon(guest)
-            await narrator.wait_for_guest(2.0)
-            narrator.begin("The owner's client (Python ssl, trusting only that certificate) "
-                           "talks to the guest:")
-            with trio.move_on_after(CLIENT_DEADLINE_SECONDS) as deadline:
-                async with trio.open_nursery() as client_nursery:
-                    async def stop_client_if_guest_ends() -> None:
-                        await guest_done.wait()
-                        client_nursery.cancel_scope.cancel()
+            try:
+                await narrator.wait_for_guest(2.0)
+                narrator.begin("The owner's client (Python ssl, trusting only that certificate) "
+                               "talks to the guest:")
+                with trio.move_on_after(CLIENT_DEADLINE_SECONDS) as deadline:
+                    async with trio.open_nursery() as client_nursery:
+                        async def stop_client_if_guest_ends() -> None:
+                            await guest_done.wait()
+                            client_nursery.cancel_scope.cancel()
 
-                    client_nursery.start_soon(stop_client_if_guest_ends)
-                    box["client"] = await outcome.acapture(visit_guestbook, port, certificate,
-                                                           entries, narrator)
-                    client_nursery.cancel_scope.cancel()
-            narrator.begin("Stopping the keep: its sockets close, the guest's accept() fails "
-                           "(ECANCELED)")
-            network.stop()
+                        client_nursery.start_soon(stop_client_if_guest_ends)
+                        box["client"] = await outcome.acapture(visit_guestbook, port, certificate,
+                                                               entries, narrator)
+                        client_nursery.cancel_scope.cancel()
+                narrator.begin("Stopping the keep: its sockets close, the guest's accept() fails "
+                               "(ECANCELED)")
+            finally:  # whatever happened above: a guest blocked in accept() must be woken
+                network.stop()
             with trio.move_on_after(STOP_DEADLINE_SECONDS):
                 await guest_done.wait()
             if not guest_done.is_set():
@@ -360,22 +377,22 @@ def demo_command(args: argparse.Namespace) -> int:
         if remove:
             shutil.rmtree(workdir, ignore_errors=True)
     if not remove:
-        print(f"\nfiles kept in {workdir} (the passphrase is gone: the image can no longer be opened)")
+        say(f"\nfiles kept in {workdir} (the passphrase is gone: the image can no longer be opened)")
     return 0
 
 
 def run_demo(workdir: Path, entries: Sequence[str] = ENTRIES) -> None:
     """Every step of the demo, narrated on stdout; raises DemoError at the first failure."""
     narrator = Narrator()
-    print("keep demo: a WASI guestbook keeps its entries on an encrypted volume and serves them "
-          "over TLS\nthat terminates inside the keep (nil backend: the keep is this process).",
-          flush=True)
-    print(f"work directory (the host's view): {workdir}", flush=True)
+    say("keep demo: a WASI guestbook keeps its entries on an encrypted volume and serves them "
+        "over TLS\nthat terminates inside the keep (nil backend: the keep is this process).")
+    say(f"work directory (the host's view): {workdir}")
     tag = "kd-" + secrets.token_hex(6)  # makes this run's entries unique on the host
     tagged = [f"{entry} #{tag}" for entry in entries]
 
     narrator.begin("The guest: shim/guestbook.c, plain C compiled to wasm32-wasi with zig")
-    wasm, cached_path, was_cached = build_guest()
+    wasm, cached_path, was_cached = build_guest(before_compiling=lambda: narrator.detail(
+        "compiling (the first time on a machine, zig also builds its wasi-libc: about a minute)"))
     narrator.detail(f"{len(wasm):,} bytes, {'from the cache' if was_cached else 'compiled now'}: "
                     f"{cached_path}")
 
@@ -456,8 +473,8 @@ def run_demo(workdir: Path, entries: Sequence[str] = ENTRIES) -> None:
                     f"the {wire.byte_count:,} bytes that crossed the host's network")
     if found_any:
         raise DemoError("plaintext found on the host (see above)")
-    print(f"\ndone: {len(tagged)} entries went in over TLS, persisted on the encrypted volume, "
-          "and the host saw none of them in plaintext.", flush=True)
+    say(f"\ndone: {len(tagged)} entries went in over TLS, persisted on the encrypted volume, "
+        "and the host saw none of them in plaintext.")
 
 
 def read_back(image: Path, passphrase: bytes, generation: int) -> bytes:

@@ -8,16 +8,12 @@ of the source, the flags and the ziglang version.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-FLAGS = ("-target", "wasm32-wasi", "-O2", "-s")
 
 
 def cache_dir() -> Path:
@@ -26,19 +22,16 @@ def cache_dir() -> Path:
 
 
 def build(name: str) -> Path:
-    """The compiled module for bench/NAME.c (built on first use)."""
+    """The compiled module for bench/NAME.c (built on first use, with the project's zig helper)."""
+    from shim.wasm_compile import COMPILE_FLAGS, compile_c_to_wasm, zig_version
+
     source = BENCH / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()
-                            + importlib.metadata.version("ziglang").encode()).hexdigest()[:20]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode()
+                            + zig_version().encode()).hexdigest()[:20]
     output = cache_dir() / f"{name}-{digest}.wasm"
     if output.is_file():
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}")
-    zig_cache = os.environ.get("ZIG_GLOBAL_CACHE_DIR") or str(Path.home() / ".cache" / "keepshim" / "zig")
-    subprocess.run([sys.executable, "-m", "ziglang", "cc", *FLAGS, str(source), "-o", str(partial)],
-                   check=True, env={**os.environ, "ZIG_GLOBAL_CACHE_DIR": zig_cache})
-    partial.replace(output)
+    compile_c_to_wasm(source, output)  # atomic: a partial build never sits under the final name
     return output
 
 

@@ -380,6 +380,16 @@ class _GuestRun:
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
 
 
+def limit_reached(trap_code: wasmtime.TrapCode | None, config: RunConfig) -> str | None:
+    """Which of the run's own limits a trap comes from, in words (None for a guest's own trap),
+    so that `wasm trap: interrupt` is never the only thing a user is told."""
+    if trap_code == wasmtime.TrapCode.INTERRUPT and config.timeout is not None:
+        return f"the guest was stopped: it ran longer than --timeout {config.timeout:g} s"
+    if trap_code == wasmtime.TrapCode.OUT_OF_FUEL and config.fuel is not None:
+        return f"the guest was stopped: it used up its --fuel {config.fuel}"
+    return None
+
+
 def host_functions(config: RunConfig) -> Mapping[str, HostFunction]:
     """The preview1 table to bind: the plain `FUNCTIONS` unless the run injects faults or is
     traced (so an untraced run pays nothing); faults inside, so the trace shows what the guest
@@ -469,6 +479,9 @@ def run_command(args: argparse.Namespace) -> int:
             result = ended
     if result.trap is not None:
         print(f"keep: {config.module}: {result.trap}", file=sys.stderr)
+        limit = limit_reached(result.trap_code, config)
+        if limit is not None:
+            print(f"keep: {limit}", file=sys.stderr)
     for value in result.results:
         print(value)
     if args.audit_host is not None:

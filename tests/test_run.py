@@ -193,11 +193,25 @@ def test_timeout_stops_an_endless_loop(fixtures: FixtureBuilder) -> None:
     assert captured.result.trap_code == wasmtime.TrapCode.INTERRUPT
 
 
+def test_a_timeout_says_which_limit_stopped_the_guest(fixtures: FixtureBuilder) -> None:
+    completed = keep("run", "--timeout", "0.5", str(fixtures.build("endless_loop")))
+    assert completed.returncode == TRAP
+    assert "keep: the guest was stopped: it ran longer than --timeout 0.5 s" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_fuel_stops_an_endless_loop(fixtures: FixtureBuilder) -> None:
     completed = keep("run", "--fuel", "2000000", str(fixtures.build("endless_loop")))
     assert completed.returncode == TRAP
-    assert "fuel" in completed.stderr
+    assert "keep: the guest was stopped: it used up its --fuel 2000000" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_guest_trap_is_not_blamed_on_a_limit(fixtures: FixtureBuilder) -> None:
+    completed = keep("run", "--timeout", "60", str(fixtures.build("exit_code")), "trap")
+    assert completed.returncode == TRAP
+    assert "unreachable" in completed.stderr
+    assert "the guest was stopped" not in completed.stderr
 
 
 def test_enough_fuel_lets_a_program_finish(fixtures: FixtureBuilder) -> None:

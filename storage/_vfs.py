@@ -89,8 +89,8 @@ class RegionFile:
             buffer = bytearray((last - first + 1) * SECTOR_SIZE)
             if head:
                 buffer[:SECTOR_SIZE] = self._existing_sector(first)
-            if end % SECTOR_SIZE and (last != first or not head):
-                buffer[-SECTOR_SIZE:] = self._existing_sector(last)
+            if end % SECTOR_SIZE and (last != first or not head) and end < self.size:
+                buffer[-SECTOR_SIZE:] = self._existing_sector(last)  # else: past the end, zeros
             buffer[head:head + length] = data
             self._store.write(self._first + first, buffer)
 

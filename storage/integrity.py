@@ -710,9 +710,12 @@ class MerkleStore(_CachedStore):
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepshim-home")
             writer = self._writer
 
+        tails: list[int] = []  # the last sector of each home run: kept in the clean cache
+
         def write_home(sector: int, part: memoryview) -> None:
             """Home writes go to the worker thread (pwrite releases the GIL), overlapping the
             encryption and hashing of the next chunk; small commits write inline."""
+            tails.append(sector + len(part) // SECTOR_SIZE - 1)
             if writer is None:
                 self._segment.write_raw(data_start + sector, part)
             else:
@@ -795,6 +798,8 @@ class MerkleStore(_CachedStore):
             pending[sector] = (bytes(piece), bytes(dirty[sector]))
         for sector in home_sectors:
             pending.pop(sector, None)
+        for sector in tails:  # appends (the SQLite WAL) read-modify-write a run's last sector next
+            self._remember_clean(sector, bytes(dirty[sector]))
         self._clear_dirty()
         self._dirty_logged = 0
         self._pages_since_checkpoint.update(changed_pages)

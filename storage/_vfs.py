@@ -33,7 +33,7 @@ from typing import Any
 
 import apsw
 
-from storage.integrity import SECTOR_SIZE, MerkleStore, PlainStore
+from storage.integrity import METADATA_LIMIT, SECTOR_SIZE, MerkleStore, PlainStore
 
 _SIZES = struct.Struct("<4sQQ")
 _SIZES_MAGIC = b"KSF1"
@@ -196,7 +196,11 @@ class RegionVfs(apsw.VFS):
         total = store.sector_count
         db_size, wal_size = 0, 0
         metadata = store.metadata
+        # after the sizes, the filesystem's own bytes (see `set_extra`)
+        self.extra = metadata[_SIZES.size:]
         if metadata:
+            if len(metadata) < _SIZES.size:
+                raise apsw.CorruptError("unknown filesystem metadata")
             magic, db_size, wal_size = _SIZES.unpack_from(metadata)
             if magic != _SIZES_MAGIC:
                 raise apsw.CorruptError("unknown filesystem metadata")
@@ -242,7 +246,21 @@ class RegionVfs(apsw.VFS):
         super().unregister()
 
     def sizes_changed(self) -> None:
-        self.store.metadata = _SIZES.pack(_SIZES_MAGIC, self.db.size, self.wal.size)
+        self.store.metadata = _SIZES.pack(_SIZES_MAGIC, self.db.size, self.wal.size) + self.extra
+
+    @property
+    def extra_limit(self) -> int:
+        """The most bytes `set_extra` accepts (the store's metadata limit less the sizes)."""
+        return METADATA_LIMIT - _SIZES.size
+
+    def set_extra(self, extra: bytes) -> None:
+        """Client bytes carried by every store commit from now on, after the region sizes, and
+        returned as `extra` at the next open: the filesystem keeps inode times there that it has
+        not yet written to SQLite, so an fsync needs no SQLite transaction."""
+        if len(extra) > self.extra_limit:
+            raise ValueError("extra metadata too large")
+        self.extra = bytes(extra)
+        self.sizes_changed()
 
     def xOpen(self, name: Any, flags: list[int]) -> Any:  # APSW accepts any object with the VFSFile methods
         filename = name.filename() if isinstance(name, apsw.URIFilename) else name

@@ -45,9 +45,11 @@ Directory nlink is 2 + the number of subdirectories (the root's ".." is itself).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import stat
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +72,8 @@ XATTR_REPLACE = 2
 _KEY_BITS = 32
 _MAX_INDEX = (1 << _KEY_BITS) - 1
 _DELETE_BATCH = 1024  # blocks freed per transaction when deleting or truncating
+_TIMES_MAGIC = b"KST1"
+_TIME_ENTRY = struct.Struct("<QQQ")  # ino, mtime, ctime: times not yet written to SQLite
 
 T = TypeVar("T")
 
@@ -153,6 +157,21 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _encode_times(times: dict[int, tuple[int, int]]) -> bytes:
+    return _TIMES_MAGIC + b"".join(_TIME_ENTRY.pack(ino, mtime, ctime)
+                                   for ino, (mtime, ctime) in sorted(times.items()))
+
+
+def _decode_times(extra: bytes) -> dict[int, tuple[int, int]]:
+    """The inode times an fsync left in the store's metadata (MAC'd with each commit)."""
+    if not extra:
+        return {}
+    body = extra[len(_TIMES_MAGIC):]
+    if not extra.startswith(_TIMES_MAGIC) or len(body) % _TIME_ENTRY.size:
+        raise FilesystemError(errno.EIO, "unknown filesystem metadata")
+    return {ino: (mtime, ctime) for ino, mtime, ctime in _TIME_ENTRY.iter_unpack(body)}
+
+
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:
     """Sorted numbers as (first, count) runs of consecutive values."""
     runs: list[tuple[int, int]] = []
@@ -198,6 +217,9 @@ class Filesystem:
             raise FilesystemError(errno.ENOSPC, "volume too small for a filesystem")
         self._vfs = RegionVfs(store, self._wal_sectors, self._db_sectors)
         self._open_counts: dict[int, int] = {}
+        # mtime/ctime of in-place overwrites, not yet in SQLite (see `_overwrite`); an fsync
+        # stores them in the store's commit metadata, the next changing transaction in SQLite
+        self._times: dict[int, tuple[int, int]] = {}
         self._closed = False
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE if store.writable \
             else apsw.SQLITE_OPEN_READONLY
@@ -207,6 +229,7 @@ class Filesystem:
             if create:
                 self._format()
             self._check_format()
+            self._times = _decode_times(self._vfs.extra)
             if store.writable:
                 self._reap_orphans()
         except BaseException:
@@ -270,13 +293,31 @@ class Filesystem:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _run(self, work: Callable[[], T]) -> T:
-        """Run `work` as one transaction, translating SQLite failures to errno."""
+    def _run(self, work: Callable[[], T], *, changes: bool = True) -> T:
+        """Run `work` as one transaction, translating SQLite failures to errno. A transaction
+        that `changes` anything first writes the pending inode times (so its own updates win)."""
         if self._closed:
             raise _error(errno.EBADF, "filesystem is closed")
+        with self._translated(), self._store.hold():
+            if changes and self._times and self._store.writable:
+                times = self._times
+
+                def flushed() -> T:
+                    self._db.executemany("UPDATE inodes SET mtime = ?, ctime = ? WHERE ino = ?",
+                                         [(mtime, ctime, ino) for ino, (mtime, ctime) in times.items()])
+                    return work()
+                result = self._transaction(flushed)
+                self._times = {}
+                if self._vfs.extra:
+                    self._vfs.set_extra(b"")  # same hold: no commit sees SQLite and these apart
+                return result
+            return self._transaction(work)
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite and store failures as errno."""
         try:
-            with self._store.hold():
-                return self._transaction(work)
+            yield
         except apsw.FullError:
             raise NoSpace() from None
         except apsw.ReadOnlyError:
@@ -311,7 +352,14 @@ class Filesystem:
                         " WHERE ino = ?", (ino,))
         if row is None:
             raise _error(errno.ENOENT, f"no inode {ino}")
-        return Attr(*row)
+        return self._with_times(Attr(*row))
+
+    def _with_times(self, attr: Attr) -> Attr:
+        """`attr` with the pending in-memory times of its inode, if any."""
+        times = self._times.get(attr.ino)
+        if times is None:
+            return attr
+        return dataclasses.replace(attr, mtime_ns=times[0], ctime_ns=times[1])
 
     def _dir(self, ino: int) -> Attr:
         attr = self._attr(ino)
@@ -469,10 +517,10 @@ class Filesystem:
             if child is None:
                 raise _error(errno.ENOENT)
             return self._attr(child)
-        return self._run(work)
+        return self._run(work, changes=False)
 
     def getattr(self, ino: int) -> Attr:
-        return self._run(lambda: self._attr(ino))
+        return self._run(lambda: self._attr(ino), changes=False)
 
     def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                 atime_ns: int | None = None, mtime_ns: int | None = None,
@@ -572,7 +620,7 @@ class Filesystem:
                 self._attr(ino)
                 raise _error(errno.EINVAL, "not a symbolic link")
             return bytes(row[0])
-        return self._run(work)
+        return self._run(work, changes=False)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         """A new name for an existing non-directory (EPERM for directories)."""
@@ -735,7 +783,7 @@ class Filesystem:
         def first() -> tuple[Attr, Attr]:
             attr = self._dir(ino)
             return attr, self._attr(self._parent_of(ino))
-        attr, parent = self._run(first)
+        attr, parent = self._run(first, changes=False)
         if cookie < 1:
             yield b".", attr, 1
         if cookie < 2:
@@ -747,8 +795,8 @@ class Filesystem:
                     "SELECT d.cookie, d.name, i.ino, i.mode, i.nlink, i.size, i.uid, i.gid, i.atime,"
                     " i.mtime, i.ctime FROM dirents d JOIN inodes i ON i.ino = d.ino"
                     " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT 256", (ino, after))
-                return [(bytes(row[1]), Attr(*row[2:]), int(row[0]) + 2) for row in rows]
-            entries = self._run(batch)
+                return [(bytes(row[1]), self._with_times(Attr(*row[2:])), int(row[0]) + 2) for row in rows]
+            entries = self._run(batch, changes=False)
             if not entries:
                 return
             yield from entries
@@ -763,7 +811,7 @@ class Filesystem:
             free_pages = int(self._one("PRAGMA freelist_count", ())[0])
             inode_room = max(self._db_sectors - page_count + free_pages, 0) * 16
             return StatFs(BLOCK_SIZE, self._data_blocks, free, files + inode_room, inode_room, NAME_MAX)
-        return self._run(work)
+        return self._run(work, changes=False)
 
     # -- open files and data ---------------------------------------------------------------
 
@@ -803,7 +851,7 @@ class Filesystem:
             skip = offset - first * BLOCK_SIZE
             with memoryview(buffer) as view:
                 return bytes(view[skip:skip + end - offset])  # one copy
-        return self._run(work)
+        return self._run(work, changes=False)
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write all of `data` at `offset` (extending the file, with a hole if past the end).
@@ -814,10 +862,58 @@ class Filesystem:
         if offset + len(view) >= BLOCK_SIZE << _KEY_BITS:
             raise _error(errno.EFBIG)
         step = self._transaction_bytes
+        if 0 < len(view) <= step and self._overwrite(ino, offset, view):
+            return len(view)
         for start in range(0, max(len(view), 1), step):
             piece = view[start:start + step]
             self._run(functools.partial(self._write_piece, ino, offset + start, piece))
         return len(view)
+
+    def _overwrite(self, ino: int, offset: int, data: memoryview) -> bool:
+        """The fast path of `write`: inside the file's size and over mapped blocks only, so
+        the block map and size stay as they are and no SQLite transaction is needed. The data
+        blocks go to the store under one hold (atomic like any operation); mtime/ctime wait in
+        memory (`_times`, seen by getattr at once) for the next fsync or changing transaction.
+        Returns False, having changed nothing, when the general path must run."""
+        if self._closed or not self._store.writable:
+            return False
+        end = offset + len(data)
+        with self._translated():
+            row = self._one("SELECT mode, size FROM inodes WHERE ino = ?", (ino,))
+            if row is None or not stat.S_ISREG(row[0]) or end > row[1]:
+                return False
+            first = offset // BLOCK_SIZE
+            last = (end - 1) // BLOCK_SIZE
+            mapping = self._map(ino, first, last)
+            if len(mapping) != last - first + 1:
+                return False
+            with self._store.hold():
+                self._put_blocks(mapping, mapping, first, last, offset, data)
+        now = _now()
+        self._times[ino] = (now, now)
+        return True
+
+    def _put_blocks(self, mapping: dict[int, int], old: dict[int, int], first: int, last: int,
+                    offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at byte `offset` into blocks [first, last], all mapped in `mapping`;
+        partial blocks at either end are merged with their contents under `old` (the mapping
+        before any fresh allocation: fresh blocks read as zeros)."""
+        head = offset - first * BLOCK_SIZE
+        end = offset + len(data)
+        if head == 0 and end % BLOCK_SIZE == 0:
+            contents: bytes | bytearray | memoryview = data  # whole blocks: no read needed
+        else:
+            edges = self._read_blocks({index: phys for index, phys in old.items() if index in (first, last)},
+                                      first, last)
+            buffer = bytearray((last - first + 1) * BLOCK_SIZE)
+            buffer[:BLOCK_SIZE] = edges[:BLOCK_SIZE]
+            buffer[-BLOCK_SIZE:] = edges[-BLOCK_SIZE:]
+            buffer[head:head + len(data)] = data
+            contents = buffer
+        view = memoryview(contents)
+        for index, phys, count in _mapped_runs(mapping, first, last):
+            start = (index - first) * BLOCK_SIZE
+            self._store.write(self._data_first + phys, view[start:start + count * BLOCK_SIZE])
 
     def _write_piece(self, ino: int, offset: int, data: memoryview) -> None:
         """One bounded write, inside a transaction: allocate, write the blocks, then the map
@@ -838,23 +934,9 @@ class Filesystem:
         mapping = self._map(ino, first, last)
         missing = [index for index in range(first, last + 1) if index not in mapping]
         fresh = self._allocate(len(missing))
-        head = offset - first * BLOCK_SIZE
-        if head == 0 and len(data) % BLOCK_SIZE == 0 and not mapping:
-            contents: bytes | bytearray | memoryview = data  # whole new blocks: no read needed
-        else:
-            old = {index: phys for index, phys in mapping.items() if index in (first, last)}
-            edges = self._read_blocks(old, first, last) if (head or end % BLOCK_SIZE) else None
-            buffer = bytearray((last - first + 1) * BLOCK_SIZE)
-            if edges is not None:
-                buffer[:BLOCK_SIZE] = edges[:BLOCK_SIZE]
-                buffer[-BLOCK_SIZE:] = edges[-BLOCK_SIZE:]
-            buffer[head:head + len(data)] = data
-            contents = buffer
+        old = {index: phys for index, phys in mapping.items() if index in (first, last)}
         mapping.update(zip(missing, fresh, strict=True))
-        view = memoryview(contents)
-        for index, phys, count in _mapped_runs(mapping, first, last):
-            start = (index - first) * BLOCK_SIZE
-            self._store.write(self._data_first + phys, view[start:start + count * BLOCK_SIZE])
+        self._put_blocks(mapping, old, first, last, offset, data)
         base = ino << _KEY_BITS
         if missing:
             self._db.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
@@ -863,9 +945,17 @@ class Filesystem:
                          (end, now, now, ino))
 
     def fsync(self, ino: int | None = None) -> VolumeState:
-        """Make every operation so far durable (one integrity commit for all files)."""
+        """Make every operation so far durable (one integrity commit for all files). Pending
+        inode times ride in the commit's metadata when they fit (no SQLite transaction; the next
+        open reads them back), else they are written to SQLite first."""
         if self._closed:
             raise _error(errno.EBADF, "filesystem is closed")
+        if self._times and self._store.writable:
+            encoded = _encode_times(self._times)
+            if len(encoded) <= self._vfs.extra_limit:
+                self._vfs.set_extra(encoded)
+            else:
+                self._run(lambda: None)
         return self._store.commit()
 
     # -- extended attributes ---------------------------------------------------------------
@@ -877,7 +967,7 @@ class Filesystem:
             if row is None:
                 raise _error(errno.ENODATA)
             return bytes(row[0])
-        return self._run(work)
+        return self._run(work, changes=False)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > 255 or b"\0" in name:
@@ -901,7 +991,7 @@ class Filesystem:
             self._attr(ino)
             return [bytes(row[0]) for row in
                     self._db.execute("SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (ino,))]
-        return self._run(work)
+        return self._run(work, changes=False)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         def work() -> None:
@@ -993,6 +1083,9 @@ class Filesystem:
         (their orphans are reaped at the next mount). Does not close the store."""
         if self._closed:
             return
+        if self._times and self._store.writable:
+            with contextlib.suppress(FilesystemError, OSError):  # as a failed checkpoint below
+                self._run(lambda: None)  # the times into SQLite, the store metadata cleared
         self._closed = True
         try:
             if self._store.writable:

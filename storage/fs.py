@@ -879,12 +879,14 @@ class Filesystem:
             return False
         end = offset + len(data)
         with self._translated():
-            row = self._one("SELECT mode, size FROM inodes WHERE ino = ?", (ino,))
-            if row is None or not stat.S_ISREG(row[0]) or end > row[1]:
-                return False
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
-            mapping = self._map(ino, first, last)
+            # the inode and the first block's mapping in one statement
+            row = self._one("SELECT i.mode, i.size, b.phys FROM inodes i LEFT JOIN blocks b ON b.key = ?"
+                            " WHERE i.ino = ?", ((ino << _KEY_BITS) + first, ino))
+            if row is None or not stat.S_ISREG(row[0]) or end > row[1] or row[2] is None:
+                return False
+            mapping = {first: int(row[2])} if first == last else self._map(ino, first, last)
             if len(mapping) != last - first + 1:
                 return False
             with self._store.hold():

@@ -41,7 +41,27 @@ _INSTANCE_NUMBERS = itertools.count(1)
 _BUFFER_LIMIT = 1 << 20  # bytes of contiguous SQLite writes held before they go to the store
 
 
-class RegionFile:
+class _UnsharedFile:
+    """What every file of this VFS answers alike: one process owns the volume (the image lock,
+    `locking_mode=EXCLUSIVE`), so SQLite's file locks are no-ops; no file controls; 4 KiB sectors."""
+
+    def xLock(self, level: int) -> None:
+        pass
+
+    def xUnlock(self, level: int) -> None:
+        pass
+
+    def xCheckReservedLock(self) -> bool:
+        return False
+
+    def xFileControl(self, op: int, pointer: int) -> bool:
+        return False
+
+    def xSectorSize(self) -> int:
+        return SECTOR_SIZE
+
+
+class RegionFile(_UnsharedFile):
     """One SQLite file mapped onto sectors [first, first + capacity/4096) of the store."""
 
     def __init__(self, vfs: RegionVfs, first_sector: int, capacity: int, size: int) -> None:
@@ -121,27 +141,12 @@ class RegionFile:
     def xClose(self) -> None:
         self._vfs.flush()
 
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, pointer: int) -> bool:
-        return False
-
-    def xSectorSize(self) -> int:
-        return SECTOR_SIZE
-
     def xDeviceCharacteristics(self) -> int:
         return int(apsw.SQLITE_IOCAP_SAFE_APPEND | apsw.SQLITE_IOCAP_SEQUENTIAL
                    | apsw.SQLITE_IOCAP_POWERSAFE_OVERWRITE)
 
 
-class MemoryFile:
+class MemoryFile(_UnsharedFile):
     """A file that lives only in memory (the creation-time journal, temporary files)."""
 
     def __init__(self) -> None:
@@ -166,21 +171,6 @@ class MemoryFile:
 
     def xClose(self) -> None:
         pass
-
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, pointer: int) -> bool:
-        return False
-
-    def xSectorSize(self) -> int:
-        return SECTOR_SIZE
 
     def xDeviceCharacteristics(self) -> int:
         return 0

@@ -235,8 +235,9 @@ class Filesystem:
         except BaseException:
             self._shutdown()
             raise
-        # one operation's data must fit a store commit, with room for its SQLite pages
-        self._transaction_bytes = max(BLOCK_SIZE, min(1 << 20, store.batch_limit * BLOCK_SIZE // 2))
+        # one operation's data must fit a store commit, with room for its SQLite pages; whole
+        # blocks, so that the pieces of a large aligned write need no read-modify-write
+        self._transaction_bytes = max(1, min(1 << 20, store.batch_limit * BLOCK_SIZE // 2) // BLOCK_SIZE) * BLOCK_SIZE
 
     # -- set-up ----------------------------------------------------------------------------
 

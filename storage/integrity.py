@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import mmap
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -224,6 +225,17 @@ def _chunks(runs: list[tuple[int, int]], limit: int) -> Iterator[tuple[int, int]
             yield start, min(limit, first + count - start)
 
 
+def _prefaulted(size: int) -> memoryview:
+    """`size` zero bytes of writable memory with every page already mapped: the staging arena
+    and the commit scratch buffer are tens of MiB, and touching fresh pages one fault at a time
+    costs about 2-3 ms per MiB on these VMs (MAP_POPULATE maps them in one system call)."""
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        return memoryview(mmap.mmap(-1, size, flags=flags))
+    except OSError:  # no anonymous mapping here: ordinary memory
+        return memoryview(bytearray(size))
+
+
 def _uuid_field(uuid: str) -> bytes:
     raw = uuid.encode()
     if len(raw) > _UUID_FIELD:
@@ -376,7 +388,7 @@ class _CachedStore:
         if self._arena_used + count > self._arena_sectors:
             return memoryview(bytes(view))
         if self._arena is None:
-            self._arena = memoryview(bytearray(self._arena_sectors * SECTOR_SIZE))
+            self._arena = _prefaulted(self._arena_sectors * SECTOR_SIZE)
         start = self._arena_used * SECTOR_SIZE
         staged = self._arena[start:start + count * SECTOR_SIZE]
         staged[:] = view
@@ -703,7 +715,7 @@ class MerkleStore(_CachedStore):
             raise StorageError("commit larger than the redo log")  # prevented by the cache limits
         if self._scratch.nbytes < len(dirty) * SECTOR_SIZE:
             self._scratch.release()
-            self._scratch = memoryview(bytearray(max(len(dirty), self._arena_sectors) * SECTOR_SIZE))
+            self._scratch = _prefaulted(max(len(dirty), self._arena_sectors) * SECTOR_SIZE)
         scratch = self._scratch
         used = 0
         writes: list[Future[None]] = []

@@ -296,11 +296,17 @@ class Filesystem:
 
     def _run(self, work: Callable[[], T], *, changes: bool = True) -> T:
         """Run `work` as one transaction, translating SQLite failures to errno. A transaction
-        that `changes` anything first writes the pending inode times (so its own updates win)."""
+        that `changes` anything first writes the pending inode times (so its own updates win).
+        Read-only work runs its statements without BEGIN/COMMIT or a store hold: the database has
+        this one connection, whose statements all see the same state whether or not they share
+        a transaction (a lookup then costs two statements instead of four)."""
         if self._closed:
             raise _error(errno.EBADF, "filesystem is closed")
+        if not changes:
+            with self._translated():
+                return work()
         with self._translated(), self._store.hold():
-            if changes and self._times and self._store.writable:
+            if self._times and self._store.writable:
                 times = self._times
 
                 def flushed() -> T:

@@ -175,9 +175,15 @@ def _opened(args: argparse.Namespace, *, writable: bool) -> Iterator[Volume]:
 class _Progress:
     """A progress bar on stderr for work that takes over a second (only on a terminal).
 
-    With `total` it shows a fraction; without, a bar that moves while the work runs."""
+    With `total` it shows a fraction; without, a bar that moves while the work runs. The delay
+    before it appears is `$KEEPSHIM_PROGRESS_DELAY` seconds (default 1), so a test can see the bar
+    without depending on how long the work takes."""
 
     def __init__(self, label: str, total: int | None = None) -> None:
+        try:
+            self._delay = max(0.0, float(os.environ.get("KEEPSHIM_PROGRESS_DELAY", "1")))
+        except ValueError:
+            self._delay = 1.0
         self._label = label
         self._total = total
         self._done = 0
@@ -202,7 +208,7 @@ class _Progress:
         return f"\r{self._label} [{bar}] {elapsed:5.1f}s"
 
     def _run(self) -> None:
-        if self._stop.wait(1.0):
+        if self._stop.wait(self._delay):
             return
         self._shown = True
         while not self._stop.wait(0.1):

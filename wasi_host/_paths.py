@@ -117,6 +117,15 @@ def resolve(start: Directory, path: str, *, follow: bool) -> Resolved:
             last = not pending
             if last and not (follow or trailing_slash):
                 return Resolved(current, name, trailing_slash, stack[1:])
+            if not last:
+                # The common case, a plain directory, costs one lookup: open_directory refuses
+                # symlinks and non-directories itself. Anything else is sorted out below, by the
+                # same lstat-based steps (so errors are exactly what they would have been).
+                try:
+                    stack.append(current.open_directory(name))
+                    continue
+                except OSError:
+                    pass
             try:
                 status = current.stat_at(name)
             except OSError as exc:

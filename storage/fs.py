@@ -74,6 +74,8 @@ _MAX_INDEX = (1 << _KEY_BITS) - 1
 _DELETE_BATCH = 1024  # blocks freed per transaction when deleting or truncating
 _TIMES_MAGIC = b"KST1"
 _TIME_ENTRY = struct.Struct("<QQQ")  # ino, mtime, ctime: times not yet written to SQLite
+_MAP_WINDOW = 512  # block-map entries `_overwrite` loads at once (2 MiB of a file)
+_MAP_CACHE_LIMIT = 1 << 16  # block-map entries it keeps at most
 
 T = TypeVar("T")
 
@@ -203,6 +205,37 @@ def _mapped_runs(mapping: dict[int, int], first: int, last: int) -> list[tuple[i
     return runs
 
 
+class _MapCache:
+    """What `Filesystem._overwrite` needs from SQLite, remembered between calls: inode ->
+    (mode, size), block key -> physical block, and which `_MAP_WINDOW`-aligned windows of block
+    keys are loaded completely (a key missing there is a hole). Every INSERT, UPDATE or DELETE
+    on the connection, committed or rolled back, advances apsw's `total_changes()`; the cache
+    is emptied whenever that count differs from the one it was filled under, so it never
+    answers from state that has changed since."""
+
+    def __init__(self) -> None:
+        self.inodes: dict[int, tuple[int, int]] = {}
+        self.blocks: dict[int, int] = {}
+        self.windows: set[int] = set()
+        self.changes = -1
+
+    def validate(self, changes: int) -> None:
+        """Forget everything unless the connection's change count is still `self.changes`."""
+        if changes != self.changes:
+            self.inodes.clear()
+            self.blocks.clear()
+            self.windows.clear()
+            self.changes = changes
+
+    def add_window(self, window: int, rows: list[Any]) -> None:
+        """The (key, phys) rows of the window of block keys starting at `window`."""
+        if len(self.blocks) + len(rows) > _MAP_CACHE_LIMIT:
+            self.blocks.clear()
+            self.windows.clear()
+        self.blocks.update((int(key), int(phys)) for key, phys in rows)
+        self.windows.add(window)
+
+
 class Filesystem:
     """The inode-level filesystem on a protected store. Not thread-safe: callers serialise."""
 
@@ -220,6 +253,8 @@ class Filesystem:
         # mtime/ctime of in-place overwrites, not yet in SQLite (see `_overwrite`); an fsync
         # stores them in the store's commit metadata, the next changing transaction in SQLite
         self._times: dict[int, tuple[int, int]] = {}
+        # `_overwrite`'s copy of committed SQLite state, valid while total_changes() is unchanged
+        self._map_cache = _MapCache()
         self._closed = False
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE if store.writable \
             else apsw.SQLITE_OPEN_READONLY
@@ -881,22 +916,44 @@ class Filesystem:
         the block map and size stay as they are and no SQLite transaction is needed. The data
         blocks go to the store under one hold (atomic like any operation); mtime/ctime wait in
         memory (`_times`, seen by getattr at once) for the next fsync or changing transaction.
-        Returns False, having changed nothing, when the general path must run."""
+        The file's mode, size and block map come from `_map_cache` (no SQL while nothing
+        changed). Returns False, having changed nothing, when the general path must run."""
         if self._closed or not self._store.writable:
             return False
         end = offset + len(data)
-        with self._translated():
-            first = offset // BLOCK_SIZE
-            last = (end - 1) // BLOCK_SIZE
-            # the inode and the first block's mapping in one statement
-            row = self._one("SELECT i.mode, i.size, b.phys FROM inodes i LEFT JOIN blocks b ON b.key = ?"
-                            " WHERE i.ino = ?", ((ino << _KEY_BITS) + first, ino))
-            if row is None or not stat.S_ISREG(row[0]) or end > row[1] or row[2] is None:
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        cache = self._map_cache
+        cache.validate(self._db.total_changes())
+        inode = cache.inodes.get(ino)
+        if inode is None:
+            with self._translated():
+                row = self._one("SELECT mode, size FROM inodes WHERE ino = ?", (ino,))
+            if row is None:
                 return False
-            mapping = {first: int(row[2])} if first == last else self._map(ino, first, last)
-            if len(mapping) != last - first + 1:
-                return False
-            with self._store.hold():
+            inode = cache.inodes[ino] = (int(row[0]), int(row[1]))
+        if not stat.S_ISREG(inode[0]) or end > inode[1]:
+            return False
+        base = ino << _KEY_BITS
+        mapping: dict[int, int] = {}
+        for index in range(first, last + 1):
+            phys = cache.blocks.get(base + index)
+            if phys is None:
+                window = base + (index // _MAP_WINDOW) * _MAP_WINDOW
+                if window in cache.windows:
+                    return False  # a hole: allocation needs the general path
+                with self._translated():
+                    rows = self._all("SELECT key, phys FROM blocks WHERE key BETWEEN ? AND ?",
+                                     (window, window + _MAP_WINDOW - 1))
+                cache.add_window(window, rows)
+                phys = cache.blocks.get(base + index)
+                if phys is None:
+                    return False
+            mapping[index] = phys
+        if first == last and len(data) == BLOCK_SIZE:  # one whole block: one store write, atomic
+            self._store.write(self._data_first + mapping[first], data)
+        else:
+            with self._translated(), self._store.hold():
                 self._put_blocks(mapping, mapping, first, last, offset, data)
         now = _now()
         self._times[ino] = (now, now)

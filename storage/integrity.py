@@ -94,6 +94,8 @@ _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
 _FREE_LEAF = bytes(HASH_SIZE)  # the leaf of a sector without committed content
 _CHUNK_SECTORS = 256  # a commit encrypts, hashes and writes home 1 MiB at a time
+_SMALL_RECORD_SECTORS = 4  # commits of at most this many logged sectors take `_append_small_record`
+_GENERATION = struct.Struct("<Q")
 
 INTEGRITY_MODES = ("merkle", "none")
 
@@ -202,6 +204,13 @@ class DataSegment:
     def sync(self) -> None:
         self.device.sync()
 
+    def write_durable(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Write raw sectors and make them (and every earlier write) durable in one step."""
+        self.device.write_durable(self.offset + first * SECTOR_SIZE, data)
+
+    def prepare_durable(self, first: int, count: int) -> None:
+        """Sectors that `write_durable` will rewrite often (the redo log): see BlockDevice."""
+        self.device.prepare_durable(self.offset + first * SECTOR_SIZE, count * SECTOR_SIZE)
 
 def _runs(sectors: Iterable[int]) -> list[tuple[int, int]]:
     """Group sorted sector numbers into (first, count) runs of consecutive sectors."""
@@ -470,6 +479,10 @@ class MerkleStore(_CachedStore):
         self._arena_sectors = self._memory_limit + self._dirty_limit  # room for a held batch
         self._scratch = memoryview(bytearray(0))  # warm buffer for a commit's ciphertext
         self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
+        # `_append_small_record`: the record is assembled here; constant parts of the state MAC
+        self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE))
+        self._state_prefix = b"keepshim/state/v1" + self._uuid_field
+        self._layout_packed = layout.packed()
 
     def _stage(self, first: int, view: memoryview, count: int) -> None:
         clean_pop = self._clean.pop
@@ -512,6 +525,7 @@ class MerkleStore(_CachedStore):
             count = min(batch, layout.page_sectors - first)
             segment.write_plain(layout.page_start + first,
                                 bytes(store._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
+        segment.prepare_durable(layout.log_start, layout.log_sectors)
         segment.sync()
         store._write_superblock()
         return store
@@ -529,6 +543,8 @@ class MerkleStore(_CachedStore):
             raise RollbackError(
                 f"volume is at generation {store._generation}, older than the pinned "
                 f"generation {expected_generation}: refusing a rolled-back image")
+        if writable:
+            segment.prepare_durable(layout.log_start, layout.log_sectors)
         if writable and store._generation != store._superblock_generation:
             store._checkpoint()
         return store
@@ -551,7 +567,8 @@ class MerkleStore(_CachedStore):
         self._run_commit_hooks()
         if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
             return self.state()
-        self._append_record()
+        if not self._append_small_record():
+            self._append_record()
         if (self._log_position > self._layout.log_sectors // 2
                 or len(self._pending) >= self._dirty_limit * 2):
             self._checkpoint()
@@ -642,12 +659,12 @@ class MerkleStore(_CachedStore):
             dirty = {page // HASHES_PER_PAGE for page in dirty}
 
     def _state_mac(self, generation: int, root: bytes, metadata: bytes) -> bytes:
-        message = (b"keepshim/state/v1" + self._uuid_field + struct.pack("<Q", generation)
-                   + self._layout.packed() + hashlib.sha256(metadata).digest() + root)
-        return hmac.new(self._key, message, "sha256").digest()
+        message = (self._state_prefix + _GENERATION.pack(generation) + self._layout_packed
+                   + hashlib.sha256(metadata).digest() + root)
+        return hmac.digest(self._key, message, "sha256")  # one-shot: no HMAC object
 
-    def _mac(self, label: bytes, body: bytes) -> bytes:
-        return hmac.new(self._key, label + body, "sha256").digest()
+    def _mac(self, label: bytes, body: bytes | memoryview) -> bytes:
+        return hmac.digest(self._key, label + body, "sha256")
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -688,6 +705,74 @@ class MerkleStore(_CachedStore):
 
     def _pressure_commit(self) -> None:
         self.commit()
+
+    def _append_small_record(self) -> bool:
+        """`_append_record` for the common durable small write (a 4 KiB overwrite and fsync):
+        at most _SMALL_RECORD_SECTORS dirty sectors, all logged (none free), header in one
+        sector. Same record, same durability point, with none of the general path's
+        machinery: each sector is encrypted straight into the record buffer behind the header,
+        only the tree pages on the sectors' paths are rehashed, and the record goes to the disk
+        with one `write_durable` (a direct write where the device allows it). Returns False,
+        having changed nothing, when the general path must run."""
+        dirty = self._dirty
+        count = len(dirty)
+        metadata = self._metadata
+        entries_at = _RECORD.size + len(metadata)
+        mac_at = SECTOR_SIZE - HASH_SIZE
+        if (count > _SMALL_RECORD_SECTORS or self._dirty_logged != count
+                or entries_at + count * _ENTRY.size > mac_at
+                or self._log_position + 1 + count > self._layout.log_sectors):
+            return False
+        data_start = self._layout.data_start
+        encrypt_into = self._segment.cipher.encrypt_into
+        sha256 = hashlib.sha256
+        pack_entry = _ENTRY.pack_into
+        leaves = self._leaves
+        record = self._record_buffer
+        sectors = sorted(dirty) if count > 1 else list(dirty)
+        entry = entries_at
+        for index, sector in enumerate(sectors, 1):
+            piece = record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+            encrypt_into(data_start + sector, dirty[sector], piece)
+            digest = sha256(piece).digest()
+            leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
+            pack_entry(record, entry, sector, digest)
+            entry += _ENTRY.size
+        pages = {sector // HASHES_PER_PAGE for sector in sectors}
+        self._update_paths(pages)
+        generation = self._generation + 1
+        root = self._tree_root()
+        root_mac = self._state_mac(generation, root, metadata)
+        _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
+                          self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), root, root_mac)
+        record[_RECORD.size:entries_at] = metadata
+        record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
+        record[mac_at:SECTOR_SIZE] = self._mac(b"keepshim/log/v1", record[:mac_at])
+        position = self._layout.log_start + self._log_position
+        header = record[:SECTOR_SIZE]
+        encrypt_into(position, header, header)
+        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
+        self._log_position += 1 + count
+        pending = self._pending
+        for index, sector in enumerate(sectors, 1):
+            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
+        self._committed(generation, root_mac, metadata, pages)
+        return True
+
+    def _update_paths(self, pages: set[int]) -> None:
+        """`_update_levels` for a few level-0 pages: one page per level and path."""
+        sha256 = hashlib.sha256
+        levels = self._levels
+        for depth in range(1, len(levels)):
+            below = levels[depth - 1]
+            level = levels[depth]
+            for page in pages:
+                chunk = below[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE]
+                if len(chunk) < SECTOR_SIZE:
+                    chunk = chunk.ljust(SECTOR_SIZE, b"\0")
+                level[page * HASH_SIZE:(page + 1) * HASH_SIZE] = sha256(chunk).digest()
+            pages = {page // HASHES_PER_PAGE for page in pages}
+
 
     def _append_record(self) -> None:
         """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free
@@ -816,9 +901,15 @@ class MerkleStore(_CachedStore):
             pending.pop(sector, None)
         for sector in tails:  # appends (the SQLite WAL) read-modify-write a run's last sector next
             self._remember_clean(sector, bytes(dirty[sector]))
+        self._committed(generation, root_mac, metadata, changed_pages)
+
+    def _committed(self, generation: int, root_mac: bytes, metadata: bytes, pages: Iterable[int]) -> None:
+        """The in-memory side of a commit whose record is durable: the dirty sectors are gone
+        (logged or home), the leaf pages they changed await the next checkpoint, and the new
+        generation is the current state."""
         self._clear_dirty()
         self._dirty_logged = 0
-        self._pages_since_checkpoint.update(changed_pages)
+        self._pages_since_checkpoint.update(pages)
         self._generation = generation
         self._root_mac = root_mac
         self._committed_metadata = metadata

@@ -16,6 +16,7 @@ ceiling for any design that syncs once per operation, and the line says so.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import re
@@ -125,6 +126,28 @@ class PlainWorkloads:
         finally:
             os.close(fd)
 
+    def direct_record_writes(self, ops: int) -> float | None:
+        """ops/s of durable 8 KiB writes (a small commit's log record: header and one sector)
+        with O_DIRECT and RWF_DSYNC over written blocks of the plain file: the floor of any
+        design that makes one such write per operation. None where direct I/O is refused."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except (OSError, AttributeError):
+            return None
+        buffer = mmap.mmap(-1, 2 * BLOCK)  # page-aligned, as O_DIRECT wants
+        buffer.write(os.urandom(2 * BLOCK))
+        ring = max(1, min(self.size // (2 * BLOCK), 2048))
+        try:
+            start = time.perf_counter()
+            for index in range(ops):
+                os.pwritev(fd, [buffer], (index % ring) * 2 * BLOCK, os.RWF_DSYNC)
+            return ops / (time.perf_counter() - start)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+            buffer.close()
+
     def small_files(self, count: int) -> None:
         directory = self.directory / "plain-small"
         directory.mkdir()
@@ -182,6 +205,10 @@ def run(options: argparse.Namespace, integrity: Literal["merkle", "none"], ceili
             random_plain = timed(lambda: plain.random_overwrites(ops, span))
             row("durable random 4 KiB overwrites", ops / random_ours, ops / random_plain, "ops/s",
                 integrity=integrity, note="(plain = this disk's fdatasync ceiling)")
+            floor = plain.direct_record_writes(ops)
+            if floor is not None:
+                print(f"  {'  8 KiB O_DIRECT+RWF_DSYNC':<32} {floor:>9.1f} ops/s  (one log record per op:"
+                      f" the direct-write floor; ours {ops / random_ours / floor:5.2f} of it)")
             files = options.files
             small_ours = timed(lambda: ours.small_files(files))
             small_plain = timed(lambda: plain.small_files(files))

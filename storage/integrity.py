@@ -29,10 +29,11 @@ with ``K = HKDF-SHA256(volume key, salt=uuid, info="keepshim/integrity/v1")``.
 Free sectors: a leaf of 32 zero bytes (no SHA-256 output, in practice) marks a data sector with
 no committed content; it reads as zeros, whatever its ciphertext. A fresh volume is all free.
 
-Commit protocol (one fdatasync per commit): dirty sectors live in memory until a commit encrypts
-them for their home sector, hashes the ciphertext, updates the tree, and appends ONE log record
-(header with the generation, the previous root MAC, the (sector, leaf hash) list and a MAC over
-the whole header; then the sectors' ciphertext verbatim) with a single write and fdatasync: that
+Commit protocol (one durable write per commit): dirty sectors live in memory until a commit
+encrypts them for their home sector, hashes the ciphertext, updates the tree, and appends ONE log
+record (header with the generation, the previous root MAC, the (sector, leaf hash) list and a MAC
+over the whole header; then the sectors' ciphertext verbatim) with a single write and fdatasync,
+or, for a commit of a few logged sectors, one direct write (`BlockDevice.write_durable`): that
 is the durability point. A sector that is free in the last commit has nothing to protect, so its
 ciphertext goes straight home instead of into the log (half the bytes written for new data): its
 entry is flagged "home" and carries only the hash. Until the record is valid the leaf still says
@@ -42,8 +43,8 @@ one was written, so their home sectors are durable; a later checkpoint may have 
 them with newer logged contents, which is why only the last record's are checked). Leaf pages are not logged: they change on disk only at checkpoints, so
 the pages as of the superblock (or newer, or torn by an interrupted checkpoint: XTS keeps each
 16-byte block independent, so a torn page mixes old and new hashes only where entries changed
-them) plus every logged entry since give the exact leaves. A checkpoint (log half full, cache large, close)
-copies the logged sectors and leaf pages home, syncs, writes the alternate superblock (generation,
+them) plus every logged entry since give the exact leaves. A checkpoint (log 3/4 full, many
+sectors pending, close) copies the logged sectors and leaf pages home, syncs, writes the alternate superblock (generation,
 root MAC, log start) and syncs. Recovery: the newest valid superblock, then every valid record
 after its log start in order (MAC, generation and previous-MAC chain checked; stop at the first
 invalid one, which is a torn, never-acknowledged write), then the rebuilt tree must match the
@@ -489,6 +490,12 @@ class MerkleStore(_CachedStore):
         dirty = self._dirty
         leaves = self._leaves
         staged = self._copy_in(view, count)
+        if count == 1:  # the common small write, without the set arithmetic below
+            if first not in dirty and leaves[first * HASH_SIZE:(first + 1) * HASH_SIZE] != _FREE_LEAF:
+                self._dirty_logged += 1  # committed content: it will be logged
+            clean_pop(first, None)
+            dirty[first] = staged
+            return
         sectors = range(first, first + count)
         old = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
         if old == _FREE_LEAF * count:
@@ -569,9 +576,9 @@ class MerkleStore(_CachedStore):
             return self.state()
         if not self._append_small_record():
             self._append_record()
-        if (self._log_position > self._layout.log_sectors // 2
-                or len(self._pending) >= self._dirty_limit * 2):
-            self._checkpoint()
+        if (self._log_position > self._layout.log_sectors * 3 // 4
+                or len(self._pending) >= self._layout.log_sectors // 2):
+            self._checkpoint()  # (a bigger record that does not fit checkpoints first, in _append_record)
         return self.state()
 
     def close(self) -> None:
@@ -939,8 +946,8 @@ class MerkleStore(_CachedStore):
                                 self._root_mac) + metadata
         body = body.ljust(SECTOR_SIZE - HASH_SIZE, b"\0")
         sector = body + self._mac(b"keepshim/superblock/v1", body)  # the whole sector is authenticated
-        self._segment.write_plain(self._superblock_slot, sector)
-        self._segment.sync()
+        slot = self._superblock_slot
+        self._segment.write_durable(slot, self._segment.cipher.encrypt_run(slot, sector))
         self._superblock_generation = self._generation
 
     # -- recovery --------------------------------------------------------------------------

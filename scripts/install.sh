@@ -22,4 +22,7 @@ dpkg -s gocryptfs >/dev/null 2>&1 || apt-get install -y -qq gocryptfs >/dev/null
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[fuse,test,demo]'
+# storage's native sector loops (a small C file, built with zig into the package directory;
+# without them everything works through slower Python loops, but the test suite insists on them)
+.venv/bin/python -m storage.native build >/dev/null || echo "warning: storage.native was not built" >&2
 echo "keepshim installed: $(.venv/bin/keep --version 2>/dev/null || echo 'keep not runnable yet')"

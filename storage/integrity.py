@@ -57,12 +57,13 @@ segment holds one metadata sector and then the data sectors; commits are not ato
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import mmap
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,6 +115,12 @@ class SectorCipherLike(Protocol):
 
     def decrypt_into(self, first_sector: int, data: bytes | bytearray | memoryview,
                      out: bytearray | memoryview) -> None: ...
+
+    def encrypt_hash_into(self, first_sector: int, data: bytes | bytearray | memoryview,
+                          out: bytearray | memoryview, digests: bytearray | memoryview) -> None: ...
+
+    def verify_decrypt_into(self, first_sector: int, data: bytearray | memoryview,
+                            expected: bytes | bytearray | memoryview) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,17 @@ def _chunks(runs: list[tuple[int, int]], limit: int) -> Iterator[tuple[int, int]
             yield start, min(limit, first + count - start)
 
 
+@functools.cache
+def _digests_struct(count: int) -> struct.Struct:
+    """`count` concatenated 32-byte hashes (cached: an immutable parser per run length)."""
+    return struct.Struct("<" + f"{HASH_SIZE}s" * count)
+
+
+def _split_digests(digests: bytes, count: int) -> tuple[bytes, ...]:
+    """The `count` 32-byte hashes of `digests`, split in one C call."""
+    return _digests_struct(count).unpack(digests)
+
+
 def _prefaulted(size: int) -> memoryview:
     """`size` zero bytes of writable memory with every page already mapped: the staging arena
     and the commit scratch buffer are tens of MiB, and touching fresh pages one fault at a time
@@ -324,6 +342,10 @@ class _CachedStore:
             raise ValueError("reads cover whole sectors")
         count = len(view) // SECTOR_SIZE
         self._check_range(first, count)
+        sectors = range(first, first + count)
+        if not any(cache.keys() & sectors for cache in self._caches()):  # O(count), in C
+            self._read_home_into(first, view)  # the streaming case: nothing cached, one run
+            return
         lookup = self._lookup
         missing: list[int] = []
         for index in range(count):
@@ -429,6 +451,10 @@ class _CachedStore:
         if found is None:
             found = self._clean.get(sector)
         return found
+
+    def _caches(self) -> tuple[Mapping[int, object], ...]:
+        """Every in-memory cache `_lookup` consults (a read touching none goes to the disk)."""
+        return self._dirty, self._clean
 
     def _remember_clean(self, sector: int, plain: bytes) -> None:
         if len(self._clean) >= self._clean_limit:
@@ -684,28 +710,24 @@ class MerkleStore(_CachedStore):
             return logged[1]
         return self._clean.get(sector)
 
+    def _caches(self) -> tuple[Mapping[int, object], ...]:
+        return self._dirty, self._pending, self._clean
+
     def _read_home_into(self, first: int, view: memoryview) -> None:
-        """Read, verify (all hashes of the run compared at once) and decrypt in place."""
+        """Read, then verify and decrypt in place: the cipher checks each sector's ciphertext
+        against its leaf and decrypts the matching ones (one native call for the whole run when
+        the native loops are built). A mismatch is an error unless the leaf says free: such a
+        sector reads as zeros."""
         count = len(view) // SECTOR_SIZE
         home = self._layout.data_start + first
         self._segment.readinto_raw(home, view)
-        sha256 = hashlib.sha256
-        digests = b"".join([sha256(view[offset:offset + SECTOR_SIZE]).digest()
-                            for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)])
         leaves = self._leaves
-        free: list[int] = []
-        if digests != leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]:
-            for index in range(count):
-                sector = first + index
-                leaf = leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]
-                if digests[index * HASH_SIZE:(index + 1) * HASH_SIZE] == leaf:
-                    continue
-                if leaf != _FREE_LEAF:
-                    raise IntegrityError(
-                        f"integrity error: data sector {sector} was changed, moved or replayed")
-                free.append(index)
-        self._segment.cipher.decrypt_into(home, view, view)
-        for index in free:
+        for index in self._segment.cipher.verify_decrypt_into(
+                home, view, leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]):
+            sector = first + index
+            if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF:
+                raise IntegrityError(
+                    f"integrity error: data sector {sector} was changed, moved or replayed")
             view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = _ZERO_SECTOR
 
     # -- commit ----------------------------------------------------------------------------
@@ -789,8 +811,7 @@ class MerkleStore(_CachedStore):
         data_start = layout.data_start
         dirty = self._dirty
         leaves = self._leaves
-        encrypt_into = self._segment.cipher.encrypt_into
-        sha256 = hashlib.sha256
+        encrypt_hash_into = self._segment.cipher.encrypt_hash_into
         pack = _ENTRY.pack
         entries: list[bytes] = []
         changed_pages: set[int] = set()
@@ -827,22 +848,24 @@ class MerkleStore(_CachedStore):
                 self._segment.write_raw(data_start + sector, part)
             else:
                 writes.append(writer.submit(self._segment.write_raw, data_start + sector, part))
+        digest_buffer = memoryview(bytearray(_CHUNK_SECTORS * HASH_SIZE))
         try:
             for first, count in _chunks(_runs(sorted(dirty)), _CHUNK_SECTORS):
                 view = scratch[used:used + count * SECTOR_SIZE]
                 used += count * SECTOR_SIZE
                 for index in range(count):
                     view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
-                encrypt_into(data_start + first, view, view)
+                # the ciphertext and its leaf hashes in one pass (one native call per chunk)
+                encrypt_hash_into(data_start + first, view, view, digest_buffer[:count * HASH_SIZE])
+                digests = digest_buffer[:count * HASH_SIZE].tobytes()
                 old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
                 uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
                 if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
                     home = old_leaves[:HASH_SIZE] == _FREE_LEAF
-                    digests = [sha256(view[offset:offset + SECTOR_SIZE]).digest()
-                               for offset in range(0, count * SECTOR_SIZE, SECTOR_SIZE)]
-                    leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = b"".join(digests)
+                    leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
                     flag = _HOME_FLAG if home else 0
-                    entries.extend([pack((first + index) | flag, digest) for index, digest in enumerate(digests)])
+                    entries.extend(map(pack, range(first | flag, (first + count) | flag),
+                                       _split_digests(digests, count)))
                     if home:
                         home_sectors.extend(range(first, first + count))
                         write_home(first, view)
@@ -854,10 +877,9 @@ class MerkleStore(_CachedStore):
                     continue
                 run_start = 0
                 run_home = False
-                for index in range(count):
+                for index, digest in enumerate(_split_digests(digests, count)):
                     sector = first + index
                     piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-                    digest = sha256(piece).digest()
                     leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
                     home = leaves[leaf] == _FREE_LEAF
                     leaves[leaf] = digest

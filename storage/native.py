@@ -1,0 +1,187 @@
+"""The optional native sector loops (storage/_native.c): build, load, call.
+
+Why: storage.xts's libcrypto fast path pays about 2 us of ctypes argument conversion per OpenSSL
+call, two calls per sector, plus a hashlib call per sector in the integrity layer; AES-XTS and
+SHA-256 of a 4 KiB sector cost about 1 us and 3 us. The C file loops over a run of sectors in ONE
+ctypes call (which also releases the GIL for the whole run). It contains no cryptography: it
+calls OpenSSL entry points (EVP_CipherInit_ex / EVP_CipherUpdate / EVP_Digest with a fetched
+SHA-256) whose addresses this module takes from the libcrypto that storage.xts already loaded,
+so the library needs no headers, no libc and no linking.
+
+Build: ``python -m storage.native build`` (scripts/install.sh runs it after ``pip install -e``)
+compiles the source with zig from PyPI (``python -m ziglang cc``, freestanding, ``-z defs`` so any
+undefined symbol fails the build) to ``storage/_native-<digest>.so`` next to this file (ignored by
+git). <digest> covers the C source and the compiler flags, so an edited source is never paired
+with a stale library: it simply is not found until rebuilt.
+
+Use: storage.xts calls `load()`; `None` (no library, ``KEEPSHIM_NATIVE=off``, wrong ABI
+version, missing symbols) means the Python loops of storage.xts are used, with identical
+results. Even a loaded library is used by a SectorCipher only after its start-up self-test with
+the cipher's own key agrees with pyca/cryptography and hashlib (see `SectorCipher._self_test`).
+``python -m storage.native check`` says whether the library is built, loads and passes that test.
+
+The functions here take raw addresses: their callers (storage.xts) check every length and the
+tweak range before calling; see the contract at the top of the C file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from storage.errors import SelfTestFailed
+
+ABI_VERSION = 2  # ks_abi_version() of the C file this module was written for
+DISABLE_ENVIRONMENT_VARIABLE = "KEEPSHIM_NATIVE"  # "off" (or "0") keeps the Python loops
+SOURCE = Path(__file__).with_name("_native.c")
+# Native OS and architecture, baseline CPU (the loops gain nothing from newer instructions and the
+# library must not die of SIGILL on an older machine); freestanding; warnings are errors.
+BUILD_FLAGS = ("-shared", "-fPIC", "-O2", "-mcpu=baseline", "-nostdlib", "-ffreestanding",
+               "-fno-builtin", "-fno-stack-protector", "-fno-sanitize=all", "-Wall", "-Wextra",
+               "-Werror", "-Wl,-z,defs", "-s")
+
+
+def library_path(directory: Path | None = None) -> Path:
+    """Where `build` writes the library for the current source and flags (by default next to
+    this file, where `load` looks)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(BUILD_FLAGS).encode()).hexdigest()
+    return (directory or SOURCE.parent) / f"_native-{digest[:16]}.so"
+
+
+def disabled() -> bool:
+    """Whether the environment asks for the Python loops (read at each SectorCipher's creation,
+    so a test or a benchmark can compare both paths in one process)."""
+    return os.environ.get(DISABLE_ENVIRONMENT_VARIABLE, "").lower() in ("off", "0", "no")
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile the C source with zig into `library_path(directory)` (atomically: written under
+    a temporary name, then renamed) and delete the libraries of earlier sources there. Raises
+    RuntimeError with the compiler's output."""
+    output = library_path(directory)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    cache = os.environ.get("ZIG_GLOBAL_CACHE_DIR") or str(Path.home() / ".cache" / "keepshim" / "zig")
+    command = [sys.executable, "-m", "ziglang", "cc", *BUILD_FLAGS, str(SOURCE), "-o", str(partial)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                env={**os.environ, "ZIG_GLOBAL_CACHE_DIR": cache})
+    except OSError as error:
+        raise RuntimeError(f"cannot run zig: {error.strerror}") from None
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{SOURCE.name} failed to compile (exit {result.returncode}):\n"
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    partial.replace(output)
+    for stale in output.parent.glob("_native-*.so"):  # libraries of earlier sources
+        if stale != output:
+            stale.unlink(missing_ok=True)
+    return output
+
+
+class _OpenSsl(ctypes.Structure):
+    """`struct ks_openssl` of the C file: the OpenSSL entry points the loops call."""
+
+    _fields_ = [("cipher_init", ctypes.c_void_p), ("cipher_update", ctypes.c_void_p),
+                ("digest", ctypes.c_void_p), ("sha256", ctypes.c_void_p)]
+
+
+class NativeLoops:
+    """The loaded library bound to one libcrypto. Stateless and thread-safe (each call gets
+    its own cipher context from the caller); calls run without the GIL."""
+
+    def __init__(self, library: ctypes.CDLL, openssl: _OpenSsl) -> None:
+        self._library = library  # keeps the mapping alive as long as the bound functions
+        self._openssl = openssl
+        self._openssl_pointer = ctypes.byref(openssl)
+        u64, size, pointer = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+        self._crypt = library.ks_xts_crypt
+        self._crypt.restype = ctypes.c_int
+        self._crypt.argtypes = [pointer, pointer, u64, u64, pointer, pointer, size, ctypes.c_int, pointer]
+        self._verify = library.ks_xts_verify_decrypt
+        self._verify.restype = ctypes.c_longlong
+        self._verify.argtypes = [pointer, pointer, u64, u64, pointer, size, ctypes.c_int, pointer, pointer]
+
+    def crypt(self, context: int, first_tweak: int, tweak_step: int, source: int, target: int,
+              count: int, sector_size: int, digests: int | None) -> None:
+        """`count` sectors from address `source` to `target` through `context` (keyed for one
+        direction); with `digests`, the SHA-256 of each output sector there (32 bytes each)."""
+        if self._crypt(self._openssl_pointer, context, first_tweak, tweak_step, source, target,
+                       count, sector_size, digests) != 0:
+            raise SelfTestFailed("libcrypto XTS failed in the native loop")
+
+    def verify_decrypt(self, context: int, first_tweak: int, tweak_step: int, data: int,
+                       count: int, sector_size: int, expected: int, mismatches: int) -> int:
+        """Check each sector's SHA-256 against `expected`; decrypt the matching ones in place
+        and flag the others with a 1 byte in `mismatches` (one byte per sector). Returns how
+        many did not match."""
+        mismatching = int(self._verify(self._openssl_pointer, context, first_tweak, tweak_step,
+                                       data, count, sector_size, expected, mismatches))
+        if mismatching < 0 or mismatching > count:
+            raise SelfTestFailed("libcrypto XTS or SHA-256 failed in the native loop")
+        return mismatching
+
+
+def _function_address(library: ctypes.CDLL, name: str) -> int:
+    address = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    if not address:
+        raise AttributeError(name)
+    return address
+
+
+@functools.cache
+def load(libcrypto: ctypes.CDLL) -> NativeLoops | None:
+    """The native loops bound to `libcrypto`, or None when the library is not built (or is
+    from another ABI version, or libcrypto lacks an entry point). Cached per process: the
+    handles are immutable."""
+    path = library_path()
+    if not path.is_file():
+        return None
+    try:
+        library = ctypes.CDLL(str(path))
+        version = library.ks_abi_version
+        version.restype = ctypes.c_int
+        version.argtypes = []
+        if version() != ABI_VERSION:
+            return None
+        fetch = libcrypto.EVP_MD_fetch
+        fetch.restype = ctypes.c_void_p
+        fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        sha256 = fetch(None, b"SHA256", None)  # lives as long as the process
+        if not sha256:
+            return None
+        openssl = _OpenSsl(_function_address(libcrypto, "EVP_CipherInit_ex"),
+                           _function_address(libcrypto, "EVP_CipherUpdate"),
+                           _function_address(libcrypto, "EVP_Digest"), sha256)
+        return NativeLoops(library, openssl)
+    except (OSError, AttributeError):
+        return None
+
+
+def main(arguments: list[str]) -> int:
+    """``python -m storage.native build|check``."""
+    if arguments == ["build"]:
+        try:
+            print(f"built {build()}")
+        except RuntimeError as error:
+            print(f"storage.native: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if arguments == ["check"]:
+        from storage.xts import SectorCipher  # the self-test lives with the cipher
+
+        path = library_path()
+        native = SectorCipher(os.urandom(64)).native
+        print(f"{path}: {'built' if path.is_file() else 'not built'}; "
+              f"{'loaded and self-tested: in use' if native else 'not in use'}")
+        return 0 if native else 1
+    print("usage: python -m storage.native build|check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

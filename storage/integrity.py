@@ -220,6 +220,7 @@ class DataSegment:
         """Sectors that `write_durable` will rewrite often (the redo log): see BlockDevice."""
         self.device.prepare_durable(self.offset + first * SECTOR_SIZE, count * SECTOR_SIZE)
 
+
 def _runs(sectors: Iterable[int]) -> list[tuple[int, int]]:
     """Group sorted sector numbers into (first, count) runs of consecutive sectors."""
     runs: list[tuple[int, int]] = []
@@ -508,6 +509,7 @@ class MerkleStore(_CachedStore):
         self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
         # `_append_small_record`: the record is assembled here; constant parts of the state MAC
         self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE))
+        self._record_digest = memoryview(bytearray(HASH_SIZE))
         self._state_prefix = b"keepshim/state/v1" + self._uuid_field
         self._layout_packed = layout.packed()
 
@@ -753,17 +755,18 @@ class MerkleStore(_CachedStore):
                 or self._log_position + 1 + count > self._layout.log_sectors):
             return False
         data_start = self._layout.data_start
-        encrypt_into = self._segment.cipher.encrypt_into
-        sha256 = hashlib.sha256
+        cipher = self._segment.cipher
+        encrypt_hash_into = cipher.encrypt_hash_into
         pack_entry = _ENTRY.pack_into
         leaves = self._leaves
         record = self._record_buffer
+        digest_view = self._record_digest
         sectors = sorted(dirty) if count > 1 else list(dirty)
         entry = entries_at
         for index, sector in enumerate(sectors, 1):
             piece = record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-            encrypt_into(data_start + sector, dirty[sector], piece)
-            digest = sha256(piece).digest()
+            encrypt_hash_into(data_start + sector, dirty[sector], piece, digest_view)  # one native call
+            digest = digest_view.tobytes()
             leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
             pack_entry(record, entry, sector, digest)
             entry += _ENTRY.size
@@ -779,7 +782,7 @@ class MerkleStore(_CachedStore):
         record[mac_at:SECTOR_SIZE] = self._mac(b"keepshim/log/v1", record[:mac_at])
         position = self._layout.log_start + self._log_position
         header = record[:SECTOR_SIZE]
-        encrypt_into(position, header, header)
+        cipher.encrypt_into(position, header, header)
         self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
         self._log_position += 1 + count
         pending = self._pending
@@ -801,7 +804,6 @@ class MerkleStore(_CachedStore):
                     chunk = chunk.ljust(SECTOR_SIZE, b"\0")
                 level[page * HASH_SIZE:(page + 1) * HASH_SIZE] = sha256(chunk).digest()
             pages = {page // HASHES_PER_PAGE for page in pages}
-
 
     def _append_record(self) -> None:
         """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free

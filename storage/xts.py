@@ -19,6 +19,9 @@ time) run a whole run of sectors in one ctypes call: ~1 us per sector for XTS pl
 SHA-256 of each ciphertext sector is wanted. Used only when built and after their own self-test
 with the instance's key (against pyca and hashlib) passes; `native=False` or `KEEPSHIM_NATIVE=off`
 keeps the Python loops. `native` says which. Every method gives the same result either way.
+Native runs of 64 sectors or more are cut in two halves done at once, the second on a helper
+thread with its own copies of the keyed contexts (ctypes releases the GIL); on a single CPU, or
+if the copies do not give the originals' ciphertext, everything stays on the calling thread.
 
 `encrypt_hash_into` and `verify_decrypt_into` serve the integrity layer: encryption together
 with each sector's ciphertext hash (its Merkle leaf), and the check of each sector's ciphertext

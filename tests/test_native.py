@@ -181,3 +181,25 @@ def test_a_changed_sector_inside_a_long_run_is_an_error_in_both_loops(use_native
     before = b"".join(contents.get(sector, bytes(SECTOR_SIZE)) for sector in range(first, victim))
     if before:
         assert store.read(first, victim - first) == before
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split needs a second CPU")
+def test_long_runs_are_split_over_the_helper_thread_with_the_same_results() -> None:
+    """128 sectors: each half on its own thread and contexts; mismatches in both halves are
+    found and only they stay ciphertext."""
+    key = os.urandom(64)
+    fast, reference = SectorCipher(key), SectorCipher(key, engine="pyca")
+    plaintext = os.urandom(128 * SECTOR_SIZE)
+    ciphertext = reference.encrypt_run(5, plaintext)
+    buffer, digests = bytearray(plaintext), bytearray(128 * 32)
+    fast.encrypt_hash_into(5, buffer, buffer, digests)
+    assert fast._fast is not None and fast._fast._helper is not None  # the split really ran
+    assert buffer == ciphertext and digests == leaf_hashes(ciphertext)
+    broken = bytearray(digests)
+    for index in (3, 64, 127):
+        broken[index * 32] ^= 1
+    assert fast.verify_decrypt_into(5, buffer, broken) == [3, 64, 127]
+    expected = bytearray(plaintext)
+    for index in (3, 64, 127):
+        expected[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = ciphertext[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+    assert buffer == expected

@@ -106,10 +106,11 @@ class NativeLoops:
         self._verify.restype = ctypes.c_longlong
         self._verify.argtypes = [pointer, pointer, u64, u64, pointer, size, ctypes.c_int, pointer, pointer]
 
-    def crypt(self, context: int, first_tweak: int, tweak_step: int, source: int, target: int,
-              count: int, sector_size: int, digests: int | None) -> None:
-        """`count` sectors from address `source` to `target` through `context` (keyed for one
-        direction); with `digests`, the SHA-256 of each output sector there (32 bytes each)."""
+    def crypt(self, context: int, first_tweak: int, tweak_step: int, source: int | bytes,
+              target: int, count: int, sector_size: int, digests: int | None) -> None:
+        """`count` sectors from `source` (an address, or bytes) to address `target` through
+        `context` (keyed for one direction); with `digests`, the SHA-256 of each output sector
+        there (32 bytes each)."""
         if self._crypt(self._openssl_pointer, context, first_tweak, tweak_step, source, target,
                        count, sector_size, digests) != 0:
             raise SelfTestFailed("libcrypto XTS failed in the native loop")

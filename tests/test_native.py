@@ -78,6 +78,9 @@ def test_native_and_python_loops_agree(key: bytes, first: int, sectors: int, sec
     hashes = leaf_hashes(ciphertext, sector_size)
     for cipher in (fast, loops, reference):
         assert cipher.encrypt_run(first, plaintext) == ciphertext
+        last = (sectors - 1) * sector_size  # the single-sector path, on the run's last sector
+        assert cipher.encrypt(first + sectors - 1, plaintext[last:]) == ciphertext[last:]
+        assert cipher.decrypt(first + sectors - 1, ciphertext[last:]) == plaintext[last:]
         assert cipher.decrypt_run(first, bytearray(ciphertext)) == plaintext
         buffer, digests = bytearray(plaintext), bytearray(len(hashes))
         cipher.encrypt_hash_into(first, buffer, buffer, digests)  # in place

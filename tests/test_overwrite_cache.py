@@ -1,0 +1,120 @@
+"""Filesystem._overwrite's cache of inode sizes and block maps (`_MapCache`).
+
+Overwrites inside a file skip SQLite by remembering each file's mode, size and block map; any
+change to the database must make it forget. These tests fill the cache with overwrites, then
+change what it remembers through every kind of operation that could (truncate, unlink and a new
+file that may reuse the inode number and the blocks, rename over, holes), and check that the
+next overwrites land in the right file and blocks, after a reopen too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from storage.blockdev import MemoryBlockDevice
+from storage.fs import BLOCK_SIZE, ROOT_INODE, Filesystem
+from storage.luks2 import KdfCost
+from storage.volume import Volume, create_volume, open_volume
+
+PASSPHRASE = b"cache"
+COST = KdfCost(iterations=1000)
+
+
+@pytest.fixture
+def volume() -> Iterator[Volume]:
+    device = MemoryBlockDevice(24 << 20)
+    with create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST) as opened:
+        yield opened
+
+
+def _file(fs: Filesystem, name: bytes, blocks: int) -> tuple[int, bytearray]:
+    ino = fs.create(ROOT_INODE, name).ino
+    data = bytearray(os.urandom(blocks * BLOCK_SIZE))
+    fs.write(ino, 0, data)
+    return ino, data
+
+
+def _overwrite_some(fs: Filesystem, ino: int, model: bytearray) -> None:
+    """Whole-block and unaligned overwrites inside the file (the cached path)."""
+    for offset, length in ((0, BLOCK_SIZE), (3 * BLOCK_SIZE, BLOCK_SIZE), (5000, 300), (BLOCK_SIZE - 10, 20)):
+        if offset + length <= len(model):
+            piece = os.urandom(length)
+            fs.write(ino, offset, piece)
+            model[offset:offset + length] = piece
+
+
+def test_truncate_then_overwrites_past_the_new_end_extend_the_file() -> None:
+    device = MemoryBlockDevice(24 << 20)
+    with create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST) as created:
+        ino, model = _file(created.fs, b"a", 8)
+    with open_volume(device, PASSPHRASE) as reopened:  # the cache starts empty: full-size file
+        fs = reopened.fs
+        _overwrite_some(fs, ino, model)
+        fs.setattr(ino, size=2 * BLOCK_SIZE)
+        del model[2 * BLOCK_SIZE:]
+        piece = os.urandom(BLOCK_SIZE)
+        fs.write(ino, 4 * BLOCK_SIZE, piece)  # no longer inside the file: must extend, with a hole
+        model.extend(bytes(2 * BLOCK_SIZE) + piece)
+        assert fs.getattr(ino).size == len(model)
+        assert fs.read(ino, 0, len(model)) == model
+
+
+def test_a_new_file_reusing_inode_and_blocks_gets_its_own_map() -> None:
+    device = MemoryBlockDevice(24 << 20)
+    with create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST) as created:
+        ino, model = _file(created.fs, b"old", 6)
+        other, other_model = _file(created.fs, b"other", 6)
+    with open_volume(device, PASSPHRASE) as reopened:
+        fs = reopened.fs
+        _overwrite_some(fs, ino, model)
+        _overwrite_some(fs, other, other_model)
+        fs.unlink(ROOT_INODE, b"old")
+        new, new_model = _file(fs, b"new", 3)  # may reuse the inode number and the freed blocks
+        _overwrite_some(fs, new, new_model)
+        _overwrite_some(fs, other, other_model)
+        assert fs.getattr(new).size == len(new_model)
+        assert fs.read(new, 0, len(new_model)) == new_model
+        assert fs.read(other, 0, len(other_model)) == other_model
+
+
+def test_rename_over_a_cached_file(volume: Volume) -> None:
+    fs = volume.fs
+    source, source_model = _file(fs, b"source", 4)
+    target, target_model = _file(fs, b"target", 4)
+    _overwrite_some(fs, target, target_model)
+    fs.rename(ROOT_INODE, b"source", ROOT_INODE, b"target")
+    landed = fs.lookup(ROOT_INODE, b"target").ino
+    assert landed == source
+    _overwrite_some(fs, landed, source_model)
+    assert fs.read(landed, 0, len(source_model)) == source_model
+
+
+def test_writes_into_holes_take_the_general_path(volume: Volume) -> None:
+    fs = volume.fs
+    ino = fs.create(ROOT_INODE, b"sparse").ino
+    fs.setattr(ino, size=64 * BLOCK_SIZE)  # all holes
+    free = fs.statfs().blocks_free
+    model = bytearray(64 * BLOCK_SIZE)
+    for index in (0, 7, 8, 63, 7):
+        piece = os.urandom(BLOCK_SIZE)
+        fs.write(ino, index * BLOCK_SIZE, piece)
+        model[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE] = piece
+    assert fs.read(ino, 0, len(model)) == model
+    assert free - fs.statfs().blocks_free == 4  # blocks 0, 7, 8 and 63 were allocated, once each
+
+
+def test_cached_overwrites_are_durable_across_a_reopen() -> None:
+    device = MemoryBlockDevice(24 << 20)
+    with create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST) as opened:
+        fs = opened.fs
+        ino, model = _file(fs, b"f", 16)
+        for _ in range(50):
+            _overwrite_some(fs, ino, model)
+            fs.fsync(ino)
+        mtime = fs.getattr(ino).mtime_ns
+    with open_volume(device, PASSPHRASE) as reopened:
+        assert reopened.fs.read(ino, 0, len(model)) == model
+        assert reopened.fs.getattr(ino).mtime_ns == mtime

@@ -11,6 +11,10 @@ Targets from issue 3 (integrity on): sequential write >= 150 MiB/s, durable rand
 overwrites >= 3,000 ops/s; the target column says met / not met (it is printed, never asserted).
 The plain peer's durable random overwrites are bounded by the disk's fdatasync rate: that is the
 ceiling for any design that syncs once per operation, and the line says so.
+The line under it times 8 KiB O_DIRECT+RWF_DSYNC writes on the same disk, one per operation:
+the floor of the integrity layer's small commits (one direct write of a log record: a header
+sector and the data sector), so ours / floor shows how much the rest (Python, crypto, hashing,
+amortised checkpoints) costs.
 """
 
 from __future__ import annotations

@@ -32,10 +32,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,13 +199,28 @@ async def run_module_async(config: RunConfig) -> RunResult:
             # The worker thread cannot be abandoned (it owns the guest), so a cancelled run waits
             # here until the epoch tick has stopped the guest. Captured, so that a KeepError leaves
             # the nursery as itself rather than inside an ExceptionGroup.
-            captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
+            with _frozen_heap():
+                captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
             finished.set()
             nursery.cancel_scope.cancel()
     finally:
         guest.close()
     result = captured.unwrap()
     return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit)
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keep the objects that exist before the guest starts (modules, the engine, trio) out of
+    the collector's sight while it runs. A guest writing 64 MiB to a volume allocates enough
+    container objects (a view per staged sector) to trigger a full collection, which walked that
+    whole heap: 20 ms of a 0.5 s run, measured with gc.callbacks. Undone afterwards, so nothing
+    stays uncollectable; concurrent runs only make it less effective."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 async def _interrupt_after(engine: wasmtime.Engine, seconds: float) -> None:

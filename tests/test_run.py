@@ -21,6 +21,7 @@ import wasmtime
 from fixture_build import FixtureBuilder
 
 from shim.run import DirectoryMapping, RunConfig, RunResult, Stdio, run_module, run_module_async
+from wasi_host._backend import Buffer
 from wasi_host.streams import MemoryStream
 
 TRAP = 134
@@ -90,6 +91,32 @@ def test_exit_status_is_the_guests(fixtures: FixtureBuilder, mode: str, code: in
 def test_start_returning_is_exit_status_zero(tmp_path: Path) -> None:
     module = wat_file(tmp_path, "returns", '(module (memory (export "memory") 1) (func (export "_start")))')
     assert run(module).result.exit_code == 0
+
+
+def test_the_heap_is_frozen_only_while_the_guest_runs(fixtures: FixtureBuilder) -> None:
+    """The pre-existing heap is hidden from the collector during the run (seen from a host call)
+    and handed back after it, whether the guest exits or traps (else every run would leave
+    objects uncollectable)."""
+    import gc
+
+    class FreezeProbe(MemoryStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen_during_writes: list[int] = []
+
+        def write(self, data: Buffer) -> int:
+            self.frozen_during_writes.append(gc.get_freeze_count())
+            return super().write(data)
+
+    assert gc.get_freeze_count() == 0
+    for mode in ("exit", "trap"):
+        probe = FreezeProbe()
+        config = RunConfig(module=str(fixtures.build("exit_code")), args=(mode, "0"),
+                           stdio=Stdio(MemoryStream(), probe, MemoryStream()))
+        result = run_module(config)
+        assert (result.trap is not None) == (mode == "trap")
+        assert probe.frozen_during_writes and all(count > 0 for count in probe.frozen_during_writes)
+        assert gc.get_freeze_count() == 0
 
 
 def test_cli_exit_status_and_output(fixtures: FixtureBuilder) -> None:

@@ -262,9 +262,13 @@ class VolumeDirectory(_Handle):
 
     __slots__ = ()
 
-    def _lookup(self, name: str) -> Attr:
+    def _lookup(self, name: str, *, open: bool = False) -> Attr:
+        """The attributes of `name` here; with `open`, also counted as an open handle (the
+        caller releases it if it refuses the inode)."""
         fs = self.session.fs
-        return fs.getattr(self.ino) if name == "." else fs.lookup(self.ino, _name(name))
+        if name == ".":
+            return fs.open(self.ino) if open else fs.getattr(self.ino)
+        return fs.lookup(self.ino, _name(name), open=open)
 
     def _same_volume(self, other: object) -> VolumeDirectory:
         if not isinstance(other, VolumeDirectory) or other.session is not self.session:
@@ -277,34 +281,40 @@ class VolumeDirectory(_Handle):
 
     @_storage_call
     def open_directory(self, name: str) -> VolumeDirectory:
-        attr = self._lookup(name)
-        if attr.is_symlink:
-            raise _error(errno.ELOOP)
+        # counted, as a file: a removed directory stays stat-able
+        attr = self._lookup(name, open=True)
         if not attr.is_dir:
-            raise _error(errno.ENOTDIR)
-        self.session.fs.open(attr.ino)  # counted, as a file: a removed directory stays stat-able
+            self.session.fs.release(attr.ino)
+            raise _error(errno.ELOOP if attr.is_symlink else errno.ENOTDIR)
         return VolumeDirectory(self.session, attr.ino)
 
     @_storage_call
     def open_file(self, name: str, *, create: bool, exclusive: bool, truncate: bool, read: bool,
                   write: bool) -> VolumeFile:
         fs = self.session.fs
+        if create and exclusive and name not in (".", ".."):
+            # EEXIST if anything has the name: no lookup first
+            attr = fs.create(self.ino, _name(name), 0o644, open=True)
+            return VolumeFile(self.session, attr.ino, read=read, write=write)
         try:
-            attr = self._lookup(name)
+            attr = self._lookup(name, open=True)
         except FilesystemError as error:
             if error.errno != errno.ENOENT or not create:
                 raise
-            attr = fs.create(self.ino, _name(name), 0o644)
-        else:
+            attr = fs.create(self.ino, _name(name), 0o644, open=True)
+            return VolumeFile(self.session, attr.ino, read=read, write=write)
+        try:
             if create and exclusive:
-                raise _error(errno.EEXIST) from None
+                raise _error(errno.EEXIST)
             if attr.is_symlink:
                 raise _error(errno.ELOOP)
             if attr.is_dir:
                 raise _error(errno.EISDIR)
             if truncate and attr.size:
                 fs.setattr(attr.ino, size=0)
-        fs.open(attr.ino)
+        except BaseException:
+            fs.release(attr.ino)
+            raise
         return VolumeFile(self.session, attr.ino, read=read, write=write)
 
     @_storage_call

@@ -3,21 +3,23 @@
 Theory of operation: the filesystem's SQLite database ("db") and its write-ahead log ("db-wal")
 are byte ranges of the protected sector array (`MerkleStore` / `PlainStore`): the WAL region is a
 fixed fraction of the volume, then the database region (the filesystem keeps file data in the
-rest). Their logical sizes travel in the
-store's client metadata, so each integrity commit records them atomically with the data. Reads and
-writes that do not cover whole sectors are read-modify-write on the store's caches; bytes past a
-file's logical size read back as zeros. Contiguous writes (a transaction's WAL frames) are
-buffered and reach the store as one write; any other file access and every store commit (through
-a commit hook) flush the buffer first, so a commit still holds every write issued before it.
+rest). Their logical sizes travel in the store's client metadata, so each integrity commit records
+them atomically with the data; bytes past a file's logical size read back as zeros.
 
-Durability is not SQLite's business here: the database runs with `synchronous=OFF`, and the
-filesystem calls `store.commit()` when a caller asks for durability. This is safe because a store
-commit is an atomic snapshot of every write issued so far, in order, i.e. exactly the state an
-application crash would leave, which SQLite tolerates in any `synchronous` mode. An `xSync` (if a
-caller turns synchronous back on) is one store commit.
+Writes are cached here, per sector, before they reach the store: SQLite rewrites the same few
+pages (the header's change counter, the last leaf of each table) in every transaction, and a store
+write costs more than the change itself, so each sector reaches the store once per flush. Reads
+see the cache; writes that do not cover whole sectors are read-modify-write through it. Every
+store commit flushes the cache first (a commit hook), under one store hold, so a commit holds
+every write issued before it, and so does the flush at `pending_limit` sectors.
 
-The rollback journal ("db-journal") is only used while the database is created (before WAL mode
-is on); it lives in memory. Temporary files live in memory too.
+Durability and crash atomicity are not SQLite's business here: the database runs with
+`synchronous=OFF` (SQLite never asks for a commit; an `xSync`, if a caller turned it back on,
+would be one store commit), and the filesystem runs each transaction under `store.hold()`, so
+every store commit is a snapshot between transactions. The filesystem keeps SQLite's rollback
+journal in memory (`journal_mode=MEMORY`, for ROLLBACK only), so "db-journal" is not opened;
+should it be, it lives in memory, as temporary files do. The WAL region only holds the log of
+volumes written by older versions (SQLite merges it at the next writable open).
 
 APSW registers a VFS process-wide by name, so each instance takes a unique name and unregisters
 itself on close.
@@ -25,6 +27,7 @@ itself on close.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import struct
@@ -38,7 +41,7 @@ from storage.integrity import METADATA_LIMIT, SECTOR_SIZE, MerkleStore, PlainSto
 _SIZES = struct.Struct("<4sQQ")
 _SIZES_MAGIC = b"KSF1"
 _INSTANCE_NUMBERS = itertools.count(1)
-_BUFFER_LIMIT = 1 << 20  # bytes of contiguous SQLite writes held before they go to the store
+_PENDING_LIMIT = 256  # sectors of SQLite writes held before they go to the store (1 MiB)
 
 
 class _UnsharedFile:
@@ -74,13 +77,17 @@ class RegionFile(_UnsharedFile):
     # SQLite VFS methods ------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:
-        self._vfs.flush()
         end = min(offset + amount, self.size)
         if end <= offset:
             return b""
         first = offset // SECTOR_SIZE
         last = (end - 1) // SECTOR_SIZE
-        data = self._store.read(self._first + first, last - first + 1)
+        pending = self._vfs.pending
+        base = self._first
+        if pending and any(sector in pending for sector in range(base + first, base + last + 1)):
+            data = b"".join(self._sector(sector) for sector in range(first, last + 1))
+        else:
+            data = self._store.read(base + first, last - first + 1)
         start = offset - first * SECTOR_SIZE
         return data[start:start + end - offset]
 
@@ -88,34 +95,32 @@ class RegionFile(_UnsharedFile):
         end = offset + len(data)
         if end > self.capacity:
             raise apsw.FullError("region full")
-        if self._store.writable:
-            self._vfs.buffer_write(self, data, offset)
+        if not self._store.writable:
+            raise OSError(errno.EROFS, "volume is open read-only")  # as the store says it
+        vfs = self._vfs
+        pending = vfs.pending
+        first = offset // SECTOR_SIZE
+        if len(data) == SECTOR_SIZE and offset == first * SECTOR_SIZE:
+            pending[self._first + first] = data  # a page: SQLite's usual write
         else:
-            self.write_now(data, offset)  # refused at once (EROFS), as the store refuses it
+            last = (end - 1) // SECTOR_SIZE
+            buffer = bytearray(b"".join(self._sector(sector) for sector in range(first, last + 1)))
+            head = offset - first * SECTOR_SIZE
+            buffer[head:head + len(data)] = data
+            for index in range(last - first + 1):
+                pending[self._first + first + index] = bytes(buffer[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
         if end > self.size:
             self.size = end
-            self._vfs.sizes_changed()
+            vfs.sizes_dirty = True
+        if len(pending) >= vfs.pending_limit:
+            vfs.flush()
 
-    def write_now(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        """Write through to the store (whole sectors; partial ones read-modify-write)."""
-        length = len(data)
-        end = offset + length
-        first = offset // SECTOR_SIZE
-        last = (end - 1) // SECTOR_SIZE
-        head = offset - first * SECTOR_SIZE
-        if head == 0 and length % SECTOR_SIZE == 0:
-            self._store.write(self._first + first, data)
-        else:
-            buffer = bytearray((last - first + 1) * SECTOR_SIZE)
-            if head:
-                buffer[:SECTOR_SIZE] = self._existing_sector(first)
-            if end % SECTOR_SIZE and (last != first or not head) and end < self.size:
-                buffer[-SECTOR_SIZE:] = self._existing_sector(last)  # else: past the end, zeros
-            buffer[head:head + length] = data
-            self._store.write(self._first + first, buffer)
-
-    def _existing_sector(self, sector: int) -> bytes:
-        """The current sector, with the bytes past the logical size zeroed (never stale)."""
+    def _sector(self, sector: int) -> bytes:
+        """Sector `sector` of this file as SQLite last wrote it; bytes past the logical size
+        read as zeros (never stale contents of the region)."""
+        found = self._vfs.pending.get(self._first + sector)
+        if found is not None:
+            return found
         base = sector * SECTOR_SIZE
         if base >= self.size:
             return bytes(SECTOR_SIZE)
@@ -128,15 +133,23 @@ class RegionFile(_UnsharedFile):
     def xTruncate(self, newsize: int) -> None:
         if newsize > self.capacity:
             raise apsw.FullError("region full")
-        self._vfs.flush()
+        vfs = self._vfs
+        keep = self._first + -(-newsize // SECTOR_SIZE)
+        for sector in [sector for sector in vfs.pending
+                       if keep <= sector < self._first + self.capacity // SECTOR_SIZE]:
+            del vfs.pending[sector]  # wholly past the new end: never read, never needed
+        boundary = vfs.pending.get(keep - 1) if newsize % SECTOR_SIZE else None
+        if boundary is not None:  # its bytes past the new end read as zeros from now on
+            valid = newsize % SECTOR_SIZE
+            vfs.pending[keep - 1] = boundary[:valid] + bytes(SECTOR_SIZE - valid)
         self.size = newsize
-        self._vfs.sizes_changed()
+        vfs.sizes_dirty = True
 
     def xFileSize(self) -> int:
         return self.size
 
     def xSync(self, flags: int) -> None:
-        self._store.commit()  # the commit hook flushes the write buffer first
+        self._store.commit()  # the commit hook flushes the pending sectors first
 
     def xClose(self) -> None:
         self._vfs.flush()
@@ -199,36 +212,40 @@ class RegionVfs(apsw.VFS):
         self.db = RegionFile(self, wal_sectors, db_sectors * SECTOR_SIZE, db_size)
         self.wal = RegionFile(self, 0, wal_sectors * SECTOR_SIZE, wal_size)
         self._journal = MemoryFile()
-        # One run of contiguous writes to one file, not yet in the store: SQLite writes a WAL
-        # frame as a 24-byte header and a 4096-byte page, so each would be a read-modify-write of
-        # two sectors; buffered, a transaction's frames reach the store as one aligned write.
-        # Any other access to the files, and every store commit (a hook), flushes it first.
-        self._buffer_file: RegionFile | None = None
-        self._buffer_offset = 0
-        self._buffer = bytearray()
+        # Write-back cache of the two files' sectors (store sector -> contents) not yet in the
+        # store: SQLite rewrites the same few pages (the header's change counter, the tables'
+        # last leaves) in every transaction, and one store write costs more than the page's
+        # own change; here each sector reaches the store once per flush. A flush happens at
+        # every store commit (a hook, so a commit holds every write issued before it) and
+        # when the cache reaches `pending_limit` sectors, a fraction of what one store batch
+        # may hold, so that a commit still fits the store's log.
+        self.pending: dict[int, bytes] = {}
+        self.pending_limit = max(1, min(_PENDING_LIMIT, store.batch_limit // 4))
+        self.sizes_dirty = False
         store.add_commit_hook(self.flush)
 
-    def buffer_write(self, file: RegionFile, data: bytes, offset: int) -> None:
-        """Append to the write buffer, or flush it and start a new one."""
-        if file is not self._buffer_file or offset != self._buffer_offset + len(self._buffer):
-            self.flush()
-            self._buffer_file = file
-            self._buffer_offset = offset
-        self._buffer += data
-        if len(self._buffer) >= _BUFFER_LIMIT:
-            self.flush()
-
     def flush(self) -> None:
-        """Write the buffered run through to the store (detached first: the store write may
-        commit under cache pressure, which calls this hook again)."""
-        file = self._buffer_file
-        if file is None:
+        """Write the pending sectors and the files' sizes to the store, under one hold, so
+        that no cache-pressure commit can capture some of them without the others (the
+        cache is detached first: that commit calls this hook again)."""
+        if self.sizes_dirty:
+            self.sizes_changed()
+        pending = self.pending
+        if not pending:
             return
-        data, offset = self._buffer, self._buffer_offset
-        self._buffer_file = None
-        self._buffer = bytearray()
-        if data:
-            file.write_now(data, offset)
+        self.pending = {}
+        store = self.store
+        with store.hold():
+            run: list[bytes] = []
+            run_first = 0
+            for sector in sorted(pending):
+                if run and sector != run_first + len(run):
+                    store.write(run_first, b"".join(run))
+                    run = []
+                if not run:
+                    run_first = sector
+                run.append(pending[sector])
+            store.write(run_first, b"".join(run))
 
     def unregister(self) -> None:
         self.flush()
@@ -236,6 +253,8 @@ class RegionVfs(apsw.VFS):
         super().unregister()
 
     def sizes_changed(self) -> None:
+        """The files' sizes into the store's metadata (carried by its next commit)."""
+        self.sizes_dirty = False
         self.store.metadata = _SIZES.pack(_SIZES_MAGIC, self.db.size, self.wal.size) + self.extra
 
     @property

@@ -56,23 +56,32 @@ class Resolved:
     Use as a context manager: the directory is only valid inside the ``with`` block.
     """
 
-    __slots__ = ("_opened", "directory", "name", "trailing_slash")
+    __slots__ = ("_missing", "_opened", "_status", "directory", "name", "trailing_slash")
 
-    def __init__(self, directory: Directory, name: str, trailing_slash: bool, opened: list[Directory]) -> None:
+    def __init__(self, directory: Directory, name: str, trailing_slash: bool, opened: list[Directory],
+                 status: FileStat | None = None, *, missing: bool = False) -> None:
         self.directory = directory
         self.name = name
         self.trailing_slash = trailing_slash
         self._opened = opened
+        # what resolution already learnt of the final component (following a symlink there
+        # takes its lstat): the lstat, or that it does not exist; spares the backend a lookup
+        self._status = status
+        self._missing = missing
 
     def stat(self) -> FileStat:
         """lstat of the final component; ENOTDIR when a trailing slash names a non-directory."""
-        status = self.directory.stat_at(self.name)
+        status = self._status
+        if status is None:
+            status = self.directory.stat_at(self.name)
         if self.trailing_slash and status.filetype != Filetype.DIRECTORY:
             raise WasiError(Errno.NOTDIR)
         return status
 
     def stat_or_none(self) -> FileStat | None:
         """Like :meth:`stat`, but None when the final component does not exist."""
+        if self._missing:
+            return None
         try:
             return self.stat()
         except FileNotFoundError:
@@ -130,7 +139,7 @@ def resolve(start: Directory, path: str, *, follow: bool) -> Resolved:
                 status = current.stat_at(name)
             except OSError as exc:
                 if last and exc.errno == errno.ENOENT:
-                    return Resolved(current, name, trailing_slash, stack[1:])
+                    return Resolved(current, name, trailing_slash, stack[1:], missing=True)
                 raise
             if status.filetype == Filetype.SYMBOLIC_LINK:
                 expansions += 1
@@ -143,7 +152,7 @@ def resolve(start: Directory, path: str, *, follow: bool) -> Resolved:
                 pending.extend(_components(target))
                 continue
             if last:
-                return Resolved(current, name, trailing_slash, stack[1:])
+                return Resolved(current, name, trailing_slash, stack[1:], status)
             if status.filetype != Filetype.DIRECTORY:
                 raise WasiError(Errno.NOTDIR)
             stack.append(current.open_directory(name))

@@ -590,15 +590,22 @@ class Filesystem:
     def _free_blocks(self, physical: list[int]) -> None:
         """Return blocks to the free extents, merging with their neighbours."""
         for start, count in _runs(sorted(physical)):
-            after = self._one("SELECT length FROM free_extents WHERE start = ?", (start + count,))
-            if after is not None:
+            # both neighbours in one statement: the extent before the run, the one right after it
+            before: tuple[int, int] | None = None
+            after = 0
+            for found, length in self._all(
+                    "SELECT * FROM (SELECT start, length FROM free_extents WHERE start < ?1 ORDER BY start DESC"
+                    " LIMIT 1) UNION ALL SELECT start, length FROM free_extents WHERE start = ?2",
+                    (start, start + count)):
+                if int(found) == start + count:
+                    after = int(length)
+                else:
+                    before = (int(found), int(length))
+            if after:
                 self._db.execute("DELETE FROM free_extents WHERE start = ?", (start + count,))
-                count += int(after[0])
-            before = self._one("SELECT start, length FROM free_extents WHERE start < ? ORDER BY start DESC"
-                               " LIMIT 1", (start,))
-            if before is not None and int(before[0]) + int(before[1]) == start:
-                self._db.execute("UPDATE free_extents SET length = ? WHERE start = ?",
-                                 (int(before[1]) + count, before[0]))
+                count += after
+            if before is not None and before[0] + before[1] == start:
+                self._db.execute("UPDATE free_extents SET length = ? WHERE start = ?", (before[1] + count, before[0]))
             else:
                 self._db.execute("INSERT INTO free_extents(start, length) VALUES (?, ?)", (start, count))
 

@@ -224,9 +224,9 @@ def _mapped_runs(mapping: dict[int, int], first: int, last: int) -> list[tuple[i
 
 
 class _MapCache:
-    """What `Filesystem._overwrite` needs from SQLite, remembered between calls: inode ->
-    (mode, size), block key -> physical block, and which `_MAP_WINDOW`-aligned windows of block
-    keys are loaded completely (a key missing there is a hole). Every INSERT, UPDATE or DELETE
+    """What `Filesystem._overwrite` and `Filesystem.read` need from SQLite, remembered between
+    calls: inode -> (mode, size), block key -> physical block, and which `_MAP_WINDOW`-aligned
+    windows of block keys are loaded completely (a key missing there is a hole). Every INSERT, UPDATE or DELETE
     on the connection, committed or rolled back, advances apsw's `total_changes()`; the cache
     is emptied whenever that count differs from the one it was filled under, so it never
     answers from state that has changed since."""
@@ -274,7 +274,7 @@ class Filesystem:
         # mtime/ctime of in-place overwrites, not yet in SQLite (see `_overwrite`); an fsync
         # stores them in the store's commit metadata, the next changing transaction in SQLite
         self._times: dict[int, tuple[int, int]] = {}
-        # `_overwrite`'s copy of committed SQLite state, valid while total_changes() is unchanged
+        # `_overwrite`'s and `read`'s copy of SQLite state, valid while total_changes() is unchanged
         self._map_cache = _MapCache()
         self._closed = False
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE if store.writable \
@@ -549,6 +549,38 @@ class Filesystem:
         base = ino << _KEY_BITS
         return {key - base: phys for key, phys in
                 self._all("SELECT key, phys FROM blocks WHERE key BETWEEN ? AND ?", (base + first, base + last))}
+
+    def _cached_inode(self, ino: int) -> tuple[int, int] | None:
+        """(mode, size) of an inode from `_map_cache`, None if there is no such inode (the
+        caller validated the cache)."""
+        cache = self._map_cache
+        inode = cache.inodes.get(ino)
+        if inode is None:
+            row = self._one("SELECT mode, size FROM inodes WHERE ino = ?", (ino,))
+            if row is None:
+                return None
+            inode = cache.inodes[ino] = (int(row[0]), int(row[1]))
+        return inode
+
+    def _cached_map(self, ino: int, first: int, last: int) -> dict[int, int]:
+        """`_map` from `_map_cache`, loading whole `_MAP_WINDOW`s of it as needed (the caller
+        validated the cache)."""
+        cache = self._map_cache
+        base = ino << _KEY_BITS
+        mapping: dict[int, int] = {}
+        for index in range(first, last + 1):
+            phys = cache.blocks.get(base + index)
+            if phys is None:
+                window = base + (index // _MAP_WINDOW) * _MAP_WINDOW
+                if window in cache.windows:
+                    continue  # a hole
+                cache.add_window(window, self._all("SELECT key, phys FROM blocks WHERE key BETWEEN ? AND ?",
+                                                   (window, window + _MAP_WINDOW - 1)))
+                phys = cache.blocks.get(base + index)
+                if phys is None:
+                    continue
+            mapping[index] = phys
+        return mapping
 
     def _unmap(self, ino: int, first: int, last: int) -> int:
         """Unmap and free up to _DELETE_BATCH blocks of [first, last] (the last ones first);
@@ -971,26 +1003,33 @@ class Filesystem:
             self._open_counts[ino] = count - 1
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Up to `size` bytes at `offset` (short at end of file; holes read as zeros)."""
+        """Up to `size` bytes at `offset` (short at end of file; holes read as zeros). The
+        file's mode, size and block map come from `_map_cache` (a sequential read of a file
+        that is not changing runs no SQL but one window load per 2 MiB)."""
         if offset < 0 or size < 0:
             raise _error(errno.EINVAL)
 
-        def work() -> bytes:
-            attr = self._attr(ino)
-            if attr.is_dir:
+        if self._closed:
+            raise _error(errno.EBADF, "filesystem is closed")
+        with self._translated():  # read-only: no transaction (see `_run`)
+            self._map_cache.validate(self._db.total_changes())
+            inode = self._cached_inode(ino)
+            if inode is None:
+                raise _error(errno.ENOENT, f"no inode {ino}")
+            mode, file_size = inode
+            if stat.S_ISDIR(mode):
                 raise _error(errno.EISDIR)
-            if not attr.is_file:
+            if not stat.S_ISREG(mode):
                 raise _error(errno.EINVAL)
-            end = min(offset + size, attr.size)
+            end = min(offset + size, file_size)
             if end <= offset:
                 return b""
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
-            buffer = self._read_blocks(self._map(ino, first, last), first, last)
-            skip = offset - first * BLOCK_SIZE
-            with memoryview(buffer) as view:
-                return bytes(view[skip:skip + end - offset])  # one copy
-        return self._run(work, changes=False)
+            buffer = self._read_blocks(self._cached_map(ino, first, last), first, last)
+        skip = offset - first * BLOCK_SIZE
+        with memoryview(buffer) as view:
+            return bytes(view[skip:skip + end - offset])  # one copy
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write all of `data` at `offset` (extending the file, with a hole if past the end).
@@ -1020,33 +1059,14 @@ class Filesystem:
         end = offset + len(data)
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
-        cache = self._map_cache
-        cache.validate(self._db.total_changes())
-        inode = cache.inodes.get(ino)
-        if inode is None:
-            with self._translated():
-                row = self._one("SELECT mode, size FROM inodes WHERE ino = ?", (ino,))
-            if row is None:
+        self._map_cache.validate(self._db.total_changes())
+        with self._translated():
+            inode = self._cached_inode(ino)
+            if inode is None or not stat.S_ISREG(inode[0]) or end > inode[1]:
                 return False
-            inode = cache.inodes[ino] = (int(row[0]), int(row[1]))
-        if not stat.S_ISREG(inode[0]) or end > inode[1]:
-            return False
-        base = ino << _KEY_BITS
-        mapping: dict[int, int] = {}
-        for index in range(first, last + 1):
-            phys = cache.blocks.get(base + index)
-            if phys is None:
-                window = base + (index // _MAP_WINDOW) * _MAP_WINDOW
-                if window in cache.windows:
-                    return False  # a hole: allocation needs the general path
-                with self._translated():
-                    rows = self._all("SELECT key, phys FROM blocks WHERE key BETWEEN ? AND ?",
-                                     (window, window + _MAP_WINDOW - 1))
-                cache.add_window(window, rows)
-                phys = cache.blocks.get(base + index)
-                if phys is None:
-                    return False
-            mapping[index] = phys
+            mapping = self._cached_map(ino, first, last)
+        if len(mapping) != last - first + 1:
+            return False  # a hole: allocation needs the general path
         if first == last and len(data) == BLOCK_SIZE:  # one whole block: one store write, atomic
             self._store.write(self._data_first + mapping[first], data)
         else:

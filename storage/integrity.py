@@ -96,6 +96,7 @@ _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
 _FREE_LEAF = bytes(HASH_SIZE)  # the leaf of a sector without committed content
 _CHUNK_SECTORS = 256  # a commit encrypts, hashes and writes home 1 MiB at a time
+_AHEAD_SECTORS = 256  # a sequential `read_into` reads, verifies and decrypts 1 MiB ahead at once
 _SMALL_RECORD_SECTORS = 4  # commits of at most this many logged sectors take `_append_small_record`
 _GENERATION = struct.Struct("<Q")
 
@@ -292,6 +293,13 @@ class _CachedStore:
         self._committed_metadata = b""
         self._closed = False
         self._holds = 0
+        # read-ahead (`_stream_into`): plaintext of sectors [first, first + count), checked
+        # and current: emptied by any write to them; `_ahead_next` is the sector after the
+        # last streaming read (a read starting there is sequential)
+        self._ahead: memoryview | None = None
+        self._ahead_first = 0
+        self._ahead_count = 0
+        self._ahead_next = -1
         self._commit_hooks: list[Callable[[], None]] = []
 
     # -- client API ------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class _CachedStore:
         self._check_range(first, count)
         sectors = range(first, first + count)
         if not any(cache.keys() & sectors for cache in self._caches()):  # O(count), in C
-            self._read_home_into(first, view)  # the streaming case: nothing cached, one run
+            self._stream_into(first, view, count)  # the streaming case: nothing cached, one run
             return
         lookup = self._lookup
         missing: list[int] = []
@@ -368,6 +376,8 @@ class _CachedStore:
             raise ValueError("writes cover whole sectors")
         count = len(view) // SECTOR_SIZE
         self._check_range(first, count, writing=True)
+        if first < self._ahead_first + self._ahead_count and first + count > self._ahead_first:
+            self._ahead_count = 0  # the read-ahead holds old contents of these sectors
         self._stage(first, view, count)
         if not self._holds and self._over_limit():
             self._pressure_commit()
@@ -447,6 +457,36 @@ class _CachedStore:
         """Whether the dirty sectors call for a commit (PlainStore: a flush)."""
         return len(self._dirty) >= self._dirty_limit
 
+    def _stream_into(self, first: int, view: memoryview, count: int) -> None:
+        """`read_into` of sectors no cache holds, through the read-ahead: a read inside it is
+        a copy; a sequential read (starting where the last one ended, or inside the read-ahead
+        but running past it) refills it with `_AHEAD_SECTORS` from `first` in one read, check
+        and decryption (fewer, longer native runs, which xts may split over two CPUs); any
+        other read goes straight to the disk. The refill stops before the first sector whose
+        home is not current (dirty or logged: `_unwritten`), and a sector past the ones asked
+        for that fails its check ends the refill there instead of failing this read (its own
+        read will find it)."""
+        start = first - self._ahead_first
+        ahead = self._ahead
+        if ahead is not None and start >= 0 and start + count <= self._ahead_count:
+            view[:] = ahead[start * SECTOR_SIZE:(start + count) * SECTOR_SIZE]
+        elif count < _AHEAD_SECTORS and (first == self._ahead_next or 0 <= start < self._ahead_count):
+            total = min(_AHEAD_SECTORS, self.sector_count - first)
+            later = range(first + count, first + total)
+            for cache in self._unwritten():
+                overlap = cache.keys() & later
+                if overlap:
+                    total = min(total, min(overlap) - first)
+            if ahead is None:
+                ahead = self._ahead = _prefaulted(_AHEAD_SECTORS * SECTOR_SIZE)
+            self._ahead_count = 0  # until the refill has succeeded
+            self._ahead_count = self._read_home_into(first, ahead[:total * SECTOR_SIZE], needed=count)
+            self._ahead_first = first
+            view[:] = ahead[:count * SECTOR_SIZE]
+        else:
+            self._read_home_into(first, view)
+        self._ahead_next = first + count
+
     def _lookup(self, sector: int) -> bytes | memoryview | None:
         found = self._dirty.get(sector)
         if found is None:
@@ -456,6 +496,10 @@ class _CachedStore:
     def _caches(self) -> tuple[Mapping[int, object], ...]:
         """Every in-memory cache `_lookup` consults (a read touching none goes to the disk)."""
         return self._dirty, self._clean
+
+    def _unwritten(self) -> tuple[Mapping[int, object], ...]:
+        """The caches of sectors whose home does not hold their contents yet."""
+        return (self._dirty,)
 
     def _remember_clean(self, sector: int, plain: bytes) -> None:
         if len(self._clean) >= self._clean_limit:
@@ -467,7 +511,10 @@ class _CachedStore:
         self._read_home_into(first, memoryview(buffer))
         return bytes(buffer)
 
-    def _read_home_into(self, first: int, view: memoryview) -> None:
+    def _read_home_into(self, first: int, view: memoryview, needed: int | None = None) -> int:
+        """Read, check and decrypt sectors from their home into `view`; returns how many
+        leading sectors are good: all, or (when `needed` is given) at least `needed`, a bad
+        sector past those ending the good part instead of raising IntegrityError."""
         raise NotImplementedError
 
     def _pressure_commit(self) -> None:
@@ -715,11 +762,14 @@ class MerkleStore(_CachedStore):
     def _caches(self) -> tuple[Mapping[int, object], ...]:
         return self._dirty, self._pending, self._clean
 
-    def _read_home_into(self, first: int, view: memoryview) -> None:
+    def _unwritten(self) -> tuple[Mapping[int, object], ...]:
+        return self._dirty, self._pending
+
+    def _read_home_into(self, first: int, view: memoryview, needed: int | None = None) -> int:
         """Read, then verify and decrypt in place: the cipher checks each sector's ciphertext
         against its leaf and decrypts the matching ones (one native call for the whole run when
-        the native loops are built). A mismatch is an error unless the leaf says free: such a
-        sector reads as zeros."""
+        the native loops are built). A mismatch is an error (or, past `needed`, the end of the
+        good part) unless the leaf says free: such a sector reads as zeros."""
         count = len(view) // SECTOR_SIZE
         home = self._layout.data_start + first
         self._segment.readinto_raw(home, view)
@@ -728,9 +778,12 @@ class MerkleStore(_CachedStore):
                 home, view, leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]):
             sector = first + index
             if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF:
+                if needed is not None and index >= needed:
+                    return index
                 raise IntegrityError(
                     f"integrity error: data sector {sector} was changed, moved or replayed")
             view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = _ZERO_SECTOR
+        return count
 
     # -- commit ----------------------------------------------------------------------------
 
@@ -1205,9 +1258,10 @@ class PlainStore(_CachedStore):
     def check(self) -> list[str]:
         return []
 
-    def _read_home_into(self, first: int, view: memoryview) -> None:
+    def _read_home_into(self, first: int, view: memoryview, needed: int | None = None) -> int:
         self._segment.readinto_raw(1 + first, view)
         self._segment.cipher.decrypt_into(1 + first, view, view)
+        return len(view) // SECTOR_SIZE
 
 
 ProtectedStore = MerkleStore | PlainStore

@@ -283,3 +283,45 @@ def test_many_commits_wrap_the_log_and_survive_reopen() -> None:
             assert read_all(crashed, contents) == []
     store.close()
     assert read_all(image.open(), contents) == []
+
+
+def test_sequential_read_into_reads_ahead_but_never_hides_a_change() -> None:
+    """Sequential `read_into` calls read, check and decrypt ahead of the caller. A changed sector
+    past the ones asked for fails only its own read; a sector written (and later committed and
+    checkpointed home) after or before the read-ahead reads back as written."""
+    image = Image()
+    contents = populate(image)
+    data_start = MerkleLayout.for_sectors(image.segment.sectors).data_start
+    store = image.open(writable=True)
+    out = bytearray(8 * SECTOR_SIZE)
+
+    def expect(first: int) -> None:
+        store.read_into(first, out)
+        assert out == b"".join(contents[s] for s in range(first, first + 8)), f"sectors from {first}"
+
+    flipped = image.sector_offset(data_start + 44)
+    original = image.device.read(flipped, 1)
+    image.device.write(flipped, bytes([original[0] ^ 1]))
+    for first in range(0, 40, 8):  # from the second call on, the reads run ahead over sector 44
+        expect(first)
+    with pytest.raises(IntegrityError):
+        store.read_into(40, out)
+    image.device.write(flipped, original)
+    expect(40)
+    expect(48)  # the read-ahead now covers the sectors after 48
+    contents[60] = os.urandom(SECTOR_SIZE)
+    store.write(60, contents[60])  # inside the read-ahead
+    expect(56)
+    contents[90] = os.urandom(SECTOR_SIZE)
+    store.write(90, contents[90])  # dirty before the next read-ahead reaches it
+    expect(64)
+    expect(72)
+    # enough logged sectors (outside the read-ahead) for commits to checkpoint sector 90 home
+    for sector in [*range(40), *range(330, store.sector_count)]:
+        contents[sector] = os.urandom(SECTOR_SIZE)
+        store.write(sector, contents[sector])
+    store.commit()
+    for first in range(80, 120, 8):
+        expect(first)
+    store.close()
+    assert read_all(image.open(), contents) == []

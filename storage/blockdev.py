@@ -14,14 +14,17 @@ shares the object instead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from storage.errors import NoSpace, ShortRead, VolumeInUse
 
@@ -30,6 +33,8 @@ from storage.errors import NoSpace, ShortRead, VolumeInUse
 _DIRECT_ALIGNMENT = 4096
 _DIRECT_LIMIT = 64 * 1024
 _ZERO_FILL = 1 << 20  # bytes of zeros per write when `prepare_durable` fills holes
+_WRITEBACK_BYTES = 256 * 1024  # a buffered write this long starts its own writeback (`write`)
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the dirty pages, do not wait
 
 
 @runtime_checkable
@@ -76,6 +81,18 @@ class BlockDevice(Protocol):
     def close(self) -> None:
         """Release the medium and its lock. Idempotent."""
         ...
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., Any] | None:
+    """libc's sync_file_range (Linux; the os module has no binding), or None without it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _check_range(offset: int, length: int, size: int, *, writing: bool) -> None:
@@ -205,6 +222,14 @@ class FileBlockDevice(_ClosesOnExit):
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
+        if done >= _WRITEBACK_BYTES:
+            # Long writes (a commit's home sectors, 1 MiB each, and its log record) are synced
+            # soon: starting their writeback now lets the disk work while the next chunk is
+            # encrypted, and leaves less for the durability point's fdatasync (seq workload:
+            # fdatasync 0.14 -> 0.10 s). Only a hint: durability still comes from `sync`.
+            start_writeback = _sync_file_range()
+            if start_writeback is not None:
+                start_writeback(fd, offset, done, _SYNC_FILE_RANGE_WRITE)
 
     def sync(self) -> None:
         os.fdatasync(self._open_fd())

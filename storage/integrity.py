@@ -351,6 +351,12 @@ class _CachedStore:
             raise ValueError("reads cover whole sectors")
         count = len(view) // SECTOR_SIZE
         self._check_range(first, count)
+        start = first - self._ahead_first
+        if self._ahead is not None and start >= 0 and start + count <= self._ahead_count:
+            # inside the read-ahead: no cache holds newer contents (see `_stream_into`)
+            view[:] = self._ahead[start * SECTOR_SIZE:(start + count) * SECTOR_SIZE]
+            self._ahead_next = first + count
+            return
         sectors = range(first, first + count)
         if not any(cache.keys() & sectors for cache in self._caches()):  # O(count), in C
             self._stream_into(first, view, count)  # the streaming case: nothing cached, one run
@@ -458,19 +464,18 @@ class _CachedStore:
         return len(self._dirty) >= self._dirty_limit
 
     def _stream_into(self, first: int, view: memoryview, count: int) -> None:
-        """`read_into` of sectors no cache holds, through the read-ahead: a read inside it is
-        a copy; a sequential read (starting where the last one ended, or inside the read-ahead
-        but running past it) refills it with `_AHEAD_SECTORS` from `first` in one read, check
-        and decryption (fewer, longer native runs, which xts may split over two CPUs); any
-        other read goes straight to the disk. The refill stops before the first sector whose
-        home is not current (dirty or logged: `_unwritten`), and a sector past the ones asked
-        for that fails its check ends the refill there instead of failing this read (its own
-        read will find it)."""
+        """`read_into` of sectors no cache holds and the read-ahead does not cover: a
+        sequential read (starting where the last one ended, or inside the read-ahead but
+        running past it) refills the read-ahead with `_AHEAD_SECTORS` from `first` in one read,
+        check and decryption (fewer, longer native runs, which xts may split over two CPUs);
+        any other read goes straight to the disk. The refill stops before the first sector
+        whose home is not current (dirty or logged: `_unwritten`), and a write to a sector in
+        it empties it, so it never holds a sector some cache holds newer contents of. A sector
+        past the ones asked for that fails its check ends the refill there instead of failing
+        this read (its own read will find it)."""
         start = first - self._ahead_first
         ahead = self._ahead
-        if ahead is not None and start >= 0 and start + count <= self._ahead_count:
-            view[:] = ahead[start * SECTOR_SIZE:(start + count) * SECTOR_SIZE]
-        elif count < _AHEAD_SECTORS and (first == self._ahead_next or 0 <= start < self._ahead_count):
+        if count < _AHEAD_SECTORS and (first == self._ahead_next or 0 <= start < self._ahead_count):
             total = min(_AHEAD_SECTORS, self.sector_count - first)
             later = range(first + count, first + total)
             for cache in self._unwritten():

@@ -86,10 +86,17 @@ class DirectoryMapping:
 
     @classmethod
     def parse(cls, spec: str) -> DirectoryMapping:
-        host, separator, guest = spec.partition("::")
-        if not host or (separator and not guest):
-            raise UsageError(f"--dir {spec!r}: expected HOST or HOST::GUEST")
-        return cls(host, guest if separator else host)
+        host, guest = split_mapping(spec, "--dir", "HOST")
+        return cls(host, host if guest is None else guest)
+
+
+def split_mapping(spec: str, option: str, source: str) -> tuple[str, str | None]:
+    """`SOURCE[::GUEST]` (the spelling of --dir and --volume) as (SOURCE, GUEST or None); a
+    UsageError naming `option` when either side is empty."""
+    host, separator, guest = spec.partition("::")
+    if not host or (separator and not guest):
+        raise UsageError(f"{option} {spec!r}: expected {source} or {source}::GUEST_PATH")
+    return host, guest if separator else None
 
 
 @dataclass(frozen=True)

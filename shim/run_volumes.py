@@ -42,6 +42,7 @@ import trio
 
 from shim.errors import KeepError, UsageError
 from shim.keys import KeySource, read_key
+from shim.run import split_mapping
 from shim.volume_backend import VolumeSession
 from storage.errors import IntegrityError
 from storage.integrity import VolumeState
@@ -62,10 +63,8 @@ class VolumeMount:
 
     @classmethod
     def parse(cls, spec: str) -> VolumeMount:
-        image, separator, guest = spec.partition("::")
-        if not image or (separator and not guest):
-            raise UsageError(f"--volume {spec!r}: expected IMG or IMG::GUEST_PATH")
-        return cls(image, guest if separator else DEFAULT_GUEST_PATH)
+        image, guest = split_mapping(spec, "--volume", "IMG")
+        return cls(image, DEFAULT_GUEST_PATH if guest is None else guest)
 
 
 def describe(state: VolumeState) -> str:

@@ -420,3 +420,16 @@ def test_host_bug_surfaces_as_the_hosts_exception_not_a_guest_status(fixtures: F
 def test_start_with_a_signature_is_a_one_line_error(tmp_path: Path) -> None:
     module = wat_file(tmp_path, "odd", '(module (func (export "_start") (param i32)))')
     assert_one_line_error(keep("run", str(module)), "_start")
+
+
+@pytest.mark.parametrize(("option", "spec", "expected"), [
+    ("--dir", "::/data", "expected HOST or HOST::GUEST_PATH"),
+    ("--dir", "here::", "expected HOST or HOST::GUEST_PATH"),
+    ("--volume", "::/data", "expected IMG or IMG::GUEST_PATH"),
+    ("--volume", "notes.img::", "expected IMG or IMG::GUEST_PATH"),
+])
+def test_malformed_preopen_spec(fixtures: FixtureBuilder, option: str, spec: str, expected: str) -> None:
+    """A SOURCE::GUEST spelling with an empty side is refused before anything is opened."""
+    completed = keep("run", option, spec, str(fixtures.build("hello")))
+    assert completed.returncode == 2
+    assert_one_line_error(completed, option, repr(spec), expected)

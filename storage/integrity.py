@@ -829,7 +829,7 @@ class MerkleStore(_CachedStore):
             pack_entry(record, entry, sector, digest)
             entry += _ENTRY.size
         pages = {sector // HASHES_PER_PAGE for sector in sectors}
-        self._update_paths(pages)
+        self._update_levels(pages)
         generation = self._generation + 1
         root = self._tree_root()
         root_mac = self._state_mac(generation, root, metadata)
@@ -848,20 +848,6 @@ class MerkleStore(_CachedStore):
             pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
         self._committed(generation, root_mac, metadata, pages)
         return True
-
-    def _update_paths(self, pages: set[int]) -> None:
-        """`_update_levels` for a few level-0 pages: one page per level and path."""
-        sha256 = hashlib.sha256
-        levels = self._levels
-        for depth in range(1, len(levels)):
-            below = levels[depth - 1]
-            level = levels[depth]
-            for page in pages:
-                chunk = below[page * SECTOR_SIZE:(page + 1) * SECTOR_SIZE]
-                if len(chunk) < SECTOR_SIZE:
-                    chunk = chunk.ljust(SECTOR_SIZE, b"\0")
-                level[page * HASH_SIZE:(page + 1) * HASH_SIZE] = sha256(chunk).digest()
-            pages = {page // HASHES_PER_PAGE for page in pages}
 
     def _append_record(self) -> None:
         """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free

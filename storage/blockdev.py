@@ -270,7 +270,7 @@ class FileBlockDevice(_ClosesOnExit):
             done = 0
         if done < length:  # refused or short: the rest the ordinary way
             self.write(offset + done, view[done:])
-        if self._unsynced or not flags:
+        if self._unsynced:  # a buffered write before (flags 0) or the buffered rest just now
             self.sync()
 
     def _direct_descriptor(self) -> int | None:

@@ -53,6 +53,35 @@ def test_earlier_buffered_writes_survive_a_durable_write(tmp_path: Path) -> None
         assert device.read(65536, 4096) == record
 
 
+def test_a_durable_write_syncs_the_file_exactly_when_a_buffered_write_is_pending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page cache would serve the reads above even without any sync, so count them: after
+    a buffered write, write_durable must fdatasync the file; right after a sync it needs no
+    fdatasync when the direct path (RWF_DSYNC) took the write, and one when it could not."""
+    real_fdatasync = os.fdatasync
+    calls: list[int] = []
+
+    def counting_fdatasync(fd: int) -> None:
+        calls.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    with FileBlockDevice(_image(tmp_path), writable=True, create_size=SIZE) as device:
+        device.prepare_durable(0, SIZE)
+        device.sync()
+        device.write(12288, os.urandom(4096))
+        calls.clear()
+        device.write_durable(65536, os.urandom(4096))
+        assert len(calls) == 1  # the pending buffered write made durable too
+        calls.clear()
+        device.write_durable(69632, os.urandom(4096))
+        direct = device._direct_fd is not None
+        assert len(calls) == (0 if direct else 1)
+        calls.clear()
+        device.write_durable(73728, os.urandom(4096))
+        assert len(calls) == (0 if direct else 1)  # nothing left pending by the write before
+
+
 @pytest.mark.parametrize(("offset", "length"), [(100, 4096), (4096, 1000), (0, 256 * 1024)],
                          ids=["unaligned-offset", "unaligned-length", "longer-than-the-bounce-buffer"])
 def test_ranges_the_direct_path_cannot_take_are_written_the_buffered_way(

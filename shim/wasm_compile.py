@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from shim.errors import KeepError
@@ -43,9 +44,17 @@ def zig_version() -> str:
 def compile_c_to_wasm(source: Path, output: Path, *, zig_cache_dir: Path | None = None) -> None:
     """Compile one C file to a wasm32-wasi command module at `output` (atomically)."""
     zig_version()  # a clear error when zig is missing, rather than "No module named ziglang"
+    zig_cc(source, output, COMPILE_FLAGS, zig_cache_dir=zig_cache_dir)
+
+
+def zig_cc(source: Path, output: Path, flags: Sequence[str], *,
+           zig_cache_dir: Path | None = None) -> None:
+    """`python -m ziglang cc FLAGS SOURCE -o OUTPUT`, written under a temporary name and renamed
+    into place (also used by storage.native's build of its sector loops). CompileError with the
+    compiler's output when it fails."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-    command = [sys.executable, "-m", "ziglang", "cc", *COMPILE_FLAGS, str(source), "-o", str(partial)]
+    command = [sys.executable, "-m", "ziglang", "cc", *flags, str(source), "-o", str(partial)]
     cache = zig_cache_dir or default_zig_cache_dir()
     environment = {**os.environ, "ZIG_GLOBAL_CACHE_DIR": str(cache)}
     try:

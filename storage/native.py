@@ -30,7 +30,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,21 +61,17 @@ def disabled() -> bool:
 def build(directory: Path | None = None) -> Path:
     """Compile the C source with zig into `library_path(directory)` (atomically: written under
     a temporary name, then renamed) and delete the libraries of earlier sources there. Raises
-    RuntimeError with the compiler's output."""
+    RuntimeError with the compiler's output.
+
+    The compiler runs through shim.wasm_compile.zig_cc, the project's one zig invocation,
+    imported here only: building is an install step, and loading never needs shim."""
+    from shim.wasm_compile import CompileError, zig_cc
+
     output = library_path(directory)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-    cache = os.environ.get("ZIG_GLOBAL_CACHE_DIR") or str(Path.home() / ".cache" / "keepshim" / "zig")
-    command = [sys.executable, "-m", "ziglang", "cc", *BUILD_FLAGS, str(SOURCE), "-o", str(partial)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False,
-                                env={**os.environ, "ZIG_GLOBAL_CACHE_DIR": cache})
-    except OSError as error:
-        raise RuntimeError(f"cannot run zig: {error.strerror}") from None
-    if result.returncode != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{SOURCE.name} failed to compile (exit {result.returncode}):\n"
-                           f"{result.stderr.strip() or result.stdout.strip()}")
-    partial.replace(output)
+        zig_cc(SOURCE, output, BUILD_FLAGS)
+    except CompileError as error:
+        raise RuntimeError(str(error)) from None
     for stale in output.parent.glob("_native-*.so"):  # libraries of earlier sources
         if stale != output:
             stale.unlink(missing_ok=True)

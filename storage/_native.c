@@ -35,9 +35,11 @@ struct ks_openssl {
     int (*digest)(const void *, size_t, u8 *, unsigned int *, const void *, void *);
     /* EVP_MD_fetch(NULL, "SHA256", NULL), fetched once */
     const void *sha256;
+    /* HMAC(md, key, key_length, data, data_length, out, &out_length): OpenSSL's one-shot HMAC */
+    u8 *(*hmac)(const void *, const void *, int, const u8 *, size_t, u8 *, unsigned int *);
 };
 
-int ks_abi_version(void) { return 2; }
+int ks_abi_version(void) { return 3; }
 
 static int crypt_sector(const struct ks_openssl *f, void *context, u64 tweak, const u8 *in,
                         u8 *out, int sector_size) {
@@ -97,4 +99,104 @@ long long ks_xts_verify_decrypt(const struct ks_openssl *f, void *context, u64 f
         if (crypt_sector(f, context, tweak, sector, sector, sector_size) != 0) return -1;
     }
     return mismatching;
+}
+
+#define SMALL_SECTORS 4
+#define MAX_LEVELS 8
+
+/* One small commit of storage/integrity.py (`MerkleStore._append_small_record`), filled in by the
+ * caller; the layout of the record and of every message stays in Python, this only runs the
+ * cryptography on it, in the order the Python path does. The ctypes Structure `_SmallCommit` in
+ * storage/native.py has the same fields in the same order. */
+struct ks_small_commit {
+    void *context;               /* EVP_CIPHER_CTX keyed for AES-XTS encryption */
+    const u8 *key;               /* the HMAC key (the integrity subkey) */
+    u64 key_length;
+    u8 *record;                  /* the header sector (packed by the caller), then `count` sectors
+                                    of plaintext, encrypted here in place */
+    u64 count;                   /* 1..SMALL_SECTORS */
+    u64 sectors[SMALL_SECTORS];  /* the data sector (leaf index) of each record sector */
+    u64 tweaks[SMALL_SECTORS + 1]; /* the XTS tweak of each record sector, then of the header */
+    u64 entries_at;              /* where entry 0's 32-byte digest goes in the header */
+    u64 entry_size;              /* from one entry's digest to the next */
+    u64 root_at;                 /* where the tree root goes in the header */
+    u64 root_mac_at;             /* where the state MAC goes in the header */
+    u8 *root_mac;                /* and a copy of it here (the header ends up encrypted) */
+    u8 *state;                   /* the state MAC's message; its last 32 bytes receive the root */
+    u64 state_length;
+    const u8 *mac_input;         /* the header MAC's message (its label, then the header up to the
+                                    MAC, contiguous); the MAC goes to the last 32 bytes of the
+                                    header sector */
+    u64 mac_length;
+    u64 depth;                   /* number of tree levels, 2..MAX_LEVELS (leaves ... root) */
+    u8 *levels[MAX_LEVELS];      /* level 0 is the leaves; the last level is the root hash */
+    u64 level_lengths[MAX_LEVELS];
+    u64 sector_size;             /* 4096: a tree page, a record sector */
+};
+
+static int hmac_sha256(const struct ks_openssl *f, const struct ks_small_commit *c,
+                       const u8 *data, u64 length, u8 *out) {
+    unsigned int out_length = 0;
+    if (!f->hmac(f->sha256, c->key, (int)c->key_length, data, (size_t)length, out, &out_length))
+        return -1;
+    return out_length == DIGEST_SIZE ? 0 : -1;
+}
+
+static void copy_bytes(u8 *to, const u8 *from, u64 length) {
+    for (u64 i = 0; i < length; i++) to[i] = from[i];
+}
+
+/* The small commit, in the Python path's order: encrypt each record sector in place and hash
+ * its ciphertext (the new leaf: into the leaves and the header's entry); rehash the tree pages
+ * above the changed leaves, level by level, up to the root (a level's last page, when short,
+ * hashed zero-padded to a whole page); put the root into the header and the state message;
+ * HMAC the state message into the header (root MAC, copied out too), HMAC the header (label first) into its
+ * last 32 bytes; encrypt the header sector in place.
+ * Contract (checked by storage/integrity.py before the call): every pointer covers what the
+ * fields say; sectors[i] < level_lengths[0] / 32; each level holds the hashes of the pages of
+ * the level below (32 bytes per page, rounded up) and the last one a single hash; the root,
+ * entry and MAC offsets lie inside the header sector before its last 32 bytes.
+ * Returns 0, or -1 when an OpenSSL call failed (the buffers are then undefined). */
+int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c) {
+    u64 size = c->sector_size;
+    u64 fanout = size / DIGEST_SIZE;
+    u64 pages[SMALL_SECTORS];
+    u8 padded[4096];
+    if (c->count < 1 || c->count > SMALL_SECTORS || c->depth < 2 || c->depth > MAX_LEVELS
+        || size > sizeof padded || size % DIGEST_SIZE) return -1;
+    for (u64 i = 0; i < c->count; i++) {
+        u8 *sector = c->record + (i + 1) * size;
+        u8 *digest = c->record + c->entries_at + i * c->entry_size;
+        if (crypt_sector(f, c->context, c->tweaks[i], sector, sector, (int)size) != 0) return -1;
+        if (sha256(f, sector, (int)size, digest) != 0) return -1;
+        copy_bytes(c->levels[0] + c->sectors[i] * DIGEST_SIZE, digest, DIGEST_SIZE);
+        pages[i] = c->sectors[i] / fanout;
+    }
+    for (u64 depth = 1; depth < c->depth; depth++) {
+        const u8 *below = c->levels[depth - 1];
+        u64 below_length = c->level_lengths[depth - 1];
+        for (u64 i = 0; i < c->count; i++) {
+            int seen = 0;
+            for (u64 j = 0; j < i; j++) seen |= pages[j] == pages[i];
+            if (seen) continue;  /* that page is hashed already */
+            u64 start = pages[i] * size;
+            u8 *out = c->levels[depth] + pages[i] * DIGEST_SIZE;
+            if (start + size <= below_length) {
+                if (sha256(f, below + start, (int)size, out) != 0) return -1;
+            } else {
+                u64 length = below_length - start;
+                copy_bytes(padded, below + start, length);
+                for (u64 k = length; k < size; k++) padded[k] = 0;
+                if (sha256(f, padded, (int)size, out) != 0) return -1;
+            }
+        }
+        for (u64 i = 0; i < c->count; i++) pages[i] /= fanout;
+    }
+    const u8 *root = c->levels[c->depth - 1];
+    copy_bytes(c->record + c->root_at, root, DIGEST_SIZE);
+    copy_bytes(c->state + c->state_length - DIGEST_SIZE, root, DIGEST_SIZE);
+    if (hmac_sha256(f, c, c->state, c->state_length, c->record + c->root_mac_at) != 0) return -1;
+    copy_bytes(c->root_mac, c->record + c->root_mac_at, DIGEST_SIZE);
+    if (hmac_sha256(f, c, c->mac_input, c->mac_length, c->record + size - DIGEST_SIZE) != 0) return -1;
+    return crypt_sector(f, c->context, c->tweaks[c->count], c->record, c->record, (int)size);
 }

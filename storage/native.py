@@ -35,7 +35,7 @@ from pathlib import Path
 
 from storage.errors import SelfTestFailed
 
-ABI_VERSION = 2  # ks_abi_version() of the C file this module was written for
+ABI_VERSION = 3  # ks_abi_version() of the C file this module was written for
 DISABLE_ENVIRONMENT_VARIABLE = "KEEPSHIM_NATIVE"  # "off" (or "0") keeps the Python loops
 SOURCE = Path(__file__).with_name("_native.c")
 # Native OS and architecture, baseline CPU (the loops gain nothing from newer instructions and the
@@ -82,7 +82,28 @@ class _OpenSsl(ctypes.Structure):
     """`struct ks_openssl` of the C file: the OpenSSL entry points the loops call."""
 
     _fields_ = [("cipher_init", ctypes.c_void_p), ("cipher_update", ctypes.c_void_p),
-                ("digest", ctypes.c_void_p), ("sha256", ctypes.c_void_p)]
+                ("digest", ctypes.c_void_p), ("sha256", ctypes.c_void_p), ("hmac", ctypes.c_void_p)]
+
+
+SMALL_COMMIT_SECTORS = 4  # SMALL_SECTORS of the C file: the most data sectors of one small commit
+SMALL_COMMIT_LEVELS = 8  # MAX_LEVELS of the C file: the deepest tree (128**7 sectors) it handles
+
+
+class SmallCommit(ctypes.Structure):
+    """`struct ks_small_commit` of the C file: one small commit of storage.integrity, whose
+    caller fills every field (see the contract there); `NativeLoops.small_commit` runs it."""
+
+    _fields_ = [("context", ctypes.c_void_p), ("key", ctypes.c_void_p), ("key_length", ctypes.c_uint64),
+                ("record", ctypes.c_void_p), ("count", ctypes.c_uint64),
+                ("sectors", ctypes.c_uint64 * SMALL_COMMIT_SECTORS),
+                ("tweaks", ctypes.c_uint64 * (SMALL_COMMIT_SECTORS + 1)),
+                ("entries_at", ctypes.c_uint64), ("entry_size", ctypes.c_uint64),
+                ("root_at", ctypes.c_uint64), ("root_mac_at", ctypes.c_uint64), ("root_mac", ctypes.c_void_p),
+                ("state", ctypes.c_void_p), ("state_length", ctypes.c_uint64),
+                ("mac_input", ctypes.c_void_p), ("mac_length", ctypes.c_uint64),
+                ("depth", ctypes.c_uint64), ("levels", ctypes.c_void_p * SMALL_COMMIT_LEVELS),
+                ("level_lengths", ctypes.c_uint64 * SMALL_COMMIT_LEVELS),
+                ("sector_size", ctypes.c_uint64)]
 
 
 class NativeLoops:
@@ -100,6 +121,9 @@ class NativeLoops:
         self._verify = library.ks_xts_verify_decrypt
         self._verify.restype = ctypes.c_longlong
         self._verify.argtypes = [pointer, pointer, u64, u64, pointer, size, ctypes.c_int, pointer, pointer]
+        self._small_commit = library.ks_small_commit
+        self._small_commit.restype = ctypes.c_int
+        self._small_commit.argtypes = [pointer, ctypes.POINTER(SmallCommit)]
 
     def crypt(self, context: int, first_tweak: int, tweak_step: int, source: int | bytes,
               target: int, count: int, sector_size: int, digests: int | None) -> None:
@@ -120,6 +144,12 @@ class NativeLoops:
         if mismatching < 0 or mismatching > count:
             raise SelfTestFailed("libcrypto XTS or SHA-256 failed in the native loop")
         return mismatching
+
+    def small_commit(self, commit: SmallCommit) -> None:
+        """Run one small commit (`ks_small_commit`): every address and offset in `commit` is the
+        caller's responsibility, as is holding the lock of its cipher context."""
+        if self._small_commit(self._openssl_pointer, ctypes.byref(commit)) != 0:
+            raise SelfTestFailed("libcrypto XTS, SHA-256 or HMAC failed in the native small commit")
 
 
 def _function_address(library: ctypes.CDLL, name: str) -> int:
@@ -152,7 +182,8 @@ def load(libcrypto: ctypes.CDLL) -> NativeLoops | None:
             return None
         openssl = _OpenSsl(_function_address(libcrypto, "EVP_CipherInit_ex"),
                            _function_address(libcrypto, "EVP_CipherUpdate"),
-                           _function_address(libcrypto, "EVP_Digest"), sha256)
+                           _function_address(libcrypto, "EVP_Digest"), sha256,
+                           _function_address(libcrypto, "HMAC"))
         return NativeLoops(library, openssl)
     except (OSError, AttributeError):
         return None

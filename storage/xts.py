@@ -40,6 +40,7 @@ import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -59,6 +60,24 @@ _TWEAK = struct.Struct("<QQ")
 # second on a helper thread with its own copies of the contexts (ctypes calls release the GIL):
 # about 0.3 ms of work per half, against some 30 us for the hand-over.
 _PARALLEL_SECTORS = 64
+
+
+@dataclass(frozen=True)
+class NativeEncryption:
+    """What a caller running its own native step with a cipher's key needs (storage.integrity's
+    small commits, `NativeLoops.small_commit`): the loops, the context keyed for encryption, the
+    lock that must be held while the context is used, and the tweak arithmetic (sector numbers
+    are the caller's, checked by it to stay in the plain64 range)."""
+
+    loops: native_loops.NativeLoops
+    context: int
+    lock: threading.Lock
+    units_per_sector: int
+    iv_offset: int
+
+    def tweak(self, sector_number: int) -> int:
+        """The plain64 tweak of a sector, as an integer (512-byte units plus the iv offset)."""
+        return sector_number * self.units_per_sector + self.iv_offset
 
 
 class SectorCipher:
@@ -114,6 +133,15 @@ class SectorCipher:
     def native(self) -> bool:
         """Whether the self-tested native loops (storage.native) do the per-sector work."""
         return self._fast is not None and self._fast.native is not None
+
+    def native_encryption(self) -> NativeEncryption | None:
+        """The self-tested native loops with this key's encryption context (see
+        `NativeEncryption`), or None when the Python loops are in use."""
+        fast = self._fast
+        if fast is None or fast.native is None:
+            return None
+        return NativeEncryption(fast.native, fast.encryption_context, fast.lock,
+                                self._units_per_sector, self._iv_offset)
 
     def tweak(self, sector_number: int) -> bytes:
         """The 16-byte plain64 tweak of a sector (512-byte units, little-endian)."""
@@ -389,10 +417,11 @@ class _LibcryptoXts:
         self.library = functions.library
         self.native: native_loops.NativeLoops | None = None  # set by SectorCipher once self-tested
         self._contexts = {True: encrypt_context, False: decrypt_context}
+        self.encryption_context = encrypt_context  # for `SectorCipher.native_encryption`
         self._iv = ctypes.create_string_buffer(16)
         self._out_length = ctypes.c_int(0)
         self._pairs: dict[int, tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char]]] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held by any user of the contexts (also `NativeEncryption`)
         # the helper thread of long native runs and its copies of the two contexts (made on
         # first use; empty when copying failed or the process may use a single CPU)
         self._helper: ThreadPoolExecutor | None = None
@@ -431,7 +460,7 @@ class _LibcryptoXts:
         arithmetic on a bytes object (`cast`) costs more than copying 4 KiB; `.raw` of an
         exact-size buffer is the cheapest way back to bytes."""
         length = len(tweaks) * sector_size
-        with self._lock:
+        with self.lock:
             if len(tweaks) == 1 and isinstance(data, bytes):  # the common single-sector call
                 output = self._buffers(length)[1]
                 self._crypt_one(encrypting, tweaks[0], data, output, sector_size)
@@ -475,7 +504,7 @@ class _LibcryptoXts:
         source_address, _source_anchor = _address_of(data)
         output_anchor = ctypes.c_char.from_buffer(out)
         output_address = ctypes.addressof(output_anchor)
-        with self._lock:
+        with self.lock:
             if digests is None:
                 self._crypt(encrypting, tweaks, source_address, output_address, sector_size)
                 return
@@ -572,7 +601,7 @@ class _LibcryptoXts:
             return native.verify_decrypt(contexts[False], tweaks.start + start * step, step,
                                          data_address + start * sector_size, stop - start, sector_size,
                                          expected_address + start * DIGEST_SIZE, flags_address + start)
-        with self._lock:
+        with self.lock:
             mismatching = self._split(len(tweaks), work)
         if not mismatching:
             return []

@@ -2,9 +2,11 @@
 
 It must be an optimisation only: the same log records, byte for byte, as the general
 `_append_record`, recovered by the same code. The first test runs one workload twice on memory
-devices, with and without the small path, and compares the whole image after every commit; the
-second writes through an image file (where the record goes out as a direct write) and recovers a
-copy of the image taken between commits, as a crash would leave it.
+devices, with and without the small path, and compares the whole image after every commit (the
+small path both with its native step, `ks_small_commit`, and with its Python one); the second
+writes through an image file (where the record goes out as a direct write) and recovers a copy
+of the image taken between commits, as a crash would leave it. Then: a flipped byte anywhere in
+a live small record is caught, and a crash right after the durable write keeps the commit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from storage.blockdev import FileBlockDevice, MemoryBlockDevice
+from storage.errors import IntegrityError, RollbackError
 from storage.integrity import SECTOR_SIZE, DataSegment, MerkleStore
 from storage.xts import SectorCipher
 
@@ -54,8 +57,10 @@ def _workload(store: MerkleStore, rng: random.Random, after_commit: Callable[[],
     return model
 
 
+@pytest.mark.parametrize("native_step", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, native_step: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     key = random.Random(seed).randbytes(64)
     small_path = MerkleStore._append_small_record
     taken = 0
@@ -69,6 +74,9 @@ def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, monke
     def run(small: bool) -> tuple[list[bytes], MemoryBlockDevice]:
         device = MemoryBlockDevice(SEGMENT_BYTES)
         store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID)
+        assert (store._small is not None) == SectorCipher(key).native  # the native step is there when built
+        if not native_step:
+            store._small = None  # `_small_record_in_python`
         images: list[bytes] = []
         with monkeypatch.context() as patch:
             patch.setattr(MerkleStore, "_append_small_record", counting if small else lambda store: False)
@@ -128,3 +136,66 @@ def test_an_image_file_copied_between_small_commits_recovers_them(tmp_path: Path
                                          writable=False)
             assert recovered.state().generation == index + 2  # format is generation 1
             assert {sector: recovered.read(sector, 1) for sector in states[index]} == states[index]
+
+
+def _live_small_record(device: MemoryBlockDevice, key: bytes) -> tuple[MerkleStore, dict[int, bytes], int]:
+    """A volume whose last commit is a small record of two overwritten sectors, not yet
+    checkpointed; returns the store, the expected contents and the generation to pin."""
+    store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID)
+    rng = random.Random(11)
+    contents = {sector: rng.randbytes(SECTOR_SIZE) for sector in range(8)}
+    store.write(0, b"".join(contents.values()))
+    store.close()  # checkpointed: the sectors have committed content, so overwrites are logged
+    store = MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID, writable=True)
+    for sector in (3, 5):
+        contents[sector] = rng.randbytes(SECTOR_SIZE)
+        store.write(sector, contents[sector])
+    small_path = store._log_position
+    latest = store.commit()
+    assert store._log_position == small_path + 3  # one small record: header and two sectors
+    return store, contents, latest.generation
+
+
+def test_a_flip_anywhere_in_a_live_small_record_is_caught() -> None:
+    """Header (entries, root, both MACs) and logged ciphertext of a small record are all
+    authenticated: any flipped byte makes the record invalid, so a pinned open refuses the
+    image; the untouched image opens at the pinned generation with the new contents."""
+    key = os.urandom(64)
+    device = MemoryBlockDevice(SEGMENT_BYTES)
+    store, contents, generation = _live_small_record(device, key)
+    record_start = store.layout.log_start + store._log_position - 3
+    crashed = device.snapshot()
+    rng = random.Random(5)
+    for segment_sector in range(record_start, record_start + 3):
+        for _ in range(4):
+            device.restore(crashed)
+            offset = segment_sector * SECTOR_SIZE + rng.randrange(SECTOR_SIZE)
+            device.write(offset, bytes([device.read(offset, 1)[0] ^ (1 << rng.randrange(8))]))
+            with pytest.raises((IntegrityError, RollbackError)):
+                MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
+                                 writable=False, expected_generation=generation)
+    device.restore(crashed)
+    reopened = MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
+                                writable=False, expected_generation=generation)
+    assert {sector: reopened.read(sector, 1) for sector in contents} == contents
+    assert reopened.check() == []
+
+
+def test_a_crash_right_after_the_durable_write_keeps_the_small_commit() -> None:
+    """The image as it is the moment `write_durable` returns (nothing written after it, the
+    in-memory bookkeeping never done) recovers the acknowledged commit."""
+    key = os.urandom(64)
+    images: list[bytes] = []
+
+    class CrashAfterDurableWrite(MemoryBlockDevice):
+        def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+            super().write_durable(offset, data)
+            images.append(self.snapshot())
+
+    device = CrashAfterDurableWrite(SEGMENT_BYTES)
+    _, contents, generation = _live_small_record(device, key)
+    device.restore(images[-1])
+    recovered = MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
+                                 writable=False, expected_generation=generation)
+    assert recovered.state().generation == generation
+    assert {sector: recovered.read(sector, 1) for sector in contents} == contents

@@ -1,0 +1,120 @@
+"""The native step of MerkleStore's small commits (storage.integrity `_append_small_record`).
+
+Why: a durable 4 KiB overwrite is one small commit, and in Python its cryptography (XTS and
+SHA-256 of the data sector, three SHA-256 of tree pages, two HMACs, XTS of the header) costs a
+dozen calls through several layers each: about 100 us per commit in context against some 15 us
+of actual work. `ks_small_commit` (storage/_native.c) runs the same steps in ONE ctypes call.
+
+Division of labour: the integrity layer keeps the whole record format. It packs the header
+(everything but the entries' digests, the root and the two MACs), copies the plaintext behind
+it and packs the state MAC's message (everything but the root); this module owns the buffers
+those go into, their addresses, and the `SmallCommit` structure that tells the C code where
+each result goes. The C code only calls OpenSSL (see the C file's contract, checked here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from storage import native
+from storage.xts import NativeEncryption
+
+SECTOR_SIZE = 4096
+HASH_SIZE = 32
+MAX_SECTORS = native.SMALL_COMMIT_SECTORS
+
+
+class NativeSmallCommit:
+    """Buffers and addresses for `ks_small_commit` with one key and one tree.
+
+    `record` is the record being assembled: a header sector, then up to MAX_SECTORS sectors.
+    It sits right behind `mac_label` in one buffer, so that the header MAC's message (label,
+    then the header up to its MAC) is contiguous. `state` is the state MAC's message, whose last
+    32 bytes (the tree root) the C code fills in.
+    """
+
+    def __init__(self, encryption: NativeEncryption, key: bytes, mac_label: bytes, state_length: int,
+                 header: struct.Struct, root_at: int, root_mac_at: int, entry_size: int) -> None:
+        if header.size + HASH_SIZE > SECTOR_SIZE or not 0 <= root_at <= header.size - HASH_SIZE \
+                or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < HASH_SIZE:
+            raise ValueError("the small-commit record layout does not fit a sector")
+        self._encryption = encryption
+        self._key = key  # bytes: its address stays valid while this object holds it
+        self._area = bytearray(len(mac_label) + (1 + MAX_SECTORS) * SECTOR_SIZE)
+        self._area[:len(mac_label)] = mac_label
+        self.record = memoryview(self._area)[len(mac_label):]
+        self.state = bytearray(state_length)
+        self.root_mac = bytearray(HASH_SIZE)  # the state MAC of the last `run` (the header's is encrypted)
+        self._header_size = header.size
+        self._entry_size = entry_size
+        self._anchors: list[object] = []  # exports of every buffer whose address is in `commit`
+        self._levels: tuple[int, ...] = ()  # ids of the bound tree levels (kept alive by _anchors)
+        commit = self._commit = native.SmallCommit()
+        commit.context = encryption.context
+        commit.key = ctypes.cast(ctypes.c_char_p(key), ctypes.c_void_p).value
+        commit.key_length = len(key)
+        commit.record = self._address(self._area) + len(mac_label)
+        commit.root_at = root_at
+        commit.root_mac_at = root_mac_at
+        commit.root_mac = self._address(self.root_mac)
+        commit.entry_size = entry_size
+        commit.state = self._address(self.state)
+        commit.state_length = state_length
+        commit.mac_input = self._address(self._area)
+        commit.mac_length = len(mac_label) + SECTOR_SIZE - HASH_SIZE
+        commit.sector_size = SECTOR_SIZE
+        self._fixed = len(self._anchors)
+
+    def _address(self, buffer: bytearray) -> int:
+        """`buffer`'s address, kept valid: the export held in `_anchors` also stops any resize."""
+        anchor = ctypes.c_char.from_buffer(buffer)
+        self._anchors.append(anchor)
+        return ctypes.addressof(anchor)
+
+    def bind(self, levels: list[bytearray]) -> bool:
+        """Point the C code at the tree `levels` (leaves first, root hash last) unless they are
+        the ones bound already; False (nothing bound) for a tree it cannot handle."""
+        key = tuple(map(id, levels))
+        if key == self._levels:
+            return True
+        del self._anchors[self._fixed:]
+        self._levels = ()
+        if not 2 <= len(levels) <= native.SMALL_COMMIT_LEVELS or len(levels[-1]) != HASH_SIZE:
+            return False
+        commit = self._commit
+        for depth, level in enumerate(levels):
+            below = len(levels[depth - 1]) if depth else 0
+            if len(level) % HASH_SIZE or (depth and len(level) != -(-below // SECTOR_SIZE) * HASH_SIZE):
+                return False
+            commit.levels[depth] = self._address(level)
+            commit.level_lengths[depth] = len(level)
+        commit.depth = len(levels)
+        self._levels = key
+        return True
+
+    def run(self, sectors: list[int], first_tweak_sector: int, header_sector: int, entries_at: int) -> None:
+        """Encrypt and hash the `sectors` (leaf indices, whose plaintext the caller put behind
+        the header, in this order; record sector i goes home to segment sector
+        `first_tweak_sector + sectors[i]`), update the bound tree up to the root, fill in the
+        header's digests (from `entries_at`, one per entry), root and root MAC, MAC the header and
+        encrypt it for segment sector `header_sector`."""
+        count = len(sectors)
+        commit = self._commit
+        if (not self._levels or not 1 <= count <= MAX_SECTORS
+                or not 0 <= min(sectors) <= max(sectors) < commit.level_lengths[0] // HASH_SIZE
+                or entries_at < self._header_size
+                or entries_at + (count - 1) * self._entry_size + HASH_SIZE > SECTOR_SIZE - HASH_SIZE):
+            raise ValueError("small commit outside the bound tree or the header")
+        encryption = self._encryption
+        tweak = encryption.tweak
+        tweaks = [tweak(first_tweak_sector + sector) for sector in sectors]
+        tweaks.append(tweak(header_sector))
+        if min(first_tweak_sector, header_sector) < 0 or max(tweaks) >= 1 << 64:
+            raise ValueError("small commit sector out of the plain64 range")
+        commit.count = count
+        commit.sectors[:count] = sectors
+        commit.tweaks[:count + 1] = tweaks
+        commit.entries_at = entries_at
+        with encryption.lock:
+            encryption.loops.small_commit(commit)

@@ -71,10 +71,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from storage._small_commit import NativeSmallCommit
 from storage.blockdev import BlockDevice
 from storage.errors import IntegrityError, NoSpace, RollbackError, StorageError
-from storage.xts import NativeEncryption
 
 SECTOR_SIZE = 4096
 HASH_SIZE = 32
@@ -93,9 +91,6 @@ _SUPERBLOCK = struct.Struct(f"<8s{_UUID_FIELD}sQQQQQQH32s32s")
 # An entry's sector number has _HOME_FLAG set when its ciphertext went home, not into the log.
 _RECORD = struct.Struct(f"<8s{_UUID_FIELD}sQ32sIIIH32s32s")
 _ENTRY = struct.Struct("<Q32s")
-_SECTOR_NUMBER = struct.Struct("<Q")  # an entry's first field (small commits pack the digests natively)
-_RECORD_ROOT_AT = struct.calcsize(f"<8s{_UUID_FIELD}sQ32sIIIH")  # then the root MAC, right after it
-_LOG_MAC_LABEL = b"keepshim/log/v1"
 _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
 _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
@@ -564,15 +559,17 @@ class MerkleStore(_CachedStore):
         self._arena_sectors = self._memory_limit + self._dirty_limit  # room for a held batch
         self._scratch = memoryview(bytearray(0))  # warm buffer for a commit's ciphertext
         self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
-        # `_append_small_record`: the record is assembled in `_record_buffer` (with the native
-        # step: in its buffers, and the state MAC's message in `_small.state`, constant parts
-        # packed once here); constant parts of the state MAC
+        # Flushed sectors (`_flush_fresh`): free in the last commit, their ciphertext already
+        # written home (not yet synced) by a cache-pressure flush: sector -> SHA-256 of that
+        # ciphertext. Their leaves still say free until the next commit's record carries them as
+        # home entries; the limit keeps that record's header within a quarter of the log.
+        self._flushed: dict[int, bytes] = {}
+        self._flushed_limit = (layout.log_sectors // 4) * (SECTOR_SIZE // _ENTRY.size) - self._memory_limit
+        # `_append_small_record`: the record is assembled here; constant parts of the state MAC
+        self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE))
+        self._record_digest = memoryview(bytearray(HASH_SIZE))
         self._state_prefix = b"keepshim/state/v1" + self._uuid_field
         self._layout_packed = layout.packed()
-        self._small = self._native_small_commit(segment.cipher)
-        self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE)) \
-            if self._small is None else self._small.record
-        self._record_digest = memoryview(bytearray(HASH_SIZE))
 
     def _stage(self, first: int, view: memoryview, count: int) -> None:
         clean_pop = self._clean.pop
@@ -661,7 +658,8 @@ class MerkleStore(_CachedStore):
         if self._closed:
             raise ValueError("store is closed")
         self._run_commit_hooks()
-        if not self.writable or (not self._dirty and self._metadata == self._committed_metadata):
+        if not self.writable or (not self._dirty and not self._flushed
+                                 and self._metadata == self._committed_metadata):
             return self.state()
         if not self._append_small_record():
             self._append_record()
@@ -787,11 +785,14 @@ class MerkleStore(_CachedStore):
         count = len(view) // SECTOR_SIZE
         home = self._layout.data_start + first
         self._segment.readinto_raw(home, view)
-        leaves = self._leaves
-        for index in self._segment.cipher.verify_decrypt_into(
-                home, view, leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]):
+        expected = self._leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
+        flushed = self._flushed
+        if flushed:  # flushed sectors: checked against the hash of what the flush wrote home
+            for sector in flushed.keys() & range(first, first + count):
+                expected[(sector - first) * HASH_SIZE:(sector - first + 1) * HASH_SIZE] = flushed[sector]
+        for index in self._segment.cipher.verify_decrypt_into(home, view, expected):
             sector = first + index
-            if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] != _FREE_LEAF:
+            if expected[index * HASH_SIZE:(index + 1) * HASH_SIZE] != _FREE_LEAF:
                 if needed is not None and index >= needed:
                     return index
                 raise IntegrityError(
@@ -802,23 +803,65 @@ class MerkleStore(_CachedStore):
     # -- commit ----------------------------------------------------------------------------
 
     def _pressure_commit(self) -> None:
-        self.commit()
+        """Too many dirty sectors: flush the fresh ones home when that is enough (no record, no
+        sync: the guest's next fsync pays for one durability point, not one per 16 MiB), else
+        commit."""
+        if (self._dirty_logged < self._dirty_limit
+                and len(self._flushed) + len(self._dirty) <= self._flushed_limit):
+            self._flush_fresh()
+        else:
+            self.commit()
 
-    def _native_small_commit(self, cipher: SectorCipherLike) -> NativeSmallCommit | None:
-        """The native step of `_append_small_record` for this key (None without the native
-        loops), with the constant parts of the state MAC's message packed in."""
-        native_encryption = getattr(cipher, "native_encryption", None)
-        encryption = native_encryption() if callable(native_encryption) else None
-        if not isinstance(encryption, NativeEncryption):
-            return None
-        prefix = self._state_prefix
-        small = NativeSmallCommit(encryption, self._key, _LOG_MAC_LABEL,
-                                  len(prefix) + _GENERATION.size + len(self._layout_packed) + 2 * HASH_SIZE,
-                                  _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE, _ENTRY.size)
-        small.state[:len(prefix)] = prefix
-        at = len(prefix) + _GENERATION.size
-        small.state[at:at + len(self._layout_packed)] = self._layout_packed
-        return small
+    def _home_writer(self) -> ThreadPoolExecutor:
+        """The worker thread that writes big commits' and flushes' sectors home."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepshim-home")
+        return self._writer
+
+    def _scratch_for(self, sectors: int) -> memoryview:
+        """The warm ciphertext buffer, grown to hold at least `sectors`."""
+        if self._scratch.nbytes < sectors * SECTOR_SIZE:
+            self._scratch.release()
+            self._scratch = _prefaulted(max(sectors, self._arena_sectors) * SECTOR_SIZE)
+        return self._scratch
+
+    def _flush_fresh(self) -> None:
+        """Write the dirty sectors that are free in the last commit home, encrypted, and forget
+        their plaintext, keeping only the hash of their ciphertext (`_flushed`). Nothing is
+        committed: their leaves still say free, so a crash before the next commit leaves
+        garbage only where nothing was (it reads as zeros), exactly as a torn commit does. The
+        next commit's record lists them as home entries and its sync makes them durable
+        first; until then reads check them against the flushed hash. The dirty sectors that
+        need the log stay dirty (copied out of the arena, which is reused)."""
+        dirty = self._dirty
+        leaves = self._leaves
+        fresh = sorted(dirty) if not self._dirty_logged else sorted(
+            sector for sector in dirty if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] == _FREE_LEAF)
+        data_start = self._layout.data_start
+        encrypt_hash_into = self._segment.cipher.encrypt_hash_into
+        scratch = self._scratch_for(len(fresh))
+        digests = memoryview(bytearray(len(fresh) * HASH_SIZE))
+        writer = self._home_writer()
+        writes: list[Future[None]] = []
+        used = 0
+        try:
+            for first, count in _chunks(_runs(fresh), _CHUNK_SECTORS):
+                view = scratch[used * SECTOR_SIZE:(used + count) * SECTOR_SIZE]
+                for index in range(count):
+                    view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
+                encrypt_hash_into(data_start + first, view, view, digests[used * HASH_SIZE:(used + count) * HASH_SIZE])
+                used += count
+                writes.append(writer.submit(self._segment.write_raw, data_start + first, view))
+        finally:
+            if writes:
+                wait(writes)  # the scratch buffer must outlive every write
+        for future in writes:
+            future.result()  # the first failed home write, if any (the sectors stay dirty)
+        flushed = self._flushed
+        flushed.update(zip(fresh, _split_digests(digests.tobytes(), len(fresh)), strict=True))
+        logged = {sector: bytes(data) for sector, data in dirty.items() if sector not in flushed}
+        self._clear_dirty()
+        dirty.update(logged)
 
     def _append_small_record(self) -> bool:
         """`_append_record` for the common durable small write (a 4 KiB overwrite and fsync):
@@ -826,60 +869,17 @@ class MerkleStore(_CachedStore):
         sector. Same record, same durability point, with none of the general path's
         machinery: each sector is encrypted straight into the record buffer behind the header,
         only the tree pages on the sectors' paths are rehashed, and the record goes to the disk
-        with one `write_durable` (a direct write where the device allows it). With the native
-        loops, the cryptography (XTS and leaf hashes, tree, both MACs, header XTS) is one call
-        into `ks_small_commit` (storage._small_commit); `_small_record_in_python` does the
-        same steps otherwise. Returns False, having changed nothing, when the general path
-        must run."""
+        with one `write_durable` (a direct write where the device allows it). Returns False,
+        having changed nothing, when the general path must run."""
         dirty = self._dirty
         count = len(dirty)
         metadata = self._metadata
         entries_at = _RECORD.size + len(metadata)
         mac_at = SECTOR_SIZE - HASH_SIZE
-        if (count > _SMALL_RECORD_SECTORS or self._dirty_logged != count
+        if (count > _SMALL_RECORD_SECTORS or self._dirty_logged != count or self._flushed
                 or entries_at + count * _ENTRY.size > mac_at
                 or self._log_position + 1 + count > self._layout.log_sectors):
             return False
-        record = self._record_buffer
-        sectors = sorted(dirty) if count > 1 else list(dirty)
-        generation = self._generation + 1
-        position = self._layout.log_start + self._log_position
-        small = self._small
-        if small is not None and small.bind(self._levels):
-            # the header without its digests, root and MACs; the plaintext behind it
-            _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
-                              self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)
-            record[_RECORD.size:entries_at] = metadata
-            entry = entries_at
-            for index, sector in enumerate(sectors, 1):
-                _SECTOR_NUMBER.pack_into(record, entry, sector)
-                entry += _ENTRY.size
-                record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
-            record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
-            state = small.state  # prefix and layout packed once; the root comes from the C code
-            at = len(self._state_prefix)
-            _GENERATION.pack_into(state, at, generation)
-            at += _GENERATION.size + len(self._layout_packed)
-            state[at:at + HASH_SIZE] = hashlib.sha256(metadata).digest()
-            small.run(sectors, self._layout.data_start, position, entries_at + _SECTOR_NUMBER.size)
-            root_mac = bytes(small.root_mac)
-        else:
-            root_mac = self._small_record_in_python(sectors, generation, position, entries_at)
-        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
-        self._log_position += 1 + count
-        pending = self._pending
-        for index, sector in enumerate(sectors, 1):
-            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
-        self._committed(generation, root_mac, metadata, {sector // HASHES_PER_PAGE for sector in sectors})
-        return True
-
-    def _small_record_in_python(self, sectors: list[int], generation: int, position: int,
-                                entries_at: int) -> bytes:
-        """`_append_small_record`'s record without the native step: the same bytes, assembled
-        in `_record_buffer`, with the tree updated. Returns the new root MAC."""
-        dirty = self._dirty
-        metadata = self._metadata
-        mac_at = SECTOR_SIZE - HASH_SIZE
         data_start = self._layout.data_start
         cipher = self._segment.cipher
         encrypt_hash_into = cipher.encrypt_hash_into
@@ -887,6 +887,7 @@ class MerkleStore(_CachedStore):
         leaves = self._leaves
         record = self._record_buffer
         digest_view = self._record_digest
+        sectors = sorted(dirty) if count > 1 else list(dirty)
         entry = entries_at
         for index, sector in enumerate(sectors, 1):
             piece = record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
@@ -895,17 +896,26 @@ class MerkleStore(_CachedStore):
             leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
             pack_entry(record, entry, sector, digest)
             entry += _ENTRY.size
-        self._update_levels({sector // HASHES_PER_PAGE for sector in sectors})
+        pages = {sector // HASHES_PER_PAGE for sector in sectors}
+        self._update_levels(pages)
+        generation = self._generation + 1
         root = self._tree_root()
         root_mac = self._state_mac(generation, root, metadata)
         _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
-                          self._root_mac.ljust(32, b"\0"), len(sectors), 0, 1, len(metadata), root, root_mac)
+                          self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), root, root_mac)
         record[_RECORD.size:entries_at] = metadata
         record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
-        record[mac_at:SECTOR_SIZE] = self._mac(_LOG_MAC_LABEL, record[:mac_at])
+        record[mac_at:SECTOR_SIZE] = self._mac(b"keepshim/log/v1", record[:mac_at])
+        position = self._layout.log_start + self._log_position
         header = record[:SECTOR_SIZE]
         cipher.encrypt_into(position, header, header)
-        return root_mac
+        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
+        self._log_position += 1 + count
+        pending = self._pending
+        for index, sector in enumerate(sectors, 1):
+            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
+        self._committed(generation, root_mac, metadata, pages)
+        return True
 
     def _append_record(self) -> None:
         """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free
@@ -923,24 +933,19 @@ class MerkleStore(_CachedStore):
         logged: list[tuple[int, memoryview]] = []
         home_sectors: list[int] = []
         metadata = self._metadata
-        body_length = _RECORD.size + len(metadata) + len(dirty) * _ENTRY.size + HASH_SIZE
+        # flushed sectors written again since are dirty: the dirty contents go home instead
+        flushed = [(sector, digest) for sector, digest in self._flushed.items() if sector not in dirty]
+        body_length = _RECORD.size + len(metadata) + (len(dirty) + len(flushed)) * _ENTRY.size + HASH_SIZE
         header_sectors = -(-body_length // SECTOR_SIZE)
         record_sectors = header_sectors + self._dirty_logged
         if self._log_position + record_sectors > layout.log_sectors:
             self._checkpoint()  # before the leaves change: a checkpoint writes committed state only
         if record_sectors > layout.log_sectors:
             raise StorageError("commit larger than the redo log")  # prevented by the cache limits
-        if self._scratch.nbytes < len(dirty) * SECTOR_SIZE:
-            self._scratch.release()
-            self._scratch = _prefaulted(max(len(dirty), self._arena_sectors) * SECTOR_SIZE)
-        scratch = self._scratch
+        scratch = self._scratch_for(len(dirty))
         used = 0
         writes: list[Future[None]] = []
-        writer: ThreadPoolExecutor | None = None
-        if len(dirty) > _CHUNK_SECTORS:
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepshim-home")
-            writer = self._writer
+        writer = self._home_writer() if len(dirty) > _CHUNK_SECTORS else None
 
         tails: list[int] = []  # the last sector of each home run: kept in the clean cache
 
@@ -1007,6 +1012,11 @@ class MerkleStore(_CachedStore):
                 else:
                     logged_parts.append(part)
                 changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+            for sector, digest in flushed:  # already home (synced below with the record)
+                leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
+                entries.append(pack(sector | _HOME_FLAG, digest))
+                home_sectors.append(sector)
+                changed_pages.add(sector // HASHES_PER_PAGE)
             self._update_levels(changed_pages)
             if len(logged) != self._dirty_logged:
                 raise AssertionError("dirty sector accounting is off")  # _stage counts them
@@ -1034,6 +1044,7 @@ class MerkleStore(_CachedStore):
             pending.pop(sector, None)
         for sector in tails:  # appends (the SQLite WAL) read-modify-write a run's last sector next
             self._remember_clean(sector, bytes(dirty[sector]))
+        self._flushed.clear()
         self._committed(generation, root_mac, metadata, changed_pages)
 
     def _committed(self, generation: int, root_mac: bytes, metadata: bytes, pages: Iterable[int]) -> None:
@@ -1167,7 +1178,7 @@ class MerkleStore(_CachedStore):
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
         header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
-        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(_LOG_MAC_LABEL, header[:-HASH_SIZE])):
+        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(b"keepshim/log/v1", header[:-HASH_SIZE])):
             return None
         body = header[:body_length]
         metadata = body[_RECORD.size:_RECORD.size + meta_length]

@@ -71,8 +71,10 @@ from typing import Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from storage._small_commit import NativeSmallCommit
 from storage.blockdev import BlockDevice
 from storage.errors import IntegrityError, NoSpace, RollbackError, StorageError
+from storage.xts import NativeEncryption
 
 SECTOR_SIZE = 4096
 HASH_SIZE = 32
@@ -91,6 +93,9 @@ _SUPERBLOCK = struct.Struct(f"<8s{_UUID_FIELD}sQQQQQQH32s32s")
 # An entry's sector number has _HOME_FLAG set when its ciphertext went home, not into the log.
 _RECORD = struct.Struct(f"<8s{_UUID_FIELD}sQ32sIIIH32s32s")
 _ENTRY = struct.Struct("<Q32s")
+_SECTOR_NUMBER = struct.Struct("<Q")  # an entry's first field (small commits pack the digests natively)
+_RECORD_ROOT_AT = struct.calcsize(f"<8s{_UUID_FIELD}sQ32sIIIH")  # then the root MAC, right after it
+_LOG_MAC_LABEL = b"keepshim/log/v1"
 _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
 _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
@@ -565,11 +570,15 @@ class MerkleStore(_CachedStore):
         # home entries; the limit keeps that record's header within a quarter of the log.
         self._flushed: dict[int, bytes] = {}
         self._flushed_limit = (layout.log_sectors // 4) * (SECTOR_SIZE // _ENTRY.size) - self._memory_limit
-        # `_append_small_record`: the record is assembled here; constant parts of the state MAC
-        self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE))
-        self._record_digest = memoryview(bytearray(HASH_SIZE))
+        # `_append_small_record`: the record is assembled in `_record_buffer` (with the native
+        # step: in its buffers, and the state MAC's message in `_small.state`, constant parts
+        # packed once here); constant parts of the state MAC
         self._state_prefix = b"keepshim/state/v1" + self._uuid_field
         self._layout_packed = layout.packed()
+        self._small = self._native_small_commit(segment.cipher)
+        self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE)) \
+            if self._small is None else self._small.record
+        self._record_digest = memoryview(bytearray(HASH_SIZE))
 
     def _stage(self, first: int, view: memoryview, count: int) -> None:
         clean_pop = self._clean.pop
@@ -863,14 +872,33 @@ class MerkleStore(_CachedStore):
         self._clear_dirty()
         dirty.update(logged)
 
+    def _native_small_commit(self, cipher: SectorCipherLike) -> NativeSmallCommit | None:
+        """The native step of `_append_small_record` for this key (None without the native
+        loops), with the constant parts of the state MAC's message packed in."""
+        native_encryption = getattr(cipher, "native_encryption", None)
+        encryption = native_encryption() if callable(native_encryption) else None
+        if not isinstance(encryption, NativeEncryption):
+            return None
+        prefix = self._state_prefix
+        small = NativeSmallCommit(encryption, self._key, _LOG_MAC_LABEL,
+                                  len(prefix) + _GENERATION.size + len(self._layout_packed) + 2 * HASH_SIZE,
+                                  _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE, _ENTRY.size)
+        small.state[:len(prefix)] = prefix
+        at = len(prefix) + _GENERATION.size
+        small.state[at:at + len(self._layout_packed)] = self._layout_packed
+        return small
+
     def _append_small_record(self) -> bool:
         """`_append_record` for the common durable small write (a 4 KiB overwrite and fsync):
         at most _SMALL_RECORD_SECTORS dirty sectors, all logged (none free), header in one
         sector. Same record, same durability point, with none of the general path's
         machinery: each sector is encrypted straight into the record buffer behind the header,
         only the tree pages on the sectors' paths are rehashed, and the record goes to the disk
-        with one `write_durable` (a direct write where the device allows it). Returns False,
-        having changed nothing, when the general path must run."""
+        with one `write_durable` (a direct write where the device allows it). With the native
+        loops, the cryptography (XTS and leaf hashes, tree, both MACs, header XTS) is one call
+        into `ks_small_commit` (storage._small_commit); `_small_record_in_python` does the
+        same steps otherwise. Returns False, having changed nothing, when the general path
+        must run."""
         dirty = self._dirty
         count = len(dirty)
         metadata = self._metadata
@@ -880,6 +908,46 @@ class MerkleStore(_CachedStore):
                 or entries_at + count * _ENTRY.size > mac_at
                 or self._log_position + 1 + count > self._layout.log_sectors):
             return False
+        record = self._record_buffer
+        sectors = sorted(dirty) if count > 1 else list(dirty)
+        generation = self._generation + 1
+        position = self._layout.log_start + self._log_position
+        small = self._small
+        if small is not None and small.bind(self._levels):
+            # the header without its digests, root and MACs; the plaintext behind it
+            _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
+                              self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)
+            record[_RECORD.size:entries_at] = metadata
+            entry = entries_at
+            for index, sector in enumerate(sectors, 1):
+                _SECTOR_NUMBER.pack_into(record, entry, sector)
+                entry += _ENTRY.size
+                record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
+            record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
+            state = small.state  # prefix and layout packed once; the root comes from the C code
+            at = len(self._state_prefix)
+            _GENERATION.pack_into(state, at, generation)
+            at += _GENERATION.size + len(self._layout_packed)
+            state[at:at + HASH_SIZE] = hashlib.sha256(metadata).digest()
+            small.run(sectors, self._layout.data_start, position, entries_at + _SECTOR_NUMBER.size)
+            root_mac = bytes(small.root_mac)
+        else:
+            root_mac = self._small_record_in_python(sectors, generation, position, entries_at)
+        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
+        self._log_position += 1 + count
+        pending = self._pending
+        for index, sector in enumerate(sectors, 1):
+            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
+        self._committed(generation, root_mac, metadata, {sector // HASHES_PER_PAGE for sector in sectors})
+        return True
+
+    def _small_record_in_python(self, sectors: list[int], generation: int, position: int,
+                                entries_at: int) -> bytes:
+        """`_append_small_record`'s record without the native step: the same bytes, assembled
+        in `_record_buffer`, with the tree updated. Returns the new root MAC."""
+        dirty = self._dirty
+        metadata = self._metadata
+        mac_at = SECTOR_SIZE - HASH_SIZE
         data_start = self._layout.data_start
         cipher = self._segment.cipher
         encrypt_hash_into = cipher.encrypt_hash_into
@@ -887,7 +955,6 @@ class MerkleStore(_CachedStore):
         leaves = self._leaves
         record = self._record_buffer
         digest_view = self._record_digest
-        sectors = sorted(dirty) if count > 1 else list(dirty)
         entry = entries_at
         for index, sector in enumerate(sectors, 1):
             piece = record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
@@ -896,26 +963,17 @@ class MerkleStore(_CachedStore):
             leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
             pack_entry(record, entry, sector, digest)
             entry += _ENTRY.size
-        pages = {sector // HASHES_PER_PAGE for sector in sectors}
-        self._update_levels(pages)
-        generation = self._generation + 1
+        self._update_levels({sector // HASHES_PER_PAGE for sector in sectors})
         root = self._tree_root()
         root_mac = self._state_mac(generation, root, metadata)
         _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
-                          self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), root, root_mac)
+                          self._root_mac.ljust(32, b"\0"), len(sectors), 0, 1, len(metadata), root, root_mac)
         record[_RECORD.size:entries_at] = metadata
         record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
-        record[mac_at:SECTOR_SIZE] = self._mac(b"keepshim/log/v1", record[:mac_at])
-        position = self._layout.log_start + self._log_position
+        record[mac_at:SECTOR_SIZE] = self._mac(_LOG_MAC_LABEL, record[:mac_at])
         header = record[:SECTOR_SIZE]
         cipher.encrypt_into(position, header, header)
-        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
-        self._log_position += 1 + count
-        pending = self._pending
-        for index, sector in enumerate(sectors, 1):
-            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
-        self._committed(generation, root_mac, metadata, pages)
-        return True
+        return root_mac
 
     def _append_record(self) -> None:
         """Encrypt and hash the dirty sectors, update the tree, write the sectors that were free
@@ -1178,7 +1236,7 @@ class MerkleStore(_CachedStore):
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
         header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
-        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(b"keepshim/log/v1", header[:-HASH_SIZE])):
+        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(_LOG_MAC_LABEL, header[:-HASH_SIZE])):
             return None
         body = header[:body_length]
         metadata = body[_RECORD.size:_RECORD.size + meta_length]

@@ -250,7 +250,7 @@ class _MapCache:
         if len(self.blocks) + len(rows) > _MAP_CACHE_LIMIT:
             self.blocks.clear()
             self.windows.clear()
-        self.blocks.update((int(key), int(phys)) for key, phys in rows)
+        self.blocks.update(rows)  # (key, phys) rows: apsw gives INTEGER columns as int
         self.windows.add(window)
 
 

@@ -992,7 +992,7 @@ class MerkleStore(_CachedStore):
         home_sectors: list[int] = []
         metadata = self._metadata
         # flushed sectors written again since are dirty: the dirty contents go home instead
-        flushed = [(sector, digest) for sector, digest in self._flushed.items() if sector not in dirty]
+        flushed = sorted(self._flushed.keys() - dirty.keys())
         body_length = _RECORD.size + len(metadata) + (len(dirty) + len(flushed)) * _ENTRY.size + HASH_SIZE
         header_sectors = -(-body_length // SECTOR_SIZE)
         record_sectors = header_sectors + self._dirty_logged
@@ -1070,11 +1070,13 @@ class MerkleStore(_CachedStore):
                 else:
                     logged_parts.append(part)
                 changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-            for sector, digest in flushed:  # already home (synced below with the record)
-                leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] = digest
-                entries.append(pack(sector | _HOME_FLAG, digest))
-                home_sectors.append(sector)
-                changed_pages.add(sector // HASHES_PER_PAGE)
+            for first, count in _runs(flushed):  # already home (synced below with the record)
+                digests = b"".join([self._flushed[sector] for sector in range(first, first + count)])
+                leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
+                entries.extend(map(pack, range(first | _HOME_FLAG, (first + count) | _HOME_FLAG),
+                                   _split_digests(digests, count)))
+                home_sectors.extend(range(first, first + count))
+                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
             self._update_levels(changed_pages)
             if len(logged) != self._dirty_logged:
                 raise AssertionError("dirty sector accounting is off")  # _stage counts them

@@ -50,6 +50,13 @@ after its log start in order (MAC, generation and previous-MAC chain checked; st
 invalid one, which is a torn, never-acknowledged write), then the rebuilt tree must match the
 last root MAC. A full recovery is therefore never worse than "the last acknowledged commit".
 
+Cache pressure does not commit when it need not: once 16 MiB of dirty sectors pile up, the ones
+free in the last commit are encrypted and written home (no record, no sync) and only the hash
+of their ciphertext is kept (`_flushed`, checked by every read of them); the next commit's record
+lists them as home entries, and its sync makes them durable with it. A crash before that commit
+finds their leaves still free: garbage where nothing was, as after a torn commit. A long
+sequential write then costs one durability point, at the client's fsync, not one per 16 MiB.
+
 `PlainStore` implements the same interface with no integrity (``integrity="none"``): the data
 segment holds one metadata sector and then the data sectors; commits are not atomic.
 """

@@ -281,12 +281,15 @@ class VolumeDirectory(_Handle):
 
     @_storage_call
     def open_directory(self, name: str) -> VolumeDirectory:
-        # counted, as a file: a removed directory stays stat-able
-        attr = self._lookup(name, open=True)
-        if not attr.is_dir:
-            self.session.fs.release(attr.ino)
-            raise _error(errno.ELOOP if attr.is_symlink else errno.ENOTDIR)
-        return VolumeDirectory(self.session, attr.ino)
+        # counted, as a file: a removed directory stays stat-able; storage remembers directory
+        # names, so the intermediate directories of a path cost no SQL once seen
+        try:
+            ino = self.session.fs.open_directory(self.ino, _name(name))
+        except FilesystemError as error:
+            if error.errno == errno.ENOTDIR and self._lookup(name).is_symlink:
+                raise _error(errno.ELOOP) from None
+            raise
+        return VolumeDirectory(self.session, ino)
 
     @_storage_call
     def open_file(self, name: str, *, create: bool, exclusive: bool, truncate: bool, read: bool,

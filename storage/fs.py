@@ -79,6 +79,7 @@ _TIMES_MAGIC = b"KST1"
 _TIME_ENTRY = struct.Struct("<QQQ")  # ino, mtime, ctime: times not yet written to SQLite
 _MAP_WINDOW = 512  # block-map entries `_overwrite` loads at once (2 MiB of a file)
 _MAP_CACHE_LIMIT = 1 << 16  # block-map entries it keeps at most
+_NAME_CACHE_LIMIT = 1 << 12  # directory names `open_directory` remembers at most
 
 T = TypeVar("T")
 
@@ -276,6 +277,18 @@ class Filesystem:
         self._times: dict[int, tuple[int, int]] = {}
         # `_overwrite`'s and `read`'s copy of SQLite state, valid while total_changes() is unchanged
         self._map_cache = _MapCache()
+        # (parent, name) -> inode of a directory, for `open_directory` (path resolution opens
+        # every intermediate directory of every path); filled from committed state only, and
+        # every statement that removes or re-points an entry forgets that entry first
+        self._directory_names: dict[tuple[int, bytes], int] = {}
+        # inodes known to be directories, from committed state: a type never changes and a
+        # committed inode number is never reused (AUTOINCREMENT), so this needs no invalidation
+        self._directory_inodes: set[int] = {ROOT_INODE}
+        # inodes that may have a `trims` row (a superset: the table's rows at mount, every
+        # inode `_resize` listed since, until `_trim_blocks` has deleted its row)
+        self._trim_candidates: set[int] = set()
+        # whether any inode may have xattrs (so deleting an inode can skip their table)
+        self._any_xattrs = True
         self._closed = False
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE if store.writable \
             else apsw.SQLITE_OPEN_READONLY
@@ -286,6 +299,8 @@ class Filesystem:
                 self._format()
             self._check_format()
             self._times = _decode_times(self._vfs.extra)
+            self._trim_candidates = {int(ino) for (ino,) in self._all("SELECT ino FROM trims")}
+            self._any_xattrs = bool(self._all("SELECT 1 FROM xattrs LIMIT 1"))
             if store.writable:
                 self._reap_orphans()
         except BaseException:
@@ -464,6 +479,11 @@ class Filesystem:
         row = self._one("SELECT ino FROM dirents WHERE parent = ? AND name = ?", (parent, name))
         return None if row is None else int(row[0])
 
+    def _forget_name(self, parent: int, name: bytes) -> None:
+        """Entry `name` of `parent` is about to be removed or re-pointed: `open_directory` must
+        not answer from it any more (called before every such statement, whatever the type)."""
+        self._directory_names.pop((parent, name), None)
+
     def _parent_of(self, directory: int) -> int:
         if directory == ROOT_INODE:
             return ROOT_INODE
@@ -514,7 +534,7 @@ class Filesystem:
         once (in this transaction) when it is not open and small enough, else as an orphan."""
         ino = attr.ino
         remaining = 0 if attr.is_dir else attr.nlink - 1
-        if remaining == 0 and not self._open_counts.get(ino) and self._unmap(ino, 0, _MAX_INDEX) < _DELETE_BATCH:
+        if remaining == 0 and not self._open_counts.get(ino) and self._unmap_file(attr) < _DELETE_BATCH:
             # it had a name until now, so it is no orphan
             self._delete_inode(ino, symlink=attr.is_symlink, orphan=False)
             return
@@ -525,15 +545,18 @@ class Filesystem:
 
     def _delete_inode(self, ino: int, *, symlink: bool = True, orphan: bool = True) -> None:
         """Within a transaction: the rows of an inode whose blocks are all unmapped (`symlink`,
-        `orphan`: whether it may have rows in those tables)."""
-        tables = ["inodes", "trims"]
+        `orphan`: whether it may have rows in those tables; `trims` and `xattrs` rows are
+        looked for only when `_trim_candidates` / `_any_xattrs` say there may be some)."""
+        execute = self._db.execute
+        execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        if ino in self._trim_candidates:
+            execute("DELETE FROM trims WHERE ino = ?", (ino,))
         if symlink:
-            tables.append("symlinks")
+            execute("DELETE FROM symlinks WHERE ino = ?", (ino,))
         if orphan:
-            tables.append("orphans")
-        for table in tables:
-            self._db.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
-        self._db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+            execute("DELETE FROM orphans WHERE ino = ?", (ino,))
+        if self._any_xattrs:
+            execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
 
     def _free_inode(self, ino: int) -> None:
         """Free an orphan's blocks in bounded transactions, then the inode itself."""
@@ -593,6 +616,21 @@ class Filesystem:
             self._db.execute("DELETE FROM blocks WHERE key BETWEEN ? AND ?", (rows[-1][0], rows[0][0]))
             self._free_blocks([int(phys) for _, phys in rows])
         return len(rows)
+
+    def _unmap_file(self, attr: Attr) -> int:
+        """`_unmap` of a whole file, in one statement when its size shows that it maps fewer
+        than `_DELETE_BATCH` blocks (none at all when it is empty): no block lies past a
+        file's size unless a truncation of it is still pending (`_trim_candidates`)."""
+        ino = attr.ino
+        if ino in self._trim_candidates or attr.size > (_DELETE_BATCH - 1) * BLOCK_SIZE:
+            return self._unmap(ino, 0, _MAX_INDEX)
+        if not attr.size:
+            return 0
+        base = ino << _KEY_BITS
+        physical = [int(phys) for (phys,) in self._db.execute(
+            "DELETE FROM blocks WHERE key BETWEEN ? AND ? RETURNING phys", (base, base + _MAX_INDEX))]
+        self._free_blocks(physical)
+        return len(physical)
 
     def _allocate(self, count: int) -> list[int]:
         """`count` free physical blocks, lowest first (sequential writes stay contiguous)."""
@@ -681,6 +719,9 @@ class Filesystem:
             found = self._child_attr(parent, name)
             if found is not None:
                 return found
+            if parent in self._directory_inodes and 0 < len(name) <= NAME_MAX \
+                    and b"/" not in name and b"\0" not in name:
+                raise _error(errno.ENOENT)  # whether or not `parent` itself still exists
             _, child = self._entry(parent, name)
             check_name(name)
             if child is None:
@@ -690,6 +731,31 @@ class Filesystem:
         if open:
             self._open_counts[attr.ino] = self._open_counts.get(attr.ino, 0) + 1
         return attr
+
+    def open_directory(self, parent: int, name: bytes) -> int:
+        """The inode of directory `name` in `parent`, counted as an open handle (as `open`);
+        ENOENT, or ENOTDIR when `name` is something else. Path resolution opens every
+        intermediate directory of every path, so the answer is remembered in
+        `_directory_names` (bounded): filled outside any transaction (committed state only),
+        and `_forget_name` drops an entry before any statement removes or re-points it."""
+        if self._closed:
+            raise _error(errno.EBADF, "filesystem is closed")
+        key = (parent, name)
+        ino = self._directory_names.get(key)
+        if ino is None:
+            attr = self.lookup(parent, name)
+            if not attr.is_dir:
+                raise _error(errno.ENOTDIR)
+            ino = attr.ino
+            if name != b"." and name != b".." and self._db.get_autocommit():
+                if len(self._directory_names) >= _NAME_CACHE_LIMIT:
+                    self._directory_names.clear()
+                if len(self._directory_inodes) >= _NAME_CACHE_LIMIT:
+                    self._directory_inodes = {ROOT_INODE}
+                self._directory_names[key] = ino
+                self._directory_inodes.add(ino)
+        self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
+        return ino
 
     def getattr(self, ino: int) -> Attr:
         return self._run(lambda: self._attr(ino), changes=False)
@@ -741,6 +807,7 @@ class Filesystem:
         blocks past it are freed in bounded batches by `_trim_blocks`, noted in `trims`);
         growing unmaps any stale block in the new range so that it reads as zeros."""
         if new < old:
+            self._trim_candidates.add(ino)
             self._db.execute("INSERT OR IGNORE INTO trims(ino) VALUES (?)", (ino,))
             self._zero_tail(ino, new)
         else:
@@ -760,6 +827,7 @@ class Filesystem:
         while self._run(lambda: self._unmap(ino, first, _MAX_INDEX)) >= _DELETE_BATCH:
             pass
         self._run(lambda: self._db.execute("DELETE FROM trims WHERE ino = ?", (ino,)))
+        self._trim_candidates.discard(ino)
 
     # -- namespace operations --------------------------------------------------------------
 
@@ -827,6 +895,7 @@ class Filesystem:
                 attr = self._attr(ino)
             if attr.is_dir:
                 raise _error(errno.EISDIR)
+            self._forget_name(parent, name)
             self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (parent, name))
             self._drop_link(attr)
             self._touch(parent)
@@ -852,6 +921,7 @@ class Filesystem:
             raise _error(errno.ENOTDIR)
         if self._one("SELECT 1 FROM dirents WHERE parent = ? LIMIT 1", (attr.ino,)) is not None:
             raise _error(errno.ENOTEMPTY)
+        self._forget_name(parent, name)
         self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (parent, name))
         self._drop_link(attr)
         self._touch_dir(parent, -1)
@@ -909,9 +979,12 @@ class Filesystem:
                 if target_attr.is_dir:
                     self._remove_directory_entry(new_parent, new_name, target_attr)
                 else:
+                    self._forget_name(new_parent, new_name)
                     self._db.execute("DELETE FROM dirents WHERE parent = ? AND name = ?", (new_parent, new_name))
                     self._drop_link(target_attr)
                 replaced.append(target)
+            self._forget_name(old_parent, old_name)
+            self._forget_name(new_parent, new_name)
             self._db.execute("UPDATE dirents SET parent = ?, name = ? WHERE parent = ? AND name = ?",
                              (new_parent, new_name, old_parent, old_name))
             if source_attr.is_dir and new_parent != old_parent:
@@ -936,6 +1009,8 @@ class Filesystem:
                 raise _error(errno.EINVAL)
             if target_dir and self._is_ancestor(target, old_parent):
                 raise _error(errno.EINVAL)
+        self._forget_name(old_parent, old_name)
+        self._forget_name(new_parent, new_name)
         self._db.execute("UPDATE dirents SET ino = ? WHERE parent = ? AND name = ?", (target, old_parent, old_name))
         self._db.execute("UPDATE dirents SET ino = ? WHERE parent = ? AND name = ?", (source, new_parent, new_name))
         if old_parent != new_parent and source_dir != target_dir:
@@ -1174,6 +1249,7 @@ class Filesystem:
                 raise _error(errno.EEXIST)
             if flags & XATTR_REPLACE and not exists:
                 raise _error(errno.ENODATA)
+            self._any_xattrs = True
             self._db.execute("INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, name, value))
             self._touch(ino, mtime=False)
         self._run(work)
@@ -1214,6 +1290,9 @@ class Filesystem:
                     "SELECT d.cookie, d.parent FROM dirents d LEFT JOIN inodes i ON i.ino = d.parent"
                     " WHERE i.ino IS NULL OR (i.mode & 61440) != 16384"):
                 problems.append(f"dirent {cookie} has parent {parent}, which is not a directory")
+            for table in ("xattrs", "trims"):
+                for (ino,) in db.execute(f"SELECT DISTINCT ino FROM {table} WHERE ino NOT IN (SELECT ino FROM inodes)"):
+                    problems.append(f"{table} of missing inode {ino}")
             open_now = {ino for ino, count in self._open_counts.items() if count}
             rows = self._all(
                 "SELECT i.ino, i.mode, i.nlink,"

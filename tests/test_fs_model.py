@@ -289,6 +289,15 @@ class FilesystemModel(RuleBasedStateMachine):
                     assert attr.is_symlink and fs.readlink(node.ino) == node.target
                 else:
                     assert attr.is_dir
+                # the remembered directory names (path resolution's) agree with the model
+                try:
+                    opened: int | None = fs.open_directory(directory.ino, name)
+                except OSError as error:
+                    assert error.errno == errno.ENOTDIR and not isinstance(node, MDir)
+                    opened = None
+                if opened is not None:
+                    assert isinstance(node, MDir) and opened == node.ino
+                    fs.release(opened)
 
 
 FilesystemModel.TestCase.settings = settings(

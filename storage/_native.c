@@ -116,7 +116,9 @@ struct ks_small_commit {
                                     of plaintext, encrypted here in place */
     u64 count;                   /* 1..SMALL_SECTORS */
     u64 sectors[SMALL_SECTORS];  /* the data sector (leaf index) of each record sector */
-    u64 tweaks[SMALL_SECTORS + 1]; /* the XTS tweak of each record sector, then of the header */
+    u64 data_tweak;              /* the XTS tweak of data sector (leaf) 0 ... */
+    u64 tweak_step;              /* ... and from one data sector to the next */
+    u64 header_tweak;            /* the XTS tweak of the header sector */
     u64 entries_at;              /* where entry 0's 32-byte digest goes in the header */
     u64 entry_size;              /* from one entry's digest to the next */
     u64 root_at;                 /* where the tree root goes in the header */
@@ -153,7 +155,7 @@ static void copy_bytes(u8 *to, const u8 *from, u64 length) {
  * HMAC the state message into the header (root MAC, copied out too), HMAC the header (label first) into its
  * last 32 bytes; encrypt the header sector in place.
  * Contract (checked by storage/integrity.py before the call): every pointer covers what the
- * fields say; sectors[i] < level_lengths[0] / 32; each level holds the hashes of the pages of
+ * fields say; sectors[i] < level_lengths[0] / 32, and its tweak does not overflow; each level holds the hashes of the pages of
  * the level below (32 bytes per page, rounded up) and the last one a single hash; the root,
  * entry and MAC offsets lie inside the header sector before its last 32 bytes.
  * Returns 0, or -1 when an OpenSSL call failed (the buffers are then undefined). */
@@ -167,7 +169,8 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
     for (u64 i = 0; i < c->count; i++) {
         u8 *sector = c->record + (i + 1) * size;
         u8 *digest = c->record + c->entries_at + i * c->entry_size;
-        if (crypt_sector(f, c->context, c->tweaks[i], sector, sector, (int)size) != 0) return -1;
+        u64 tweak = c->data_tweak + c->sectors[i] * c->tweak_step;
+        if (crypt_sector(f, c->context, tweak, sector, sector, (int)size) != 0) return -1;
         if (sha256(f, sector, (int)size, digest) != 0) return -1;
         copy_bytes(c->levels[0] + c->sectors[i] * DIGEST_SIZE, digest, DIGEST_SIZE);
         pages[i] = c->sectors[i] / fanout;
@@ -198,5 +201,5 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
     if (hmac_sha256(f, c, c->state, c->state_length, c->record + c->root_mac_at) != 0) return -1;
     copy_bytes(c->root_mac, c->record + c->root_mac_at, DIGEST_SIZE);
     if (hmac_sha256(f, c, c->mac_input, c->mac_length, c->record + size - DIGEST_SIZE) != 0) return -1;
-    return crypt_sector(f, c->context, c->tweaks[c->count], c->record, c->record, (int)size);
+    return crypt_sector(f, c->context, c->header_tweak, c->record, c->record, (int)size);
 }

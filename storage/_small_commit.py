@@ -35,11 +35,23 @@ class NativeSmallCommit:
     """
 
     def __init__(self, encryption: NativeEncryption, key: bytes, mac_label: bytes, state_length: int,
-                 header: struct.Struct, root_at: int, root_mac_at: int, entry_size: int) -> None:
+                 header: struct.Struct, root_at: int, root_mac_at: int, entry_size: int,
+                 data_start: int) -> None:
+        """`header` is the record header's fixed part (the entries follow it), with the root and
+        the root MAC at `root_at` and `root_mac_at`; entries are `entry_size` bytes, ending with
+        their digest; data sector (leaf) i goes home to segment sector `data_start` + i."""
         if header.size + HASH_SIZE > SECTOR_SIZE or not 0 <= root_at <= header.size - HASH_SIZE \
-                or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < HASH_SIZE:
+                or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < HASH_SIZE \
+                or entry_size < HASH_SIZE or data_start < 0:
             raise ValueError("the small-commit record layout does not fit a sector")
         self._encryption = encryption
+        self._lock = encryption.lock
+        self._call = encryption.loops.small_commit
+        self._data_start = data_start
+        # the most `entries_at` may be, by entry count: the last digest must end before the MAC
+        self._entries_limits = [0] + [SECTOR_SIZE - 2 * HASH_SIZE - (count - 1) * entry_size
+                                      for count in range(1, MAX_SECTORS + 1)]
+        self._leaves = 0  # leaves of the bound tree
         self._key = key  # bytes: its address stays valid while this object holds it
         self._area = bytearray(len(mac_label) + (1 + MAX_SECTORS) * SECTOR_SIZE)
         self._area[:len(mac_label)] = mac_label
@@ -64,6 +76,8 @@ class NativeSmallCommit:
         commit.mac_input = self._address(self._area)
         commit.mac_length = len(mac_label) + SECTOR_SIZE - HASH_SIZE
         commit.sector_size = SECTOR_SIZE
+        commit.data_tweak = encryption.tweak(data_start)
+        commit.tweak_step = encryption.units_per_sector
         self._fixed = len(self._anchors)
 
     def _address(self, buffer: bytearray) -> int:
@@ -89,32 +103,33 @@ class NativeSmallCommit:
                 return False
             commit.levels[depth] = self._address(level)
             commit.level_lengths[depth] = len(level)
+        leaves = len(levels[0]) // HASH_SIZE
+        if self._encryption.tweak(self._data_start + leaves) >= 1 << 64:
+            return False
         commit.depth = len(levels)
         self._levels = key
+        self._leaves = leaves
         return True
 
-    def run(self, sectors: list[int], first_tweak_sector: int, header_sector: int, entries_at: int) -> None:
-        """Encrypt and hash the `sectors` (leaf indices, whose plaintext the caller put behind
-        the header, in this order; record sector i goes home to segment sector
-        `first_tweak_sector + sectors[i]`), update the bound tree up to the root, fill in the
-        header's digests (from `entries_at`, one per entry), root and root MAC, MAC the header and
-        encrypt it for segment sector `header_sector`."""
+    def run(self, sectors: list[int], header_sector: int, entries_at: int) -> None:
+        """Encrypt and hash the `sectors` (distinct leaf indices, whose plaintext the caller put
+        behind the header in this order), update the bound tree up to the root, fill in the
+        header's digests (the first at `entries_at`, one per entry), root and root MAC, MAC the
+        header and encrypt it for segment sector `header_sector`."""
         count = len(sectors)
         commit = self._commit
-        if (not self._levels or not 1 <= count <= MAX_SECTORS
-                or not 0 <= min(sectors) <= max(sectors) < commit.level_lengths[0] // HASH_SIZE
-                or entries_at < self._header_size
-                or entries_at + (count - 1) * self._entry_size + HASH_SIZE > SECTOR_SIZE - HASH_SIZE):
-            raise ValueError("small commit outside the bound tree or the header")
-        encryption = self._encryption
-        tweak = encryption.tweak
-        tweaks = [tweak(first_tweak_sector + sector) for sector in sectors]
-        tweaks.append(tweak(header_sector))
-        if min(first_tweak_sector, header_sector) < 0 or max(tweaks) >= 1 << 64:
-            raise ValueError("small commit sector out of the plain64 range")
+        if not self._levels or not 0 < count <= MAX_SECTORS:
+            raise ValueError("small commit of no sectors, too many, or without a tree")
+        header_tweak = self._encryption.tweak(header_sector)
+        if (min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
+                or not self._header_size <= entries_at <= self._entries_limits[count]):
+            raise ValueError("small commit outside the bound tree, the plain64 range or the header")
         commit.count = count
-        commit.sectors[:count] = sectors
-        commit.tweaks[:count + 1] = tweaks
+        if count == 1:
+            commit.sectors[0] = sectors[0]
+        else:
+            commit.sectors[:count] = sectors
+        commit.header_tweak = header_tweak
         commit.entries_at = entries_at
-        with encryption.lock:
-            encryption.loops.small_commit(commit)
+        with self._lock:
+            self._call(commit)

@@ -1128,18 +1128,28 @@ class Filesystem:
         blocks go to the store under one hold (atomic like any operation); mtime/ctime wait in
         memory (`_times`, seen by getattr at once) for the next fsync or changing transaction.
         The file's mode, size and block map come from `_map_cache` (no SQL while nothing
-        changed). Returns False, having changed nothing, when the general path must run."""
+        changed; a single block whose inode and mapping are both cached is looked up there
+        directly: the durable 4 KiB overwrite). Returns False, having changed nothing, when the
+        general path must run."""
         if self._closed or not self._store.writable:
             return False
         end = offset + len(data)
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
-        self._map_cache.validate(self._db.total_changes())
-        with self._translated():
-            inode = self._cached_inode(ino)
-            if inode is None or not stat.S_ISREG(inode[0]) or end > inode[1]:
+        cache = self._map_cache
+        cache.validate(self._db.total_changes())
+        inode = cache.inodes.get(ino)
+        phys = cache.blocks.get((ino << _KEY_BITS) + first) if inode is not None and first == last else None
+        if phys is not None and inode is not None:
+            if not stat.S_ISREG(inode[0]) or end > inode[1]:
                 return False
-            mapping = self._cached_map(ino, first, last)
+            mapping = {first: phys}
+        else:
+            with self._translated():
+                inode = self._cached_inode(ino)
+                if inode is None or not stat.S_ISREG(inode[0]) or end > inode[1]:
+                    return False
+                mapping = self._cached_map(ino, first, last)
         if len(mapping) != last - first + 1:
             return False  # a hole: allocation needs the general path
         if first == last and len(data) == BLOCK_SIZE:  # one whole block: one store write, atomic

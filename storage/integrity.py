@@ -106,6 +106,7 @@ _LOG_MAC_LABEL = b"keepshim/log/v1"
 _PLAIN = struct.Struct(f"<8s{_UUID_FIELD}sQH")
 _HOME_FLAG = 1 << 63
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
+_ZEROS = memoryview(_ZERO_SECTOR)  # read-only: slices of it copy nothing
 _FREE_LEAF = bytes(HASH_SIZE)  # the leaf of a sector without committed content
 _CHUNK_SECTORS = 256  # a commit encrypts, hashes and writes home 1 MiB at a time
 _AHEAD_SECTORS = 256  # a sequential `read_into` reads, verifies and decrypts 1 MiB ahead at once
@@ -889,7 +890,8 @@ class MerkleStore(_CachedStore):
         prefix = self._state_prefix
         small = NativeSmallCommit(encryption, self._key, _LOG_MAC_LABEL,
                                   len(prefix) + _GENERATION.size + len(self._layout_packed) + 2 * HASH_SIZE,
-                                  _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE, _ENTRY.size)
+                                  _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE, _ENTRY.size,
+                                  self._layout.data_start)
         small.state[:len(prefix)] = prefix
         at = len(prefix) + _GENERATION.size
         small.state[at:at + len(self._layout_packed)] = self._layout_packed
@@ -930,13 +932,13 @@ class MerkleStore(_CachedStore):
                 _SECTOR_NUMBER.pack_into(record, entry, sector)
                 entry += _ENTRY.size
                 record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
-            record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
+            record[entry:mac_at] = _ZEROS[entry:mac_at]
             state = small.state  # prefix and layout packed once; the root comes from the C code
             at = len(self._state_prefix)
             _GENERATION.pack_into(state, at, generation)
             at += _GENERATION.size + len(self._layout_packed)
             state[at:at + HASH_SIZE] = hashlib.sha256(metadata).digest()
-            small.run(sectors, self._layout.data_start, position, entries_at + _SECTOR_NUMBER.size)
+            small.run(sectors, position, entries_at + _SECTOR_NUMBER.size)
             root_mac = bytes(small.root_mac)
         else:
             root_mac = self._small_record_in_python(sectors, generation, position, entries_at)

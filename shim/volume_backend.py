@@ -277,7 +277,13 @@ class VolumeDirectory(_Handle):
 
     @_storage_call
     def stat_at(self, name: str) -> FileStat:
-        return self.session.attr_stat(self._lookup(name))
+        if name == ".":
+            return self.session.attr_stat(self.session.fs.getattr(self.ino))
+        # `find`: a missing name (path resolution asks before every create) raises once, here
+        attr = self.session.fs.find(self.ino, _name(name))
+        if attr is None:
+            raise _error(errno.ENOENT)
+        return self.session.attr_stat(attr)
 
     @_storage_call
     def open_directory(self, name: str) -> VolumeDirectory:

@@ -56,6 +56,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import apsw
@@ -255,6 +256,27 @@ class _MapCache:
         self.windows.add(window)
 
 
+class _Translated:
+    """A context manager: SQLite and store failures as errno (as `Filesystem._run` translates
+    them). A class rather than a generator: it wraps every read, overwrite and lookup, and costs
+    0.3 us instead of 2 us (measured)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if isinstance(exc, apsw.Error):
+            translated = _translation(exc)
+            if translated is not None:
+                raise translated from None
+
+
+_TRANSLATED = _Translated()  # stateless
+
+
 class Filesystem:
     """The inode-level filesystem on a protected store. Not thread-safe: callers serialise."""
 
@@ -403,16 +425,9 @@ class Filesystem:
                 raise
             raise translated from None
 
-    @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        """SQLite and store failures as errno (as `_run` translates them)."""
-        try:
-            yield
-        except apsw.Error as exc:
-            translated = _translation(exc)
-            if translated is None:
-                raise
-            raise translated from None
+    def _translated(self) -> _Translated:
+        """SQLite and store failures as errno (as `_run` translates them), for a `with`."""
+        return _TRANSLATED
 
     def _transaction(self, work: Callable[[], T]) -> T:
         db = self._db
@@ -516,17 +531,25 @@ class Filesystem:
         """Within a transaction: a new inode named `name` in the live directory `parent`
         (EEXIST if the name is taken); a directory (`nlink` 2) adds a link to its parent."""
         check_name(name)
-        directory, existing = self._entry(parent, name)
-        if directory.nlink == 0:
-            raise _error(errno.ENOENT, "directory was removed")
-        if name in (b".", b"..") or existing is not None:
-            raise _error(errno.EEXIST)
+        db = self._db
         now = _now()
-        self._db.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
-                         " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
-        ino = int(self._db.last_insert_rowid())
-        self._db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
-        self._touch_dir(parent, 1 if stat.S_ISDIR(mode) else 0)
+        # the parent's times and link count first, only if it is a live directory: no SELECT
+        # for the checks unless they fail (a taken name fails the INSERT, rolling all back)
+        db.execute("UPDATE inodes SET mtime = ?1, ctime = ?1, nlink = nlink + ?2"
+                   " WHERE ino = ?3 AND nlink > 0 AND (mode & 61440) = 16384",
+                   (now, 1 if stat.S_ISDIR(mode) else 0, parent))
+        if not db.changes():
+            self._entry(parent, name)  # ENOENT, ENOTDIR
+            raise _error(errno.ENOENT, "directory was removed")
+        if name in (b".", b".."):
+            raise _error(errno.EEXIST)
+        db.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                   " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
+        ino = int(db.last_insert_rowid())
+        try:
+            db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+        except apsw.ConstraintError:
+            raise _error(errno.EEXIST) from None
         return Attr(ino, mode, nlink, size, 0, 0, now, now, now)
 
     def _drop_link(self, attr: Attr) -> None:
@@ -659,7 +682,16 @@ class Filesystem:
 
     def _free_blocks(self, physical: list[int]) -> None:
         """Return blocks to the free extents, merging with their neighbours."""
+        db = self._db
         for start, count in _runs(sorted(physical)):
+            # the usual case, in one statement: the run extends the extent that ends where it
+            # starts, and no extent starts where it ends (files deleted in the order written)
+            db.execute("UPDATE free_extents SET length = length + ?2"
+                       " WHERE start = (SELECT max(start) FROM free_extents WHERE start < ?1)"
+                       " AND start + length = ?1 AND NOT EXISTS (SELECT 1 FROM free_extents WHERE start = ?1 + ?2)",
+                       (start, count))
+            if db.changes():
+                continue
             # both neighbours in one statement: the extent before the run, the one right after it
             before: tuple[int, int] | None = None
             after = 0
@@ -712,25 +744,44 @@ class Filesystem:
     def lookup(self, parent: int, name: bytes, *, open: bool = False) -> Attr:
         """The attributes of `name` in directory `parent` (ENOENT, ENOTDIR); with `open`, also
         count an open handle on it (as `open`)."""
-        def work() -> Attr:
-            if name in (b".", b".."):
-                directory = self._dir(parent)
-                return directory if name == b"." else self._attr(self._parent_of(parent))
-            found = self._child_attr(parent, name)
-            if found is not None:
-                return found
-            if parent in self._directory_inodes and 0 < len(name) <= NAME_MAX \
-                    and b"/" not in name and b"\0" not in name:
-                raise _error(errno.ENOENT)  # whether or not `parent` itself still exists
-            _, child = self._entry(parent, name)
-            check_name(name)
-            if child is None:
-                raise _error(errno.ENOENT)
-            return self._attr(child)
-        attr = self._run(work, changes=False)
+        attr = self.find(parent, name)
+        if attr is None:
+            raise _error(errno.ENOENT)
         if open:
             self._open_counts[attr.ino] = self._open_counts.get(attr.ino, 0) + 1
         return attr
+
+    def find(self, parent: int, name: bytes) -> Attr | None:
+        """`lookup`, with None where it raises ENOENT: path resolution looks up every name it
+        is about to create, and raising costs more than the statement. One statement, read
+        without a transaction (see `_run`), unless the name is missing from a directory not
+        known to be one (`_directory_inodes`): then the full checks pick the errno."""
+        if self._closed:
+            raise _error(errno.EBADF, "filesystem is closed")
+        with _TRANSLATED:
+            if name != b"." and name != b"..":
+                found = self._child_attr(parent, name)
+                if found is not None or (parent in self._directory_inodes and 0 < len(name) <= NAME_MAX
+                                         and b"/" not in name and b"\0" not in name):
+                    return found  # a miss there is ENOENT whether or not `parent` still exists
+            try:
+                return self._find_checked(parent, name)
+            except FilesystemError as error:
+                if error.errno == errno.ENOENT:
+                    return None
+                raise
+
+    def _find_checked(self, parent: int, name: bytes) -> Attr:
+        """`find` with every check, in `lookup`'s errno order: the directory (ENOENT, ENOTDIR),
+        then the name (EINVAL, ENAMETOOLONG), then the entry (ENOENT)."""
+        if name in (b".", b".."):
+            directory = self._dir(parent)
+            return directory if name == b"." else self._attr(self._parent_of(parent))
+        _, child = self._entry(parent, name)
+        check_name(name)
+        if child is None:
+            raise _error(errno.ENOENT)
+        return self._attr(child)
 
     def open_directory(self, parent: int, name: bytes) -> int:
         """The inode of directory `name` in `parent`, counted as an open handle (as `open`);

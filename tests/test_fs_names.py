@@ -167,3 +167,28 @@ def test_unlinking_a_file_whose_truncation_was_interrupted_frees_everything(
     assert any("past its end" in problem for problem in fs.check())  # blocks wait to be trimmed
     fs.unlink(ROOT_INODE, b"f")
     assert fs.check() == []
+
+
+def test_refused_creates_leave_the_parent_as_it_was(volume: Volume) -> None:
+    fs = volume.fs
+    parent = fs.mkdir(ROOT_INODE, b"p").ino
+    fs.create(parent, b"taken")
+    file = fs.lookup(parent, b"taken").ino
+    before = fs.getattr(parent)
+    for call, name, code in [(fs.create, b"taken", errno.EEXIST), (fs.mkdir, b"taken", errno.EEXIST),
+                             (fs.mkdir, b".", errno.EEXIST), (fs.create, b"..", errno.EEXIST),
+                             (fs.create, b"a/b", errno.EINVAL)]:
+        with pytest.raises(FilesystemError) as refused:
+            call(parent, name)
+        assert refused.value.errno == code
+    assert fs.getattr(parent) == before  # times and link count: the transaction rolled back
+    with pytest.raises(FilesystemError) as not_a_directory:
+        fs.mkdir(file, b"x")
+    assert not_a_directory.value.errno == errno.ENOTDIR
+    fs.unlink(parent, b"taken")
+    fs.rmdir(ROOT_INODE, b"p")
+    for ino in (parent, 12345):
+        with pytest.raises(FilesystemError) as gone:
+            fs.create(ino, b"x")
+        assert gone.value.errno == errno.ENOENT
+    assert fs.check() == []

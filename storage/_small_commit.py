@@ -46,7 +46,6 @@ class NativeSmallCommit:
             raise ValueError("the small-commit record layout does not fit a sector")
         self._encryption = encryption
         self._lock = encryption.lock
-        self._call = encryption.loops.small_commit
         self._data_start = data_start
         # the most `entries_at` may be, by entry count: the last digest must end before the MAC
         self._entries_limits = [0] + [SECTOR_SIZE - 2 * HASH_SIZE - (count - 1) * entry_size
@@ -61,8 +60,9 @@ class NativeSmallCommit:
         self._header_size = header.size
         self._entry_size = entry_size
         self._anchors: list[object] = []  # exports of every buffer whose address is in `commit`
-        self._levels: tuple[int, ...] = ()  # ids of the bound tree levels (kept alive by _anchors)
+        self._levels: list[bytearray] | None = None  # the bound tree (its levels kept alive by _anchors)
         commit = self._commit = native.SmallCommit()
+        self._call = encryption.loops.small_commit_call(commit)
         commit.context = encryption.context
         commit.key = ctypes.cast(ctypes.c_char_p(key), ctypes.c_void_p).value
         commit.key_length = len(key)
@@ -87,13 +87,14 @@ class NativeSmallCommit:
         return ctypes.addressof(anchor)
 
     def bind(self, levels: list[bytearray]) -> bool:
-        """Point the C code at the tree `levels` (leaves first, root hash last) unless they are
-        the ones bound already; False (nothing bound) for a tree it cannot handle."""
-        key = tuple(map(id, levels))
-        if key == self._levels:
+        """Point the C code at the tree `levels` (leaves first, root hash last) unless it is the
+        list bound already (MerkleStore replaces the whole list when it rebuilds the tree; its
+        levels cannot be resized while bound: the exports in `_anchors` forbid it); False
+        (nothing bound) for a tree it cannot handle."""
+        if levels is self._levels:
             return True
         del self._anchors[self._fixed:]
-        self._levels = ()
+        self._levels = None
         if not 2 <= len(levels) <= native.SMALL_COMMIT_LEVELS or len(levels[-1]) != HASH_SIZE:
             return False
         commit = self._commit
@@ -107,7 +108,7 @@ class NativeSmallCommit:
         if self._encryption.tweak(self._data_start + leaves) >= 1 << 64:
             return False
         commit.depth = len(levels)
-        self._levels = key
+        self._levels = levels
         self._leaves = leaves
         return True
 
@@ -118,7 +119,7 @@ class NativeSmallCommit:
         header and encrypt it for segment sector `header_sector`."""
         count = len(sectors)
         commit = self._commit
-        if not self._levels or not 0 < count <= MAX_SECTORS:
+        if self._levels is None or not 0 < count <= MAX_SECTORS:
             raise ValueError("small commit of no sectors, too many, or without a tree")
         header_tweak = self._encryption.tweak(header_sector)
         if (min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
@@ -132,4 +133,4 @@ class NativeSmallCommit:
         commit.header_tweak = header_tweak
         commit.entries_at = entries_at
         with self._lock:
-            self._call(commit)
+            self._call()

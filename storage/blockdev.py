@@ -146,7 +146,8 @@ class FileBlockDevice(_ClosesOnExit):
         # use (unless refused here), and its aligned bounce buffer
         self._direct_fd: int | None = None
         self._direct_refused = False
-        self._bounce: mmap.mmap | None = None
+        self._bounce: memoryview | None = None  # a view of `_bounce_map`, kept (one per write cost 1 us)
+        self._bounce_map: mmap.mmap | None = None
         self._unsynced = False  # a buffered write since the last fdatasync
         try:
             self._take_lock()
@@ -261,8 +262,7 @@ class FileBlockDevice(_ClosesOnExit):
         bounce[:length] = view
         flags = 0 if self._unsynced else os.RWF_DSYNC
         try:
-            with memoryview(bounce) as whole:
-                done = os.pwritev(direct, [whole[:length]], offset, flags)
+            done = os.pwritev(direct, [bounce[:length]], offset, flags)
         except OSError as error:
             if error.errno != errno.EINVAL:
                 raise
@@ -289,7 +289,8 @@ class FileBlockDevice(_ClosesOnExit):
         except OSError:  # no /proc, or a filesystem without direct I/O (EINVAL)
             self._direct_refused = True
             return None
-        self._bounce = mmap.mmap(-1, _DIRECT_LIMIT)  # page-aligned
+        self._bounce_map = mmap.mmap(-1, _DIRECT_LIMIT)  # page-aligned
+        self._bounce = memoryview(self._bounce_map)
         self._direct_fd = direct
         return direct
 
@@ -299,8 +300,11 @@ class FileBlockDevice(_ClosesOnExit):
             direct, self._direct_fd = self._direct_fd, None
             os.close(direct)
         if self._bounce is not None:
-            self._bounce.close()
+            self._bounce.release()  # the map cannot close while a view of it exists
             self._bounce = None
+        if self._bounce_map is not None:
+            self._bounce_map.close()
+            self._bounce_map = None
 
     def prepare_durable(self, offset: int, length: int) -> None:
         """Fill the holes of [offset, offset + length) with zeros, found with SEEK_HOLE /

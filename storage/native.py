@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import SelfTestFailed
@@ -146,11 +147,17 @@ class NativeLoops:
             raise SelfTestFailed("libcrypto XTS or SHA-256 failed in the native loop")
         return mismatching
 
-    def small_commit(self, commit: SmallCommit) -> None:
-        """Run one small commit (`ks_small_commit`): every address and offset in `commit` is the
-        caller's responsibility, as is holding the lock of its cipher context."""
-        if self._small_commit(self._openssl_pointer, ctypes.byref(commit)) != 0:
-            raise SelfTestFailed("libcrypto XTS, SHA-256 or HMAC failed in the native small commit")
+    def small_commit_call(self, commit: SmallCommit) -> Callable[[], None]:
+        """A function of no arguments that runs one small commit (`ks_small_commit`) as
+        `commit` describes it at the time of the call, its ctypes arguments prepared once (the
+        caller runs the same structure commit after commit). Every address and offset in
+        `commit` is the caller's responsibility, as is holding the lock of its cipher context."""
+        function, openssl, pointer = self._small_commit, self._openssl_pointer, ctypes.pointer(commit)
+
+        def call() -> None:
+            if function(openssl, pointer) != 0:
+                raise SelfTestFailed("libcrypto XTS, SHA-256 or HMAC failed in the native small commit")
+        return call
 
 
 def _function_address(library: ctypes.CDLL, name: str) -> int:

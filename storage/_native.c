@@ -35,11 +35,15 @@ struct ks_openssl {
     int (*digest)(const void *, size_t, u8 *, unsigned int *, const void *, void *);
     /* EVP_MD_fetch(NULL, "SHA256", NULL), fetched once */
     const void *sha256;
-    /* HMAC(md, key, key_length, data, data_length, out, &out_length): OpenSSL's one-shot HMAC */
-    u8 *(*hmac)(const void *, const void *, int, const u8 *, size_t, u8 *, unsigned int *);
+    /* EVP_MAC_init(ctx, key, key_length, params): with no key, restarts with the ctx's key */
+    int (*mac_init)(void *, const u8 *, size_t, const void *);
+    /* EVP_MAC_update(ctx, data, length) */
+    int (*mac_update)(void *, const u8 *, size_t);
+    /* EVP_MAC_final(ctx, out, &out_length, out_size) */
+    int (*mac_final)(void *, u8 *, size_t *, size_t);
 };
 
-int ks_abi_version(void) { return 3; }
+int ks_abi_version(void) { return 4; }
 
 static int crypt_sector(const struct ks_openssl *f, void *context, u64 tweak, const u8 *in,
                         u8 *out, int sector_size) {
@@ -110,8 +114,7 @@ long long ks_xts_verify_decrypt(const struct ks_openssl *f, void *context, u64 f
  * storage/native.py has the same fields in the same order. */
 struct ks_small_commit {
     void *context;               /* EVP_CIPHER_CTX keyed for AES-XTS encryption */
-    const u8 *key;               /* the HMAC key (the integrity subkey) */
-    u64 key_length;
+    void *mac_context;           /* EVP_MAC_CTX: HMAC-SHA256 keyed with the integrity subkey */
     u8 *record;                  /* the header sector (packed by the caller), then `count` sectors
                                     of plaintext, encrypted here in place */
     u64 count;                   /* 1..SMALL_SECTORS */
@@ -126,6 +129,9 @@ struct ks_small_commit {
     u8 *root_mac;                /* and a copy of it here (the header ends up encrypted) */
     u8 *state;                   /* the state MAC's message; its last 32 bytes receive the root */
     u64 state_length;
+    u64 metadata_at;             /* the client metadata, in the header ... */
+    u64 metadata_length;
+    u64 metadata_digest_at;      /* ... whose SHA-256 goes here in the state message */
     const u8 *mac_input;         /* the header MAC's message (its label, then the header up to the
                                     MAC, contiguous); the MAC goes to the last 32 bytes of the
                                     header sector */
@@ -138,9 +144,10 @@ struct ks_small_commit {
 
 static int hmac_sha256(const struct ks_openssl *f, const struct ks_small_commit *c,
                        const u8 *data, u64 length, u8 *out) {
-    unsigned int out_length = 0;
-    if (!f->hmac(f->sha256, c->key, (int)c->key_length, data, (size_t)length, out, &out_length))
-        return -1;
+    size_t out_length = 0;
+    if (f->mac_init(c->mac_context, 0, 0, 0) != 1) return -1;
+    if (f->mac_update(c->mac_context, data, (size_t)length) != 1) return -1;
+    if (f->mac_final(c->mac_context, out, &out_length, DIGEST_SIZE) != 1) return -1;
     return out_length == DIGEST_SIZE ? 0 : -1;
 }
 
@@ -149,15 +156,17 @@ static void copy_bytes(u8 *to, const u8 *from, u64 length) {
 }
 
 /* The small commit, in the Python path's order: encrypt each record sector in place and hash
- * its ciphertext (the new leaf: into the leaves and the header's entry); rehash the tree pages
- * above the changed leaves, level by level, up to the root (a level's last page, when short,
- * hashed zero-padded to a whole page); put the root into the header and the state message;
- * HMAC the state message into the header (root MAC, copied out too), HMAC the header (label first) into its
- * last 32 bytes; encrypt the header sector in place.
- * Contract (checked by storage/integrity.py before the call): every pointer covers what the
- * fields say; sectors[i] < level_lengths[0] / 32, and its tweak does not overflow; each level holds the hashes of the pages of
- * the level below (32 bytes per page, rounded up) and the last one a single hash; the root,
- * entry and MAC offsets lie inside the header sector before its last 32 bytes.
+ * its ciphertext (the new leaf: into the leaves and the header's entry); hash the metadata into
+ * the state message; rehash the tree pages above the changed leaves, level by level, up to the
+ * root (a level's last page, when short, hashed zero-padded to a whole page); put the root into
+ * the header and the state message; HMAC the state message into the header (the root MAC, also
+ * copied out), HMAC the header (label first) into its last 32 bytes; encrypt the header sector
+ * in place.
+ * Contract (checked by storage/_small_commit.py before the call): every pointer covers what the
+ * fields say; sectors[i] < level_lengths[0] / 32 and its tweak does not overflow; each level
+ * holds the hashes of the pages of the level below (32 bytes per page, rounded up) and the last
+ * one a single hash; the root, entry, metadata and MAC offsets lie inside the header sector
+ * before its last 32 bytes, the metadata digest's inside the state message.
  * Returns 0, or -1 when an OpenSSL call failed (the buffers are then undefined). */
 int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c) {
     u64 size = c->sector_size;
@@ -195,6 +204,8 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
         }
         for (u64 i = 0; i < c->count; i++) pages[i] /= fanout;
     }
+    if (sha256(f, c->record + c->metadata_at, (int)c->metadata_length, c->state + c->metadata_digest_at) != 0)
+        return -1;
     const u8 *root = c->levels[c->depth - 1];
     copy_bytes(c->record + c->root_at, root, DIGEST_SIZE);
     copy_bytes(c->state + c->state_length - DIGEST_SIZE, root, DIGEST_SIZE);

@@ -35,13 +35,16 @@ class NativeSmallCommit:
     """
 
     def __init__(self, encryption: NativeEncryption, key: bytes, mac_label: bytes, state_length: int,
-                 header: struct.Struct, root_at: int, root_mac_at: int, entry_size: int,
-                 data_start: int) -> None:
-        """`header` is the record header's fixed part (the entries follow it), with the root and
-        the root MAC at `root_at` and `root_mac_at`; entries are `entry_size` bytes, ending with
-        their digest; data sector (leaf) i goes home to segment sector `data_start` + i."""
+                 metadata_digest_at: int, header: struct.Struct, root_at: int, root_mac_at: int,
+                 entry_size: int, data_start: int) -> None:
+        """`header` is the record header's fixed part (the client metadata, then the entries,
+        follow it), with the root and the root MAC at `root_at` and `root_mac_at`; entries are
+        `entry_size` bytes, ending with their digest; data sector (leaf) i goes home to segment
+        sector `data_start` + i; the metadata's SHA-256 goes to `metadata_digest_at` in the
+        state message. Raises SelfTestFailed when libcrypto's HMAC context disagrees with hmac."""
         if header.size + HASH_SIZE > SECTOR_SIZE or not 0 <= root_at <= header.size - HASH_SIZE \
-                or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < HASH_SIZE \
+                or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < 2 * HASH_SIZE \
+                or not 0 <= metadata_digest_at <= state_length - 2 * HASH_SIZE \
                 or entry_size < HASH_SIZE or data_start < 0:
             raise ValueError("the small-commit record layout does not fit a sector")
         self._encryption = encryption
@@ -51,7 +54,7 @@ class NativeSmallCommit:
         self._entries_limits = [0] + [SECTOR_SIZE - 2 * HASH_SIZE - (count - 1) * entry_size
                                       for count in range(1, MAX_SECTORS + 1)]
         self._leaves = 0  # leaves of the bound tree
-        self._key = key  # bytes: its address stays valid while this object holds it
+        self._mac = encryption.loops.hmac_context(key)
         self._area = bytearray(len(mac_label) + (1 + MAX_SECTORS) * SECTOR_SIZE)
         self._area[:len(mac_label)] = mac_label
         self.record = memoryview(self._area)[len(mac_label):]
@@ -64,8 +67,9 @@ class NativeSmallCommit:
         commit = self._commit = native.SmallCommit()
         self._call = encryption.loops.small_commit_call(commit)
         commit.context = encryption.context
-        commit.key = ctypes.cast(ctypes.c_char_p(key), ctypes.c_void_p).value
-        commit.key_length = len(key)
+        commit.mac_context = self._mac.address
+        commit.metadata_at = header.size
+        commit.metadata_digest_at = metadata_digest_at
         commit.record = self._address(self._area) + len(mac_label)
         commit.root_at = root_at
         commit.root_mac_at = root_mac_at
@@ -112,18 +116,20 @@ class NativeSmallCommit:
         self._leaves = leaves
         return True
 
-    def run(self, sectors: list[int], header_sector: int, entries_at: int) -> None:
+    def run(self, sectors: list[int], header_sector: int, metadata_length: int) -> None:
         """Encrypt and hash the `sectors` (distinct leaf indices, whose plaintext the caller put
-        behind the header in this order), update the bound tree up to the root, fill in the
-        header's digests (the first at `entries_at`, one per entry), root and root MAC, MAC the
-        header and encrypt it for segment sector `header_sector`."""
+        behind the header in this order), hash the metadata (`metadata_length` bytes after the
+        header's fixed part) into the state message, update the bound tree up to the root, fill
+        in the entries' digests, the root and root MAC, MAC the header and encrypt it for
+        segment sector `header_sector`."""
+        entries_at = self._header_size + metadata_length + self._entry_size - HASH_SIZE  # entry 0's digest
         count = len(sectors)
         commit = self._commit
         if self._levels is None or not 0 < count <= MAX_SECTORS:
             raise ValueError("small commit of no sectors, too many, or without a tree")
         header_tweak = self._encryption.tweak(header_sector)
         if (min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
-                or not self._header_size <= entries_at <= self._entries_limits[count]):
+                or metadata_length < 0 or entries_at > self._entries_limits[count]):
             raise ValueError("small commit outside the bound tree, the plain64 range or the header")
         commit.count = count
         if count == 1:
@@ -132,5 +138,6 @@ class NativeSmallCommit:
             commit.sectors[:count] = sectors
         commit.header_tweak = header_tweak
         commit.entries_at = entries_at
+        commit.metadata_length = metadata_length
         with self._lock:
             self._call()

@@ -80,7 +80,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from storage._small_commit import NativeSmallCommit
 from storage.blockdev import BlockDevice
-from storage.errors import IntegrityError, NoSpace, RollbackError, StorageError
+from storage.errors import IntegrityError, NoSpace, RollbackError, SelfTestFailed, StorageError
 from storage.xts import NativeEncryption
 
 SECTOR_SIZE = 4096
@@ -888,10 +888,13 @@ class MerkleStore(_CachedStore):
         if not isinstance(encryption, NativeEncryption):
             return None
         prefix = self._state_prefix
-        small = NativeSmallCommit(encryption, self._key, _LOG_MAC_LABEL,
-                                  len(prefix) + _GENERATION.size + len(self._layout_packed) + 2 * HASH_SIZE,
-                                  _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE, _ENTRY.size,
-                                  self._layout.data_start)
+        metadata_digest_at = len(prefix) + _GENERATION.size + len(self._layout_packed)
+        try:
+            small = NativeSmallCommit(encryption, self._key, _LOG_MAC_LABEL, metadata_digest_at + 2 * HASH_SIZE,
+                                      metadata_digest_at, _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE,
+                                      _ENTRY.size, self._layout.data_start)
+        except SelfTestFailed:
+            return None  # this libcrypto's HMAC context is unusable: the Python steps
         small.state[:len(prefix)] = prefix
         at = len(prefix) + _GENERATION.size
         small.state[at:at + len(self._layout_packed)] = self._layout_packed
@@ -933,12 +936,9 @@ class MerkleStore(_CachedStore):
                 entry += _ENTRY.size
                 record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
             record[entry:mac_at] = _ZEROS[entry:mac_at]
-            state = small.state  # prefix and layout packed once; the root comes from the C code
-            at = len(self._state_prefix)
-            _GENERATION.pack_into(state, at, generation)
-            at += _GENERATION.size + len(self._layout_packed)
-            state[at:at + HASH_SIZE] = hashlib.sha256(metadata).digest()
-            small.run(sectors, position, entries_at + _SECTOR_NUMBER.size)
+            # prefix and layout packed once; the metadata's hash and the root come from the C code
+            _GENERATION.pack_into(small.state, len(self._state_prefix), generation)
+            small.run(sectors, position, len(metadata))
             root_mac = bytes(small.root_mac)
         else:
             root_mac = self._small_record_in_python(sectors, generation, position, entries_at)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import hmac
 import os
 import sys
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from storage.errors import SelfTestFailed
 
-ABI_VERSION = 3  # ks_abi_version() of the C file this module was written for
+ABI_VERSION = 4  # ks_abi_version() of the C file this module was written for
 DISABLE_ENVIRONMENT_VARIABLE = "KEEPSHIM_NATIVE"  # "off" (or "0") keeps the Python loops
 SOURCE = Path(__file__).with_name("_native.c")
 # Native OS and architecture, baseline CPU (the loops gain nothing from newer instructions and the
@@ -83,7 +84,78 @@ class _OpenSsl(ctypes.Structure):
     """`struct ks_openssl` of the C file: the OpenSSL entry points the loops call."""
 
     _fields_ = [("cipher_init", ctypes.c_void_p), ("cipher_update", ctypes.c_void_p),
-                ("digest", ctypes.c_void_p), ("sha256", ctypes.c_void_p), ("hmac", ctypes.c_void_p)]
+                ("digest", ctypes.c_void_p), ("sha256", ctypes.c_void_p), ("mac_init", ctypes.c_void_p),
+                ("mac_update", ctypes.c_void_p), ("mac_final", ctypes.c_void_p)]
+
+
+class _OsslParam(ctypes.Structure):
+    """OpenSSL 3's OSSL_PARAM (<openssl/core.h>): one named parameter of a fetch or init."""
+
+    _fields_ = [("key", ctypes.c_char_p), ("data_type", ctypes.c_uint), ("data", ctypes.c_void_p),
+                ("data_size", ctypes.c_size_t), ("return_size", ctypes.c_size_t)]
+
+
+_OSSL_PARAM_UTF8_STRING = 4
+_OSSL_PARAM_UNMODIFIED = ctypes.c_size_t(-1).value
+
+
+class HmacContext:
+    """An EVP_MAC_CTX for HMAC-SHA256 keyed once (OpenSSL keeps the key's inner and outer
+    states; EVP_MAC_init with no key restarts from them): the small commit's two MACs without
+    a key schedule and a fetch each. Freed (and cleansed by OpenSSL) with this object."""
+
+    def __init__(self, libcrypto: ctypes.CDLL, key: bytes) -> None:
+        pointer = ctypes.c_void_p
+        self._free_mac = libcrypto.EVP_MAC_free
+        self._free_mac.argtypes = [pointer]
+        self._free_context = libcrypto.EVP_MAC_CTX_free
+        self._free_context.argtypes = [pointer]
+        fetch = libcrypto.EVP_MAC_fetch
+        fetch.restype = pointer
+        fetch.argtypes = [pointer, ctypes.c_char_p, ctypes.c_char_p]
+        new = libcrypto.EVP_MAC_CTX_new
+        new.restype = pointer
+        new.argtypes = [pointer]
+        init = libcrypto.EVP_MAC_init
+        init.restype = ctypes.c_int
+        init.argtypes = [pointer, ctypes.c_char_p, ctypes.c_size_t, pointer]
+        self._update = libcrypto.EVP_MAC_update
+        self._update.restype = ctypes.c_int
+        self._update.argtypes = [pointer, ctypes.c_char_p, ctypes.c_size_t]
+        self._final = libcrypto.EVP_MAC_final
+        self._final.restype = ctypes.c_int
+        self._final.argtypes = [pointer, pointer, ctypes.POINTER(ctypes.c_size_t), ctypes.c_size_t]
+        self._init = init
+        self._mac: int | None = fetch(None, b"HMAC", None)
+        self.address: int | None = new(self._mac) if self._mac else None
+        digest = ctypes.create_string_buffer(b"SHA256")
+        params = (_OsslParam * 2)(_OsslParam(b"digest", _OSSL_PARAM_UTF8_STRING, ctypes.addressof(digest), 6,
+                                             _OSSL_PARAM_UNMODIFIED))
+        if not self.address or init(self.address, key, len(key), params) != 1:
+            self.close()
+            raise SelfTestFailed("libcrypto has no usable HMAC-SHA256 (EVP_MAC)")
+
+    def digest(self, data: bytes) -> bytes:
+        """HMAC of `data` through the context, as the C code uses it (restart, update, final)."""
+        out = ctypes.create_string_buffer(32)
+        length = ctypes.c_size_t(0)
+        if (self.address is None or self._init(self.address, None, 0, None) != 1
+                or self._update(self.address, data, len(data)) != 1
+                or self._final(self.address, out, ctypes.byref(length), 32) != 1 or length.value != 32):
+            raise SelfTestFailed("libcrypto HMAC-SHA256 (EVP_MAC) failed")
+        return out.raw
+
+    def close(self) -> None:
+        """Free the context (OpenSSL cleanses the key material). Idempotent."""
+        if self.address is not None:
+            self._free_context(self.address)
+            self.address = None
+        if self._mac is not None:
+            self._free_mac(self._mac)
+            self._mac = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 SMALL_COMMIT_SECTORS = 4  # SMALL_SECTORS of the C file: the most data sectors of one small commit
@@ -94,7 +166,7 @@ class SmallCommit(ctypes.Structure):
     """`struct ks_small_commit` of the C file: one small commit of storage.integrity, whose
     caller fills every field (see the contract there); `NativeLoops.small_commit` runs it."""
 
-    _fields_ = [("context", ctypes.c_void_p), ("key", ctypes.c_void_p), ("key_length", ctypes.c_uint64),
+    _fields_ = [("context", ctypes.c_void_p), ("mac_context", ctypes.c_void_p),
                 ("record", ctypes.c_void_p), ("count", ctypes.c_uint64),
                 ("sectors", ctypes.c_uint64 * SMALL_COMMIT_SECTORS),
                 ("data_tweak", ctypes.c_uint64), ("tweak_step", ctypes.c_uint64),
@@ -102,6 +174,8 @@ class SmallCommit(ctypes.Structure):
                 ("entries_at", ctypes.c_uint64), ("entry_size", ctypes.c_uint64),
                 ("root_at", ctypes.c_uint64), ("root_mac_at", ctypes.c_uint64), ("root_mac", ctypes.c_void_p),
                 ("state", ctypes.c_void_p), ("state_length", ctypes.c_uint64),
+                ("metadata_at", ctypes.c_uint64), ("metadata_length", ctypes.c_uint64),
+                ("metadata_digest_at", ctypes.c_uint64),
                 ("mac_input", ctypes.c_void_p), ("mac_length", ctypes.c_uint64),
                 ("depth", ctypes.c_uint64), ("levels", ctypes.c_void_p * SMALL_COMMIT_LEVELS),
                 ("level_lengths", ctypes.c_uint64 * SMALL_COMMIT_LEVELS),
@@ -112,8 +186,9 @@ class NativeLoops:
     """The loaded library bound to one libcrypto. Stateless and thread-safe (each call gets
     its own cipher context from the caller); calls run without the GIL."""
 
-    def __init__(self, library: ctypes.CDLL, openssl: _OpenSsl) -> None:
+    def __init__(self, library: ctypes.CDLL, openssl: _OpenSsl, libcrypto: ctypes.CDLL) -> None:
         self._library = library  # keeps the mapping alive as long as the bound functions
+        self._libcrypto = libcrypto
         self._openssl = openssl
         self._openssl_pointer = ctypes.byref(openssl)
         u64, size, pointer = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
@@ -146,6 +221,17 @@ class NativeLoops:
         if mismatching < 0 or mismatching > count:
             raise SelfTestFailed("libcrypto XTS or SHA-256 failed in the native loop")
         return mismatching
+
+    def hmac_context(self, key: bytes) -> HmacContext:
+        """An HMAC-SHA256 context keyed with `key`, checked once against Python's hmac (for
+        `SmallCommit.mac_context`); SelfTestFailed when libcrypto cannot make one that agrees."""
+        context = HmacContext(self._libcrypto, key)
+        sample = os.urandom(100)
+        if context.digest(sample) != hmac.digest(key, sample, "sha256") \
+                or context.digest(sample) != hmac.digest(key, sample, "sha256"):  # restarts with the key
+            context.close()
+            raise SelfTestFailed("libcrypto HMAC-SHA256 (EVP_MAC) disagrees with hmac")
+        return context
 
     def small_commit_call(self, commit: SmallCommit) -> Callable[[], None]:
         """A function of no arguments that runs one small commit (`ks_small_commit`) as
@@ -191,8 +277,10 @@ def load(libcrypto: ctypes.CDLL) -> NativeLoops | None:
         openssl = _OpenSsl(_function_address(libcrypto, "EVP_CipherInit_ex"),
                            _function_address(libcrypto, "EVP_CipherUpdate"),
                            _function_address(libcrypto, "EVP_Digest"), sha256,
-                           _function_address(libcrypto, "HMAC"))
-        return NativeLoops(library, openssl)
+                           _function_address(libcrypto, "EVP_MAC_init"),
+                           _function_address(libcrypto, "EVP_MAC_update"),
+                           _function_address(libcrypto, "EVP_MAC_final"))
+        return NativeLoops(library, openssl, libcrypto)
     except (OSError, AttributeError):
         return None
 

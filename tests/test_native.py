@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import hmac
 import os
 import random
 from pathlib import Path
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from storage import native
 from storage.blockdev import MemoryBlockDevice
-from storage.errors import IntegrityError
+from storage.errors import IntegrityError, SelfTestFailed
 from storage.integrity import SECTOR_SIZE, DataSegment, MerkleLayout, MerkleStore
 from storage.xts import SectorCipher
 
@@ -209,3 +210,19 @@ def test_long_runs_are_split_over_the_helper_thread_with_the_same_results(
     for index in (3, 64, 127):
         expected[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = ciphertext[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
     assert buffer == expected
+
+
+def test_the_keyed_hmac_context_restarts_with_its_key() -> None:
+    """The small commit's HMAC-SHA256 context (EVP_MAC, keyed once, restarted without a key
+    before each MAC) gives Python's hmac over and over, at the lengths the commit uses."""
+    encryption = SectorCipher(os.urandom(64)).native_encryption()
+    assert encryption is not None
+    key = os.urandom(32)
+    context = encryption.loops.hmac_context(key)
+    for length in (0, 161, 4079, 4096, 100000, 161):
+        data = os.urandom(length)
+        assert context.digest(data) == hmac.digest(key, data, "sha256")
+    context.close()
+    context.close()  # idempotent
+    with pytest.raises(SelfTestFailed):
+        context.digest(b"closed")

@@ -44,6 +44,13 @@ inside its last block are always zero (shrinking zeroes them), so growing a file
 A write that fails with ENOSPC while SQLite commits may leave new bytes inside the old size.
 
 Directory nlink is 2 + the number of subdirectories (the root's ".." is itself).
+
+Path resolution (wasi_host) opens every intermediate directory of every path, one name at a
+time, through `open_directory`, which remembers (parent, name) -> directory inode: read outside
+any transaction (so only committed state is remembered), and forgotten by `_forget_name` before
+every statement that removes or re-points an entry (unlink, rmdir, rename, exchange). Inode
+types never change and committed inode numbers are never reused, so the inodes known to be
+directories need no invalidation: a missing name in one of them is ENOENT after one statement.
 """
 
 from __future__ import annotations

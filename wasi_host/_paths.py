@@ -32,10 +32,13 @@ def _components(path: str) -> list[str]:
     A final ``.`` is kept: ``x/.`` names x's ``.``, so x must be an existing directory (ENOENT,
     ENOTDIR otherwise) and the name operated on is ``.``, as in wasmtime (cap-std).
     """
-    parts = [part for part in path.split("/") if part]
-    parts = [part for index, part in enumerate(parts) if part != "." or index == len(parts) - 1]
+    parts = path.split("/")
+    if "" in parts or "." in parts:  # doubled or trailing slashes, "." components: rare
+        parts = [part for part in parts if part]
+        parts = [part for index, part in enumerate(parts) if part != "." or index == len(parts) - 1]
     for part in parts:
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        # up to 63 characters are at most 252 bytes in UTF-8 (4 per character): not encoded
+        if len(part) > MAX_NAME_BYTES // 4 and len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
             raise WasiError(Errno.NAMETOOLONG)
     parts.reverse()
     return parts

@@ -60,10 +60,13 @@ class NativeSmallCommit:
         self.record = memoryview(self._area)[len(mac_label):]
         self.state = bytearray(state_length)
         self.root_mac = bytearray(HASH_SIZE)  # the state MAC of the last `run` (the header's is encrypted)
-        self._header_size = header.size
-        self._entry_size = entry_size
         self._anchors: list[object] = []  # exports of every buffer whose address is in `commit`
-        self._levels: list[bytearray] | None = None  # the bound tree (its levels kept alive by _anchors)
+        # the bound tree (its levels kept alive by _anchors): a caller that holds this very list
+        # may skip `bind`
+        self.bound_levels: list[bytearray] | None = None
+        self._entries_at = header.size + entry_size - HASH_SIZE  # entry 0's digest, without metadata
+        self._tweak_step = encryption.units_per_sector
+        self._tweak_offset = encryption.iv_offset
         commit = self._commit = native.SmallCommit()
         self._call = encryption.loops.small_commit_call(commit)
         commit.context = encryption.context
@@ -95,10 +98,10 @@ class NativeSmallCommit:
         list bound already (MerkleStore replaces the whole list when it rebuilds the tree; its
         levels cannot be resized while bound: the exports in `_anchors` forbid it); False
         (nothing bound) for a tree it cannot handle."""
-        if levels is self._levels:
+        if levels is self.bound_levels:
             return True
         del self._anchors[self._fixed:]
-        self._levels = None
+        self.bound_levels = None
         if not 2 <= len(levels) <= native.SMALL_COMMIT_LEVELS or len(levels[-1]) != HASH_SIZE:
             return False
         commit = self._commit
@@ -112,7 +115,7 @@ class NativeSmallCommit:
         if self._encryption.tweak(self._data_start + leaves) >= 1 << 64:
             return False
         commit.depth = len(levels)
-        self._levels = levels
+        self.bound_levels = levels
         self._leaves = leaves
         return True
 
@@ -122,15 +125,14 @@ class NativeSmallCommit:
         header's fixed part) into the state message, update the bound tree up to the root, fill
         in the entries' digests, the root and root MAC, MAC the header and encrypt it for
         segment sector `header_sector`."""
-        entries_at = self._header_size + metadata_length + self._entry_size - HASH_SIZE  # entry 0's digest
         count = len(sectors)
-        commit = self._commit
-        if self._levels is None or not 0 < count <= MAX_SECTORS:
-            raise ValueError("small commit of no sectors, too many, or without a tree")
-        header_tweak = self._encryption.tweak(header_sector)
-        if (min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
+        entries_at = self._entries_at + metadata_length  # entry 0's digest
+        header_tweak = header_sector * self._tweak_step + self._tweak_offset
+        if (self.bound_levels is None or not 0 < count <= MAX_SECTORS or min(sectors) < 0
+                or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
                 or metadata_length < 0 or entries_at > self._entries_limits[count]):
             raise ValueError("small commit outside the bound tree, the plain64 range or the header")
+        commit = self._commit
         commit.count = count
         if count == 1:
             commit.sectors[0] = sectors[0]

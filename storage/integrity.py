@@ -587,6 +587,9 @@ class MerkleStore(_CachedStore):
         self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE)) \
             if self._small is None else self._small.record
         self._record_digest = memoryview(bytearray(HASH_SIZE))
+        # `commit` checkpoints past this log position or with this many logged sectors pending
+        self._checkpoint_position = layout.log_sectors * 3 // 4
+        self._checkpoint_pending = layout.log_sectors // 2
 
     def _stage(self, first: int, view: memoryview, count: int) -> None:
         clean_pop = self._clean.pop
@@ -680,8 +683,7 @@ class MerkleStore(_CachedStore):
             return self.state()
         if not self._append_small_record():
             self._append_record()
-        if (self._log_position > self._layout.log_sectors * 3 // 4
-                or len(self._pending) >= self._layout.log_sectors // 2):
+        if self._log_position > self._checkpoint_position or len(self._pending) >= self._checkpoint_pending:
             self._checkpoint()  # (a bigger record that does not fit checkpoints first, in _append_record)
         return self.state()
 
@@ -925,7 +927,7 @@ class MerkleStore(_CachedStore):
         generation = self._generation + 1
         position = self._layout.log_start + self._log_position
         small = self._small
-        if small is not None and small.bind(self._levels):
+        if small is not None and (small.bound_levels is self._levels or small.bind(self._levels)):
             # the header without its digests, root and MACs; the plaintext behind it
             _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
                               self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)

@@ -199,3 +199,27 @@ def test_a_crash_right_after_the_durable_write_keeps_the_small_commit() -> None:
                                  writable=False, expected_generation=generation)
     assert recovered.state().generation == generation
     assert {sector: recovered.read(sector, 1) for sector in contents} == contents
+
+
+def test_the_native_step_refuses_what_its_c_contract_forbids() -> None:
+    """`NativeSmallCommit.run` hands raw addresses and offsets to C: a sector outside the
+    bound tree, too many or no sectors, a negative or out-of-range header sector, metadata that
+    pushes the entries into the MAC, or no bound tree at all, is a ValueError before any native
+    work (the record and the tree are left as they were)."""
+    key = os.urandom(64)
+    store = MerkleStore.format(DataSegment(MemoryBlockDevice(SEGMENT_BYTES), 0, SEGMENT_BYTES, SectorCipher(key)),
+                               key, UUID)
+    small = store._small
+    if small is None:
+        pytest.skip("the native loops are not built")
+    leaves = len(store._levels[0]) // 32
+    before = (bytes(small.record), [bytes(level) for level in store._levels])
+    with pytest.raises(ValueError):
+        small.run([0], 2, 0)  # nothing bound yet
+    assert small.bind(store._levels)
+    for sectors, header, metadata in [([leaves], 2, 0), ([-1], 2, 0), ([], 2, 0), ([0, 1, 2, 3, 4], 2, 0),
+                                      ([0], -1, 0), ([0], 1 << 61, 0), ([0], 2, -1), ([0, 1, 2, 3], 2, 3900)]:
+        with pytest.raises(ValueError):
+            small.run(sectors, header, metadata)
+    assert (bytes(small.record), [bytes(level) for level in store._levels]) == before
+    assert not small.bind([bytearray(SECTOR_SIZE)])  # one level: not a tree it handles

@@ -63,6 +63,11 @@ class BlockDevice(Protocol):
         """Write all of `data` at `offset`; `NoSpace` if the range passes the end."""
         ...
 
+    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+        """`write` of each (offset, data) piece, in order: for many small pieces at scattered
+        offsets (a checkpoint's home sectors) without the per-call overhead of `write`."""
+        ...
+
     def sync(self) -> None:
         """Make every completed write durable (fdatasync for files)."""
         ...
@@ -232,6 +237,23 @@ class FileBlockDevice(_ClosesOnExit):
             if start_writeback is not None:
                 start_writeback(fd, offset, done, _SYNC_FILE_RANGE_WRITE)
 
+    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+        """One pwrite per piece in a tight loop, after checking every range (nothing is
+        written if one is out of the device). A checkpoint writes about a thousand scattered
+        4 KiB sectors: through `write` each cost 10 us, about half of it Python."""
+        if not self._writable:
+            raise OSError(errno.EROFS, f"{self._path} is open read-only")
+        size = self._size
+        for offset, data in pieces:
+            _check_range(offset, len(data), size, writing=True)
+        fd = self._open_fd()
+        self._unsynced = True
+        pwrite = os.pwrite
+        for offset, data in pieces:
+            done = pwrite(fd, data, offset)
+            if done < len(data):  # short (rare): the rest through the general loop
+                self.write(offset + done, memoryview(data)[done:])
+
     def sync(self) -> None:
         os.fdatasync(self._open_fd())
         self._unsynced = False
@@ -391,6 +413,14 @@ class MemoryBlockDevice(_ClosesOnExit):
         view = memoryview(data).cast("B")
         _check_range(offset, len(view), len(self._data), writing=True)
         self._data[offset:offset + len(view)] = view
+
+    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+        """`write` of each piece (through the method, so subclasses that model crashes see each),
+        after checking every range (nothing is written if one is out of the device)."""
+        for offset, data in pieces:
+            _check_range(offset, len(data), len(self._data), writing=True)
+        for offset, data in pieces:
+            self.write(offset, data)
 
     def sync(self) -> None:
         self._check_open()

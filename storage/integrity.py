@@ -1130,11 +1130,16 @@ class MerkleStore(_CachedStore):
         self._committed_metadata = metadata
 
     def _checkpoint(self) -> None:
-        """Copy logged sectors and changed leaf pages home, then the alternate superblock."""
+        """Copy logged sectors and changed leaf pages home, then the alternate superblock.
+        The logged sectors go out as one scattered write (a run of consecutive sectors as one
+        piece): after random overwrites, about a thousand single sectors."""
         layout = self._layout
-        for first, count in _runs(sorted(self._pending)):
-            self._segment.write_raw(layout.data_start + first,
-                                    b"".join(self._pending[s][0] for s in range(first, first + count)))
+        pending = self._pending
+        home = self._segment.offset + layout.data_start * SECTOR_SIZE
+        pieces = [(home + first * SECTOR_SIZE, pending[first][0] if count == 1
+                   else b"".join([pending[sector][0] for sector in range(first, first + count)]))
+                  for first, count in _runs(sorted(pending))]
+        self._segment.device.write_scattered(pieces)
         for first, count in _runs(sorted(self._pages_since_checkpoint)):
             self._segment.write_plain(layout.page_start + first,
                                       bytes(self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))

@@ -151,3 +151,38 @@ def test_a_block_device_path_works_like_an_image(tmp_path: Path) -> None:
     with open(image, "rb") as handle:
         handle.seek(8192)
         assert handle.read(24) == b"through the block device"
+
+
+@pytest.mark.parametrize("make", ["file", "memory"])
+def test_scattered_writes_land_in_order_and_check_every_range_first(tmp_path: Path, make: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_scattered is `write` of each piece (a later piece at the same offset wins); one
+    piece out of the device is NoSpace before anything is written; on a file the pieces count
+    as buffered writes, so the next write_durable syncs them (fdatasync counted)."""
+    size = 1 << 20
+    device: FileBlockDevice | MemoryBlockDevice = (
+        FileBlockDevice(tmp_path / "img", writable=True, create_size=size) if make == "file"
+        else MemoryBlockDevice(size))
+    with device:
+        pieces = [(offset, os.urandom(4096)) for offset in (8192, 40960, 4096 * 100)]
+        pieces.append((40960, os.urandom(100)))  # rewrites the start of the second piece
+        device.write_scattered(pieces)
+        assert device.read(8192, 4096) == pieces[0][1]
+        assert device.read(40960, 4096) == pieces[3][1] + pieces[1][1][100:]
+        assert device.read(4096 * 100, 4096) == pieces[2][1]
+        with pytest.raises(NoSpace):
+            device.write_scattered([(0, b"x" * 10), (size - 10, b"y" * 11)])
+        assert device.read(0, 10) == bytes(10)  # the first piece was not written either
+        if isinstance(device, FileBlockDevice):
+            calls: list[int] = []
+            real_fdatasync = os.fdatasync
+
+            def counting_fdatasync(fd: int) -> None:
+                calls.append(fd)
+                real_fdatasync(fd)
+            monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+            device.sync()
+            device.write_scattered([(0, os.urandom(4096))])
+            calls.clear()
+            device.write_durable(65536, os.urandom(4096))
+            assert len(calls) == 1

@@ -87,6 +87,13 @@ class NativeSmallCommit:
         commit.tweak_step = encryption.units_per_sector
         self._fixed = len(self._anchors)
 
+    def close(self) -> None:
+        """Free the HMAC context (OpenSSL cleanses the key in it) and let go of the buffers;
+        `run` is refused after. Idempotent."""
+        self._mac.close()
+        del self._anchors[self._fixed:]
+        self.bound_levels = None
+
     def _address(self, buffer: bytearray) -> int:
         """`buffer`'s address, kept valid: the export held in `_anchors` also stops any resize."""
         anchor = ctypes.c_char.from_buffer(buffer)
@@ -128,9 +135,9 @@ class NativeSmallCommit:
         count = len(sectors)
         entries_at = self._entries_at + metadata_length  # entry 0's digest
         header_tweak = header_sector * self._tweak_step + self._tweak_offset
-        if (self.bound_levels is None or not 0 < count <= MAX_SECTORS or min(sectors) < 0
-                or max(sectors) >= self._leaves or header_sector < 0 or header_tweak >= 1 << 64
-                or metadata_length < 0 or entries_at > self._entries_limits[count]):
+        if (self.bound_levels is None or self._mac.address is None or not 0 < count <= MAX_SECTORS
+                or min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0
+                or header_tweak >= 1 << 64 or metadata_length < 0 or entries_at > self._entries_limits[count]):
             raise ValueError("small commit outside the bound tree, the plain64 range or the header")
         commit = self._commit
         commit.count = count

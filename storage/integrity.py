@@ -697,6 +697,9 @@ class MerkleStore(_CachedStore):
             if self._generation != self._superblock_generation:
                 self._checkpoint()
         self._closed = True
+        if self._small is not None:
+            self._small.close()  # the HMAC context holding the integrity key
+            self._small = None
         if self._writer is not None:
             self._writer.shutdown()
             self._writer = None

@@ -223,3 +223,8 @@ def test_the_native_step_refuses_what_its_c_contract_forbids() -> None:
             small.run(sectors, header, metadata)
     assert (bytes(small.record), [bytes(level) for level in store._levels]) == before
     assert not small.bind([bytearray(SECTOR_SIZE)])  # one level: not a tree it handles
+    assert small.bind(store._levels)
+    store.close()  # frees the native step's HMAC context: no more runs
+    assert store._small is None
+    with pytest.raises(ValueError):
+        small.run([0], 2, 0)

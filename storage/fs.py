@@ -663,15 +663,9 @@ class Filesystem:
         return len(physical)
 
     def _allocate(self, count: int) -> list[int]:
-        """`count` free physical blocks, lowest first (sequential writes stay contiguous)."""
-        if count:
-            # the usual case, the first extent longer than asked for, in one statement
-            rows = self._all("UPDATE free_extents SET start = start + ?1, length = length - ?1"
-                             " WHERE start = (SELECT min(start) FROM free_extents) AND length > ?1"
-                             " RETURNING start", (count,))
-            if rows:
-                end = int(rows[0][0])
-                return list(range(end - count, end))
+        """`count` free physical blocks, lowest first (sequential writes stay contiguous). A
+        SELECT then an UPDATE: one UPDATE ... RETURNING took 8.5-9 us, these two 5.9 us
+        together (RETURNING builds a temporary table; measured)."""
         found: list[int] = []
         while len(found) < count:
             row = self._one("SELECT start, length FROM free_extents ORDER BY start LIMIT 1", ())

@@ -7,9 +7,12 @@ of actual work. `ks_small_commit` (storage/_native.c) runs the same steps in ONE
 
 Division of labour: the integrity layer keeps the whole record format. It packs the header
 (everything but the entries' digests, the root and the two MACs), copies the plaintext behind
-it and packs the state MAC's message (everything but the root); this module owns the buffers
-those go into, their addresses, and the `SmallCommit` structure that tells the C code where
-each result goes. The C code only calls OpenSSL (see the C file's contract, checked here).
+it and packs the state MAC's message (everything but the metadata's hash and the root); this
+module owns the buffers those go into, their addresses, the HMAC-SHA256 context keyed with the
+integrity key (native.HmacContext: keyed once, restarted per MAC) and the `SmallCommit`
+structure that tells the C code where each result goes. The C code only calls OpenSSL (see the
+C file's contract, checked here before every call). tests/test_small_commits.py compares whole
+images after every commit against the general path and against the Python steps.
 """
 
 from __future__ import annotations

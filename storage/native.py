@@ -21,7 +21,9 @@ the cipher's own key agrees with pyca/cryptography and hashlib (see `SectorCiphe
 ``python -m storage.native check`` says whether the library is built, loads and passes that test.
 
 The functions here take raw addresses: their callers (storage.xts) check every length and the
-tweak range before calling; see the contract at the top of the C file.
+tweak range before calling; see the contract at the top of the C file. `ks_small_commit` (one
+small commit of the integrity layer: XTS, SHA-256 and HMAC-SHA256 through EVP_MAC, in the order
+of the Python steps) is driven by storage._small_commit, which checks its own contract.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ originals' ciphertext, everything stays on the calling thread.
 
 `encrypt_hash_into` and `verify_decrypt_into` serve the integrity layer: encryption together
 with each sector's ciphertext hash (its Merkle leaf), and the check of each sector's ciphertext
-against its leaf followed by decryption in place.
+against its leaf followed by decryption in place. `native_encryption` hands the self-tested
+loops, the encryption context and its lock to a caller running its own native step with this
+key (the integrity layer's small commits, storage._small_commit).
 """
 
 from __future__ import annotations

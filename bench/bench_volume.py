@@ -10,7 +10,8 @@ writes and an fsync. Each runs:
 - on a host directory under wasmtime's built-in WASI (the peer; it never serves a keep guest).
 
 Each configuration also runs the program with `none` (start-up only), which is subtracted. The
-best of REPEATS runs is kept (the machine is shared). Printed: wall and process-CPU seconds per
+best of REPEATS runs is kept (the machine is shared), and the configurations take turns round by
+round. Printed: wall and process-CPU seconds per
 workload and the ratios volume / keepshim-dir (target: within 2x) and volume / built-in.
 Asserts nothing.
 
@@ -75,20 +76,26 @@ CONFIGURATIONS: dict[str, Runner] = {"volume": keepshim_volume, "keepshim-dir": 
                                      "builtin-dir": builtin}
 
 
-def measure(runner: Runner, module: Path, workload: str, repeats: int) -> Timing:
-    """Best wall and best CPU seconds of `workload` minus those of `none` (start-up), each run
-    in a fresh directory."""
-    def best(name: str) -> Timing:
-        times = []
-        for _ in range(repeats):
-            directory = Path(tempfile.mkdtemp(prefix="bench-volume-"))
-            try:
-                times.append(runner(module, name, directory))
-            finally:
-                shutil.rmtree(directory)
-        return Timing(min(t.wall for t in times), min(t.cpu for t in times))
-    total, start_up = best(workload), best("none")
-    return Timing(max(total.wall - start_up.wall, 1e-6), max(total.cpu - start_up.cpu, 1e-6))
+def measure(module: Path, workload: str, repeats: int) -> dict[str, Timing]:
+    """Per configuration: best wall and best CPU seconds of `workload` minus those of `none`
+    (start-up), each run in a fresh directory. The configurations take turns, round by round,
+    so that a slow spell of the shared machine (the directory runs swing 2-6x) falls on all of
+    them alike rather than on one configuration's whole series."""
+    runs: dict[str, dict[str, list[Timing]]] = {name: {workload: [], "none": []} for name in CONFIGURATIONS}
+    for _ in range(repeats):
+        for name, runner in CONFIGURATIONS.items():
+            for which in (workload, "none"):
+                directory = Path(tempfile.mkdtemp(prefix="bench-volume-"))
+                try:
+                    runs[name][which].append(runner(module, which, directory))
+                finally:
+                    shutil.rmtree(directory)
+
+    def net(name: str) -> Timing:
+        total, start_up = runs[name][workload], runs[name]["none"]
+        return Timing(max(min(t.wall for t in total) - min(t.wall for t in start_up), 1e-6),
+                      max(min(t.cpu for t in total) - min(t.cpu for t in start_up), 1e-6))
+    return {name: net(name) for name in CONFIGURATIONS}
 
 
 def main(argv: list[str]) -> None:
@@ -100,7 +107,7 @@ def main(argv: list[str]) -> None:
     print(f"{'workload':8} {'volume':>14} {'keepshim-dir':>14} {'builtin-dir':>14} "
           f"{'vol/keep-dir':>14} {'vol/builtin':>14}")
     for workload in workloads:
-        seconds = {name: measure(runner, module, workload, repeats) for name, runner in CONFIGURATIONS.items()}
+        seconds = measure(module, workload, repeats)
         volume, keep_dir, peer = seconds["volume"], seconds["keepshim-dir"], seconds["builtin-dir"]
         print(f"{workload:8} {volume.wall:6.2f}/{volume.cpu:6.2f} {keep_dir.wall:6.2f}/{keep_dir.cpu:6.2f} "
               f"{peer.wall:6.2f}/{peer.cpu:6.2f} "

@@ -214,6 +214,10 @@ class DataSegment:
     def write_raw(self, first: int, data: bytes | bytearray | memoryview) -> None:
         self.device.write(self.offset + first * SECTOR_SIZE, data)
 
+    def write_raw_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+        """`write_raw` of each (first sector, data) piece, as one `BlockDevice.write_scattered`."""
+        self.device.write_scattered([(self.offset + first * SECTOR_SIZE, data) for first, data in pieces])
+
     def readinto_raw(self, first: int, buffer: bytearray | memoryview) -> None:
         self.device.readinto(self.offset + first * SECTOR_SIZE, buffer)
 
@@ -847,6 +851,15 @@ class MerkleStore(_CachedStore):
             self._scratch = _prefaulted(max(sectors, self._arena_sectors) * SECTOR_SIZE)
         return self._scratch
 
+    def _encrypt_dirty_run(self, first: int, view: memoryview, digests: memoryview) -> None:
+        """Copy the dirty sectors from `first` (as many as `view` holds) into `view` and
+        encrypt them there for their home, their ciphertext's SHA-256 into `digests` (one native
+        call per run): the step every commit and flush takes for each run of sectors."""
+        dirty = self._dirty
+        for index in range(len(view) // SECTOR_SIZE):
+            view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
+        self._segment.cipher.encrypt_hash_into(self._layout.data_start + first, view, view, digests)
+
     def _flush_fresh(self) -> None:
         """Write the dirty sectors that are free in the last commit home, encrypted, and forget
         their plaintext, keeping only the hash of their ciphertext (`_flushed`). Nothing is
@@ -860,7 +873,6 @@ class MerkleStore(_CachedStore):
         fresh = sorted(dirty) if not self._dirty_logged else sorted(
             sector for sector in dirty if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] == _FREE_LEAF)
         data_start = self._layout.data_start
-        encrypt_hash_into = self._segment.cipher.encrypt_hash_into
         scratch = self._scratch_for(len(fresh))
         digests = memoryview(bytearray(len(fresh) * HASH_SIZE))
         writer = self._home_writer()
@@ -869,9 +881,7 @@ class MerkleStore(_CachedStore):
         try:
             for first, count in _chunks(_runs(fresh), _CHUNK_SECTORS):
                 view = scratch[used * SECTOR_SIZE:(used + count) * SECTOR_SIZE]
-                for index in range(count):
-                    view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
-                encrypt_hash_into(data_start + first, view, view, digests[used * HASH_SIZE:(used + count) * HASH_SIZE])
+                self._encrypt_dirty_run(first, view, digests[used * HASH_SIZE:(used + count) * HASH_SIZE])
                 used += count
                 writes.append(writer.submit(self._segment.write_raw, data_start + first, view))
         finally:
@@ -997,7 +1007,6 @@ class MerkleStore(_CachedStore):
         data_start = layout.data_start
         dirty = self._dirty
         leaves = self._leaves
-        encrypt_hash_into = self._segment.cipher.encrypt_hash_into
         pack = _ENTRY.pack
         entries: list[bytes] = []
         changed_pages: set[int] = set()
@@ -1034,10 +1043,7 @@ class MerkleStore(_CachedStore):
             for first, count in _chunks(_runs(sorted(dirty)), _CHUNK_SECTORS):
                 view = scratch[used:used + count * SECTOR_SIZE]
                 used += count * SECTOR_SIZE
-                for index in range(count):
-                    view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[first + index]
-                # the ciphertext and its leaf hashes in one pass (one native call per chunk)
-                encrypt_hash_into(data_start + first, view, view, digest_buffer[:count * HASH_SIZE])
+                self._encrypt_dirty_run(first, view, digest_buffer[:count * HASH_SIZE])
                 digests = digest_buffer[:count * HASH_SIZE].tobytes()
                 old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
                 uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
@@ -1138,11 +1144,10 @@ class MerkleStore(_CachedStore):
         piece): after random overwrites, about a thousand single sectors."""
         layout = self._layout
         pending = self._pending
-        home = self._segment.offset + layout.data_start * SECTOR_SIZE
-        pieces = [(home + first * SECTOR_SIZE, pending[first][0] if count == 1
-                   else b"".join([pending[sector][0] for sector in range(first, first + count)]))
-                  for first, count in _runs(sorted(pending))]
-        self._segment.device.write_scattered(pieces)
+        self._segment.write_raw_scattered([
+            (layout.data_start + first, pending[first][0] if count == 1
+             else b"".join([pending[sector][0] for sector in range(first, first + count)]))
+            for first, count in _runs(sorted(pending))])
         for first, count in _runs(sorted(self._pages_since_checkpoint)):
             self._segment.write_plain(layout.page_start + first,
                                       bytes(self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))

@@ -38,6 +38,14 @@ def crashed_copy(image: Image) -> MerkleStore:
     return MerkleStore.open(segment, image.key, UUID, writable=False)
 
 
+def assert_reopens_with(image: Image, store: MerkleStore, contents: dict[int, bytes]) -> None:
+    """Close `store`; the image reopens with exactly `contents` and a clean fsck."""
+    store.close()
+    reopened = image.open()
+    assert read_all(reopened, contents) == []
+    assert reopened.check() == []
+
+
 def write_fresh(store: MerkleStore, sectors: range, seed: int) -> dict[int, bytes]:
     rng = random.Random(seed)
     contents = {sector: rng.randbytes(SECTOR_SIZE) for sector in sectors}
@@ -58,9 +66,7 @@ def test_flushed_sectors_read_back_and_commit_once() -> None:
     assert state.generation == generation + 1
     assert not store._flushed
     assert read_all(store, contents) == []
-    store.close()
-    assert read_all(image.open(), contents) == []
-    assert image.open().check() == []
+    assert_reopens_with(image, store, contents)
 
 
 def test_a_crash_before_the_commit_leaves_the_last_commit() -> None:
@@ -115,8 +121,7 @@ def test_flushed_sectors_written_again_keep_the_newest_contents() -> None:
         store.write(sector, contents[sector])
     assert read_all(store, contents) == []
     store.commit()
-    store.close()
-    assert read_all(image.open(), contents) == []
+    assert_reopens_with(image, store, contents)
 
 
 def test_logged_sectors_stay_dirty_through_a_flush() -> None:
@@ -134,9 +139,7 @@ def test_logged_sectors_stay_dirty_through_a_flush() -> None:
     assert set(range(20)) <= store._dirty.keys()
     assert read_all(store, contents) == []
     store.commit()
-    store.close()
-    assert read_all(image.open(), contents) == []
-    assert image.open().check() == []
+    assert_reopens_with(image, store, contents)
 
 
 def test_a_commit_with_nothing_dirty_still_commits_the_flushed_sectors() -> None:

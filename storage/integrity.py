@@ -136,6 +136,8 @@ class SectorCipherLike(Protocol):
     def verify_decrypt_into(self, first_sector: int, data: bytearray | memoryview,
                             expected: bytes | bytearray | memoryview) -> list[int]: ...
 
+    def native_encryption(self) -> NativeEncryption | None: ...
+
 
 @dataclass(frozen=True)
 class VolumeState:
@@ -898,9 +900,8 @@ class MerkleStore(_CachedStore):
     def _native_small_commit(self, cipher: SectorCipherLike) -> NativeSmallCommit | None:
         """The native step of `_append_small_record` for this key (None without the native
         loops), with the constant parts of the state MAC's message packed in."""
-        native_encryption = getattr(cipher, "native_encryption", None)
-        encryption = native_encryption() if callable(native_encryption) else None
-        if not isinstance(encryption, NativeEncryption):
+        encryption = cipher.native_encryption()
+        if encryption is None:
             return None
         prefix = self._state_prefix
         metadata_digest_at = len(prefix) + _GENERATION.size + len(self._layout_packed)

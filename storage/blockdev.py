@@ -153,7 +153,12 @@ class FileBlockDevice(_ClosesOnExit):
         self._direct_refused = False
         self._bounce: memoryview | None = None  # a view of `_bounce_map`, kept (one per write cost 1 us)
         self._bounce_map: mmap.mmap | None = None
-        self._unsynced = False  # a buffered write since the last fdatasync
+        # buffered writes issued, and how many of them the last finished fdatasync covers:
+        # different while one is not durable yet. Counts, not a flag, because a sync may run on
+        # another thread (storage.integrity's flushes start one): a write issued while it runs
+        # must stay unsynced when it returns.
+        self._written = 0
+        self._synced = 0
         try:
             self._take_lock()
             if create_size is not None:
@@ -224,10 +229,12 @@ class FileBlockDevice(_ClosesOnExit):
         view = memoryview(data).cast("B")
         _check_range(offset, len(view), self._size, writing=True)
         fd = self._open_fd()
-        self._unsynced = True
         done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            self._written += 1  # counted once in the page cache (see `sync`), even if cut short
         if done >= _WRITEBACK_BYTES:
             # Long writes (a commit's home sectors, 1 MiB each, and its log record) are synced
             # soon: starting their writeback now lets the disk work while the next chunk is
@@ -247,16 +254,20 @@ class FileBlockDevice(_ClosesOnExit):
         for offset, data in pieces:
             _check_range(offset, len(data), size, writing=True)
         fd = self._open_fd()
-        self._unsynced = True
         pwrite = os.pwrite
-        for offset, data in pieces:
-            done = pwrite(fd, data, offset)
-            if done < len(data):  # short (rare): the rest through the general loop
-                self.write(offset + done, memoryview(data)[done:])
+        try:
+            for offset, data in pieces:
+                done = pwrite(fd, data, offset)
+                if done < len(data):  # short (rare): the rest through the general loop
+                    self.write(offset + done, memoryview(data)[done:])
+        finally:
+            self._written += 1
 
     def sync(self) -> None:
+        # every write counted before the fdatasync starts had reached the page cache
+        covered = self._written
         os.fdatasync(self._open_fd())
-        self._unsynced = False
+        self._synced = covered
 
     def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """`write` + `sync` as one direct write when possible: O_DIRECT from an aligned buffer
@@ -282,7 +293,7 @@ class FileBlockDevice(_ClosesOnExit):
         bounce = self._bounce
         assert bounce is not None
         bounce[:length] = view
-        flags = 0 if self._unsynced else os.RWF_DSYNC
+        flags = 0 if self._written != self._synced else os.RWF_DSYNC
         try:
             done = os.pwritev(direct, [bounce[:length]], offset, flags)
         except OSError as error:
@@ -292,7 +303,7 @@ class FileBlockDevice(_ClosesOnExit):
             done = 0
         if done < length:  # refused or short: the rest the ordinary way
             self.write(offset + done, view[done:])
-        if self._unsynced:  # a buffered write before (flags 0) or the buffered rest just now
+        if self._written != self._synced:  # a buffered write before (flags 0) or the buffered rest just now
             self.sync()
 
     def _direct_descriptor(self) -> int | None:

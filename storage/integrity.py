@@ -64,6 +64,7 @@ segment holds one metadata sector and then the data sectors; commits are not ato
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import hmac
@@ -592,6 +593,8 @@ class MerkleStore(_CachedStore):
         self._arena_sectors = self._memory_limit + self._dirty_limit  # room for a held batch
         self._scratch = memoryview(bytearray(0))  # warm buffer for a commit's ciphertext
         self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
+        # the fdatasync a flush leaves running on the writer thread (`_flush_fresh`)
+        self._early_sync: Future[None] | None = None
         # Flushed sectors (`_flush_fresh`): free in the last commit, their ciphertext already
         # written home (not yet synced) by a cache-pressure flush: sector -> SHA-256 of that
         # ciphertext. Their leaves still say free until the next commit's record carries them as
@@ -698,6 +701,7 @@ class MerkleStore(_CachedStore):
         if self._closed:
             raise ValueError("store is closed")
         self._run_commit_hooks()
+        self._settle_early_sync()
         if not self.writable or (not self._dirty and not self._flushed
                                  and self._metadata == self._committed_metadata):
             return self.state()
@@ -883,7 +887,14 @@ class MerkleStore(_CachedStore):
         garbage only where nothing was (it reads as zeros), exactly as a torn commit does. The
         next commit's record lists them as home entries and its sync makes them durable
         first; until then reads check them against the flushed hash. The dirty sectors that
-        need the log stay dirty (copied out of the arena, which is reused)."""
+        need the log stay dirty (copied out of the arena, which is reused).
+
+        The flush ends by starting an fdatasync on the writer thread, not waited for: the disk
+        writes the 16 MiB back while the guest goes on (the next commit's sync then has little
+        left; seq workload: its fdatasync 0.10 -> 0.03 s). Durable early or not, flushed
+        sectors stay free in the committed tree until that commit; `_settle_early_sync` waits
+        for it before the next flush and before every commit."""
+        self._settle_early_sync()
         dirty = self._dirty
         leaves = self._leaves
         fresh = sorted(dirty) if not self._dirty_logged else sorted(
@@ -905,11 +916,26 @@ class MerkleStore(_CachedStore):
                 wait(writes)  # the scratch buffer must outlive every write
         for future in writes:
             future.result()  # the first failed home write, if any (the sectors stay dirty)
+        self._early_sync = writer.submit(self._segment.sync)
         flushed = self._flushed
         flushed.update(zip(fresh, _split_digests(digests.tobytes(), len(fresh)), strict=True))
         logged = {sector: bytes(data) for sector, data in dirty.items() if sector not in flushed}
         self._clear_dirty()
         dirty.update(logged)
+
+    def _settle_early_sync(self) -> None:
+        """Wait for the last flush's background fdatasync. If it failed, raise EIO, now and at
+        every later call: the kernel may have dropped the pages it could not write (and reports
+        that only once), so no later commit may claim the flushed sectors durable. Reopening
+        the volume recovers its last commit."""
+        future = self._early_sync
+        if future is None:
+            return
+        error = future.exception()
+        if error is not None:
+            raise OSError(errno.EIO, f"writing flushed sectors back failed ({error}); the volume"
+                                     " keeps its last commit: reopen it") from error
+        self._early_sync = None
 
     def _native_small_commit(self, cipher: SectorCipherLike) -> NativeSmallCommit | None:
         """The native step of `_append_small_record` for this key (None without the native

@@ -82,6 +82,31 @@ def test_a_durable_write_syncs_the_file_exactly_when_a_buffered_write_is_pending
         assert len(calls) == (0 if direct else 1)  # nothing left pending by the write before
 
 
+def test_a_write_made_while_a_sync_runs_is_still_pending_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync may run on another thread (integrity flushes start one and go on): a buffered
+    write that lands while its fdatasync is under way is not covered by it, so the next
+    durable write must still fdatasync the file."""
+    real_fdatasync = os.fdatasync
+    calls: list[int] = []
+    with FileBlockDevice(_image(tmp_path), writable=True, create_size=SIZE) as device:
+        device.prepare_durable(0, SIZE)
+        device.write(12288, os.urandom(4096))
+
+        def racing_fdatasync(fd: int) -> None:
+            calls.append(fd)
+            real_fdatasync(fd)
+            if len(calls) == 1:
+                device.write(16384, os.urandom(4096))  # the other thread, mid-sync
+
+        monkeypatch.setattr(os, "fdatasync", racing_fdatasync)
+        device.sync()
+        device.write_durable(65536, os.urandom(4096))
+        assert len(calls) == 2  # the write made during the first sync was synced by this one
+        device.write_durable(69632, os.urandom(4096))
+        assert len(calls) == (2 if device._direct_fd is not None else 3)
+
+
 @pytest.mark.parametrize(("offset", "length"), [(100, 4096), (4096, 1000), (0, 256 * 1024)],
                          ids=["unaligned-offset", "unaligned-length", "longer-than-the-bounce-buffer"])
 def test_ranges_the_direct_path_cannot_take_are_written_the_buffered_way(

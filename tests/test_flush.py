@@ -10,8 +10,10 @@ it takes, makes them durable.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import threading
 
 import pytest
 from test_integrity import SEGMENT_OFFSET, UUID, Image, read_all
@@ -165,3 +167,72 @@ def test_small_commits_after_a_flush_still_carry_the_flushed_sectors() -> None:
     store.commit()
     assert not store._flushed
     assert read_all(crashed_copy(image), contents) == []
+
+
+def test_a_flush_syncs_in_the_background_and_the_next_commit_waits_for_that_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush starts an fdatasync on the writer thread and returns before it ends; the next
+    commit does not write its record before that sync has finished."""
+    image = Image(8 << 20)
+    store = pressured(image.format())
+    generation = store.state().generation
+    events: list[tuple[str, str]] = []
+    real_sync, real_write = image.device.sync, image.device.write
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_sync() -> None:  # a slow disk, until the test releases it
+        thread = threading.current_thread().name
+        events.append(("sync start", thread))
+        if thread != "MainThread":
+            started.set()
+            release.wait(10)
+            finished.set()
+        real_sync()
+        events.append(("sync end", thread))
+
+    def logged_write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        events.append(("write", threading.current_thread().name))
+        real_write(offset, data)
+
+    monkeypatch.setattr(image.device, "sync", slow_sync)
+    contents = write_fresh(store, range(10, 10 + PRESSURE), seed=11)  # exactly one flush
+    assert started.wait(10) and not finished.is_set()  # returned with the sync running ...
+    assert events == [("sync start", events[0][1])] and events[0][1].startswith("keepshim-home")
+    assert store.state().generation == generation  # ... and nothing was committed
+    monkeypatch.setattr(image.device, "write", logged_write)
+    release.set()
+    store.commit()
+    background_end = events.index(("sync end", events[0][1]))
+    first_commit_write = next(index for index, event in enumerate(events) if event[0] == "write")
+    assert background_end < first_commit_write  # the commit waited for the background sync
+    monkeypatch.undo()
+    assert read_all(crashed_copy(image), contents) == []
+
+
+def test_a_failed_background_sync_fails_every_later_commit_and_loses_nothing_committed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a background fdatasync failed, the kernel may have dropped the flushed pages, so
+    no later commit may claim them durable: every commit (and flush) raises EIO, and the image
+    keeps its last commit."""
+    image = Image(8 << 20)
+    store = pressured(image.format())
+    committed = write_fresh(store, range(0, 20), seed=12)
+    state = store.commit()
+    real_sync = image.device.sync
+
+    def failing_in_the_background() -> None:
+        if threading.current_thread().name != "MainThread":
+            raise OSError(errno.EIO, "Input/output error")
+        real_sync()
+
+    monkeypatch.setattr(image.device, "sync", failing_in_the_background)
+    write_fresh(store, range(100, 100 + PRESSURE), seed=13)  # one flush, its sync fails
+    for _ in range(2):
+        with pytest.raises(OSError) as failure:
+            store.commit()
+        assert failure.value.errno == errno.EIO and "reopen" in str(failure.value)
+    with pytest.raises(OSError):  # the next flush too
+        write_fresh(store, range(300, 300 + PRESSURE), seed=14)
+    crashed = crashed_copy(image)
+    assert crashed.state() == state and crashed.check() == []
+    assert read_all(crashed, committed) == []

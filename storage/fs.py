@@ -872,6 +872,10 @@ class Filesystem:
         attr = self._run(lambda: self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1))
         if open:
             self._open_counts[attr.ino] = 1  # a new inode: no handle yet
+        # its first write (usually next) needs no lookup to see that the file is empty
+        cache = self._map_cache
+        cache.validate(self._db.total_changes())
+        cache.inodes[attr.ino] = (attr.mode, attr.size)
         return attr
 
     def mkdir(self, parent: int, name: bytes, mode: int = 0o755) -> Attr:

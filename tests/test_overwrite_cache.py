@@ -118,3 +118,24 @@ def test_cached_overwrites_are_durable_across_a_reopen() -> None:
     with open_volume(device, PASSPHRASE) as reopened:
         assert reopened.fs.read(ino, 0, len(model)) == model
         assert reopened.fs.getattr(ino).mtime_ns == mtime
+
+
+def test_a_new_file_is_known_empty_so_its_first_write_looks_nothing_up_twice(volume: Volume) -> None:
+    """`create` leaves the new (empty) file in the cache: its first write goes straight to the
+    general path, whose own lookup is the only one; the bytes land and read back."""
+    fs = volume.fs
+    statements: list[str] = []
+    ino = fs.create(ROOT_INODE, b"fresh").ino
+
+    def trace(cursor: object, sql: str, bindings: object) -> bool:
+        statements.append(" ".join(sql.split()))
+        return True
+
+    fs._db.exec_trace = trace
+    data = os.urandom(BLOCK_SIZE + 100)
+    fs.write(ino, 0, data)
+    fs._db.exec_trace = None
+    lookups = [sql for sql in statements if sql.startswith("SELECT") and "FROM inodes" in sql]
+    assert len(lookups) == 1, statements
+    assert fs.read(ino, 0, len(data)) == data
+    assert fs.getattr(ino).size == len(data)

@@ -63,7 +63,6 @@ segment holds one metadata sector and then the data sectors; commits are not ato
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import hashlib
@@ -74,6 +73,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
@@ -328,6 +328,23 @@ class _Prefetch:
             return 0
 
 
+class _Hold:
+    """`_CachedStore.hold()`: a class, not a generator context manager (a few microseconds
+    less per filesystem transaction, three per file created and deleted)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: _CachedStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        self._store._holds += 1
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._store._release_hold()
+
+
 class _CachedStore:
     """Dirty/clean sector caches shared by both store kinds; subclasses say how sectors reach
     the disk and how they are checked on the way back."""
@@ -476,17 +493,16 @@ class _CachedStore:
         """The most sectors one `hold()` block may write (so a commit always fits the log)."""
         return self._dirty_limit
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Defer cache-pressure commits to the end of the block, so that no commit can capture
-        half of a client operation (the client keeps each block under `batch_limit` sectors)."""
-        self._holds += 1
-        try:
-            yield
-        finally:
-            self._holds -= 1
-            if not self._holds and not self._closed and self._over_limit():
-                self._pressure_commit()
+    def hold(self) -> _Hold:
+        """`with store.hold():` defers cache-pressure commits to the end of the block, so that
+        no commit can capture half of a client operation (the client keeps each block under
+        `batch_limit` sectors)."""
+        return _Hold(self)
+
+    def _release_hold(self) -> None:
+        self._holds -= 1
+        if not self._holds and not self._closed and self._over_limit():
+            self._pressure_commit()
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -869,17 +869,45 @@ class Filesystem:
 
     # -- namespace operations --------------------------------------------------------------
 
-    def create(self, parent: int, name: bytes, mode: int = 0o644, *, open: bool = False) -> Attr:
-        """A new empty regular file (EEXIST if the name exists); with `open`, also count an
+    def create(self, parent: int, name: bytes, mode: int = 0o644, *, open: bool = False,
+               data: bytes | bytearray | memoryview = b"") -> Attr:
+        """A new regular file (EEXIST if the name exists), empty or holding `data` (at most
+        one write's worth, `max_create_data`), in one transaction; with `open`, also count an
         open handle on it (as `open`)."""
-        attr = self._run(lambda: self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1))
+        view = memoryview(data).cast("B")
+        if len(view) > self._transaction_bytes:
+            raise ValueError("more data than one transaction takes: create, then write")
+
+        def work() -> Attr:
+            attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1)
+            if not len(view):
+                return attr
+            self._write_piece(attr.ino, 0, view)
+            return self._attr(attr.ino)
+        attr = self._run(work)
         if open:
             self._open_counts[attr.ino] = 1  # a new inode: no handle yet
-        # its first write (usually next) needs no lookup to see that the file is empty
-        cache = self._map_cache
-        cache.validate(self._db.total_changes())
-        cache.inodes[attr.ino] = (attr.mode, attr.size)
+        if not len(view):  # its first write (usually next) needs no lookup to see it empty
+            cache = self._map_cache
+            cache.validate(self._db.total_changes())
+            cache.inodes[attr.ino] = (attr.mode, attr.size)
         return attr
+
+    @property
+    def max_create_data(self) -> int:
+        """The most bytes `create` takes as a new file's contents."""
+        return self._transaction_bytes
+
+    def check_create(self, parent: int, name: bytes) -> None:
+        """Raise what `create(parent, name)` would raise for the directory and the name (all
+        but running out of room), creating nothing: one statement, no transaction. For a
+        client that creates a file later, with its first bytes (shim.volume_backend)."""
+        check_name(name)
+        directory, existing = self._run(lambda: self._entry(parent, name), changes=False)
+        if directory.nlink == 0:
+            raise _error(errno.ENOENT, "directory was removed")
+        if name in (b".", b"..") or existing is not None:
+            raise _error(errno.EEXIST)
 
     def mkdir(self, parent: int, name: bytes, mode: int = 0o755) -> Attr:
         return self._run(lambda: self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 2))

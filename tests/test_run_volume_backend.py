@@ -8,6 +8,7 @@ session's close.
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from run_volume_support import data_sectors, flip, make_volume
 from test_wasi_backends_agree import operation, tree
 from wasi_harness import RESULT, GuestHarness, closing, volume_root
 
-from shim.volume_backend import WRITE_BUFFER_BYTES, VolumeDirectory, VolumeSession, directory_over
-from storage.errors import IntegrityError
+from shim.volume_backend import WRITE_BUFFER_BYTES, VolumeDirectory, VolumeFile, VolumeSession, directory_over
+from storage.errors import FilesystemError, IntegrityError
 from storage.luks2 import KdfCost
 from storage.volume import open_volume
 from wasi_host import Errno, Rights
@@ -161,3 +162,130 @@ def test_session_close_commits_once_and_is_idempotent(tmp_path: Path) -> None:
     session: VolumeSession = root.session
     first = session.close()
     assert session.close() == first
+
+
+def _open_new(root: VolumeDirectory, name: str, *, exclusive: bool = True) -> VolumeFile:
+    return root.open_file(name, create=True, exclusive=exclusive, truncate=False, read=True, write=True)
+
+
+def _transactions(root: VolumeDirectory) -> list[str]:
+    """Records the BEGINs the filesystem runs from now on."""
+    begun: list[str] = []
+
+    def trace(cursor: object, sql: str, bindings: object) -> bool:
+        if sql.startswith("BEGIN"):
+            begun.append(sql)
+        return True
+
+    root.session.fs._db.exec_trace = trace
+    return begun
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_a_new_file_written_and_closed_is_one_transaction(exclusive: bool, tmp_path: Path) -> None:
+    """The create waits for the file's first bytes (path resolution's directory closes do not
+    flush), so storage creates the file with them: one transaction, not two."""
+    root = _volume_directory(tmp_path)
+    root.mkdir("d")
+    begun = _transactions(root)
+    with closing(GuestHarness(root)) as harness:
+        fd = harness.open("d/new", Oflags.CREAT | (Oflags.EXCL if exclusive else 0), rights=Rights.ALL)
+        assert harness.write(fd, b"first bytes") == 11
+        assert harness.call("fd_close", fd) == 0
+    assert len(begun) == 1
+    fs = root.session.fs
+    fs._db.exec_trace = None
+    new = fs.lookup(fs.lookup(1, b"d").ino, b"new")
+    assert new.size == 11 and fs.read(new.ino, 0, 100) == b"first bytes"
+    root.session.close()
+
+
+def test_a_file_not_created_yet_is_seen_by_every_other_call(tmp_path: Path) -> None:
+    """Any other call on the session creates the pending file first: stat, readdir, a second
+    open, a rename, unlink, rmdir of its directory all see it."""
+    root = _volume_directory(tmp_path)
+    root.mkdir("d")
+    directory = root.open_directory("d")
+    handle = _open_new(directory, "f")
+    handle.pwrite(b"abc", 0)
+    assert directory.stat_at("f").size == 3
+    assert [entry.name for entry in directory.readdir(0)] == ["f"]
+    with pytest.raises(OSError) as failure:
+        root.rmdir("d")
+    assert failure.value.errno == errno.ENOTEMPTY
+    second = _open_new(directory, "g")
+    directory.rename("g", directory, "h")  # a pending file renamed: created first
+    assert directory.stat_at("h").size == 0
+    second.pwrite(b"xyz", 0)
+    assert directory.stat_at("h").size == 3
+    third = _open_new(directory, "gone")
+    directory.unlink("gone")  # created, then unlinked while open: still writable
+    third.pwrite(b"still", 0)
+    assert third.stat().size == 5 and third.stat().nlink == 0
+    for opened in (handle, second, third):
+        opened.close()
+    directory.close()
+    root.session.close()
+
+
+def test_open_refuses_at_once_what_the_create_would_refuse(tmp_path: Path) -> None:
+    root = _volume_directory(tmp_path)
+    _open_new(root, "taken").close()
+    root.mkdir("d")
+    gone = root.open_directory("d")
+    root.rmdir("d")
+    for directory, name, code in [(root, "taken", errno.EEXIST), (root, "x" * 256, errno.ENAMETOOLONG),
+                                  (gone, "f", errno.ENOENT)]:
+        with pytest.raises(OSError) as failure:
+            _open_new(directory, name)
+        assert failure.value.errno == code, name
+    assert root.session._pending_create is None
+    gone.close()
+    root.session.close()
+
+
+def test_first_bytes_past_the_start_or_too_many_for_one_create_still_land(tmp_path: Path) -> None:
+    root = _volume_directory(tmp_path)
+    seeked = _open_new(root, "seeked")
+    seeked.pwrite(b"tail", 10_000)  # a hole first: created empty, then written
+    big = _open_new(root, "big")  # created before a write that goes to storage directly
+    payload = random.Random(3).randbytes(3 * WRITE_BUFFER_BYTES)
+    assert big.pwrite(payload, 0) == len(payload)
+    assert seeked.pread(20_000, 0) == bytes(10_000) + b"tail"
+    assert big.pread(len(payload), 0) == payload
+    seeked.close()
+    big.close()
+    root.session.close()
+    with open_volume(tmp_path / "volume.img", PASSPHRASE) as reopened:
+        assert reopened.fs.getattr(reopened.fs.lookup(1, b"seeked").ino).size == 10_004
+        assert reopened.fsck() == []
+
+
+@pytest.mark.parametrize("offset", [0, 100], ids=["first-bytes", "after-a-hole"])
+def test_a_create_that_fails_when_flushed_reports_it_and_leaves_nothing(
+        offset: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running out of room shows only when storage creates the file: the flushing call (here
+    the close) gets ENOSPC, the bytes are dropped with the file that never existed, and the
+    session goes on."""
+    root = _volume_directory(tmp_path)
+    handle = _open_new(root, "nospace")
+    handle.pwrite(b"lost", offset)
+    fs = root.session.fs
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise FilesystemError(errno.ENOSPC, "no room")
+
+    monkeypatch.setattr(fs, "create", full)
+    with pytest.raises(OSError) as failure:
+        handle.close()
+    assert failure.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    handle.close()  # closed already: nothing counted on an inode
+    with pytest.raises(OSError) as missing:
+        root.stat_at("nospace")
+    assert missing.value.errno == errno.ENOENT
+    assert root.session._buffer == b"" and root.session._pending_create is None
+    _open_new(root, "after").close()
+    root.session.close()
+    with open_volume(tmp_path / "volume.img", PASSPHRASE) as reopened:
+        assert reopened.fsck() == []

@@ -879,11 +879,10 @@ class Filesystem:
             raise ValueError("more data than one transaction takes: create, then write")
 
         def work() -> Attr:
-            attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1)
-            if not len(view):
-                return attr
-            self._write_piece(attr.ino, 0, view)
-            return self._attr(attr.ino)
+            attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1, len(view))
+            if len(view):
+                self._fill_new(attr.ino, view)
+            return attr
         attr = self._run(work)
         if open:
             self._open_counts[attr.ino] = 1  # a new inode: no handle yet
@@ -1252,6 +1251,17 @@ class Filesystem:
         for index, phys, count in _mapped_runs(mapping, first, last):
             start = (index - first) * BLOCK_SIZE
             self._store.write(self._data_first + phys, view[start:start + count * BLOCK_SIZE])
+
+    def _fill_new(self, ino: int, data: memoryview) -> None:
+        """Within the transaction that created `ino` with size len(data): its blocks, written
+        and mapped (`_write_piece` for a file known to be new and empty: no lookup, no update
+        of the inode)."""
+        count = -(-len(data) // BLOCK_SIZE)
+        mapping = dict(zip(range(count), self._allocate(count), strict=True))
+        self._put_blocks(mapping, {}, 0, count - 1, 0, data)
+        base = ino << _KEY_BITS
+        self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
+                                 [(base + index, phys) for index, phys in mapping.items()])
 
     def _write_piece(self, ino: int, offset: int, data: memoryview) -> None:
         """One bounded write, inside a transaction: allocate, write the blocks, then the map

@@ -281,3 +281,30 @@ def test_statfs_counts_space(volume: Volume) -> None:
     assert before.block_size == 4096 and after.blocks == before.blocks
     assert after.blocks_free < before.blocks_free - 200
     assert after.name_max == 255
+
+
+def test_create_with_data_holds_it_and_reads_back_after_reopen() -> None:
+    """`create(data=)`: the new file holds its first bytes (sizes around block edges, up to one
+    write's worth), with the attributes it returned; more than that is refused; a taken name
+    leaves nothing behind."""
+    device, volume = make_volume()
+    fs = volume.fs
+    rng = random.Random(7)
+    sizes = [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, fs.max_create_data]
+    contents = {f"f{size}".encode(): rng.randbytes(size) for size in sizes}
+    created = {name: fs.create(ROOT_INODE, name, 0o600, data=data) for name, data in contents.items()}
+    for name, data in contents.items():
+        attr = fs.lookup(ROOT_INODE, name)
+        assert attr == created[name] and attr.size == len(data) and attr.mode & 0o777 == 0o600
+        assert fs.read(attr.ino, 0, len(data) + 10) == data
+    blocks_before = fs.statfs().blocks_free
+    assert errno_of(fs.create, ROOT_INODE, b"f1", data=b"again") == errno.EEXIST
+    assert fs.statfs().blocks_free == blocks_before
+    with pytest.raises(ValueError):
+        fs.create(ROOT_INODE, b"too-big", data=bytes(fs.max_create_data + 1))
+    volume.close()
+    reopened = open_volume(device, PASSPHRASE)
+    for name, data in contents.items():
+        assert reopened.fs.read(reopened.fs.lookup(ROOT_INODE, name).ino, 0, len(data) + 10) == data
+    assert reopened.fsck() == []
+    reopened.close()

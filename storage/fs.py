@@ -421,7 +421,7 @@ class Filesystem:
 
                     def flushed() -> T:
                         self._cursor.executemany("UPDATE inodes SET mtime = ?, ctime = ? WHERE ino = ?",
-                                             [(mtime, ctime, ino) for ino, (mtime, ctime) in times.items()])
+                                                 [(mtime, ctime, ino) for ino, (mtime, ctime) in times.items()])
                         return work()
                     result = self._transaction(flushed)
                     self._times = {}
@@ -517,7 +517,7 @@ class Filesystem:
         """A directory's entries changed: mtime and ctime become now, nlink changes by `links`."""
         now = _now()
         self._cursor.execute("UPDATE inodes SET mtime = ?, ctime = ?, nlink = nlink + ? WHERE ino = ?",
-                         (now, now, links, ino))
+                             (now, now, links, ino))
 
     def _add_nlink(self, ino: int, delta: int) -> None:
         self._cursor.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?", (delta, ino))
@@ -532,23 +532,23 @@ class Filesystem:
         """Within a transaction: a new inode named `name` in the live directory `parent`
         (EEXIST if the name is taken); a directory (`nlink` 2) adds a link to its parent."""
         check_name(name)
-        db = self._cursor
+        cursor = self._cursor
         now = _now()
         # the parent's times and link count first, only if it is a live directory: no SELECT
         # for the checks unless they fail (a taken name fails the INSERT, rolling all back)
-        db.execute("UPDATE inodes SET mtime = ?1, ctime = ?1, nlink = nlink + ?2"
-                   " WHERE ino = ?3 AND nlink > 0 AND (mode & 61440) = 16384",
-                   (now, 1 if stat.S_ISDIR(mode) else 0, parent))
+        cursor.execute("UPDATE inodes SET mtime = ?1, ctime = ?1, nlink = nlink + ?2"
+                       " WHERE ino = ?3 AND nlink > 0 AND (mode & 61440) = 16384",
+                       (now, 1 if stat.S_ISDIR(mode) else 0, parent))
         if not self._db.changes():
             self._entry(parent, name)  # ENOENT, ENOTDIR
             raise _error(errno.ENOENT, "directory was removed")
         if name in (b".", b".."):
             raise _error(errno.EEXIST)
-        db.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
-                   " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
+        cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                       " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
         ino = int(self._db.last_insert_rowid())
         try:
-            db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         except apsw.ConstraintError:
             raise _error(errno.EEXIST) from None
         return Attr(ino, mode, nlink, size, 0, 0, now, now, now)
@@ -664,19 +664,19 @@ class Filesystem:
                 self._cursor.execute("DELETE FROM free_extents WHERE start = ?", (start,))
             else:
                 self._cursor.execute("UPDATE free_extents SET start = ?, length = ? WHERE start = ?",
-                                 (start + take, length - take, start))
+                                     (start + take, length - take, start))
         return found
 
     def _free_blocks(self, physical: list[int]) -> None:
         """Return blocks to the free extents, merging with their neighbours."""
-        db = self._cursor
+        cursor = self._cursor
         for start, count in _runs(sorted(physical)):
             # the usual case, in one statement: the run extends the extent that ends where it
             # starts, and no extent starts where it ends (files deleted in the order written)
-            db.execute("UPDATE free_extents SET length = length + ?2"
-                       " WHERE start = (SELECT max(start) FROM free_extents WHERE start < ?1)"
-                       " AND start + length = ?1 AND NOT EXISTS (SELECT 1 FROM free_extents WHERE start = ?1 + ?2)",
-                       (start, count))
+            cursor.execute("UPDATE free_extents SET length = length + ?2"
+                           " WHERE start = (SELECT max(start) FROM free_extents WHERE start < ?1)"
+                           " AND start + length = ?1 AND NOT EXISTS (SELECT 1 FROM free_extents WHERE start = ?1 + ?2)",
+                           (start, count))
             if self._db.changes():
                 continue
             # both neighbours in one statement: the extent before the run, the one right after it
@@ -691,12 +691,12 @@ class Filesystem:
                 else:
                     before = (int(found), int(length))
             if after:
-                self._cursor.execute("DELETE FROM free_extents WHERE start = ?", (start + count,))
+                cursor.execute("DELETE FROM free_extents WHERE start = ?", (start + count,))
                 count += after
             if before is not None and before[0] + before[1] == start:
-                self._cursor.execute("UPDATE free_extents SET length = ? WHERE start = ?", (before[1] + count, before[0]))
+                cursor.execute("UPDATE free_extents SET length = ? WHERE start = ?", (before[1] + count, before[0]))
             else:
-                self._cursor.execute("INSERT INTO free_extents(start, length) VALUES (?, ?)", (start, count))
+                cursor.execute("INSERT INTO free_extents(start, length) VALUES (?, ?)", (start, count))
 
     def _read_blocks(self, mapping: dict[int, int], first: int, last: int) -> bytearray:
         """Blocks [first, last] of a file (unmapped ones as zeros), reading physically
@@ -1055,7 +1055,7 @@ class Filesystem:
             self._forget_name(old_parent, old_name)
             self._forget_name(new_parent, new_name)
             self._cursor.execute("UPDATE dirents SET parent = ?, name = ? WHERE parent = ? AND name = ?",
-                             (new_parent, new_name, old_parent, old_name))
+                                 (new_parent, new_name, old_parent, old_name))
             if source_attr.is_dir and new_parent != old_parent:
                 self._add_nlink(old_parent, -1)
                 self._add_nlink(new_parent, 1)
@@ -1297,9 +1297,9 @@ class Filesystem:
         self._put_blocks(mapping, old, first, last, offset, data)
         if missing:
             self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
-                                 [(base + index, phys) for index, phys in zip(missing, fresh, strict=True)])
+                                     [(base + index, phys) for index, phys in zip(missing, fresh, strict=True)])
         self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ? WHERE ino = ?",
-                         (end, now, now, ino))
+                             (end, now, now, ino))
 
     def fsync(self, ino: int | None = None) -> VolumeState:
         """Make every operation so far durable (one integrity commit for all files). Pending

@@ -549,18 +549,17 @@ class _CachedStore:
 
     def _stream_into(self, first: int, view: memoryview, count: int) -> None:
         """`read_into` of sectors no cache holds and the read-ahead does not cover: a
-        sequential read (starting where the last one ended, or inside the read-ahead but
-        running past it) refills the read-ahead with `_AHEAD_SECTORS` from `first` in one read,
-        check and decryption (fewer, longer native runs, which xts may split over two CPUs),
-        then starts the prefetch of the run after it; any other read goes straight to the
-        disk. A refill takes the prefetch when it is the run asked for and nothing wrote to it
+        sequential read (starting where the last one ended; `read_into` serves the part of a
+        read that lies inside the read-ahead) refills the read-ahead with `_AHEAD_SECTORS`
+        from `first` in one read, check and decryption (fewer, longer native runs, which xts
+        may split over two CPUs), then starts the prefetch of the run after it; any other read
+        goes straight to the disk. A refill takes the prefetch when it is the run asked for and nothing wrote to it
         since it started. The read-ahead and the prefetch stop before the first sector whose
         home is not current (dirty or logged: `_unwritten`), and a write to a sector in them
         empties the one and marks the other stale, so neither ever holds a sector some cache
         holds newer contents of. A sector past the ones asked for that fails its check ends the
         refill there instead of failing this read (its own read will find it)."""
-        start = first - self._ahead_first
-        if count < _AHEAD_SECTORS and (first == self._ahead_next or 0 <= start < self._ahead_count):
+        if count < _AHEAD_SECTORS and first == self._ahead_next:
             if not self._take_prefetch(first, count):
                 total = self._current_run(first, count)
                 if self._ahead is None:

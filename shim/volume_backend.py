@@ -177,10 +177,10 @@ class VolumeSession:
                 and len(buffer) + length <= WRITE_BUFFER_BYTES:
             buffer += data
             return length
-        self._write_buffer()  # not `flush`: a pending create may take these bytes
         if length > DIRECT_WRITE_BYTES:
             self.flush()
             return self.fs.write(handle.ino, offset, data)
+        self._write_buffer()  # not `flush`: a pending create may take these bytes
         self._buffer_handle = handle
         self._buffer_offset = offset
         self._buffer = bytearray(data)  # a copy: `data` is a view of guest memory
@@ -221,8 +221,9 @@ class VolumeSession:
 
 
 def _storage_call(method: Callable[Concatenate[H, P], T]) -> Callable[Concatenate[H, P], T]:
-    """Run a backend method under the session lock, after writing out the write-back buffer,
-    reporting integrity failures (which then reach the guest as EIO)."""
+    """Run a backend method under the session lock, after `VolumeSession.flush` (the pending
+    create and the write-back buffer), reporting integrity failures (which then reach the guest
+    as EIO)."""
     @functools.wraps(method)
     def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> T:
         session = self.session

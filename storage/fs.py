@@ -880,8 +880,8 @@ class Filesystem:
 
         def work() -> Attr:
             attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1, len(view))
-            if len(view):
-                self._fill_new(attr.ino, view)
+            if len(view):  # new and empty: no lookup, and the inode already has its size
+                self._write_mapped(attr.ino, {}, 0, view)
             return attr
         attr = self._run(work)
         if open:
@@ -1252,16 +1252,21 @@ class Filesystem:
             start = (index - first) * BLOCK_SIZE
             self._store.write(self._data_first + phys, view[start:start + count * BLOCK_SIZE])
 
-    def _fill_new(self, ino: int, data: memoryview) -> None:
-        """Within the transaction that created `ino` with size len(data): its blocks, written
-        and mapped (`_write_piece` for a file known to be new and empty: no lookup, no update
-        of the inode)."""
-        count = -(-len(data) // BLOCK_SIZE)
-        mapping = dict(zip(range(count), self._allocate(count), strict=True))
-        self._put_blocks(mapping, {}, 0, count - 1, 0, data)
-        base = ino << _KEY_BITS
-        self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
-                                 [(base + index, phys) for index, phys in mapping.items()])
+    def _write_mapped(self, ino: int, mapping: dict[int, int], offset: int, data: memoryview) -> None:
+        """Within a transaction: write `data` (not empty) at `offset` of `ino`, whose blocks in
+        that range are in `mapping` when they exist; the others are allocated, written and
+        mapped here. The inode is the caller's business."""
+        first = offset // BLOCK_SIZE
+        last = (offset + len(data) - 1) // BLOCK_SIZE
+        missing = [index for index in range(first, last + 1) if index not in mapping]
+        fresh = self._allocate(len(missing))
+        old = {index: phys for index, phys in mapping.items() if index in (first, last)}
+        mapping.update(zip(missing, fresh, strict=True))
+        self._put_blocks(mapping, old, first, last, offset, data)
+        if missing:
+            base = ino << _KEY_BITS
+            self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
+                                     [(base + index, phys) for index, phys in zip(missing, fresh, strict=True)])
 
     def _write_piece(self, ino: int, offset: int, data: memoryview) -> None:
         """One bounded write, inside a transaction: allocate, write the blocks, then the map
@@ -1290,14 +1295,7 @@ class Filesystem:
             mapping = {} if row[9] is None else {first: int(row[9])}
         else:
             mapping = self._map(ino, first, last)
-        missing = [index for index in range(first, last + 1) if index not in mapping]
-        fresh = self._allocate(len(missing))
-        old = {index: phys for index, phys in mapping.items() if index in (first, last)}
-        mapping.update(zip(missing, fresh, strict=True))
-        self._put_blocks(mapping, old, first, last, offset, data)
-        if missing:
-            self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
-                                     [(base + index, phys) for index, phys in zip(missing, fresh, strict=True)])
+        self._write_mapped(ino, mapping, offset, data)
         self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ? WHERE ino = ?",
                              (end, now, now, ino))
 

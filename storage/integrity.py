@@ -553,12 +553,13 @@ class _CachedStore:
         read that lies inside the read-ahead) refills the read-ahead with `_AHEAD_SECTORS`
         from `first` in one read, check and decryption (fewer, longer native runs, which xts
         may split over two CPUs), then starts the prefetch of the run after it; any other read
-        goes straight to the disk. A refill takes the prefetch when it is the run asked for and nothing wrote to it
-        since it started. The read-ahead and the prefetch stop before the first sector whose
-        home is not current (dirty or logged: `_unwritten`), and a write to a sector in them
-        empties the one and marks the other stale, so neither ever holds a sector some cache
-        holds newer contents of. A sector past the ones asked for that fails its check ends the
-        refill there instead of failing this read (its own read will find it)."""
+        goes straight to the disk. A refill takes the prefetch when it is the run asked for
+        and nothing wrote to it since it started. The read-ahead and the prefetch stop before
+        the first sector whose home is not current (dirty or logged: `_unwritten`), and a write
+        to a sector in them empties the one and marks the other stale, so neither ever holds a
+        sector some cache holds newer contents of. A sector past the ones asked for that fails
+        its check ends the refill there instead of failing this read (its own read will find
+        it)."""
         if count < _AHEAD_SECTORS and first == self._ahead_next:
             if not self._take_prefetch(first, count):
                 total = self._current_run(first, count)
@@ -589,8 +590,8 @@ class _CachedStore:
         """Read, check and decrypt the run from `first` into the spare buffer on the prefetch
         thread (overlapping the reader's own work: seq workload, read phase 0.14 -> 0.075 s).
         Everything the check needs is taken now, on this thread (`_background_read`)."""
-        total = self._current_run(first, 0) if first < self.sector_count else 0
-        if total <= 0 or self._prefetch is not None:
+        total = self._current_run(first, 0)  # 0 at the end of the volume
+        if total <= 0:
             return
         buffer = self._spare if self._spare is not None else _prefaulted(_AHEAD_SECTORS * SECTOR_SIZE)
         self._spare = None

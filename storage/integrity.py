@@ -706,6 +706,10 @@ class MerkleStore(_CachedStore):
         # ciphertext. Their leaves still say free until the next commit's record carries them as
         # home entries; the limit keeps that record's header within a quarter of the log.
         self._flushed: dict[int, bytes] = {}
+        # the same hashes as flushed, one (first sector, concatenated hashes) per run in the
+        # order of the flushes: the next commit takes its home entries from these in bulk
+        # while no sector was flushed twice or written again since (`_flushed_entries`)
+        self._flushed_runs: list[tuple[int, bytes]] = []
         self._flushed_limit = (layout.log_sectors // 4) * (SECTOR_SIZE // _ENTRY.size) - self._memory_limit
         # `_append_small_record`: the record is assembled in `_record_buffer` (with the native
         # step: in its buffers, and the state MAC's message in `_small.state`, constant parts
@@ -1039,7 +1043,12 @@ class MerkleStore(_CachedStore):
             future.result()  # the first failed home write, if any (the sectors stay dirty)
         self._early_sync = writer.submit(self._segment.sync)
         flushed = self._flushed
-        flushed.update(zip(fresh, _split_digests(digests.tobytes(), len(fresh)), strict=True))
+        hashes = digests.tobytes()
+        flushed.update(zip(fresh, _split_digests(hashes, len(fresh)), strict=True))
+        at = 0
+        for first, count in _runs(fresh):
+            self._flushed_runs.append((first, hashes[at:at + count * HASH_SIZE]))
+            at += count * HASH_SIZE
         logged = {sector: bytes(data) for sector, data in dirty.items() if sector not in flushed}
         self._clear_dirty()
         dirty.update(logged)
@@ -1176,9 +1185,9 @@ class MerkleStore(_CachedStore):
         logged: list[tuple[int, memoryview]] = []
         home_sectors: list[int] = []
         metadata = self._metadata
-        # flushed sectors written again since are dirty: the dirty contents go home instead
-        flushed = sorted(self._flushed.keys() - dirty.keys())
-        body_length = _RECORD.size + len(metadata) + (len(dirty) + len(flushed)) * _ENTRY.size + HASH_SIZE
+        flushed = self._flushed_entries()
+        flushed_count = sum(len(hashes) for _, hashes in flushed) // HASH_SIZE
+        body_length = _RECORD.size + len(metadata) + (len(dirty) + flushed_count) * _ENTRY.size + HASH_SIZE
         header_sectors = -(-body_length // SECTOR_SIZE)
         record_sectors = header_sectors + self._dirty_logged
         if self._log_position + record_sectors > layout.log_sectors:
@@ -1252,8 +1261,8 @@ class MerkleStore(_CachedStore):
                 else:
                     logged_parts.append(part)
                 changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-            for first, count in _runs(flushed):  # already home (synced below with the record)
-                digests = b"".join([self._flushed[sector] for sector in range(first, first + count)])
+            for first, digests in flushed:  # already home (synced below with the record)
+                count = len(digests) // HASH_SIZE
                 leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
                 entries.extend(map(pack, range(first | _HOME_FLAG, (first + count) | _HOME_FLAG),
                                    _split_digests(digests, count)))
@@ -1282,12 +1291,29 @@ class MerkleStore(_CachedStore):
         pending = self._pending
         for sector, piece in logged:
             pending[sector] = (bytes(piece), bytes(dirty[sector]))
-        for sector in home_sectors:
-            pending.pop(sector, None)
+        if pending:
+            for sector in home_sectors:
+                pending.pop(sector, None)
         for sector in tails:  # appends (the SQLite WAL) read-modify-write a run's last sector next
             self._remember_clean(sector, bytes(dirty[sector]))
         self._flushed.clear()
+        self._flushed_runs.clear()
         self._committed(generation, root_mac, metadata, changed_pages)
+
+    def _flushed_entries(self) -> list[tuple[int, bytes]]:
+        """The flushed sectors a commit lists as home entries, as (first sector, their
+        hashes) runs in ascending order: all of them but those written again since (dirty:
+        their new contents go home instead). The runs the flushes kept serve as they are
+        unless a sector was flushed twice or is dirty (then they are rebuilt from `_flushed`,
+        which holds each sector's last hash)."""
+        flushed = self._flushed
+        runs = self._flushed_runs
+        dirty = self._dirty
+        if sum(len(hashes) for _, hashes in runs) == len(flushed) * HASH_SIZE \
+                and not any(sector in flushed for sector in dirty):
+            return sorted(runs)
+        return [(first, b"".join([flushed[sector] for sector in range(first, first + count)]))
+                for first, count in _runs(sorted(flushed.keys() - dirty.keys()))]
 
     def _committed(self, generation: int, root_mac: bytes, metadata: bytes, pages: Iterable[int]) -> None:
         """The in-memory side of a commit whose record is durable: the dirty sectors are gone

@@ -126,6 +126,39 @@ def test_flushed_sectors_written_again_keep_the_newest_contents() -> None:
     assert_reopens_with(image, store, contents)
 
 
+def test_sectors_flushed_twice_commit_their_last_contents() -> None:
+    """A fresh sector flushed, written again and flushed again before any commit: the commit
+    lists it once, with the hash of what the second flush wrote (the bulk runs the flushes
+    keep hold it twice, so the commit must not take them as they are)."""
+    image = Image(8 << 20)
+    store = pressured(image.format())
+    sectors = range(0, 2 * PRESSURE, 2)  # runs of one sector: each is in two flushes' runs
+    contents = write_fresh(store, sectors, seed=11)
+    first_flush = dict(store._flushed)
+    contents.update(write_fresh(store, sectors, seed=12))
+    assert store._flushed.keys() == first_flush.keys() and store._flushed != first_flush  # flushed again
+    contents.update(write_fresh(store, range(1000, 1010), seed=13))
+    assert read_all(store, contents) == []
+    store.commit()
+    assert not store._flushed and not store._flushed_runs
+    assert_reopens_with(image, store, contents)
+
+
+def test_flushes_of_separate_runs_commit_in_one_record() -> None:
+    """Several flushes of runs that do not overlap (the streaming case: the commit takes the
+    flushes' runs in bulk), out of order and with a gap, all reach the committed tree."""
+    image = Image(8 << 20)
+    store = pressured(image.format())
+    contents = write_fresh(store, range(600, 600 + PRESSURE), seed=14)
+    contents.update(write_fresh(store, range(100, 100 + PRESSURE), seed=15))
+    contents.update(write_fresh(store, range(100 + PRESSURE + 7, 100 + 2 * PRESSURE + 7), seed=16))
+    assert len(store._flushed) == 3 * PRESSURE and not store._dirty
+    store.commit()
+    assert crashed_copy(image).check() == []
+    assert read_all(crashed_copy(image), contents) == []
+    assert_reopens_with(image, store, contents)
+
+
 def test_logged_sectors_stay_dirty_through_a_flush() -> None:
     """Overwrites of committed sectors need the log: a flush leaves them dirty (their plaintext
     copied out of the reused staging arena) and the commit logs them."""

@@ -183,6 +183,7 @@ CASES: tuple[Case, ...] = (
              "the rights wasi-libc asked for when opening the directory O_RDONLY (no FD_WRITE) but "
              "enforces none, so files opened through it are still writable there; keepshim enforces "
              "rights (issue 2), so FD_WRITE must stay inheritable for those writes to work"),)),
+    Case("stdio-kinds", "stdio_kinds"),
     Case("big-file", "big_file"),
     Case("offsets", "offsets"),
     Case("short-write-naive", "short_write_naive"),

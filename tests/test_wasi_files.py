@@ -109,6 +109,13 @@ def test_timestamps_set_by_fd_and_by_path(harness: GuestHarness) -> None:
     assert harness.call("fd_filestat_set_times", fd, 0, 0, 1 << 4) == Errno.INVAL
 
 
+def test_setting_times_on_stdio_is_ebadf_not_enotcapable(harness: GuestHarness) -> None:
+    """wasmtime checks the kind before the rights: stdio is not a file (EBADF), whatever its rights."""
+    for fd in (0, 1, 2):
+        assert harness.call("fd_filestat_set_times", fd, 0, 0, 0) == Errno.BADF
+        assert harness.call("fd_filestat_set_times", fd, 0, 0, Fstflags.MTIM_NOW) == Errno.BADF
+
+
 def test_sync_advise_and_allocate(harness: GuestHarness) -> None:
     fd = harness.open("s", CREAT)
     assert harness.call("fd_sync", fd) == 0

@@ -286,13 +286,14 @@ def fd_filestat_set_size(guest: Guest, memory: Memory, fd: int, size: int) -> in
 
 def fd_filestat_set_times(guest: Guest, memory: Memory, fd: int, atim: int, mtim: int, fst_flags: int) -> int:
     atime, mtime = _time_updates(atim, mtim, fst_flags)
-    entry = guest.fds.get(fd, Rights.FD_FILESTAT_SET_TIMES)
+    entry = guest.fds.get(fd)
+    if not isinstance(entry, OpenFile | OpenDirectory):
+        raise WasiError(Errno.BADF)  # stdio and sockets: the kind is checked first (wasmtime)
+    require(entry, Rights.FD_FILESTAT_SET_TIMES)
     if isinstance(entry, OpenFile):
         entry.file.set_times(atime, mtime)
-    elif isinstance(entry, OpenDirectory):
-        entry.directory.set_times(atime, mtime)
     else:
-        raise WasiError(Errno.BADF)
+        entry.directory.set_times(atime, mtime)
     return 0
 
 

@@ -116,6 +116,19 @@ def test_setting_times_on_stdio_is_ebadf_not_enotcapable(harness: GuestHarness) 
         assert harness.call("fd_filestat_set_times", fd, 0, 0, Fstflags.MTIM_NOW) == Errno.BADF
 
 
+def test_host_times_before_1970_are_reported_as_zero(tmp_path: Path) -> None:
+    """A negative host time does not fit the u64 timestamp: wasmtime reports 0, and so do we
+    (it used to make every stat of the file fail with EFAULT)."""
+    old = tmp_path / "old.txt"
+    old.write_bytes(b"old\n")
+    os.utime(old, ns=(-86_400 * 10**9, -86_400 * 10**9))  # 1969-12-31
+    with closing(GuestHarness(HostDirectory.open(tmp_path))) as harness:
+        status = harness.stat("old.txt")
+        assert (status.atime_ns, status.mtime_ns, status.size) == (0, 0, 4)
+        fd = harness.open("old.txt", rights=Rights.FD_READ | Rights.FD_FILESTAT_GET)
+        assert (harness.fstat(fd).atime_ns, harness.fstat(fd).mtime_ns) == (0, 0)
+
+
 def test_sync_advise_and_allocate(harness: GuestHarness) -> None:
     fd = harness.open("s", CREAT)
     assert harness.call("fd_sync", fd) == 0

@@ -102,9 +102,11 @@ def _signed64(value: int) -> int:
 
 
 def _store_filestat(memory: Memory, ptr: int, status: FileStat) -> None:
+    """Store a filestat; a time before 1970 (negative on the host) is 0, as wasmtime reports it
+    (the u64 timestamp cannot hold it)."""
     store(
         FILESTAT, memory, ptr, status.dev, status.ino, status.filetype, status.nlink, status.size,
-        status.atime_ns, status.mtime_ns, status.ctime_ns,
+        max(status.atime_ns, 0), max(status.mtime_ns, 0), max(status.ctime_ns, 0),
     )
 
 

@@ -7,7 +7,8 @@ produced once at start by a `CertificateProvider`:
 
 - `SelfSignedProvider` makes an ECDSA P-256 key inside the keep and a self-signed certificate for
   `localhost` (what Enarx does without a Steward);
-- `FileCertificateProvider` loads a certificate and key the owner configured in keep.toml;
+- `FileCertificateProvider` loads a certificate and key the owner configured in keep.toml (the
+  chain keeps the file's certificates only, re-serialised: it is exported to the host);
 - an attestation provider (RA-TLS: evidence binding SHA-256 of the public key in an X.509
   extension) will plug in behind the same protocol later.
 
@@ -57,6 +58,8 @@ class KeepIdentity:
     def __post_init__(self) -> None:
         if b"-----BEGIN CERTIFICATE-----" not in self.certificate_chain_pem:
             raise CertificateError("the certificate chain holds no PEM certificate")
+        if b"PRIVATE KEY-----" in self.certificate_chain_pem:  # it is exported to the host
+            raise CertificateError("the certificate chain holds a private key")
         if b"PRIVATE KEY-----" not in self.private_key_pem:
             raise CertificateError("the private key is not a PEM private key")
 
@@ -132,9 +135,22 @@ class FileCertificateProvider:
             key = self.key_path.read_bytes()
         except OSError as error:
             raise CertificateError(f"cannot read {error.filename}: {error.strerror}") from None
-        identity = KeepIdentity(certificate_chain_pem=chain, private_key_pem=key)
+        identity = KeepIdentity(certificate_chain_pem=self._certificates_only(chain),
+                                private_key_pem=key)
         _load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), identity)  # key matches cert?
         return identity
+
+    def _certificates_only(self, chain: bytes) -> bytes:
+        """The CERTIFICATE blocks of the configured file, re-serialised. The chain is exported
+        to the host (`export_certificate`) and the file may also hold the key (`certificate =
+        key = "combined.pem"`, a common layout): nothing but certificates may leave it."""
+        try:
+            certificates = x509.load_pem_x509_certificates(chain)
+        except ValueError as error:
+            raise CertificateError(f"{self.certificate_path}: not a PEM certificate chain: "
+                                   f"{error}") from None
+        return b"".join(certificate.public_bytes(serialization.Encoding.PEM)
+                        for certificate in certificates)
 
 
 def _general_name(name: str) -> x509.GeneralName:

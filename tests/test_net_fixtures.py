@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from keep_net import (
     STDIO,
     RecordingProxy,
@@ -466,3 +468,25 @@ async def test_ctrl_c_still_ends_a_guest_busy_in_wasm_code(tmp_path: Path, wasm_
         await keep.wait_for_output("looping")
         keep.process.send_signal(signal.SIGINT)
         assert await keep.finish(timeout=20) == -signal.SIGINT  # as without keep.toml
+
+
+def test_exported_certificate_of_a_combined_pem_holds_no_key(tmp_path: Path, wasm_fixture,
+                                                            env: dict[str, str]) -> None:
+    """`certificate = key = "combined.pem"` (chain and key in one file): export_certificate is
+    the public part for clients, so the key must not be written next to it on the host."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems)
+                         + issued.private_key_pem.bytes())
+    exported = tmp_path / "exported.pem"
+    toml = (f'[tls]\ncertificate = "{combined}"\nkey = "{combined}"\n'
+            f'export_certificate = "{exported}"\n\n' + STDIO + listen_entry("web", free_port()))
+    result = run_keep_sync(tmp_path, wasm_fixture("net_echo_server"), toml, ["web", "0"], env)
+    assert result.returncode == 0, result.stderr
+    written = exported.read_bytes()
+    assert b"PRIVATE KEY" not in written
+    assert [c.public_bytes(serialization.Encoding.PEM)
+            for c in x509.load_pem_x509_certificates(written)] == [
+        x509.load_pem_x509_certificate(blob.bytes()).public_bytes(serialization.Encoding.PEM)
+        for blob in issued.cert_chain_pems]

@@ -153,3 +153,19 @@ async def test_client_context_verifies_with_a_ca_file_and_sni(tmp_path: Path) ->
         await _handshake(server, system_roots, server_hostname="db.internal")
     with pytest.raises(CertificateError, match="does not exist"):
         client_context(ServerVerification(ca_file=tmp_path / "missing.pem"))
+
+
+def test_a_combined_pem_gives_an_identity_whose_chain_holds_certificates_only(
+        tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("a.example")
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(issued.private_key_pem.bytes() + b"\n"
+                         + b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    identity = FileCertificateProvider(combined, combined).identity()
+    assert b"PRIVATE" not in identity.certificate_chain_pem
+    assert len(x509.load_pem_x509_certificates(identity.certificate_chain_pem)) == len(
+        issued.cert_chain_pems)
+    assert identity.leaf.subject == x509.load_pem_x509_certificate(
+        issued.cert_chain_pems[0].bytes()).subject
+    server_context(identity)  # the chain and the key still load together

@@ -147,3 +147,34 @@ def test_decoding_survives_bad_pointers_and_shows_read_data_only_when_asked() ->
         assert (read.args, read.results, read.data) == ({"fd": 0, "size": 6}, {"nread": 6}, expected)
         assert opened.args["path"] == "<bad pointer>" and opened.errno_name == "EFAULT"
         assert opened.format().startswith('path_open(fd=3, dirflags=0, path="<bad pointer>", oflags=0')
+
+
+def test_trace_data_copies_at_most_what_the_call_can_move() -> None:
+    """--trace-data copies a write's buffers before the call: overlapping iovecs add up to far more
+    than memory, and the copy must stop at the memory size as the call itself does (1024 iovecs
+    over 64 KiB once made the tracer allocate 128 MiB)."""
+    import struct
+    import tracemalloc
+
+    from wasi_host import Guest
+    from wasi_host.streams import MemoryStream
+
+    memory_size, count = 1 << 16, 1024
+    stdout = MemoryStream()
+    guest = Guest([b"m"], [], [], MemoryStream(), stdout, MemoryStream())
+    memory = memoryview(bytearray(memory_size))
+    array = memory_size - 8 * count
+    for index in range(count):  # every iovec covers the whole memory
+        struct.pack_into("<II", memory, array + 8 * index, 0, memory_size)
+    events: list[TraceEvent] = []
+    traced = Tracer(events.append, show_data=True).wrap(FUNCTIONS)
+    tracemalloc.start()
+    try:
+        assert traced["fd_write"].impl(guest, memory, 1, array, count, 0) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        guest.close()
+    assert len(stdout.output) == memory_size
+    assert events[-1].data == bytes(stdout.output)
+    assert peak < 16 * memory_size, f"the traced call allocated {peak} bytes"

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, TextIO
 from wasi_host._abi import U32, U32_PAIR, U64, Clockid, Errno, Fdflags, Fstflags, Oflags, Rights, Whence
 from wasi_host._errors import ProcExit, errno_for_exception
 from wasi_host._functions import HostFunction
-from wasi_host._memory import Memory
+from wasi_host._memory import Memory, transfer_limit
 
 TraceValue = int | str
 
@@ -260,7 +260,9 @@ class Tracer:
 
         def traced(guest: object, memory: Memory, *arguments: int) -> int:
             decoded, outputs = _decode(layout, memory, arguments)
-            written = (_iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1], None)
+            # at most what the call can move: overlapping iovecs may add up to far more than memory
+            written = (_iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1],
+                                    transfer_limit(memory))
                        if show_data and transfer is not None and transfer.direction == "write" else None)
             start = clock()
             try:

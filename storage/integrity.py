@@ -70,7 +70,7 @@ import hmac
 import mmap
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
@@ -701,6 +701,8 @@ class MerkleStore(_CachedStore):
         self._writer: ThreadPoolExecutor | None = None  # home writes of big commits
         # the fdatasync a flush leaves running on the writer thread (`_flush_fresh`)
         self._early_sync: Future[None] | None = None
+        # set when a sync failed (`_fail`): every later commit and flush is refused
+        self._failure: tuple[str, BaseException] | None = None
         # Flushed sectors (`_flush_fresh`): free in the last commit, their ciphertext already
         # written home (not yet synced) by a cache-pressure flush: sector -> SHA-256 of that
         # ciphertext. Their leaves still say free until the next commit's record carries them as
@@ -773,7 +775,7 @@ class MerkleStore(_CachedStore):
                                 bytes(store._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
         segment.prepare_durable(layout.log_start, layout.log_sectors)
         segment.sync()
-        store._write_superblock()
+        store._write_superblock(0, 0)
         return store
 
     @classmethod
@@ -827,21 +829,23 @@ class MerkleStore(_CachedStore):
         if self._closed:
             return
         self._stop_prefetch()
-        if self.writable:
-            self.commit()
-            if self._generation != self._superblock_generation:
-                self._checkpoint()
-        self._closed = True
-        if self._small is not None:
-            self._small.close()  # the HMAC context holding the integrity key
-            self._small = None
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
-        self._clear_dirty()
-        self._dirty_logged = 0
-        self._clean.clear()
-        self._pending.clear()
+        try:
+            if self.writable:
+                self.commit()
+                if self._generation != self._superblock_generation:
+                    self._checkpoint()
+        finally:  # closed even when that commit fails (which is raised): the image keeps its last one
+            self._closed = True
+            if self._small is not None:
+                self._small.close()  # the HMAC context holding the integrity key
+                self._small = None
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
+            self._clear_dirty()
+            self._dirty_logged = 0
+            self._clean.clear()
+            self._pending.clear()
 
     def check(self) -> list[str]:
         """fsck: re-read every data sector and leaf page from the disk and compare with the
@@ -1059,13 +1063,33 @@ class MerkleStore(_CachedStore):
         that only once), so no later commit may claim the flushed sectors durable. Reopening
         the volume recovers its last commit."""
         future = self._early_sync
-        if future is None:
-            return
-        error = future.exception()
-        if error is not None:
-            raise OSError(errno.EIO, f"writing flushed sectors back failed ({error}); the volume"
-                                     " keeps its last commit: reopen it") from error
-        self._early_sync = None
+        if future is not None:
+            error = future.exception()
+            self._early_sync = None
+            if error is not None:
+                self._fail(f"writing flushed sectors back failed ({error})", error)
+        if self._failure is not None:
+            what, cause = self._failure
+            raise OSError(errno.EIO, f"{what}; the volume keeps its last commit: reopen it") from cause
+
+    def _fail(self, what: str, error: BaseException) -> None:
+        """Refuse every later commit and flush (`_settle_early_sync` raises EIO): a failed
+        fdatasync may have cost written pages that the kernel reports lost only once, so no
+        later sync can vouch for them."""
+        if self._failure is None:
+            self._failure = (what, error)
+
+    def _undo_leaves(self, undo: Sequence[tuple[int, bytes | bytearray]]) -> None:
+        """Put back the leaf hashes a commit that failed before its durability point had
+        changed ((offset in the leaves, former bytes), in the order changed), and the tree
+        above them: the in-memory tree is the last commit's again, so a later commit starts
+        from it (and a checkpoint never writes hashes of a commit that did not happen)."""
+        leaves = self._leaves
+        pages: set[int] = set()
+        for start, old in reversed(undo):
+            leaves[start:start + len(old)] = old
+            pages.update(range(start // SECTOR_SIZE, (start + len(old) - 1) // SECTOR_SIZE + 1))
+        self._update_levels(pages)
 
     def _native_small_commit(self, cipher: SectorCipherLike) -> NativeSmallCommit | None:
         """The native step of `_append_small_record` for this key (None without the native
@@ -1111,24 +1135,32 @@ class MerkleStore(_CachedStore):
         generation = self._generation + 1
         position = self._layout.log_start + self._log_position
         small = self._small
-        if small is not None and (small.bound_levels is self._levels or small.bind(self._levels)):
-            # the header without its digests, root and MACs; the plaintext behind it
-            _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation,
-                              self._root_mac.ljust(32, b"\0"), count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)
-            record[_RECORD.size:entries_at] = metadata
-            entry = entries_at
-            for index, sector in enumerate(sectors, 1):
-                _SECTOR_NUMBER.pack_into(record, entry, sector)
-                entry += _ENTRY.size
-                record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
-            record[entry:mac_at] = _ZEROS[entry:mac_at]
-            # prefix and layout packed once; the metadata's hash and the root come from the C code
-            _GENERATION.pack_into(small.state, len(self._state_prefix), generation)
-            small.run(sectors, position, len(metadata))
-            root_mac = bytes(small.root_mac)
-        else:
-            root_mac = self._small_record_in_python(sectors, generation, position, entries_at)
-        self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
+        leaves = self._leaves
+        # the leaves before this commit: put back (with the tree above) if it fails before its
+        # durability point, so that the tree stays the last commit's
+        undo = [(sector * HASH_SIZE, leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]) for sector in sectors]
+        try:
+            if small is not None and (small.bound_levels is self._levels or small.bind(self._levels)):
+                # the header without its digests, root and MACs; the plaintext behind it
+                _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
+                                  count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)
+                record[_RECORD.size:entries_at] = metadata
+                entry = entries_at
+                for index, sector in enumerate(sectors, 1):
+                    _SECTOR_NUMBER.pack_into(record, entry, sector)
+                    entry += _ENTRY.size
+                    record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
+                record[entry:mac_at] = _ZEROS[entry:mac_at]
+                # prefix and layout packed once; the metadata's hash and the root come from the C code
+                _GENERATION.pack_into(small.state, len(self._state_prefix), generation)
+                small.run(sectors, position, len(metadata))
+                root_mac = bytes(small.root_mac)
+            else:
+                root_mac = self._small_record_in_python(sectors, generation, position, entries_at)
+            self._segment.write_durable(position, record[:(1 + count) * SECTOR_SIZE])  # the durability point
+        except BaseException:
+            self._undo_leaves(undo)
+            raise
         self._log_position += 1 + count
         pending = self._pending
         for index, sector in enumerate(sectors, 1):
@@ -1210,83 +1242,98 @@ class MerkleStore(_CachedStore):
             else:
                 writes.append(writer.submit(self._segment.write_raw, data_start + sector, part))
         digest_buffer = memoryview(bytearray(_CHUNK_SECTORS * HASH_SIZE))
+        # the leaves as they were, put back (with the tree above) if the commit fails before its
+        # durability point: the in-memory tree must stay the last commit's
+        undo: list[tuple[int, bytes | bytearray]] = []
         try:
-            for first, count in _chunks(_runs(sorted(dirty)), _CHUNK_SECTORS):
-                view = scratch[used:used + count * SECTOR_SIZE]
-                used += count * SECTOR_SIZE
-                self._encrypt_dirty_run(first, view, digest_buffer[:count * HASH_SIZE])
-                digests = digest_buffer[:count * HASH_SIZE].tobytes()
-                old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
-                uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
-                if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
-                    home = old_leaves[:HASH_SIZE] == _FREE_LEAF
-                    leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
-                    flag = _HOME_FLAG if home else 0
-                    entries.extend(map(pack, range(first | flag, (first + count) | flag),
-                                       _split_digests(digests, count)))
-                    if home:
-                        home_sectors.extend(range(first, first + count))
-                        write_home(first, view)
-                    else:
-                        logged.extend([(first + index, view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
-                                       for index in range(count)])
-                        logged_parts.append(view)
-                    changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-                    continue
-                run_start = 0
-                run_home = False
-                for index, digest in enumerate(_split_digests(digests, count)):
-                    sector = first + index
-                    piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
-                    leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
-                    home = leaves[leaf] == _FREE_LEAF
-                    leaves[leaf] = digest
-                    if home:
-                        entries.append(pack(sector | _HOME_FLAG, digest))
-                        home_sectors.append(sector)
-                    else:
-                        entries.append(pack(sector, digest))
-                        logged.append((sector, piece))
-                    if index and home != run_home:
-                        part = view[run_start * SECTOR_SIZE:index * SECTOR_SIZE]
-                        if run_home:
-                            write_home(first + run_start, part)
+            try:
+                for first, count in _chunks(_runs(sorted(dirty)), _CHUNK_SECTORS):
+                    view = scratch[used:used + count * SECTOR_SIZE]
+                    used += count * SECTOR_SIZE
+                    self._encrypt_dirty_run(first, view, digest_buffer[:count * HASH_SIZE])
+                    digests = digest_buffer[:count * HASH_SIZE].tobytes()
+                    old_leaves = leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]
+                    uniform = old_leaves == _FREE_LEAF * count or _FREE_LEAF not in old_leaves
+                    if uniform:  # the whole run goes home, or all of it into the log: no per-sector tests
+                        home = old_leaves[:HASH_SIZE] == _FREE_LEAF
+                        undo.append((first * HASH_SIZE, old_leaves))
+                        leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
+                        flag = _HOME_FLAG if home else 0
+                        entries.extend(map(pack, range(first | flag, (first + count) | flag),
+                                           _split_digests(digests, count)))
+                        if home:
+                            home_sectors.extend(range(first, first + count))
+                            write_home(first, view)
                         else:
-                            logged_parts.append(part)
-                        run_start = index
-                    run_home = home
-                part = view[run_start * SECTOR_SIZE:count * SECTOR_SIZE]
-                if run_home:
-                    write_home(first + run_start, part)
-                else:
-                    logged_parts.append(part)
-                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-            for first, digests in flushed:  # already home (synced below with the record)
-                count = len(digests) // HASH_SIZE
-                leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
-                entries.extend(map(pack, range(first | _HOME_FLAG, (first + count) | _HOME_FLAG),
-                                   _split_digests(digests, count)))
-                home_sectors.extend(range(first, first + count))
-                changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
-            self._update_levels(changed_pages)
-            if len(logged) != self._dirty_logged:
-                raise AssertionError("dirty sector accounting is off")  # _stage counts them
-            generation = self._generation + 1
-            root = self._tree_root()
-            root_mac = self._state_mac(generation, root, metadata)
-            head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
-                                len(entries), len(home_sectors), header_sectors, len(metadata), root, root_mac)
-            body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
-            header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
-            position = layout.log_start + self._log_position
-            record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
-            self._segment.write_raw(position, record)
-        finally:
-            if writes:
-                wait(writes)  # the scratch buffer must outlive every write
-        for future in writes:
-            future.result()  # the first failed home write, if any
-        self._segment.sync()  # the durability point
+                            logged.extend([(first + index, view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE])
+                                           for index in range(count)])
+                            logged_parts.append(view)
+                        changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+                        continue
+                    run_start = 0
+                    run_home = False
+                    for index, digest in enumerate(_split_digests(digests, count)):
+                        sector = first + index
+                        piece = view[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]
+                        leaf = slice(sector * HASH_SIZE, (sector + 1) * HASH_SIZE)
+                        old = leaves[leaf]
+                        home = old == _FREE_LEAF
+                        undo.append((leaf.start, old))
+                        leaves[leaf] = digest
+                        if home:
+                            entries.append(pack(sector | _HOME_FLAG, digest))
+                            home_sectors.append(sector)
+                        else:
+                            entries.append(pack(sector, digest))
+                            logged.append((sector, piece))
+                        if index and home != run_home:
+                            part = view[run_start * SECTOR_SIZE:index * SECTOR_SIZE]
+                            if run_home:
+                                write_home(first + run_start, part)
+                            else:
+                                logged_parts.append(part)
+                            run_start = index
+                        run_home = home
+                    part = view[run_start * SECTOR_SIZE:count * SECTOR_SIZE]
+                    if run_home:
+                        write_home(first + run_start, part)
+                    else:
+                        logged_parts.append(part)
+                    changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+                for first, digests in flushed:  # already home (synced below with the record)
+                    count = len(digests) // HASH_SIZE
+                    undo.append((first * HASH_SIZE, leaves[first * HASH_SIZE:(first + count) * HASH_SIZE]))
+                    leaves[first * HASH_SIZE:(first + count) * HASH_SIZE] = digests
+                    entries.extend(map(pack, range(first | _HOME_FLAG, (first + count) | _HOME_FLAG),
+                                       _split_digests(digests, count)))
+                    home_sectors.extend(range(first, first + count))
+                    changed_pages.update(range(first // HASHES_PER_PAGE, (first + count - 1) // HASHES_PER_PAGE + 1))
+                self._update_levels(changed_pages)
+                if len(logged) != self._dirty_logged:
+                    raise AssertionError("dirty sector accounting is off")  # _stage counts them
+                generation = self._generation + 1
+                root = self._tree_root()
+                root_mac = self._state_mac(generation, root, metadata)
+                head = _RECORD.pack(_RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
+                                    len(entries), len(home_sectors), header_sectors, len(metadata), root, root_mac)
+                body = (head + metadata + b"".join(entries)).ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
+                header = body + self._mac(b"keepshim/log/v1", body)  # every header byte is authenticated
+                position = layout.log_start + self._log_position
+                record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
+                self._segment.write_raw(position, record)
+            finally:
+                if writes:
+                    wait(writes)  # the scratch buffer must outlive every write
+            for future in writes:
+                future.result()  # the first failed home write, if any
+            try:
+                self._segment.sync()  # the durability point
+            except OSError as error:
+                self._fail(f"a commit's fdatasync failed ({error})", error)
+                raise
+        except BaseException:
+            self._undo_leaves(undo)
+            raise
         self._log_position += record_sectors
         pending = self._pending
         for sector, piece in logged:
@@ -1340,22 +1387,26 @@ class MerkleStore(_CachedStore):
             self._segment.write_plain(layout.page_start + first,
                                       bytes(self._leaves[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]))
         self._segment.sync()
+        # nothing in memory changes before the new superblock is durable: if writing it fails,
+        # the old one still holds (its log start and the records after it are untouched)
+        slot = self._superblock_slot ^ 1
+        self._write_superblock(slot, 0)
+        self._superblock_slot = slot
         self._pending.clear()
         self._pages_since_checkpoint.clear()
         self._log_position = 0
-        self._superblock_slot ^= 1
-        self._write_superblock()
 
-    def _write_superblock(self) -> None:
+    def _write_superblock(self, slot: int, log_position: int) -> None:
+        """Write the superblock for the last commit into `slot`, with the log starting at
+        `log_position`, durably."""
         layout = self._layout
         metadata = self._committed_metadata
         body = _SUPERBLOCK.pack(_SUPERBLOCK_MAGIC, self._uuid_field, self._generation, layout.total,
                                 layout.log_sectors, layout.page_sectors, layout.data_sectors,
-                                self._log_position, len(metadata), self._tree_root(),
+                                log_position, len(metadata), self._tree_root(),
                                 self._root_mac) + metadata
         body = body.ljust(SECTOR_SIZE - HASH_SIZE, b"\0")
         sector = body + self._mac(b"keepshim/superblock/v1", body)  # the whole sector is authenticated
-        slot = self._superblock_slot
         self._segment.write_durable(slot, self._segment.cipher.encrypt_run(slot, sector))
         self._superblock_generation = self._generation
 

@@ -9,6 +9,7 @@ exception is a bug and shows a traceback only with --debug.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -337,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"keep: {error}", file=sys.stderr)
         return error.exit_status
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as interrupt:
+        # A run with keep.toml sockets stops on SIGINT or SIGTERM itself and says which
+        # (shim.sockets.GuestSignalled, not imported here: `keep --version` stays light).
+        return 128 + int(getattr(interrupt, "signal_number", signal.SIGINT))
     except Exception as error:  # a bug: say so in one line unless asked for the traceback
         if args.debug:
             traceback.print_exc()

@@ -261,6 +261,7 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
     SignalledRun. After the first signal the default handlers are back: a second one ends the
     process at once."""
     from shim.run import run_module_async
+    from shim.sockets import GuestSignalled
 
     async def main() -> RunResult | SignalledRun:
         box: dict[str, Any] = {}
@@ -277,8 +278,9 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
                                                  f"{error.strerror or error}")
                     except Exception as error:  # re-raised below, as itself (not in a group)
                         box["error"] = error
-                    except KeyboardInterrupt:  # keep.toml's socket runs stop on signals themselves
-                        box["signal"] = box.get("signal", signal.SIGINT)
+                    except KeyboardInterrupt as interrupt:  # keep.toml's sockets stop on signals
+                        box.setdefault("signal", interrupt.signal_number
+                                       if isinstance(interrupt, GuestSignalled) else signal.SIGINT)
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:

@@ -477,8 +477,17 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
         result = await outcome.acapture(run_in_network)
         nursery.cancel_scope.cancel()
     if interrupts.received:
-        raise KeyboardInterrupt
+        raise GuestSignalled(interrupts.received[0])
     return result.unwrap()
+
+
+class GuestSignalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run with keep.toml sockets. A KeyboardInterrupt, as before,
+    that carries which signal it was, so that `keep` names it and exits 128 + its number."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
 
 
 async def _stop_after(network: KeepNetwork, seconds: float) -> None:

@@ -490,3 +490,16 @@ def test_exported_certificate_of_a_combined_pem_holds_no_key(tmp_path: Path, was
             for c in x509.load_pem_x509_certificates(written)] == [
         x509.load_pem_x509_certificate(blob.bytes()).public_bytes(serialization.Encoding.PEM)
         for blob in issued.cert_chain_pems]
+
+
+@deadline
+async def test_sigterm_stops_a_guest_blocked_in_accept_with_sigterms_status(
+        tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
+    """keep.toml's sockets stop the guest on SIGTERM themselves; the status still says which
+    signal it was (128 + 15), as a run without sockets does."""
+    async with trio.open_nursery() as nursery:
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_http_server"),
+                                          "https", ["1"], env)
+        keep.process.send_signal(signal.SIGTERM)
+        assert await keep.finish(timeout=20) == 128 + signal.SIGTERM
+    assert "Traceback" not in keep.stderr and "SIGINT" not in keep.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from fixture_build import WasmFixture
+from keep_net import STDIO, free_port, listen_entry
 from run_volume_support import PASSPHRASE, data_sectors, flip, make_volume
 
 from storage.volume import open_volume
@@ -258,3 +259,35 @@ def test_the_same_image_twice_is_refused(image: Path, passphrase_file: Path, was
                       str(passphrase_file), str(wasm_fixture("hello"))], keep_environment)
     assert completed.returncode == 2
     assert b"the same image is given twice" in completed.stderr
+
+
+def test_sigterm_with_keep_toml_sockets_names_sigterm_and_commits(
+        image: Path, passphrase_file: Path, tmp_path: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """With keep.toml sockets the sockets layer stops the guest on the signal; the volume path
+    must still report the signal that came (it said SIGINT, status 130, for a SIGTERM)."""
+    certificate = tmp_path / "cert.pem"
+    config = tmp_path / "keep.toml"
+    config.write_text(f'[tls]\nexport_certificate = "{certificate}"\n\n' + STDIO
+                      + listen_entry("web", free_port()))
+    process = subprocess.Popen([*KEEP, "run", "--config", str(config),
+                                *volume_options(image, passphrase_file),
+                                str(wasm_fixture("net_http_server")), "web", "5"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=keep_environment)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not certificate.exists():  # written last: the keep is listening
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    # the guest's own line about its cancelled accept comes first
+    assert stderr.endswith(b"\nkeep: SIGTERM: guest stopped, volumes committed\n"), stderr
+    assert b"SIGINT" not in stderr
+    assert fsck(image) == []

@@ -184,6 +184,7 @@ CASES: tuple[Case, ...] = (
              "enforces none, so files opened through it are still writable there; keepshim enforces "
              "rights (issue 2), so FD_WRITE must stay inheritable for those writes to work"),)),
     Case("stdio-kinds", "stdio_kinds"),
+    Case("open-flags", "open_flags", tree={"f": b"0123456789", "e": Directory()}),
     Case("big-file", "big_file"),
     Case("offsets", "offsets"),
     Case("short-write-naive", "short_write_naive"),

@@ -186,6 +186,27 @@ def test_path_open_flags(harness: GuestHarness) -> None:
     assert harness.open_errno("x", 1 << 4) == Errno.INVAL
 
 
+@pytest.mark.parametrize("flag", [Fdflags.DSYNC, Fdflags.RSYNC, Fdflags.SYNC])
+def test_sync_fdflags_are_refused_as_wasmtime_does(harness: GuestHarness, flag: int) -> None:
+    """The synchronized-I/O fdflags are not implemented: path_open refuses them (ENOTSUP, wasmtime)
+    rather than report them in fdstat and not honour them; nothing is created, and
+    fd_fdstat_set_flags refuses them too (EINVAL, wasmtime)."""
+    make_file(harness, "f", b"data")
+    assert harness.call("path_create_directory", PREOPEN, *harness.put("d")) == 0
+    assert harness.open_errno("f", fdflags=flag) == Errno.NOTSUP
+    assert harness.open_errno("f", fdflags=flag | Fdflags.APPEND) == Errno.NOTSUP
+    assert harness.open_errno("d", DIRECTORY, fdflags=flag, rights=Rights.FD_READDIR) == Errno.NOTSUP
+    assert harness.open_errno("new", CREAT, fdflags=flag) == Errno.NOTSUP
+    assert harness.open_errno("missing", fdflags=flag) == Errno.NOTSUP  # before the lookup
+    assert harness.open_errno("d", DIRECTORY | CREAT, fdflags=flag) == Errno.NOTSUP  # before EINVAL
+    ptr, length = harness.put("new")
+    assert harness.call("path_filestat_get", PREOPEN, 0, ptr, length, RESULT) == Errno.NOENT
+    fd = harness.open("f")
+    assert harness.call("fd_fdstat_set_flags", fd, flag) == Errno.INVAL
+    assert harness.call("fd_fdstat_get", fd, RESULT) == 0
+    assert FDSTAT.unpack_from(harness.memory, RESULT)[1] == 0
+
+
 def test_escapes_and_odd_paths_give_wasmtimes_errno(harness: GuestHarness) -> None:
     assert harness.path_call("path_create_directory", "dir") == 0
     assert harness.path_call("path_create_directory", "dir/nested") == 0

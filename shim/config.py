@@ -172,6 +172,8 @@ def parse_config(text: str, *, source: str = "keep.toml", base_dir: Path = Path(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    except RecursionError:  # tomllib recurses per nesting level; a deployed keep.toml is hostile
+        raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     return _Validator(source, _LineIndex(text), base_dir).config(document)
 
 

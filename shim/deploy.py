@@ -153,6 +153,8 @@ def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UsageError(f"--volume-state {path}: unreadable ({error})") from None
+    except RecursionError:  # json recurses per nesting level
+        raise UsageError(f"--volume-state {path}: unreadable (nested too deeply)") from None
     if not isinstance(document, dict) or not all(
             isinstance(entry, dict) and type(entry.get("generation")) is int for entry in document.values()):
         raise UsageError(f"--volume-state {path}: expected {{name: {{generation: N, ...}}}}")

@@ -299,6 +299,9 @@ class Keep:
             await self._converse(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
             return  # the peer went away, stalled its handshake or broke the protocol
+        except Exception as error:  # a bug met by one connection must not end the keep
+            print(f"keep: a connection was dropped: keep internal error: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -319,6 +322,11 @@ class Keep:
         except (ConfigError, KeepError) as error:
             self._busy = False
             await stream.send_all(conversation.send(Refused(str(error))))
+            return
+        except Exception as error:  # a bug in the checks: refuse, and stay free for the next one
+            self._busy = False
+            await stream.send_all(conversation.send(Refused(
+                f"keep internal error while checking the deployment: {type(error).__name__}: {error}")))
             return
         try:  # from here on this keep has run its one deployment, however the owner behaves
             try:

@@ -263,3 +263,8 @@ def test_bad_policy_is_a_clear_error_naming_the_key(text: str, named: str) -> No
 def test_missing_policy_file_is_a_keep_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read policy"):
         load_policy(tmp_path / "absent.toml")
+
+
+def test_a_deeply_nested_policy_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match=r"p\.toml: not valid TOML: nested too deeply"):
+        parse_policy("a = " + "[" * 5000 + "]" * 5000 + "\n", source="p.toml")

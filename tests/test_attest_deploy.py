@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fixture_build import WasmFixture
 
+import shim.serve
 from shim.attest import (
     NO_NONCE,
     Conversation,
@@ -36,9 +38,11 @@ from shim.attest import (
     VolumeGenerationTooOld,
     VolumeGrant,
     open_verified_stream,
+    owner_client_context,
     verify_keep_certificate,
 )
-from shim.deploy import DeployRefused, deploy_to
+from shim.config import KeepConfig
+from shim.deploy import DeployRefused, DeployResult, deploy_to
 from shim.errors import KeepError
 from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome
 from storage.luks2 import KdfCost
@@ -503,3 +507,114 @@ def test_serve_on_a_hardware_backend_this_machine_lacks_is_one_clear_line(backen
     assert completed.returncode == 1
     assert completed.stderr == (f"keep: {backend} is not supported on this machine ({device} is missing); "
                                 f"cannot produce {backend} evidence\n")
+
+
+# Hostile input before any deployment: one connection can never end the keep.
+
+DEEP_TOML = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+
+
+async def _quiet_deploy(port: int, deploy: Deploy | None = None) -> DeployResult:
+    """deploy_to the in-process keep on `port` (a tiny workload by default), its output dropped."""
+    return await deploy_to("127.0.0.1", port, deploy or Deploy(workload=b"\0asm"), NIL_OK,
+                           stdout=io.BytesIO(), stderr=io.BytesIO())
+
+
+async def _send_raw_frame(port: int, frame: bytes) -> bytes:
+    """Any TLS client (no nonce, no attestation): send `frame`, return what the keep answers
+    before it closes the connection."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, owner_client_context())
+    answer = b""
+    with trio.fail_after(30):
+        try:
+            await stream.send_all(frame)
+            while chunk := await stream.receive_some():
+                answer += chunk
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+    return answer
+
+
+async def test_nested_json_and_nested_toml_do_not_end_the_keep() -> None:
+    ran = []
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        ran.append(deployment.message.workload)
+        return RunOutcome(0)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        header = b"[" * 200_000  # under MAX_HEADER_BYTES, too deep for json's recursion
+        assert await _send_raw_frame(port, struct.pack(">II", len(header), 0) + header) == b""
+        with pytest.raises(DeployRefused, match="nested too deeply"):
+            await _quiet_deploy(port, Deploy(workload=b"\0asm", config=DEEP_TOML))
+        result = await _quiet_deploy(port, Deploy(workload=b"\0asm ok"))
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert result.exit_status == 0 and ran == [b"\0asm ok"]
+
+
+async def test_an_unexpected_error_in_preflight_is_a_refusal_and_the_keep_stays_free(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_preflight(deploy: Deploy) -> KeepConfig:
+        raise RuntimeError("a bug in preflight")
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        return RunOutcome(0)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with monkeypatch.context() as patched:
+            patched.setattr(shim.serve, "preflight", broken_preflight)
+            with pytest.raises(DeployRefused, match="RuntimeError: a bug in preflight"):
+                await _quiet_deploy(port)
+        result = await _quiet_deploy(port)
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert result.exit_status == 0
+
+
+async def test_an_unexpected_error_in_one_connection_drops_only_that_connection(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    class FlakyKeep(Keep):
+        failed = False
+
+        async def _converse(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug in one conversation")
+            await super()._converse(stream)
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        return RunOutcome(3)
+
+    keep = FlakyKeep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with pytest.raises(KeepError, match="the connection to the keep broke"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
+                            stdout=io.BytesIO(), stderr=io.BytesIO())
+        result = await _quiet_deploy(port)
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert result.exit_status == 3
+    assert "RuntimeError: a bug in one conversation" in capsys.readouterr().err
+
+
+def test_deeply_nested_owner_files_are_one_line_errors(tmp_path: Path, wasm_fixture: WasmFixture) -> None:
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text(DEEP_TOML)
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text("[" * 100_000)
+    for option, path, status in [("--config", deep_toml, 2), ("--policy", deep_toml, 1),
+                                 ("--volume-state", deep_json, 2)]:
+        completed = subprocess.run(
+            [sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1", option, str(path),
+             str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
+        assert completed.returncode == status, (option, completed.stderr)
+        assert "nested too deeply" in completed.stderr and len(completed.stderr.splitlines()) == 1

@@ -209,3 +209,13 @@ def test_any_conversation_round_trips(workload: bytes, args: list[str], config: 
     finished = Finished(exit_status=status, error="trap" if status < 0 else None,
                         volumes=(VolumeState("v", "u", generation or 0, key),))
     assert _deliver(keep, owner, finished) == finished
+
+
+def test_a_deeply_nested_json_header_is_a_remote_protocol_error() -> None:
+    """200,000 nested arrays fit in the header limit but overflow json's recursion: the peer's
+    fault (RemoteProtocolError, the connection is dropped), never a RecursionError."""
+    header = b"[" * 200_000
+    keep = Conversation("keep")
+    keep.receive_data(struct.pack(">II", len(header), 0) + header)
+    with pytest.raises(RemoteProtocolError, match="frame header is not UTF-8 JSON"):
+        keep.next_message()

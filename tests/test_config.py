@@ -122,3 +122,15 @@ def test_bad_config_names_the_line_and_the_key(text: str, expected: str) -> None
 def test_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_deeply_nested_toml_is_a_config_error_not_a_recursion_error(tmp_path: Path) -> None:
+    """tomllib recurses once per nesting level: 5000 levels overflow Python's stack. That must be
+    a ConfigError (exit 2, one line), never a RecursionError reaching the CLI or `keep serve`."""
+    text = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(ConfigError, match=r"keep\.toml: not valid TOML: nested too deeply"):
+        parse_config(text)
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"deep\.toml: not valid TOML: nested too deeply"):
+        load_config(path)

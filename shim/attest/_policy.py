@@ -49,6 +49,8 @@ def parse_policy(text: str, *, source: str = "policy.toml", allow_insecure_nil: 
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise PolicyError(f"{source}: not valid TOML: {error}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise PolicyError(f"{source}: not valid TOML: nested too deeply") from None
     for key in table:
         if key == "allow_insecure_nil":
             raise PolicyError(f"{source}: allow_insecure_nil is not a policy key; pass "

@@ -367,6 +367,8 @@ class Conversation:
             fields = json.loads(bytes(self._buffer[_PREFIX.size:header_end]).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise RemoteProtocolError("frame header is not UTF-8 JSON") from None
+        except RecursionError:  # deep nesting fits in the size limit but not in Python's stack
+            raise RemoteProtocolError("frame header is not UTF-8 JSON: nested too deeply") from None
         if not isinstance(fields, dict) or not isinstance(fields.get("type"), str):
             raise RemoteProtocolError("frame header is not a JSON object with a 'type'")
         kind = fields["type"]

@@ -52,7 +52,7 @@ from shim.attest import (
     backend_named,
 )
 from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
-from shim.config import ConfigError, KeepConfig, StdioFile, parse_config
+from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
 from wasi_host._backend import Buffer, Readiness
@@ -148,7 +148,9 @@ class GuestOutput:
 
 
 def preflight(deploy: Deploy) -> KeepConfig:
-    """Check a deployment before accepting it; a KeepError here becomes `refused`."""
+    """Check a deployment before accepting it; a KeepError here becomes `refused`. A deployed
+    keep.toml may not make the workload trust anything of the keep host's: no host files, and
+    every TLS connect pins its server (pin_sha256)."""
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
     if config.tls.certificate is not None or config.tls.export_certificate is not None:
         raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
@@ -157,6 +159,12 @@ def preflight(deploy: Deploy) -> KeepConfig:
         if getattr(entry, "client_ca", None) is not None or getattr(entry, "ca", None) is not None:
             raise KeepError(f"socket {entry.name!r}: CA files on the keep host cannot be trusted "
                             "by a deployed workload (use pin_sha256)")
+        # Without ca and pin, net.tls trusts the default CA store: the keep HOST's (its
+        # /etc/ssl/certs, or SSL_CERT_FILE in its environment), which could add its own CA.
+        if isinstance(entry, ConnectFile) and entry.prot == "tls" and entry.pin_sha256 is None:
+            raise KeepError(f"socket {entry.name!r}: a deployed workload's TLS connect needs "
+                            "pin_sha256: without it the keep host's CA store would decide which "
+                            "server it talks to")
     return config
 
 

@@ -618,3 +618,34 @@ def test_deeply_nested_owner_files_are_one_line_errors(tmp_path: Path, wasm_fixt
              str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
         assert completed.returncode == status, (option, completed.stderr)
         assert "nested too deeply" in completed.stderr and len(completed.stderr.splitlines()) == 1
+
+
+# A deployed workload trusts nothing of the keep host's: not its CA files, not its CA store.
+
+CONNECT_TOML = '[[files]]\nkind = "connect"\nname = "api"\nhost = "127.0.0.1"\nport = 9\n'
+
+
+@pytest.mark.parametrize(("extra", "refusal"), [
+    ("", "a deployed workload's TLS connect needs pin_sha256: without it the keep host's CA store"),
+    ('ca = "/etc/ssl/certs/ca-certificates.crt"\n', "CA files on the keep host cannot be trusted"),
+])
+async def test_a_deployed_tls_connect_without_a_pin_is_refused(extra: str, refusal: str) -> None:
+    """Without `ca` and pin, net.tls verifies the server with load_default_certs(): the host's
+    /etc/ssl/certs or the SSL_CERT_FILE of the host's environment, so the host could add its own
+    CA and read the attested workload's outgoing TLS. Refused before the deployment starts."""
+    ran = []
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        ran.append(deployment)
+        return RunOutcome(0)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with pytest.raises(DeployRefused, match=re.escape(f"socket 'api': {refusal}")):
+            await _quiet_deploy(port, Deploy(workload=b"\0asm", config=CONNECT_TOML + extra))
+        pinned = CONNECT_TOML + f'pin_sha256 = "{"ab" * 32}"\n'
+        assert (await _quiet_deploy(port, Deploy(workload=b"\0asm", config=pinned))).exit_status == 0
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert len(ran) == 1

@@ -246,7 +246,15 @@ class FuseOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        with self._call("open") as fs:
+        """A handle on `inode`; with O_TRUNC, the file is emptied first. libfuse 3 negotiates
+        atomic O_TRUNC, so the kernel sends no setattr(size=0) of its own: it has checked
+        write permission and the read-only mount and leaves the truncation to us (as Linux,
+        also for O_RDONLY | O_TRUNC); a read-only volume still refuses it in storage (EROFS).
+        Truncating marks mtime too, as POSIX asks."""
+        truncate = bool(flags & os.O_TRUNC)
+        with self._call("open", changes=truncate) as fs:
+            if truncate:
+                fs.setattr(inode, size=0, mtime_ns=time.time_ns())
             return FileInfo(fh=self._open_handle(inode, fs))
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

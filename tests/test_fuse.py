@@ -208,6 +208,27 @@ def test_open_unlinked_file_keeps_its_data_until_closed(mounted: MountedVolume) 
     fsck_clean(mounted.image)
 
 
+def test_rewriting_a_file_with_o_trunc_drops_the_old_contents(mounted: MountedVolume) -> None:
+    """open(O_TRUNC) reaches the filesystem only as a flag of open (libfuse 3's atomic O_TRUNC):
+    a shorter rewrite must not keep the old tail, through the mount or in the volume."""
+    root = mounted.mountpoint
+    (root / "w").write_bytes(b"abcdef" * 3000)  # more than one block
+    (root / "w").write_bytes(b"1")  # open("wb"): O_WRONLY | O_CREAT | O_TRUNC
+    assert (root / "w").read_bytes() == b"1" and os.stat(root / "w").st_size == 1
+    (root / "o").write_bytes(b"abcdef")
+    fd = os.open(root / "o", os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.write(fd, b"xy")
+    finally:
+        os.close(fd)
+    assert (root / "o").read_bytes() == b"xy" and os.stat(root / "o").st_size == 2
+    assert mounted.stop() == 0
+    assert keep_ok("cat", mounted.image, "/w") == "1"
+    assert keep_ok("cat", mounted.image, "/o") == "xy"
+    fsck_clean(mounted.image)
+
+
 def test_unmount_commits_and_prints_the_final_state(mounted: MountedVolume) -> None:
     (mounted.mountpoint / "kept").write_text("kept")
     assert mounted.stop() == 0
@@ -290,6 +311,8 @@ def test_read_only_mount_reads_and_refuses_writes(image: Path, tmp_path: Path) -
         assert (mount.mountpoint / "hello.txt").read_text() == "hello"
         assert errno_of((mount.mountpoint / "new").write_text, "x") == errno.EROFS
         assert errno_of(os.unlink, mount.mountpoint / "hello.txt") == errno.EROFS
+        assert errno_of(os.open, mount.mountpoint / "hello.txt", os.O_WRONLY | os.O_TRUNC) == errno.EROFS
+        assert (mount.mountpoint / "hello.txt").read_text() == "hello"
         assert mount.stop() == 0
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
 

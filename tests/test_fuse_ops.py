@@ -1,10 +1,12 @@
 """FuseOperations in process, without a kernel mount: the one errno translation, EIO for integrity
-failures (logged), EIO for bugs (logged with a traceback), handles distinct from inodes."""
+failures (logged), EIO for bugs (logged with a traceback), handles distinct from inodes, and
+open's O_TRUNC (the kernel leaves it to us)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from shim.fuse import FuseOperations  # noqa: E402
 from storage.errors import IntegrityError  # noqa: E402
 from storage.fs import ROOT_INODE  # noqa: E402
 from storage.luks2 import KdfCost  # noqa: E402
-from storage.volume import Volume, create_volume  # noqa: E402
+from storage.volume import Volume, create_volume, open_volume  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ def Context(uid: int = 0, gid: int = 0) -> RequestContext:
 def volume(tmp_path: Path) -> Iterator[Volume]:
     with create_volume(tmp_path / "v.img", 24 << 20, b"pw", kdf_cost=KdfCost(1, 8192, 1)) as opened:
         yield opened
+
+
+async def write_file(operations: FuseOperations, name: bytes, data: bytes) -> int:
+    """A new file `name` in the root holding `data`, closed again; its inode."""
+    info, entry = await operations.create(ROOT_INODE, name, 0o100644, os.O_WRONLY, Context())
+    await operations.write(info.fh, 0, data)
+    await operations.release(info.fh)
+    return int(entry.st_ino)
 
 
 async def fuse_errno(call: object, *args: object) -> int:
@@ -101,3 +111,38 @@ async def test_a_bug_is_eio_and_logged_with_its_traceback(volume: Volume, monkey
     with caplog.at_level(logging.ERROR, logger="keepshim.fuse"):
         assert await fuse_errno(operations.getattr, ROOT_INODE, Context()) == errno.EIO
     assert "internal error during getattr" in caplog.text and "ValueError: a bug" in caplog.text
+
+
+async def test_open_with_o_trunc_empties_the_file(volume: Volume) -> None:
+    """libfuse 3 negotiates atomic O_TRUNC: the kernel sends no setattr(size=0) for
+    open(O_TRUNC), so open itself must truncate (else a shorter rewrite keeps the old tail)."""
+    operations = FuseOperations(volume)
+    ino = await write_file(operations, b"f", b"abcdef" * 2000)  # more than one block
+    operations.commit()
+    kept = await operations.open(ino, os.O_RDWR, Context())
+    assert not operations.dirty
+    assert await operations.read(kept.fh, 0, 3) == b"abc"
+    before = (await operations.getattr(ino, Context())).st_mtime_ns
+    info = await operations.open(ino, os.O_WRONLY | os.O_TRUNC, Context())
+    assert operations.dirty
+    after = await operations.getattr(ino, Context())
+    assert after.st_size == 0 and after.st_mtime_ns >= before
+    assert await operations.write(info.fh, 0, b"1") == 1
+    assert await operations.read(kept.fh, 0, 100) == b"1"
+    # O_RDONLY | O_TRUNC truncates too on Linux (the kernel has checked write permission)
+    await operations.write(info.fh, 0, b"123")
+    await operations.open(ino, os.O_RDONLY | os.O_TRUNC, Context())
+    assert (await operations.getattr(ino, Context())).st_size == 0
+    assert volume.fsck() == []
+
+
+async def test_o_trunc_on_a_read_only_volume_is_erofs_and_keeps_the_contents(tmp_path: Path) -> None:
+    with create_volume(tmp_path / "v.img", 24 << 20, b"pw", kdf_cost=KdfCost(1, 8192, 1)) as volume:
+        ino = await write_file(FuseOperations(volume), b"f", b"abcdef")
+    with open_volume(tmp_path / "v.img", b"pw", writable=False) as volume:
+        operations = FuseOperations(volume)
+        assert await fuse_errno(operations.open, ino, os.O_WRONLY | os.O_TRUNC, Context()) == errno.EROFS
+        info = await operations.open(ino, os.O_RDONLY, Context())
+        assert await operations.read(info.fh, 0, 100) == b"abcdef"
+        await operations.release(info.fh)
+

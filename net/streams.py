@@ -29,6 +29,10 @@ must not mistake for a clean end), BrokenPipeError when writing after the write 
 
 Half-close: `shutdown_write` drains the send buffer, then sends TLS close_notify once (SSL_shutdown
 without waiting for the peer's reply, as trio's own `aclose` does) and keeps receiving.
+
+Close: `close` lets queued data and close_notify leave, but within CLOSE_TIMEOUT (a deadline on a
+cancel scope around the writer, set from the trio thread): a peer that stops reading must not
+keep a closed connection, its tasks and its fd for the rest of the keep's life.
 """
 
 from __future__ import annotations
@@ -91,8 +95,13 @@ class ReadinessBoard:
 
     def changed_from_thread(self) -> None:
         """Call from any other thread: schedules `changed` without waiting for it."""
+        self.run_soon(self.changed)
+
+    def run_soon(self, function: Callable[[], object]) -> None:
+        """Run `function` in the trio thread soon; callable from any thread (trio's included).
+        Dropped once the keep's trio loop has finished."""
         with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self.changed)
+            self._token.run_sync_soon(function)
 
     async def wait_until(self, predicate: Callable[[], bool], deadline: float = math.inf) -> bool:
         """Wait until `predicate()` holds (True) or the trio clock passes `deadline` (False)."""
@@ -132,6 +141,9 @@ class Connection:
         self._write_shut_requested = False
         self._write_shut_done = False
         self._close_requested = False
+        # Bounds what is left to send once the guest closes: close() gives it a deadline of
+        # CLOSE_TIMEOUT, so a peer that stops reading cannot keep the connection forever.
+        self._close_scope = trio.CancelScope()
 
     @property
     def is_tls(self) -> bool:
@@ -218,12 +230,19 @@ class Connection:
         self._board.changed_from_thread()
 
     def close(self) -> None:
-        """Like close(2) on a socket: queued data is still sent, then the stream is closed."""
+        """Like close(2) on a socket: queued data is still sent, then the stream is closed; what
+        has not left within CLOSE_TIMEOUT (a peer that stopped reading) is dropped."""
         with self._lock:
             self._close_requested = True
             self._read_shut = True
             self._received.clear()
-        self._board.changed_from_thread()
+        self._board.run_soon(self._start_close_deadline)
+
+    def _start_close_deadline(self) -> None:
+        """In trio: give the rest of the connection's sending CLOSE_TIMEOUT from now."""
+        self._close_scope.deadline = min(self._close_scope.deadline,
+                                         trio.current_time() + CLOSE_TIMEOUT)
+        self._board.changed()
 
     # ---- trio side -------------------------------------------------------------------------
 
@@ -246,7 +265,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
-                await self._writer()
+                with self._close_scope:
+                    await self._writer()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(1) as scope:
@@ -298,8 +318,7 @@ class Connection:
                 shut = self._write_shut_requested or closing
             try:
                 if chunk:
-                    with trio.move_on_after(CLOSE_TIMEOUT if closing else math.inf):
-                        await self._stream.send_all(chunk)
+                    await self._stream.send_all(chunk)
                 elif shut:
                     await self._send_end_of_stream()
                     if closing:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import ssl
 import threading
 import time
@@ -19,6 +20,7 @@ import trio
 from cryptography import x509
 from keep_net import STDIO, connect_entry, free_port, listen_entry
 
+import net.streams
 from net.policy import NetworkPolicy
 from net.streams import BUFFER_LIMIT
 from net.tls import KeepIdentity, spki_sha256
@@ -176,3 +178,38 @@ async def test_an_attested_identity_plugs_in_as_the_certificate_provider() -> No
             peer = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True) or b"")
     assert evidence_from_certificate(peer)[0] == "nil"
     assert spki_sha256(peer) == network.identity.spki_sha256()
+
+
+async def test_a_closed_connection_to_a_peer_that_stopped_reading_is_released(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest fills every buffer towards a client that never reads, then closes: the chunk
+    already in flight and the close_notify get CLOSE_TIMEOUT, then the connection is released
+    (it used to live, with its tasks and fd, until the whole keep stopped)."""
+    monkeypatch.setattr(net.streams, "CLOSE_TIMEOUT", 0.5)
+    async with keep_with_listener() as (network, port, context):
+        listener = network.sockets[0]
+        assert isinstance(listener, ListenerSocket)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stream = trio.SSLStream(client, context, server_hostname="localhost")
+        await stream.do_handshake()  # and then never reads
+        connection = await run_guest(network, lambda: listener.accept(nonblocking=False))
+        assert isinstance(connection, ConnectionSocket)
+
+        def fill_then_close() -> None:
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < 1:  # until nothing more fits anywhere
+                try:
+                    connection.send(b"x" * 65536, nonblocking=True)
+                    quiet_since = time.monotonic()
+                except BlockingIOError:
+                    time.sleep(0.02)
+            connection.close()
+
+        board = network.bridge.board
+        assert board.live_connections == 1
+        await run_guest(network, fill_then_close)
+        with trio.move_on_after(20):
+            await board.wait_until(lambda: board.live_connections == 0)
+        assert board.live_connections == 0
+        await stream.aclose()

@@ -184,7 +184,9 @@ CASES: tuple[Case, ...] = (
              "enforces none, so files opened through it are still writable there; keepshim enforces "
              "rights (issue 2), so FD_WRITE must stay inheritable for those writes to work"),)),
     Case("stdio-kinds", "stdio_kinds"),
-    Case("open-flags", "open_flags", tree={"f": b"0123456789", "e": Directory()}),
+    Case("open-flags", "open_flags",
+         tree={"f": b"0123456789", "e": Directory(), "d/inner": b"inner\n", "l": Symlink("f"),
+               "ld": Symlink("d"), "dl": Symlink("missing")}),
     Case("big-file", "big_file"),
     Case("offsets", "offsets"),
     Case("short-write-naive", "short_write_naive"),

@@ -186,6 +186,33 @@ def test_path_open_flags(harness: GuestHarness) -> None:
     assert harness.open_errno("x", 1 << 4) == Errno.INVAL
 
 
+def test_creating_over_a_directory_or_through_a_trailing_slash_is_eisdir(harness: GuestHarness) -> None:
+    """O_CREAT cannot open a directory, and a name ending in "/" cannot be created as a file:
+    EISDIR in every case, as Linux and wasmtime (it used to open the directory, or give ENOTDIR
+    or EEXIST)."""
+    make_file(harness, "f", b"data")
+    assert harness.path_call("path_create_directory", "d") == 0
+    make_file(harness, "d/inner", b"inner")
+    assert harness.symlink("f", "l") == 0
+    assert harness.symlink("d", "ld") == 0
+    assert harness.symlink("missing", "dl") == 0
+    read_only = Rights.FD_READ | Rights.FD_READDIR
+    for path in ("d", ".", "./", "d/.", "d/..", "d/", "ld/"):
+        for dirflags in (0, 1):
+            assert harness.open_errno(path, CREAT, rights=read_only, dirflags=dirflags) == Errno.ISDIR, path
+    assert harness.open_errno("ld", CREAT, rights=read_only) == Errno.ISDIR  # followed
+    for path in ("f/", "l/", "dl/", "d/inner/", "d/", "ld/", "missing/"):
+        for oflags in (CREAT, CREAT | EXCL, CREAT | TRUNC):
+            assert harness.open_errno(path, oflags) == Errno.ISDIR, (path, oflags)
+    for path in ("d", ".", "./", "d/.", "d/..", "d/./"):
+        assert harness.open_errno(path, CREAT | EXCL, rights=read_only) == Errno.EXIST, path
+    for name in ("missing", "d/inner", "f"):  # nothing was created, nothing truncated
+        ptr, length = harness.put(name)
+        errno = harness.call("path_filestat_get", PREOPEN, 0, ptr, length, RESULT)
+        assert errno == (Errno.NOENT if name == "missing" else Errno.SUCCESS), name
+    assert harness.stat("f").size == 4
+
+
 @pytest.mark.parametrize("flag", [Fdflags.DSYNC, Fdflags.RSYNC, Fdflags.SYNC])
 def test_sync_fdflags_are_refused_as_wasmtime_does(harness: GuestHarness, flag: int) -> None:
     """The synchronized-I/O fdflags are not implemented: path_open refuses them (ENOTSUP, wasmtime)

@@ -506,20 +506,23 @@ def path_open(
     writable = bool(base & Rights.FD_WRITE)
     entry: Entry
     with resolve(parent.directory, read_path(memory, path, path_len), follow=bool(dirflags)) as resolved:
+        if oflags & Oflags.CREAT and resolved.trailing_slash and resolved.name != ".":
+            # "name/" can only name a directory, which O_CREAT cannot open: EISDIR whatever the
+            # name is (file, link, missing) and with or without O_EXCL, as wasmtime ("./" goes
+            # on as "." does: EEXIST with O_EXCL)
+            raise WasiError(Errno.ISDIR)
         status = resolved.stat_or_none()
         want_directory = bool(oflags & Oflags.DIRECTORY) or resolved.trailing_slash
         if status is None:
             if not oflags & Oflags.CREAT:
                 raise WasiError(Errno.NOENT)
-            if want_directory:
-                raise WasiError(Errno.ISDIR)
         elif oflags & Oflags.CREAT and oflags & Oflags.EXCL:
             raise WasiError(Errno.EXIST)
         elif status.filetype == Filetype.SYMBOLIC_LINK:
             raise WasiError(Errno.LOOP)  # O_NOFOLLOW on a link, with or without O_DIRECTORY (wasmtime)
         elif status.filetype == Filetype.DIRECTORY:
-            if writable or oflags & Oflags.TRUNC:
-                raise WasiError(Errno.ISDIR)
+            if writable or oflags & (Oflags.TRUNC | Oflags.CREAT):
+                raise WasiError(Errno.ISDIR)  # O_CREAT never opens a directory (Linux, wasmtime)
             child = resolved.directory.open_directory(resolved.name)
             entry = OpenDirectory(child, base & Rights.DIRECTORY_BASE, inheriting)
             store_u32(memory, result_ptr, guest.fds.add(entry))

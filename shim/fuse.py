@@ -30,9 +30,9 @@ the last commit and leaves a consistent volume (the storage commit protocol is c
 kernel keeps a dead mount point ("Transport endpoint is not connected") that `fusermount3 -u`
 clears, and `mount` names that command when it meets one.
 
-File handles are their own ids (`FileHandle`), distinct from inode numbers: each open handle
-counts on the inode (`fs.open`/`fs.release`), so a file unlinked while open keeps its data until
-its last handle goes.
+File handles are their own ids (`FileHandle`), distinct from inode numbers, for files and
+directories alike: each open handle counts on the inode (`fs.open`/`fs.release`), so a file
+unlinked (or a directory removed) while open keeps its inode until its last handle goes.
 """
 
 from __future__ import annotations
@@ -288,19 +288,21 @@ class FuseOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        """A handle counted on the directory, as for files: removed while open, it keeps
+        answering getattr (nlink 0) until its last releasedir, as on a local filesystem."""
         with self._call("opendir") as fs:
             if not fs.getattr(inode).is_dir:
                 raise FUSEError(errno.ENOTDIR)
-        return inode
+            return self._open_handle(inode, fs)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         with self._call("readdir") as fs:
-            for name, attr, cookie in fs.readdir(fh, start_id):
+            for name, attr, cookie in fs.readdir(self._inode(FileHandle(fh)), start_id):
                 if not pyfuse3.readdir_reply(token, name, _entry(attr), cookie):
                     break
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        await self.release(fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         with _storage_errors("fsyncdir"):

@@ -229,6 +229,25 @@ def test_rewriting_a_file_with_o_trunc_drops_the_old_contents(mounted: MountedVo
     fsck_clean(mounted.image)
 
 
+def test_a_directory_removed_while_open_answers_like_a_local_one(mounted: MountedVolume) -> None:
+    """fstat of an open directory that was removed: nlink 0 (not ENOENT); listing it: empty;
+    the inode is freed when the last descriptor closes."""
+    directory = mounted.mountpoint / "d"
+    directory.mkdir()
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(directory)
+        info = os.fstat(fd)
+        assert info.st_nlink == 0 and stat.S_ISDIR(info.st_mode)
+        assert os.listdir(fd) == []
+        assert errno_of(lambda: os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)) == errno.ENOENT
+    finally:
+        os.close(fd)
+    assert os.listdir(mounted.mountpoint) == []
+    assert mounted.stop() == 0
+    fsck_clean(mounted.image)
+
+
 def test_unmount_commits_and_prints_the_final_state(mounted: MountedVolume) -> None:
     (mounted.mountpoint / "kept").write_text("kept")
     assert mounted.stop() == 0

@@ -1,6 +1,6 @@
 """FuseOperations in process, without a kernel mount: the one errno translation, EIO for integrity
-failures (logged), EIO for bugs (logged with a traceback), handles distinct from inodes, and
-open's O_TRUNC (the kernel leaves it to us)."""
+failures (logged), EIO for bugs (logged with a traceback), handles distinct from inodes, open's
+O_TRUNC (the kernel leaves it to us), and directory handles counted like file handles."""
 
 from __future__ import annotations
 
@@ -146,3 +146,56 @@ async def test_o_trunc_on_a_read_only_volume_is_erofs_and_keeps_the_contents(tmp
         assert await operations.read(info.fh, 0, 100) == b"abcdef"
         await operations.release(info.fh)
 
+
+async def test_a_directory_removed_while_open_lives_until_releasedir(volume: Volume) -> None:
+    """As on a local filesystem: fstat of an open directory that was removed answers nlink 0
+    (not ENOENT), and the inode goes at the last releasedir."""
+    operations = FuseOperations(volume)
+    context = Context()
+    entry = await operations.mkdir(ROOT_INODE, b"d", 0o755, context)
+    ino = entry.st_ino
+    first = await operations.opendir(ino, context)
+    second = await operations.opendir(ino, context)
+    assert first != second
+    await operations.rmdir(ROOT_INODE, b"d", context)
+    removed = await operations.getattr(ino, context)
+    assert removed.st_nlink == 0 and removed.st_mode == entry.st_mode
+    assert volume.fsck() == []
+    await operations.releasedir(first)
+    assert (await operations.getattr(ino, context)).st_nlink == 0
+    await operations.releasedir(second)
+    assert await fuse_errno(operations.getattr, ino, context) == errno.ENOENT
+    assert await fuse_errno(operations.readdir, second, 0, None) == errno.EBADF
+    file_ino = await write_file(operations, b"f", b"x")
+    assert await fuse_errno(operations.opendir, file_ino, context) == errno.ENOTDIR
+    await operations.unlink(ROOT_INODE, b"f", context)
+    assert await fuse_errno(operations.getattr, file_ino, context) == errno.ENOENT  # no count left
+    assert volume.fsck() == []
+
+
+async def test_release_all_frees_removed_open_directories(volume: Volume) -> None:
+    operations = FuseOperations(volume)
+    ino = (await operations.mkdir(ROOT_INODE, b"d", 0o755, Context())).st_ino
+    await operations.opendir(ino, Context())
+    await operations.rmdir(ROOT_INODE, b"d", Context())
+    assert (await operations.getattr(ino, Context())).st_nlink == 0
+    operations.release_all()  # unmount without the kernel's releasedir
+    assert await fuse_errno(operations.getattr, ino, Context()) == errno.ENOENT
+    assert volume.fsck() == []
+
+
+async def test_a_removed_open_directory_of_a_dead_mount_is_reaped_at_the_next_open(tmp_path: Path) -> None:
+    image = tmp_path / "v.img"
+    with create_volume(image, 24 << 20, b"pw", kdf_cost=KdfCost(1, 8192, 1)) as volume:
+        operations = FuseOperations(volume)
+        ino = (await operations.mkdir(ROOT_INODE, b"d", 0o755, Context())).st_ino
+        await operations.opendir(ino, Context())
+        await operations.rmdir(ROOT_INODE, b"d", Context())
+        assert (await operations.getattr(ino, Context())).st_nlink == 0
+        operations.commit()  # durable with the directory still open; then the mount "dies"
+    with open_volume(image, b"pw") as reopened:
+        assert volume.fs is not reopened.fs
+        with pytest.raises(OSError) as raised:
+            reopened.fs.getattr(ino)
+        assert raised.value.errno == errno.ENOENT
+        assert reopened.fsck() == []

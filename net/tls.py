@@ -136,21 +136,41 @@ class FileCertificateProvider:
         except OSError as error:
             raise CertificateError(f"cannot read {error.filename}: {error.strerror}") from None
         identity = KeepIdentity(certificate_chain_pem=self._certificates_only(chain),
-                                private_key_pem=key)
-        _load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), identity)  # key matches cert?
+                                private_key_pem=self._checked_key(key))
+        try:
+            _load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), identity)  # key matches?
+        except CertificateError as error:
+            raise CertificateError(f"{self.certificate_path} and {self.key_path}: {error}") from None
         return identity
 
     def _certificates_only(self, chain: bytes) -> bytes:
         """The CERTIFICATE blocks of the configured file, re-serialised. The chain is exported
         to the host (`export_certificate`) and the file may also hold the key (`certificate =
         key = "combined.pem"`, a common layout): nothing but certificates may leave it."""
+        if b"-----BEGIN CERTIFICATE-----" not in chain:
+            raise CertificateError(f"{self.certificate_path}: holds no PEM certificate")
         try:
             certificates = x509.load_pem_x509_certificates(chain)
-        except ValueError as error:
-            raise CertificateError(f"{self.certificate_path}: not a PEM certificate chain: "
-                                   f"{error}") from None
+        except ValueError:  # cryptography's text is a parser dump: say what is wrong instead
+            raise CertificateError(f"{self.certificate_path}: a PEM certificate in it is "
+                                   "malformed (its DER does not parse)") from None
         return b"".join(certificate.public_bytes(serialization.Encoding.PEM)
                         for certificate in certificates)
+
+    def _checked_key(self, key: bytes) -> bytes:
+        """`key` once it is known to hold a usable private key: `ssl` would only say "PEM lib"
+        (or nothing) about a bad one."""
+        if b"PRIVATE KEY-----" not in key:
+            raise CertificateError(f"{self.key_path}: holds no PEM private key")
+        try:
+            serialization.load_pem_private_key(key, password=None)
+        except TypeError:
+            raise CertificateError(f"{self.key_path}: the private key is encrypted (the keep "
+                                   "needs it unencrypted)") from None
+        except ValueError:
+            raise CertificateError(f"{self.key_path}: the private key is malformed or of an "
+                                   "unsupported type") from None
+        return key
 
 
 def _general_name(name: str) -> x509.GeneralName:
@@ -174,7 +194,9 @@ def _load_identity(context: ssl.SSLContext, identity: KeepIdentity) -> None:
         os.write(fd, identity.certificate_chain_pem + b"\n" + identity.private_key_pem)
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     except ssl.SSLError as error:
-        raise CertificateError(f"the certificate and key do not load: {error.reason}") from None
+        reason = ("the key does not match the certificate" if error.reason == "KEY_VALUES_MISMATCH"
+                  else error.reason or error.strerror or str(error))  # reason can be None
+        raise CertificateError(f"the certificate and key do not load: {reason}") from None
     finally:
         os.close(fd)
 

@@ -503,3 +503,16 @@ async def test_sigterm_stops_a_guest_blocked_in_accept_with_sigterms_status(
         keep.process.send_signal(signal.SIGTERM)
         assert await keep.finish(timeout=20) == 128 + signal.SIGTERM
     assert "Traceback" not in keep.stderr and "SIGINT" not in keep.stderr
+
+
+def test_a_malformed_configured_certificate_is_one_line_naming_the_file(
+        tmp_path: Path, wasm_fixture, env: dict[str, str]) -> None:
+    (tmp_path / "key.pem").write_bytes(trustme.CA().issue_cert("localhost").private_key_pem.bytes())
+    (tmp_path / "cert.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                        b"-----END CERTIFICATE-----\n")
+    toml = (f'[tls]\ncertificate = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"\n\n'
+            + STDIO + listen_entry("web", free_port()))
+    result = run_keep_sync(tmp_path, wasm_fixture("net_echo_server"), toml, ["web", "0"], env)
+    assert result.returncode != 0
+    assert result.stderr == (f"keep: {tmp_path / 'cert.pem'}: a PEM certificate in it is "
+                             "malformed (its DER does not parse)\n")

@@ -169,3 +169,31 @@ def test_a_combined_pem_gives_an_identity_whose_chain_holds_certificates_only(
     assert identity.leaf.subject == x509.load_pem_x509_certificate(
         issued.cert_chain_pems[0].bytes()).subject
     server_context(identity)  # the chain and the key still load together
+
+
+BAD_CERTIFICATE = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+BAD_KEY = b"-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(("certificate", "key", "named", "problem"), [
+    (BAD_CERTIFICATE, None, "cert.pem", "a PEM certificate in it is malformed"),
+    (b"no PEM here\n", None, "cert.pem", "holds no PEM certificate"),
+    (None, BAD_KEY, "key.pem", "the private key is malformed or of an unsupported type"),
+    (None, b"no PEM here\n", "key.pem", "holds no PEM private key"),
+    (None, "other", "cert.pem and", "the key does not match the certificate"),
+], ids=["malformed-certificate", "no-certificate", "malformed-key", "no-key", "mismatch"])
+def test_a_bad_configured_certificate_or_key_names_the_file_and_the_problem(
+        tmp_path: Path, certificate: bytes | None, key: bytes | str | None, named: str,
+        problem: str) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("a.example")
+    (tmp_path / "cert.pem").write_bytes(certificate or issued.cert_chain_pems[0].bytes())
+    if key == "other":
+        key = ca.issue_cert("b.example").private_key_pem.bytes()
+    assert not isinstance(key, str)
+    (tmp_path / "key.pem").write_bytes(key or issued.private_key_pem.bytes())
+    with pytest.raises(CertificateError) as raised:
+        FileCertificateProvider(tmp_path / "cert.pem", tmp_path / "key.pem").identity()
+    message = str(raised.value)
+    assert f"{tmp_path / named}" in message and problem in message, message
+    assert "None" not in message and "\n" not in message

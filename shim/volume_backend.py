@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
-from storage.errors import FilesystemError, IntegrityError
+from storage.errors import FilesystemError, IntegrityError, NoSpace
 from storage.fs import BLOCK_SIZE, ROOT_INODE, Attr, Filesystem
 from storage.integrity import VolumeState
 from storage.volume import Volume
@@ -139,7 +139,8 @@ class VolumeSession:
         offset, data = self._buffer_offset, self._buffer
         self._buffer = bytearray()
         self._buffer_handle = None
-        self.fs.write(handle.ino, offset, data)
+        if self.fs.write(handle.ino, offset, data) < len(data):
+            raise NoSpace()  # the guest was told all of it went in: a short write is an error here
 
     def _create_pending(self) -> None:
         """Create the file `open_file` deferred, holding the buffered bytes if they are its

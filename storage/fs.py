@@ -186,6 +186,15 @@ def _translation(exc: apsw.Error) -> BaseException | None:
     return None
 
 
+_MAX_SQL_INTEGER = (1 << 63) - 1
+
+
+def _stored_time(ns: int) -> int:
+    """A timestamp as SQLite can hold it (64-bit signed nanoseconds, years 1677 to 2262): one
+    past that range is clamped to its edge, as Linux clamps times to a filesystem's range."""
+    return max(-_MAX_SQL_INTEGER - 1, min(ns, _MAX_SQL_INTEGER))
+
+
 def _encode_times(times: dict[int, tuple[int, int]]) -> bytes:
     return _TIMES_MAGIC + b"".join(_TIME_ENTRY.pack(ino, mtime, ctime)
                                    for ino, (mtime, ctime) in sorted(times.items()))
@@ -819,9 +828,9 @@ class Filesystem:
             if gid is not None:
                 updates["gid"] = gid
             if atime_ns is not None:
-                updates["atime"] = atime_ns
+                updates["atime"] = _stored_time(atime_ns)
             if mtime_ns is not None:
-                updates["mtime"] = mtime_ns
+                updates["mtime"] = _stored_time(mtime_ns)
             if size is not None:
                 if attr.is_dir:
                     raise _error(errno.EISDIR)
@@ -1104,6 +1113,8 @@ class Filesystem:
         if cookie < 2:
             yield b"..", parent, 2
         position = max(cookie - 2, 0)
+        if position > _MAX_SQL_INTEGER:
+            return  # past every cookie (a guest may pass any 64-bit value)
         while True:
             def batch(after: int = position) -> list[tuple[bytes, Attr, int]]:
                 rows = self._all(
@@ -1176,8 +1187,10 @@ class Filesystem:
             return bytes(view[skip:skip + end - offset])  # one copy
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write all of `data` at `offset` (extending the file, with a hole if past the end).
-        Large writes are split into bounded operations (each atomic on its own)."""
+        """Write `data` at `offset` (extending the file, with a hole if past the end); returns
+        the number of bytes written: all of them, or (as POSIX write) fewer when the volume
+        filled up after some were written. Large writes are split into bounded operations (each
+        atomic on its own); running out of room in the first one raises NoSpace."""
         view = memoryview(data).cast("B")
         if offset < 0:
             raise _error(errno.EINVAL)
@@ -1188,7 +1201,12 @@ class Filesystem:
             return len(view)
         for start in range(0, max(len(view), 1), step):
             piece = view[start:start + step]
-            self._run(functools.partial(self._write_piece, ino, offset + start, piece))
+            try:
+                self._run(functools.partial(self._write_piece, ino, offset + start, piece))
+            except NoSpace:
+                if start:
+                    return start  # the pieces before it are written: a short write
+                raise
         return len(view)
 
     def _overwrite(self, ino: int, offset: int, data: memoryview) -> bool:
@@ -1381,7 +1399,6 @@ class Filesystem:
             for table in ("xattrs", "trims"):
                 for (ino,) in db.execute(f"SELECT DISTINCT ino FROM {table} WHERE ino NOT IN (SELECT ino FROM inodes)"):
                     problems.append(f"{table} of missing inode {ino}")
-            open_now = {ino for ino, count in self._open_counts.items() if count}
             rows = self._all(
                 "SELECT i.ino, i.mode, i.nlink,"
                 " (SELECT count(*) FROM dirents d WHERE d.ino = i.ino),"
@@ -1399,14 +1416,16 @@ class Filesystem:
                     expected = names
                 if nlink != expected:
                     problems.append(f"inode {ino}: nlink {nlink}, expected {expected}")
-                if names == 0 and ino != ROOT_INODE and not (orphan and ino in open_now):
-                    problems.append(f"inode {ino} has no name and is not open (leaked)")
+                if names == 0 and ino != ROOT_INODE and not orphan:
+                    # an orphan is open, or left by a process that died: the next writable mount reaps it
+                    problems.append(f"inode {ino} has no name and is not an orphan (leaked)")
                 if stat.S_ISLNK(mode) and db.execute("SELECT 1 FROM symlinks WHERE ino = ?", (ino,)).fetchone() is None:
                     problems.append(f"symlink {ino} has no target")
             for (key,) in db.execute(
                     "SELECT b.key FROM blocks b LEFT JOIN inodes i ON i.ino = (b.key >> 32)"
                     " WHERE i.ino IS NULL OR (i.mode & 61440) != 32768"
-                    " OR (b.key & 4294967295) * ? >= i.size", (BLOCK_SIZE,)):
+                    " OR ((b.key & 4294967295) * ? >= i.size AND i.ino NOT IN (SELECT ino FROM trims))",
+                    (BLOCK_SIZE,)):  # a file listed in trims was shrunk: the next writable mount frees those
                 problems.append(f"block {key >> 32}:{key & 0xFFFFFFFF} has no file or lies past its end")
             for phys, count in db.execute("SELECT phys, count(*) FROM blocks GROUP BY phys HAVING count(*) > 1"):
                 problems.append(f"physical block {phys} is mapped {count} times")

@@ -308,3 +308,50 @@ def test_create_with_data_holds_it_and_reads_back_after_reopen() -> None:
         assert reopened.fs.read(reopened.fs.lookup(ROOT_INODE, name).ino, 0, len(data) + 10) == data
     assert reopened.fsck() == []
     reopened.close()
+
+
+def test_fsck_of_a_volume_with_pending_orphans_and_trims_is_clean() -> None:
+    """What the next writable mount finishes is not damage: an unlinked file still open when
+    the process stopped (listed in orphans) and a shrink whose blocks past the end were not
+    freed yet (listed in trims). A read-only fsck reports them clean; a writable mount then
+    frees them."""
+    device, volume = make_volume()
+    fs = volume.fs
+    orphan = fs.create(ROOT_INODE, b"orphan", open=True).ino
+    fs.write(orphan, 0, os.urandom(20_000))
+    fs.unlink(ROOT_INODE, b"orphan")  # still open: listed in orphans
+    shrunk = fs.create(ROOT_INODE, b"shrunk").ino
+    fs.write(shrunk, 0, os.urandom(40_000))
+    free_before = fs.statfs().blocks_free
+    fs._trim_blocks = lambda ino, size: None  # type: ignore[method-assign]  # stops as a crash would
+    fs.setattr(shrunk, size=5000)
+    volume.commit()
+    crashed = device.snapshot()
+    volume.close()
+    device.restore(crashed)
+    with open_volume(device, PASSPHRASE, writable=False) as read_only:
+        assert read_only.fsck() == []
+    with open_volume(device, PASSPHRASE) as reopened:
+        assert reopened.fsck() == []
+        assert errno_of(reopened.fs.getattr, orphan) == errno.ENOENT
+        assert reopened.fs.getattr(shrunk).size == 5000
+        assert reopened.fs.statfs().blocks_free > free_before  # both sets of blocks freed
+
+
+def test_a_write_that_fills_the_volume_returns_a_short_count() -> None:
+    """A write split into several bounded operations that runs out of room after the first
+    returns how many bytes went in (POSIX write); running out in the first raises ENOSPC.
+    Either way the volume stays consistent."""
+    _, volume = make_volume(20 << 20)
+    fs = volume.fs
+    ino = fs.create(ROOT_INODE, b"big").ino
+    room = fs.statfs().blocks_free * 4096
+    data = os.urandom(room + 40_960)
+    written = fs.write(ino, 0, data)
+    assert 0 < written < len(data)
+    assert fs.getattr(ino).size == written
+    assert fs.read(ino, 0, written) == data[:written]
+    with pytest.raises(NoSpace):
+        fs.write(ino, written, data[written:])
+    assert volume.fsck() == []
+    volume.close()

@@ -289,3 +289,41 @@ def test_a_create_that_fails_when_flushed_reports_it_and_leaves_nothing(
     root.session.close()
     with open_volume(tmp_path / "volume.img", PASSPHRASE) as reopened:
         assert reopened.fsck() == []
+
+
+def test_guest_values_past_64_signed_bits_are_not_internal_errors(tmp_path: Path) -> None:
+    """WASI timestamps and readdir cookies are u64; SQLite integers are signed 64-bit. A time
+    past 2262 is clamped to the last one storable (as Linux clamps times to a filesystem's
+    range), and a cookie past every entry lists nothing; neither stops the run."""
+    root = _volume_directory(tmp_path)
+    handle = _open_new(root, "f")
+    handle.close()
+    far = (1 << 64) - 1
+    root.set_times_at("f", far, 1 << 63)
+    file = root.open_file("f", create=False, exclusive=False, truncate=False, read=True, write=False)
+    file.set_times(far, far)
+    stat = file.stat()
+    assert stat.atime_ns == stat.mtime_ns == (1 << 63) - 1
+    file.close()
+    assert list(root.readdir(far)) == [] and list(root.readdir(1 << 63)) == []
+    assert [entry.name for entry in root.readdir(0)] == ["f"]
+    root.session.close()
+
+
+def test_a_buffered_write_that_storage_takes_only_in_part_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest was told a buffered write went in: if storage takes only part of it when the
+    buffer is written out (the volume filled up in the middle), the flushing call fails with
+    ENOSPC instead of losing the rest silently."""
+    root = _volume_directory(tmp_path)
+    _open_new(root, "f").close()  # created: the buffer goes through fs.write, not the create
+    handle = root.open_file("f", create=False, exclusive=False, truncate=False, read=True, write=True)
+    assert handle.pwrite(b"x" * 5000, 0) == 5000
+    fs = root.session.fs
+    monkeypatch.setattr(fs, "write", lambda ino, offset, data: len(data) - 1000)
+    with pytest.raises(OSError) as failure:
+        handle.stat()
+    assert failure.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    handle.close()
+    root.session.close()

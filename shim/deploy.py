@@ -31,11 +31,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from shim.attest import (
+    OWNER_HANDSHAKE_SECONDS,
     Accepted,
     Claims,
     Conversation,
     Deploy,
     Finished,
+    Message,
     Output,
     Policy,
     ProtocolError,
@@ -49,6 +51,10 @@ from shim.attest import (
 )
 from shim.config import parse_config
 from shim.errors import KeepError, UsageError
+
+ANSWER_SECONDS = 120.0
+"""How long the owner waits for `accepted` or `refused` once the deployment is sent (the keep
+checks it and opens its volumes first, which takes seconds, not minutes)."""
 
 
 class DeployRefused(KeepError):
@@ -93,14 +99,20 @@ def check_returned_volumes(deploy: Deploy, returned: Sequence[VolumeState]) -> N
 
 
 async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
-                    stdout: BinaryIO, stderr: BinaryIO, announce: TextIO | None = None) -> DeployResult:
+                    stdout: BinaryIO, stderr: BinaryIO, announce: TextIO | None = None,
+                    handshake_seconds: float = OWNER_HANDSHAKE_SECONDS,
+                    answer_seconds: float = ANSWER_SECONDS) -> DeployResult:
     """Attest the keep at host:port, deploy, stream its output into `stdout`/`stderr`.
 
     With `announce`, one line names the attested keep and the SHA-256 of its key (the key its
-    keep.toml TLS sockets use too, so clients of the workload can pin it) before anything is sent."""
+    keep.toml TLS sockets use too, so clients of the workload can pin it) before anything is sent.
+    Connecting and the handshake get `handshake_seconds`; the keep's `accepted` or `refused` must
+    come within `answer_seconds` once the deployment is sent. After `accepted` there is no
+    deadline: a workload may compute for a long time without writing anything."""
     check_pins(deploy, policy)
     try:
-        stream, claims = await open_verified_stream(host, port, policy)
+        stream, claims = await open_verified_stream(host, port, policy,
+                                                    handshake_seconds=handshake_seconds)
     except OSError as error:
         raise KeepError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
     except trio.BrokenResourceError as error:
@@ -113,21 +125,33 @@ async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
               f"{claims.measurement.hex()}, key spki-sha256 {spki_sha256}", file=announce, flush=True)
     try:
         async with stream:
-            return await _converse(stream, deploy, claims, spki_sha256, stdout, stderr)
+            conversation = Conversation("owner")
+            await stream.send_all(conversation.send(deploy))
+            with trio.move_on_after(answer_seconds) as answering:
+                first = await _next_message(stream, conversation)
+            if answering.cancelled_caught:
+                raise KeepError(f"the keep at {host}:{port} did not answer the deployment within "
+                                f"{answer_seconds:g} s")
+            return await _converse(stream, conversation, first, deploy, claims, spki_sha256,
+                                   stdout, stderr)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
         raise KeepError(f"the connection to the keep broke: {error.__cause__ or error}") from None
 
 
-async def _converse(stream: trio.SSLStream[trio.SocketStream], deploy: Deploy, claims: Claims,
-                    spki_sha256: str, stdout: BinaryIO, stderr: BinaryIO) -> DeployResult:
-    """The owner's half of the deploy protocol on a verified stream."""
-    conversation = Conversation("owner")
-    await stream.send_all(conversation.send(deploy))
+async def _next_message(stream: trio.SSLStream[trio.SocketStream],
+                        conversation: Conversation) -> Message:
+    """The keep's next message (RemoteProtocolError for anything invalid)."""
+    while (message := conversation.next_message()) is None:
+        conversation.receive_data(await stream.receive_some())
+    return message
+
+
+async def _converse(stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
+                    first: Message, deploy: Deploy, claims: Claims, spki_sha256: str,
+                    stdout: BinaryIO, stderr: BinaryIO) -> DeployResult:
+    """The owner's half of the deploy protocol after the keep's `first` answer."""
+    message = first
     while True:
-        message = conversation.next_message()
-        if message is None:
-            conversation.receive_data(await stream.receive_some())
-            continue
         match message:
             case Refused():
                 raise DeployRefused(f"the keep refused the deployment: {message.reason}")
@@ -144,6 +168,7 @@ async def _converse(stream: trio.SSLStream[trio.SocketStream], deploy: Deploy, c
                                     message.volumes)
             case _:
                 raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
+        message = await _next_message(stream, conversation)
 
 
 def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:

@@ -44,7 +44,7 @@ from shim.attest import (
 from shim.config import KeepConfig
 from shim.deploy import DeployRefused, DeployResult, deploy_to
 from shim.errors import KeepError
-from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome
+from shim.serve import BUSY_REASON, Deployment, Keep, RunOutcome, run_deployment
 from storage.luks2 import KdfCost
 from storage.volume import MIN_VOLUME_SIZE, create_volume, open_volume
 
@@ -649,3 +649,37 @@ async def test_a_deployed_tls_connect_without_a_pin_is_refused(extra: str, refus
         with trio.fail_after(30):
             await keep.finished.wait()
     assert len(ran) == 1
+
+
+# A silent peer is an error after a deadline, not a wait forever.
+
+
+async def test_a_peer_that_never_answers_the_handshake_times_out() -> None:
+    """A wedged keep or a wrong port that accepts TCP and never answers the ClientHello."""
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, silent, 0)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(30), pytest.raises(
+                KeepError, match=rf"TLS handshake with 127\.0\.0\.1:{port} timed out after 0\.5 s"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
+                            stdout=io.BytesIO(), stderr=io.BytesIO(), handshake_seconds=0.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_keep_that_never_answers_the_deployment_times_out() -> None:
+    class SilentKeep(Keep):
+        async def _converse(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+            await trio.sleep_forever()
+
+    keep = SilentKeep(NilBackend(), run_deployment)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with trio.fail_after(30), pytest.raises(
+                KeepError, match=rf"the keep at 127\.0\.0\.1:{port} did not answer the deployment "
+                                 r"within 0\.5 s"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
+                            stdout=io.BytesIO(), stderr=io.BytesIO(), answer_seconds=0.5)
+        nursery.cancel_scope.cancel()

@@ -69,6 +69,7 @@ from shim.attest._protocol import (
     encode_message,
 )
 from shim.attest._tls import (
+    OWNER_HANDSHAKE_SECONDS,
     AttestedCertificateProvider,
     KeepTLS,
     nonce_from_server_name,
@@ -84,6 +85,7 @@ __all__ = [
     "KNOWN_BACKENDS",
     "NONCE_BYTES",
     "NO_NONCE",
+    "OWNER_HANDSHAKE_SECONDS",
     "REPORT_DATA_BYTES",
     "Accepted",
     "AttestationError",

@@ -40,8 +40,13 @@ from shim.attest._backends import Backend, Claims
 from shim.attest._certificate import NO_NONCE, NONCE_BYTES, AttestedIdentity, verify_keep_certificate
 from shim.attest._errors import AttestationError, MalformedEvidence
 from shim.attest._policy import Policy
+from shim.errors import KeepError
 
 NONCE_DOMAIN: Final = "nonce.keepshim.invalid"
+OWNER_HANDSHAKE_SECONDS: Final = 30.0
+"""How long the owner waits for the TCP connection and the TLS handshake together (as long as
+`keep serve` waits for a client's handshake): a peer that accepts and never answers the
+ClientHello (a wedged keep, a wrong port) is an error, not a wait forever."""
 _SERVER_NAME: Final = re.compile(r"([a-z2-7]{52})\." + re.escape(NONCE_DOMAIN))
 
 
@@ -111,15 +116,25 @@ def owner_client_context() -> ssl.SSLContext:
 
 async def open_verified_stream(
         host: str, port: int, policy: Policy, *,
-        nonce_source: Callable[[int], bytes] = os.urandom) -> tuple[trio.SSLStream[trio.SocketStream], Claims]:
+        nonce_source: Callable[[int], bytes] = os.urandom,
+        handshake_seconds: float = OWNER_HANDSHAKE_SECONDS,
+) -> tuple[trio.SSLStream[trio.SocketStream], Claims]:
     """Owner side: connect, handshake with a fresh nonce, and verify the evidence in the peer
     certificate of this very session. Returns the stream (safe to send secrets on) and the claims;
-    raises an EvidenceRefused subclass (the stream is closed) if any check fails."""
+    raises an EvidenceRefused subclass (the stream is closed) if any check fails, and a KeepError
+    if connecting and the handshake take longer than `handshake_seconds`."""
     nonce = nonce_source(NONCE_BYTES)
-    tcp = await trio.open_tcp_stream(host, port)
+    deadline = trio.current_time() + handshake_seconds
+    with trio.move_on_at(deadline) as connecting:
+        tcp = await trio.open_tcp_stream(host, port)
+    if connecting.cancelled_caught:
+        raise KeepError(f"connecting to {host}:{port} timed out after {handshake_seconds:g} s")
     stream = trio.SSLStream(tcp, owner_client_context(), server_hostname=server_name_for_nonce(nonce))
     try:
-        await stream.do_handshake()
+        with trio.move_on_at(deadline) as handshake:
+            await stream.do_handshake()
+        if handshake.cancelled_caught:
+            raise KeepError(f"TLS handshake with {host}:{port} timed out after {handshake_seconds:g} s")
         certificate = stream.getpeercert(binary_form=True)
         if not certificate:
             raise MalformedEvidence("the keep presented no certificate")

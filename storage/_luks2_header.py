@@ -51,19 +51,34 @@ SUPPORTED_ENCRYPTION = "aes-xts-plain64"
 _BINARY = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")
 _CSUM_OFFSET = 448
 _CSUM_SIZE = 64
+LABEL_FIELD_SIZE = 48  # label and subsystem: up to 47 bytes of text and a terminating NUL
 
 
 @dataclass(frozen=True)
 class BinaryHeader:
-    """The fields of one binary header copy that matter after validation."""
+    """The fields of one binary header copy that matter after validation.
+
+    Label and subsystem are kept as the stored bytes (at most 47, no NUL), which need not be
+    UTF-8: cryptsetup stores whatever bytes it is given and even cuts an over-long label inside
+    a character. A rewrite stores them unchanged, as cryptsetup does; `label` and `subsystem`
+    are the text to show.
+    """
 
     hdr_size: int
     seqid: int
-    label: str
+    raw_label: bytes
     checksum_alg: str
     uuid: str
-    subsystem: str
+    raw_subsystem: bytes
     hdr_offset: int
+
+    @property
+    def label(self) -> str:
+        return header_text(self.raw_label)
+
+    @property
+    def subsystem(self) -> str:
+        return header_text(self.raw_subsystem)
 
 
 @dataclass(frozen=True)
@@ -147,12 +162,50 @@ class HeaderState:
 # Binary header
 
 
-def _text(field: bytes, name: str) -> str:
-    content = field.split(b"\0", 1)[0]
+def _stored(field: bytes) -> bytes:
+    """The content of a fixed-size text field as cryptsetup reads it (hdr_from_disk): the last
+    byte is forced to NUL, so at most size - 1 bytes, up to the first NUL."""
+    return field[:-1].split(b"\0", 1)[0]
+
+
+def _ascii(field: bytes, name: str) -> str:
+    """A field that names something (checksum algorithm, uuid): only ASCII is meaningful."""
     try:
-        return content.decode("ascii")
+        return _stored(field).decode("ascii")
     except UnicodeDecodeError:
         raise CorruptHeader(f"LUKS2 header field {name} is not ASCII") from None
+
+
+def header_text(stored: bytes) -> str:
+    """Label or subsystem bytes as text: UTF-8, with any undecodable byte shown as U+FFFD.
+
+    Not refused: cryptsetup accepts and shows any bytes here, so refusing would lock us out of
+    images it opens; the replacement keeps the text printable (no lone surrogates)."""
+    return stored.decode("utf-8", errors="replace")
+
+
+def encode_label(text: str, name: str = "label") -> bytes:
+    """`text` as a label or subsystem field stores it: UTF-8, at most 47 bytes, no NUL.
+
+    ValueError (a clear one-line message) for text that cannot be stored so that it reads back
+    the same: cryptsetup 2.6 silently cuts a longer label, even inside a character."""
+    if "\0" in text:
+        raise ValueError(f"{name} must not contain NUL characters")
+    try:
+        stored = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid UTF-8 text") from None
+    if len(stored) >= LABEL_FIELD_SIZE:
+        raise ValueError(f"{name} is {len(stored)} bytes as UTF-8; a LUKS2 {name} holds at most "
+                         f"{LABEL_FIELD_SIZE - 1}")
+    return stored
+
+
+def _field(value: bytes, size: int, name: str) -> bytes:
+    """A text field for writing; refuses what `_stored` would not read back unchanged."""
+    if len(value) >= size or b"\0" in value:
+        raise ValueError(f"LUKS2 header field {name} must be under {size} bytes without NUL")
+    return value
 
 
 def _checksum(area: bytes, algorithm: str) -> bytes:
@@ -173,12 +226,12 @@ def _parse_binary(block: bytes, expected_offset: int) -> BinaryHeader:
         raise CorruptHeader(f"invalid LUKS2 header size {hdr_size}")
     if hdr_offset != expected_offset:
         raise CorruptHeader(f"LUKS2 header copy claims offset {hdr_offset}, found at {expected_offset}")
-    algorithm = _text(checksum_alg, "checksum_alg")
+    algorithm = _ascii(checksum_alg, "checksum_alg")
     if algorithm not in SUPPORTED_HASHES:
         raise CorruptHeader(f"unsupported LUKS2 header checksum algorithm {algorithm!r}")
-    return BinaryHeader(hdr_size=hdr_size, seqid=seqid, label=_text(label, "label"),
-                        checksum_alg=algorithm, uuid=_text(uuid, "uuid"),
-                        subsystem=_text(subsystem, "subsystem"), hdr_offset=hdr_offset)
+    return BinaryHeader(hdr_size=hdr_size, seqid=seqid, raw_label=_stored(label),
+                        checksum_alg=algorithm, uuid=_ascii(uuid, "uuid"),
+                        raw_subsystem=_stored(subsystem), hdr_offset=hdr_offset)
 
 
 def build_header_area(header: BinaryHeader, salt: bytes, raw: dict[str, Any]) -> bytes:
@@ -188,9 +241,12 @@ def build_header_area(header: BinaryHeader, salt: bytes, raw: dict[str, Any]) ->
     if len(text) >= json_size:
         raise CorruptHeader(f"LUKS2 metadata ({len(text)} bytes) does not fit the JSON area")
     magic = MAGIC_PRIMARY if header.hdr_offset == 0 else MAGIC_SECONDARY
-    binary = _BINARY.pack(magic, 2, header.hdr_size, header.seqid, header.label.encode(),
-                          header.checksum_alg.encode(), salt, header.uuid.encode(),
-                          header.subsystem.encode(), header.hdr_offset, bytes(184), bytes(64))
+    binary = _BINARY.pack(magic, 2, header.hdr_size, header.seqid,
+                          _field(header.raw_label, LABEL_FIELD_SIZE, "label"),
+                          _field(header.checksum_alg.encode("ascii"), 32, "checksum_alg"), salt,
+                          _field(header.uuid.encode("ascii"), 40, "uuid"),
+                          _field(header.raw_subsystem, LABEL_FIELD_SIZE, "subsystem"),
+                          header.hdr_offset, bytes(184), bytes(64))
     area = binary.ljust(BINARY_HEADER_SIZE, b"\0") + text.ljust(json_size, b"\0")
     checksum = _checksum(area, header.checksum_alg)
     return area[:_CSUM_OFFSET] + checksum.ljust(_CSUM_SIZE, b"\0") + area[_CSUM_OFFSET + _CSUM_SIZE:]

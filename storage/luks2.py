@@ -25,7 +25,7 @@ import os
 import time
 import uuid as uuid_module
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
@@ -45,6 +45,7 @@ from storage._luks2_header import (
     Keyslot,
     Pbkdf2Params,
     build_header_area,
+    encode_label,
     read_metadata,
     validate,
 )
@@ -186,7 +187,13 @@ class LuksVolume:
 
     @property
     def label(self) -> str:
+        """The label as text (UTF-8; bytes that are not UTF-8 show as U+FFFD)."""
         return self._state.binary.label
+
+    @property
+    def subsystem(self) -> str:
+        """The subsystem label (`cryptsetup --subsystem`), as text like `label`."""
+        return self._state.binary.subsystem
 
     @property
     def sector_size(self) -> int:
@@ -308,7 +315,7 @@ class LuksVolume:
             slots[number] = {"kdf": kdf, "area_offset": slot.area_offset,
                              "area_size": slot.area_size, "key_size": slot.key_size}
         return {
-            "version": 2, "uuid": self.uuid, "label": self.label,
+            "version": 2, "uuid": self.uuid, "label": self.label, "subsystem": self.subsystem,
             "header_size": self._state.binary.hdr_size, "seqid": self._state.binary.seqid,
             "cipher": SUPPORTED_ENCRYPTION, "key_bits": len(self._volume_key) * 8,
             "sector_size": self.sector_size, "data_offset": self.data_offset,
@@ -350,14 +357,10 @@ def _write_headers(device: BlockDevice, binary: BinaryHeader, raw: dict[str, Any
     """Write both header copies with `seqid` (secondary first, each synced)."""
     metadata = validate(raw, binary.hdr_size, device.size)
     for offset in (binary.hdr_size, 0):
-        header = BinaryHeader(hdr_size=binary.hdr_size, seqid=seqid, label=binary.label,
-                              checksum_alg="sha256", uuid=binary.uuid, subsystem=binary.subsystem,
-                              hdr_offset=offset)
+        header = replace(binary, seqid=seqid, checksum_alg="sha256", hdr_offset=offset)
         device.write(offset, build_header_area(header, os.urandom(64), raw))
         device.sync()
-    final = BinaryHeader(hdr_size=binary.hdr_size, seqid=seqid, label=binary.label,
-                         checksum_alg="sha256", uuid=binary.uuid, subsystem=binary.subsystem,
-                         hdr_offset=0)
+    final = replace(binary, seqid=seqid, checksum_alg="sha256", hdr_offset=0)
     return HeaderState(binary=final, raw=raw, metadata=metadata, both_copies_valid=True)
 
 
@@ -443,7 +446,8 @@ def read_header_info(device: BlockDevice) -> dict[str, Any]:
     """Header facts that need no key (uuid, keyslots, segment), for `info` before unlocking."""
     state = read_metadata(device)
     metadata = state.metadata
-    return {"uuid": state.binary.uuid, "label": state.binary.label, "seqid": state.binary.seqid,
+    return {"uuid": state.binary.uuid, "label": state.binary.label,
+            "subsystem": state.binary.subsystem, "seqid": state.binary.seqid,
             "keyslots": sorted(metadata.keyslots), "data_offset": metadata.segment.offset,
             "sector_size": metadata.segment.sector_size}
 
@@ -479,8 +483,7 @@ def format_luks2(device: BlockDevice, passphrase: bytes, *, pbkdf: Pbkdf = "argo
     if device.size < data_offset + sector_size:
         raise StorageError(f"the image ({device.size} bytes) is too small for a LUKS2 volume "
                            f"(header and keyslots take {data_offset} bytes)")
-    if len(label.encode()) >= 48:
-        raise ValueError("label must be shorter than 48 bytes")
+    raw_label = encode_label(label)  # ValueError unless it fits: at most 47 bytes of UTF-8
     volume_key = volume_key if volume_key is not None else os.urandom(VOLUME_KEY_SIZE)
     if len(volume_key) != VOLUME_KEY_SIZE or volume_key[:32] == volume_key[32:]:
         raise ValueError("the volume key must be 64 bytes with distinct halves")
@@ -499,9 +502,9 @@ def format_luks2(device: BlockDevice, passphrase: bytes, *, pbkdf: Pbkdf = "argo
         "config": {"json_size": str(DEFAULT_HEADER_SIZE - 4096),
                    "keyslots_size": str(data_offset - 2 * DEFAULT_HEADER_SIZE)},
     }
-    binary = BinaryHeader(hdr_size=DEFAULT_HEADER_SIZE, seqid=0, label=label,
+    binary = BinaryHeader(hdr_size=DEFAULT_HEADER_SIZE, seqid=0, raw_label=raw_label,
                           checksum_alg="sha256", uuid=uuid or str(uuid_module.uuid4()),
-                          subsystem="", hdr_offset=0)
+                          raw_subsystem=b"", hdr_offset=0)
     # An empty-keyslot header first, so add_keyslot can reuse the one keyslot code path. Wipe
     # any old header pair (e.g. re-formatting) by writing ours over it.
     _wipe_keyslots_area(device, 2 * DEFAULT_HEADER_SIZE, data_offset)

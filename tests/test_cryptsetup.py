@@ -18,7 +18,7 @@ from xts_reference import xts_decrypt_with_openssl
 
 from storage.blockdev import FileBlockDevice
 from storage.errors import WrongPassphrase
-from storage.luks2 import KdfCost, format_luks2, open_luks2
+from storage.luks2 import KdfCost, format_luks2, open_luks2, read_header_info
 
 pytestmark = pytest.mark.skipif(shutil.which("cryptsetup") is None,
                                 reason="cryptsetup is not installed (Debian package cryptsetup-bin)")
@@ -53,21 +53,29 @@ def dumped_volume_key(image: Path, key: bytes) -> bytes:
     return bytes.fromhex("".join(hex_digits))
 
 
-def our_image(tmp_path: Path, pbkdf: str = "argon2id") -> tuple[Path, bytes]:
+def our_image(tmp_path: Path, pbkdf: str = "argon2id", label: str = "") -> tuple[Path, bytes]:
     image = tmp_path / "ours.img"
     with FileBlockDevice(image, writable=True, create_size=IMAGE_SIZE) as device:
         cost = FAST_ARGON2 if pbkdf == "argon2id" else KdfCost(iterations=1000)
-        volume = format_luks2(device, PASSPHRASE, pbkdf=pbkdf, cost=cost)  # type: ignore[arg-type]
+        volume = format_luks2(device, PASSPHRASE, pbkdf=pbkdf, cost=cost,  # type: ignore[arg-type]
+                              label=label)
         return image, volume.volume_key
 
 
-def their_image(tmp_path: Path, pbkdf: str) -> Path:
+def their_image(tmp_path: Path, pbkdf: str, *options: str) -> Path:
     image = tmp_path / f"theirs-{pbkdf}.img"
     with open(image, "wb") as handle:
         handle.truncate(IMAGE_SIZE)
     cryptsetup("luksFormat", "--type", "luks2", "--sector-size", "4096",
-               *CRYPTSETUP_FAST[pbkdf], image, key=PASSPHRASE)
+               *CRYPTSETUP_FAST[pbkdf], *options, image, key=PASSPHRASE)
     return image
+
+
+def dumped_field(dump: str, name: str) -> str:
+    """A `Name:<spaces><tab>value` line of luksDump's header section."""
+    match = re.search(rf"^{name}:\s*\t(.*)$", dump, re.MULTILINE)
+    assert match is not None, dump
+    return match.group(1)
 
 
 @pytest.mark.parametrize("pbkdf", ["argon2id", "pbkdf2"])
@@ -147,3 +155,36 @@ def test_a_token_cryptsetup_imported_survives_our_keyslot_changes(tmp_path: Path
     exported = cryptsetup("token", "export", "--token-id", "0", image).stdout
     assert '"note":"kept"' in exported.replace(" ", "")
     cryptsetup("open", "--test-passphrase", image, key=b"another")
+
+
+def test_cryptsetup_shows_the_unicode_label_we_write(tmp_path: Path) -> None:
+    image, _ = our_image(tmp_path, "pbkdf2", label="café ☕")
+    dump = cryptsetup("luksDump", image).stdout
+    assert dumped_field(dump, "Label") == "café ☕"
+    assert dumped_field(dump, "Subsystem") == "(no subsystem)"
+    cryptsetup("open", "--test-passphrase", image, key=PASSPHRASE)
+
+
+def test_we_open_images_cryptsetup_labelled_in_unicode_and_keep_the_label(tmp_path: Path) -> None:
+    image = their_image(tmp_path, "pbkdf2", "--label", "café", "--subsystem", "système ☕")
+    dump = cryptsetup("luksDump", image).stdout
+    assert (dumped_field(dump, "Label"), dumped_field(dump, "Subsystem")) == ("café", "système ☕")
+    with FileBlockDevice(image, writable=True) as device:
+        info = read_header_info(device)
+        assert (info["label"], info["subsystem"]) == ("café", "système ☕")
+        volume = open_luks2(device, PASSPHRASE)
+        assert (volume.label, volume.subsystem) == ("café", "système ☕")
+        volume.add_keyslot(b"ours too", pbkdf="pbkdf2", cost=KdfCost(1000))  # rewrites the header
+    dump = cryptsetup("luksDump", image).stdout
+    assert (dumped_field(dump, "Label"), dumped_field(dump, "Subsystem")) == ("café", "système ☕")
+    cryptsetup("open", "--test-passphrase", image, key=b"ours too")
+
+
+def test_a_label_cryptsetup_cut_inside_a_character_still_opens(tmp_path: Path) -> None:
+    """cryptsetup 2.6 silently keeps the first 47 bytes of a longer --label, even in the middle
+    of a UTF-8 sequence; such an image opens here, the cut character shown as U+FFFD."""
+    image = their_image(tmp_path, "pbkdf2", "--label", "é" * 24)
+    with open(image, "rb") as handle:
+        assert handle.read(72)[24:] == "é".encode() * 23 + b"\xc3\0"  # the label field
+    with FileBlockDevice(image, writable=False) as device:
+        assert open_luks2(device, PASSPHRASE).label == "é" * 23 + "\ufffd"

@@ -25,7 +25,14 @@ from storage.errors import (
     UnsupportedFormat,
     WrongPassphrase,
 )
-from storage.luks2 import KdfCost, LuksVolume, format_luks2, is_luks2, open_luks2
+from storage.luks2 import (
+    KdfCost,
+    LuksVolume,
+    format_luks2,
+    is_luks2,
+    open_luks2,
+    read_header_info,
+)
 
 FAST_ARGON2 = KdfCost(iterations=1, memory_kib=8 * 1024, parallel=1)
 FAST_PBKDF2 = KdfCost(iterations=1000)
@@ -47,8 +54,8 @@ def _rewrite_metadata(device: MemoryBlockDevice, mutate: Callable[[dict[str, Any
     mutate(raw)
     for offset in (0, state.binary.hdr_size):
         header = BinaryHeader(hdr_size=state.binary.hdr_size, seqid=state.binary.seqid + 1,
-                              label="", checksum_alg="sha256", uuid=state.binary.uuid,
-                              subsystem="", hdr_offset=offset)
+                              raw_label=b"", checksum_alg="sha256", uuid=state.binary.uuid,
+                              raw_subsystem=b"", hdr_offset=offset)
         device.write(offset, build_header_area(header, os.urandom(64), raw))
 
 
@@ -202,6 +209,96 @@ def test_luks1_is_reported_as_unsupported() -> None:
         open_luks2(device, b"x")
 
 
+# Where the binary header keeps its text fields (cryptsetup lib/luks2/luks2.h, struct
+# luks2_hdr_disk): label[48] at 24, checksum_alg[32] at 72, uuid[40] at 168, subsystem[48] at 208.
+LABEL_AT, CHECKSUM_ALG_AT, UUID_AT, SUBSYSTEM_AT = 24, 72, 168, 208
+
+
+def _patch_binary(device: MemoryBlockDevice, position: int, value: bytes,
+                  copies: tuple[int, ...] = (0, 16384)) -> None:
+    """Overwrite bytes of binary header copies and fix their checksums: what a hostile host, or
+    another LUKS2 writer, can put there."""
+    for offset in copies:
+        area = bytearray(device.read(offset, 16384))
+        area[position:position + len(value)] = value
+        area[448:512] = bytes(64)
+        area[448:512] = _checksum(bytes(area), "sha256").ljust(64, b"\0")
+        device.write(offset, bytes(area))
+
+
+@pytest.mark.parametrize("label", ["café", "ラベル ☕", "é" * 23 + "a", ""])
+def test_a_unicode_label_round_trips_through_format_open_and_rewrites(label: str) -> None:
+    device = MemoryBlockDevice(DEVICE_SIZE)
+    format_luks2(device, b"pw", pbkdf="pbkdf2", cost=FAST_PBKDF2, label=label)
+    volume = open_luks2(device, b"pw")
+    assert volume.label == label and volume.dump()["label"] == label
+    assert read_header_info(device)["label"] == label
+    assert volume.subsystem == "" and read_header_info(device)["subsystem"] == ""
+    volume.add_keyslot(b"second", pbkdf="pbkdf2", cost=FAST_PBKDF2)  # rewrites both copies
+    assert open_luks2(device, b"second").label == label
+    for offset in (0, 16384):  # stored as cryptsetup stores it: UTF-8, NUL-padded to 48 bytes
+        assert device.read(offset + LABEL_AT, 48) == label.encode().ljust(48, b"\0")
+
+
+@pytest.mark.parametrize(("label", "message"), [
+    ("é" * 24, "48 bytes as UTF-8; a LUKS2 label holds at most 47"),
+    ("x" * 60, "60 bytes as UTF-8; a LUKS2 label holds at most 47"),
+    ("a\0b", "label must not contain NUL"),
+    ("caf\udce9", "not valid UTF-8"),  # what Python makes of a non-UTF-8 byte in argv
+])
+def test_a_label_that_cannot_be_stored_is_refused_before_anything_is_written(
+        label: str, message: str) -> None:
+    device = MemoryBlockDevice(DEVICE_SIZE)
+    with pytest.raises(ValueError, match=message):
+        format_luks2(device, b"pw", pbkdf="pbkdf2", cost=FAST_PBKDF2, label=label)
+    assert device.snapshot() == bytes(DEVICE_SIZE)
+
+
+@pytest.mark.parametrize(("stored", "shown"), [
+    (b"caf\xc3\xa9", "café"),
+    (b"\xff\xfeab", "\ufffd\ufffdab"),  # not UTF-8: cryptsetup accepts it, so do we
+    ("é".encode() * 24, "é" * 23 + "\ufffd"),  # no NUL: only 47 bytes count, a character is cut
+    (b"x" * 48, "x" * 47),
+    (b"ab\0cd", "ab"),
+])
+def test_label_and_subsystem_bytes_read_as_cryptsetup_reads_them(stored: bytes, shown: str) -> None:
+    """cryptsetup keeps the first 47 bytes of each 48-byte field up to a NUL, whatever they are
+    (luks2_disk_metadata.c hdr_from_disk); we show them as UTF-8 (undecodable bytes as U+FFFD)
+    and write the stored bytes back unchanged when the header is rewritten, as cryptsetup does."""
+    device, _ = _formatted()
+    _patch_binary(device, LABEL_AT, stored.ljust(48, b"\0"))
+    _patch_binary(device, SUBSYSTEM_AT, stored.ljust(48, b"\0"))
+    volume = open_luks2(device, b"correct horse")
+    assert (volume.label, volume.subsystem) == (shown, shown)
+    info = read_header_info(device)
+    assert (info["label"], info["subsystem"]) == (shown, shown)
+    json.dumps(volume.dump(), ensure_ascii=False).encode()  # printable: no lone surrogates
+    volume.add_keyslot(b"second", pbkdf="pbkdf2", cost=FAST_PBKDF2)
+    kept = stored[:47].split(b"\0", 1)[0].ljust(48, b"\0")
+    for offset in (0, 16384):
+        assert device.read(offset + LABEL_AT, 48) == kept
+        assert device.read(offset + SUBSYSTEM_AT, 48) == kept
+    assert open_luks2(device, b"second").label == shown
+
+
+@pytest.mark.parametrize(("position", "value", "name"), [
+    (UUID_AT, "é".encode() * 18, "uuid"),
+    (CHECKSUM_ALG_AT, b"sh\xc3\xa9256\0", "checksum_alg"),
+])
+def test_fields_that_must_be_ascii_stay_strict(position: int, value: bytes, name: str) -> None:
+    device, _ = _formatted()
+    _patch_binary(device, position, value)
+    with pytest.raises(CorruptHeader, match=f"{name} is not ASCII"):
+        open_luks2(device, b"correct horse")
+
+
+def test_header_copies_of_different_volumes_are_refused() -> None:
+    device, _ = _formatted()
+    _patch_binary(device, UUID_AT, b"00000000-0000-4000-8000-000000000000\0", copies=(16384,))
+    with pytest.raises(CorruptHeader, match="different volumes"):
+        open_luks2(device, b"correct horse")
+
+
 HOSTILE_MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], type[StorageError]]] = {
     "huge argon2 memory": (lambda raw: raw["keyslots"]["0"]["kdf"].update(
         type="argon2id", time=4, cpus=4, memory=64 * 1024 * 1024), CorruptHeader),
@@ -254,8 +351,8 @@ def _write_json_text(device: MemoryBlockDevice, text: bytes) -> None:
     """Put arbitrary JSON bytes into both header copies with valid checksums."""
     state = read_metadata(device)
     for offset in (0, 16384):
-        header = BinaryHeader(hdr_size=16384, seqid=state.binary.seqid + 1, label="",
-                              checksum_alg="sha256", uuid=state.binary.uuid, subsystem="",
+        header = BinaryHeader(hdr_size=16384, seqid=state.binary.seqid + 1, raw_label=b"",
+                              checksum_alg="sha256", uuid=state.binary.uuid, raw_subsystem=b"",
                               hdr_offset=offset)
         area = bytearray(build_header_area(header, os.urandom(64), {}))
         area[4096:] = text.ljust(16384 - 4096, b"\0")

@@ -4,7 +4,13 @@ Each action opens the image, does one thing and closes it (closing commits). Sto
 translated here, once, into a one-line KeepError: a wrong passphrase is exit status 2 and
 "wrong passphrase" (raised before anything is written); a missing image, a non-LUKS file, a
 damaged header, an image in use by another process, an integrity failure or a filesystem refusal
-(ENOENT, EEXIST, ENOSPC...) is exit status 1 with a message naming the image or path.
+(ENOENT, EEXIST, ENOSPC...) is exit status 1 with a message naming the image or path; any other
+host OSError is exit status 1 naming the host file; options out of range are usage errors (2).
+
+Failures lose nothing: `put` writes a temporary in the same volume directory and renames it over
+the target, so a failed put leaves the old file (and no temporary); `get` removes its host
+temporary (decrypted data) on any failure. `export` never follows a host symlink inside the
+destination (one an earlier export made from the volume could point anywhere on the host).
 
 Key management (`add-key`, `remove-key`, `passwd`) touches only the LUKS2 container, so it works on
 any LUKS2 image, including ones cryptsetup made. The file actions go through storage.volume.
@@ -18,9 +24,10 @@ import errno
 import json
 import os
 import re
-import shutil
+import secrets
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +37,13 @@ from typing import IO, Any, Self
 
 from shim.errors import KeepError, UsageError
 from shim.keys import KeySource, read_key
+from storage._luks2_header import (
+    MAX_ARGON2_LANES,
+    MAX_ARGON2_MEMORY_KIB,
+    MAX_ARGON2_TIME,
+    MAX_PBKDF2_ITERATIONS,
+    MIN_ARGON2_MEMORY_KIB,
+)
 from storage.blockdev import FileBlockDevice
 from storage.errors import (
     CorruptHeader,
@@ -48,6 +62,7 @@ from storage.fs import ROOT_INODE, Attr, Filesystem
 from storage.luks2 import (
     DEFAULT_ARGON2_LANES,
     DEFAULT_ARGON2_MEMORY_KIB,
+    MIN_PBKDF2_ITERATIONS,
     KdfCost,
     LuksVolume,
     benchmark_kdf,
@@ -57,6 +72,8 @@ from storage.luks2 import (
 from storage.volume import Volume, create_volume, open_volume
 
 COPY_CHUNK = 1 << 20
+MAX_LABEL_BYTES = 47  # the LUKS2 binary header's label[48] field, NUL-terminated
+TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -95,9 +112,36 @@ def volume_command(args: argparse.Namespace) -> int:
         raise KeepError(f"{error.filename or args.image}: is a directory") from None
     except PermissionError as error:
         raise KeepError(f"{error.filename or args.image}: permission denied") from None
+    except OSError as error:  # anything else the host refused (EINVAL, ENOTDIR, EEXIST...)
+        raise _host_failure(error, args.image or "keep volume") from None
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _reason(error: OSError) -> str:
+    """An OSError's reason in the CLI's lower case: "not a directory", "file exists"."""
+    reason = str(error.strerror or error)
+    if reason[:1].isupper() and not reason[1:2].isupper():
+        reason = reason[0].lower() + reason[1:]
+    return reason
+
+
+def _host_failure(error: OSError, fallback: str | os.PathLike[str]) -> KeepError:
+    """A host OSError as the CLI's one line: the file(s) it names (else `fallback`), then the
+    reason ("IMG: is neither a regular file nor a block device")."""
+    names = [os.fsdecode(name) for name in (error.filename, error.filename2) if name is not None]
+    return KeepError(f"{' -> '.join(names) or os.fsdecode(fallback)}: {_reason(error)}")
+
+
+@contextlib.contextmanager
+def _host_errors(name: str | os.PathLike[str]) -> Iterator[None]:
+    """Report an OSError of the host operations inside as a failure of host file `name`, the
+    one the user named (not a temporary or a descriptor the error may carry)."""
+    try:
+        yield
+    except OSError as error:
+        raise KeepError(f"{os.fsdecode(name)}: {_reason(error)}") from None
 
 
 def parse_size(text: str) -> int:
@@ -117,10 +161,31 @@ def _new_key(args: argparse.Namespace) -> bytes:
     return read_key(KeySource.from_arguments(args, "new-"), prompt="New passphrase: ", confirm=True)
 
 
-def _kdf_cost(args: argparse.Namespace) -> KdfCost | None:
-    """Explicit KDF costs from --pbkdf-force-iterations / --pbkdf-memory / --pbkdf-parallel."""
+def _check_range(option: str, value: int | None, low: int, high: int, what: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"{option} {value}: {what} must be in [{low}, {high}]")
+
+
+def _check_kdf_options(args: argparse.Namespace) -> None:
+    """Refuse KDF costs the LUKS2 format (or cryptsetup) would not take, before any prompt or
+    file is touched: a usage error naming the limit, not a ValueError from storage.luks2."""
     if args.iter_time <= 0:
         raise UsageError("--iter-time must be positive")
+    if args.pbkdf == "pbkdf2":
+        _check_range("--pbkdf-force-iterations", args.pbkdf_force_iterations,
+                     MIN_PBKDF2_ITERATIONS, MAX_PBKDF2_ITERATIONS, "pbkdf2 iterations")
+    else:
+        _check_range("--pbkdf-force-iterations", args.pbkdf_force_iterations, 1, MAX_ARGON2_TIME,
+                     "the argon2id time cost")
+    _check_range("--pbkdf-memory", args.pbkdf_memory, MIN_ARGON2_MEMORY_KIB, MAX_ARGON2_MEMORY_KIB,
+                 "argon2id memory (KiB)")
+    _check_range("--pbkdf-parallel", args.pbkdf_parallel, 1, MAX_ARGON2_LANES,
+                 "argon2id parallel lanes")
+
+
+def _kdf_cost(args: argparse.Namespace) -> KdfCost | None:
+    """Explicit KDF costs from --pbkdf-force-iterations / --pbkdf-memory / --pbkdf-parallel."""
+    _check_kdf_options(args)
     memory = args.pbkdf_memory if args.pbkdf_memory is not None else DEFAULT_ARGON2_MEMORY_KIB
     parallel = args.pbkdf_parallel if args.pbkdf_parallel is not None else DEFAULT_ARGON2_LANES
     if args.pbkdf_force_iterations is not None:
@@ -155,10 +220,19 @@ def _resolve(fs: Filesystem, path: str) -> Attr:
     return attr
 
 
+def _is_root(path: str) -> bool:
+    return not _split_path(path)
+
+
 def _parent_and_name(fs: Filesystem, path: str) -> tuple[Attr, bytes]:
+    """The directory that holds `path`'s last name, and that name. The root has neither: it is
+    a directory that always exists (EISDIR, for putting a file there); ".." is EINVAL here as in
+    `_resolve` (a name, not a way up)."""
     parts = _split_path(path)
     if not parts:
-        raise _VolumePathError(errno.EEXIST, path)
+        raise _VolumePathError(errno.EISDIR, path)
+    if parts[-1] == b"..":
+        raise _VolumePathError(errno.EINVAL, path)
     parent = _resolve(fs, "/" + "/".join(os.fsdecode(part) for part in parts[:-1]))
     if not parent.is_dir:
         raise _VolumePathError(errno.ENOTDIR, path)
@@ -235,6 +309,10 @@ class _Progress:
 
 def _create(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
+    _check_kdf_options(args)
+    if len(args.label.encode()) > MAX_LABEL_BYTES:
+        raise UsageError(f"--label: a LUKS2 label is at most {MAX_LABEL_BYTES} bytes of UTF-8, "
+                         f"not {len(args.label.encode())}")
     if os.path.exists(args.image):
         raise KeepError(f"{args.image} already exists (refusing to overwrite it)")
     key = _key(args, confirm=True)
@@ -295,6 +373,7 @@ def _luks(args: argparse.Namespace) -> Iterator[tuple[LuksVolume, bytes]]:
 
 
 def _add_key(args: argparse.Namespace) -> int:
+    _check_kdf_options(args)
     with _luks(args) as (luks, _):
         new_key = _new_key(args)
         with _Progress("deriving the new keyslot key"):
@@ -316,6 +395,7 @@ def _remove_key(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    _check_kdf_options(args)
     with _luks(args) as (luks, _):
         old_slot = luks.opened_keyslot
         if old_slot is None:
@@ -358,13 +438,16 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes]) -> None:
+def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes], sink_name: str) -> None:
+    """Copy a volume file to `sink`; a failed write is reported as `sink_name`'s (the host's),
+    a failed read as the volume's."""
     offset = 0
     while offset < attr.size:
         chunk = fs.read(attr.ino, offset, min(COPY_CHUNK, attr.size - offset))
         if not chunk:
             break
-        sink.write(chunk)
+        with _host_errors(sink_name):
+            sink.write(chunk)
         offset += len(chunk)
 
 
@@ -373,29 +456,57 @@ def _cat(args: argparse.Namespace) -> int:
         attr = _resolve(volume.fs, args.path)
         if attr.is_dir:
             raise _VolumePathError(errno.EISDIR, args.path)
-        _copy_out(volume.fs, attr, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+        _copy_out(volume.fs, attr, sys.stdout.buffer, "stdout")
+        with _host_errors("stdout"):
+            sys.stdout.buffer.flush()
     return 0
+
+
+def _create_temporary(fs: Filesystem, parent: Attr, mode: int, volume_path: str) -> bytes:
+    """A new empty file in `parent` under a fresh random name (`create` is exclusive: a name
+    that exists is never reused, another is drawn)."""
+    for _ in range(16):
+        name = TEMPORARY_PREFIX + secrets.token_hex(8).encode()
+        try:
+            fs.create(parent.ino, name, mode)
+        except FilesystemError as error:
+            if error.errno == errno.EEXIST:
+                continue
+            raise _VolumePathError(error.errno or errno.EIO, volume_path) from None
+        return name
+    raise _VolumePathError(errno.EEXIST, volume_path)
 
 
 def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mode: int,
                 volume_path: str, progress: _Progress | None = None) -> Attr:
-    """Create or replace the regular file `name` in `parent` with the bytes of `source`."""
+    """Create or replace the regular file `name` in `parent` with the bytes of `source`.
+
+    The bytes go to a temporary file in the same directory, which then replaces `name` in one
+    rename: a failure (the volume full, the source unreadable, ^C) leaves the old file as it was
+    and removes the temporary, so the commit that closing the volume makes keeps neither a
+    half-written file nor a stray name. A replaced file keeps its permission bits, as cp does."""
     try:
-        attr = fs.lookup(parent.ino, name)
-        if not attr.is_file:
-            raise _VolumePathError(errno.EISDIR if attr.is_dir else errno.EEXIST, volume_path)
-        fs.setattr(attr.ino, size=0)
+        existing = fs.find(parent.ino, name)
     except FilesystemError as error:
-        if error.errno != errno.ENOENT:
-            raise
-        attr = fs.create(parent.ino, name, mode)
-    offset = 0
-    while chunk := source.read(COPY_CHUNK):
-        fs.write(attr.ino, offset, chunk)
-        offset += len(chunk)
-        if progress is not None:
-            progress.advance(len(chunk))
+        raise _VolumePathError(error.errno or errno.EIO, volume_path) from None
+    if existing is not None:
+        if not existing.is_file:
+            raise _VolumePathError(errno.EISDIR if existing.is_dir else errno.EEXIST, volume_path)
+        mode = existing.mode
+    temporary = _create_temporary(fs, parent, mode, volume_path)
+    try:
+        attr = fs.lookup(parent.ino, temporary)
+        offset = 0
+        while chunk := source.read(COPY_CHUNK):
+            fs.write(attr.ino, offset, chunk)
+            offset += len(chunk)
+            if progress is not None:
+                progress.advance(len(chunk))
+        fs.rename(parent.ino, temporary, parent.ino, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.unlink(parent.ino, temporary)
+        raise
     return fs.getattr(attr.ino)
 
 
@@ -429,15 +540,34 @@ def _get(args: argparse.Namespace) -> int:
         if not attr.is_file:
             raise _VolumePathError(errno.EISDIR if attr.is_dir else errno.EINVAL, args.path)
         if args.host_file == "-":
-            _copy_out(volume.fs, attr, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+            _copy_out(volume.fs, attr, sys.stdout.buffer, "stdout")
+            with _host_errors("stdout"):
+                sys.stdout.buffer.flush()
             return 0
-        temporary = f"{args.host_file}.keep-partial"
-        with open(temporary, "wb") as sink:
-            _copy_out(volume.fs, attr, sink)
-        os.chmod(temporary, stat.S_IMODE(attr.mode))
-        os.replace(temporary, args.host_file)
+        _get_into(volume.fs, attr, args.host_file)
     return 0
+
+
+def _get_into(fs: Filesystem, attr: Attr, host_file: str) -> None:
+    """Write a volume file to `host_file` through a fresh temporary (mode 0600 while the
+    plaintext arrives) in the same host directory, renamed over `host_file` at the end. Any
+    failure removes the temporary (it holds decrypted data) and names `host_file`."""
+    directory, base = os.path.split(os.path.abspath(host_file))
+    with _host_errors(host_file):
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
+                                                 dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as sink:
+            _copy_out(fs, attr, sink, host_file)
+            with _host_errors(host_file):
+                sink.flush()
+                os.fchmod(sink.fileno(), stat.S_IMODE(attr.mode))
+        with _host_errors(host_file):
+            os.replace(temporary, host_file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _remove_tree(fs: Filesystem, parent: Attr, name: bytes) -> None:
@@ -452,6 +582,8 @@ def _remove_tree(fs: Filesystem, parent: Attr, name: bytes) -> None:
 
 
 def _rm(args: argparse.Namespace) -> int:
+    if _is_root(args.path):
+        raise KeepError("refusing to remove the root directory")
     with _opened(args, writable=True) as volume:
         fs = volume.fs
         parent, name = _parent_and_name(fs, args.path)
@@ -471,6 +603,8 @@ def _mkdir(args: argparse.Namespace) -> int:
         fs = volume.fs
         if args.parents:
             _make_directories(fs, args.path)
+        elif _is_root(args.path):
+            raise _VolumePathError(errno.EEXIST, args.path)
         else:
             parent, name = _parent_and_name(fs, args.path)
             try:
@@ -557,37 +691,75 @@ def _export(args: argparse.Namespace) -> int:
         source = _resolve(fs, args.path)
         if not source.is_dir:
             raise _VolumePathError(errno.ENOTDIR, args.path)
-        destination = Path(args.host_dir)
-        destination.mkdir(parents=True, exist_ok=True)
-        with _Progress(f"exporting to {args.host_dir}"):
-            count = _export_tree(fs, source, destination)
+        with _host_errors(args.host_dir):  # the directory the user named: a symlink is followed
+            if not os.path.lexists(args.host_dir):
+                os.makedirs(args.host_dir)
+            directory = os.open(args.host_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with _Progress(f"exporting to {args.host_dir}"):
+                count = _export_tree(fs, source, directory, args.host_dir)
+        finally:
+            os.close(directory)
     print(f"exported {count} entries to {args.host_dir}")
     return 0
 
 
-def _export_tree(fs: Filesystem, source: Attr, destination: Path) -> int:
+_EXPORT_OPEN = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_EXPORT_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _clear_host_entry(directory: int, name: bytes, host_path: str, *, keep_directory: bool) -> bool:
+    """Make room for an exported entry called `name` in host directory `directory`, never
+    following a symlink there (one an earlier export made from the volume may point anywhere).
+    Anything but a real directory is unlinked; a real directory is kept when `keep_directory`
+    (the volume has a directory there too), else refused: a host tree is not deleted for a file.
+    Returns whether a directory is there to reuse."""
+    try:
+        info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(info.st_mode):
+        if keep_directory:
+            return True
+        raise KeepError(f"{host_path}: is a directory on the host where the volume has a "
+                        "non-directory (not replaced; remove it first)")
+    os.unlink(name, dir_fd=directory)
+    return False
+
+
+def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str) -> int:
+    """Copy volume directory `source` into the open host directory `directory` (`host_dir` names
+    it in messages). Every host call is relative to a directory descriptor and refuses symlinks
+    (O_NOFOLLOW, O_EXCL, lstat), so what an earlier export left there can redirect nothing; a
+    file is written fresh (never through an existing inode, which may be linked elsewhere)."""
     count = 0
     for name, attr, _ in fs.readdir(source.ino):
         if name in (b".", b".."):
             continue
-        target = destination / os.fsdecode(name)
-        if attr.is_symlink:
-            if target.is_symlink() or target.exists():
-                target.unlink()
-            os.symlink(fs.readlink(attr.ino), target)
-        elif attr.is_dir:
-            target.mkdir(exist_ok=True)
-            count += _export_tree(fs, attr, target)
-            os.chmod(target, stat.S_IMODE(attr.mode))
-        elif attr.is_file:
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            with open(target, "wb") as sink:
-                _copy_out(fs, attr, sink)
-            os.chmod(target, stat.S_IMODE(attr.mode))
-            os.utime(target, ns=(attr.atime_ns, attr.mtime_ns))
-        else:
-            continue
+        host_path = os.path.join(host_dir, os.fsdecode(name))
+        with _host_errors(host_path):
+            if attr.is_symlink:
+                _clear_host_entry(directory, name, host_path, keep_directory=False)
+                os.symlink(fs.readlink(attr.ino), name, dir_fd=directory)
+            elif attr.is_dir:
+                if not _clear_host_entry(directory, name, host_path, keep_directory=True):
+                    os.mkdir(name, 0o700, dir_fd=directory)
+                child = os.open(name, _EXPORT_DIRECTORY, dir_fd=directory)
+                try:
+                    count += _export_tree(fs, attr, child, host_path)
+                    os.fchmod(child, stat.S_IMODE(attr.mode))
+                finally:
+                    os.close(child)
+            elif attr.is_file:
+                _clear_host_entry(directory, name, host_path, keep_directory=False)
+                descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
+                with os.fdopen(descriptor, "wb") as sink:
+                    _copy_out(fs, attr, sink, host_path)
+                    sink.flush()
+                    os.fchmod(descriptor, stat.S_IMODE(attr.mode))
+                    os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))
+            else:
+                continue
         count += 1
     return count
 

@@ -188,7 +188,8 @@ class FileBlockDevice(_ClosesOnExit):
             return info.st_size
         if stat.S_ISBLK(info.st_mode):
             return os.lseek(self._fd, 0, os.SEEK_END)
-        raise OSError(errno.EINVAL, f"{self._path} is neither a regular file nor a block device")
+        # the path as the error's filename, so a caller can name it (the CLI's one-line error)
+        raise OSError(errno.EINVAL, "is neither a regular file nor a block device", self._path)
 
     @property
     def path(self) -> str:

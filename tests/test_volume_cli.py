@@ -272,3 +272,166 @@ def test_a_plain_cryptsetup_image_gets_key_management_and_a_clear_info(tmp_path:
     check = subprocess.run(["cryptsetup", "open", "--test-passphrase", str(image), "--key-file", "-"],
                            input=b"second", capture_output=True)
     assert check.returncode == 0, check.stderr
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes], status: int) -> str:
+    """The single `keep: ...` line a refused action prints (no traceback, no internal error)."""
+    text = result.stderr.decode()
+    assert result.returncode == status, text
+    assert text.startswith("keep: ") and text.count("\n") == 1, text
+    assert "internal error" not in text and "Traceback" not in text, text
+    return text.strip()
+
+
+def test_export_never_writes_through_host_symlinks(image: Path, tmp_path: Path) -> None:
+    """A volume that once held `x -> victim` (left on the host by an earlier export) and now
+    holds a regular file `x` must replace the host symlink, not write through it; the same for
+    a symlinked directory, and for a FIFO where the volume has a file (no hang)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious host file\n")
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    os.symlink(victim, stage / "x")
+    os.symlink(victim_dir, stage / "d")
+    ok("import", image, stage, "/")
+    out = tmp_path / "out"
+    ok("export", image, out)
+    assert (out / "x").is_symlink() and (out / "d").is_symlink()
+    ok("rm", image, "/x")
+    ok("rm", image, "/d")
+    ok("put", image, "-", "/x", stdin=b"written by the volume\n")
+    ok("mkdir", image, "/d")
+    ok("put", image, "-", "/d/inner", stdin=b"inner\n")
+    ok("put", image, "-", "/fifo", stdin=b"was a fifo\n")
+    os.mkfifo(out / "fifo")
+    ok("export", image, out)
+    assert victim.read_text() == "precious host file\n"
+    assert list(victim_dir.iterdir()) == []
+    assert not (out / "x").is_symlink() and (out / "x").read_bytes() == b"written by the volume\n"
+    assert not (out / "d").is_symlink() and (out / "d" / "inner").read_bytes() == b"inner\n"
+    assert (out / "fifo").read_bytes() == b"was a fifo\n"
+
+
+def test_export_refuses_to_replace_a_host_directory_with_a_file(image: Path, tmp_path: Path) -> None:
+    ok("put", image, "-", "/name", stdin=b"a file in the volume\n")
+    out = tmp_path / "out"
+    (out / "name").mkdir(parents=True)
+    (out / "name" / "keep-me").write_text("host data\n")
+    line = one_line_error(keep("export", image, out), 1)
+    assert str(out / "name") in line and "is a directory" in line
+    assert (out / "name" / "keep-me").read_text() == "host data\n"
+
+
+def test_a_failed_put_keeps_the_old_file(image: Path, tmp_path: Path) -> None:
+    important = os.urandom(1 << 20)
+    (tmp_path / "important.bin").write_bytes(important)
+    ok("put", image, tmp_path / "important.bin", "/important.bin")
+    (tmp_path / "too-big.bin").write_bytes(os.urandom(12 << 20))
+    line = one_line_error(keep("put", image, tmp_path / "too-big.bin", "/important.bin"), 1)
+    assert "no space left" in line
+    assert ok("cat", image, "/important.bin") == important
+    assert ok("ls", image).decode().split()[-1] == "important.bin"  # no temporary left behind
+    assert ok("fsck", image).strip().endswith(b"clean")
+
+
+def test_put_replaces_through_a_temporary_that_never_collides(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """In process (to pin the random names): the first temporary name is taken, so put must
+    pick another and leave the existing entry alone; replacing keeps the old file's mode."""
+    from shim.cli import main
+
+    names = iter(["taken", "taken", "free"])
+    monkeypatch.setattr("secrets.token_hex", lambda size=None: next(names))
+    monkeypatch.setenv("KEEP_TEST_KEY", PASSPHRASE)
+    key = ["--passphrase-env", "KEEP_TEST_KEY"]
+    ok("put", image, "-", "/.keep-put-taken", stdin=b"not mine\n")
+    ok("put", image, "-", "/file", stdin=b"old\n")
+    (tmp_path / "new").write_bytes(b"new contents\n")
+    os.chmod(tmp_path / "new", 0o600)
+    assert main(["volume", "put", str(image), str(tmp_path / "new"), "/file", *key]) == 0
+    assert ok("cat", image, "/file") == b"new contents\n"
+    assert ok("cat", image, "/.keep-put-taken") == b"not mine\n"
+    listing = ok("ls", image).decode().splitlines()
+    assert sorted(line.split()[-1] for line in listing) == [".keep-put-taken", "file"]
+    assert [line.split()[0] for line in listing if line.endswith(" file")] == ["-rw-r--r--"]
+
+
+def test_a_failed_get_leaves_no_plaintext_and_names_the_destination(image: Path,
+                                                                   tmp_path: Path) -> None:
+    ok("put", image, "-", "/secret.txt", stdin=b"top secret plaintext\n")
+    host = tmp_path / "host"
+    (host / "dest").mkdir(parents=True)
+    line = one_line_error(keep("get", image, "/secret.txt", host / "dest"), 1)
+    assert line == f"keep: {host / 'dest'}: is a directory"
+    assert sorted(path.name for path in host.iterdir()) == ["dest"]
+    assert list((host / "dest").iterdir()) == []
+    (host / "plain").write_text("x")
+    line = one_line_error(keep("get", image, "/secret.txt", host / "plain" / "x"), 1)
+    assert str(host / "plain" / "x") in line and "not a directory" in line
+    # a host file named like the old temporary is not touched by a successful get
+    (host / "out.keep-partial").write_text("mine\n")
+    ok("get", image, "/secret.txt", host / "out")
+    assert (host / "out").read_bytes() == b"top secret plaintext\n"
+    assert (host / "out.keep-partial").read_text() == "mine\n"
+    assert sorted(path.name for path in host.iterdir()) == ["dest", "out", "out.keep-partial",
+                                                            "plain"]
+
+
+def test_bad_input_is_a_one_line_error(image: Path, tmp_path: Path) -> None:
+    for target in (tmp_path, "/dev/null"):
+        for args in (("ls", target), ("info", target)):
+            line = one_line_error(keep(*args), 1)
+            assert line == f"keep: {target}: is neither a regular file nor a block device"
+    kdf_cases = [
+        (["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "10"], "1000"),
+        (["--pbkdf-force-iterations", "1", "--pbkdf-memory", "4", "--pbkdf-parallel", "1"], "KiB"),
+        (["--pbkdf-force-iterations", "1000", "--pbkdf-memory", "8192", "--pbkdf-parallel", "1"],
+         "time cost"),
+        (["--pbkdf-force-iterations", "1", "--pbkdf-memory", "8192", "--pbkdf-parallel", "65"],
+         "parallel"),
+    ]
+    for options, limit in kdf_cases:
+        created = tmp_path / "k.img"
+        line = one_line_error(keep("create", created, "--size", "24M", *options), 2)
+        assert limit in line and not created.exists()
+        line = one_line_error(keep("add-key", image, "--new-passphrase-env", "NEW", *options,
+                                   env={"NEW": "new"}), 2)
+        assert limit in line
+    line = one_line_error(keep("create", tmp_path / "l.img", "--size", "24M", "--label", "L" * 48,
+                               *FAST_KDF), 2)
+    assert "47 bytes" in line and not (tmp_path / "l.img").exists()
+    ok("create", tmp_path / "l.img", "--size", "24M", "--label", "L" * 47, *FAST_KDF)
+    ok("mkdir", image, "/docs")
+    ok("put", image, "-", "/docs/note.txt", stdin=b"note\n")
+    plain = tmp_path / "plainfile"
+    plain.write_text("x")
+    line = one_line_error(keep("export", image, plain), 1)
+    assert str(plain) in line and "not a directory" in line
+    assert plain.read_text() == "x"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "docs").write_text("a host file where the volume has a directory")
+    ok("export", image, out)  # the host file is replaced, as a host symlink would be
+    assert (out / "docs" / "note.txt").read_bytes() == b"note\n"
+    line = one_line_error(keep("get", image, "/docs/note.txt", plain / "x"), 1)
+    assert str(plain / "x") in line and "not a directory" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["l.img", "out", "plainfile",
+                                                                "volume.img"]
+
+
+def test_the_root_path(image: Path, tmp_path: Path) -> None:
+    ok("put", image, "-", "/f", stdin=b"f\n")
+    for args in (("rm", image, "/", "-r"), ("rm", image, "/"), ("rm", image, "//.")):
+        assert one_line_error(keep(*args), 1) == "keep: refusing to remove the root directory"
+    assert one_line_error(keep("put", image, "-", "/", stdin=b"x"), 1) == "keep: /: Is a directory"
+    assert one_line_error(keep("mkdir", image, "/"), 1) == "keep: /: File exists"
+    ok("mkdir", image, "/", "-p")
+    assert one_line_error(keep("cat", image, "/"), 1) == "keep: /: Is a directory"
+    assert one_line_error(keep("get", image, "/", tmp_path / "g"), 1) == "keep: /: Is a directory"
+    assert not (tmp_path / "g").exists()
+    assert one_line_error(keep("rm", image, "/.."), 1) == "keep: /..: Invalid argument"
+    assert ok("ls", image, "/").decode().split()[-1] == "f"
+    assert ok("cat", image, "/f") == b"f\n"

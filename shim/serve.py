@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,10 +68,19 @@ StreamName = Literal["stdout", "stderr"]
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a deployed workload ended: exit status and a trap or keep-side error."""
+    """How a deployed workload ended: exit status and a trap or keep-side error;
+    `signal_number` when the keep's SIGINT / SIGTERM stopped it (serve then exits 128 + it)."""
 
     exit_status: int
     error: str | None = None
+    signal_number: int | None = None
+
+    @classmethod
+    def signalled(cls, signal_number: int) -> RunOutcome:
+        """The guest was stopped because the keep received `signal_number`."""
+        name = signal.Signals(signal_number).name
+        return cls(128 + signal_number, f"the keep received {name}: the guest was stopped",
+                   signal_number)
 
 
 @dataclass(frozen=True)
@@ -176,19 +186,23 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
     go to the owner, never to the host's terminal."""
     from net.policy import NetworkPolicy
     from shim.run import RunConfig, Stdio
-    from shim.sockets import run_with_keep_config
+    from shim.sockets import GuestSignalled, run_with_keep_config
 
     message = deployment.message
     preopens = tuple((grant.guest_path, deployment.volumes[grant.name].root())
                      for grant in message.volumes)
+    # interruptible: cancelling this runner (Keep.interrupt, on SIGINT / SIGTERM) stops the
+    # guest at its next loop back-edge, so its volumes are committed and the owner gets `finished`.
     run_config = RunConfig(module="main.wasm", module_bytes=message.workload, args=message.args,
-                           preopens=preopens, cache=False,
+                           preopens=preopens, cache=False, interruptible=True,
                            stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr))
     try:
         result = await run_with_keep_config(run_config, deployment.config, NetworkPolicy(),
                                             deployment.certificates)
     except KeepError as error:
         return RunOutcome(exit_status=1, error=str(error))
+    except GuestSignalled as signalled:  # keep.toml's sockets take the signal while they are open
+        return RunOutcome.signalled(signalled.signal_number)
     return RunOutcome(exit_status=result.exit_code,
                       error=None if result.trap is None else f"guest trapped: {result.trap}")
 
@@ -262,6 +276,9 @@ class Keep:
         self._runner = runner
         self._handshake_seconds = handshake_seconds
         self._busy = False
+        self._run_scope: trio.CancelScope | None = None
+        self.signal_number: int | None = None
+        self.stopped_a_guest = False
         self.finished = trio.Event()
 
     def measurement(self) -> bytes:
@@ -291,6 +308,32 @@ class Keep:
         address = listeners[0].socket.getsockname()
         task_status.started((str(address[0]), int(address[1])))
         await self.serve_on(listeners)
+
+    def interrupt(self, signal_number: int) -> None:
+        """Stop: the running deployment's guest is stopped (its volumes are still committed and
+        the owner still gets `finished`), or, with none running, serving ends at once."""
+        self.signal_number = signal_number
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        else:
+            self.finished.set()
+
+    async def stop_on_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        """The first SIGINT or SIGTERM `interrupt`s the keep (as `keep run` stops a guest that
+        has volumes). After it the default handlers are back, so a second one ends the process."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signal_number in signals:
+                self.interrupt(signal_number)
+                return
+
+    def _free(self) -> None:
+        """A deployment was refused before it started: wait for the next one (unless stopped)."""
+        self._busy = False
+        self._run_scope = None
+        if self.signal_number is not None:
+            self.finished.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, context: ssl.SSLContext,
                            nursery: trio.Nursery) -> None:
@@ -322,17 +365,18 @@ class Keep:
             await stream.send_all(conversation.send(Refused(BUSY_REASON)))
             return
         self._busy = True
+        self._run_scope = trio.CancelScope()  # a signal from now on stops this deployment
         try:
             config = preflight(message)
             integrity_failures: list[str] = []
             volumes = await trio.to_thread.run_sync(open_granted_volumes, message.volumes,
                                                     self._volume_images, integrity_failures)
         except (ConfigError, KeepError) as error:
-            self._busy = False
+            self._free()
             await stream.send_all(conversation.send(Refused(str(error))))
             return
         except Exception as error:  # a bug in the checks: refuse, and stay free for the next one
-            self._busy = False
+            self._free()
             await stream.send_all(conversation.send(Refused(
                 f"keep internal error while checking the deployment: {type(error).__name__}: {error}")))
             return
@@ -365,13 +409,20 @@ class Keep:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_forward_output, stream, conversation, receive)
             async with send:
+                assert self._run_scope is not None
                 try:
-                    outcome = await self._runner(Deployment(
-                        deploy, config, stdout, stderr,
-                        AttestedCertificateProvider(self.identity, self.backend), volumes))
+                    with self._run_scope:
+                        outcome = await self._runner(Deployment(
+                            deploy, config, stdout, stderr,
+                            AttestedCertificateProvider(self.identity, self.backend), volumes))
                 except Exception as error:  # a bug in the keep: the owner still gets an answer
                     outcome = RunOutcome(exit_status=70, error=f"keep internal error: "
                                          f"{type(error).__name__}: {error}")
+        if self._run_scope.cancelled_caught and self.signal_number is not None:
+            outcome = RunOutcome.signalled(self.signal_number)
+        if outcome.signal_number is not None:
+            self.signal_number = outcome.signal_number
+            self.stopped_a_guest = True
         return outcome
 
 
@@ -407,7 +458,8 @@ def _volume_images(specs: Sequence[str]) -> dict[str, Path]:
 
 def serve_command(args: argparse.Namespace) -> int:
     """`keep serve --listen ADDR:PORT [--backend NAME] [--volume NAME=IMAGE ...]`: serve one
-    deployment, then exit 0."""
+    deployment, then exit 0; SIGINT / SIGTERM stop it (a running guest is stopped, its volumes
+    committed, the owner told) and it exits 128 + the signal's number."""
     host, port = parse_address(args.listen, "--listen")
     images = _volume_images(args.volume)
     backend = backend_named(args.backend, debug=bool(args.debug))
@@ -421,7 +473,14 @@ def serve_command(args: argparse.Namespace) -> int:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
               f"{measurement.hex()})", file=sys.stderr, flush=True)
-        await keep.serve_on(listeners)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep.stop_on_signals)
+            await keep.serve_on(listeners)
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
-    return 0
+    if keep.signal_number is None:
+        return 0
+    print(f"keep: {signal.Signals(keep.signal_number).name}: stopped"
+          + (", guest stopped, volumes committed" if keep.stopped_a_guest else ""), file=sys.stderr)
+    return 128 + keep.signal_number

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -683,3 +684,68 @@ async def test_a_keep_that_never_answers_the_deployment_times_out() -> None:
             await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"), NIL_OK,
                             stdout=io.BytesIO(), stderr=io.BytesIO(), answer_seconds=0.5)
         nursery.cancel_scope.cancel()
+
+
+# SIGINT / SIGTERM stop `keep serve`, a running guest included.
+
+
+async def test_interrupting_the_keep_stops_the_guest_and_the_owner_is_told() -> None:
+    started = trio.Event()
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        started.set()
+        await trio.sleep_forever()  # a guest computing forever (the real runner is interruptible)
+        raise AssertionError("not reached")
+
+    keep = Keep(NilBackend(), runner)
+    results = []
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+
+        async def owner() -> None:
+            results.append(await _quiet_deploy(port))
+
+        nursery.start_soon(owner)
+        await started.wait()
+        keep.interrupt(signal.SIGTERM)
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert results[0].exit_status == 143
+    assert results[0].error == "the keep received SIGTERM: the guest was stopped"
+    assert keep.signal_number == signal.SIGTERM and keep.stopped_a_guest
+
+
+async def test_interrupting_an_idle_keep_ends_serving() -> None:
+    keep = Keep(NilBackend(), run_deployment)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keep.serve, "127.0.0.1", 0)
+        keep.interrupt(signal.SIGINT)
+        with trio.fail_after(30):
+            await keep.finished.wait()
+    assert not keep.stopped_a_guest
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_keep_serve_running_a_guest_that_computes(
+        keeper: Keeper, wasm_fixture: WasmFixture, signal_number: int) -> None:
+    """The guest loops in wasm code forever: the signal must stop it through the engine's epoch
+    (the deployed run is interruptible), then serve exits 128 + the signal, as `keep run`."""
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}",
+         "--allow-insecure-nil", str(wasm_fixture("endless_loop"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        assert owner.stdout.readline()  # the guest runs
+        keeper.process.send_signal(signal_number)
+        assert keeper.wait() == 128 + signal_number
+        _, owner_errors = owner.communicate(timeout=30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    name = signal.Signals(signal_number).name
+    assert owner.returncode == 128 + signal_number, owner_errors
+    assert f"the keep reports: the keep received {name}: the guest was stopped" in owner_errors
+    assert keeper.process.stderr is not None
+    assert keeper.process.stderr.read() == f"keep: {name}: stopped, guest stopped, volumes committed\n"

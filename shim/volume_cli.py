@@ -43,6 +43,7 @@ from storage._luks2_header import (
     MAX_ARGON2_TIME,
     MAX_PBKDF2_ITERATIONS,
     MIN_ARGON2_MEMORY_KIB,
+    encode_label,
 )
 from storage.blockdev import FileBlockDevice
 from storage.errors import (
@@ -72,7 +73,6 @@ from storage.luks2 import (
 from storage.volume import Volume, create_volume, open_volume
 
 COPY_CHUNK = 1 << 20
-MAX_LABEL_BYTES = 47  # the LUKS2 binary header's label[48] field, NUL-terminated
 TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -310,9 +310,10 @@ class _Progress:
 def _create(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     _check_kdf_options(args)
-    if len(args.label.encode()) > MAX_LABEL_BYTES:
-        raise UsageError(f"--label: a LUKS2 label is at most {MAX_LABEL_BYTES} bytes of UTF-8, "
-                         f"not {len(args.label.encode())}")
+    try:
+        encode_label(args.label)  # the length, NUL and encoding rules, before any prompt or file
+    except ValueError as error:
+        raise UsageError(f"--label: {error}") from None
     if os.path.exists(args.image):
         raise KeepError(f"{args.image} already exists (refusing to overwrite it)")
     key = _key(args, confirm=True)
@@ -498,7 +499,8 @@ def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mo
         attr = fs.lookup(parent.ino, temporary)
         offset = 0
         while chunk := source.read(COPY_CHUNK):
-            fs.write(attr.ino, offset, chunk)
+            if fs.write(attr.ino, offset, chunk) < len(chunk):
+                raise NoSpace()  # the volume filled up part way through the chunk
             offset += len(chunk)
             if progress is not None:
                 progress.advance(len(chunk))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from shim import volume_cli
 from shim.errors import KeepError
 from shim.keys import KeySource, read_key
+from storage.blockdev import MemoryBlockDevice
+from storage.errors import NoSpace
+from storage.fs import ROOT_INODE
+from storage.luks2 import KdfCost
+from storage.volume import create_volume
 
 PASSPHRASE = "volume test passphrase"
 FAST_KDF = ["--pbkdf-memory", "8192", "--pbkdf-force-iterations", "1", "--pbkdf-parallel", "1"]
@@ -402,7 +409,11 @@ def test_bad_input_is_a_one_line_error(image: Path, tmp_path: Path) -> None:
         assert limit in line
     line = one_line_error(keep("create", tmp_path / "l.img", "--size", "24M", "--label", "L" * 48,
                                *FAST_KDF), 2)
-    assert "47 bytes" in line and not (tmp_path / "l.img").exists()
+    assert "at most 47" in line and not (tmp_path / "l.img").exists()
+    # bytes that are not UTF-8 on the command line (they reach Python as lone surrogates)
+    line = one_line_error(keep("create", tmp_path / "l.img", "--size", "24M", "--label", "caf\udce9",
+                               *FAST_KDF), 2)
+    assert "not valid UTF-8" in line and not (tmp_path / "l.img").exists()
     ok("create", tmp_path / "l.img", "--size", "24M", "--label", "L" * 47, *FAST_KDF)
     ok("mkdir", image, "/docs")
     ok("put", image, "-", "/docs/note.txt", stdin=b"note\n")
@@ -435,3 +446,20 @@ def test_the_root_path(image: Path, tmp_path: Path) -> None:
     assert one_line_error(keep("rm", image, "/.."), 1) == "keep: /..: Invalid argument"
     assert ok("ls", image, "/").decode().split()[-1] == "f"
     assert ok("cat", image, "/f") == b"f\n"
+
+
+def test_put_fails_when_the_volume_takes_only_part_of_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """storage.fs.write returns a short count when the volume fills up part way through a write
+    (POSIX write); put must then fail (and keep the old file), not go on with a hole."""
+    with create_volume(MemoryBlockDevice(24 << 20), None, b"pw", pbkdf="pbkdf2",
+                       kdf_cost=KdfCost(iterations=1000)) as volume:
+        fs = volume.fs
+        root = fs.getattr(ROOT_INODE)
+        volume_cli._write_file(fs, root, b"f", io.BytesIO(b"old"), 0o644, "/f")
+        monkeypatch.setattr(fs, "write", lambda ino, offset, data: len(data) // 2)
+        with pytest.raises(NoSpace):
+            volume_cli._write_file(fs, root, b"f", io.BytesIO(b"new contents" * 100), 0o644, "/f")
+        monkeypatch.undo()
+        attr = fs.lookup(ROOT_INODE, b"f")
+        assert fs.read(attr.ino, 0, 100) == b"old"
+        assert [name for name, _, _ in fs.readdir(ROOT_INODE)] == [b".", b"..", b"f"]

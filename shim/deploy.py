@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,9 +160,7 @@ async def _converse(stream: trio.SSLStream[trio.SocketStream], conversation: Con
                 if message.workload_sha256 != deploy.workload_sha256:
                     raise RemoteProtocolError("the keep accepted another workload than ours")
             case Output():
-                sink = stdout if message.stream == "stdout" else stderr
-                sink.write(message.data)
-                sink.flush()
+                _write_output(stdout if message.stream == "stdout" else stderr, message.data)
             case Finished():
                 check_returned_volumes(deploy, message.volumes)
                 return DeployResult(claims, spki_sha256, message.exit_status, message.error,
@@ -169,6 +168,25 @@ async def _converse(stream: trio.SSLStream[trio.SocketStream], conversation: Con
             case _:
                 raise RemoteProtocolError(f"unexpected message {type(message).__name__}")
         message = await _next_message(stream, conversation)
+
+
+def _write_output(sink: BinaryIO, data: bytes) -> None:
+    """Write the guest's output to ours. If our reader has gone (`keep deploy ... | head`), the
+    rest is dropped quietly, as `keep demo` does, and the deployment still runs to its end: its
+    exit status and volume states still count."""
+    try:
+        sink.write(data)
+        sink.flush()
+    except BrokenPipeError:
+        try:
+            descriptor = sink.fileno()
+        except (OSError, ValueError):  # not a file (an in-memory sink): nothing left to drop
+            return
+        # Later writes and the interpreter's final flush of what is buffered go to /dev/null
+        # instead of failing again ("Exception ignored ... BrokenPipeError" at exit).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, descriptor)
+        os.close(null)
 
 
 def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:

@@ -749,3 +749,25 @@ def test_a_signal_stops_keep_serve_running_a_guest_that_computes(
     assert f"the keep reports: the keep received {name}: the guest was stopped" in owner_errors
     assert keeper.process.stderr is not None
     assert keeper.process.stderr.read() == f"keep: {name}: stopped, guest stopped, volumes committed\n"
+
+
+def test_keep_deploy_into_a_pipe_closed_early_drops_the_rest_quietly(keeper: Keeper,
+                                                                    wasm_fixture: WasmFixture) -> None:
+    """`keep deploy ... | head -c 100`: the rest of the guest's output is dropped, the deployment
+    still ends normally (exit status, volume states), and no BrokenPipeError reaches the user."""
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}",
+         "--allow-insecure-nil", str(wasm_fixture("args_env")), *["x" * 200] * 2000],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert owner.stdout is not None and owner.stderr is not None
+        assert len(owner.stdout.read(100)) == 100
+        owner.stdout.close()  # as `head -c 100` exits
+        errors = owner.stderr.read().decode()
+        assert owner.wait(timeout=60) == 0, errors
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    assert "Error" not in errors and "internal error" not in errors, errors
+    assert keeper.wait() == 0

@@ -304,6 +304,35 @@ def test_create_and_remove_directories(harness: GuestHarness) -> None:
     assert harness.path_call("path_remove_directory", ".") == Errno.INVAL
 
 
+def test_a_trailing_slash_does_not_make_rename_or_mkdir_act_on_a_links_target(harness: GuestHarness) -> None:
+    """rename and mkdir do not follow a final symlink, and "link/" does not change that: renaming
+    "ld/" must not move the directory ld points to, "x" -> "lt/" must not replace lt's target, and
+    mkdir("dl/") must not create dl's missing target (ENOTDIR, ENOTDIR, EEXIST as wasmtime)."""
+    make_file(harness, "f", b"data")
+    for name in ("d", "e", "t"):
+        assert harness.path_call("path_create_directory", name) == 0
+    make_file(harness, "d/inner", b"inner")
+    for target, link in (("f", "l"), ("d", "ld"), ("missing", "dl"), ("t", "lt")):
+        assert harness.symlink(target, link) == 0
+    for old, new in (("ld/", "moved"), ("e", "lt/"), ("dl/", "x"), ("l/", "x"), ("f", "dl/"), ("f", "l/"),
+                     ("f", "ld/"), ("e", "ld/"), ("ld/", "lt/")):
+        assert harness.rename(old, new) == Errno.NOTDIR, (old, new)
+    for path in ("ld/", "dl/", "l/", "f/"):
+        assert harness.path_call("path_create_directory", path) == Errno.EXIST, path
+    for path in ("d", "e", "t"):
+        assert harness.stat(path, follow=False).filetype == Filetype.DIRECTORY
+    for path in ("l", "ld", "dl", "lt"):
+        assert harness.stat(path, follow=False).filetype == Filetype.SYMBOLIC_LINK
+    assert harness.stat("d/inner").size == 5 and harness.stat("f").size == 4
+    for path in ("moved", "x", "missing"):
+        ptr, length = harness.put(path)
+        assert harness.call("path_filestat_get", PREOPEN, 0, ptr, length, RESULT) == Errno.NOENT, path
+    # a trailing slash on a real directory still renames and creates
+    assert harness.rename("e/", "e2/") == 0
+    assert harness.path_call("path_create_directory", "new/") == 0
+    assert harness.stat("e2").filetype == harness.stat("new").filetype == Filetype.DIRECTORY
+
+
 def test_filestat_follows_symlinks_only_when_asked(harness: GuestHarness) -> None:
     make_file(harness, "target", b"12345")
     assert harness.symlink("target", "link") == 0

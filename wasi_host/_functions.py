@@ -429,7 +429,8 @@ def fd_tell(guest: Guest, memory: Memory, fd: int, result_ptr: int) -> int:
 
 def path_create_directory(guest: Guest, memory: Memory, fd: int, path: int, path_len: int) -> int:
     directory = guest.fds.get_directory(fd, Rights.PATH_CREATE_DIRECTORY).directory
-    with resolve(directory, read_path(memory, path, path_len), follow=False) as resolved:
+    # "link/" names the link (EEXIST), never its target: mkdir("dl/") must not create dl's target
+    with resolve(directory, read_path(memory, path, path_len), follow=False, slash_follows=False) as resolved:
         if resolved.name == ".":
             raise WasiError(Errno.EXIST)
         resolved.directory.mkdir(resolved.name)
@@ -575,12 +576,17 @@ def path_rename(
     target = guest.fds.get_directory(new_fd, Rights.PATH_RENAME_TARGET).directory
     source_path = read_path(memory, old_path, old_path_len)
     target_path = read_path(memory, new_path, new_path_len)
-    with resolve(source, source_path, follow=False) as src, resolve(target, target_path, follow=False) as dst:
+    # "link/" names the link itself on either side, so rename never moves or replaces a link's
+    # target; the link is not a directory, so "link/" is ENOTDIR (wasmtime)
+    with (resolve(source, source_path, follow=False, slash_follows=False) as src,
+          resolve(target, target_path, follow=False, slash_follows=False) as dst):
         if src.name == "." or dst.name == ".":
             raise WasiError(Errno.BUSY)  # renaming a directory reached as "." or ".."
-        status = src.stat()
-        if dst.trailing_slash and status.filetype != Filetype.DIRECTORY:
-            raise WasiError(Errno.NOTDIR)
+        status = src.stat()  # ENOTDIR for "name/" naming anything but a directory
+        if dst.trailing_slash:
+            if status.filetype != Filetype.DIRECTORY:
+                raise WasiError(Errno.NOTDIR)
+            dst.stat_or_none()  # ENOTDIR for "name/" naming an existing non-directory
         src.directory.rename(src.name, dst.directory, dst.name)
     return 0
 

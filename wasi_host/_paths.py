@@ -105,10 +105,13 @@ class Resolved:
         self.close()
 
 
-def resolve(start: Directory, path: str, *, follow: bool) -> Resolved:
+def resolve(start: Directory, path: str, *, follow: bool, slash_follows: bool = True) -> Resolved:
     """Resolve ``path`` relative to ``start``; ``follow`` expands a symlink in the last place.
 
-    A trailing slash always follows.  The final component need not exist (creation calls).
+    A trailing slash follows too, unless ``slash_follows`` is False: then, without ``follow``,
+    the final component stays unexpanded and ``trailing_slash`` is set, so the caller sees the
+    link itself (rename and mkdir must not act on a link's target because of a "/": wasmtime
+    refuses "link/" there).  The final component need not exist (creation calls).
     """
     _check_shape(path)
     trailing_slash = path.endswith("/")
@@ -127,7 +130,7 @@ def resolve(start: Directory, path: str, *, follow: bool) -> Resolved:
                 stack.pop().close()
                 continue
             last = not pending
-            if last and not (follow or trailing_slash):
+            if last and not (follow or (trailing_slash and slash_follows)):
                 return Resolved(current, name, trailing_slash, stack[1:])
             if not last:
                 # The common case, a plain directory, costs one lookup: open_directory refuses

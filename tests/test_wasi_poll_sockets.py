@@ -93,12 +93,26 @@ def test_poll_errors(harness: GuestHarness) -> None:
     assert harness.call("poll_oneoff", subscriptions(harness, (1, 0, b"")), events, 0, RESULT) == Errno.INVAL
     bad_fd = subscriptions(harness, (1, Eventtype.FD_READ, fd_payload(99)))
     assert harness.call("poll_oneoff", bad_fd, events, 1, RESULT) == Errno.BADF
-    directory = subscriptions(harness, (1, Eventtype.FD_READ, fd_payload(PREOPEN)))
-    assert harness.call("poll_oneoff", directory, events, 1, RESULT) == Errno.NOTCAPABLE
+    for tag in (Eventtype.FD_READ, Eventtype.FD_WRITE):  # not pollable: the kind is checked first
+        directory = subscriptions(harness, (1, tag, fd_payload(PREOPEN)))
+        assert harness.call("poll_oneoff", directory, events, 1, RESULT) == Errno.BADF
     cpu_clock = subscriptions(harness, (1, Eventtype.CLOCK, clock(Clockid.PROCESS_CPUTIME_ID, 1)))
     assert harness.call("poll_oneoff", cpu_clock, events, 1, RESULT) == Errno.INVAL
     bad_tag = subscriptions(harness, (1, 3, b""))
     assert harness.call("poll_oneoff", bad_tag, events, 1, RESULT) == Errno.INVAL
+
+
+def test_polling_stdio_in_the_wrong_direction_is_ebadf(harness: GuestHarness) -> None:
+    """stdin can only be read and stdout/stderr only written: waiting for the other direction is
+    EBADF at once, as wasmtime, instead of a wait that select() may never end (FD_READ on a
+    terminal stdout blocked even --timeout)."""
+    events = harness.alloc(64)
+    for fd, tag in ((0, Eventtype.FD_WRITE), (1, Eventtype.FD_READ), (2, Eventtype.FD_READ)):
+        wrong = subscriptions(harness, (1, Eventtype.CLOCK, clock(Clockid.MONOTONIC, 0)), (2, tag, fd_payload(fd)))
+        assert harness.call("poll_oneoff", wrong, events, 2, RESULT) == Errno.BADF, (fd, tag)
+    right = [(fd, (1, Eventtype.FD_READ if fd == 0 else Eventtype.FD_WRITE, fd_payload(fd))) for fd in (0, 1, 2)]
+    assert [event[2] for event in poll(harness, *(sub for _, sub in right))] == [
+        Eventtype.FD_READ, Eventtype.FD_WRITE, Eventtype.FD_WRITE]
 
 
 @pytest.fixture

@@ -49,6 +49,11 @@ class Entry:
         """fd_write: write at the offset (or the end for APPEND) and advance."""
         raise WasiError(Errno.BADF)
 
+    def check_pollable(self, write: bool) -> None:
+        """EBADF unless poll_oneoff can wait on this fd for writing (``write``) or reading; only
+        files, sockets and stdio streams in their own direction can be polled (wasmtime)."""
+        raise WasiError(Errno.BADF)
+
     def readiness(self, write: bool) -> Readiness | None:
         """poll_oneoff readiness; only streams, sockets and files can be polled."""
         raise WasiError(Errno.BADF)
@@ -83,6 +88,9 @@ class OpenFile(Entry):
         self.offset += written
         return written
 
+    def check_pollable(self, write: bool) -> None:
+        pass
+
     def readiness(self, write: bool) -> Readiness | None:
         if write:
             return Readiness(1)
@@ -111,13 +119,19 @@ class OpenDirectory(Entry):
 
 
 class OpenStream(Entry):
-    """stdin, stdout or stderr."""
+    """stdin, stdout or stderr.
 
-    __slots__ = ("stream",)
+    A stream goes one way, fixed when it is installed: an output stream (stdout, stderr) is the
+    one given FD_WRITE.  Polling it the other way is EBADF, as wasmtime: select() on stdout for
+    reading could wait forever (a terminal), beyond the reach of --timeout.
+    """
+
+    __slots__ = ("output", "stream")
 
     def __init__(self, stream: Stream, rights_base: int) -> None:
         super().__init__(rights_base, rights_base)
         self.stream = stream
+        self.output = bool(rights_base & Rights.FD_WRITE)
         self.filetype = Filetype.CHARACTER_DEVICE if stream.is_terminal() else Filetype.UNKNOWN
 
     def read(self, size: int) -> bytes:
@@ -126,7 +140,12 @@ class OpenStream(Entry):
     def write(self, data: Buffer) -> int:
         return self.stream.write(data)
 
+    def check_pollable(self, write: bool) -> None:
+        if write != self.output:
+            raise WasiError(Errno.BADF)  # stdin cannot be written, stdout and stderr cannot be read
+
     def readiness(self, write: bool) -> Readiness | None:
+        self.check_pollable(write)
         return self.stream.readiness(write)
 
     def close(self) -> None:
@@ -148,6 +167,9 @@ class OpenSocket(Entry):
 
     def write(self, data: Buffer) -> int:
         return self.socket.send(data, nonblocking=bool(self.fdflags & Fdflags.NONBLOCK))
+
+    def check_pollable(self, write: bool) -> None:
+        pass
 
     def readiness(self, write: bool) -> Readiness | None:
         return self.socket.readiness(write)

@@ -647,10 +647,11 @@ def poll_oneoff(guest: Guest, memory: Memory, in_ptr: int, out_ptr: int, nsubscr
             timers.append((userdata, deadline))
         elif tag in (Eventtype.FD_READ, Eventtype.FD_WRITE):
             (fd,) = SUBSCRIPTION_FD.unpack_from(subscriptions, base + 16)
-            entry = guest.fds.get(fd, Rights.POLL_FD_READWRITE)
-            if not isinstance(entry, OpenFile | OpenStream | OpenSocket):
-                raise WasiError(Errno.BADF)
-            watches.append((userdata, tag, entry, tag == Eventtype.FD_WRITE))
+            entry = guest.fds.get(fd)
+            write = tag == Eventtype.FD_WRITE
+            entry.check_pollable(write)  # the kind (and a stream's direction) first: EBADF, as wasmtime
+            require(entry, Rights.POLL_FD_READWRITE)
+            watches.append((userdata, tag, entry, write))
         else:
             raise WasiError(Errno.INVAL)
     earliest = min((deadline for _, deadline in timers), default=None)

@@ -16,7 +16,10 @@ library users build it directly) and produces one `RunResult`. `run_module(confi
    Guest object, never in a global. Meanwhile a trio task enforces `--timeout` by bumping the
    engine's epoch, which traps the guest at its next loop back-edge or function entry; with
    `RunConfig.interruptible`, cancelling the run does the same. (Epoch checks cost about 20% in
-   tight loops, so the engine compiles them in only when one of the two asks for them.)
+   tight loops, so the engine compiles them in only when one of the two asks for them.) The
+   same task sets the guest's `StopSignal`, which ends a sleep, a select() or a read of stdin
+   the guest is blocked in (the epoch never reaches host code): the host call traps with
+   `GuestStopped`, reported exactly as the epoch's interrupt.
 4. The outcome: the guest's proc_exit code, 0 when `_start` returns, 134 (as wasmtime) for a
    trap, whose message and wasm backtrace go in `RunResult.trap`.
 
@@ -34,6 +37,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,6 +68,7 @@ from wasi_host._bind import (
 )
 from wasi_host._faults import FaultInjector, FaultSpec
 from wasi_host._functions import FUNCTIONS, HostFunction
+from wasi_host._guest import GuestStopped, StopSignal
 from wasi_host._trace import Tracer
 from wasi_host.hostdir import HostDirectory
 from wasi_host.streams import OsStream
@@ -193,16 +198,18 @@ async def run_module_async(config: RunConfig) -> RunResult:
     wasm = _read_module(config)
     settings = config.engine_settings
     engine = settings.make_engine()
-    guest = _build_guest(config)  # before compiling: a bad --dir should not wait for the compiler
+    # Only a run that can be stopped waits for a stop signal (a select() per read of stdin).
+    stop = StopSignal() if settings.epoch_interruption else None
+    guest = _build_guest(config, stop)  # before compiling: a bad --dir should not wait for it
     finished = trio.Event()
     try:
         module, cache_hit = await trio.to_thread.run_sync(_compile, engine, settings, wasm, config)
         run = _GuestRun(config, engine, module, guest)
         async with trio.open_nursery() as nursery:
-            if config.timeout is not None:
-                nursery.start_soon(_interrupt_after, engine, config.timeout)
-            if config.interruptible:
-                nursery.start_soon(_interrupt_when_cancelled, engine, finished)
+            if config.timeout is not None and stop is not None:
+                nursery.start_soon(_interrupt_after, engine, stop, config.timeout)
+            if config.interruptible and stop is not None:
+                nursery.start_soon(_interrupt_when_cancelled, engine, stop, finished)
             # The worker thread cannot be abandoned (it owns the guest), so a cancelled run waits
             # here until the epoch tick has stopped the guest. Captured, so that a KeepError leaves
             # the nursery as itself rather than inside an ExceptionGroup.
@@ -212,6 +219,8 @@ async def run_module_async(config: RunConfig) -> RunResult:
             nursery.cancel_scope.cancel()
     finally:
         guest.close()
+        if stop is not None:
+            stop.close()
     result = captured.unwrap()
     return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit)
 
@@ -230,26 +239,30 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _interrupt_after(engine: wasmtime.Engine, seconds: float) -> None:
-    """Stop the guest after `seconds`: its store's epoch deadline is one tick away.
+async def _interrupt_after(engine: wasmtime.Engine, stop: StopSignal, seconds: float) -> None:
+    """Stop the guest after `seconds`: its store's epoch deadline is one tick away, and the stop
+    signal ends a host call it is waiting in.
 
     Keeps ticking until cancelled, so a guest whose store was set up only after the first tick
     (a very short timeout) is still stopped."""
     await trio.sleep(seconds)
     while True:
         engine.increment_epoch()
+        stop.set()
         await trio.sleep(0.01)
 
 
-async def _interrupt_when_cancelled(engine: wasmtime.Engine, finished: trio.Event) -> None:
+async def _interrupt_when_cancelled(engine: wasmtime.Engine, stop: StopSignal,
+                                    finished: trio.Event) -> None:
     """When the run is cancelled (and not merely finished), tick the epoch until the guest
-    thread has stopped."""
+    thread has stopped (and set the stop signal for a guest waiting in a host call)."""
     try:
         await trio.sleep_forever()
     finally:
         with trio.CancelScope(shield=True):
             while not finished.is_set():
                 engine.increment_epoch()
+                stop.set()
                 await trio.sleep(0.01)
 
 
@@ -283,8 +296,9 @@ def one_line(message: str) -> str:
     return ": ".join(kept) if kept else "unknown error"
 
 
-def _build_guest(config: RunConfig) -> Guest:
-    """The wasi_host Guest this config describes (args, env, pre-opens, stdio, sockets)."""
+def _build_guest(config: RunConfig, stop: StopSignal | None = None) -> Guest:
+    """The wasi_host Guest this config describes (args, env, pre-opens, stdio, sockets), waiting
+    for `stop` too when the run can be stopped."""
     opened: list[HostDirectory] = []
     try:
         for mapping in config.dirs:
@@ -300,7 +314,7 @@ def _build_guest(config: RunConfig) -> Guest:
         try:
             return Guest(args=argv, env=env, preopens=preopens, stdin=stdio.stdin,
                          stdout=stdio.stdout, stderr=stdio.stderr, sockets=config.sockets,
-                         waiter=config.waiter)
+                         waiter=config.waiter, stop=stop)
         except ValueError as error:  # NUL bytes or a bad name in args or env
             raise UsageError(str(error)) from None
     except BaseException:
@@ -398,9 +412,20 @@ class _GuestRun:
             if code >= INVALID_EXIT_STATUS:  # wasmtime refuses these: an error, exit status 1
                 return _Outcome(1, "exit with invalid exit status outside of [0..126)")
             return _Outcome(code)
+        if isinstance(guest.host_error, GuestStopped):  # stopped in a host call, not in wasm code
+            return _Outcome(TRAP_EXIT_STATUS, _interrupt_message(str(trap), guest.host_error),
+                            wasmtime.TrapCode.INTERRUPT)
         if guest.host_error is not None:
             raise guest.host_error
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
+
+
+def _interrupt_message(trap_text: str, stopped: GuestStopped) -> str:
+    """The trap text of a guest stopped inside a host call, worded as the epoch's interrupt
+    (`wasm trap: interrupt`, naming the call) rather than as a failed host function; the wasm
+    backtrace stays. Unchanged if the binding words its message differently."""
+    failed = re.compile(rf"host function (\w+) failed: {type(stopped).__name__}: {re.escape(str(stopped))}")
+    return failed.sub(r"wasm trap: interrupt (while waiting in \1)", trap_text, count=1)
 
 
 def limit_reached(trap_code: wasmtime.TrapCode | None, config: RunConfig) -> str | None:

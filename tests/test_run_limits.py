@@ -17,16 +17,42 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import wasmtime
 from fixture_build import WasmFixture
 
+from shim.run import RunConfig, Stdio, run_module, run_module_async
 from shim.trace import read_jsonl_trace
+from wasi_host.streams import MemoryStream
 
+TRAP = 134
+GUEST_WAIT_S = 60  # how long the guests below would wait by themselves
+WELL_BEFORE_S = 40  # "stopped long before its own wait would have ended"
 HANG_GUARD_S = 120
+TIMEOUT_MESSAGE = "keep: the guest was stopped: it ran longer than --timeout 1 s"
+
+# One poll_oneoff call, then `_start` returns at once: no loop or call after it where an epoch
+# check could stop the guest, so only the host call itself can end it.
+_POLL_ONCE = '''
+(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    {subscription}
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))
+'''
+# A relative monotonic clock subscription of `ns` nanoseconds (tag 0 = clock at offset 8).
+_SLEEP = '''(i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const {ns}))'''
+# An fd_read subscription on fd 0 (tag 1 = fd_read), no clock: wait for stdin alone.
+_STDIN_READABLE = '''(i32.store8 (i32.const 8) (i32.const 1))
+    (i32.store (i32.const 16) (i32.const 0))'''
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +61,113 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     cache = tmp_path / "compile-cache"
     monkeypatch.setenv("KEEPSHIM_CACHE_DIR", str(cache))
     yield cache
+
+
+def poll_module(tmp_path: Path, name: str, subscription: str) -> Path:
+    path = tmp_path / f"{name}.wasm"
+    path.write_bytes(bytes(wasmtime.wat2wasm(_POLL_ONCE.format(subscription=subscription))))
+    return path
+
+
+def sleeper(tmp_path: Path, seconds: float) -> Path:
+    return poll_module(tmp_path, "sleeper", _SLEEP.format(ns=int(seconds * 1e9)))
+
+
+def keep_with_open_stdin(arguments: list[str], environment: dict[str, str]) -> tuple[int, str, float]:
+    """Run `keep` with a stdin pipe that stays open and silent; (exit status, stderr, seconds).
+    The process is killed (and the test fails) if it outlives the hang guard."""
+    silent, writer = os.pipe()  # `writer` stays open: the guest never sees an end of input
+    try:
+        started = time.monotonic()
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "shim", *arguments], env=environment,
+                                       stdin=silent, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE)
+        finally:
+            os.close(silent)
+        try:
+            _, stderr = process.communicate(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            pytest.fail(f"keep {' '.join(arguments)} was still running after {HANG_GUARD_S} s")
+        return process.returncode, stderr.decode(errors="replace"), time.monotonic() - started
+    finally:
+        os.close(writer)
+
+
+def assert_stopped_by_timeout(status: int, stderr: str, elapsed: float) -> None:
+    assert status == TRAP, stderr
+    assert TIMEOUT_MESSAGE in stderr
+    assert "wasm trap: interrupt" in stderr  # worded as the epoch's interrupt, backtrace kept
+    assert "wasm backtrace" in stderr
+    assert "Traceback" not in stderr
+    assert elapsed < WELL_BEFORE_S, f"the guest was stopped only after {elapsed:.1f} s"
+
+
+# --timeout while the guest waits in a host call ---------------------------------------------
+
+def test_timeout_stops_a_guest_sleeping_in_poll_oneoff(tmp_path: Path,
+                                                        keep_environment: dict[str, str]) -> None:
+    module = sleeper(tmp_path, GUEST_WAIT_S)
+    assert_stopped_by_timeout(*keep_with_open_stdin(["run", "--timeout", "1", str(module)],
+                                                    keep_environment))
+
+
+def test_timeout_stops_a_guest_polling_a_silent_stdin(tmp_path: Path,
+                                                      keep_environment: dict[str, str]) -> None:
+    module = poll_module(tmp_path, "poll_stdin", _STDIN_READABLE)
+    assert_stopped_by_timeout(*keep_with_open_stdin(["run", "--timeout", "1", str(module)],
+                                                    keep_environment))
+
+
+def test_timeout_stops_a_guest_blocked_reading_a_silent_stdin(
+        wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    status, stderr, elapsed = keep_with_open_stdin(
+        ["run", "--timeout", "1", str(wasm_fixture("echo"))], keep_environment)
+    assert_stopped_by_timeout(status, stderr, elapsed)
+    assert "echoed" not in stderr  # stopped inside its read, not after an end of input
+
+
+def test_the_interrupted_host_call_is_in_the_trace(tmp_path: Path,
+                                                   keep_environment: dict[str, str]) -> None:
+    """The stopped call is reported as a trap (errno -1 in JSON Lines), as the guest saw it."""
+    trace = tmp_path / "trace.jsonl"
+    status, stderr, elapsed = keep_with_open_stdin(
+        ["run", "--timeout", "1", f"--trace={trace}", "--trace-format", "jsonl",
+         str(sleeper(tmp_path, GUEST_WAIT_S))], keep_environment)
+    assert_stopped_by_timeout(status, stderr, elapsed)
+    events = read_jsonl_trace(trace.read_text())
+    assert [event.function for event in events] == ["poll_oneoff"]
+    assert events[0].errno == -1
+
+
+def test_a_short_sleep_within_the_timeout_ends_normally(tmp_path: Path) -> None:
+    """The stop signal is armed but never fires: the sleep runs to its end, exit status 0."""
+    config = RunConfig(module=str(sleeper(tmp_path, 0.05)), timeout=60,
+                       stdio=Stdio(MemoryStream(), MemoryStream(), MemoryStream()))
+    result = run_module(config)
+    assert (result.exit_code, result.trap) == (0, None)
+
+
+def test_cancelling_an_interruptible_run_stops_a_sleeping_guest(tmp_path: Path) -> None:
+    """Cancellation reaches a guest asleep in poll_oneoff, which has no epoch check to meet."""
+    config = RunConfig(module=str(sleeper(tmp_path, GUEST_WAIT_S)), interruptible=True,
+                       stdio=Stdio(MemoryStream(), MemoryStream(), MemoryStream()))
+    outcomes: list[str] = []
+
+    async def cancel_while_asleep() -> None:
+        with trio.move_on_after(0.5) as scope:
+            await run_module_async(config)
+        outcomes.append("cancelled" if scope.cancelled_caught else "finished")
+
+    started = time.monotonic()
+    thread = threading.Thread(target=trio.run, args=(cancel_while_asleep,), daemon=True)
+    thread.start()
+    thread.join(timeout=HANG_GUARD_S)
+    assert not thread.is_alive(), "the cancelled guest kept sleeping"
+    assert outcomes == ["cancelled"]
+    assert time.monotonic() - started < WELL_BEFORE_S
 
 
 # --trace=FILE and signals ----------------------------------------------------------------------

@@ -6,17 +6,25 @@ slot is process-wide and races between guest threads).
 
 fd layout: 0, 1, 2 are stdio, then the pre-opened directories, then the pre-opened sockets
 (wasi-libc stops scanning for pre-opens at the first fd that is not a directory).
+
+Stopping a guest that waits: the runner stops wasm code by bumping the engine's epoch, which a
+guest asleep in poll_oneoff or blocked reading stdin never meets. A Guest built with a
+`StopSignal` therefore also waits for that signal wherever it can block for long: the default
+waiter's sleeps and select() calls, and reads of a stdin that has an OS fd. When the signal is
+set, the wait raises `GuestStopped`, which the binding turns into a trap (the runner reports it
+as the interrupt it is). Without a signal nothing changes, so an unstoppable run pays nothing.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 from wasi_host._abi import Rights
-from wasi_host._backend import Clock, Directory, Pollable, Socket, Stream, Waiter
+from wasi_host._backend import Buffer, Clock, Directory, Pollable, Readiness, Socket, Stream, Waiter
 from wasi_host._fdtable import FdTable, OpenDirectory, OpenSocket, OpenStream
 
 _STDIN_RIGHTS = Rights.FD_READ | Rights.FD_FILESTAT_GET | Rights.POLL_FD_READWRITE
@@ -49,17 +57,96 @@ class SystemClock:
             remaining = monotonic_deadline_ns - time.monotonic_ns()
 
 
+class GuestStopped(Exception):
+    """Raised inside a host call that was waiting when the guest's StopSignal was set.
+
+    Not an errno: the binding records it as the host error and traps the guest, so the guest
+    never runs on after it (returning ECANCELED instead would let a guest that ignores the error
+    and returns from `_start` end with exit status 0)."""
+
+    def __init__(self) -> None:
+        super().__init__("the run stopped the guest while it was waiting")
+
+
+class StopSignal:
+    """Set once, from any thread, to end every wait of one guest's host calls.
+
+    Sleeps wait on a threading.Event; select() calls also watch the read end of a pipe that
+    `set()` writes a byte to. The pipe is made on the first `fileno()`, so a guest that never
+    waits on an fd opens none. `set()` may be called again (the runner keeps ticking) and after
+    `close()`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None
+
+    def set(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            if self._pipe is not None:
+                os.write(self._pipe[1], b"\0")
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise GuestStopped if the signal is set."""
+        if self._event.is_set():
+            raise GuestStopped
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds`, or raise GuestStopped as soon as the signal is set."""
+        if self._event.wait(seconds):
+            raise GuestStopped
+
+    def fileno(self) -> int:
+        """An fd that select() sees readable once the signal is set."""
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                if self._event.is_set():
+                    os.write(self._pipe[1], b"\0")
+            return self._pipe[0]
+
+    def close(self) -> None:
+        """Close the pipe (the signal itself keeps working for sleeps and `is_set`)."""
+        with self._lock:
+            if self._pipe is not None:
+                for fd in self._pipe:
+                    os.close(fd)
+                self._pipe = None
+
+
 class ThreadWaiter:
     """The default Waiter: blocks the calling thread in select() on OS fds, or sleeps.
 
-    Pollables without an OS fd are re-checked every 10 ms.  The shim replaces this with a
-    trio-aware waiter for sockets.
+    Pollables without an OS fd are re-checked every 10 ms.  With a StopSignal, select() watches
+    its fd too and sleeps wait on it, so setting it ends any wait with GuestStopped (the clock's
+    `sleep_until` is used only without one: a stoppable sleep needs the real clock).  The shim
+    replaces this with a trio-aware waiter for sockets.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, stop: StopSignal | None = None) -> None:
         self._clock = clock
+        self._stop = stop
+
+    def _sleep_until(self, deadline_ns: int) -> None:
+        stop = self._stop
+        if stop is None:
+            self._clock.sleep_until(deadline_ns)
+            return
+        remaining = deadline_ns - self._clock.monotonic_ns()
+        while remaining > 0:
+            stop.sleep(min(remaining / 1e9, _LONGEST_SLEEP_S))
+            remaining = deadline_ns - self._clock.monotonic_ns()
 
     def wait(self, interests: Sequence[tuple[Pollable, bool]], deadline_ns: int | None) -> None:
+        stop = self._stop
+        if stop is not None:
+            stop.check()
         readers: list[int] = []
         writers: list[int] = []
         unselectable = False
@@ -71,7 +158,7 @@ class ThreadWaiter:
                 (writers if write else readers).append(fileno)
         if not readers and not writers and not unselectable:
             if deadline_ns is not None:
-                self._clock.sleep_until(deadline_ns)
+                self._sleep_until(deadline_ns)
             return
         timeout: float | None = None
         if deadline_ns is not None:
@@ -79,13 +166,56 @@ class ThreadWaiter:
         if unselectable:
             timeout = _POLL_SLICE_S if timeout is None else min(timeout, _POLL_SLICE_S)
         if readers or writers:
-            select.select(readers, writers, [], timeout)
+            if stop is None:
+                select.select(readers, writers, [], timeout)
+                return
+            select.select([*readers, stop.fileno()], writers, [], timeout)
+            stop.check()
         elif timeout:
-            time.sleep(timeout)
+            if stop is None:
+                time.sleep(timeout)
+            else:
+                stop.sleep(timeout)
+
+
+class _StoppableStream:
+    """A Stream whose reads first wait until its fd is readable or the StopSignal is set
+    (then GuestStopped): os.read on a silent pipe or terminal would block past any stop.
+    A stream without an OS fd never blocks and is read directly."""
+
+    def __init__(self, stream: Stream, stop: StopSignal) -> None:
+        self._stream = stream
+        self._stop = stop
+
+    def read(self, size: int) -> bytes:
+        fileno = self._stream.fileno()
+        if fileno is not None:
+            select.select([fileno, self._stop.fileno()], [], [])
+            self._stop.check()
+        return self._stream.read(size)
+
+    def write(self, data: Buffer) -> int:
+        return self._stream.write(data)
+
+    def readiness(self, write: bool) -> Readiness | None:
+        return self._stream.readiness(write)
+
+    def fileno(self) -> int | None:
+        return self._stream.fileno()
+
+    def is_terminal(self) -> bool:
+        return self._stream.is_terminal()
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class Guest:
-    """Everything one guest instance's host calls share."""
+    """Everything one guest instance's host calls share.
+
+    `stop`, when given, is the signal the runner sets to stop this guest: the default waiter
+    and reads of stdin then wait for it too (see the module docstring). The Guest does not own
+    it (the runner closes it)."""
 
     def __init__(
         self,
@@ -100,6 +230,7 @@ class Guest:
         *,
         clock: Clock | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        stop: StopSignal | None = None,
     ) -> None:
         for value in [*args, *(name for name, _ in env), *(value for _, value in env)]:
             if b"\0" in value:
@@ -110,7 +241,10 @@ class Guest:
         self.args: tuple[bytes, ...] = tuple(bytes(arg) for arg in args)
         self.env: tuple[bytes, ...] = tuple(bytes(name) + b"=" + bytes(value) for name, value in env)
         self.clock: Clock = clock if clock is not None else SystemClock()
-        self.waiter: Waiter = waiter if waiter is not None else ThreadWaiter(self.clock)
+        self.waiter: Waiter = waiter if waiter is not None else ThreadWaiter(self.clock, stop)
+        self.stop_signal = stop
+        if stop is not None:
+            stdin = _StoppableStream(stdin, stop)
         self.random = random
         self.exit_code: int | None = None
         self.host_error: BaseException | None = None

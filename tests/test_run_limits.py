@@ -129,6 +129,20 @@ def test_timeout_stops_a_guest_blocked_reading_a_silent_stdin(
     assert "echoed" not in stderr  # stopped inside its read, not after an end of input
 
 
+def test_timeout_stops_a_sleeping_guest_whose_keep_has_sockets(
+        tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """With keep.toml sockets, poll_oneoff waits through the shim's socket waiter, which wakes
+    when the keep's network stops; the guest must then be stopped, not spin until its sleep
+    ends."""
+    config = tmp_path / "keep.toml"
+    config.write_text('[[files]]\nkind = "stdin"\n\n[[files]]\nkind = "stdout"\n\n'
+                      '[[files]]\nkind = "stderr"\n\n[[files]]\nkind = "listen"\nname = "l"\n'
+                      'addr = "127.0.0.1"\nport = 0\nprot = "tcp"\n')
+    assert_stopped_by_timeout(*keep_with_open_stdin(
+        ["run", "--insecure-plaintext", "--config", str(config), "--timeout", "1",
+         str(sleeper(tmp_path, GUEST_WAIT_S))], keep_environment))
+
+
 def test_the_interrupted_host_call_is_in_the_trace(tmp_path: Path,
                                                    keep_environment: dict[str, str]) -> None:
     """The stopped call is reported as a trap (errno -1 in JSON Lines), as the guest saw it."""

@@ -10,9 +10,10 @@ fd layout: 0, 1, 2 are stdio, then the pre-opened directories, then the pre-open
 Stopping a guest that waits: the runner stops wasm code by bumping the engine's epoch, which a
 guest asleep in poll_oneoff or blocked reading stdin never meets. A Guest built with a
 `StopSignal` therefore also waits for that signal wherever it can block for long: the default
-waiter's sleeps and select() calls, and reads of a stdin that has an OS fd. When the signal is
-set, the wait raises `GuestStopped`, which the binding turns into a trap (the runner reports it
-as the interrupt it is). Without a signal nothing changes, so an unstoppable run pays nothing.
+waiter's sleeps and select() calls (another waiter is checked before and after each wait), and
+reads of a stdin that has an OS fd. When the signal is set, the wait raises `GuestStopped`,
+which the binding turns into a trap (the runner reports it as the interrupt it is). Without a
+signal nothing changes, so an unstoppable run pays nothing.
 """
 
 from __future__ import annotations
@@ -178,6 +179,21 @@ class ThreadWaiter:
                 stop.sleep(timeout)
 
 
+class _StoppableWaiter:
+    """Another Waiter (the shim's socket waiter) with the StopSignal checked around each wait:
+    such a waiter wakes when its own machinery is stopped, after which the guest must not go on
+    waiting (or spin in poll_oneoff until its own deadline)."""
+
+    def __init__(self, waiter: Waiter, stop: StopSignal) -> None:
+        self._waiter = waiter
+        self._stop = stop
+
+    def wait(self, interests: Sequence[tuple[Pollable, bool]], deadline_ns: int | None) -> None:
+        self._stop.check()
+        self._waiter.wait(interests, deadline_ns)
+        self._stop.check()
+
+
 class _StoppableStream:
     """A Stream whose reads first wait until its fd is readable or the StopSignal is set
     (then GuestStopped): os.read on a silent pipe or terminal would block past any stop.
@@ -241,7 +257,8 @@ class Guest:
         self.args: tuple[bytes, ...] = tuple(bytes(arg) for arg in args)
         self.env: tuple[bytes, ...] = tuple(bytes(name) + b"=" + bytes(value) for name, value in env)
         self.clock: Clock = clock if clock is not None else SystemClock()
-        self.waiter: Waiter = waiter if waiter is not None else ThreadWaiter(self.clock, stop)
+        self.waiter: Waiter = (ThreadWaiter(self.clock, stop) if waiter is None
+                               else waiter if stop is None else _StoppableWaiter(waiter, stop))
         self.stop_signal = stop
         if stop is not None:
             stdin = _StoppableStream(stdin, stop)

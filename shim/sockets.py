@@ -62,6 +62,7 @@ from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError
 from shim.run import RunConfig, RunResult, Stdio
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
+from wasi_host._guest import GuestStopped
 
 log = logging.getLogger("keep.net")
 
@@ -234,9 +235,13 @@ class TrioWaiter:
         def ready() -> bool:
             return bridge.stopping or any(p.readiness(w) is not None for p, w in interests)
 
+        if bridge.stopping:
+            raise GuestStopped  # the keep is stopping (a signal): the guest goes, it must not spin here
         foreign = [(p, w) for p, w in interests if not isinstance(p, ConnectionSocket | ListenerSocket)]
         if not foreign:  # only keep sockets: wait on the board from this thread, no trio task
             board.wait_in_thread(ready, timeout)
+            if bridge.stopping:
+                raise GuestStopped
             return
 
         async def watch_fd(fd: int, write: bool) -> None:
@@ -263,12 +268,12 @@ class TrioWaiter:
                     await board.wait_until(ready)
                 nursery.cancel_scope.cancel()
 
-        if bridge.stopping:
-            return
         try:
             trio.from_thread.run(wait, trio_token=bridge.token)
         except trio.RunFinishedError:
-            return
+            raise GuestStopped from None
+        if bridge.stopping:
+            raise GuestStopped
 
 
 class NullStream:

@@ -225,3 +225,50 @@ def test_a_trace_file_keeps_the_calls_made_before_a_signal(
         assert lines[0].startswith("fd_read(fd=0, ") and "nread=6" in lines[0], text
         assert lines[1].startswith("fd_write(fd=1, ") and "nwritten=6" in lines[1], text
     assert os.stat(trace).st_mode & 0o777 == 0o600
+
+
+# SIGINT / SIGTERM while the guest waits in a keep with sockets ---------------------------------
+
+_READY_THEN_SLEEP = '''
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 300) "ready\\n")
+  (func (export "_start")
+    (i32.store (i32.const 200) (i32.const 300))
+    (i32.store (i32.const 204) (i32.const 6))
+    (drop (call $write (i32.const 1) (i32.const 200) (i32.const 1) (i32.const 208)))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const 60000000000))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))
+'''
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_sleeping_guest_whose_keep_has_sockets(
+        tmp_path: Path, keep_environment: dict[str, str], signal_number: signal.Signals) -> None:
+    """The signal stops the keep's network; the socket waiter must then stop the guest (it
+    returned at once instead, so the guest's poll_oneoff spun at full CPU until the grace
+    period killed the process by the signal's default action)."""
+    config = tmp_path / "keep.toml"
+    config.write_text('[[files]]\nkind = "stdin"\n\n[[files]]\nkind = "stdout"\n\n'
+                      '[[files]]\nkind = "stderr"\n\n[[files]]\nkind = "listen"\nname = "l"\n'
+                      'addr = "127.0.0.1"\nport = 0\nprot = "tcp"\n')
+    module = tmp_path / "ready_then_sleep.wasm"
+    module.write_bytes(bytes(wasmtime.wat2wasm(_READY_THEN_SLEEP)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shim", "run", "--insecure-plaintext", "--config", str(config), str(module)],
+        env=keep_environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"ready\n"  # the keep runs the guest: handlers are in place
+        time.sleep(0.5)  # into its poll_oneoff
+        process.send_signal(signal_number)
+        process.wait(timeout=HANG_GUARD_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == 128 + signal_number, stderr.decode(errors="replace")
+    assert b"Traceback" not in stderr

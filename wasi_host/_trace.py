@@ -396,7 +396,8 @@ def _iovec_bytes(memory: Memory, pointer: int, count: int, limit: int | None) ->
 
 def text_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
     """A sink printing one strace-like line per event. `flush` after each line keeps the order
-    with other writers of the same stream (the guest's stderr); a file of its own need not."""
+    with other writers of the same stream (the guest's stderr), and keeps a trace file whole when
+    a signal ends the process (shim.trace flushes its files too)."""
 
     def write(event: TraceEvent) -> None:
         stream.write(event.format() + "\n")

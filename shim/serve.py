@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import ssl
 import sys
@@ -59,9 +60,12 @@ from shim.errors import KeepError, UsageError
 from wasi_host._backend import Buffer, Readiness
 
 if TYPE_CHECKING:
+    from shim.run import RunConfig, RunResult
+    from shim.sockets import KeepNetwork
     from shim.volume_backend import VolumeSession
 
 HANDSHAKE_SECONDS = 30.0
+STOP_GRACE_SECONDS = 5.0  # after SIGINT / SIGTERM, for the guest to stop before the process ends
 BUSY_REASON = "this keep already runs a workload"
 StreamName = Literal["stdout", "stderr"]
 
@@ -184,9 +188,7 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
     env, FD_NAMES, sockets) applied by shim.sockets, whose TLS sockets use the keep's attested
     key. The guest's stdio is the deployment's whatever keep.toml says: its stdout and stderr
     go to the owner, never to the host's terminal."""
-    from net.policy import NetworkPolicy
     from shim.run import RunConfig, Stdio
-    from shim.sockets import GuestSignalled, run_with_keep_config
 
     message = deployment.message
     preopens = tuple((grant.guest_path, deployment.volumes[grant.name].root())
@@ -197,14 +199,42 @@ async def run_deployment(deployment: Deployment) -> RunOutcome:
                            preopens=preopens, cache=False, interruptible=True,
                            stdio=Stdio(EmptyInput(), deployment.stdout, deployment.stderr))
     try:
-        result = await run_with_keep_config(run_config, deployment.config, NetworkPolicy(),
-                                            deployment.certificates)
+        result = await _run_in_keep_network(run_config, deployment.config, deployment.certificates)
     except KeepError as error:
         return RunOutcome(exit_status=1, error=str(error))
-    except GuestSignalled as signalled:  # keep.toml's sockets take the signal while they are open
-        return RunOutcome.signalled(signalled.signal_number)
     return RunOutcome(exit_status=result.exit_code,
                       error=None if result.trap is None else f"guest trapped: {result.trap}")
+
+
+async def _run_in_keep_network(run_config: RunConfig, keep_config: KeepConfig,
+                               certificates: AttestedCertificateProvider) -> RunResult:
+    """Run the guest with keep.toml's sockets (TLS with the keep's attested key) open around it.
+
+    Not shim.sockets.run_with_keep_config: that one takes SIGINT / SIGTERM for itself and only
+    stops the sockets (then, after a grace period, kills the process), which can neither stop a
+    guest computing in wasm code nor let the keep commit its volumes and tell the owner. Here the
+    keep's own signal handler cancels this run: the sockets are stopped (a guest blocked in
+    accept or poll gets ECANCELED) and the engine's epoch stops the guest's wasm code."""
+    from net.policy import NetworkPolicy
+    from shim.run import run_module_async
+    from shim.sockets import open_keep_network, with_keep_config
+
+    if not keep_config.sockets:
+        return await run_module_async(with_keep_config(run_config, keep_config, None))
+    async with (open_keep_network(keep_config, NetworkPolicy(), certificates) as network,
+                trio.open_nursery() as nursery):
+        nursery.start_soon(_stop_when_cancelled, network)
+        result = await run_module_async(with_keep_config(run_config, keep_config, network))
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def _stop_when_cancelled(network: KeepNetwork) -> None:
+    """Stop the keep's sockets when the run is cancelled (or has ended)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        network.stop()
 
 
 def open_granted_volumes(grants: Sequence[VolumeGrant], images: Mapping[str, Path],
@@ -279,6 +309,7 @@ class Keep:
         self._run_scope: trio.CancelScope | None = None
         self.signal_number: int | None = None
         self.stopped_a_guest = False
+        self._guest_stopped = trio.Event()  # after a signal: no guest runs (any more)
         self.finished = trio.Event()
 
     def measurement(self) -> bytes:
@@ -316,6 +347,7 @@ class Keep:
         if self._run_scope is not None:
             self._run_scope.cancel()
         else:
+            self._guest_stopped.set()
             self.finished.set()
 
     async def stop_on_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -326,13 +358,24 @@ class Keep:
             task_status.started()
             async for signal_number in signals:
                 self.interrupt(signal_number)
+                break
+            else:
                 return
+        # A guest stuck inside a host call that never returns (neither the epoch nor ECANCELED
+        # reach it) would keep the process forever: after a grace period the signal ends the
+        # process as it would have without us (as `keep run` does with keep.toml sockets).
+        with trio.move_on_after(STOP_GRACE_SECONDS):
+            await self._guest_stopped.wait()
+            return
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
 
     def _free(self) -> None:
         """A deployment was refused before it started: wait for the next one (unless stopped)."""
         self._busy = False
         self._run_scope = None
         if self.signal_number is not None:
+            self._guest_stopped.set()
             self.finished.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, context: ssl.SSLContext,
@@ -418,6 +461,8 @@ class Keep:
                 except Exception as error:  # a bug in the keep: the owner still gets an answer
                     outcome = RunOutcome(exit_status=70, error=f"keep internal error: "
                                          f"{type(error).__name__}: {error}")
+                finally:
+                    self._guest_stopped.set()
         if self._run_scope.cancelled_caught and self.signal_number is not None:
             outcome = RunOutcome.signalled(self.signal_number)
         if outcome.signal_number is not None:

@@ -18,6 +18,17 @@ deployment has finished, `serve` returns.
 
 The guest's stdio: fd 0 is empty (end of file), fds 1 and 2 go to the owner unless keep.toml makes
 them `null`. Nothing of the workload, its config or the volume keys is logged or written to disk.
+A deployed keep.toml may not make the workload trust anything of the keep host's: no host files,
+and every TLS `connect` pins its server (pin_sha256) instead of trusting the host's CA store.
+
+Hostile or broken input ends one connection, never the keep: a frame the protocol rejects drops
+the connection, a deployment that fails its checks is `refused`, and an unexpected error in one
+connection is logged as one line and drops that connection only.
+
+SIGINT / SIGTERM (`stop_on_signals`): an idle keep stops at once; a running deployment is
+cancelled (its sockets are stopped and the engine's epoch stops its wasm code), its volumes are
+committed, the owner gets `finished` with 128 + the signal, and serve exits with that status. A
+guest that has not stopped STOP_GRACE_SECONDS later (stuck in a host call) ends with the process.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -740,6 +741,8 @@ def test_a_signal_stops_keep_serve_running_a_guest_that_computes(
         [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{keeper.port}",
          "--allow-insecure-nil", "--config", str(config), str(wasm_fixture("endless_loop"))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, owner.kill)  # a deployment that never starts fails, never hangs
+    watchdog.start()
     try:
         assert owner.stdout is not None
         assert owner.stdout.readline()  # the guest runs
@@ -747,6 +750,7 @@ def test_a_signal_stops_keep_serve_running_a_guest_that_computes(
         assert keeper.wait() == 128 + signal_number
         _, owner_errors = owner.communicate(timeout=30)
     finally:
+        watchdog.cancel()
         if owner.poll() is None:
             owner.kill()
             owner.wait()

@@ -1028,6 +1028,7 @@ class MerkleStore(_CachedStore):
         leaves = self._leaves
         fresh = sorted(dirty) if not self._dirty_logged else sorted(
             sector for sector in dirty if leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE] == _FREE_LEAF)
+        runs = _runs(fresh)  # written in chunks below, then kept with their hashes for the commit
         data_start = self._layout.data_start
         scratch = self._scratch_for(len(fresh))
         digests = memoryview(bytearray(len(fresh) * HASH_SIZE))
@@ -1035,7 +1036,7 @@ class MerkleStore(_CachedStore):
         writes: list[Future[None]] = []
         used = 0
         try:
-            for first, count in _chunks(_runs(fresh), _CHUNK_SECTORS):
+            for first, count in _chunks(runs, _CHUNK_SECTORS):
                 view = scratch[used * SECTOR_SIZE:(used + count) * SECTOR_SIZE]
                 self._encrypt_dirty_run(first, view, digests[used * HASH_SIZE:(used + count) * HASH_SIZE])
                 used += count
@@ -1050,7 +1051,7 @@ class MerkleStore(_CachedStore):
         hashes = digests.tobytes()
         flushed.update(zip(fresh, _split_digests(hashes, len(fresh)), strict=True))
         at = 0
-        for first, count in _runs(fresh):
+        for first, count in runs:
             self._flushed_runs.append((first, hashes[at:at + count * HASH_SIZE]))
             at += count * HASH_SIZE
         logged = {sector: bytes(data) for sector, data in dirty.items() if sector not in flushed}

@@ -1181,7 +1181,18 @@ class Filesystem:
                 return b""
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
-            buffer = self._read_blocks(self._cached_map(ino, first, last), first, last)
+            # the common case (a file written in order): every block cached and physically
+            # consecutive, one store read with no per-block dict or run list (the seq
+            # workload's 1,024 reads of 64 KiB: 82 -> 55 ms in fs.read, measured)
+            blocks = self._map_cache.blocks
+            base = ino << _KEY_BITS
+            phys = blocks.get(base + first)
+            if phys is not None and all(blocks.get(base + index) == phys + index - first
+                                        for index in range(first + 1, last + 1)):
+                buffer = bytearray((last - first + 1) * BLOCK_SIZE)
+                self._store.read_into(self._data_first + phys, buffer)
+            else:
+                buffer = self._read_blocks(self._cached_map(ino, first, last), first, last)
         skip = offset - first * BLOCK_SIZE
         with memoryview(buffer) as view:
             return bytes(view[skip:skip + end - offset])  # one copy
@@ -1281,8 +1292,18 @@ class Filesystem:
         old = {index: phys for index, phys in mapping.items() if index in (first, last)}
         mapping.update(zip(missing, fresh, strict=True))
         self._put_blocks(mapping, old, first, last, offset, data)
-        if missing:
-            base = ino << _KEY_BITS
+        if not missing:
+            return
+        base = ino << _KEY_BITS
+        count = len(missing)
+        if count > 1 and missing[-1] - missing[0] == count - 1 and fresh[-1] - fresh[0] == count - 1:
+            # one run of consecutive blocks on consecutive physical blocks (a file written in
+            # order): one statement generates the rows inside SQLite (16,384 rows of the seq
+            # workload: 13-23 -> 7-12 ms against executemany, measured)
+            self._cursor.execute("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?3)"
+                                 " INSERT INTO blocks(key, phys) SELECT ?1 + i, ?2 + i FROM n",
+                                 (base + missing[0], fresh[0], count))
+        else:
             self._cursor.executemany("INSERT INTO blocks(key, phys) VALUES (?, ?)",
                                      [(base + index, phys) for index, phys in zip(missing, fresh, strict=True)])
 

@@ -27,11 +27,13 @@ storage commit protocol is crash-safe) with everything the guest fsync'd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +148,7 @@ class RunVolumes:
         images = [_state_key(mount.image) for mount in mounts]
         if len(set(images)) != len(images):
             raise UsageError("--volume: the same image is given twice")
-        state_file = Path(state_path) if state_path is not None else None
+        state_file = _writable_state_file(Path(state_path)) if state_path is not None else None
         from shim.deploy import _read_volume_state  # one format for `keep run` and `keep deploy`
 
         recorded: dict[str, dict[str, Any]] = dict(_read_volume_state(state_file))
@@ -214,7 +216,7 @@ class RunVolumes:
         if self.state_file is not None and self.final_states:
             text = json.dumps(self._recorded, indent=2, sort_keys=True) + "\n"
             try:
-                self.state_file.write_text(text, encoding="utf-8")
+                _replace_atomically(self.state_file, text.encode())
             except OSError as error:
                 problems.append(f"cannot write --volume-state {self.state_file}: {error.strerror}")
         if problems:
@@ -226,6 +228,47 @@ class RunVolumes:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def _writable_state_file(path: Path) -> Path:
+    """Where `--volume-state FILE` will be written: FILE itself, or the file a symlink points at
+    (the replacement happens next to it, so the link stays). Refused now, before any volume is
+    opened, if its directory is missing or not writable: found only after the run, the guest's
+    changes would be committed at a new generation that nothing records."""
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise UsageError(f"--volume-state {path}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--volume-state {path}: directory {target.parent} is not writable")
+    return target
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file next to `path`, fsync it and rename it over `path` (then
+    fsync the directory): a full disk or a crash leaves the previous pins whole, never a
+    truncated file. The previous file's mode is kept (0644 for a new one)."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fchmod(stream.fileno(), mode)
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class _FirstIntegrityFailure:

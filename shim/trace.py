@@ -9,6 +9,7 @@ before a run was killed or interrupted are in the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from shim.errors import UsageError
-from wasi_host._trace import TraceEvent, Tracer, TraceSink, jsonl_writer, text_writer
+from wasi_host._trace import TraceEvent, Tracer, jsonl_writer, text_writer
 
 __all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace"]
 
@@ -38,19 +39,38 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
         except OSError as error:
             raise UsageError(f"--trace={target}: {error.strerror}") from None
         stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
+    # Every line is flushed as it is written, to a file as to stderr: a trace is read when a run
+    # went wrong, and such a run often ends by a signal (SIGINT, SIGTERM, SIGKILL from a
+    # supervisor) or a crash, which would drop a block buffer and with it the calls that led
+    # there. The price is one write(2) per call: 1-2 us of CPU per event (0.15 -> 1.1 us to
+    # /dev/null, 0.19 -> 2.0 us to a file), against 15-25 us for a traced host call; untraced runs
+    # are not affected.
+    writer = jsonl_writer if trace_format == "jsonl" else text_writer
+    tracer = Tracer(writer(stream, flush=True), show_data=show_data)
     try:
-        # Every line is flushed as it is written, to a file as to stderr: a trace is read when a
-        # run went wrong, and such a run often ends by a signal (SIGINT, SIGTERM, SIGKILL from a
-        # supervisor) or a crash, which would drop a block buffer and with it the calls that led
-        # there. The price is one write(2) per call: 1-2 us of CPU per event (0.15 -> 1.1 us to
-        # /dev/null, 0.19 -> 2.0 us to a file), against 15-25 us for a traced host call; untraced
-        # runs are not affected.
-        writer = jsonl_writer if trace_format == "jsonl" else text_writer
-        sink: TraceSink = writer(stream, flush=True)
-        yield Tracer(sink, show_data=show_data)
+        yield tracer
     finally:
+        closing_error: OSError | None = None
         if owned:
-            stream.close()
+            try:
+                stream.close()
+            except OSError as error:  # the last buffered line could not be written either
+                closing_error = error
+        if tracer.failure is not None:
+            _warn_incomplete(target, tracer.failure, tracer.failed_at)
+        elif closing_error is not None:
+            _warn_incomplete(target, closing_error, None)
+
+
+def _warn_incomplete(target: str, failure: Exception, failed_at: int | None) -> None:
+    """Say on stderr that the trace lacks calls (a failed trace write never fails the run: the
+    guest's calls went on untraced, and its exit status is the run's)."""
+    reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)
+    where = f"it stops before call {failed_at}" if failed_at is not None else "its end was not written"
+    name = "--trace" if target == STDERR else f"--trace={target}"
+    with contextlib.suppress(OSError):  # stderr itself may be what failed
+        print(f"keep: warning: {name}: {reason}; the trace is incomplete ({where}, the run went on "
+              "untraced)", file=sys.stderr, flush=True)
 
 
 def read_jsonl_trace(text: str) -> list[TraceEvent]:

@@ -235,12 +235,29 @@ TraceSink = Callable[[TraceEvent], None]
 class Tracer:
     """Wraps host functions so that each call produces one TraceEvent for `sink`.
 
-    One Tracer per run (it numbers the events). `show_data` attaches buffer contents."""
+    One Tracer per run (it numbers the events). `show_data` attaches buffer contents.
+
+    A sink that fails (a full disk under the trace file, a closed pipe) must not change what the
+    guest sees: its exception would otherwise leave the host function in place of the call's own
+    outcome, failing a call that succeeded and even making proc_exit return. The first failure is
+    kept in `failure` (with `failed_at`, the number of the first event lost), tracing stops, and
+    the run goes on; the owner of the sink reports it."""
 
     def __init__(self, sink: TraceSink, *, show_data: bool = False) -> None:
         self.sink = sink
         self.show_data = show_data
         self._seq = 0
+        self.failure: Exception | None = None
+        self.failed_at = 0
+
+    def _emit(self, event: TraceEvent) -> None:
+        """Hand `event` to the sink, unless an earlier event failed; never raises."""
+        if self.failure is not None:
+            return
+        try:
+            self.sink(event)
+        except Exception as error:  # whatever the sink raises, the guest's call is unaffected
+            self.failure, self.failed_at = error, event.seq
 
     def wrap(self, functions: Mapping[str, HostFunction]) -> Mapping[str, HostFunction]:
         """A copy of `functions` whose implementations report every call."""
@@ -255,7 +272,7 @@ class Tracer:
         layout = _compile_layout(_LAYOUTS.get(name, ()))
         transfer = TRANSFERS.get(name)
         show_data = self.show_data
-        sink = self.sink
+        sink = self._emit
         clock = time.perf_counter_ns
 
         def traced(guest: object, memory: Memory, *arguments: int) -> int:

@@ -1,0 +1,64 @@
+"""Review findings on `keep run --trace`: a trace that cannot be written never changes what the
+guest sees, and JSON lines stay valid JSON for any path bytes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from fixture_build import WasmFixture
+
+
+def keep_run(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["keep", "run", *arguments], capture_output=True, env=environment, check=False)
+
+
+def test_a_trace_file_that_cannot_be_written_does_not_fail_the_guests_calls(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """/dev/full refuses every write with ENOSPC. The trace write failing used to propagate out of
+    the traced host function, so the guest saw ENOSPC for calls that had succeeded (its write was
+    on disk, yet it reported `No space left on device`), proc_exit returned, and keep ended with
+    `internal error` (exit 70). Now the guest runs as untraced and keep says the trace stopped."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    completed = keep_run(["--trace=/dev/full", "--dir", f"{sandbox}::/sandbox",
+                          str(wasm_fixture("short_write_ok"))], keep_environment)
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 0, stderr
+    assert completed.stdout == b"wrote 10000 bytes in one call\n"
+    assert (sandbox / "out.bin").stat().st_size == 10000
+    assert "internal error" not in stderr
+    assert "keep: warning: --trace=/dev/full: No space left on device" in stderr
+    assert "the trace is incomplete" in stderr
+
+
+def test_a_failing_sink_leaves_every_outcome_as_it_was_and_is_reported() -> None:
+    """Unit level: with a sink that raises, a successful call still returns SUCCESS, a failing one
+    still raises its own error, proc_exit still ends the guest, and the first failure is kept."""
+    import pytest
+
+    from wasi_host import Guest, ProcExit, WasiError
+    from wasi_host._functions import FUNCTIONS
+    from wasi_host._trace import TraceEvent, Tracer
+    from wasi_host.streams import MemoryStream
+
+    def full_disk(event: TraceEvent) -> None:
+        raise OSError(28, "No space left on device")
+
+    stdout = MemoryStream()
+    guest = Guest([b"m"], [], [], MemoryStream(), stdout, MemoryStream())
+    memory = memoryview(bytearray(4096))
+    memory[100:105] = b"hello"
+    memory[0:8] = (100).to_bytes(4, "little") + (5).to_bytes(4, "little")
+    tracer = Tracer(full_disk)
+    traced = tracer.wrap(FUNCTIONS)
+    try:
+        assert traced["fd_write"].impl(guest, memory, 1, 0, 1, 16) == 0
+        assert bytes(stdout.output) == b"hello"
+        with pytest.raises(WasiError):
+            traced["fd_write"].impl(guest, memory, 9, 0, 1, 16)  # EBADF, not the sink's ENOSPC
+        with pytest.raises(ProcExit):
+            traced["proc_exit"].impl(guest, memory, 3)
+    finally:
+        guest.close()
+    assert isinstance(tracer.failure, OSError) and tracer.failed_at == 1

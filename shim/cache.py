@@ -60,20 +60,15 @@ def load_or_create_key_file(path: Path) -> bytes:
     """The `nil` backend's cache key: read `path`, or create it (mode 0600) with 32 random bytes.
 
     Creation is race-free between processes: the key is written to a private temporary file and
-    hard-linked into place, so exactly one key wins and everyone reads that one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".key-")
-        try:
-            os.fchmod(descriptor, 0o600)
-            os.write(descriptor, secrets.token_bytes(_KEY_SIZE))
-            os.fsync(descriptor)
-            os.close(descriptor)
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+    hard-linked into place, so exactly one key wins and everyone reads that one. A directory that
+    cannot be made or written is a one-line KeepError naming it (and --no-cache)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():
+            _create_key_file(path)
+    except OSError as error:
+        raise KeepError(f"cannot use the compile cache {path.parent}: {error.strerror} (set "
+                        "KEEPSHIM_CACHE_DIR to a writable directory, or run with --no-cache)") from None
     try:
         key = path.read_bytes()
     except OSError as error:
@@ -82,6 +77,24 @@ def load_or_create_key_file(path: Path) -> bytes:
         raise KeepError(f"compile cache key {path} is damaged (not {_KEY_SIZE} bytes): "
                         "remove it to start a new cache")
     return key
+
+
+def _create_key_file(path: Path) -> None:
+    """Write 32 random bytes to a private temporary file and hard-link it to `path` (a key that
+    another process linked first wins)."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".key-")
+    try:
+        try:
+            os.fchmod(descriptor, 0o600)
+            os.write(descriptor, secrets.token_bytes(_KEY_SIZE))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""`keep run` at the edges of its input, as found in the session-6 review: each test is one
+confirmed defect (its docstring says what went wrong before the fix).
+
+CLI behaviour runs `keep` as a subprocess, as a user would; helpers come from test_run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fixture_build import FixtureBuilder
+from test_run import assert_one_line_error, fixtures, private_cache
+
+__all__ = ["fixtures", "private_cache"]  # test_run's fixtures, used here too
+
+
+def keep_with_cache(cache_dir: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shim", *arguments], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(cache_dir)})
+
+
+def test_a_cache_directory_that_cannot_be_made_is_a_one_line_error(
+        fixtures: FixtureBuilder, tmp_path: Path) -> None:
+    """Before: `keep: internal error: FileExistsError: ...` and exit 70 when KEEPSHIM_CACHE_DIR
+    was a file (NotADirectoryError below one). Now a one-line error naming the directory and
+    the way out (--no-cache); --no-cache itself runs."""
+    hello = str(fixtures.build("hello"))
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("")
+    for cache_dir in (a_file, a_file / "below"):
+        completed = keep_with_cache(cache_dir, "run", hello)
+        assert_one_line_error(completed, f"compile cache {cache_dir}", "--no-cache")
+        assert completed.returncode == 1
+        assert completed.stdout == ""
+        uncached = keep_with_cache(cache_dir, "run", "--no-cache", hello)
+        assert (uncached.returncode, uncached.stdout) == (0, "Hello, world!\n"), uncached.stderr

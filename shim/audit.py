@@ -14,8 +14,9 @@ Places: the image files of the volumes the run used, the compile-cache directory
 directories given with --dir (plaintext by design: a finding there is expected and still
 reported, so a leak test that wants none must not use --dir), the trace file, and the bytes that
 crossed the host's sockets as the network layer saw them (a `WireRecorder`, when the run's
-sockets were tapped). Files are read in chunks with an overlap, so a marker across a chunk
-boundary is found.
+sockets were tapped). In a directory the host sees names as well as contents, so the names of
+files, directories and symlinks below it and the targets of its symlinks are searched too. Files
+are read in chunks with an overlap, so a marker across a chunk boundary is found.
 """
 
 from __future__ import annotations
@@ -112,15 +113,35 @@ def scan_file(path: Path, forms: Mapping[str, tuple[bytes, ...]]) -> list[tuple[
     return scanner.found
 
 
-def _files(root: Path) -> Iterator[Path]:
-    if root.is_file():
+def _entries(root: Path) -> Iterator[Path]:
+    """Every entry below `root` (files, directories, symlinks and the rest; links not followed),
+    or `root` itself when it is not a directory."""
+    if not root.is_dir():
         yield root
         return
-    for directory, _, names in os.walk(root, followlinks=False):
-        for name in sorted(names):
-            path = Path(directory, name)
-            if path.is_file() and not path.is_symlink():
-                yield path
+    for directory, subdirectories, names in os.walk(root, followlinks=False):
+        for name in sorted(subdirectories + names):
+            yield Path(directory, name)
+
+
+def _scan_bytes(data: bytes, forms: Mapping[str, tuple[bytes, ...]]) -> list[tuple[str, int]]:
+    scanner = _Scanner(forms)
+    scanner.feed(data)
+    return scanner.found
+
+
+def _scan_entry(path: Path, top: bool, forms: Mapping[str, tuple[bytes, ...]]) -> list[tuple[str, int]]:
+    """(form, offset) of the marker in what the host sees of one entry: its name (below the
+    place searched), a symlink's target, a regular file's contents."""
+    if top:  # a place named by the run (an image, the trace file): its contents, links followed
+        return scan_file(path, forms) if path.is_file() else []
+    found = [(f"{form} in the name", offset) for form, offset in _scan_bytes(os.fsencode(path.name), forms)]
+    if path.is_symlink():
+        found += [(f"{form} in the link target", offset)
+                  for form, offset in _scan_bytes(os.fsencode(os.readlink(path)), forms)]
+    elif path.is_file():
+        found += scan_file(path, forms)
+    return found
 
 
 class WireRecorder:
@@ -159,9 +180,9 @@ def audit_host(marker: bytes, places: Iterable[tuple[str, Path]],
     for what, root in places:
         if not root.exists():
             continue
-        for path in _files(root):
+        for path in _entries(root):
             try:
-                found = scan_file(path, forms)
+                found = _scan_entry(path, path == root, forms)
             except OSError as error:
                 findings.append(Finding(f"{what} {path}", f"unreadable ({error.strerror})", 0))
                 continue

@@ -159,3 +159,33 @@ async def test_socket_bytes_are_audited_as_the_host_network_sees_them(
         assert status == AUDIT_EXIT_STATUS, keep.stderr
         assert "keep: audit-host:   socket echo <- 127.0.0.1:" in keep.stderr
         assert "(received): plain at offset 8" in keep.stderr and "(sent): plain at offset 8" in keep.stderr
+
+
+def test_a_marker_in_a_name_or_a_link_target_is_found(tmp_path: Path) -> None:
+    """The host sees the names in a --dir as well as the contents: a file, a directory or a
+    symlink named after the marker, or a link pointing at it, is plaintext on the host. The audit
+    used to read file contents only (and skip symlinks), so all of these passed as clean."""
+    text = MARKER.decode()
+    (tmp_path / f"notes-{text}.txt").write_text("clean contents")
+    (tmp_path / "sub" / text).mkdir(parents=True)
+    (tmp_path / "link").symlink_to(f"../{text}")
+    (tmp_path / "utf16").mkdir()
+    (tmp_path / "utf16" / base64.b64encode(b"x" + MARKER).decode()).write_bytes(b"")
+    found = {(finding.place, finding.form) for finding in audit_host(MARKER, [("--dir", tmp_path)])}
+    assert found == {
+        (f"--dir {tmp_path / f'notes-{text}.txt'}", "plain in the name"),
+        (f"--dir {tmp_path / 'sub' / text}", "plain in the name"),
+        (f"--dir {tmp_path / 'link'}", "plain in the link target"),
+        (f"--dir {tmp_path / 'utf16' / base64.b64encode(b'x' + MARKER).decode()}", "base64 in the name"),
+    }
+
+
+
+def test_keep_run_reports_the_names_a_guest_gave_in_a_host_dir(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    marker = MARKER.decode()
+    completed = run_keep(["--audit-host", marker, "--dir", f"{tmp_path}::/sandbox",
+                          str(wasm_fixture("volume_marker")), marker], keep_environment)
+    assert completed.returncode == AUDIT_EXIT_STATUS, completed.stderr
+    assert f"keep: audit-host:   --dir {tmp_path}/{marker}-dir: plain in the name at offset 0" in completed.stderr
+    assert f"--dir {tmp_path}/{marker}-link: plain in the link target at offset 0" in completed.stderr

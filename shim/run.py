@@ -74,6 +74,8 @@ from wasi_host.hostdir import HostDirectory
 from wasi_host.streams import OsStream
 
 TRAP_EXIT_STATUS = 134  # what wasmtime's CLI exits with for a trap (128 + SIGABRT)
+MAX_FUEL = 2**64 - 1  # wasmtime's fuel is a u64: larger values wrapped around silently
+MAX_MEMORY = 2**63 - 1  # wasmtime-py passes the memory limit as an i64 (negative: no limit)
 INVALID_EXIT_STATUS = 126  # proc_exit codes from here on are an error in wasmtime (exit status 1)
 WASI_MODULE = "wasi_snapshot_preview1"
 
@@ -155,10 +157,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.timeout is not None and not self.timeout > 0:
             raise UsageError("--timeout must be a positive number of seconds")
-        if self.max_memory is not None and self.max_memory < 0:
-            raise UsageError("--max-memory must not be negative")
-        if self.fuel is not None and self.fuel < 0:
-            raise UsageError("--fuel must not be negative")
+        if self.max_memory is not None and not 0 <= self.max_memory <= MAX_MEMORY:
+            raise UsageError(f"--max-memory must be 0 to {MAX_MEMORY} bytes")
+        if self.fuel is not None and not 0 <= self.fuel <= MAX_FUEL:
+            raise UsageError(f"--fuel must be 0 to {MAX_FUEL}")
 
     @property
     def engine_settings(self) -> EngineSettings:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fixture_build import FixtureBuilder
-from test_run import assert_one_line_error, fixtures, private_cache
+from test_run import assert_one_line_error, fixtures, keep, private_cache
 
 __all__ = ["fixtures", "private_cache"]  # test_run's fixtures, used here too
 
@@ -37,3 +37,17 @@ def test_a_cache_directory_that_cannot_be_made_is_a_one_line_error(
         assert completed.stdout == ""
         uncached = keep_with_cache(cache_dir, "run", "--no-cache", hello)
         assert (uncached.returncode, uncached.stdout) == (0, "Hello, world!\n"), uncached.stderr
+
+
+def test_fuel_and_memory_limits_beyond_64_bits_are_refused_not_wrapped(fixtures: FixtureBuilder) -> None:
+    """Before: the values went to wasmtime through 64-bit C integers and wrapped silently:
+    `--fuel 18446744073709551621` (2**64 + 5) ran with 5 units and trapped at once,
+    `--max-memory 18446744073709682688` (2**64 + 128 KiB) refused a 257-page module."""
+    hello = str(fixtures.build("hello"))
+    for option, value in (("--fuel", 2**64 + 5), ("--max-memory", 2**64 + (128 << 10))):
+        completed = keep("run", option, str(value), hello)
+        assert_one_line_error(completed, option)
+        assert completed.returncode == 2
+        assert completed.stdout == ""
+    largest = keep("run", "--fuel", str(2**64 - 1), "--max-memory", str(2**63 - 1), hello)
+    assert (largest.returncode, largest.stdout) == (0, "Hello, world!\n"), largest.stderr

@@ -3,7 +3,8 @@
 The tracing itself is `wasi_host._trace` (pure Python: a wrapper around each host function that
 is installed only when tracing is on). This module opens the destination (stderr by default, or
 FILE, created with mode 0600 since paths in a trace are metadata of the guest) and picks the
-format: strace-like text or JSON Lines. Each event is flushed as it is written, so the calls made
+format: strace-like text or JSON Lines (one `TraceEvent.to_json` object per call: strict JSON even
+for a path that is not UTF-8, whose exact bytes are then in `raw`). Each event is flushed as it is written, so the calls made
 before a run was killed or interrupted are in the file.
 """
 

@@ -62,3 +62,46 @@ def test_a_failing_sink_leaves_every_outcome_as_it_was_and_is_reported() -> None
     finally:
         guest.close()
     assert isinstance(tracer.failure, OSError) and tracer.failed_at == 1
+
+
+def _strict_text(value: object) -> bool:
+    """Whether every string in a parsed JSON value is Unicode a strict parser accepts (no lone
+    surrogates: serde_json rejects them, jq and Go turn them into U+FFFD)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_strict_text(key) and _strict_text(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_strict_text(item) for item in value)
+    return True
+
+
+def test_jsonl_lines_stay_strict_json_for_non_utf8_paths_and_keep_their_bytes(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`escape` opens paths with invalid UTF-8 bytes. The JSON trace used to carry them as lone
+    surrogate escapes (\\udcff), which strict JSON readers reject and others turn into U+FFFD;
+    now the path is valid text (U+FFFD for the bad bytes) and the exact bytes are in `raw`."""
+    import json
+
+    from shim.trace import read_jsonl_trace
+
+    sandbox, trace = tmp_path / "sandbox", tmp_path / "trace.jsonl"
+    sandbox.mkdir()
+    completed = keep_run([f"--trace={trace}", "--trace-format", "jsonl", "--dir", f"{sandbox}::/sandbox",
+                          str(wasm_fixture("escape"))], keep_environment)
+    assert completed.returncode == 0, completed.stderr
+    text = trace.read_text(encoding="utf-8")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert all(_strict_text(record) for record in records)
+    events = read_jsonl_trace(text)
+    paths = [event.args["path"] for event in events if event.function == "path_open"]
+    bad = [path for path in paths if isinstance(path, str) and "\udcff" in path]
+    assert bad, "escape.c opens a path with the byte 0xff"
+    shown = [record["args"]["path"] for record in records
+             if record["call"] == "path_open" and "raw" in record]
+    assert shown == [path.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for path in bad]
+    assert [event.to_json() for event in events] == records

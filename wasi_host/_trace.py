@@ -196,10 +196,27 @@ class TraceEvent:
         return errno_name(self.errno)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (data base64-encoded); `from_json` reverses it."""
-        record: dict[str, Any] = {"seq": self.seq, "call": self.function, "args": dict(self.args),
+        """A JSON-ready dict (data base64-encoded); `from_json` reverses it.
+
+        A guest path need not be UTF-8; decoded with surrogateescape, its bad bytes would be
+        written as lone surrogate escapes, which strict JSON readers reject and others replace.
+        Such an argument is shown as valid text (U+FFFD for each bad byte) and its exact bytes go,
+        base64-encoded, in `raw` under the argument's name."""
+        args: dict[str, TraceValue] = {}
+        raw: dict[str, str] = {}
+        for key, value in self.args.items():
+            if isinstance(value, str) and not value.isascii():
+                encoded = value.encode("utf-8", "surrogateescape")
+                shown = encoded.decode("utf-8", "replace")
+                if shown != value:
+                    value = shown
+                    raw[key] = base64.b64encode(encoded).decode()
+            args[key] = value
+        record: dict[str, Any] = {"seq": self.seq, "call": self.function, "args": args,
                                   "errno": self.errno_name, "results": dict(self.results),
                                   "us": round(self.duration_us, 1)}
+        if raw:
+            record["raw"] = raw
         if self.data is not None:
             record["data"] = base64.b64encode(self.data).decode()
         if self.exit_code is not None:
@@ -211,7 +228,10 @@ class TraceEvent:
         name = str(record["errno"])
         errno = 0 if name == "SUCCESS" else int(Errno[name[1:]]) if name.startswith("E") else int(name)
         data = record.get("data")
-        return cls(int(record["seq"]), str(record["call"]), dict(record["args"]), errno,
+        args = dict(record["args"])
+        for key, encoded in dict(record.get("raw") or {}).items():
+            args[key] = base64.b64decode(encoded).decode("utf-8", "surrogateescape")
+        return cls(int(record["seq"]), str(record["call"]), args, errno,
                    {key: int(value) for key, value in dict(record["results"]).items()},
                    float(record["us"]), base64.b64decode(data) if data is not None else None,
                    record.get("exit_code"))

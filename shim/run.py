@@ -460,9 +460,15 @@ def _parse_invoke_arguments(func_type: wasmtime.FuncType, texts: Sequence[str],
     values: list[Scalar] = []
     for kind, text in zip(params, texts, strict=True):
         try:
-            values.append(float(text) if str(kind) in ("f32", "f64") else int(text, 0))
+            value: Scalar = float(text) if str(kind) in ("f32", "f64") else int(text, 0)
         except ValueError:
             raise ModuleError(f"`{name}`: cannot read {text!r} as {kind}") from None
+        bits = {"i32": 32, "i64": 64}.get(str(kind))
+        # Signed or unsigned spellings of the width (0xffffffff is an i32's -1, as in wasmtime);
+        # anything wider used to wrap silently into a different argument.
+        if bits is not None and not -(1 << (bits - 1)) <= value < (1 << bits):
+            raise ModuleError(f"`{name}`: {text!r} is out of range for {kind}")
+        values.append(value)
     return values
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fixture_build import FixtureBuilder
-from test_run import assert_one_line_error, fixtures, keep, private_cache
+from test_run import assert_one_line_error, fixtures, keep, private_cache, wat_file
 
 __all__ = ["fixtures", "private_cache"]  # test_run's fixtures, used here too
 
@@ -51,3 +51,24 @@ def test_fuel_and_memory_limits_beyond_64_bits_are_refused_not_wrapped(fixtures:
         assert completed.stdout == ""
     largest = keep("run", "--fuel", str(2**64 - 1), "--max-memory", str(2**63 - 1), hello)
     assert (largest.returncode, largest.stdout) == (0, "Hello, world!\n"), largest.stderr
+
+
+def test_invoke_integer_arguments_out_of_range_are_refused_not_wrapped(tmp_path: Path) -> None:
+    """Before: `--invoke add 99999999999 1` called add(1215752192, 1) (the value wrapped to 32
+    bits) and printed a wrong sum with exit 0. The unsigned spellings of a width (0xffffffff
+    for an i32) still mean their two's complement value, as in wasmtime."""
+    module = wat_file(tmp_path, "identity", IDENTITY)
+    for export, text in (("i32", "99999999999"), ("i32", "-2147483649"), ("i32", "0x100000000"),
+                         ("i64", str(2**64)), ("i64", str(-2**63 - 1))):
+        completed = keep("run", "--invoke", export, str(module), text)
+        assert_one_line_error(completed, text, export)
+        assert completed.stdout == ""
+    for export, text, printed in (("i32", "0xffffffff", "-1"), ("i32", "-2147483648", "-2147483648"),
+                                  ("i64", str(2**64 - 1), "-1"), ("i64", str(2**63 - 1), str(2**63 - 1))):
+        completed = keep("run", "--invoke", export, str(module), text)
+        assert (completed.returncode, completed.stdout) == (0, f"{printed}\n"), completed.stderr
+
+
+IDENTITY = """(module
+  (func (export "i32") (param i32) (result i32) (local.get 0))
+  (func (export "i64") (param i64) (result i64) (local.get 0)))"""

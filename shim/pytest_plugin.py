@@ -104,7 +104,11 @@ def fill(root: Directory, files: FileTree | Path) -> None:
             relative = Path(directory).relative_to(files)
             base = list(relative.parts)
             for name in subdirectories:
-                _subdirectory(root, [*base, name])
+                link = Path(directory, name)
+                if link.is_symlink():  # os.walk lists links to directories here; copy the link
+                    _subdirectory(root, base).symlink(os.readlink(link), name)
+                else:
+                    _subdirectory(root, [*base, name])
             for name in names:
                 source = Path(directory, name)
                 parent = _subdirectory(root, base)

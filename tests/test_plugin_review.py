@@ -1,0 +1,30 @@
+"""Review findings on the pytest plugin's `keep` fixture: a host directory is copied in as it is
+(links to directories stay links, a str path works), and a plain call inside a trio test says to
+use run_async."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shim.pytest_plugin import GuestTree
+from wasi_host import Filetype
+
+
+@pytest.mark.parametrize("kind", ["memfs", "volume"])
+def test_a_symlink_to_a_directory_is_copied_in_as_a_symlink(kind: str, tmp_path: Path) -> None:
+    """os.walk lists a link to a directory among the sub-directories, and `fill` used to make a
+    real, empty directory of it (its files missing in the guest) while links to files stayed
+    links."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f.txt").write_text("x")
+    (tmp_path / "alias").symlink_to("real")
+    (tmp_path / "file-link").symlink_to("real/f.txt")
+    tree = GuestTree(kind, tmp_path)  # type: ignore[arg-type]
+    kinds = {entry.name: entry.filetype for entry in tree.directory.readdir(0)}
+    assert kinds == {"real": Filetype.DIRECTORY, "alias": Filetype.SYMBOLIC_LINK,
+                     "file-link": Filetype.SYMBOLIC_LINK}
+    assert tree.directory.readlink("alias") == "real"
+    files, _ = tree.finish()
+    assert files == {"real/f.txt": b"x"}

@@ -14,8 +14,8 @@ keepshim makes the fixture available to any test suite::
 Each call runs one module to completion in a keep, in this process, with:
 
 - a guest directory pre-opened at `mount` (default `/data`), filled from `files` (a dict of
-  relative path -> bytes or str, or a host directory copied in); after the run its regular files
-  come back as `result.files` (relative path -> bytes);
+  relative path -> bytes or str, or a host directory, a Path or a str, copied in); after the
+  run its regular files come back as `result.files` (relative path -> bytes);
 - stdin from bytes, stdout and stderr captured, args and env as given;
 - `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`);
 - every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
@@ -97,9 +97,13 @@ def _subdirectory(root: Directory, parts: Sequence[str]) -> Directory:
     return directory
 
 
-def fill(root: Directory, files: FileTree | Path) -> None:
-    """Put `files` (relative path -> contents, or a host directory's tree) into `root`."""
-    if isinstance(files, Path):
+def fill(root: Directory, files: FileTree | Path | str) -> None:
+    """Put `files` (relative path -> contents, or a host directory's tree, as a Path or a str)
+    into `root`. A host directory that does not exist is an error, not an empty guest tree."""
+    if isinstance(files, str | os.PathLike):
+        files = Path(files)
+        if not files.is_dir():
+            raise ValueError(f"files: {str(files)!r} is not a directory (a host directory to copy in)")
         for directory, subdirectories, names in os.walk(files):
             relative = Path(directory).relative_to(files)
             base = list(relative.parts)
@@ -163,7 +167,7 @@ def _entries(directory: Directory) -> Iterator[DirEntry]:
 class GuestTree:
     """The guest's pre-opened directory for one run: filled before, read back after."""
 
-    def __init__(self, kind: GuestDirectoryKind, files: FileTree | Path | None,
+    def __init__(self, kind: GuestDirectoryKind, files: FileTree | Path | str | None,
                  volume_size: int = VOLUME_SIZE) -> None:
         self.kind = kind
         self._device: MemoryBlockDevice | None = None
@@ -217,7 +221,7 @@ class KeepRunner:
         self,
         module: str | os.PathLike[str] | bytes,
         *,
-        files: FileTree | Path | None = None,
+        files: FileTree | Path | str | None = None,
         mount: str = "/data",
         directory: GuestDirectoryKind = "volume",
         stdin: bytes = b"",

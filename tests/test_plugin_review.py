@@ -28,3 +28,14 @@ def test_a_symlink_to_a_directory_is_copied_in_as_a_symlink(kind: str, tmp_path:
     assert tree.directory.readlink("alias") == "real"
     files, _ = tree.finish()
     assert files == {"real/f.txt": b"x"}
+
+
+def test_a_host_directory_may_be_given_as_a_str_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    """A str path used to fail with `AttributeError: 'str' object has no attribute 'items'`, and a
+    Path that does not exist silently gave the guest an empty directory."""
+    (tmp_path / "config.toml").write_text("size = 10")
+    tree = GuestTree("memfs", str(tmp_path))
+    assert tree.finish()[0] == {"config.toml": b"size = 10"}
+    for missing in (tmp_path / "nope", str(tmp_path / "nope"), tmp_path / "config.toml"):
+        with pytest.raises(ValueError, match=r"files: .* is not a directory"):
+            GuestTree("memfs", missing)

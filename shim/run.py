@@ -472,6 +472,25 @@ def _parse_invoke_arguments(func_type: wasmtime.FuncType, texts: Sequence[str],
     return values
 
 
+def _print_results(results: Sequence[Scalar]) -> None:
+    """`--invoke`'s return values on stdout, one a line. A stdout that cannot take them (a full
+    disk, a reader that went away) is a one-line KeepError; stdout is then pointed at /dev/null
+    so that the interpreter's last flush does not fail (and complain) a second time."""
+    if not results:
+        return
+    try:
+        for value in results:
+            print(value)
+        sys.stdout.flush()
+    except OSError as error:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise KeepError(f"cannot write the results of --invoke to stdout: "
+                        f"{error.strerror or error}") from None
+
+
 def config_from_arguments(args: argparse.Namespace) -> RunConfig:
     """The RunConfig for parsed `keep run` arguments."""
     env: list[tuple[str, str]] = []
@@ -538,8 +557,7 @@ def run_command(args: argparse.Namespace) -> int:
         limit = limit_reached(result.trap_code, config)
         if limit is not None:
             print(f"keep: {limit}", file=sys.stderr)
-    for value in result.results:
-        print(value)
+    _print_results(result.results)
     if args.audit_host is not None:
         from shim.audit import audit_places, audit_run
 

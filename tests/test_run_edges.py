@@ -72,3 +72,24 @@ def test_invoke_integer_arguments_out_of_range_are_refused_not_wrapped(tmp_path:
 IDENTITY = """(module
   (func (export "i32") (param i32) (result i32) (local.get 0))
   (func (export "i64") (param i64) (result i64) (local.get 0)))"""
+
+
+def test_invoke_results_that_cannot_be_written_are_one_line(tmp_path: Path) -> None:
+    """Before: `keep: internal error: OSError: [Errno 28] No space left on device` (stdout on
+    /dev/full) or `internal error: BrokenPipeError` (the reader gone), exit 70."""
+    module = str(wat_file(tmp_path, "identity", IDENTITY))
+    with open("/dev/full", "wb") as full:
+        completed = subprocess.run([sys.executable, "-m", "shim", "run", "--invoke", "i32", module, "7"],
+                                   stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    assert_one_line_error(completed, "cannot write", "No space left on device")
+    assert completed.returncode == 1
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody will read the results
+    try:
+        completed = subprocess.run([sys.executable, "-m", "shim", "run", "--invoke", "i32", module, "7"],
+                                   stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+                                   check=False)
+    finally:
+        os.close(writer)
+    assert_one_line_error(completed, "cannot write", "Broken pipe")
+    assert completed.returncode == 1

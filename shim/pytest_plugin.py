@@ -214,6 +214,13 @@ class KeepRunner:
     def __call__(self, module: str | os.PathLike[str] | bytes, **options: object) -> KeepRun:
         import trio
 
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # not inside a trio run: start one
+            pass
+        else:
+            raise RuntimeError("keep(...) cannot run inside a trio test (trio runs do not nest): "
+                               "use `await keep.run_async(...)`")
         result: KeepRun = trio.run(lambda: self.run_async(module, **options))  # type: ignore[arg-type]
         return result
 

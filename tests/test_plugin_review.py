@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixture_build import WasmFixture
 
-from shim.pytest_plugin import GuestTree
+from shim.pytest_plugin import GuestTree, KeepRunner
 from wasi_host import Filetype
 
 
@@ -39,3 +40,12 @@ def test_a_host_directory_may_be_given_as_a_str_and_a_missing_one_is_an_error(tm
     for missing in (tmp_path / "nope", str(tmp_path / "nope"), tmp_path / "config.toml"):
         with pytest.raises(ValueError, match=r"files: .* is not a directory"):
             GuestTree("memfs", missing)
+
+
+async def test_the_plain_call_in_a_trio_test_says_to_await_run_async(keep: KeepRunner, wasm_fixture: WasmFixture) -> None:
+    """Under pytest-trio the plain call used to fail with trio's own `Attempted to call run() from
+    inside a run()`, which does not say what to do instead."""
+    with pytest.raises(RuntimeError, match=r"await keep\.run_async\(\.\.\.\)"):
+        keep(wasm_fixture("hello"))
+    result = await keep.run_async(wasm_fixture("hello"))
+    assert result.exit_code == 0 and result.stdout == b"Hello, world!\n"

@@ -40,7 +40,7 @@ from wasi_host._errors import WasiError
 from wasi_host._fdtable import OpenDirectory
 from wasi_host._functions import HostFunction
 from wasi_host._memory import Memory
-from wasi_host._trace import TRANSFERS, replace_impl
+from wasi_host._trace import TRANSFERS, errno_from_name, replace_impl
 
 GRAMMAR: Final = """\
 fault SPEC grammar:  CALLS:ACTION[:CONDITION...]
@@ -169,10 +169,9 @@ def _whole(text: str, key: str, value: str) -> int:
 
 
 def _errno(text: str, name: str) -> int:
-    upper = name.upper()
-    for candidate in (upper[1:] if upper.startswith("E") else upper, upper):
-        if candidate in Errno.__members__ and candidate != "SUCCESS":
-            return int(Errno[candidate])
+    errno = errno_from_name(name.strip())
+    if errno:  # SUCCESS is not a fault
+        return errno
     raise FaultSpecError(f"--fault {text!r}: {name!r} is not a WASI errno name (EIO, ENOSPC, ...)")
 
 

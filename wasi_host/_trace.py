@@ -157,13 +157,24 @@ def flags_text(kind: str, value: int) -> str:
     return "|".join(names) or "0"
 
 
+# The witx spells errno 1 `2big`, POSIX E2BIG; the Python enum needs an identifier (TOOBIG).
 _ERRNO_NAMES: Final[Mapping[int, str]] = MappingProxyType(
-    {int(value): value.name if value == 0 else "E" + value.name for value in Errno})
+    {int(value): "SUCCESS" if value == 0 else "E2BIG" if value == Errno.TOOBIG else "E" + value.name
+     for value in Errno})
+_ERRNO_VALUES: Final[Mapping[str, int]] = MappingProxyType(
+    {**{name: value for value, name in _ERRNO_NAMES.items()},
+     **{name[1:]: value for value, name in _ERRNO_NAMES.items() if value}, "ETOOBIG": Errno.TOOBIG})
 
 
 def errno_name(errno: int) -> str:
-    """E-prefixed name of a WASI errno (`SUCCESS` for 0)."""
+    """E-prefixed name of a WASI errno (`SUCCESS` for 0, E2BIG for the witx's `2big`)."""
     return _ERRNO_NAMES.get(errno) or str(errno)
+
+
+def errno_from_name(name: str) -> int | None:
+    """The WASI errno called `name` in any case, with or without the E (EIO, io, E2BIG, 2big,
+    SUCCESS), or None."""
+    return _ERRNO_VALUES.get(name.upper())
 
 
 def _c_string(data: bytes, limit: int) -> str:
@@ -226,7 +237,8 @@ class TraceEvent:
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TraceEvent:
         name = str(record["errno"])
-        errno = 0 if name == "SUCCESS" else int(Errno[name[1:]]) if name.startswith("E") else int(name)
+        known = errno_from_name(name)
+        errno = known if known is not None else int(name)
         data = record.get("data")
         args = dict(record["args"])
         for key, encoded in dict(record.get("raw") or {}).items():

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import posixpath
 import re
 import signal
 import sys
@@ -106,6 +107,27 @@ def split_mapping(spec: str, option: str, source: str) -> tuple[str, str | None]
     return host, guest if separator else None
 
 
+def check_guest_paths(names: Sequence[str]) -> None:
+    """A UsageError when two pre-opens (--dir, --volume) name the same guest directory, however
+    spelled (`/data`, `/data/`, `//data/.`): wasi-libc would resolve the guest's paths to one of
+    them, which one depending on the spelling, and the other would be hidden; a plaintext --dir
+    could silently take the place of an encrypted --volume. Nested paths are fine."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = _normal_guest_path(name)
+        if key in seen:
+            raise UsageError(f"pre-opened directories {seen[key]!r} and {name!r} are the same "
+                             "guest path (one would hide the other)")
+        seen[key] = name
+
+
+def _normal_guest_path(name: str) -> str:
+    normal = posixpath.normpath(name).lstrip("/")
+    if normal == ".":
+        normal = ""
+    return f"/{normal}" if name.startswith("/") else normal
+
+
 @dataclass(frozen=True)
 class Stdio:
     """The guest's stdin, stdout and stderr (wasi_host Stream objects)."""
@@ -161,6 +183,8 @@ class RunConfig:
             raise UsageError(f"--max-memory must be 0 to {MAX_MEMORY} bytes")
         if self.fuel is not None and not 0 <= self.fuel <= MAX_FUEL:
             raise UsageError(f"--fuel must be 0 to {MAX_FUEL}")
+        check_guest_paths([mapping.guest for mapping in self.dirs]
+                          + [name for name, _ in self.preopens])
 
     @property
     def engine_settings(self) -> EngineSettings:
@@ -530,9 +554,17 @@ def run_command(args: argparse.Namespace) -> int:
     wire: WireRecorder | None = None
     if args.audit_host is not None:
         wire = WireRecorder(os.fsencode(args.audit_host))  # a bad marker fails before the run
-    from shim.run_volumes import RunVolumes, SignalledRun, run_until_signalled, warn_plaintext_dirs
+    from shim.run_volumes import (
+        RunVolumes,
+        SignalledRun,
+        VolumeMount,
+        run_until_signalled,
+        warn_plaintext_dirs,
+    )
 
     warn_plaintext_dirs(args)
+    check_guest_paths([mapping.guest for mapping in config.dirs]
+                      + [VolumeMount.parse(spec).guest for spec in args.volume])  # before opening
     with contextlib.ExitStack() as stack:
         if args.trace is not None:
             tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 from fixture_build import WasmFixture
 
 
@@ -35,8 +36,6 @@ def test_a_trace_file_that_cannot_be_written_does_not_fail_the_guests_calls(
 def test_a_failing_sink_leaves_every_outcome_as_it_was_and_is_reported() -> None:
     """Unit level: with a sink that raises, a successful call still returns SUCCESS, a failing one
     still raises its own error, proc_exit still ends the guest, and the first failure is kept."""
-    import pytest
-
     from wasi_host import Guest, ProcExit, WasiError
     from wasi_host._functions import FUNCTIONS
     from wasi_host._trace import TraceEvent, Tracer
@@ -105,3 +104,34 @@ def test_jsonl_lines_stay_strict_json_for_non_utf8_paths_and_keep_their_bytes(
              if record["call"] == "path_open" and "raw" in record]
     assert shown == [path.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for path in bad]
     assert [event.to_json() for event in events] == records
+
+
+def test_a_call_ended_by_a_trap_is_shown_as_a_trap_not_as_errno_minus_one(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """--timeout interrupts echo blocked in fd_read on a pipe that stays open; the trace line
+    read `fd_read(fd=0, size=65536) = -1 <...>`, an errno that does not exist."""
+    import json
+
+    trace, stderr = tmp_path / "trace.jsonl", tmp_path / "stderr"
+    with stderr.open("wb") as errors, subprocess.Popen(
+            ["keep", "run", "--timeout", "1", f"--trace={trace}", "--trace-format", "jsonl",
+             str(wasm_fixture("echo"))], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+            env=keep_environment) as process:
+        try:  # stdin stays open: the guest waits in fd_read until --timeout stops it
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 134, stderr.read_text()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert records[-1]["call"] == "fd_read" and records[-1]["errno"] == "TRAP"
+    from wasi_host._trace import TraceEvent
+
+    event = TraceEvent.from_json(records[-1])
+    assert event.errno == -1 and event.errno_name == "TRAP"
+    assert event.format().startswith("fd_read(fd=0, size=65536) = TRAP <")
+    from shim.errors import UsageError
+    from shim.faults import parse_faults
+
+    with pytest.raises(UsageError, match="'TRAP' is not a WASI errno name"):
+        parse_faults(["fd_write:TRAP"])  # a name the trace shows, not an errno to inject

@@ -170,7 +170,7 @@ def _whole(text: str, key: str, value: str) -> int:
 
 def _errno(text: str, name: str) -> int:
     errno = errno_from_name(name.strip())
-    if errno:  # SUCCESS is not a fault
+    if errno is not None and errno > 0:  # SUCCESS is not a fault, TRAP is not an errno
         return errno
     raise FaultSpecError(f"--fault {text!r}: {name!r} is not a WASI errno name (EIO, ENOSPC, ...)")
 

@@ -157,17 +157,21 @@ def flags_text(kind: str, value: int) -> str:
     return "|".join(names) or "0"
 
 
+# An event's errno when the call did not return but ended the guest with a trap (an interrupt
+# from --timeout while it waited, or a host error): no errno reached the guest.
+TRAPPED: Final = -1
 # The witx spells errno 1 `2big`, POSIX E2BIG; the Python enum needs an identifier (TOOBIG).
 _ERRNO_NAMES: Final[Mapping[int, str]] = MappingProxyType(
-    {int(value): "SUCCESS" if value == 0 else "E2BIG" if value == Errno.TOOBIG else "E" + value.name
-     for value in Errno})
+    {TRAPPED: "TRAP", **{int(value): "SUCCESS" if value == 0 else "E2BIG" if value == Errno.TOOBIG
+                          else "E" + value.name for value in Errno}})
 _ERRNO_VALUES: Final[Mapping[str, int]] = MappingProxyType(
     {**{name: value for value, name in _ERRNO_NAMES.items()},
-     **{name[1:]: value for value, name in _ERRNO_NAMES.items() if value}, "ETOOBIG": Errno.TOOBIG})
+     **{name[1:]: value for value, name in _ERRNO_NAMES.items() if value > 0}, "ETOOBIG": Errno.TOOBIG})
 
 
 def errno_name(errno: int) -> str:
-    """E-prefixed name of a WASI errno (`SUCCESS` for 0, E2BIG for the witx's `2big`)."""
+    """E-prefixed name of a WASI errno (`SUCCESS` for 0, E2BIG for the witx's `2big`, TRAP for
+    TRAPPED)."""
     return _ERRNO_NAMES.get(errno) or str(errno)
 
 
@@ -191,7 +195,8 @@ class TraceEvent:
     """One host call: decoded arguments, the errno the guest saw, results, duration.
 
     `args` and `results` keep the order of the parameters. `data` is set only when the tracer
-    shows buffer contents (the bytes written, or read). `exit_code` is set for proc_exit."""
+    shows buffer contents (the bytes written, or read). `exit_code` is set for proc_exit.
+    `errno` is TRAPPED (shown as TRAP) for a call that ended the guest with a trap."""
 
     seq: int
     function: str
@@ -322,7 +327,7 @@ class Tracer:
                 raise
             except Exception as error:
                 mapped = errno_for_exception(error)
-                sink(TraceEvent(self._next_seq(), name, decoded, -1 if mapped is None else mapped, {},
+                sink(TraceEvent(self._next_seq(), name, decoded, TRAPPED if mapped is None else mapped, {},
                                 (clock() - start) / 1000))
                 raise
             elapsed = (clock() - start) / 1000

@@ -4,8 +4,9 @@ The tracing itself is `wasi_host._trace` (pure Python: a wrapper around each hos
 is installed only when tracing is on). This module opens the destination (stderr by default, or
 FILE, created with mode 0600 since paths in a trace are metadata of the guest) and picks the
 format: strace-like text or JSON Lines (one `TraceEvent.to_json` object per call: strict JSON even
-for a path that is not UTF-8, whose exact bytes are then in `raw`). Each event is flushed as it is written, so the calls made
-before a run was killed or interrupted are in the file.
+for a path that is not UTF-8, whose exact bytes are then in `raw`). Each event is flushed as it
+is written, so the calls made before a run was killed or interrupted are in the file. A trace that
+cannot be written (a full disk, a closed pipe) stops with a warning; the run goes on untraced.
 """
 
 from __future__ import annotations

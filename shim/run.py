@@ -79,6 +79,7 @@ MAX_FUEL = 2**64 - 1  # wasmtime's fuel is a u64: larger values wrapped around s
 MAX_MEMORY = 2**63 - 1  # wasmtime-py passes the memory limit as an i64 (negative: no limit)
 INVALID_EXIT_STATUS = 126  # proc_exit codes from here on are an error in wasmtime (exit status 1)
 WASI_MODULE = "wasi_snapshot_preview1"
+_WASM_MAGIC = b"\0asm"
 
 
 class ModuleError(KeepError):
@@ -295,16 +296,26 @@ async def _interrupt_when_cancelled(engine: wasmtime.Engine, stop: StopSignal,
 def _read_module(config: RunConfig) -> bytes:
     if config.module_bytes is not None:
         return config.module_bytes
+    # The header first: a huge (or endless, /dev/zero) file that is not wasm is refused without
+    # being read into memory.
     try:
-        return Path(config.module).read_bytes()
+        with open(config.module, "rb") as stream:
+            header = stream.read(len(_WASM_MAGIC))
+            if header != _WASM_MAGIC:
+                raise _not_wasm(config)
+            return header + stream.read()
     except OSError as error:
         raise ModuleError(f"cannot read {config.module}: {error.strerror}") from None
 
 
+def _not_wasm(config: RunConfig) -> ModuleError:
+    return ModuleError(f"{config.module} is not a WebAssembly module (no \\0asm header)")
+
+
 def _compile(engine: wasmtime.Engine, settings: EngineSettings, wasm: bytes,
              config: RunConfig) -> tuple[wasmtime.Module, bool | None]:
-    if not wasm.startswith(b"\0asm"):
-        raise ModuleError(f"{config.module} is not a WebAssembly module (no \\0asm header)")
+    if not wasm.startswith(_WASM_MAGIC):
+        raise _not_wasm(config)
     try:
         if config.cache:
             cache = CompileCache.open(config.cache_dir)

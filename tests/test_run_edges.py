@@ -7,6 +7,7 @@ CLI behaviour runs `keep` as a subprocess, as a user would; helpers come from te
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,19 @@ def test_invoke_results_that_cannot_be_written_are_one_line(tmp_path: Path) -> N
         os.close(writer)
     assert_one_line_error(completed, "cannot write", "Broken pipe")
     assert completed.returncode == 1
+
+
+def test_a_huge_or_endless_non_wasm_file_is_refused_from_its_header(tmp_path: Path) -> None:
+    """Before: the whole file was read before its header was looked at: a 3 GB sparse file took
+    3.2 GB of memory to be called 'not a WebAssembly module', and /dev/zero ended in
+    `keep: internal error: MemoryError` (exit 70) under a 2 GB address-space limit."""
+    sparse = tmp_path / "huge.wasm"
+    with open(sparse, "wb") as stream:
+        stream.truncate(3 << 30)
+    for module in ("/dev/zero", str(sparse)):
+        completed = subprocess.run(
+            [sys.executable, "-m", "shim", "run", "--no-cache", module], capture_output=True, text=True,
+            timeout=120, check=False, preexec_fn=lambda: resource.setrlimit(
+                resource.RLIMIT_AS, (2 << 30, 2 << 30)))
+        assert_one_line_error(completed, module, "not a WebAssembly module")
+        assert completed.returncode == 1

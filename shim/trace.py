@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Final, TextIO
 
 from shim.errors import UsageError
 from wasi_host._trace import TraceEvent, Tracer, jsonl_writer, text_writer
@@ -36,10 +37,7 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
     if target == STDERR:
         stream, owned = sys.stderr, False
     else:
-        try:
-            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise UsageError(f"--trace={target}: {error.strerror}") from None
+        descriptor = _open_for_writing(target)
         stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
     # Every line is flushed as it is written, to a file as to stderr: a trace is read when a run
     # went wrong, and such a run often ends by a signal (SIGINT, SIGTERM, SIGKILL from a
@@ -62,6 +60,36 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
             _warn_incomplete(target, tracer.failure, tracer.failed_at)
         elif closing_error is not None:
             _warn_incomplete(target, closing_error, None)
+
+
+# The first bytes of files a mistyped --trace=FILE must not destroy (a volume image's loss is
+# every file in it): a LUKS2 header, a WebAssembly module.
+_PRECIOUS: Final = ((b"LUKS\xba\xbe", "a LUKS2 volume image"), (b"\0asm", "a WebAssembly module"))
+
+
+def _open_for_writing(target: str) -> int:
+    """`target` opened for writing (created 0600, emptied if it is a regular file), or a
+    UsageError; an existing volume image or module is refused, not truncated."""
+    try:
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise UsageError(f"--trace={target}: {error.strerror}") from None
+    try:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            with contextlib.suppress(OSError), open(target, "rb") as existing:
+                head = existing.read(8)
+                for magic, kind in _PRECIOUS:
+                    if head.startswith(magic):
+                        raise UsageError(f"--trace={target}: refusing to overwrite {kind} (give the trace "
+                                         "a file name of its own)")
+            os.ftruncate(descriptor, 0)
+    except OSError as error:
+        os.close(descriptor)
+        raise UsageError(f"--trace={target}: {error.strerror}") from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
 
 
 def _warn_incomplete(target: str, failure: Exception, failed_at: int | None) -> None:

@@ -135,3 +135,30 @@ def test_a_call_ended_by_a_trap_is_shown_as_a_trap_not_as_errno_minus_one(
 
     with pytest.raises(UsageError, match="'TRAP' is not a WASI errno name"):
         parse_faults(["fd_write:TRAP"])  # a name the trace shows, not an errno to inject
+
+
+def test_the_trace_file_never_overwrites_a_volume_image_or_a_module(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`--trace=FILE` truncated FILE before anything else: `--trace=notes.img --volume notes.img`
+    (or naming the module) destroyed the encrypted volume (0 bytes, every file in it lost) and
+    only then failed with 'not a LUKS2 volume'."""
+    import shutil
+
+    from run_volume_support import PASSPHRASE, make_volume
+
+    image, module, key = tmp_path / "notes.img", tmp_path / "hello.wasm", tmp_path / "key"
+    make_volume(image)
+    key.write_bytes(PASSPHRASE)
+    shutil.copy(wasm_fixture("hello"), module)
+    before = image.read_bytes(), module.read_bytes()
+    for target, kind in ((image, "a LUKS2 volume image"), (module, "a WebAssembly module")):
+        completed = keep_run([f"--trace={target}", "--volume", str(image), "--key-file", str(key), str(module)],
+                             keep_environment)
+        assert completed.returncode == 2
+        assert completed.stderr.decode() == (f"keep: --trace={target}: refusing to overwrite {kind} "
+                                             "(give the trace a file name of its own)\n")
+    assert (image.read_bytes(), module.read_bytes()) == before
+    trace = tmp_path / "trace.txt"
+    trace.write_text("an old trace\n")  # an ordinary file is still replaced
+    completed = keep_run([f"--trace={trace}", str(module)], keep_environment)
+    assert completed.returncode == 0 and trace.read_text().startswith("fd_fdstat_get(fd=1) = SUCCESS")

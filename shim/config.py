@@ -49,6 +49,9 @@ DEFAULT_PORTS: Mapping[Prot, int] = {"tls": 443, "tcp": 80}
 RESERVED_ENV = ("FD_COUNT", "FD_NAMES")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a keep.toml is a few hundred bytes
+
+
 class ConfigError(KeepError):
     """keep.toml is malformed: the message names the file, the line and the key."""
 
@@ -156,13 +159,20 @@ class KeepConfig:
 
 
 def load_config(path: Path) -> KeepConfig:
-    """Read and validate keep.toml (or an Enarx.toml)."""
+    """Read and validate keep.toml (or an Enarx.toml). At most MAX_CONFIG_BYTES are read: a
+    bigger file (or /dev/zero) is refused instead of filling memory."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (not a keep.toml?)")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
     return parse_config(text, source=str(path), base_dir=path.parent)
 
 

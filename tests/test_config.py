@@ -134,3 +134,15 @@ def test_deeply_nested_toml_is_a_config_error_not_a_recursion_error(tmp_path: Pa
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"deep\.toml: not valid TOML: nested too deeply"):
         load_config(path)
+
+
+def test_a_config_larger_than_one_mebibyte_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    """Found in review: load_config read the whole file first, so `--config /dev/zero` grew until
+    `keep: internal error: MemoryError` (exit 70). A keep.toml is a few hundred bytes; more than
+    1 MiB is refused after reading just past the limit."""
+    path = tmp_path / "huge.toml"
+    path.write_text("# padding\n" * (120 << 10))  # 1.2 MiB of valid TOML
+    with pytest.raises(ConfigError, match=r"huge\.toml: larger than 1048576 bytes"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"/dev/zero: larger than 1048576 bytes"):
+        load_config(Path("/dev/zero"))

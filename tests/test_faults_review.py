@@ -22,3 +22,35 @@ def test_e2big_is_accepted_and_shown_by_its_posix_and_witx_name() -> None:
     assert TraceEvent.from_json(event.to_json()) == event
     with pytest.raises(UsageError, match="'EBIG' is not a WASI errno name"):
         parse_faults(["fd_write:EBIG"])
+
+
+def test_path_matches_the_destination_of_a_rename_or_a_link_too() -> None:
+    """path_rename and path_link name two paths; path=GLOB looked at the first only, so a fault on
+    'moves into archive/' (`path_rename:EXDEV:path=/data/archive/*`) never fired."""
+    from wasi_host import Guest, WasiError
+    from wasi_host._faults import FaultInjector, FaultSpec
+    from wasi_host._functions import FUNCTIONS
+    from wasi_host.memfs import MemoryFilesystem
+    from wasi_host.streams import MemoryStream
+
+    root = MemoryFilesystem().root()
+    root.mkdir("archive")
+    names = frozenset(FUNCTIONS)
+    specs = (FaultSpec.parse("path_rename|path_link:EXDEV:path=/data/archive/*", names),)
+    functions = FaultInjector(specs).wrap(FUNCTIONS)
+    guest = Guest([b"m"], [], [("/data", root)], MemoryStream(), MemoryStream(), MemoryStream())
+    memory = memoryview(bytearray(4096))
+    for offset, text in ((100, b"a.txt"), (200, b"archive/a.txt"), (300, b"b.txt")):
+        memory[offset:offset + len(text)] = text
+    try:
+        assert functions["path_open"].impl(guest, memory, 3, 0, 100, 5, 1, 2**29 - 1, 2**29 - 1, 0, 0) == 0
+        assert functions["path_rename"].impl(guest, memory, 3, 100, 5, 3, 300, 5) == 0  # a.txt -> b.txt
+        with pytest.raises(WasiError) as failed:
+            functions["path_rename"].impl(guest, memory, 3, 300, 5, 3, 200, 13)  # b.txt -> archive/
+        assert failed.value.errno == Errno.XDEV
+        with pytest.raises(WasiError) as failed:
+            functions["path_link"].impl(guest, memory, 3, 0, 300, 5, 3, 200, 13)
+        assert failed.value.errno == Errno.XDEV
+    finally:
+        guest.close()
+    assert sorted(entry.name for entry in root.readdir(0)) == ["archive", "b.txt"]

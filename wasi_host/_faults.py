@@ -8,8 +8,9 @@ which each function some spec names is wrapped; the others are left as they are.
 spec that names the function is checked in order:
 
 1. filters: `fd=N` (the call's fd) and `path=GLOB` (the path argument of a path_* call joined to
-   its directory, or the path an fd was opened with; `fnmatch`, so `*` also crosses `/`, and a
-   glob without `/` also matches the last component);
+   its directory, either of the two for path_rename and path_link, or the path an fd was opened
+   with; `fnmatch`, so `*` also crosses `/`, and a glob without `/` also matches the last
+   component);
 2. when: the calls passing the filters are counted, and `nth=N` picks the Nth, `every=N` every
    Nth, `probability=P` a pseudo-random share from `random.Random(seed)` (default seed 0), drawn
    only for calls that passed the other conditions, so one seed always gives the same faults for
@@ -51,8 +52,9 @@ fault SPEC grammar:  CALLS:ACTION[:CONDITION...]
              enospc-after=N  transfers move N bytes in total, then fail with ENOSPC
              reset-after=N   transfers move N bytes in total, then fail with ECONNRESET
   CONDITION  fd=N            only calls on fd N
-             path=GLOB       only calls whose guest path (or the path the fd was opened with)
-                             matches; '*' crosses '/'; a GLOB without '/' matches the name
+             path=GLOB       only calls whose guest path (or the path the fd was opened with;
+                             either end of a rename or link) matches; '*' crosses '/'; a GLOB
+                             without '/' matches the name
              nth=N           only the Nth matching call (1 = the first)
              every=N         every Nth matching call
              probability=P   each matching call with probability P (0..1)
@@ -71,6 +73,10 @@ _PATH_ARGUMENTS: Final[Mapping[str, tuple[int, int]]] = MappingProxyType({
     "path_link": (0, 2), "path_open": (0, 2), "path_readlink": (0, 1),
     "path_remove_directory": (0, 1), "path_rename": (0, 1), "path_symlink": (2, 3),
     "path_unlink_file": (0, 1),
+})
+_SECOND_PATH_ARGUMENTS: Final[Mapping[str, tuple[int, int]]] = MappingProxyType({
+    # the calls naming two paths: where the destination's directory fd and path pointer are
+    "path_link": (4, 5), "path_rename": (3, 4),
 })
 
 
@@ -229,8 +235,11 @@ class FaultInjector:
             return entry.preopen_name.decode("utf-8", "surrogateescape")
         return ""
 
-    def _call_path(self, name: str, guest: object, memory: Memory, arguments: tuple[int, ...]) -> str | None:
-        place = _PATH_ARGUMENTS.get(name)
+    def _call_path(self, name: str, guest: object, memory: Memory, arguments: tuple[int, ...],
+                   place: tuple[int, int] | None = None) -> str | None:
+        """The guest path a call is about: its (first) path argument joined to its directory, or
+        the path its fd was opened with. `place` picks another (fd, path) argument pair."""
+        place = place or _PATH_ARGUMENTS.get(name)
         if place is not None:
             fd_index, path_index = place
             relative = _string(memory, arguments[path_index], arguments[path_index + 1])
@@ -240,6 +249,14 @@ class FaultInjector:
         if name.startswith(("fd_", "sock_")) and arguments:
             return self._fd_paths.get(arguments[0])
         return None
+
+    def _call_paths(self, name: str, guest: object, memory: Memory, arguments: tuple[int, ...]) -> list[str]:
+        """Every guest path a call names: both ends of a rename or a link."""
+        paths = [self._call_path(name, guest, memory, arguments)]
+        second = _SECOND_PATH_ARGUMENTS.get(name)
+        if second is not None:
+            paths.append(self._call_path(name, guest, memory, arguments, second))
+        return [path for path in paths if path is not None]
 
     def _tracking(self, name: str, impl: Callable[..., int]) -> Callable[..., int]:
         paths = self._fd_paths
@@ -271,8 +288,7 @@ class FaultInjector:
         transfer = TRANSFERS.get(name)
 
         def faulty(guest: object, memory: Memory, *arguments: int) -> int:
-            path: str | None = None
-            path_known = False
+            paths: list[str] | None = None
             limit: int | None = None
             limit_state: list[_SpecState] = []
             for state in states:
@@ -280,9 +296,9 @@ class FaultInjector:
                 if spec.fd is not None and not (has_fd and arguments and arguments[fd_index] == spec.fd):
                     continue
                 if spec.path is not None:
-                    if not path_known:
-                        path, path_known = self._call_path(name, guest, memory, arguments), True
-                    if path is None or not _path_matches(path, spec.path):
+                    if paths is None:
+                        paths = self._call_paths(name, guest, memory, arguments)
+                    if not any(_path_matches(path, spec.path) for path in paths):
                         continue
                 if spec.action == "limit":
                     if not state.due():

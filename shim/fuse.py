@@ -146,10 +146,21 @@ class FuseOperations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.EBADF) from None
 
-    def _own(self, attr: Attr, ctx: RequestContext, fs: Filesystem) -> Attr:
-        """New inodes belong to the caller (storage creates them owned by 0:0)."""
-        if (ctx.uid, ctx.gid) != (attr.uid, attr.gid):
-            return fs.setattr(attr.ino, uid=ctx.uid, gid=ctx.gid)
+    def _own(self, attr: Attr, ctx: RequestContext, fs: Filesystem, parent: int) -> Attr:
+        """New inodes belong to the caller (storage creates them owned by 0:0), with the
+        parent's group instead when the parent is set-group-ID, where a new directory also
+        inherits the bit (as Linux filesystems do: FUSE leaves both to us; the kernel has
+        already stripped S_ISGID from a file's mode where the caller may not keep it)."""
+        gid = ctx.gid
+        mode = attr.mode
+        directory = fs.getattr(parent)
+        if directory.mode & stat.S_ISGID:
+            gid = directory.gid
+            if attr.is_dir:
+                mode |= stat.S_ISGID
+        if (ctx.uid, gid, mode) != (attr.uid, attr.gid, attr.mode):
+            return fs.setattr(attr.ino, uid=ctx.uid, gid=gid,
+                              mode=mode if mode != attr.mode else None)
         return attr
 
     def _open_handle(self, ino: int, fs: Filesystem) -> FileHandle:
@@ -213,17 +224,17 @@ class FuseOperations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # no device nodes, FIFOs or sockets on the volume
         with self._call("mknod", changes=True) as fs:
-            return _entry(self._own(fs.create(parent_inode, name, mode), ctx, fs))
+            return _entry(self._own(fs.create(parent_inode, name, mode), ctx, fs, parent_inode))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: RequestContext) -> EntryAttributes:
         with self._call("mkdir", changes=True) as fs:
-            return _entry(self._own(fs.mkdir(parent_inode, name, mode), ctx, fs))
+            return _entry(self._own(fs.mkdir(parent_inode, name, mode), ctx, fs, parent_inode))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: RequestContext) -> EntryAttributes:
         with self._call("symlink", changes=True) as fs:
-            return _entry(self._own(fs.symlink(parent_inode, name, target), ctx, fs))
+            return _entry(self._own(fs.symlink(parent_inode, name, target), ctx, fs, parent_inode))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: RequestContext) -> EntryAttributes:
@@ -260,7 +271,7 @@ class FuseOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         with self._call("create", changes=True) as fs:
-            attr = self._own(fs.create(parent_inode, name, mode), ctx, fs)
+            attr = self._own(fs.create(parent_inode, name, mode), ctx, fs, parent_inode)
             return FileInfo(fh=self._open_handle(attr.ino, fs)), _entry(attr)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

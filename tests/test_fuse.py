@@ -174,6 +174,33 @@ def test_chmod_utimens_statfs_and_ls_la(mounted: MountedVolume) -> None:
     assert os.statvfs(root).f_bfree < before
 
 
+def test_a_setgid_directory_passes_its_group_and_the_bit_on(mounted: MountedVolume) -> None:
+    """As on a local filesystem: what is created in a set-group-ID directory gets the
+    directory's group (not the creator's), and a new subdirectory inherits the bit, so a
+    shared project directory stays shared. Without it the same directory is ordinary."""
+    shared = mounted.mountpoint / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, 4242)
+    os.chmod(shared, 0o2775)
+    (shared / "file").write_text("f")
+    (shared / "sub").mkdir(mode=0o755)
+    os.symlink("file", shared / "link")
+    os.mknod(shared / "node", 0o644 | stat.S_IFREG)
+    for name in ("file", "sub", "link", "node"):
+        assert os.lstat(shared / name).st_gid == 4242, name
+    assert os.stat(shared / "sub").st_mode & stat.S_ISGID
+    assert not os.stat(shared / "file").st_mode & stat.S_ISGID
+    (shared / "sub" / "deeper").mkdir()
+    assert os.stat(shared / "sub" / "deeper").st_gid == 4242
+    plain = mounted.mountpoint / "plain"
+    plain.mkdir()
+    os.chown(plain, 0, 4242)
+    (plain / "file").write_text("f")
+    (plain / "sub").mkdir()
+    assert os.stat(plain / "file").st_gid == os.getgid()
+    assert not os.stat(plain / "sub").st_mode & stat.S_ISGID
+
+
 def test_xattrs(mounted: MountedVolume) -> None:
     path = mounted.mountpoint / "tagged"
     path.write_text("t")

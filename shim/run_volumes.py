@@ -116,6 +116,8 @@ def _open_error(image: str, error: BaseException) -> KeepError:
         return KeepError(f"--volume {image}: refused, rolled back: {error}")
     if isinstance(error, IntegrityError):
         return KeepError(f"--volume {image}: integrity failure: {error}")
+    if isinstance(error, OSError) and error.strerror:  # "Is a directory", not Python's repr
+        return KeepError(f"--volume {image}: {error.strerror}")
     if isinstance(error, (CorruptHeader, UnsupportedFormat, OSError)):
         return KeepError(f"--volume {image}: {error}")
     return KeepError(f"--volume {image}: {type(error).__name__}: {error}")
@@ -145,13 +147,14 @@ class RunVolumes:
                 raise UsageError("--volume-generation and --volume-state need --volume")
             return None
         mounts = [VolumeMount.parse(spec) for spec in specs]
-        images = [_state_key(mount.image) for mount in mounts]
+        images = [os.path.realpath(mount.image) for mount in mounts]  # a symlink is the same image
         if len(set(images)) != len(images):
             raise UsageError("--volume: the same image is given twice")
         state_file = _writable_state_file(Path(state_path)) if state_path is not None else None
         from shim.deploy import _read_volume_state  # one format for `keep run` and `keep deploy`
 
-        recorded: dict[str, dict[str, Any]] = dict(_read_volume_state(state_file))
+        recorded: dict[str, dict[str, Any]] = dict(_read_volume_state(
+            Path(state_path) if state_path is not None else None))  # named as given
         pins = _pins(mounts, generations, recorded)
         key = read_key(KeySource.from_arguments(args), prompt="Volume passphrase: ")
         verbose = bool(getattr(args, "verbose", False))

@@ -54,3 +54,17 @@ def test_path_matches_the_destination_of_a_rename_or_a_link_too() -> None:
     finally:
         guest.close()
     assert sorted(entry.name for entry in root.readdir(0)) == ["archive", "b.txt"]
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    ("random_get:EIO:fd=3", "fd= never matches random_get: it takes no fd"),
+    ("clock_time_get|args_get:EIO:path=*.txt", "path= never matches clock_time_get: it names no path"),
+    ("poll_oneoff:EINTR:fd=0", "fd= never matches poll_oneoff: it takes no fd"),
+])
+def test_a_condition_the_calls_cannot_meet_is_refused(text: str, complaint: str) -> None:
+    """A spec narrowed by fd= or path= to calls that have neither was accepted and silently never
+    fired, so a test believed it had injected a fault."""
+    with pytest.raises(UsageError, match=complaint):
+        parse_faults([text])
+    for fine in ("fd_*:EIO:fd=3", "*:EIO:path=*.txt", "sock_send:reset-after=9:fd=4", "path_symlink:EIO:fd=3"):
+        parse_faults([fine])

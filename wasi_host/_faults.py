@@ -157,11 +157,35 @@ class FaultSpec:
                 if key in ("nth", "every") and number < 1:
                     raise FaultSpecError(f"--fault {text!r}: {key} counts from 1")
                 fields[key] = number
+        if names is not None:
+            _check_filters(text, calls, names, fields)
         return cls(**fields)  # type: ignore[arg-type]
 
     def names(self, name: str) -> bool:
         """Whether this spec applies to the preview1 function `name`."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.calls)
+
+
+def _takes_fd(name: str) -> bool:
+    """Whether the preview1 function `name` has an fd argument for `fd=N` to compare."""
+    return name.startswith(("fd_", "sock_", "path_"))
+
+
+def _names_path(name: str) -> bool:
+    """Whether a call of `name` is about a guest path `path=GLOB` can match (its own argument, or
+    the path its fd was opened with)."""
+    return name in _PATH_ARGUMENTS or name.startswith(("fd_", "sock_"))
+
+
+def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str], fields: Mapping[str, object]) -> None:
+    """Refuse fd= or path= on calls that can never meet it: the spec would silently never fire."""
+    for key, able, lacking in (("fd", _takes_fd, "takes no fd"), ("path", _names_path, "names no path")):
+        if fields.get(key) is None:
+            continue
+        for pattern in calls:
+            matched = [name for name in names if fnmatch.fnmatchcase(name, pattern) and name != "proc_exit"]
+            if matched and not any(able(name) for name in matched):
+                raise FaultSpecError(f"--fault {text!r}: {key}= never matches {pattern}: it {lacking}")
 
 
 def _whole(text: str, key: str, value: str) -> int:
@@ -284,7 +308,7 @@ class FaultInjector:
 
     def _faulty(self, name: str, impl: Callable[..., int], states: list[_SpecState]) -> Callable[..., int]:
         fd_index = _PATH_ARGUMENTS.get(name, (0, 0))[0]
-        has_fd = name.startswith(("fd_", "sock_", "path_"))
+        has_fd = _takes_fd(name)
         transfer = TRANSFERS.get(name)
 
         def faulty(guest: object, memory: Memory, *arguments: int) -> int:

@@ -232,3 +232,12 @@ def audit_run(marker: str, places: list[tuple[str, Path]], wire: WireRecorder | 
     findings = audit_host(os.fsencode(marker), places, wire)
     print(report(marker, findings, places, wire), file=sys.stderr)
     return bool(findings)
+
+
+def audited_exit_status(args: argparse.Namespace, config: RunConfig, wire: WireRecorder | None,
+                        status: int) -> int:
+    """`status`, or AUDIT_EXIT_STATUS when `keep run --audit-host` was given and found the marker
+    (for the ways a run ends besides its plain return, such as a signal)."""
+    if args.audit_host is None:
+        return status
+    return AUDIT_EXIT_STATUS if audit_run(args.audit_host, audit_places(config, args), wire) else status

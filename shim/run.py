@@ -593,7 +593,9 @@ def run_command(args: argparse.Namespace) -> int:
             if isinstance(ended, SignalledRun):
                 print(f"keep: {signal.Signals(ended.signal_number).name}: guest stopped, volumes "
                       "committed", file=sys.stderr)
-                return ended.exit_status
+                from shim.audit import audited_exit_status  # --audit-host: a signal ends servers
+
+                return audited_exit_status(args, config, wire, ended.exit_status)
             result = ended
     if result.trap is not None:
         print(f"keep: {config.module}: {result.trap}", file=sys.stderr)

@@ -189,3 +189,36 @@ def test_keep_run_reports_the_names_a_guest_gave_in_a_host_dir(
     assert completed.returncode == AUDIT_EXIT_STATUS, completed.stderr
     assert f"keep: audit-host:   --dir {tmp_path}/{marker}-dir: plain in the name at offset 0" in completed.stderr
     assert f"--dir {tmp_path}/{marker}-link: plain in the link target at offset 0" in completed.stderr
+
+
+def test_the_audit_still_runs_when_a_signal_stops_the_guest(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """A server-like guest is stopped by a signal; with --volume, keep commits the volumes and
+    exits 128+N, and it used to return before the audit: --audit-host printed nothing at all."""
+    import signal
+
+    image, key, stderr = tmp_path / "volume.img", tmp_path / "key", tmp_path / "stderr"
+    make_volume(image)
+    key.write_bytes(PASSPHRASE)
+    marker = MARKER.decode()
+    with stderr.open("wb") as errors, subprocess.Popen(
+            ["keep", "run", "--audit-host", marker, "--volume", f"{image}::/sandbox", "--key-file", str(key),
+             str(wasm_fixture("echo"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+            env=keep_environment) as process:
+        try:
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(b"hello\n")
+            process.stdin.flush()
+            # echoed back: the guest runs, and now waits in fd_read on the open pipe (b"" if keep
+            # ended instead, and the assertions below say why)
+            echoed = process.stdout.read(6)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    text = stderr.read_text()
+    assert echoed == b"hello\n", text
+    assert process.returncode == 128 + signal.SIGTERM, text
+    assert "keep: SIGTERM: guest stopped, volumes committed" in text
+    assert f"keep: audit-host: {marker!r} not found in plaintext (searched " in text

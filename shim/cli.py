@@ -9,6 +9,7 @@ exception is a bug and shows a traceback only with --debug.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -327,7 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fill_closed_standard_fds() -> None:
+    """Put /dev/null on fd 0, 1 or 2 if it is closed. Otherwise the first file `keep` opens takes
+    that number, and the guest's stdio is fds 0-2: with stdout closed (`keep run ... >&-`), the
+    guest's output went in plaintext into the encrypted volume image and broke it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            os.set_inheritable(fd, True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _fill_closed_standard_fds()  # first: before anything opens a file
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

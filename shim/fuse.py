@@ -349,8 +349,14 @@ class FuseOperations(pyfuse3.Operations):
             return fs.getxattr(inode, name)
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
+        """All names, but trusted.* only for root: the kernel refuses those values to
+        unprivileged callers but passes listxattr on unfiltered, and local filesystems hide
+        the names too (FUSE tells us the caller's uid, not its capabilities)."""
         with self._call("listxattr") as fs:
-            return fs.listxattr(inode)
+            names = fs.listxattr(inode)
+        if ctx.uid == 0:
+            return names
+        return [name for name in names if not name.startswith(b"trusted.")]
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         with self._call("removexattr", changes=True) as fs:

@@ -389,6 +389,44 @@ def test_allow_other_reaches_the_kernel(image: Path, tmp_path: Path) -> None:
         assert "allow_other" in line.split(" - ", 1)[1] and "fuse.keep" in line
 
 
+def _listxattr_as(uid: int, fd: int) -> list[str]:
+    """flistxattr(fd) from a child process running as `uid` (the fd is inherited, so the
+    mount point need not be reachable for that user)."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        status = 1
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(writer, "\0".join(os.listxattr(fd)).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        names = pipe.read().decode()
+    assert os.waitpid(child, 0)[1] == 0
+    return sorted(names.split("\0")) if names else []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to set trusted.* and to switch users")
+def test_trusted_xattr_names_are_listed_to_privileged_callers_only(image: Path, tmp_path: Path) -> None:
+    """As ext4 and tmpfs do: trusted.* is for privileged processes; others may not read its
+    values (the kernel refuses) and do not see its names either (only we can filter those)."""
+    with MountedVolume(image, tmp_path / "mnt", "--allow-other") as mount:
+        path = mount.mountpoint / "tagged"
+        path.write_text("t")
+        os.setxattr(path, "trusted.overlay.origin", b"secret")
+        os.setxattr(path, "user.visible", b"v")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert sorted(os.listxattr(fd)) == ["trusted.overlay.origin", "user.visible"]
+            assert _listxattr_as(65534, fd) == ["user.visible"]
+        finally:
+            os.close(fd)
+
+
 def test_umount_command_waits_for_the_commit(mounted: MountedVolume) -> None:
     (mounted.mountpoint / "x").write_text("x")
     result = keep_volume("umount", mounted.mountpoint, passphrase=None)

@@ -241,6 +241,9 @@ class KeepRunner:
         """Run `module` (a path, or the module's bytes) to completion; see the module docstring."""
         from shim.run import RunConfig, Stdio, run_module_async
 
+        for option, value in (("args", args), ("faults", faults)):
+            if isinstance(value, str):  # a str is a Sequence[str] too: of its letters
+                raise TypeError(f"{option}= takes a list of strings, not a str ({option}={[value]!r})")
         names = frozenset(FUNCTIONS)
         specs = tuple(FaultSpec.parse(text, names) for text in faults)
         tree = GuestTree(directory, files)

@@ -49,3 +49,13 @@ async def test_the_plain_call_in_a_trio_test_says_to_await_run_async(keep: KeepR
         keep(wasm_fixture("hello"))
     result = await keep.run_async(wasm_fixture("hello"))
     assert result.exit_code == 0 and result.stdout == b"Hello, world!\n"
+
+
+def test_a_str_where_a_list_is_expected_is_a_clear_error(keep: KeepRunner, wasm_fixture: WasmFixture) -> None:
+    """args="new" used to reach the guest as three arguments n, e, w; faults="fd_write:EIO" was
+    parsed letter by letter and refused as `--fault 'f': expected CALLS:ACTION[:CONDITION...]`."""
+    module = wasm_fixture("hello")
+    with pytest.raises(TypeError, match=r"args= takes a list of strings, not a str \(args=\['new'\]\)"):
+        keep(module, args="new")
+    with pytest.raises(TypeError, match=r"faults= takes a list of strings, not a str \(faults=\['fd_write:EIO'\]\)"):
+        keep(module, faults="fd_write:EIO")

@@ -531,7 +531,8 @@ def mount_command(args: argparse.Namespace) -> int:
         volume.close()
     state = volume.state()
     if mounted.is_set():
-        print(f"unmounted {mountpoint}; {args.image} committed: {_describe(state)}", flush=True)
+        outcome = "unchanged (read-only)" if args.read_only else "committed"
+        print(f"unmounted {mountpoint}; {args.image} {outcome}: {_describe(state)}", flush=True)
     return 0
 
 

@@ -361,6 +361,10 @@ def test_read_only_mount_reads_and_refuses_writes(image: Path, tmp_path: Path) -
         assert (mount.mountpoint / "hello.txt").read_text() == "hello"
         assert mount.stop() == 0
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+    # nothing was committed, and the last line does not claim it was
+    last = mount.output.strip().splitlines()[-1]
+    assert last.startswith(f"unmounted {mount.mountpoint}; ") and "committed" not in last
+    assert "unchanged (read-only)" in last and "generation " in last
 
 
 @pytest.mark.slow

@@ -68,3 +68,12 @@ def test_a_condition_the_calls_cannot_meet_is_refused(text: str, complaint: str)
         parse_faults([text])
     for fine in ("fd_*:EIO:fd=3", "*:EIO:path=*.txt", "sock_send:reset-after=9:fd=4", "path_symlink:EIO:fd=3"):
         parse_faults([fine])
+
+
+def test_numbers_with_leading_zeros_are_whole_numbers() -> None:
+    """int(value, 0) refuses '08' and '010' (Python's octal rule), so `nth=08` was refused as
+    "nth= needs a whole number, not '08'"; hex (0x10) still reads as before."""
+    (spec,) = parse_faults(["fd_write:short=0x10:nth=08:every=010:seed=007"])
+    assert (spec.amount, spec.nth, spec.every, spec.seed) == (16, 8, 10, 7)
+    with pytest.raises(UsageError, match="nth= needs a whole number, not '8x'"):
+        parse_faults(["fd_write:EIO:nth=8x"])

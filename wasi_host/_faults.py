@@ -189,8 +189,8 @@ def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str], fie
 
 
 def _whole(text: str, key: str, value: str) -> int:
-    try:
-        number = int(value, 0)
+    try:  # decimal (leading zeros allowed: int(value, 0) reads them as bad octal) or 0x hex
+        number = int(value, 16) if value.strip().lower().startswith("0x") else int(value, 10)
     except ValueError:
         raise FaultSpecError(f"--fault {text!r}: {key}= needs a whole number, not {value!r}") from None
     if number < 0:

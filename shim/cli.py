@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from shim import __version__
-from shim.errors import KeepError
+from shim.errors import KeepError, say
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -353,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeepError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"keep: {error}", file=sys.stderr)
+        say(str(error))
         return error.exit_status
     except KeyboardInterrupt as interrupt:
         # A run with keep.toml sockets stops on SIGINT or SIGTERM itself and says which
@@ -363,6 +362,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"keep: internal error: {type(error).__name__}: {error} (rerun with --debug)",
-                  file=sys.stderr)
+            say(f"internal error: {type(error).__name__}: {error} (rerun with --debug)")
         return 70

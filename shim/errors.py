@@ -1,5 +1,8 @@
 """The errors the CLI turns into one line on stderr and an exit status (no traceback)."""
 
+import contextlib
+import sys
+
 
 class KeepError(Exception):
     """A user-facing failure: the message is printed as `keep: MESSAGE`, the process exits with
@@ -17,3 +20,15 @@ class UsageError(KeepError):
     """Bad command-line usage (exit status 2, as argparse uses)."""
 
     exit_status = 2
+
+
+def say(message: str) -> None:
+    """Print `keep: MESSAGE` on stderr, as well as it can be: a stderr that cannot be written (a
+    full disk, a closed pipe) loses the line but must not replace the exit status the line was
+    reporting (a trap's 134 became 1)."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(f"keep: {message}\n")
+        stream.flush()

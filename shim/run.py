@@ -54,7 +54,7 @@ from shim.audit import AUDIT_EXIT_STATUS, WireRecorder
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, say
 from shim.faults import parse_faults
 from shim.trace import open_tracer
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
@@ -591,17 +591,16 @@ def run_command(args: argparse.Namespace) -> int:
                 config = volumes.configure(config)
                 ended = run_until_signalled(config)
             if isinstance(ended, SignalledRun):
-                print(f"keep: {signal.Signals(ended.signal_number).name}: guest stopped, volumes "
-                      "committed", file=sys.stderr)
+                say(f"{signal.Signals(ended.signal_number).name}: guest stopped, volumes committed")
                 from shim.audit import audited_exit_status  # --audit-host: a signal ends servers
 
                 return audited_exit_status(args, config, wire, ended.exit_status)
             result = ended
     if result.trap is not None:
-        print(f"keep: {config.module}: {result.trap}", file=sys.stderr)
+        say(f"{config.module}: {result.trap}")
         limit = limit_reached(result.trap_code, config)
         if limit is not None:
-            print(f"keep: {limit}", file=sys.stderr)
+            say(limit)
     _print_results(result.results)
     if args.audit_host is not None:
         from shim.audit import audit_places, audit_run

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, say
 from shim.keys import KeySource, read_key
 from shim.run import split_mapping
 from shim.volume_backend import VolumeSession
@@ -182,8 +182,7 @@ class RunVolumes:
                     raise KeepError(f"--volume {mount.image}: another volume (uuid {actual}) than "
                                     f"the pinned one ({uuid})")
                 if verbose:
-                    print(f"keep: volume {mount.image} at {mount.guest}: opened, "
-                          f"{describe(volume.state())}", file=sys.stderr)
+                    say(f"volume {mount.image} at {mount.guest}: opened, {describe(volume.state())}")
         except BaseException:
             for session in sessions:
                 session.close()
@@ -212,10 +211,10 @@ class RunVolumes:
                 "uuid": state.uuid, "generation": state.generation, "root_mac": state.root_mac.hex(),
                 "guest_path": mount.guest}
             if self.verbose:
-                print(f"keep: volume {mount.image} committed: {describe(state)}", file=sys.stderr)
+                say(f"volume {mount.image} committed: {describe(state)}")
             if session.integrity_failures > 1:
-                print(f"keep: volume {mount.image}: {session.integrity_failures} integrity failures "
-                      "in all (each one answered EIO)", file=sys.stderr)
+                say(f"volume {mount.image}: {session.integrity_failures} integrity failures in all "
+                    "(each one answered EIO)")
         if self.state_file is not None and self.final_states:
             text = json.dumps(self._recorded, indent=2, sort_keys=True) + "\n"
             try:
@@ -286,8 +285,8 @@ class _FirstIntegrityFailure:
     def __call__(self, error: IntegrityError) -> None:
         if not self._said:
             self._said = True
-            print(f"keep: volume {self._image}: integrity failure: {error} (the host changed the "
-                  "image; the guest got EIO)", file=sys.stderr, flush=True)
+            say(f"volume {self._image}: integrity failure: {error} (the host changed the image; "
+                "the guest got EIO)")
 
 
 @dataclass(frozen=True)
@@ -355,5 +354,5 @@ def warn_plaintext_dirs(args: argparse.Namespace) -> None:
     directories: list[str] = list(getattr(args, "dir", None) or [])
     if directories and (getattr(args, "verbose", False) or sys.stderr.isatty()):
         for spec in directories:
-            print(f"keep: warning: --dir {spec}: the host sees these files in plaintext "
-                  "(use --volume IMG for an encrypted volume)", file=sys.stderr)
+            say(f"warning: --dir {spec}: the host sees these files in plaintext (use --volume IMG "
+                "for an encrypted volume)")

@@ -110,3 +110,18 @@ def test_a_huge_or_endless_non_wasm_file_is_refused_from_its_header(tmp_path: Pa
                 resource.RLIMIT_AS, (2 << 30, 2 << 30)))
         assert_one_line_error(completed, module, "not a WebAssembly module")
         assert completed.returncode == 1
+
+
+def test_the_exit_status_survives_a_stderr_that_cannot_be_written(
+        fixtures: FixtureBuilder, tmp_path: Path) -> None:
+    """Before: with keep's stderr on a full disk, a trap exited 1 (not 134) and a bad --dir 1
+    (not 2): printing the one-line report failed, and that failure replaced the status."""
+    exit_code = str(fixtures.build("exit_code"))
+    cases = ((["run", exit_code, "trap"], 134), (["run", exit_code, "exit", "7"], 7),
+             (["run", "--dir", str(tmp_path / "missing"), exit_code], 2),
+             (["run", str(tmp_path / "missing.wasm")], 1))
+    for arguments, status in cases:
+        with open("/dev/full", "wb") as full:
+            completed = subprocess.run([sys.executable, "-m", "shim", *arguments], stdout=subprocess.DEVNULL,
+                                       stderr=full, timeout=120, check=False)
+        assert completed.returncode == status, arguments

@@ -559,9 +559,6 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
 def run_command(args: argparse.Namespace) -> int:
     """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
     config = config_from_arguments(args)
-    # Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise wait for a
-    # guest that has no epoch checks to notice it).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     wire: WireRecorder | None = None
     if args.audit_host is not None:
         wire = WireRecorder(os.fsencode(args.audit_host))  # a bad marker fails before the run
@@ -584,6 +581,11 @@ def run_command(args: argparse.Namespace) -> int:
         if wire is not None:  # trio copies this context into every socket task of the run
             stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))
         volumes = RunVolumes.from_arguments(args)  # --volume: committed and closed however the run ends
+        # From here Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise
+        # wait for a guest that has no epoch checks to notice it); with volumes, the first one
+        # stops the guest (run_until_signalled). Not earlier: a Ctrl-C at the passphrase prompt
+        # must unwind through getpass, which turns the terminal's echo back on.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if volumes is None:
             result = run_module(config)
         else:

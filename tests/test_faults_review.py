@@ -60,6 +60,7 @@ def test_path_matches_the_destination_of_a_rename_or_a_link_too() -> None:
     ("random_get:EIO:fd=3", "fd= never matches random_get: it takes no fd"),
     ("clock_time_get|args_get:EIO:path=*.txt", "path= never matches clock_time_get: it names no path"),
     ("poll_oneoff:EINTR:fd=0", "fd= never matches poll_oneoff: it takes no fd"),
+    ("sock_send:reset-after=9:path=/data/*", "path= never matches sock_send: it names no path"),
 ])
 def test_a_condition_the_calls_cannot_meet_is_refused(text: str, complaint: str) -> None:
     """A spec narrowed by fd= or path= to calls that have neither was accepted and silently never

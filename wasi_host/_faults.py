@@ -173,8 +173,8 @@ def _takes_fd(name: str) -> bool:
 
 def _names_path(name: str) -> bool:
     """Whether a call of `name` is about a guest path `path=GLOB` can match (its own argument, or
-    the path its fd was opened with)."""
-    return name in _PATH_ARGUMENTS or name.startswith(("fd_", "sock_"))
+    the path its fd was opened with: sockets are not opened with a path)."""
+    return name in _PATH_ARGUMENTS or name.startswith("fd_")
 
 
 def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str], fields: Mapping[str, object]) -> None:

@@ -31,6 +31,7 @@ the text; it understands the table headers and `key =` lines this format uses.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -224,9 +225,15 @@ class _LineIndex:
 
 
 def _key_name(key: KeyPath) -> str:
+    """`files[3].port`; a name that is not printable text is quoted with escapes (`"a\\nb"`), so
+    that an error stays one line and a keep.toml cannot send escape sequences to a terminal."""
     text = ""
     for part in key:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        name = part if part.isprintable() else json.dumps(part, ensure_ascii=False)
+        text += f".{name}" if text else name
     return text
 
 

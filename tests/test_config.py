@@ -146,3 +146,18 @@ def test_a_config_larger_than_one_mebibyte_is_refused_without_reading_it_all(tmp
         load_config(path)
     with pytest.raises(ConfigError, match=r"/dev/zero: larger than 1048576 bytes"):
         load_config(Path("/dev/zero"))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('"\\u001b]0;pwned\\u0007" = 1\n', 'keep.toml: "\\u001b]0;pwned\\u0007": unknown key'),
+    ('"a\\nb" = 1\n', 'keep.toml: "a\\nb": unknown key'),
+    ('[env]\n"A=\\r" = "x"\n', 'env."A=\\r": not a valid environment variable name'),
+])
+def test_key_names_with_control_characters_are_escaped_in_errors(text: str, expected: str) -> None:
+    """Found in review: a key's name was printed raw, so a newline split the one-line error and
+    a terminal escape sequence in a keep.toml (one deployed by someone else, say) reached the
+    operator's terminal. Such names are now shown quoted with TOML-style escapes."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert expected in str(caught.value)
+    assert str(caught.value).isprintable()

@@ -43,6 +43,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -455,14 +456,10 @@ async def _raise_read_ahead(mountpoint: str) -> None:
     The kernel sets the read-ahead from our reply to FUSE's INIT request, which `pyfuse3.main`
     answers after this task starts, so the knob is set a little later (and checked again). The
     device comes from mountinfo: a stat of the mount point would ask this very process."""
-    knob = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == mountpoint:
-                knob = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
-    if knob is None:
+    entry = _mount_entry(mountpoint)
+    if entry is None:
         return
+    knob = f"/sys/class/bdi/{entry.device}/read_ahead_kb"
     for delay in (0.1, 0.5, 2.0):
         await trio.sleep(delay)
         with contextlib.suppress(OSError), open(knob, "r+", encoding="ascii") as setting:
@@ -536,16 +533,32 @@ def mount_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mount_source(mountpoint: str) -> str | None:
-    """The fsname of the FUSE mount on `mountpoint` (from /proc/self/mountinfo), or None."""
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo: the device (major:minor), type and source."""
+
+    device: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), field)
+
+
+def _mount_entry(mountpoint: str) -> MountEntry | None:
+    """What is mounted on `mountpoint` (the last, topmost mount there), or None; read from
+    /proc/self/mountinfo, as a stat of a FUSE mount point would ask its (maybe dead) server."""
+    found = None
     with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as table:
         for line in table:
             fields = line.split()
-            if len(fields) > 4 and fields[4] == mountpoint and " - " in line:
+            if len(fields) > 4 and _unescape(fields[4]) == mountpoint and " - " in line:
                 after = line.split(" - ", 1)[1].split()
                 if len(after) >= 2:
-                    return after[1]
-    return None
+                    found = MountEntry(fields[2], after[0], _unescape(after[1]))
+    return found
 
 
 def _wait_for_release(image: str, timeout: float) -> bool:
@@ -579,9 +592,12 @@ def umount_command(args: argparse.Namespace) -> int:
         if error.errno != errno.ENOTCONN:
             raise KeepError(f"{args.mountpoint}: {error.strerror}") from None
         stale = True
-    if not stale and not os.path.ismount(mountpoint):
+    entry = _mount_entry(mountpoint)
+    if entry is None or (not stale and not os.path.ismount(mountpoint)):
         raise KeepError(f"{args.mountpoint} is not mounted")
-    source = _mount_source(mountpoint)
+    if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
+        raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
+    source = entry.source
     tool = shutil.which("fusermount3")
     command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -591,7 +607,7 @@ def umount_command(args: argparse.Namespace) -> int:
     if stale:
         print(f"cleared the stale mount on {args.mountpoint}")
         return 0
-    if source is not None and source.startswith("keep:"):
+    if source.startswith("keep:"):
         image = source.removeprefix("keep:")
         if not _wait_for_release(image, _UMOUNT_WAIT):
             raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")

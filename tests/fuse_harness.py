@@ -75,7 +75,8 @@ def force_unmount(mountpoint: Path) -> None:
 
 def _is_mount(mountpoint: Path) -> bool:
     text = Path("/proc/self/mountinfo").read_text()
-    return any(line.split()[4] == str(mountpoint) for line in text.splitlines())
+    escaped = str(mountpoint).replace("\\", "\\134").replace(" ", "\\040")  # as the kernel writes it
+    return any(line.split()[4] == escaped for line in text.splitlines())
 
 
 class MountedVolume:

@@ -440,6 +440,35 @@ def test_umount_command_waits_for_the_commit(mounted: MountedVolume) -> None:
     assert mounted.stop() == 0
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="mounting a tmpfs needs root")
+def test_umount_command_leaves_other_filesystems_alone(tmp_path: Path) -> None:
+    """`keep volume umount` on a mount that is not a keep volume (a typo, a tmpfs, another
+    FUSE filesystem) refuses with a clear error instead of unmounting it."""
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other)], check=True)
+    try:
+        (other / "data").write_text("still here")
+        result = keep_volume("umount", other, passphrase=None)
+        assert result.returncode == 1
+        assert result.stderr.decode() == f"keep: {other} is not a keep volume mount (it is tmpfs)\n"
+        assert os.path.ismount(other) and (other / "data").read_text() == "still here"
+    finally:
+        subprocess.run(["umount", str(other)], check=False)
+
+
+def test_umount_command_finds_a_mount_point_with_a_space(image: Path, tmp_path: Path) -> None:
+    """/proc/self/mountinfo escapes a space as \\040: the keep mount is still recognised."""
+    with MountedVolume(image, tmp_path / "my volume") as mount:
+        (mount.mountpoint / "x").write_text("x")
+        result = keep_volume("umount", mount.mountpoint, passphrase=None)
+        assert result.returncode == 0, result.stderr.decode()
+        assert not os.path.ismount(mount.mountpoint)
+        # umount waited for the mount process to commit and let go of the image
+        assert keep_ok("cat", image, "/x") == "x"
+        assert mount.stop() == 0
+
+
 # -- real tools ---------------------------------------------------------------------------------
 
 

@@ -507,7 +507,7 @@ def mount_command(args: argparse.Namespace) -> int:
     reason = fuse_unavailable_reason()
     if reason is not None:
         raise KeepError(f"cannot mount: {reason}")
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)  # where the kernel mounts, for `umount`
     check_mountpoint(mountpoint)
     logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     key = read_key(KeySource.from_arguments(args))
@@ -583,8 +583,10 @@ def _wait_for_release(image: str, timeout: float) -> bool:
 
 
 def umount_command(args: argparse.Namespace) -> int:
-    """`keep volume umount MOUNTPOINT`: fusermount3 -u, then wait for the commit at unmount."""
-    mountpoint = os.path.abspath(args.mountpoint)
+    """`keep volume umount MOUNTPOINT`: fusermount3 -u, then wait for the commit at unmount.
+    A symlink is resolved as `mount` resolved it (a dead mount point itself is not followed:
+    realpath's lstat of it fails and it stays as given)."""
+    mountpoint = os.path.realpath(args.mountpoint)
     stale = False
     try:
         os.stat(mountpoint)

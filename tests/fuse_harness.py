@@ -70,12 +70,14 @@ def force_unmount(mountpoint: Path) -> None:
     for flags in (["-u"], ["-u", "-z"]):
         if not _is_mount(mountpoint):
             return
-        subprocess.run(["fusermount3", *flags, str(mountpoint)], capture_output=True, timeout=30)
+        subprocess.run(["fusermount3", *flags, os.path.realpath(mountpoint)], capture_output=True,
+                       timeout=30)
 
 
 def _is_mount(mountpoint: Path) -> bool:
     text = Path("/proc/self/mountinfo").read_text()
-    escaped = str(mountpoint).replace("\\", "\\134").replace(" ", "\\040")  # as the kernel writes it
+    real = os.path.realpath(mountpoint)  # the kernel mounts on a symlink's target
+    escaped = real.replace("\\", "\\134").replace(" ", "\\040")  # as mountinfo writes it
     return any(line.split()[4] == escaped for line in text.splitlines())
 
 
@@ -136,13 +138,15 @@ class MountedVolume:
             return None
         try:
             if process.poll() is None:
-                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True,
-                               timeout=30)
+                subprocess.run(["fusermount3", "-u", os.path.realpath(self.mountpoint)],
+                               capture_output=True, timeout=30)
                 try:
                     self._collect()
                 except subprocess.TimeoutExpired:
                     process.kill()
                     self._collect()
+            elif process.stdout is not None and not process.stdout.closed:
+                self._collect()  # it ended by itself (`keep volume umount`): keep what it said
         finally:
             force_unmount(self.mountpoint)
         return process.returncode

@@ -469,6 +469,22 @@ def test_umount_command_finds_a_mount_point_with_a_space(image: Path, tmp_path: 
         assert mount.stop() == 0
 
 
+def test_a_mount_point_given_through_a_symlink_is_unmounted_through_it(image: Path, tmp_path: Path) -> None:
+    """The kernel mounts on the symlink's target; `keep volume umount` with the same path the
+    operator gave `mount` finds that mount (and waits for its commit)."""
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to("real")
+    with MountedVolume(image, link) as mount:
+        (link / "x").write_text("x")
+        result = keep_volume("umount", link, passphrase=None)
+        assert result.returncode == 0, result.stderr.decode()
+        assert not os.path.ismount(tmp_path / "real")
+        assert keep_ok("cat", image, "/x") == "x"
+        assert mount.stop() == 0
+    assert mount.output.startswith(f"mounting {image} on {tmp_path / 'real'} (read-write; ")
+
+
 # -- real tools ---------------------------------------------------------------------------------
 
 

@@ -11,10 +11,15 @@ variable's bytes. Without any of them the passphrase is prompted for on the term
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 
 from shim.errors import KeepError, UsageError
 
@@ -89,9 +94,36 @@ def _prompt(prompt: str, confirm: bool) -> bytes:
         raise KeepError("no passphrase given and no terminal to ask on: use --passphrase-file, "
                         "--key-file or --passphrase-env")
     try:
-        first = getpass.getpass(prompt)
-        if confirm and getpass.getpass("Verify passphrase: ") != first:
-            raise KeepError("passphrases do not match")
+        with _sigterm_unwinds():
+            first = getpass.getpass(prompt)
+            if confirm and getpass.getpass("Verify passphrase: ") != first:
+                raise KeepError("passphrases do not match")
     except EOFError:
         raise KeepError("no passphrase entered") from None
+    except _Terminated:
+        raise KeepError("terminated (SIGTERM) at the passphrase prompt",
+                        exit_status=128 + signal.SIGTERM) from None
     return first.encode()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while getpass had the terminal's echo off."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While prompting, SIGTERM raises (as SIGINT does) instead of ending the process at once,
+    so that getpass turns the terminal's echo back on: killed inside getpass, keep left the
+    user's terminal not echoing. Only the main thread can handle signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(number: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -2,7 +2,8 @@
 
 Found in review: `keep run` put SIGINT back to its default action before the volumes' key was
 read, so Ctrl-C at the `Volume passphrase:` prompt killed the process inside getpass, which had
-turned echo off: the user's terminal was left not echoing what they type.
+turned echo off: the user's terminal was left not echoing what they type. SIGTERM at the prompt
+(of `keep run` and `keep volume` alike) did the same.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import sys
 import termios
 import time
 from pathlib import Path
 
+import pytest
 from fixture_build import WasmFixture
 from test_run_volume import image
 
@@ -34,8 +37,9 @@ def _read_until(fd: int, needle: bytes) -> bytes:
     return seen
 
 
-def test_ctrl_c_at_the_passphrase_prompt_restores_echo(
-        image: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+@pytest.mark.parametrize("how", ["ctrl-c", "SIGTERM"])
+def test_an_interrupted_passphrase_prompt_restores_echo(
+        how: str, image: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
     module = str(wasm_fixture("hello"))
     pid, fd = pty.fork()
     if pid == 0:  # the child: keep on the pty, as on a user's terminal
@@ -45,14 +49,17 @@ def test_ctrl_c_at_the_passphrase_prompt_restores_echo(
     try:
         _read_until(fd, b"Volume passphrase: ")
         assert not termios.tcgetattr(fd)[3] & termios.ECHO  # getpass turned echo off
-        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        if how == "ctrl-c":
+            os.write(fd, b"\x03")  # the terminal sends SIGINT
+        else:
+            os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + HANG_GUARD_S
         while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         status = os.waitstatus_to_exitcode(ended[1])
         assert termios.tcgetattr(fd)[3] & termios.ECHO, "the terminal was left without echo"
-        assert status == 130
+        assert status == (130 if how == "ctrl-c" else 128 + signal.SIGTERM)
     finally:
         if status is None:
             os.kill(pid, 9)

@@ -1,18 +1,20 @@
 """`keep run --fault SPEC`: the command line's fault texts as validated FaultSpecs.
 
 The grammar, the parser and the injector live in `wasi_host._faults` (pure Python, no trio);
-this module only turns a bad spec into the CLI's one-line usage error.
+this module turns a bad spec into the CLI's one-line usage error, and words the warning for a
+spec that changed no call in the run (its glob, fd or count never met one: the run passing then
+says nothing about the app).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shim.errors import UsageError
+from shim.errors import UsageError, say
 from wasi_host._faults import GRAMMAR, FaultSpec, FaultSpecError
 from wasi_host._functions import FUNCTIONS
 
-__all__ = ["GRAMMAR", "FaultSpec", "parse_faults"]
+__all__ = ["GRAMMAR", "FaultSpec", "ineffective_faults", "parse_faults", "warn_ineffective_faults"]
 
 
 def parse_faults(texts: Iterable[str]) -> tuple[FaultSpec, ...]:
@@ -22,3 +24,23 @@ def parse_faults(texts: Iterable[str]) -> tuple[FaultSpec, ...]:
         return tuple(FaultSpec.parse(text, names) for text in texts)
     except FaultSpecError as error:
         raise UsageError(str(error)) from None
+
+
+def ineffective_faults(specs: Iterable[FaultSpec]) -> list[str]:
+    """One line for each spec that failed or shortened no call in the run its tally counted."""
+    lines = []
+    for spec in specs:
+        tally = spec.tally
+        if tally.effective:
+            continue
+        why = ("no call met its conditions" if not tally.matched else
+               f"{tally.matched} call{'s' if tally.matched != 1 else ''} met its conditions; none was "
+               "failed or shortened")
+        lines.append(f"--fault {spec.text!r} never took effect ({why})")
+    return lines
+
+
+def warn_ineffective_faults(specs: Iterable[FaultSpec]) -> None:
+    """`keep run`: print `keep: warning: ...` on stderr for each spec that changed no call."""
+    for line in ineffective_faults(specs):
+        say(f"warning: {line}")

@@ -17,7 +17,8 @@ Each call runs one module to completion in a keep, in this process, with:
   relative path -> bytes or str, or a host directory, a Path or a str, copied in); after the
   run its regular files come back as `result.files` (relative path -> bytes);
 - stdin from bytes, stdout and stderr captured, args and env as given;
-- `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`);
+- `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`); one that changed no
+  call gives a `FaultNeverTookEffect` warning;
 - every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
   bytes read and written).
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,11 @@ from wasi_host.streams import MemoryStream
 if TYPE_CHECKING:
     from shim.volume_backend import VolumeSession
     from storage.blockdev import MemoryBlockDevice
+
+class FaultNeverTookEffect(UserWarning):
+    """A `faults=` spec failed or shortened no call of the run (its glob, fd or count never met
+    one), so the test's outcome says nothing about how the app handles that fault."""
+
 
 FileTree = Mapping[str, bytes | str]
 GuestDirectoryKind = Literal["volume", "memfs"]
@@ -221,7 +228,10 @@ class KeepRunner:
         else:
             raise RuntimeError("keep(...) cannot run inside a trio test (trio runs do not nest): "
                                "use `await keep.run_async(...)`")
-        result: KeepRun = trio.run(lambda: self.run_async(module, **options))  # type: ignore[arg-type]
+        ineffective: list[str] = []
+        result: KeepRun = trio.run(
+            lambda: self.run_async(module, **options, _ineffective=ineffective))  # type: ignore[arg-type]
+        _warn_ineffective(ineffective)  # here, so the warning points at the test's line
         return result
 
     async def run_async(
@@ -237,8 +247,11 @@ class KeepRunner:
         faults: Sequence[str] = (),
         trace_data: bool = False,
         timeout: float | None = 60.0,
+        _ineffective: list[str] | None = None,
     ) -> KeepRun:
-        """Run `module` (a path, or the module's bytes) to completion; see the module docstring."""
+        """Run `module` (a path, or the module's bytes) to completion; see the module docstring.
+        (`_ineffective` is the plain call's: it collects the warnings to give them itself.)"""
+        from shim.faults import ineffective_faults
         from shim.run import RunConfig, Stdio, run_module_async
 
         for option, value in (("args", args), ("faults", faults)):
@@ -264,8 +277,18 @@ class KeepRunner:
             outcome = await run_module_async(config)
         finally:
             files_after, image = tree.finish()
+        if _ineffective is None:
+            _warn_ineffective(ineffective_faults(specs))
+        else:
+            _ineffective.extend(ineffective_faults(specs))
         return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
                        files_after, outcome.trap, image)
+
+
+def _warn_ineffective(lines: list[str]) -> None:
+    """A FaultNeverTookEffect per line, attributed to the caller of the fixture's method."""
+    for line in lines:
+        warnings.warn(line, FaultNeverTookEffect, stacklevel=3)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError, say
-from shim.faults import parse_faults
+from shim.faults import parse_faults, warn_ineffective_faults
 from shim.trace import open_tracer
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
 from wasi_host._bind import (
@@ -598,6 +598,7 @@ def run_command(args: argparse.Namespace) -> int:
 
                 return audited_exit_status(args, config, wire, ended.exit_status)
             result = ended
+    warn_ineffective_faults(config.faults)  # a --fault that changed no call: the run proves nothing
     if result.trap is not None:
         say(f"{config.module}: {result.trap}")
         limit = limit_reached(result.trap_code, config)

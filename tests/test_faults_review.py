@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
+from fixture_build import WasmFixture
 
 from shim.errors import UsageError
 from shim.faults import parse_faults
+from shim.pytest_plugin import FaultNeverTookEffect, KeepRunner
 from wasi_host._abi import Errno
 from wasi_host._trace import TraceEvent, errno_name
 
@@ -78,3 +83,35 @@ def test_numbers_with_leading_zeros_are_whole_numbers() -> None:
     assert (spec.amount, spec.nth, spec.every, spec.seed) == (16, 8, 10, 7)
     with pytest.raises(UsageError, match="nth= needs a whole number, not '8x'"):
         parse_faults(["fd_write:EIO:nth=8x"])
+
+
+def test_a_fault_that_never_took_effect_is_reported(wasm_fixture: WasmFixture, tmp_path: Path,
+                                                    keep_environment: dict[str, str]) -> None:
+    """A spec whose glob or count never meets a call changed nothing, silently: the run passed and
+    looked like an app that handles the fault. keep now says so after the run."""
+    completed = subprocess.run(
+        ["keep", "run", "--dir", f"{tmp_path}::/sandbox", "--fault", "fd_write:EIO:path=/elsewhere/*",
+         "--fault", "fd_write:enospc-after=1000000", "--fault", "fd_write:short=10:fd=1",
+         str(wasm_fixture("short_write_ok"))], capture_output=True, text=True, env=keep_environment, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.splitlines() == [
+        "keep: warning: --fault 'fd_write:EIO:path=/elsewhere/*' never took effect (no call met its conditions)",
+        "keep: warning: --fault 'fd_write:enospc-after=1000000' never took effect (4 calls met its "
+        "conditions; none was failed or shortened)",
+    ]
+
+
+def test_the_keep_fixture_warns_about_a_fault_that_never_took_effect(keep: KeepRunner,
+                                                                    wasm_fixture: WasmFixture) -> None:
+    expected = r"--fault 'fd_read:EIO:nth=5' never took effect"
+    with pytest.warns(FaultNeverTookEffect, match=expected) as caught:
+        result = keep(wasm_fixture("hello"), faults=["fd_read:EIO:nth=5", "fd_write:EIO:fd=2"])
+    assert result.exit_code == 0 and result.stderr == b""
+    assert [warning.filename for warning in caught] == [__file__]  # the test's line, not trio's
+
+
+async def test_run_async_warns_too(keep: KeepRunner, wasm_fixture: WasmFixture) -> None:
+    expected = r"--fault 'fd_read:EIO:nth=5' never took effect"
+    with pytest.warns(FaultNeverTookEffect, match=expected) as caught:
+        await keep.run_async(wasm_fixture("hello"), faults=["fd_read:EIO:nth=5"])
+    assert [warning.filename for warning in caught] == [__file__]

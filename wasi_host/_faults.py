@@ -32,7 +32,7 @@ import posixpath
 import random
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
 
@@ -80,6 +80,16 @@ _SECOND_PATH_ARGUMENTS: Final[Mapping[str, tuple[int, int]]] = MappingProxyType(
 })
 
 
+@dataclass
+class FaultTally:
+    """How one spec fared in a run: the calls that met its conditions, and those it changed
+    (failed, or shortened). A spec that changed nothing is worth a warning: the run passing says
+    nothing about how the app handles the fault."""
+
+    matched: int = 0
+    effective: int = 0
+
+
 class FaultSpecError(ValueError):
     """A --fault text that does not follow the grammar (the message says what is wrong)."""
 
@@ -99,6 +109,7 @@ class FaultSpec:
     probability: float | None = None
     seed: int = 0
     text: str = ""
+    tally: FaultTally = field(default_factory=FaultTally, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str, names: frozenset[str] | None = None) -> FaultSpec:
@@ -177,7 +188,8 @@ def _names_path(name: str) -> bool:
     return name in _PATH_ARGUMENTS or name.startswith("fd_")
 
 
-def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str], fields: Mapping[str, object]) -> None:
+def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str],
+                   fields: Mapping[str, object]) -> None:
     """Refuse fd= or path= on calls that can never meet it: the spec would silently never fire."""
     for key, able, lacking in (("fd", _takes_fd, "takes no fd"), ("path", _names_path, "names no path")):
         if fields.get(key) is None:
@@ -218,6 +230,7 @@ class _SpecState:
         """Count one matching call; whether the when-conditions pick it."""
         spec = self.spec
         self.matched += 1
+        spec.tally.matched += 1
         if spec.nth is not None and self.matched != spec.nth:
             return False
         if spec.every is not None and self.matched % spec.every:
@@ -315,6 +328,7 @@ class FaultInjector:
             paths: list[str] | None = None
             limit: int | None = None
             limit_state: list[_SpecState] = []
+            short_state: list[_SpecState] = []
             for state in states:
                 spec = state.spec
                 if spec.fd is not None and not (has_fd and arguments and arguments[fd_index] == spec.fd):
@@ -329,6 +343,7 @@ class FaultInjector:
                         continue
                     remaining = spec.amount - state.moved
                     if remaining <= 0:
+                        spec.tally.effective += 1
                         raise WasiError(spec.errno)
                     limit = remaining if limit is None else min(limit, remaining)
                     limit_state.append(state)
@@ -336,11 +351,17 @@ class FaultInjector:
                 if not state.due():
                     continue
                 if spec.action == "errno":
+                    spec.tally.effective += 1
                     raise WasiError(spec.errno)
                 limit = spec.amount if limit is None else min(limit, spec.amount)
-            if transfer is None or (limit is None and not limit_state):
+                short_state.append(state)
+            if transfer is None or limit is None:
                 return impl(guest, memory, *arguments)
-            errno = _limited(impl, guest, memory, arguments, transfer.iovs, limit)
+            errno, shortened = _limited(impl, guest, memory, arguments, transfer.iovs, limit)
+            if shortened:
+                for state in (*limit_state, *short_state):
+                    if state.spec.action == "short" or limit >= state.spec.amount - state.moved:
+                        state.spec.tally.effective += 1
             if errno == 0 and limit_state:
                 moved = _load_u32(memory, arguments[transfer.result]) or 0
                 for state in limit_state:
@@ -373,18 +394,21 @@ def _load_u32(memory: Memory, pointer: int) -> int | None:
 
 
 def _limited(impl: Callable[..., int], guest: object, memory: Memory, arguments: tuple[int, ...],
-             iovs_index: int, limit: int | None) -> int:
-    """Run a transfer with its iovec lengths lowered to `limit` bytes in total (then restored)."""
+             iovs_index: int, limit: int) -> tuple[int, bool]:
+    """Run a transfer with its iovec lengths lowered to `limit` bytes in total (then restored):
+    the errno, and whether the limit shortened the transfer the guest asked for."""
     pointer, count = arguments[iovs_index], arguments[iovs_index + 1]
-    if limit is None or memory is None or pointer + 8 * count > len(memory):
-        return impl(guest, memory, *arguments)  # a bad pointer: the real call reports EFAULT
+    if memory is None or pointer + 8 * count > len(memory):
+        return impl(guest, memory, *arguments), False  # a bad pointer: the real call reports EFAULT
     original = bytes(memory[pointer:pointer + 8 * count])
     remaining = limit
+    shortened = False
     for index, (buf, length) in enumerate(U32_PAIR.iter_unpack(original)):
         take = min(length, remaining)
+        shortened = shortened or take < length
         U32_PAIR.pack_into(memory, pointer + 8 * index, buf, take)
         remaining -= take
     try:
-        return impl(guest, memory, *arguments)
+        return impl(guest, memory, *arguments), shortened
     finally:
         memory[pointer:pointer + 8 * count] = original

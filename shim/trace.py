@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, TextIO
 
-from shim.errors import UsageError
+from shim.errors import UsageError, say
 from wasi_host._trace import TraceEvent, Tracer, jsonl_writer, text_writer
 
 __all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace"]
@@ -98,9 +98,7 @@ def _warn_incomplete(target: str, failure: Exception, failed_at: int | None) -> 
     reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)
     where = f"it stops before call {failed_at}" if failed_at is not None else "its end was not written"
     name = "--trace" if target == STDERR else f"--trace={target}"
-    with contextlib.suppress(OSError):  # stderr itself may be what failed
-        print(f"keep: warning: {name}: {reason}; the trace is incomplete ({where}, the run went on "
-              "untraced)", file=sys.stderr, flush=True)
+    say(f"warning: {name}: {reason}; the trace is incomplete ({where}, the run went on untraced)")
 
 
 def read_jsonl_trace(text: str) -> list[TraceEvent]:

@@ -12,9 +12,9 @@ then searches everything the host can see for it, in the forms plaintext usually
 
 Places: the image files of the volumes the run used, the compile-cache directory, host
 directories given with --dir (plaintext by design: a finding there is expected and still
-reported, so a leak test that wants none must not use --dir), the trace file, and the bytes that
-crossed the host's sockets as the network layer saw them (a `WireRecorder`, when the run's
-sockets were tapped). In a directory the host sees names as well as contents, so the names of
+reported, so a leak test that wants none must not use --dir), the trace file (or the trace on
+stderr, as it is written), and the bytes that crossed the host's sockets as the network layer saw
+them (a `WireRecorder`, when the run's sockets were tapped). In a directory the host sees names as well as contents, so the names of
 files, directories and symlinks below it and the targets of its symlinks are searched too. Files
 are read in chunks with an overlap, so a marker across a chunk boundary is found.
 """
@@ -148,22 +148,33 @@ class WireRecorder:
     """Scans the bytes a socket layer sends and receives on the host side, as they pass.
 
     `record(label, direction, data)` is called by the network layer (from any thread) with the
-    raw bytes of one connection (TLS records for a TLS socket); only findings are kept."""
+    raw bytes of one connection (TLS records for a TLS socket); only findings are kept.
+    `record_output(place, data)` takes what keep itself writes where the host reads it but no
+    file holds it (the trace on stderr); `outputs` names those places for the report."""
 
     def __init__(self, marker: bytes) -> None:
         self._forms = marker_forms(marker)
         self._scanners: dict[str, _Scanner] = {}
         self._lock = threading.Lock()
         self.byte_count = 0
+        self.outputs: list[str] = []
+
+    def _feed(self, key: str, data: bytes) -> None:
+        scanner = self._scanners.get(key)
+        if scanner is None:
+            scanner = self._scanners[key] = _Scanner(self._forms)
+        scanner.feed(bytes(data))
 
     def record(self, label: str, direction: str, data: bytes) -> None:
-        key = f"socket {label} ({direction})"
         with self._lock:
-            scanner = self._scanners.get(key)
-            if scanner is None:
-                scanner = self._scanners[key] = _Scanner(self._forms)
-            scanner.feed(bytes(data))
+            self._feed(f"socket {label} ({direction})", data)
             self.byte_count += len(data)
+
+    def record_output(self, place: str, data: bytes) -> None:
+        with self._lock:
+            if place not in self.outputs:
+                self.outputs.append(place)
+            self._feed(place, data)
 
     def findings(self) -> list[Finding]:
         with self._lock:
@@ -197,7 +208,7 @@ def report(marker: str, findings: list[Finding], places: list[tuple[str, Path]],
     """The audit's summary for stderr: what was searched, and each finding on its own line."""
     searched = ", ".join(f"{what} {path}" for what, path in places) or "no files"
     if wire is not None:
-        searched += f", {wire.byte_count} socket bytes"
+        searched += "".join(f", {place}" for place in wire.outputs) + f", {wire.byte_count} socket bytes"
     if not findings:
         return f"keep: audit-host: {marker!r} not found in plaintext (searched {searched})"
     grouped: dict[tuple[str, str], list[int]] = {}

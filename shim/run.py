@@ -576,7 +576,7 @@ def run_command(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if args.trace is not None:
             tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,
-                                                     show_data=args.trace_data))
+                                                     show_data=args.trace_data, audit=wire))
             config = dataclasses.replace(config, trace=tracer)
         if wire is not None:  # trio copies this context into every socket task of the run
             stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))

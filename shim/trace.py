@@ -17,10 +17,13 @@ import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 from shim.errors import UsageError, say
-from wasi_host._trace import TraceEvent, Tracer, jsonl_writer, text_writer
+from wasi_host._trace import TextOutput, TraceEvent, Tracer, jsonl_writer, text_writer
+
+if TYPE_CHECKING:
+    from shim.audit import WireRecorder
 
 __all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace"]
 
@@ -28,9 +31,32 @@ STDERR = "-"
 FORMATS = ("text", "jsonl")
 
 
+STDERR_PLACE = "the trace on stderr"
+
+
+class _Audited:
+    """stderr, with every line also handed to `keep run --audit-host`'s recorder: no file keeps
+    what the host read there, so the audit searches it as it is written."""
+
+    def __init__(self, stream: TextIO, audit: WireRecorder) -> None:
+        self._stream = stream
+        self._audit = audit
+        audit.record_output(STDERR_PLACE, b"")  # searched (and named in the report) from the start
+
+    def write(self, text: str, /) -> int:
+        self._audit.record_output(STDERR_PLACE, text.encode("utf-8", "backslashreplace"))
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 @contextmanager
-def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = False) -> Iterator[Tracer]:
-    """A Tracer writing to `target` (`-` for stderr) in `trace_format`, closed on exit."""
+def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = False,
+                audit: WireRecorder | None = None) -> Iterator[Tracer]:
+    """A Tracer writing to `target` (`-` for stderr) in `trace_format`, closed on exit. With
+    `audit` (--audit-host), a trace on stderr is searched as it is written (a trace file is
+    searched after the run)."""
     if trace_format not in FORMATS:
         raise UsageError(f"--trace-format {trace_format!r}: expected one of {', '.join(FORMATS)}")
     stream: TextIO
@@ -46,7 +72,8 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
     # /dev/null, 0.19 -> 2.0 us to a file), against 15-25 us for a traced host call; untraced runs
     # are not affected.
     writer = jsonl_writer if trace_format == "jsonl" else text_writer
-    tracer = Tracer(writer(stream, flush=True), show_data=show_data)
+    output: TextOutput = _Audited(stream, audit) if audit is not None and not owned else stream
+    tracer = Tracer(writer(output, flush=True), show_data=show_data)
     try:
         yield tracer
     finally:

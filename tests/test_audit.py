@@ -222,3 +222,20 @@ def test_the_audit_still_runs_when_a_signal_stops_the_guest(
     assert process.returncode == 128 + signal.SIGTERM, text
     assert "keep: SIGTERM: guest stopped, volumes committed" in text
     assert f"keep: audit-host: {marker!r} not found in plaintext (searched " in text
+
+
+@pytest.mark.parametrize("trace_format", ["text", "jsonl"])
+def test_a_trace_with_data_on_stderr_is_audited_too(trace_format: str, wasm_fixture: WasmFixture,
+                                                     keep_environment: dict[str, str]) -> None:
+    """`--trace --trace-data` writes the guest's bytes to the host's stderr; the audit searched
+    the trace only when it went to a file, so it said 'not found in plaintext' right under
+    trace lines holding the marker."""
+    quiet = run_keep(["--audit-host", "Hello, world", "--trace", "--trace-format", trace_format,
+                      str(wasm_fixture("hello"))], keep_environment)
+    assert quiet.returncode == 0 and "not found in plaintext" in quiet.stderr
+    assert "the trace on stderr" in quiet.stderr  # searched, and said so
+    loud = run_keep(["--audit-host", "Hello, world", "--trace", "--trace-format", trace_format, "--trace-data",
+                     str(wasm_fixture("hello"))], keep_environment)
+    assert loud.returncode == AUDIT_EXIT_STATUS, loud.stderr
+    form = "plain" if trace_format == "text" else "base64"
+    assert f"keep: audit-host:   the trace on stderr: {form} at offset" in loud.stderr

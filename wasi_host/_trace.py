@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal, Protocol
 
 from wasi_host._abi import U32, U32_PAIR, U64, Clockid, Errno, Fdflags, Fstflags, Oflags, Rights, Whence
 from wasi_host._errors import ProcExit, errno_for_exception
@@ -448,7 +448,15 @@ def _iovec_bytes(memory: Memory, pointer: int, count: int, limit: int | None) ->
     return b"".join(chunks)
 
 
-def text_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
+class TextOutput(Protocol):
+    """Where a writer puts its lines: a text stream, or anything with write and flush."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def text_writer(stream: TextOutput, *, flush: bool = True) -> TraceSink:
     """A sink printing one strace-like line per event. `flush` after each line keeps the order
     with other writers of the same stream (the guest's stderr), and keeps a trace file whole when
     a signal ends the process (shim.trace flushes its files too)."""
@@ -461,7 +469,7 @@ def text_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
     return write
 
 
-def jsonl_writer(stream: TextIO, *, flush: bool = True) -> TraceSink:
+def jsonl_writer(stream: TextOutput, *, flush: bool = True) -> TraceSink:
     """A sink printing one JSON object per line (`TraceEvent.from_json` reads them back)."""
 
     def write(event: TraceEvent) -> None:

@@ -21,6 +21,7 @@ def test_e2big_is_accepted_and_shown_by_its_posix_and_witx_name() -> None:
     (spec,) = parse_faults(["fd_write:E2BIG"])
     assert spec.errno == Errno.TOOBIG
     assert parse_faults(["fd_write:2big"])[0].errno == Errno.TOOBIG
+    assert [spec.errno for spec in parse_faults(["fd_write:TOOBIG", "fd_write:etoobig"])] == [Errno.TOOBIG] * 2
     assert errno_name(Errno.TOOBIG) == "E2BIG"
     event = TraceEvent(1, "fd_write", {"fd": 1, "size": 3}, int(Errno.TOOBIG))
     assert event.format().startswith("fd_write(fd=1, size=3) = E2BIG <")

@@ -166,7 +166,8 @@ _ERRNO_NAMES: Final[Mapping[int, str]] = MappingProxyType(
                           else "E" + value.name for value in Errno}})
 _ERRNO_VALUES: Final[Mapping[str, int]] = MappingProxyType(
     {**{name: value for value, name in _ERRNO_NAMES.items()},
-     **{name[1:]: value for value, name in _ERRNO_NAMES.items() if value > 0}, "ETOOBIG": Errno.TOOBIG})
+     **{name[1:]: value for value, name in _ERRNO_NAMES.items() if value > 0},
+     "ETOOBIG": Errno.TOOBIG, "TOOBIG": Errno.TOOBIG})
 
 
 def errno_name(errno: int) -> str:

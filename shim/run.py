@@ -404,6 +404,8 @@ class _GuestRun:
                               linker=linker)
                 instance = instantiate(linker, store, self._module)
             except LinkError as error:
+                if self._guest.exit_code is not None:  # proc_exit in a start function
+                    return self._trapped(GuestTrap(str(error), None))
                 raise ModuleError(f"cannot instantiate {config.module}: {error}") from None
             except GuestTrap as trap:
                 return self._trapped(trap)

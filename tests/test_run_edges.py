@@ -125,3 +125,16 @@ def test_the_exit_status_survives_a_stderr_that_cannot_be_written(
             completed = subprocess.run([sys.executable, "-m", "shim", *arguments], stdout=subprocess.DEVNULL,
                                        stderr=full, timeout=120, check=False)
         assert completed.returncode == status, arguments
+
+
+def test_proc_exit_in_a_start_function_is_the_exit_status(tmp_path: Path) -> None:
+    """Before: a module whose start function called proc_exit(9) was reported as `cannot
+    instantiate M: error while executing at wasm backtrace:` (half a message), exit 1; wasmtime
+    exits 9, as for proc_exit anywhere else."""
+    module = wat_file(tmp_path, "exit_in_start", """(module
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (func $start (call $exit (i32.const 9)))
+      (start $start)
+      (func (export "_start") unreachable))""")
+    completed = keep("run", str(module))
+    assert (completed.returncode, completed.stderr) == (9, "")

@@ -404,8 +404,14 @@ class _GuestRun:
                               linker=linker)
                 instance = instantiate(linker, store, self._module)
             except LinkError as error:
-                if self._guest.exit_code is not None:  # proc_exit in a start function
+                # A start function's host call ended it (proc_exit, or a stop while it waited):
+                # wasmtime reports that as an error, not a trap, but it is the guest's outcome.
+                if self._guest.exit_code is not None:
                     return self._trapped(GuestTrap(str(error), None))
+                if isinstance(self._guest.host_error, GuestStopped):
+                    return self._trapped(GuestTrap("wasm trap: interrupt (while waiting in a host "
+                                                   "call of the start function)",
+                                                   wasmtime.TrapCode.INTERRUPT))
                 raise ModuleError(f"cannot instantiate {config.module}: {error}") from None
             except GuestTrap as trap:
                 return self._trapped(trap)

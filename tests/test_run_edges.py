@@ -138,3 +138,22 @@ def test_proc_exit_in_a_start_function_is_the_exit_status(tmp_path: Path) -> Non
       (func (export "_start") unreachable))""")
     completed = keep("run", str(module))
     assert (completed.returncode, completed.stderr) == (9, "")
+
+
+def test_a_timeout_in_a_start_function_waiting_in_a_host_call_is_a_timeout(tmp_path: Path) -> None:
+    """Before: a start function sleeping in poll_oneoff, stopped by --timeout, was reported as
+    `cannot instantiate M: ...`, exit 1, instead of the timeout's trap (134, limit named)."""
+    module = wat_file(tmp_path, "sleep_in_start", """(module
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func $start
+        (i32.store (i32.const 16) (i32.const 1))
+        (i64.store (i32.const 24) (i64.const 60000000000))
+        (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))))
+      (start $start)
+      (func (export "_start")))""")
+    completed = keep("run", "--timeout", "1", str(module))
+    assert completed.returncode == 134, completed.stderr
+    assert completed.stderr.splitlines() == [
+        f"keep: {module}: wasm trap: interrupt (while waiting in a host call of the start function)",
+        "keep: the guest was stopped: it ran longer than --timeout 1 s"]

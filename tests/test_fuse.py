@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import random
+import resource
 import shutil
 import signal
 import stat
@@ -294,6 +295,36 @@ def test_sigterm_and_ctrl_c_unmount_cleanly(mounted: MountedVolume, number: int)
     assert not os.path.ismount(mounted.mountpoint)
     assert "unmounted" in mounted.output
     assert keep_ok("cat", mounted.image, "/f") == "written before the signal"
+
+
+def _core_limits(pid: int) -> list[str]:
+    """The soft and hard RLIMIT_CORE of process `pid`, as /proc shows them."""
+    line = next(row for row in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if row.startswith("Max core file size"))
+    return line.split()[4:6]
+
+
+def test_a_crashing_mount_leaves_no_core_dump_with_keys_or_plaintext(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount process holds the volume key and plaintext: even where the operator allows
+    core dumps, a crash (here SIGQUIT) must not write them to the host's disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if hard != resource.RLIM_INFINITY and hard < (1 << 30):
+        pytest.skip("core dumps are capped here; cannot start the mount with them allowed")
+    monkeypatch.chdir(tmp_path)  # a core file named by a plain core_pattern lands here
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    try:
+        mount = MountedVolume(image, tmp_path / "mnt").start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    try:
+        (mount.mountpoint / "secret.txt").write_text("TOP SECRET PLAINTEXT")
+        assert mount.process is not None
+        assert _core_limits(mount.process.pid) == ["0", "0"]
+        assert mount.signal(signal.SIGQUIT) == -signal.SIGQUIT
+    finally:
+        mount.stop()
+    assert not [path for path in tmp_path.rglob("core*") if path.is_file()]
 
 
 def test_timer_commits_without_fsync_and_sigkill_leaves_a_consistent_volume(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -200,6 +201,7 @@ class RunVolumes:
         states; write --volume-state. A failure is raised after all are closed."""
         problems: list[str] = []
         self.final_states = []
+        ended: dict[str, dict[str, Any]] = {}
         for mount, session in zip(self.mounts, self.sessions, strict=True):
             try:
                 state = session.close()
@@ -207,7 +209,7 @@ class RunVolumes:
                 problems.append(f"--volume {mount.image}: final commit failed: {error}")
                 continue
             self.final_states.append(state)
-            self._recorded[_state_key(mount.image)] = {
+            ended[_state_key(mount.image)] = {
                 "uuid": state.uuid, "generation": state.generation, "root_mac": state.root_mac.hex(),
                 "guest_path": mount.guest}
             if self.verbose:
@@ -215,10 +217,9 @@ class RunVolumes:
             if session.integrity_failures > 1:
                 say(f"volume {mount.image}: {session.integrity_failures} integrity failures in all "
                     "(each one answered EIO)")
-        if self.state_file is not None and self.final_states:
-            text = json.dumps(self._recorded, indent=2, sort_keys=True) + "\n"
+        if self.state_file is not None and ended:
             try:
-                _replace_atomically(self.state_file, text.encode())
+                self._recorded = _update_state_file(self.state_file, self._recorded, ended)
             except OSError as error:
                 problems.append(f"cannot write --volume-state {self.state_file}: {error.strerror}")
         if problems:
@@ -243,6 +244,29 @@ def _writable_state_file(path: Path) -> Path:
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise UsageError(f"--volume-state {path}: directory {target.parent} is not writable")
     return target
+
+
+def _update_state_file(path: Path, recorded: dict[str, dict[str, Any]],
+                       ended: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Write this run's final states (`ended`) into the state file, keeping every other entry as
+    the file holds it NOW: another run sharing the file may have written its own since this one
+    read it (`recorded`, used only if the file has become unreadable). Under an exclusive flock
+    on the file's directory, so that two runs ending together do not drop each other's pins.
+    Returns what was written."""
+    from shim.deploy import _read_volume_state
+
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        try:
+            current: dict[str, dict[str, Any]] = dict(_read_volume_state(path))
+        except KeepError:
+            current = dict(recorded)
+        current.update(ended)
+        _replace_atomically(path, (json.dumps(current, indent=2, sort_keys=True) + "\n").encode())
+        return current
+    finally:
+        os.close(directory)  # and the lock with it
 
 
 def _replace_atomically(path: Path, data: bytes) -> None:

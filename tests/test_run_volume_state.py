@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from fixture_build import WasmFixture
-from test_run_volume import image, keep, passphrase_file, volume_options
+from run_volume_support import make_volume
+from test_run_volume import DEADLINE, KEEP, image, keep, passphrase_file, volume_options
 
 __all__ = ["image", "passphrase_file"]  # the fixtures of test_run_volume, used here too
 
@@ -98,3 +99,33 @@ def test_a_failed_write_leaves_the_previous_pins_intact(
     assert completed.stderr.startswith(f"keep: cannot write --volume-state {state_file}".encode())
     assert state_file.read_text() == previous
     assert [path.name for path in tiny_filesystem.iterdir()] == sorted(["filler", "state.json"])
+
+
+def test_two_runs_sharing_a_state_file_keep_each_others_pins(
+        image: Path, passphrase_file: Path, tmp_path: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """Found in review: each run wrote back the file as it had read it at its start plus its own
+    volumes, so of two concurrent runs on different images the one ending last dropped the
+    other's pin (its rollback protection, silently). The file is now re-read and updated under
+    a lock when a run ends."""
+    other = tmp_path / "other.img"
+    make_volume(other)
+    state_file = tmp_path / "state.json"
+    module = str(wasm_fixture("volume_sync_then"))
+    longer = subprocess.Popen([*KEEP, "run", *volume_options(image, passphrase_file), "--volume-state",
+                               str(state_file), "--timeout", "3", module, "loop"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=keep_environment)
+    try:
+        assert longer.stdout is not None
+        assert longer.stdout.readline() == b"synced\n"  # it has read the (missing) state file
+        shorter = keep(["run", *volume_options(other, passphrase_file), "--volume-state", str(state_file),
+                        module, "exit"], keep_environment)
+        assert shorter.returncode == 0, shorter.stderr
+        _, stderr = longer.communicate(timeout=DEADLINE)
+    finally:
+        if longer.poll() is None:
+            longer.kill()
+            longer.wait()
+    assert longer.returncode == 134, stderr
+    assert sorted(json.loads(state_file.read_text())) == sorted([str(image), str(other)])

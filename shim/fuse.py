@@ -495,9 +495,10 @@ def _describe(state: VolumeState) -> str:
 
 def _fsname(image: str) -> str:
     """The image's absolute path in /proc/mounts (so `umount` can wait for it), when the mount
-    option syntax allows it."""
+    option syntax allows it: a comma separates options and a backslash escapes; whitespace
+    is fine (mountinfo writes it as octal escapes, which `_mount_entry` decodes)."""
     path = os.path.abspath(image)
-    if any(character in path for character in ",\\ \t\n"):
+    if any(character in path for character in ",\\"):
         return "keep"
     return f"keep:{path}"
 

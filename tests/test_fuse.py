@@ -516,6 +516,22 @@ def test_a_mount_point_given_through_a_symlink_is_unmounted_through_it(image: Pa
     assert mount.output.startswith(f"mounting {image} on {tmp_path / 'real'} (read-write; ")
 
 
+def test_an_image_path_with_a_space_is_named_in_mountinfo(pristine_image: Path, tmp_path: Path) -> None:
+    """The mount's source names the image (mountinfo escapes the space as \\040), so that
+    `keep volume umount` knows which image to wait for."""
+    (tmp_path / "my images").mkdir()
+    image = Path(shutil.copyfile(pristine_image, tmp_path / "my images" / "v 1.img"))
+    with MountedVolume(image, tmp_path / "mnt") as mount:
+        line = next(row for row in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if row.split()[4] == str(mount.mountpoint))
+        assert line.split(" - ", 1)[1].split()[1] == "keep:" + str(image).replace(" ", "\\040")
+        (mount.mountpoint / "x").write_text("x")
+        result = keep_volume("umount", mount.mountpoint, passphrase=None)
+        assert result.returncode == 0, result.stderr.decode()
+        assert keep_ok("cat", image, "/x") == "x"
+        assert mount.stop() == 0
+
+
 # -- real tools ---------------------------------------------------------------------------------
 
 

@@ -517,8 +517,8 @@ def _forbid_core_dumps() -> None:
 def mount_command(args: argparse.Namespace) -> int:
     """`keep volume mount IMG MOUNTPOINT`: serve in the foreground until unmounted or signalled.
     Storage errors (wrong key, in use, rollback, ...) are translated by the caller."""
-    if args.commit_interval < 0:
-        raise KeepError("--commit-interval must not be negative", exit_status=2)
+    if not args.commit_interval >= 0:  # also NaN
+        raise KeepError("--commit-interval must be a number of seconds, 0 or more", exit_status=2)
     reason = fuse_unavailable_reason()
     if reason is not None:
         raise KeepError(f"cannot mount: {reason}")

@@ -376,6 +376,10 @@ def test_mount_errors_are_clear(image: Path, tmp_path: Path) -> None:
     assert rolled_back.returncode == 1 and b"pinned generation 1000000" in rolled_back.stderr
     not_mounted = keep_volume("umount", tmp_path, passphrase=None)
     assert not_mounted.returncode == 1 and b"is not mounted" in not_mounted.stderr
+    for interval in ("-1", "nan"):  # NaN compared false with 0 and silently meant "never"
+        bad = keep_volume("mount", image, tmp_path, "--commit-interval", interval)
+        assert bad.returncode == 2, interval
+        assert bad.stderr == b"keep: --commit-interval must be a number of seconds, 0 or more\n"
 
 
 def test_read_only_mount_reads_and_refuses_writes(image: Path, tmp_path: Path) -> None:

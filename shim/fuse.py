@@ -389,7 +389,9 @@ class MountOptions:
     fsname: str = "keep"
 
     def fuse_options(self) -> set[str]:
-        options = set(pyfuse3.default_options) | {f"fsname={self.fsname}", "subtype=keep"}
+        """pyfuse3's defaults, our names, and noatime: reads never update atime (each would
+        be a write to the volume), which the mount then says instead of relatime."""
+        options = set(pyfuse3.default_options) | {f"fsname={self.fsname}", "subtype=keep", "noatime"}
         if self.read_only:
             options.add("ro")
         if self.allow_other:

@@ -202,6 +202,21 @@ def test_a_setgid_directory_passes_its_group_and_the_bit_on(mounted: MountedVolu
     assert not os.stat(plain / "sub").st_mode & stat.S_ISGID
 
 
+def test_the_mount_says_noatime_as_reads_leave_atime_alone(mounted: MountedVolume) -> None:
+    """Reads do not update atime (each would be a write to the volume); the mount must say so
+    (noatime, which tools like mutt and tmpreaper check) instead of the kernel's default
+    relatime, under which the first read after a write updates atime. utimensat still sets it."""
+    path = mounted.mountpoint / "read-me"
+    path.write_text("r")
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # atime older than mtime
+    assert path.read_text() == "r"
+    assert os.stat(path).st_atime_ns == 1_000_000_000
+    line = next(row for row in Path("/proc/self/mountinfo").read_text().splitlines()
+                if row.split()[4] == str(mounted.mountpoint))
+    assert "noatime" in line.split()[5].split(","), line
+    assert os.statvfs(mounted.mountpoint).f_flag & os.ST_NOATIME
+
+
 def test_xattrs(mounted: MountedVolume) -> None:
     path = mounted.mountpoint / "tagged"
     path.write_text("t")

@@ -257,7 +257,8 @@ def _update_state_file(path: Path, recorded: dict[str, dict[str, Any]],
 
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(directory, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a filesystem without flock: update it unlocked
+            fcntl.flock(directory, fcntl.LOCK_EX)
         try:
             current: dict[str, dict[str, Any]] = dict(_read_volume_state(path))
         except KeepError:

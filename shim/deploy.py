@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from shim.attest import (
 )
 from shim.config import parse_config
 from shim.errors import KeepError, UsageError
+from shim.volume_state import read_volume_state, update_state_file, writable_state_file
 
 ANSWER_SECONDS = 120.0
 """How long the owner waits for `accepted` or `refused` once the deployment is sent (the keep
@@ -189,33 +189,6 @@ def _write_output(sink: BinaryIO, data: bytes) -> None:
         os.close(null)
 
 
-def _read_volume_state(path: Path | None) -> dict[str, dict[str, object]]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--volume-state {path}: unreadable ({error})") from None
-    except RecursionError:  # json recurses per nesting level
-        raise UsageError(f"--volume-state {path}: unreadable (nested too deeply)") from None
-    if not isinstance(document, dict) or not all(
-            isinstance(entry, dict) and type(entry.get("generation")) is int for entry in document.values()):
-        raise UsageError(f"--volume-state {path}: expected {{name: {{generation: N, ...}}}}")
-    return document
-
-
-def _write_volume_state(path: Path, states: Sequence[VolumeState],
-                        previous: dict[str, dict[str, object]]) -> None:
-    document = dict(previous)
-    for state in states:
-        document[state.name] = {"uuid": state.uuid, "generation": state.generation,
-                                "root_mac": state.root_mac.hex()}
-    try:
-        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    except OSError as error:
-        raise KeepError(f"cannot write --volume-state {path}: {error.strerror}") from None
-
-
 def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> tuple[VolumeGrant, ...]:
     """`--volume-key NAME[::GUEST_PATH]=KEYFILE` options as grants, pinned from --volume-state."""
     grants = []
@@ -269,14 +242,20 @@ def deploy_command(args: argparse.Namespace) -> int:
     else:
         policy = Policy(allow_insecure_nil=args.allow_insecure_nil)
     state_path = None if args.volume_state is None else Path(args.volume_state)
-    previous = _read_volume_state(state_path)
+    state_file = None if state_path is None else writable_state_file(state_path)  # before connecting
+    previous = read_volume_state(state_path)
     deploy = Deploy(workload=workload, config=config_text, args=tuple(args.guest_args),
                     volumes=_volume_grants(args.volume_key, previous))
     result = trio.run(functools.partial(deploy_to, host, port, deploy, policy,
                                         stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                         announce=sys.stderr))
-    if state_path is not None and result.volumes:
-        _write_volume_state(state_path, result.volumes, previous)
+    if state_file is not None and result.volumes:
+        ended = {state.name: {"uuid": state.uuid, "generation": state.generation, "root_mac": state.root_mac.hex()}
+                 for state in result.volumes}
+        try:
+            update_state_file(state_file, previous, ended)
+        except OSError as error:
+            raise KeepError(f"cannot write --volume-state {state_path}: {error.strerror}") from None
     if result.error is not None:
         print(f"keep: the keep reports: {result.error}", file=sys.stderr)
     return result.exit_status

@@ -27,14 +27,10 @@ storage commit protocol is crash-safe) with everything the guest fsync'd.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
-import json
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +43,7 @@ from shim.errors import KeepError, UsageError, say
 from shim.keys import KeySource, read_key
 from shim.run import split_mapping
 from shim.volume_backend import VolumeSession
+from shim.volume_state import read_volume_state, update_state_file, writable_state_file
 from storage.errors import IntegrityError
 from storage.integrity import VolumeState
 
@@ -151,10 +148,8 @@ class RunVolumes:
         images = [os.path.realpath(mount.image) for mount in mounts]  # a symlink is the same image
         if len(set(images)) != len(images):
             raise UsageError("--volume: the same image is given twice")
-        state_file = _writable_state_file(Path(state_path)) if state_path is not None else None
-        from shim.deploy import _read_volume_state  # one format for `keep run` and `keep deploy`
-
-        recorded: dict[str, dict[str, Any]] = dict(_read_volume_state(
+        state_file = writable_state_file(Path(state_path)) if state_path is not None else None
+        recorded: dict[str, dict[str, Any]] = dict(read_volume_state(
             Path(state_path) if state_path is not None else None))  # named as given
         pins = _pins(mounts, generations, recorded)
         key = read_key(KeySource.from_arguments(args), prompt="Volume passphrase: ")
@@ -219,7 +214,7 @@ class RunVolumes:
                     "(each one answered EIO)")
         if self.state_file is not None and ended:
             try:
-                self._recorded = _update_state_file(self.state_file, self._recorded, ended)
+                self._recorded = update_state_file(self.state_file, self._recorded, ended)
             except OSError as error:
                 problems.append(f"cannot write --volume-state {self.state_file}: {error.strerror}")
         if problems:
@@ -231,71 +226,6 @@ class RunVolumes:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
-
-
-def _writable_state_file(path: Path) -> Path:
-    """Where `--volume-state FILE` will be written: FILE itself, or the file a symlink points at
-    (the replacement happens next to it, so the link stays). Refused now, before any volume is
-    opened, if its directory is missing or not writable: found only after the run, the guest's
-    changes would be committed at a new generation that nothing records."""
-    target = Path(os.path.realpath(path))
-    if not target.parent.is_dir():
-        raise UsageError(f"--volume-state {path}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--volume-state {path}: directory {target.parent} is not writable")
-    return target
-
-
-def _update_state_file(path: Path, recorded: dict[str, dict[str, Any]],
-                       ended: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Write this run's final states (`ended`) into the state file, keeping every other entry as
-    the file holds it NOW: another run sharing the file may have written its own since this one
-    read it (`recorded`, used only if the file has become unreadable). Under an exclusive flock
-    on the file's directory, so that two runs ending together do not drop each other's pins.
-    Returns what was written."""
-    from shim.deploy import _read_volume_state
-
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):  # a filesystem without flock: update it unlocked
-            fcntl.flock(directory, fcntl.LOCK_EX)
-        try:
-            current: dict[str, dict[str, Any]] = dict(_read_volume_state(path))
-        except KeepError:
-            current = dict(recorded)
-        current.update(ended)
-        _replace_atomically(path, (json.dumps(current, indent=2, sort_keys=True) + "\n").encode())
-        return current
-    finally:
-        os.close(directory)  # and the lock with it
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, fsync it and rename it over `path` (then
-    fsync the directory): a full disk or a crash leaves the previous pins whole, never a
-    truncated file. The previous file's mode is kept (0644 for a new one)."""
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".partial")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fchmod(stream.fileno(), mode)
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class _FirstIntegrityFailure:

@@ -781,3 +781,17 @@ def test_keep_deploy_into_a_pipe_closed_early_drops_the_rest_quietly(keeper: Kee
             owner.wait()
     assert "Error" not in errors and "internal error" not in errors, errors
     assert keeper.wait() == 0
+
+
+def test_a_volume_state_file_that_cannot_be_written_is_refused_before_connecting(
+        tmp_path: Path, wasm_fixture: WasmFixture) -> None:
+    """`keep deploy --volume-state` in a missing directory is refused before the deployment
+    (exit 2): found after it, the keep would have committed its volumes at generations that
+    nothing records. (The file itself is replaced atomically, as `keep run`'s: shim.volume_state.)"""
+    missing = tmp_path / "no-such-directory" / "volumes.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1", "--volume-state", str(missing),
+         str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip() == (f"keep: --volume-state {missing}: directory {missing.parent} "
+                                        "does not exist")

@@ -160,8 +160,13 @@ class KeepConfig:
 
 
 def load_config(path: Path) -> KeepConfig:
-    """Read and validate keep.toml (or an Enarx.toml). At most MAX_CONFIG_BYTES are read: a
-    bigger file (or /dev/zero) is refused instead of filling memory."""
+    """Read and validate keep.toml (or an Enarx.toml)."""
+    return parse_config(read_config_text(path), source=str(path), base_dir=path.parent)
+
+
+def read_config_text(path: Path) -> str:
+    """keep.toml's text, with universal newlines. At most MAX_CONFIG_BYTES are read: a bigger
+    file (or /dev/zero) is refused instead of filling memory."""
     try:
         with open(path, "rb") as stream:
             data = stream.read(MAX_CONFIG_BYTES + 1)
@@ -173,8 +178,7 @@ def load_config(path: Path) -> KeepConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
-    return parse_config(text, source=str(path), base_dir=path.parent)
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
 
 
 def parse_config(text: str, *, source: str = "keep.toml", base_dir: Path = Path(".")) -> KeepConfig:

@@ -49,7 +49,7 @@ from shim.attest import (
     load_policy,
     open_verified_stream,
 )
-from shim.config import parse_config
+from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError
 from shim.volume_state import read_volume_state, update_state_file, writable_state_file
 
@@ -232,10 +232,7 @@ def deploy_command(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {args.module}: {error.strerror}") from None
     config_text = ""
     if args.config is not None:
-        try:
-            config_text = Path(args.config).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"cannot read {args.config}: {error}") from None
+        config_text = read_config_text(Path(args.config))  # at most MAX_CONFIG_BYTES
         parse_config(config_text, source=args.config)  # report mistakes here, before connecting
     if args.policy is not None:
         policy = load_policy(Path(args.policy), allow_insecure_nil=args.allow_insecure_nil)

@@ -795,3 +795,15 @@ def test_a_volume_state_file_that_cannot_be_written_is_refused_before_connecting
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip() == (f"keep: --volume-state {missing}: directory {missing.parent} "
                                         "does not exist")
+
+
+def test_an_endless_config_is_refused_without_reading_it_all(wasm_fixture: WasmFixture) -> None:
+    """`keep deploy --config /dev/zero` reads at most shim.config.MAX_CONFIG_BYTES (it read the
+    whole file: memory grew until an internal MemoryError); one line, exit 2, before connecting."""
+    completed = subprocess.run(
+        [sys.executable, "-c", "import resource, sys; from shim.cli import main;"
+         " resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31));"
+         " sys.exit(main(['deploy', '--to', '127.0.0.1:1', '--config', '/dev/zero', sys.argv[1]]))",
+         str(wasm_fixture("hello"))], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip() == "keep: /dev/zero: larger than 1048576 bytes (not a keep.toml?)"

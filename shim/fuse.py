@@ -400,7 +400,7 @@ class MountOptions:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    """A clear KeepError unless `mountpoint` is a directory that nothing is mounted on."""
+    """A clear KeepError unless `mountpoint` is an empty directory that nothing is mounted on."""
     try:
         info = os.stat(mountpoint)
     except OSError as error:
@@ -413,6 +413,13 @@ def check_mountpoint(mountpoint: str) -> None:
         raise KeepError(f"{mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise KeepError(f"{mountpoint} is already a mount point")
+    try:
+        with os.scandir(mountpoint) as entries:
+            occupied = any(True for _ in entries)
+    except OSError as error:
+        raise KeepError(f"{mountpoint}: {error.strerror}") from None
+    if occupied:  # as --help promises: an empty directory
+        raise KeepError(f"{mountpoint} is not empty (its files would be hidden under the mount)")
 
 
 def stale_mount_message(mountpoint: str) -> str:

@@ -385,14 +385,22 @@ def test_volume_open_elsewhere_cannot_be_mounted(mounted: MountedVolume, tmp_pat
 def test_mount_errors_are_clear(image: Path, tmp_path: Path) -> None:
     missing = keep_volume("mount", image, tmp_path / "nowhere")
     assert missing.returncode == 1 and b"no such directory" in missing.stderr
-    wrong = keep_volume("mount", image, tmp_path, passphrase="wrong")
+    # --help promises "an empty directory": files there would be hidden under the mount
+    # (the pin makes a regression fail at once instead of mounting in the foreground)
+    not_empty = keep_volume("mount", image, tmp_path, "--volume-generation", "1000000")
+    assert not_empty.returncode == 1
+    assert not_empty.stderr == (f"keep: {tmp_path} is not empty (its files would be hidden "
+                                "under the mount)\n").encode()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = keep_volume("mount", image, empty, passphrase="wrong")
     assert wrong.returncode == 2 and b"wrong passphrase" in wrong.stderr
-    rolled_back = keep_volume("mount", image, tmp_path, "--volume-generation", "1000000")
+    rolled_back = keep_volume("mount", image, empty, "--volume-generation", "1000000")
     assert rolled_back.returncode == 1 and b"pinned generation 1000000" in rolled_back.stderr
     not_mounted = keep_volume("umount", tmp_path, passphrase=None)
     assert not_mounted.returncode == 1 and b"is not mounted" in not_mounted.stderr
     for interval in ("-1", "nan"):  # NaN compared false with 0 and silently meant "never"
-        bad = keep_volume("mount", image, tmp_path, "--commit-interval", interval)
+        bad = keep_volume("mount", image, empty, "--commit-interval", interval)
         assert bad.returncode == 2, interval
         assert bad.stderr == b"keep: --commit-interval must be a number of seconds, 0 or more\n"
 

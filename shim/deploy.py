@@ -51,6 +51,7 @@ from shim.attest import (
 )
 from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError
+from shim.keys import forbid_core_dumps
 from shim.volume_state import read_volume_state, update_state_file, writable_state_file
 
 ANSWER_SECONDS = 120.0
@@ -226,6 +227,7 @@ def parse_address(text: str, option: str) -> tuple[str, int]:
 def deploy_command(args: argparse.Namespace) -> int:
     """`keep deploy --to ADDR:PORT ... MODULE.wasm [ARGS...]`: exits with the guest's status."""
     host, port = parse_address(args.to, "--to")
+    forbid_core_dumps()  # the owner's volume keys will be in this process
     try:
         workload = Path(args.module).read_bytes()
     except OSError as error:

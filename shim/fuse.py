@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import re
-import resource
 import shutil
 import signal
 import stat
@@ -62,7 +60,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
 from shim.errors import KeepError
-from shim.keys import KeySource, read_key
+from shim.keys import KeySource, forbid_core_dumps, read_key
 from storage.errors import IntegrityError
 from storage.fs import Attr, Filesystem
 from storage.integrity import VolumeState
@@ -77,7 +75,6 @@ DEFAULT_COMMIT_INTERVAL = 5.0
 ATTR_TIMEOUT = 1.0
 _BLOCK_SIZE = 4096
 READ_AHEAD_KIB = 1024  # the largest FUSE request (libfuse 3 max_write / kernel max_pages: 1 MiB)
-_PR_SET_DUMPABLE = 4  # prctl(2), from <linux/prctl.h>
 _UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
 
 log = logging.getLogger("keepshim.fuse")
@@ -512,17 +509,6 @@ def _fsname(image: str) -> str:
     return f"keep:{path}"
 
 
-def _forbid_core_dumps() -> None:
-    """This process will hold the volume key and plaintext: a crash (SIGQUIT, SIGSEGV, an
-    abort) must not write them to the host's disk in a core file, even where the operator's
-    shell allows core dumps. RLIMIT_CORE 0 stops a core file; not dumpable also stops a
-    core_pattern pipe (systemd-coredump) and ptrace by other users."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise KeepError(f"cannot mark the process not dumpable: {os.strerror(ctypes.get_errno())}")
-
-
 def mount_command(args: argparse.Namespace) -> int:
     """`keep volume mount IMG MOUNTPOINT`: serve in the foreground until unmounted or signalled.
     Storage errors (wrong key, in use, rollback, ...) are translated by the caller."""
@@ -533,7 +519,7 @@ def mount_command(args: argparse.Namespace) -> int:
         raise KeepError(f"cannot mount: {reason}")
     mountpoint = os.path.realpath(args.mountpoint)  # where the kernel mounts, for `umount`
     check_mountpoint(mountpoint)
-    _forbid_core_dumps()  # before the key is read
+    forbid_core_dumps()  # before the key is read (read_key does it too)
     logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     key = read_key(KeySource.from_arguments(args))
     volume = open_volume(args.image, key, writable=not args.read_only,

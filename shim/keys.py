@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import getpass
 import os
+import resource
 import signal
 import sys
 import threading
@@ -24,6 +26,7 @@ from types import FrameType
 from shim.errors import KeepError, UsageError
 
 MAX_KEY_FILE_BYTES = 8 << 20  # cryptsetup's default key file size limit
+_PR_SET_DUMPABLE = 4  # prctl(2), from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,23 @@ class KeySource:
         return self.passphrase_file is None and self.key_file is None and self.passphrase_env is None
 
 
+def forbid_core_dumps() -> None:
+    """This process is about to hold keys and plaintext: a crash (SIGQUIT, SIGSEGV, an abort)
+    must not write them to the host's disk in a core file, even where the operator's shell
+    allows core dumps (a mount's SIGQUIT left a 45 MB core holding the passphrase and a file's
+    plaintext). RLIMIT_CORE 0 stops a core file; not dumpable also stops a core_pattern pipe
+    (systemd-coredump) and ptrace by other users. Idempotent."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise KeepError(f"cannot mark the process not dumpable: {os.strerror(ctypes.get_errno())}")
+
+
 def read_key(source: KeySource, *, prompt: str = "Passphrase: ", confirm: bool = False) -> bytes:
-    """The key bytes from `source`; a clear KeepError if they cannot be had (never empty)."""
+    """The key bytes from `source`; a clear KeepError if they cannot be had (never empty).
+    Core dumps are forbidden first (`forbid_core_dumps`): the key and what it opens stay in
+    this process's memory."""
+    forbid_core_dumps()
     if source.key_file is not None:
         key = _read_file(source.key_file, "key file")
     elif source.passphrase_file is not None:

@@ -68,6 +68,7 @@ from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
 from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
+from shim.keys import forbid_core_dumps
 from wasi_host._backend import Buffer, Readiness
 
 if TYPE_CHECKING:
@@ -519,6 +520,7 @@ def serve_command(args: argparse.Namespace) -> int:
     host, port = parse_address(args.listen, "--listen")
     images = _volume_images(args.volume)
     backend = backend_named(args.backend, debug=bool(args.debug))
+    forbid_core_dumps()  # the deployed workload, its keys and its plaintext will be in this process
 
     keep = Keep(backend, volumes=images)
     measurement = keep.measurement()  # an unsupported backend fails here, as one line

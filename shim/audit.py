@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shim.errors import UsageError
+from shim.errors import UsageError, say
 
 if TYPE_CHECKING:
     from shim.run import RunConfig
@@ -204,22 +203,22 @@ def audit_host(marker: bytes, places: Iterable[tuple[str, Path]],
 
 
 def report(marker: str, findings: list[Finding], places: list[tuple[str, Path]],
-           wire: WireRecorder | None) -> str:
-    """The audit's summary for stderr: what was searched, and each finding on its own line."""
+           wire: WireRecorder | None) -> list[str]:
+    """The audit's summary lines for stderr (without the `keep: ` prefix `say` adds): what was
+    searched, and each finding on its own line."""
     searched = ", ".join(f"{what} {path}" for what, path in places) or "no files"
     if wire is not None:
         searched += "".join(f", {place}" for place in wire.outputs) + f", {wire.byte_count} socket bytes"
     if not findings:
-        return f"keep: audit-host: {marker!r} not found in plaintext (searched {searched})"
+        return [f"audit-host: {marker!r} not found in plaintext (searched {searched})"]
     grouped: dict[tuple[str, str], list[int]] = {}
     for finding in findings:
         grouped.setdefault((finding.place, finding.form), []).append(finding.offset)
-    lines = [f"keep: audit-host: {marker!r} found in plaintext in {len(grouped)} place(s) "
-             f"(searched {searched}):"]
+    lines = [f"audit-host: {marker!r} found in plaintext in {len(grouped)} place(s) (searched {searched}):"]
     for (place, form), offsets in grouped.items():
         times = f" ({len(offsets)} times)" if len(offsets) > 1 else ""
-        lines.append(f"keep: audit-host:   {place}: {form} at offset {offsets[0]}{times}")
-    return "\n".join(lines)
+        lines.append(f"audit-host:   {place}: {form} at offset {offsets[0]}{times}")
+    return lines
 
 
 def audit_places(config: RunConfig, args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -241,7 +240,8 @@ def audit_places(config: RunConfig, args: argparse.Namespace) -> list[tuple[str,
 def audit_run(marker: str, places: list[tuple[str, Path]], wire: WireRecorder | None = None) -> bool:
     """Search, print the report to stderr, and say whether the marker was found."""
     findings = audit_host(os.fsencode(marker), places, wire)
-    print(report(marker, findings, places, wire), file=sys.stderr)
+    for line in report(marker, findings, places, wire):
+        say(line)  # a stderr that cannot be written must not change the exit status
     return bool(findings)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from shim import __version__
-from shim.errors import KeepError, say
+from shim.errors import KeepError, point_at_devnull, say
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -331,15 +332,14 @@ def _fill_closed_standard_fds() -> None:
     """Put /dev/null on fd 0, 1 or 2 if it is closed. Otherwise the first file `keep` opens takes
     that number, and the guest's stdio is fds 0-2: with stdout closed (`keep run ... >&-`), the
     guest's output went in plaintext into the encrypted volume image and broke it."""
-    for fd in (0, 1, 2):
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
-            devnull = os.open(os.devnull, os.O_RDWR)
-            if devnull != fd:
-                os.dup2(devnull, fd)
-                os.close(devnull)
+            point_at_devnull(fd)
             os.set_inheritable(fd, True)
+            if getattr(sys, name) is None:  # Python found the fd closed at start-up
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 def main(argv: Sequence[str] | None = None) -> int:

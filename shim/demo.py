@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.resources
-import os
 import secrets
 import shutil
 import ssl
@@ -52,7 +51,7 @@ from net.policy import NetworkPolicy
 from net.wiretap import WIRE_TAP
 from shim.audit import WireRecorder, audit_host
 from shim.config import KeepConfig, load_config
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, point_at_devnull
 from shim.run import RunConfig, RunResult, Stdio, run_module_async
 from shim.run_volumes import RunVolumes, VolumeMount, describe
 from shim.sockets import NullStream, open_keep_network, with_keep_config
@@ -123,7 +122,7 @@ def say(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        point_at_devnull(sys.stdout.fileno())
 
 
 class GuestOutput(NullStream):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from shim.attest import (
     open_verified_stream,
 )
 from shim.config import parse_config, read_config_text
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import forbid_core_dumps
 from shim.volume_state import read_volume_state, update_state_file, writable_state_file
 
@@ -185,9 +184,7 @@ def _write_output(sink: BinaryIO, data: bytes) -> None:
             return
         # Later writes and the interpreter's final flush of what is buffered go to /dev/null
         # instead of failing again ("Exception ignored ... BrokenPipeError" at exit).
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, descriptor)
-        os.close(null)
+        point_at_devnull(descriptor)
 
 
 def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> tuple[VolumeGrant, ...]:
@@ -256,5 +253,5 @@ def deploy_command(args: argparse.Namespace) -> int:
         except OSError as error:
             raise KeepError(f"cannot write --volume-state {state_path}: {error.strerror}") from None
     if result.error is not None:
-        print(f"keep: the keep reports: {result.error}", file=sys.stderr)
+        say(f"the keep reports: {result.error}")
     return result.exit_status

@@ -1,6 +1,7 @@
 """The errors the CLI turns into one line on stderr and an exit status (no traceback)."""
 
 import contextlib
+import os
 import sys
 
 
@@ -32,3 +33,13 @@ def say(message: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         stream.write(f"keep: {message}\n")
         stream.flush()
+
+
+def point_at_devnull(fd: int) -> None:
+    """Make `fd` refer to /dev/null (read and write): for a standard fd that is closed or whose
+    reader went away, so that later writes and the interpreter's last flush go nowhere instead
+    of failing again."""
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)

@@ -54,7 +54,7 @@ from shim.audit import AUDIT_EXIT_STATUS, WireRecorder
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
-from shim.errors import KeepError, UsageError, say
+from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.faults import parse_faults, warn_ineffective_faults
 from shim.trace import open_tracer
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
@@ -527,9 +527,7 @@ def _print_results(results: Sequence[Scalar]) -> None:
         sys.stdout.flush()
     except OSError as error:
         with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            point_at_devnull(sys.stdout.fileno())
         raise KeepError(f"cannot write the results of --invoke to stdout: "
                         f"{error.strerror or error}") from None
 

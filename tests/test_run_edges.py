@@ -157,3 +157,28 @@ def test_a_timeout_in_a_start_function_waiting_in_a_host_call_is_a_timeout(tmp_p
     assert completed.stderr.splitlines() == [
         f"keep: {module}: wasm trap: interrupt (while waiting in a host call of the start function)",
         "keep: the guest was stopped: it ran longer than --timeout 1 s"]
+
+
+def test_invoke_with_stdout_closed_at_start_still_runs(tmp_path: Path) -> None:
+    """With fd 1 closed at start-up, Python sets sys.stdout to None; keep puts /dev/null on fd 1
+    (so no file keep opens takes it) and must give Python a stdout on it too: `--invoke ... >&-`
+    ended in 'internal error: AttributeError: NoneType ... flush', exit 70."""
+    module = str(wat_file(tmp_path, "identity", IDENTITY))
+    completed = subprocess.run([sys.executable, "-m", "shim", "run", "--invoke", "i32", module, "7"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                               check=False, preexec_fn=lambda: os.close(1))
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+
+
+def test_an_audit_report_that_cannot_be_written_keeps_the_exit_status(tmp_path: Path) -> None:
+    """`--audit-host` printed its report with print(): with stderr on /dev/full the run of a
+    guest that exits 0 ended in an internal error, exit 70. Its lines go through shim.errors.say
+    now, which loses a line it cannot write, not the status."""
+    module = str(wat_file(tmp_path, "identity", IDENTITY))
+    with open("/dev/full", "wb") as full:
+        completed = subprocess.run([sys.executable, "-m", "shim", "run", "--audit-host", "SECRETMARK",
+                                    "--invoke", "i32", module, "7"],
+                                   stdout=subprocess.PIPE, stderr=full, text=True, timeout=120, check=False)
+    assert completed.returncode == 0
+    assert completed.stdout == "7\n"

@@ -164,16 +164,26 @@ def load_config(path: Path) -> KeepConfig:
     return parse_config(read_config_text(path), source=str(path), base_dir=path.parent)
 
 
+def read_limited(path: Path, limit: int) -> bytes:
+    """A small file's bytes, reading at most `limit` + 1: OSError as usual, and
+    ValueError when the file holds more than `limit` bytes (or never ends: /dev/zero), so that
+    a wrong path cannot fill memory."""
+    with open(path, "rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
 def read_config_text(path: Path) -> str:
     """keep.toml's text, with universal newlines. At most MAX_CONFIG_BYTES are read: a bigger
     file (or /dev/zero) is refused instead of filling memory."""
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)
+        data = read_limited(path, MAX_CONFIG_BYTES)
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (not a keep.toml?)")
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error} (not a keep.toml?)") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -80,7 +80,7 @@ def _pins(mounts: Sequence[VolumeMount], generations: Sequence[int],
                          "volumes: give it once per --volume, in the same order")
     pins: list[tuple[int | None, str | None]] = []
     for index, mount in enumerate(mounts):
-        entry = recorded.get(_state_key(mount.image), {})
+        entry = recorded.get(_state_key(mount.image)) or recorded.get(os.path.abspath(mount.image), {})
         uuid = entry.get("uuid")
         generation = generations[index] if generations else entry.get("generation")
         pins.append((generation, uuid if isinstance(uuid, str) else None))
@@ -88,7 +88,10 @@ def _pins(mounts: Sequence[VolumeMount], generations: Sequence[int],
 
 
 def _state_key(image: str) -> str:
-    return os.path.abspath(image)
+    """An image's entry in the --volume-state file: its real path, so that the image named
+    through a symlink finds its pin (files written before this key was used hold the absolute
+    path as given: `_pins` falls back to it)."""
+    return os.path.realpath(image)
 
 
 def _open_error(image: str, error: BaseException) -> KeepError:

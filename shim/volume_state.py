@@ -17,7 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shim.config import read_limited
 from shim.errors import KeepError, UsageError
+
+MAX_STATE_BYTES = 4 << 20  # a pin is about 200 bytes
 
 
 def read_volume_state(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -26,8 +29,10 @@ def read_volume_state(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None or not path.exists():
         return {}
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        document = json.loads(read_limited(path, MAX_STATE_BYTES).decode("utf-8"))
+    except OSError as error:
+        raise UsageError(f"--volume-state {path}: unreadable ({error.strerror})") from None
+    except ValueError as error:  # too large, not UTF-8, not JSON
         raise UsageError(f"--volume-state {path}: unreadable ({error})") from None
     except RecursionError:  # json recurses per nesting level
         raise UsageError(f"--volume-state {path}: unreadable (nested too deeply)") from None
@@ -43,6 +48,8 @@ def writable_state_file(path: Path) -> Path:
     opened, if its directory is missing or not writable: found only after the run, the guest's
     changes would be committed at a new generation that nothing records."""
     target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():  # a device or a FIFO would be renamed over
+        raise UsageError(f"--volume-state {path}: not a regular file")
     if not target.parent.is_dir():
         raise UsageError(f"--volume-state {path}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):

@@ -129,3 +129,48 @@ def test_two_runs_sharing_a_state_file_keep_each_others_pins(
             longer.wait()
     assert longer.returncode == 134, stderr
     assert sorted(json.loads(state_file.read_text())) == sorted([str(image), str(other)])
+
+
+@pytest.mark.parametrize(("state", "says"), [("huge", "larger than"), ("/dev/zero", "not a regular file"),
+                                             ("/dev/null", "not a regular file")])
+def test_a_huge_state_file_or_a_device_is_refused_without_reading_it_all(
+        state: str, says: str, image: Path, passphrase_file: Path, tmp_path: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """Found in review: the state file was read whole (/dev/zero: an internal MemoryError), and
+    a device was accepted as the file to replace (as root, the new pins would have been renamed
+    over /dev/null). A state file is at most shim.volume_state.MAX_STATE_BYTES, and a regular file."""
+    if state == "huge":
+        state = str(tmp_path / "huge.json")
+        with open(state, "wb") as huge:
+            huge.truncate(1 << 30)  # sparse: 1 GiB of zeros, read whole before
+    before = image.read_bytes()
+    completed = keep(["run", *volume_options(image, passphrase_file), "--volume-state", state,
+                      str(wasm_fixture("volume_sync_then")), "exit"], keep_environment)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.startswith(f"keep: --volume-state {state}: ".encode())
+    assert says.encode() in completed.stderr and completed.stderr.count(b"\n") == 1, completed.stderr
+    assert image.read_bytes() == before and os.path.exists("/dev/null")
+
+
+def test_the_pin_follows_the_image_through_a_symlink(
+        image: Path, passphrase_file: Path, tmp_path: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """Found in review: pins were keyed by the path as given, so a run through `link.img` and a
+    later one through the real name did not see each other's pin (a rolled-back image passed
+    unnoticed). The key is the image's real path now; a file keyed the old way still works."""
+    link = tmp_path / "link.img"
+    link.symlink_to(image)
+    state = tmp_path / "pins.json"
+    old_copy = image.read_bytes()
+    run = keep(["run", *volume_options(link, passphrase_file), "--volume-state", str(state),
+                str(wasm_fixture("volume_sync_then")), "exit"], keep_environment)
+    assert run.returncode == 0, run.stderr
+    image.write_bytes(old_copy)  # the host rolls the image back
+    again = keep(["run", *volume_options(image, passphrase_file), "--volume-state", str(state),
+                  str(wasm_fixture("volume_sync_then")), "exit"], keep_environment)
+    assert again.returncode != 0 and b"older than the pinned generation" in again.stderr, again.stderr
+    pins = json.loads(state.read_text())
+    state.write_text(json.dumps({str(link.absolute()): pins[str(image.resolve())]}))  # written the old way
+    through_link = keep(["run", *volume_options(link, passphrase_file), "--volume-state", str(state),
+                         str(wasm_fixture("volume_sync_then")), "exit"], keep_environment)
+    assert through_link.returncode != 0 and b"older than the pinned generation" in through_link.stderr

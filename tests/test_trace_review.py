@@ -63,6 +63,37 @@ def test_a_failing_sink_leaves_every_outcome_as_it_was_and_is_reported() -> None
     assert isinstance(tracer.failure, OSError) and tracer.failed_at == 1
 
 
+def test_after_a_failed_trace_write_calls_are_not_decoded_any_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing stops at the first failed write: later calls skip decoding their arguments and
+    copying data (found in review: they still did all of it, only to drop the event)."""
+    from wasi_host import Guest, _trace
+    from wasi_host._functions import FUNCTIONS
+    from wasi_host.streams import MemoryStream
+
+    decoded: list[str] = []
+    real_decode = _trace._decode
+
+    def counting_decode(*arguments: object) -> object:
+        decoded.append("call")
+        return real_decode(*arguments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_trace, "_decode", counting_decode)
+
+    def full_disk(event: _trace.TraceEvent) -> None:
+        raise OSError(28, "No space left on device")
+
+    guest = Guest([b"m"], [], [], MemoryStream(), MemoryStream(), MemoryStream())
+    memory = memoryview(bytearray(4096))
+    memory[0:8] = (100).to_bytes(4, "little") + (5).to_bytes(4, "little")
+    traced = _trace.Tracer(full_disk).wrap(FUNCTIONS)
+    try:
+        for _ in range(3):
+            assert traced["fd_write"].impl(guest, memory, 1, 0, 1, 16) == 0
+    finally:
+        guest.close()
+    assert decoded == ["call"]  # the first call only: its event's write failed
+
+
 def _strict_text(value: object) -> bool:
     """Whether every string in a parsed JSON value is Unicode a strict parser accepts (no lone
     surrogates: serde_json rejects them, jq and Go turn them into U+FFFD)."""

@@ -314,6 +314,8 @@ class Tracer:
         clock = time.perf_counter_ns
 
         def traced(guest: object, memory: Memory, *arguments: int) -> int:
+            if self.failure is not None:  # the sink failed: tracing stopped, the call costs nothing more
+                return impl(guest, memory, *arguments)
             decoded, outputs = _decode(layout, memory, arguments)
             # at most what the call can move: overlapping iovecs may add up to far more than memory
             written = (_iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1],

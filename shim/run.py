@@ -50,7 +50,7 @@ import trio
 import wasmtime
 
 from net.wiretap import WIRE_TAP
-from shim.audit import AUDIT_EXIT_STATUS, WireRecorder
+from shim.audit import WireRecorder
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
@@ -406,12 +406,10 @@ class _GuestRun:
             except LinkError as error:
                 # A start function's host call ended it (proc_exit, or a stop while it waited):
                 # wasmtime reports that as an error, not a trap, but it is the guest's outcome.
-                if self._guest.exit_code is not None:
-                    return self._trapped(GuestTrap(str(error), None))
-                if isinstance(self._guest.host_error, GuestStopped):
-                    return self._trapped(GuestTrap("wasm trap: interrupt (while waiting in a host "
-                                                   "call of the start function)",
-                                                   wasmtime.TrapCode.INTERRUPT))
+                if self._guest.exit_code is not None or isinstance(self._guest.host_error, GuestStopped):
+                    # (_trapped takes the exit code, or reports the stop with this text)
+                    return self._trapped(GuestTrap("wasm trap: interrupt (while waiting in a host call of the "
+                                                   "start function)", None))
                 raise ModuleError(f"cannot instantiate {config.module}: {error}") from None
             except GuestTrap as trap:
                 return self._trapped(trap)
@@ -600,7 +598,7 @@ def run_command(args: argparse.Namespace) -> int:
                 ended = run_until_signalled(config)
             if isinstance(ended, SignalledRun):
                 say(f"{signal.Signals(ended.signal_number).name}: guest stopped, volumes committed")
-                from shim.audit import audited_exit_status  # --audit-host: a signal ends servers
+                from shim.audit import audited_exit_status  # --audit-host: a signal ends servers too
 
                 return audited_exit_status(args, config, wire, ended.exit_status)
             result = ended
@@ -611,9 +609,6 @@ def run_command(args: argparse.Namespace) -> int:
         if limit is not None:
             say(limit)
     _print_results(result.results)
-    if args.audit_host is not None:
-        from shim.audit import audit_places, audit_run
+    from shim.audit import audited_exit_status
 
-        if audit_run(args.audit_host, audit_places(config, args), wire):
-            return AUDIT_EXIT_STATUS
-    return result.exit_code
+    return audited_exit_status(args, config, wire, result.exit_code)

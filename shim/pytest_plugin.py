@@ -197,7 +197,12 @@ class GuestTree:
         else:
             raise ValueError(f"directory must be 'volume' or 'memfs', not {kind!r}")
         if files is not None:
-            fill(self.directory, files)
+            try:
+                fill(self.directory, files)
+            except BaseException:  # a bad `files=`: the volume made for it is let go of at once
+                if self._session is not None:
+                    self._session.close()
+                raise
 
     def finish(self) -> tuple[dict[str, bytes], bytes | None]:
         """The files after the run, and (for a volume) the image after its final commit."""

@@ -59,3 +59,22 @@ def test_a_str_where_a_list_is_expected_is_a_clear_error(keep: KeepRunner, wasm_
         keep(module, args="new")
     with pytest.raises(TypeError, match=r"faults= takes a list of strings, not a str \(faults=\['fd_write:EIO'\]\)"):
         keep(module, faults="fd_write:EIO")
+
+
+def test_a_bad_files_argument_lets_go_of_the_volume_made_for_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """files= pointing at no directory is refused after the run's in-memory volume was made;
+    that volume's session is closed then (found in review: it was left open)."""
+    from shim.volume_backend import VolumeSession
+
+    closed: list[VolumeSession] = []
+    real_close = VolumeSession.close
+
+    def counting_close(session: VolumeSession) -> object:
+        closed.append(session)
+        return real_close(session)
+
+    monkeypatch.setattr(VolumeSession, "close", counting_close)
+    with pytest.raises(ValueError, match=r"is not a directory"):
+        GuestTree("volume", tmp_path / "nope")
+    assert len(closed) == 1

@@ -116,3 +116,12 @@ async def test_run_async_warns_too(keep: KeepRunner, wasm_fixture: WasmFixture) 
     with pytest.warns(FaultNeverTookEffect, match=expected) as caught:
         await keep.run_async(wasm_fixture("hello"), faults=["fd_read:EIO:nth=5"])
     assert [warning.filename for warning in caught] == [__file__]
+
+
+def test_only_the_short_fault_that_set_the_length_took_effect(keep: KeepRunner, wasm_fixture: WasmFixture) -> None:
+    """Two short= specs on the same writes: the smaller cap shortens them, the larger one never
+    does (found in review: every short spec was credited whenever any of them shortened a call)."""
+    with pytest.warns(FaultNeverTookEffect, match=r"--fault 'fd_write:short=100000:fd=1' never took effect") as caught:
+        result = keep(wasm_fixture("hello"), faults=["fd_write:short=3:fd=1", "fd_write:short=100000:fd=1"])
+    assert result.exit_code == 0 and result.stdout == b"Hello, world!\n"  # short writes retried
+    assert len(caught) == 1

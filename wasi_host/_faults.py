@@ -358,10 +358,11 @@ class FaultInjector:
             if transfer is None or limit is None:
                 return impl(guest, memory, *arguments)
             errno, shortened = _limited(impl, guest, memory, arguments, transfer.iovs, limit)
-            if shortened:
+            if shortened:  # credited to the specs whose own cap was the one applied
                 for state in (*limit_state, *short_state):
-                    if state.spec.action == "short" or limit >= state.spec.amount - state.moved:
-                        state.spec.tally.effective += 1
+                    spec = state.spec
+                    if (spec.amount if spec.action == "short" else spec.amount - state.moved) == limit:
+                        spec.tally.effective += 1
             if errno == 0 and limit_state:
                 moved = _load_u32(memory, arguments[transfer.result]) or 0
                 for state in limit_state:

@@ -186,7 +186,18 @@ def test_a_file_written_in_order_is_mapped_block_for_block() -> None:
     with create_volume(device, None, PASSPHRASE, pbkdf="pbkdf2", kdf_cost=COST) as created:
         fs = created.fs
         ino = fs.create(ROOT_INODE, b"f").ino
+        statements: list[str] = []
+
+        def trace(cursor: object, sql: str, bindings: object) -> bool:
+            statements.append(" ".join(sql.split()))
+            return True
+
+        fs._db.exec_trace = trace
         assert fs.write(ino, 0, data) == len(data)
+        fs._db.exec_trace = None
+        inserts = [sql for sql in statements if "INTO blocks" in sql]
+        pieces = -(-len(data) // fs._transaction_bytes)  # each a transaction of its own
+        assert 1 <= len(inserts) <= pieces and all(sql.startswith("WITH RECURSIVE") for sql in inserts), inserts
         phys = _phys(fs, ino)
         assert len(phys) == 301 and phys == list(range(phys[0], phys[0] + 301))
         assert fs.read(ino, 0, len(data)) == data

@@ -60,9 +60,11 @@ def forbid_core_dumps() -> None:
     """This process is about to hold keys and plaintext: a crash (SIGQUIT, SIGSEGV, an abort)
     must not write them to the host's disk in a core file, even where the operator's shell
     allows core dumps (a mount's SIGQUIT left a 45 MB core holding the passphrase and a file's
-    plaintext). RLIMIT_CORE 0 stops a core file; not dumpable also stops a core_pattern pipe
-    (systemd-coredump) and ptrace by other users. Idempotent."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    plaintext). Not dumpable stops the core file and a core_pattern pipe (systemd-coredump), and
+    ptrace by other users; a soft RLIMIT_CORE of 0 says so to anyone reading /proc/PID/limits
+    (the hard limit is left: lowering it cannot be undone without CAP_SYS_RESOURCE, and not
+    dumpable already decides). Idempotent."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise KeepError(f"cannot mark the process not dumpable: {os.strerror(ctypes.get_errno())}")

@@ -51,7 +51,7 @@ from shim.attest import (
 from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import forbid_core_dumps
-from shim.volume_state import read_volume_state, update_state_file, writable_state_file
+from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
 
 ANSWER_SECONDS = 120.0
 """How long the owner waits for `accepted` or `refused` once the deployment is sent (the keep
@@ -246,8 +246,7 @@ def deploy_command(args: argparse.Namespace) -> int:
                                         stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                         announce=sys.stderr))
     if state_file is not None and result.volumes:
-        ended = {state.name: {"uuid": state.uuid, "generation": state.generation, "root_mac": state.root_mac.hex()}
-                 for state in result.volumes}
+        ended = {state.name: pin(state.uuid, state.generation, state.root_mac) for state in result.volumes}
         try:
             update_state_file(state_file, previous, ended)
         except OSError as error:

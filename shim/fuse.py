@@ -60,7 +60,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
 from shim.errors import KeepError
-from shim.keys import KeySource, forbid_core_dumps, read_key
+from shim.keys import KeySource, read_key
 from storage.errors import IntegrityError
 from storage.fs import Attr, Filesystem
 from storage.integrity import VolumeState
@@ -519,7 +519,6 @@ def mount_command(args: argparse.Namespace) -> int:
         raise KeepError(f"cannot mount: {reason}")
     mountpoint = os.path.realpath(args.mountpoint)  # where the kernel mounts, for `umount`
     check_mountpoint(mountpoint)
-    forbid_core_dumps()  # before the key is read (read_key does it too)
     logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     key = read_key(KeySource.from_arguments(args))
     volume = open_volume(args.image, key, writable=not args.read_only,

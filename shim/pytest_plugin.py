@@ -233,9 +233,7 @@ class KeepRunner:
         else:
             raise RuntimeError("keep(...) cannot run inside a trio test (trio runs do not nest): "
                                "use `await keep.run_async(...)`")
-        ineffective: list[str] = []
-        result: KeepRun = trio.run(
-            lambda: self.run_async(module, **options, _ineffective=ineffective))  # type: ignore[arg-type]
+        result, ineffective = trio.run(lambda: self._run(module, **options))  # type: ignore[arg-type]
         _warn_ineffective(ineffective)  # here, so the warning points at the test's line
         return result
 
@@ -252,10 +250,20 @@ class KeepRunner:
         faults: Sequence[str] = (),
         trace_data: bool = False,
         timeout: float | None = 60.0,
-        _ineffective: list[str] | None = None,
     ) -> KeepRun:
-        """Run `module` (a path, or the module's bytes) to completion; see the module docstring.
-        (`_ineffective` is the plain call's: it collects the warnings to give them itself.)"""
+        """Run `module` (a path, or the module's bytes) to completion; see the module docstring."""
+        result, ineffective = await self._run(
+            module, files=files, mount=mount, directory=directory, stdin=stdin, args=args, env=env,
+            faults=faults, trace_data=trace_data, timeout=timeout)
+        _warn_ineffective(ineffective)  # here, so the warning points at the test's line
+        return result
+
+    async def _run(self, module: str | os.PathLike[str] | bytes, *, files: FileTree | Path | str | None = None,
+                   mount: str = "/data", directory: GuestDirectoryKind = "volume", stdin: bytes = b"",
+                   args: Sequence[str] = (), env: Mapping[str, str] | None = None, faults: Sequence[str] = (),
+                   trace_data: bool = False, timeout: float | None = 60.0) -> tuple[KeepRun, list[str]]:
+        """`run_async`'s work; also returns the lines of the faults that never took effect, for
+        the caller to warn about from its own frame (the test's line, not trio's)."""
         from shim.faults import ineffective_faults
         from shim.run import RunConfig, Stdio, run_module_async
 
@@ -282,12 +290,8 @@ class KeepRunner:
             outcome = await run_module_async(config)
         finally:
             files_after, image = tree.finish()
-        if _ineffective is None:
-            _warn_ineffective(ineffective_faults(specs))
-        else:
-            _ineffective.extend(ineffective_faults(specs))
         return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
-                       files_after, outcome.trap, image)
+                       files_after, outcome.trap, image), ineffective_faults(specs)
 
 
 def _warn_ineffective(lines: list[str]) -> None:

@@ -43,7 +43,7 @@ from shim.errors import KeepError, UsageError, say
 from shim.keys import KeySource, read_key
 from shim.run import split_mapping
 from shim.volume_backend import VolumeSession
-from shim.volume_state import read_volume_state, update_state_file, writable_state_file
+from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
 from storage.errors import IntegrityError
 from storage.integrity import VolumeState
 
@@ -207,9 +207,8 @@ class RunVolumes:
                 problems.append(f"--volume {mount.image}: final commit failed: {error}")
                 continue
             self.final_states.append(state)
-            ended[_state_key(mount.image)] = {
-                "uuid": state.uuid, "generation": state.generation, "root_mac": state.root_mac.hex(),
-                "guest_path": mount.guest}
+            ended[_state_key(mount.image)] = pin(state.uuid, state.generation, state.root_mac,
+                                                 guest_path=mount.guest)
             if self.verbose:
                 say(f"volume {mount.image} committed: {describe(state)}")
             if session.integrity_failures > 1:
@@ -217,7 +216,7 @@ class RunVolumes:
                     "(each one answered EIO)")
         if self.state_file is not None and ended:
             try:
-                self._recorded = update_state_file(self.state_file, self._recorded, ended)
+                update_state_file(self.state_file, self._recorded, ended)
             except OSError as error:
                 problems.append(f"cannot write --volume-state {self.state_file}: {error.strerror}")
         if problems:

@@ -57,13 +57,16 @@ def writable_state_file(path: Path) -> Path:
     return target
 
 
-def update_state_file(path: Path, recorded: dict[str, dict[str, Any]],
-                       ended: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def pin(uuid: str, generation: int, root_mac: bytes, **extra: str) -> dict[str, Any]:
+    """One volume's entry in the file: what a later run requires of it (and `extra` facts)."""
+    return {"uuid": uuid, "generation": generation, "root_mac": root_mac.hex(), **extra}
+
+
+def update_state_file(path: Path, recorded: dict[str, dict[str, Any]], ended: dict[str, dict[str, Any]]) -> None:
     """Write this run's final states (`ended`) into the state file, keeping every other entry as
     the file holds it NOW: another run sharing the file may have written its own since this one
     read it (`recorded`, used only if the file has become unreadable). Under an exclusive flock
-    on the file's directory, so that two runs ending together do not drop each other's pins.
-    Returns what was written."""
+    on the file's directory, so that two runs ending together do not drop each other's pins."""
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with contextlib.suppress(OSError):  # a filesystem without flock: update it unlocked
@@ -74,7 +77,6 @@ def update_state_file(path: Path, recorded: dict[str, dict[str, Any]],
             current = dict(recorded)
         current.update(ended)
         replace_atomically(path, (json.dumps(current, indent=2, sort_keys=True) + "\n").encode())
-        return current
     finally:
         os.close(directory)  # and the lock with it
 

@@ -94,6 +94,10 @@ class FaultSpecError(ValueError):
     """A --fault text that does not follow the grammar (the message says what is wrong)."""
 
 
+# proc_exit never fails: a guest whose exit returned would run into unreachable code.
+_NEVER_FAULTED = "proc_exit"
+
+
 @dataclass(frozen=True)
 class FaultSpec:
     """One parsed --fault: which calls, what happens to them, and when."""
@@ -122,8 +126,8 @@ class FaultSpec:
             for pattern in calls:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                     raise FaultSpecError(f"--fault {text!r}: no preview1 function matches {pattern!r}")
-                if fnmatch.fnmatchcase("proc_exit", pattern) and pattern != "*":
-                    raise FaultSpecError(f"--fault {text!r}: proc_exit cannot fail")
+                if fnmatch.fnmatchcase(_NEVER_FAULTED, pattern) and pattern != "*":
+                    raise FaultSpecError(f"--fault {text!r}: {_NEVER_FAULTED} cannot fail")
         fields: dict[str, object] = {"calls": calls, "text": text}
         action_text = parts[1].strip()
         key, separator, value = action_text.partition("=")
@@ -195,7 +199,7 @@ def _check_filters(text: str, calls: tuple[str, ...], names: frozenset[str],
         if fields.get(key) is None:
             continue
         for pattern in calls:
-            matched = [name for name in names if fnmatch.fnmatchcase(name, pattern) and name != "proc_exit"]
+            matched = [name for name in names if fnmatch.fnmatchcase(name, pattern) and name != _NEVER_FAULTED]
             if matched and not any(able(name) for name in matched):
                 raise FaultSpecError(f"--fault {text!r}: {key}= never matches {pattern}: it {lacking}")
 
@@ -250,8 +254,7 @@ class FaultInjector:
         calls that name fds are tracked, so path= can narrow fd calls)."""
         wrapped: dict[str, HostFunction] = {}
         for name, function in functions.items():
-            # proc_exit never fails: a guest whose exit returned would run into unreachable code.
-            states = [state for state in self._states if state.spec.names(name) and name != "proc_exit"]
+            states = [state for state in self._states if state.spec.names(name) and name != _NEVER_FAULTED]
             impl = function.impl
             if states:
                 impl = self._faulty(name, impl, states)

@@ -138,14 +138,18 @@ class NativeSmallCommit:
         count = len(sectors)
         entries_at = self._entries_at + metadata_length  # entry 0's digest
         header_tweak = header_sector * self._tweak_step + self._tweak_offset
-        if (self.bound_levels is None or self._mac.address is None or not 0 < count <= MAX_SECTORS
-                or min(sectors) < 0 or max(sectors) >= self._leaves or header_sector < 0
+        if count == 1:  # the common case (a 4 KiB overwrite and fsync)
+            low = high = sectors[0]
+        else:
+            low, high = (min(sectors), max(sectors)) if sectors else (-1, -1)
+        if (self.bound_levels is None or self._mac.address is None or count > MAX_SECTORS
+                or low < 0 or high >= self._leaves or header_sector < 0
                 or header_tweak >= 1 << 64 or metadata_length < 0 or entries_at > self._entries_limits[count]):
             raise ValueError("small commit outside the bound tree, the plain64 range or the header")
         commit = self._commit
         commit.count = count
         if count == 1:
-            commit.sectors[0] = sectors[0]
+            commit.sectors[0] = low
         else:
             commit.sectors[:count] = sectors
         commit.header_tweak = header_tweak

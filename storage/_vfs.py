@@ -257,10 +257,8 @@ class RegionVfs(apsw.VFS):
         self.sizes_dirty = False
         self.store.metadata = _SIZES.pack(_SIZES_MAGIC, self.db.size, self.wal.size) + self.extra
 
-    @property
-    def extra_limit(self) -> int:
-        """The most bytes `set_extra` accepts (the store's metadata limit less the sizes)."""
-        return METADATA_LIMIT - _SIZES.size
+    extra_limit = METADATA_LIMIT - _SIZES.size
+    """The most bytes `set_extra` accepts (the store's metadata limit less the sizes)."""
 
     def set_extra(self, extra: bytes) -> None:
         """Client bytes carried by every store commit from now on, after the region sizes, and

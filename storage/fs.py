@@ -196,6 +196,9 @@ def _stored_time(ns: int) -> int:
 
 
 def _encode_times(times: dict[int, tuple[int, int]]) -> bytes:
+    if len(times) == 1:  # the common fsync after writes to one file
+        (ino, (mtime, ctime)), = times.items()
+        return _TIMES_MAGIC + _TIME_ENTRY.pack(ino, mtime, ctime)
     return _TIMES_MAGIC + b"".join(_TIME_ENTRY.pack(ino, mtime, ctime)
                                    for ino, (mtime, ctime) in sorted(times.items()))
 

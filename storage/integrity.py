@@ -717,6 +717,8 @@ class MerkleStore(_CachedStore):
         # step: in its buffers, and the state MAC's message in `_small.state`, constant parts
         # packed once here); constant parts of the state MAC
         self._state_prefix = b"keepshim/state/v1" + self._uuid_field
+        self._generation_at = len(self._state_prefix)  # the generation's place in the state message
+        self._log_start = layout.log_start
         self._layout_packed = layout.packed()
         self._small = self._native_small_commit(segment.cipher)
         self._record_buffer = memoryview(bytearray((1 + _SMALL_RECORD_SECTORS) * SECTOR_SIZE)) \
@@ -1132,28 +1134,39 @@ class MerkleStore(_CachedStore):
                 or self._log_position + 1 + count > self._layout.log_sectors):
             return False
         record = self._record_buffer
-        sectors = sorted(dirty) if count > 1 else list(dirty)
         generation = self._generation + 1
-        position = self._layout.log_start + self._log_position
+        position = self._log_start + self._log_position
         small = self._small
         leaves = self._leaves
-        # the leaves before this commit: put back (with the tree above) if it fails before its
-        # durability point, so that the tree stays the last commit's
-        undo = [(sector * HASH_SIZE, leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]) for sector in sectors]
+        if count == 1:  # the durable 4 KiB overwrite: the same steps without the loops
+            (sector, data), = dirty.items()
+            sectors = [sector]
+            at = sector * HASH_SIZE
+            # the leaves before this commit: put back (with the tree above) if it fails before
+            # its durability point, so that the tree stays the last commit's
+            undo = [(at, leaves[at:at + HASH_SIZE])]
+        else:
+            sectors = sorted(dirty)
+            undo = [(sector * HASH_SIZE, leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]) for sector in sectors]
         try:
             if small is not None and (small.bound_levels is self._levels or small.bind(self._levels)):
                 # the header without its digests, root and MACs; the plaintext behind it
                 _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
                                   count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)
                 record[_RECORD.size:entries_at] = metadata
-                entry = entries_at
-                for index, sector in enumerate(sectors, 1):
-                    _SECTOR_NUMBER.pack_into(record, entry, sector)
-                    entry += _ENTRY.size
-                    record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
+                if count == 1:
+                    _SECTOR_NUMBER.pack_into(record, entries_at, sector)
+                    entry = entries_at + _ENTRY.size
+                    record[SECTOR_SIZE:2 * SECTOR_SIZE] = data
+                else:
+                    entry = entries_at
+                    for index, sector in enumerate(sectors, 1):
+                        _SECTOR_NUMBER.pack_into(record, entry, sector)
+                        entry += _ENTRY.size
+                        record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE] = dirty[sector]
                 record[entry:mac_at] = _ZEROS[entry:mac_at]
                 # prefix and layout packed once; the metadata's hash and the root come from the C code
-                _GENERATION.pack_into(small.state, len(self._state_prefix), generation)
+                _GENERATION.pack_into(small.state, self._generation_at, generation)
                 small.run(sectors, position, len(metadata))
                 root_mac = bytes(small.root_mac)
             else:
@@ -1164,9 +1177,14 @@ class MerkleStore(_CachedStore):
             raise
         self._log_position += 1 + count
         pending = self._pending
-        for index, sector in enumerate(sectors, 1):
-            pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
-        self._committed(generation, root_mac, metadata, {sector // HASHES_PER_PAGE for sector in sectors})
+        if count == 1:
+            pending[sector] = (bytes(record[SECTOR_SIZE:2 * SECTOR_SIZE]), bytes(data))
+            pages: tuple[int, ...] = (sector // HASHES_PER_PAGE,)
+        else:
+            for index, sector in enumerate(sectors, 1):
+                pending[sector] = (bytes(record[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE]), bytes(dirty[sector]))
+            pages = tuple({sector // HASHES_PER_PAGE for sector in sectors})
+        self._committed(generation, root_mac, metadata, pages)
         return True
 
     def _small_record_in_python(self, sectors: list[int], generation: int, position: int,

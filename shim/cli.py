@@ -138,7 +138,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     testing.add_argument("--audit-host", metavar="MARKER",
                          help="after the run, search the host's view (volume images, compile cache, "
                               "--dir directories, trace file, socket bytes) for MARKER in plaintext; "
-                              "exit 3 if found")
+                              "exit 3 if found (a first Ctrl-C stops the guest and the audit still runs)")
     if isinstance(parser, _Parser):
         parser.attached_only = {"--trace": "-"}
     from wasi_host._faults import GRAMMAR

@@ -586,18 +586,21 @@ def run_command(args: argparse.Namespace) -> int:
             stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))
         volumes = RunVolumes.from_arguments(args)  # --volume: committed and closed however the run ends
         # From here Ctrl-C ends the process at once, as in wasmtime's CLI (trio would otherwise
-        # wait for a guest that has no epoch checks to notice it); with volumes, the first one
-        # stops the guest (run_until_signalled). Not earlier: a Ctrl-C at the passphrase prompt
-        # must unwind through getpass, which turns the terminal's echo back on.
+        # wait for a guest that has no epoch checks to notice it); with volumes or --audit-host,
+        # the first one stops the guest (run_until_signalled), so that the volumes are committed
+        # and the audit runs (a server is typically ended that way). Not earlier: a Ctrl-C at the
+        # passphrase prompt must unwind through getpass, which turns the terminal's echo back on.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if volumes is None:
+        if volumes is None and wire is None:
             result = run_module(config)
         else:
-            with volumes:
-                config = volumes.configure(config)
+            with volumes if volumes is not None else contextlib.nullcontext():
+                config = volumes.configure(config) if volumes is not None else \
+                    dataclasses.replace(config, interruptible=True)
                 ended = run_until_signalled(config)
             if isinstance(ended, SignalledRun):
-                say(f"{signal.Signals(ended.signal_number).name}: guest stopped, volumes committed")
+                committed = ", volumes committed" if volumes is not None else ""
+                say(f"{signal.Signals(ended.signal_number).name}: guest stopped{committed}")
                 from shim.audit import audited_exit_status  # --audit-host: a signal ends servers too
 
                 return audited_exit_status(args, config, wire, ended.exit_status)

@@ -224,6 +224,36 @@ def test_the_audit_still_runs_when_a_signal_stops_the_guest(
     assert f"keep: audit-host: {marker!r} not found in plaintext (searched " in text
 
 
+def test_ctrl_c_without_volumes_stops_the_guest_and_still_audits(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """Without --volume, Ctrl-C ended `keep run` at once (as wasmtime's CLI does), so a server
+    run with --audit-host, which typically ends that way, was never audited. With --audit-host
+    the first Ctrl-C stops the guest (here one busy in a wasm loop) and the audit runs."""
+    import signal
+
+    marker = MARKER.decode()
+    host_dir = tmp_path / "shared"
+    host_dir.mkdir()
+    (host_dir / "note").write_text(f"left here: {marker}\n")
+    with subprocess.Popen(
+            ["keep", "run", "--audit-host", marker, "--dir", f"{host_dir}::/shared",
+             str(wasm_fixture("endless_loop"))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=keep_environment) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == b"looping\n"
+            process.send_signal(signal.SIGINT)
+            _, errors = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    text = errors.decode()
+    assert "keep: SIGINT: guest stopped\n" in text
+    assert f"keep: audit-host: {marker!r} found in plaintext in 1 place(s)" in text
+    assert f"--dir {host_dir}/note: plain at offset 11" in text
+    assert process.returncode == AUDIT_EXIT_STATUS, text
+
+
 @pytest.mark.parametrize("trace_format", ["text", "jsonl"])
 def test_a_trace_with_data_on_stderr_is_audited_too(trace_format: str, wasm_fixture: WasmFixture,
                                                      keep_environment: dict[str, str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from shim.errors import UsageError, say
-from wasi_host._faults import GRAMMAR, FaultSpec, FaultSpecError
+from wasi_host._faults import GRAMMAR, FaultSpec, FaultSpecError, FaultTally
 from wasi_host._functions import FUNCTIONS
 
 __all__ = ["GRAMMAR", "FaultSpec", "ineffective_faults", "parse_faults", "warn_ineffective_faults"]
@@ -26,11 +26,11 @@ def parse_faults(texts: Iterable[str]) -> tuple[FaultSpec, ...]:
         raise UsageError(str(error)) from None
 
 
-def ineffective_faults(specs: Iterable[FaultSpec]) -> list[str]:
-    """One line for each spec that failed or shortened no call in the run its tally counted."""
+def ineffective_faults(tallies: Iterable[tuple[FaultSpec, FaultTally]]) -> list[str]:
+    """One line for each spec that failed or shortened no call in the run its tally counted
+    (`FaultInjector.tallies()`)."""
     lines = []
-    for spec in specs:
-        tally = spec.tally
+    for spec, tally in tallies:
         if tally.effective:
             continue
         why = ("no call met its conditions" if not tally.matched else
@@ -40,7 +40,8 @@ def ineffective_faults(specs: Iterable[FaultSpec]) -> list[str]:
     return lines
 
 
-def warn_ineffective_faults(specs: Iterable[FaultSpec]) -> None:
-    """`keep run`: print `keep: warning: ...` on stderr for each spec that changed no call."""
-    for line in ineffective_faults(specs):
+def warn_ineffective_faults(lines: Iterable[str]) -> None:
+    """`keep run`: print `keep: warning: ...` on stderr for each line of `ineffective_faults`
+    (a run's `RunResult.ineffective_faults`)."""
+    for line in lines:
         say(f"warning: {line}")

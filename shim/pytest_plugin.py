@@ -264,7 +264,6 @@ class KeepRunner:
                    trace_data: bool = False, timeout: float | None = 60.0) -> tuple[KeepRun, list[str]]:
         """`run_async`'s work; also returns the lines of the faults that never took effect, for
         the caller to warn about from its own frame (the test's line, not trio's)."""
-        from shim.faults import ineffective_faults
         from shim.run import RunConfig, Stdio, run_module_async
 
         for option, value in (("args", args), ("faults", faults)):
@@ -291,7 +290,7 @@ class KeepRunner:
         finally:
             files_after, image = tree.finish()
         return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
-                       files_after, outcome.trap, image), ineffective_faults(specs)
+                       files_after, outcome.trap, image), list(outcome.ineffective_faults)
 
 
 def _warn_ineffective(lines: list[str]) -> None:

@@ -55,7 +55,7 @@ from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError, point_at_devnull, say
-from shim.faults import parse_faults, warn_ineffective_faults
+from shim.faults import ineffective_faults, parse_faults, warn_ineffective_faults
 from shim.trace import open_tracer
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
 from wasi_host._bind import (
@@ -205,6 +205,7 @@ class RunResult:
     trap_code: wasmtime.TrapCode | None = None
     results: tuple[Scalar, ...] = ()
     cache_hit: bool | None = None
+    ineffective_faults: tuple[str, ...] = ()  # one line per --fault that changed no call of this run
 
 
 def run_module(config: RunConfig) -> RunResult:
@@ -249,7 +250,8 @@ async def run_module_async(config: RunConfig) -> RunResult:
         if stop is not None:
             stop.close()
     result = captured.unwrap()
-    return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit)
+    return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit,
+                     result.ineffective_faults)
 
 
 @contextlib.contextmanager
@@ -375,6 +377,7 @@ class _Outcome:
     trap: str | None = None
     trap_code: wasmtime.TrapCode | None = None
     results: tuple[Scalar, ...] = ()
+    ineffective_faults: tuple[str, ...] = ()
 
 
 class _GuestRun:
@@ -388,10 +391,18 @@ class _GuestRun:
         self._guest = guest
 
     def execute(self) -> _Outcome:
+        """Run the guest; the outcome says which --fault specs changed none of its calls."""
+        faults = FaultInjector(self._config.faults) if self._config.faults else None
+        ended = self._execute(faults)
+        if faults is None:
+            return ended
+        return dataclasses.replace(ended, ineffective_faults=tuple(ineffective_faults(faults.tallies())))
+
+    def _execute(self, faults: FaultInjector | None) -> _Outcome:
         config = self._config
         store = wasmtime.Store(self._engine)
         linker = wasmtime.Linker(self._engine)
-        binding = bind_host_functions(linker, WASI_MODULE, host_functions(config), self._guest)
+        binding = bind_host_functions(linker, WASI_MODULE, host_functions(config, faults), self._guest)
         try:
             if config.engine_settings.epoch_interruption:
                 store.set_epoch_deadline(1)  # one increment_epoch() stops the guest
@@ -481,13 +492,14 @@ def limit_reached(trap_code: wasmtime.TrapCode | None, config: RunConfig) -> str
     return None
 
 
-def host_functions(config: RunConfig) -> Mapping[str, HostFunction]:
+def host_functions(config: RunConfig, faults: FaultInjector | None = None) -> Mapping[str, HostFunction]:
     """The preview1 table to bind: the plain `FUNCTIONS` unless the run injects faults or is
     traced (so an untraced run pays nothing); faults inside, so the trace shows what the guest
-    saw. A fresh fault injector per call: its counters belong to one run."""
+    saw. The fault injector (the run's own: its counters belong to one run) is `faults`, or a
+    fresh one for `config.faults`."""
     functions: Mapping[str, HostFunction] = FUNCTIONS
     if config.faults:
-        functions = FaultInjector(config.faults).wrap(functions)
+        functions = (faults or FaultInjector(config.faults)).wrap(functions)
     if config.trace is not None:
         functions = config.trace.wrap(functions)
     return functions
@@ -605,7 +617,7 @@ def run_command(args: argparse.Namespace) -> int:
 
                 return audited_exit_status(args, config, wire, ended.exit_status)
             result = ended
-    warn_ineffective_faults(config.faults)  # a --fault that changed no call: the run proves nothing
+    warn_ineffective_faults(result.ineffective_faults)  # a --fault that changed no call: the run proves nothing
     if result.trap is not None:
         say(f"{config.module}: {result.trap}")
         limit = limit_reached(result.trap_code, config)

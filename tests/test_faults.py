@@ -180,6 +180,22 @@ def test_the_same_seed_gives_the_same_faults_and_the_same_trace(keep: KeepRunner
     assert other != runs[0].stderr.decode().strip()
 
 
+def test_each_run_of_a_reused_config_reports_its_own_ineffective_faults(wasm_fixture: WasmFixture,
+                                                                        tmp_path: Path) -> None:
+    """The tallies behind "never took effect" lived on the (shared, frozen) FaultSpec and added
+    up over runs: a spec that worked in the first run of a RunConfig was never reported for a
+    later run where it changed nothing. Here the second run finds stdin used up, writes nothing,
+    and must say so."""
+    config = RunConfig(module=str(wasm_fixture("echo")), cache_dir=tmp_path,
+                       stdio=Stdio(MemoryStream(b"hello\n"), MemoryStream(), MemoryStream()),
+                       faults=(parse("fd_write:EIO:fd=1"),))
+    first = run_module(config)
+    assert first.ineffective_faults == ()  # its echo of "hello" failed with EIO
+    second = run_module(config)  # stdin is at its end now: nothing to echo
+    assert second.ineffective_faults == ("--fault 'fd_write:EIO:fd=1' never took effect "
+                                         "(no call met its conditions)",)
+
+
 def test_faults_leave_the_plain_functions_alone_when_none_is_given() -> None:
     from shim.run import host_functions
 

@@ -32,7 +32,7 @@ import posixpath
 import random
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Literal
 
@@ -113,7 +113,6 @@ class FaultSpec:
     probability: float | None = None
     seed: int = 0
     text: str = ""
-    tally: FaultTally = field(default_factory=FaultTally, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str, names: frozenset[str] | None = None) -> FaultSpec:
@@ -222,22 +221,23 @@ def _errno(text: str, name: str) -> int:
 
 
 class _SpecState:
-    """The run-time counters of one spec."""
+    """The run-time counters of one spec in one run (a FaultSpec is immutable and may serve
+    several runs, even at once)."""
 
     def __init__(self, spec: FaultSpec) -> None:
         self.spec = spec
-        self.matched = 0
+        self.tally = FaultTally()  # tally.matched counts the calls that met the conditions
         self.moved = 0
         self.random = random.Random(spec.seed)
 
     def due(self) -> bool:
         """Count one matching call; whether the when-conditions pick it."""
         spec = self.spec
-        self.matched += 1
-        spec.tally.matched += 1
-        if spec.nth is not None and self.matched != spec.nth:
+        self.tally.matched += 1
+        matched = self.tally.matched
+        if spec.nth is not None and matched != spec.nth:
             return False
-        if spec.every is not None and self.matched % spec.every:
+        if spec.every is not None and matched % spec.every:
             return False
         return spec.probability is None or self.random.random() < spec.probability
 
@@ -248,6 +248,10 @@ class FaultInjector:
     def __init__(self, specs: tuple[FaultSpec, ...]) -> None:
         self._states = [_SpecState(spec) for spec in specs]
         self._fd_paths: dict[int, str] = {}
+
+    def tallies(self) -> list[tuple[FaultSpec, FaultTally]]:
+        """How each spec fared in this injector's run so far, in the order given."""
+        return [(state.spec, FaultTally(state.tally.matched, state.tally.effective)) for state in self._states]
 
     def wrap(self, functions: Mapping[str, HostFunction]) -> Mapping[str, HostFunction]:
         """A copy of `functions` in which the calls some spec names misbehave as told (and the
@@ -346,7 +350,7 @@ class FaultInjector:
                         continue
                     remaining = spec.amount - state.moved
                     if remaining <= 0:
-                        spec.tally.effective += 1
+                        state.tally.effective += 1
                         raise WasiError(spec.errno)
                     limit = remaining if limit is None else min(limit, remaining)
                     limit_state.append(state)
@@ -354,7 +358,7 @@ class FaultInjector:
                 if not state.due():
                     continue
                 if spec.action == "errno":
-                    spec.tally.effective += 1
+                    state.tally.effective += 1
                     raise WasiError(spec.errno)
                 limit = spec.amount if limit is None else min(limit, spec.amount)
                 short_state.append(state)
@@ -365,7 +369,7 @@ class FaultInjector:
                 for state in (*limit_state, *short_state):
                     spec = state.spec
                     if (spec.amount if spec.action == "short" else spec.amount - state.moved) == limit:
-                        spec.tally.effective += 1
+                        state.tally.effective += 1
             if errno == 0 and limit_state:
                 moved = _load_u32(memory, arguments[transfer.result]) or 0
                 for state in limit_state:

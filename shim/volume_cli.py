@@ -37,6 +37,7 @@ from typing import IO, Any, Self
 
 from shim.errors import KeepError, UsageError
 from shim.keys import KeySource, read_key
+from shim.volume_state import sync_directory
 from storage._luks2_header import (
     MAX_ARGON2_LANES,
     MAX_ARGON2_MEMORY_KIB,
@@ -552,8 +553,10 @@ def _get(args: argparse.Namespace) -> int:
 
 def _get_into(fs: Filesystem, attr: Attr, host_file: str) -> None:
     """Write a volume file to `host_file` through a fresh temporary (mode 0600 while the
-    plaintext arrives) in the same host directory, renamed over `host_file` at the end. Any
-    failure removes the temporary (it holds decrypted data) and names `host_file`."""
+    plaintext arrives) in the same host directory, fsync'd and then renamed over `host_file`
+    (and the directory fsync'd): a crash leaves the old `host_file` or the new one whole,
+    never an empty or short file in its place. Any failure removes the temporary (it holds
+    decrypted data) and names `host_file`."""
     directory, base = os.path.split(os.path.abspath(host_file))
     with _host_errors(host_file):
         descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
@@ -564,8 +567,10 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str) -> None:
             with _host_errors(host_file):
                 sink.flush()
                 os.fchmod(sink.fileno(), stat.S_IMODE(attr.mode))
+                os.fsync(sink.fileno())
         with _host_errors(host_file):
             os.replace(temporary, host_file)
+            sync_directory(directory)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

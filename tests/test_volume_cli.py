@@ -387,6 +387,41 @@ def test_a_failed_get_leaves_no_plaintext_and_names_the_destination(image: Path,
                                                             "plain"]
 
 
+def test_get_makes_the_new_file_durable_before_it_replaces_the_old_one(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`get` over an existing host file renamed its temporary over it without an fsync: after a
+    crash the host could keep neither version (an empty file in its place). The order of the
+    real system calls is recorded: the temporary's data is fsync'd before the rename, the
+    directory after it."""
+    ok("put", image, "-", "/report.txt", stdin=b"new report\n")
+    destination = tmp_path / "report.txt"
+    destination.write_text("old report\n")
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source: str, target: str) -> None:
+        calls.append(("replace", str(target)))
+        real_replace(source, target)
+
+    from shim.cli import main
+
+    monkeypatch.setenv("KEEP_TEST_KEY", PASSPHRASE)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["volume", "get", str(image), "/report.txt", str(destination),
+                 "--passphrase-env", "KEEP_TEST_KEY"]) == 0
+    assert destination.read_bytes() == b"new report\n"
+    renamed = calls.index(("replace", str(destination)))
+    before, after = calls[:renamed], calls[renamed + 1:]
+    assert any(kind == "fsync" and Path(target).parent == tmp_path
+               and Path(target).name.endswith(".keep-partial") for kind, target in before), calls
+    assert ("fsync", str(tmp_path)) in after, calls
+
+
 def test_bad_input_is_a_one_line_error(image: Path, tmp_path: Path) -> None:
     for target in (tmp_path, "/dev/null"):
         for args in (("ls", target), ("info", target)):

@@ -18,15 +18,23 @@ entry is sealed:
   flipped or truncated fails authentication, is deleted and the module is recompiled;
 - the decrypted bytes go straight to `Module.deserialize` in memory; no plaintext is ever
   written to disk. Writes are atomic (a temporary file in the same directory, then rename).
+
+The directory is the host's, so what is read from it is hostile: files are opened without
+blocking and without following a symlink at an entry's name, and only a regular file of at most
+MAX_ENTRY_BYTES is read (a FIFO planted at an entry's name would hang every start, a link to
+/dev/zero or a sparse terabyte file would fill memory); anything else is discarded like a
+damaged entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +53,34 @@ _NONCE_SIZE = 12
 _KEY_SIZE = 32
 _KEY_FILE = "cache.key"
 _ENTRIES = "modules"
+MAX_ENTRY_BYTES = 1 << 30
+"""The largest sealed entry read back (wasm modules are at most 128 MiB; their compiled form a
+few times that): a bigger file at an entry's name is discarded, never read into memory."""
+
+
+class NotARegularFile(OSError):
+    """A cache file that is a FIFO, a device, a directory or a symlink, or too big to be ours."""
+
+
+def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes; NotARegularFile
+    otherwise (without blocking: a FIFO is opened O_NONBLOCK and refused after fstat), OSError
+    when it cannot be opened. With follow_symlinks=False a symlink is refused (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    descriptor = os.open(path, flags)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotARegularFile(f"{path} is not a regular file")
+        if status.st_size > limit:
+            raise NotARegularFile(f"{path} is larger than {limit} bytes")
+        with os.fdopen(descriptor, "rb", closefd=False) as stream:
+            data = stream.read(limit + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > limit:  # grew after fstat
+        raise NotARegularFile(f"{path} is larger than {limit} bytes")
+    return data
 
 
 def default_cache_directory() -> Path:
@@ -70,7 +106,10 @@ def load_or_create_key_file(path: Path) -> bytes:
         raise KeepError(f"cannot use the compile cache {path.parent}: {error.strerror} (set "
                         "KEEPSHIM_CACHE_DIR to a writable directory, or run with --no-cache)") from None
     try:
-        key = path.read_bytes()
+        key = read_regular_file(path, 4096)  # more than _KEY_SIZE: reported as damaged below
+    except NotARegularFile:
+        raise KeepError(f"compile cache key {path} is not a regular file of {_KEY_SIZE} bytes: "
+                        "remove it to start a new cache") from None
     except OSError as error:
         raise KeepError(f"cannot read the compile cache key {path}: {error.strerror}") from None
     if len(key) != _KEY_SIZE:
@@ -157,11 +196,14 @@ class CompileCache:
 
     def _read(self, engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
         try:
-            sealed = path.read_bytes()
+            sealed = read_regular_file(path, MAX_ENTRY_BYTES, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        except OSError:
-            self.statistics.discarded += 1
+        except (NotARegularFile, OSError) as error:
+            if isinstance(error, NotARegularFile) or error.errno == errno.ELOOP:
+                self._discard(path)  # planted: remove it so the next start does not meet it
+            else:
+                self.statistics.discarded += 1
             return None
         header = len(_MAGIC) + _NONCE_SIZE
         if len(sealed) < header + 16 or not sealed.startswith(_MAGIC):

@@ -1,0 +1,95 @@
+"""Session 7's second adversarial review of delivery, keep.toml sockets, TLS and the compile
+cache: each test reproduces a defect found by treating the host (its cache directory, its
+network) as the attacker, and fails on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from shim.cache import CompileCache
+from shim.engine import EngineSettings
+
+WASM = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
+
+
+def _run_isolated(code: str, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that the test can kill if it hangs."""
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _limit_memory() -> None:
+    """In the child: reading a planted /dev/zero whole fails fast instead of eating the host."""
+    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+
+
+# The compile cache directory is the host's: what it plants there must never hang, crash or
+# fill the keep's memory; the entry is discarded and the module recompiled.
+
+_LOAD_WITH_PLANTED_ENTRY = """
+import os, sys
+from pathlib import Path
+import wasmtime
+from shim.cache import CompileCache
+from shim.engine import EngineSettings
+wasm = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
+settings = EngineSettings()
+cache = CompileCache.open(Path(sys.argv[1]))
+entry = cache.entry_path(wasm, settings)
+entry.parent.mkdir(parents=True, exist_ok=True)
+if sys.argv[2] == "fifo":
+    os.mkfifo(entry)
+elif sys.argv[2] == "dev-zero":
+    os.symlink("/dev/zero", entry)
+elif sys.argv[2] == "huge-sparse":
+    with open(entry, "wb") as stream:
+        stream.truncate(1 << 40)
+module, hit = cache.load_module(settings.make_engine(), settings, wasm)
+print("hit" if hit else "recompiled", cache.statistics.discarded)
+"""
+
+
+@pytest.mark.parametrize("planted", ["fifo", "dev-zero", "huge-sparse"])
+def test_a_planted_cache_entry_is_discarded_without_hanging_or_reading_it_all(
+        tmp_path: Path, planted: str) -> None:
+    """A FIFO at an entry's name made every later `keep run` of that module hang in open();
+    a symlink to /dev/zero (or a sparse 1 TiB file) was read whole: MemoryError traceback."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_WITH_PLANTED_ENTRY, str(tmp_path), planted],
+            capture_output=True, text=True, timeout=20, preexec_fn=_limit_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading with a planted {planted} entry hung")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["recompiled", "1"]
+
+
+def test_a_cache_key_file_that_is_not_a_regular_file_is_one_clear_error(tmp_path: Path) -> None:
+    """A FIFO in place of cache.key made `keep run` hang before it started the guest."""
+    os.mkfifo(tmp_path / "cache.key")
+    code = ("import sys\nfrom pathlib import Path\nfrom shim.cache import CompileCache\n"
+            "from shim.errors import KeepError\n"
+            "try:\n    CompileCache.open(Path(sys.argv[1]))\n"
+            "except KeepError as error:\n    print(error)\n")
+    try:
+        done = _run_isolated(code, str(tmp_path), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("opening a cache whose key file is a FIFO hung")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cache.key" in done.stdout and "not a regular file" in done.stdout
+
+
+def test_an_ordinary_cache_still_hits(tmp_path: Path) -> None:
+    settings = EngineSettings()
+    first = CompileCache.open(tmp_path)
+    assert first.load_module(settings.make_engine(), settings, WASM)[1] is False
+    second = CompileCache.open(tmp_path)
+    assert second.load_module(settings.make_engine(), settings, WASM)[1] is True
+    assert second.key == first.key

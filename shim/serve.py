@@ -23,7 +23,8 @@ and every TLS `connect` pins its server (pin_sha256) instead of trusting the hos
 
 Hostile or broken input ends one connection, never the keep: a frame the protocol rejects drops
 the connection, a deployment that fails its checks is `refused`, and an unexpected error in one
-connection is logged as one line and drops that connection only.
+connection is logged as one line and drops that connection only. An accept() that fails because
+peers hold every fd the keep may open is retried, not fatal.
 
 SIGINT / SIGTERM (`stop_on_signals`): an idle keep stops at once; a running deployment is
 cancelled (its sockets are stopped and the engine's epoch stops its wasm code), its volumes are
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from shim.volume_backend import VolumeSession
 
 HANDSHAKE_SECONDS = 30.0
+ACCEPT_RETRY_SECONDS = 0.1  # after accept() failed (EMFILE: peers hold every fd)
 STOP_GRACE_SECONDS = 5.0  # after SIGINT / SIGTERM, for the guest to stop before the process ends
 BUSY_REASON = "this keep already runs a workload"
 StreamName = Literal["stdout", "stderr"]
@@ -392,9 +394,22 @@ class Keep:
 
     async def _accept_loop(self, listener: trio.SocketListener, context: ssl.SSLContext,
                            nursery: trio.Nursery) -> None:
+        """Accept until serving ends. accept() failing (EMFILE when peers hold every fd the
+        process may have, ENOBUFS, ...) is the network's doing: one line on stderr, a short
+        pause, and accepting goes on once connections have been dropped (by the deadlines)."""
+        failing = False
         async with listener:
             while True:
-                tcp = await listener.accept()
+                try:
+                    tcp = await listener.accept()
+                except OSError as error:
+                    if not failing:
+                        print(f"keep: cannot accept connections for now: "
+                              f"{error.strerror or error}", file=sys.stderr, flush=True)
+                    failing = True
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
+                failing = False
                 nursery.start_soon(self._connection, tcp, context)
 
     async def _connection(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> None:

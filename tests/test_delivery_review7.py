@@ -5,9 +5,14 @@ network) as the attacker, and fails on the code before its fix."""
 from __future__ import annotations
 
 import os
+import re
 import resource
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +43,9 @@ import os, sys
 from pathlib import Path
 import wasmtime
 from shim.cache import CompileCache
+from shim.attest import NilBackend, owner_client_context
 from shim.engine import EngineSettings
+from shim.serve import Keep, run_deployment
 wasm = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
 settings = EngineSettings()
 cache = CompileCache.open(Path(sys.argv[1]))
@@ -93,3 +100,51 @@ def test_an_ordinary_cache_still_hits(tmp_path: Path) -> None:
     second = CompileCache.open(tmp_path)
     assert second.load_module(settings.make_engine(), settings, WASM)[1] is True
     assert second.key == first.key
+
+
+# `keep serve` faces the network before anyone is attested: a peer must not be able to end it
+# or to hold its connections forever.
+
+
+def test_a_flood_of_connections_that_exhausts_fds_does_not_end_keep_serve(tmp_path: Path) -> None:
+    """accept() failing with EMFILE escaped serve's accept loop: 'keep: internal error:
+    ExceptionGroup', exit 70, by anyone who could open more TCP connections than its fd limit."""
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    environment = {**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"],
+                               stderr=subprocess.PIPE, text=True, env=environment,
+                               preexec_fn=few_fds)
+    try:
+        assert process.stderr is not None
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+)", process.stderr.readline())
+        assert found
+        port = int(found.group(1))
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(80)]
+        time.sleep(1)  # the keep tries to accept them all
+        for connection in flood:
+            connection.close()
+        assert process.poll() is None, process.stderr.read()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        deadline = time.monotonic() + 20
+        while True:  # the keep accepts again once the flood's fds are free
+            try:
+                with (socket.create_connection(("127.0.0.1", port), timeout=10) as tcp,
+                      context.wrap_socket(tcp) as tls):
+                    assert tls.getpeercert(binary_form=True)
+                break
+            except (OSError, ssl.SSLError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            status = process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert status == 128 + signal.SIGTERM

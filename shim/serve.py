@@ -23,7 +23,9 @@ and every TLS `connect` pins its server (pin_sha256) instead of trusting the hos
 
 Hostile or broken input ends one connection, never the keep: a frame the protocol rejects drops
 the connection, a deployment that fails its checks is `refused`, and an unexpected error in one
-connection is logged as one line and drops that connection only. An accept() that fails because
+connection is logged as one line and drops that connection only. Before a deployment is accepted
+nobody is trusted: a peer gets HANDSHAKE_SECONDS for its handshake and for each silence while its
+deploy frame arrives, DEPLOY_SECONDS for the whole frame, and an accept() that fails because
 peers hold every fd the keep may open is retried, not fatal.
 
 SIGINT / SIGTERM (`stop_on_signals`): an idle keep stops at once; a running deployment is
@@ -77,7 +79,8 @@ if TYPE_CHECKING:
     from shim.sockets import KeepNetwork
     from shim.volume_backend import VolumeSession
 
-HANDSHAKE_SECONDS = 30.0
+HANDSHAKE_SECONDS = 30.0  # also the longest silence allowed while a deploy frame arrives
+DEPLOY_SECONDS = 600.0  # for the whole deploy frame (a 128 MiB module at 256 KiB/s)
 ACCEPT_RETRY_SECONDS = 0.1  # after accept() failed (EMFILE: peers hold every fd)
 STOP_GRACE_SECONDS = 5.0  # after SIGINT / SIGTERM, for the guest to stop before the process ends
 BUSY_REASON = "this keep already runs a workload"
@@ -312,13 +315,15 @@ class Keep:
 
     def __init__(self, backend: Backend, runner: Runner = run_deployment, *,
                  volumes: Mapping[str, Path] | None = None,
-                 handshake_seconds: float = HANDSHAKE_SECONDS) -> None:
+                 handshake_seconds: float = HANDSHAKE_SECONDS,
+                 deploy_seconds: float = DEPLOY_SECONDS) -> None:
         self.identity = AttestedIdentity()
         self._volume_images = dict(volumes or {})
         self.backend = backend
         self.tls = KeepTLS(self.identity, backend)
         self._runner = runner
         self._handshake_seconds = handshake_seconds
+        self._deploy_seconds = deploy_seconds
         self._busy = False
         self._run_scope: trio.CancelScope | None = None
         self.signal_number: int | None = None
@@ -428,8 +433,14 @@ class Keep:
 
     async def _converse(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         conversation = Conversation("keep")
-        while (message := conversation.next_message()) is None:
-            conversation.receive_data(await stream.receive_some())
+        # Anyone can connect: the deploy frame must keep arriving (no gap longer than the
+        # handshake's deadline) and be complete within DEPLOY_SECONDS, or the connection is
+        # dropped (TooSlowError), so that silent or trickling peers cannot hold fds forever.
+        with trio.fail_after(self._deploy_seconds):
+            while (message := conversation.next_message()) is None:
+                with trio.fail_after(self._handshake_seconds):
+                    data = await stream.receive_some()
+                conversation.receive_data(data)
         assert isinstance(message, Deploy)
         if self._busy:
             await stream.send_all(conversation.send(Refused(BUSY_REASON)))

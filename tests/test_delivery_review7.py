@@ -10,16 +10,20 @@ import resource
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import trio
 import wasmtime
 
+from shim.attest import NilBackend, owner_client_context
 from shim.cache import CompileCache
 from shim.engine import EngineSettings
+from shim.serve import Keep, run_deployment
 
 WASM = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
 
@@ -148,3 +152,25 @@ def test_a_flood_of_connections_that_exhausts_fds_does_not_end_keep_serve(tmp_pa
             process.kill()
             raise
     assert status == 128 + signal.SIGTERM
+
+
+async def test_a_peer_that_handshakes_and_never_sends_its_deployment_is_dropped() -> None:
+    """After the handshake the keep waited for the deploy frame forever: every such connection
+    (a slowloris) held an fd and a task for the keep's whole life."""
+    keep = Keep(NilBackend(), run_deployment, handshake_seconds=0.5)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        for stalled in (b"", struct.pack(">II", 100, 0) + b'{"ty'):  # nothing; half a frame
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = trio.SSLStream(tcp, owner_client_context())
+            with trio.fail_after(20):
+                await stream.do_handshake()
+                if stalled:
+                    await stream.send_all(stalled)
+                try:
+                    while await stream.receive_some():
+                        pass  # the keep ends the connection: b"" or a broken stream
+                except trio.BrokenResourceError:
+                    pass
+            await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()

@@ -4,6 +4,9 @@ network) as the attacker, and fails on the code before its fix."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import io
 import os
 import re
 import resource
@@ -19,9 +22,23 @@ from pathlib import Path
 import pytest
 import trio
 import wasmtime
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
-from shim.attest import NilBackend, owner_client_context
+from net.tls import KeepIdentity, server_context
+from shim.attest import (
+    EVIDENCE_OIDS,
+    AttestedIdentity,
+    Deploy,
+    MalformedEvidence,
+    NilBackend,
+    Policy,
+    owner_client_context,
+)
+from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
+from shim.deploy import deploy_to
 from shim.engine import EngineSettings
 from shim.serve import Keep, run_deployment
 
@@ -47,9 +64,7 @@ import os, sys
 from pathlib import Path
 import wasmtime
 from shim.cache import CompileCache
-from shim.attest import NilBackend, owner_client_context
 from shim.engine import EngineSettings
-from shim.serve import Keep, run_deployment
 wasm = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
 settings = EngineSettings()
 cache = CompileCache.open(Path(sys.argv[1]))
@@ -173,4 +188,49 @@ async def test_a_peer_that_handshakes_and_never_sends_its_deployment_is_dropped(
                 except trio.BrokenResourceError:
                     pass
             await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()
+
+
+# The owner meets whatever answers at the keep's address (a man in the middle) before anything is
+# attested: any certificate it shows is a clear refusal, never a crash.
+
+
+def _certificate_with_evidence(evidence: bytes) -> tuple[bytes, bytes]:
+    """A self-signed RA-TLS-shaped certificate carrying `evidence` as nil evidence, and its key
+    (both PEM)."""
+    identity = AttestedIdentity()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a keep")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(identity.private_key.public_key()).serial_number(1)
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.UnrecognizedExtension(EVIDENCE_OIDS["nil"],
+                                                             der_octet_string(evidence)),
+                                  critical=False)
+                   .sign(identity.private_key, hashes.SHA256()))
+    net_identity = identity.net_identity(certificate)
+    return net_identity.certificate_chain_pem, net_identity.private_key_pem
+
+
+async def test_deeply_nested_nil_evidence_from_a_man_in_the_middle_is_a_refusal() -> None:
+    """json.loads of '[' * 5000 raised RecursionError out of NilBackend.verify: `keep deploy`
+    ended with an internal error instead of refusing the keep."""
+    chain, key = _certificate_with_evidence(b"[" * 5000 + b"]" * 5000)
+    context = server_context(KeepIdentity(certificate_chain_pem=chain, private_key_pem=key))
+
+    async def impostor(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.do_handshake()
+            await stream.receive_some()
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, impostor, 0)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(20), pytest.raises(MalformedEvidence, match="nested too deeply"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"),
+                            Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
+                            stderr=io.BytesIO())
         nursery.cancel_scope.cancel()

@@ -175,6 +175,8 @@ class NilBackend:
             document = json.loads(evidence.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as error:
             raise MalformedEvidence(f"nil evidence is not ASCII JSON: {error}") from None
+        except RecursionError:  # '[' * 5000 fits in a certificate but not in Python's stack
+            raise MalformedEvidence("nil evidence is not ASCII JSON: nested too deeply") from None
         if not isinstance(document, dict) or set(document) != _NIL_KEYS:
             raise MalformedEvidence("nil evidence does not have exactly the nil fields")
         if canonical_json(document) != evidence:

@@ -7,7 +7,10 @@ here, so a backend never sees a slash and never follows a link on its own.  A st
 directories makes ``..`` a pop: popping the starting directory is an escape.  The errno for each
 corner is wasmtime's (cap-std's): an absolute path, an absolute symlink or too many ``..`` is
 EPERM; more than 40 symlink expansions is ELOOP; an empty path is ENOENT; a NUL byte is EINVAL;
-a trailing slash forces the final component to resolve to a directory (ENOTDIR otherwise).
+a path of PATH_MAX (4096) bytes or more is ENAMETOOLONG (checked between the NUL byte and the
+absolute path, as the kernel's getname does under wasmtime), which also bounds the work one call
+can ask of the resolver; a trailing slash forces the final component to resolve to a directory
+(ENOTDIR otherwise).
 
 The result is the directory holding the final component plus that component's name (never
 ``..``; ``.`` when the path names the start directory or one of its ancestors inside it).
@@ -24,6 +27,7 @@ from wasi_host._errors import WasiError
 
 MAX_SYMLINK_EXPANSIONS = 40
 MAX_NAME_BYTES = 255
+PATH_MAX = 4096  # bytes, with the terminating NUL: a path must be shorter
 
 
 def _components(path: str) -> list[str]:
@@ -49,6 +53,11 @@ def _check_shape(path: str) -> None:
         raise WasiError(Errno.NOENT)
     if "\0" in path:
         raise WasiError(Errno.INVAL)
+    # Without this a guest could pass megabytes of "d/../": each component costs a directory
+    # open and close here, in one host call that --timeout cannot interrupt.
+    if len(path) >= PATH_MAX or (len(path) >= PATH_MAX // 4
+                                 and len(path.encode("utf-8", "surrogateescape")) >= PATH_MAX):
+        raise WasiError(Errno.NAMETOOLONG)
     if path.startswith("/"):
         raise WasiError(Errno.PERM)
 

@@ -25,8 +25,10 @@ Hostile or broken input ends one connection, never the keep: a frame the protoco
 the connection, a deployment that fails its checks is `refused`, and an unexpected error in one
 connection is logged as one line and drops that connection only. Before a deployment is accepted
 nobody is trusted: a peer gets HANDSHAKE_SECONDS for its handshake and for each silence while its
-deploy frame arrives, DEPLOY_SECONDS for the whole frame, and an accept() that fails because
-peers hold every fd the keep may open is retried, not fatal.
+deploy frame arrives, DEPLOY_SECONDS for the whole frame; what all connections buffer of frames
+still arriving shares one budget (PENDING_BYTES_LIMIT, two of the largest frames; the connection
+that would overrun it is dropped); and an accept() that fails because peers hold every fd the
+keep may open is retried, not fatal.
 
 SIGINT / SIGTERM (`stop_on_signals`): an idle keep stops at once; a running deployment is
 cancelled (its sockets are stopped and the engine's epoch stops its wasm code), its volumes are
@@ -67,7 +69,7 @@ from shim.attest import (
     VolumeState,
     backend_named,
 )
-from shim.attest._protocol import MAX_OUTPUT_CHUNK_BYTES
+from shim.attest._protocol import MAX_HEADER_BYTES, MAX_OUTPUT_CHUNK_BYTES, MAX_WORKLOAD_BYTES
 from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
@@ -81,6 +83,8 @@ if TYPE_CHECKING:
 
 HANDSHAKE_SECONDS = 30.0  # also the longest silence allowed while a deploy frame arrives
 DEPLOY_SECONDS = 600.0  # for the whole deploy frame (a 128 MiB module at 256 KiB/s)
+PENDING_BYTES_LIMIT = 2 * (MAX_WORKLOAD_BYTES + MAX_HEADER_BYTES + 8)
+"""What all connections together may buffer of deploy frames still arriving: two of the largest."""
 ACCEPT_RETRY_SECONDS = 0.1  # after accept() failed (EMFILE: peers hold every fd)
 STOP_GRACE_SECONDS = 5.0  # after SIGINT / SIGTERM, for the guest to stop before the process ends
 BUSY_REASON = "this keep already runs a workload"
@@ -316,7 +320,8 @@ class Keep:
     def __init__(self, backend: Backend, runner: Runner = run_deployment, *,
                  volumes: Mapping[str, Path] | None = None,
                  handshake_seconds: float = HANDSHAKE_SECONDS,
-                 deploy_seconds: float = DEPLOY_SECONDS) -> None:
+                 deploy_seconds: float = DEPLOY_SECONDS,
+                 pending_bytes_limit: int = PENDING_BYTES_LIMIT) -> None:
         self.identity = AttestedIdentity()
         self._volume_images = dict(volumes or {})
         self.backend = backend
@@ -324,6 +329,8 @@ class Keep:
         self._runner = runner
         self._handshake_seconds = handshake_seconds
         self._deploy_seconds = deploy_seconds
+        self._pending_bytes_limit = pending_bytes_limit
+        self._pending_bytes = 0  # buffered by connections whose deploy frame is still arriving
         self._busy = False
         self._run_scope: trio.CancelScope | None = None
         self.signal_number: int | None = None
@@ -436,11 +443,22 @@ class Keep:
         # Anyone can connect: the deploy frame must keep arriving (no gap longer than the
         # handshake's deadline) and be complete within DEPLOY_SECONDS, or the connection is
         # dropped (TooSlowError), so that silent or trickling peers cannot hold fds forever.
-        with trio.fail_after(self._deploy_seconds):
-            while (message := conversation.next_message()) is None:
-                with trio.fail_after(self._handshake_seconds):
-                    data = await stream.receive_some()
-                conversation.receive_data(data)
+        # The bytes every connection has buffered count against one budget, so that many peers
+        # each sending a large frame cannot make the keep (and a workload it runs) run out of
+        # memory: the connection whose bytes would overrun it is dropped.
+        held = 0
+        try:
+            with trio.fail_after(self._deploy_seconds):
+                while (message := conversation.next_message()) is None:
+                    with trio.fail_after(self._handshake_seconds):
+                        data = await stream.receive_some()
+                    if self._pending_bytes + len(data) > self._pending_bytes_limit:
+                        raise trio.BrokenResourceError("the keep's buffer budget is used up")
+                    self._pending_bytes += len(data)
+                    held += len(data)
+                    conversation.receive_data(data)
+        finally:
+            self._pending_bytes -= held
         assert isinstance(message, Deploy)
         if self._busy:
             await stream.send_all(conversation.send(Refused(BUSY_REASON)))

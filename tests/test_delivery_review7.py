@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import json
 import os
 import re
 import resource
@@ -40,7 +41,7 @@ from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
 from shim.deploy import deploy_to
 from shim.engine import EngineSettings
-from shim.serve import Keep, run_deployment
+from shim.serve import Deployment, Keep, RunOutcome, run_deployment
 
 WASM = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
 
@@ -233,4 +234,54 @@ async def test_deeply_nested_nil_evidence_from_a_man_in_the_middle_is_a_refusal(
             await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"),
                             Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
                             stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+
+
+async def test_large_frames_from_many_peers_share_one_bounded_buffer() -> None:
+    """Each connection could buffer a whole 128 MiB deploy frame, however many there were: six
+    peers sending 120 MiB each and stalling grew `keep serve` from 41 to 758 MiB (enough of them
+    end it, and a workload it runs, out of memory). The connection that would overrun the
+    keep's budget is dropped; the budget is free again once the peers are gone."""
+    ran = []
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        ran.append(deployment.message.args)
+        return RunOutcome(exit_status=0)
+
+    keep = Keep(NilBackend(), runner, pending_bytes_limit=1 << 20)
+    header = json.dumps({"type": "deploy", "args": [], "config": "", "volumes": [],
+                         "workload_sha256": "00" * 32}).encode()
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        peers = []
+        for _ in range(2):
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = trio.SSLStream(tcp, owner_client_context())
+            await stream.do_handshake()
+            peers.append(stream)
+
+        async def stall(stream: trio.SSLStream[trio.SocketStream], dropped: list[int]) -> None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(struct.pack(">II", len(header), 900 << 10) + header
+                                      + bytes(600 << 10))
+                while await stream.receive_some():
+                    pass
+            dropped.append(1)
+
+        dropped: list[int] = []
+        with trio.move_on_after(20):  # the handshake deadline (30 s) must not be what ends them
+            async with trio.open_nursery() as peers_nursery:
+                for stream in peers:
+                    peers_nursery.start_soon(stall, stream, dropped)
+                while not dropped:
+                    await trio.sleep(0.05)
+                peers_nursery.cancel_scope.cancel()
+        assert dropped, "neither peer was dropped: 1.2 MiB buffered against a 1 MiB budget"
+        for stream in peers:
+            await trio.aclose_forcefully(stream)
+        with trio.fail_after(30):
+            result = await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm", args=("ok",)),
+                                     Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
+                                     stderr=io.BytesIO())
+        assert result.exit_status == 0 and ran == [("ok",)]
         nursery.cancel_scope.cancel()

@@ -46,3 +46,12 @@ def test_a_path_of_path_max_bytes_or_more_is_enametoolong(backend: str, wasm_fix
     """4096 bytes or more is ENAMETOOLONG before the path is walked (it resolved, and a megabyte of
     "d/../" kept the host busy in one call that --timeout could not interrupt: 13 s for 10 MB)."""
     assert_section_matches_wasmtime("long_paths", backend, wasm_fixture, tmp_path, keep_environment)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclusive_create_never_follows_a_symlink_in_the_last_place(
+        backend: str, wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """open(O_CREAT|O_EXCL) on a dangling symlink is EEXIST (it created the link's target, so a
+    lock file taken through a link 'succeeded' where it must fail); links earlier in the path
+    are still followed, and O_CREAT alone follows the link."""
+    assert_section_matches_wasmtime("excl_links", backend, wasm_fixture, tmp_path, keep_environment)

@@ -506,7 +506,11 @@ def path_open(
     readable = bool(base & (Rights.FD_READ | Rights.FD_READDIR))
     writable = bool(base & Rights.FD_WRITE)
     entry: Entry
-    with resolve(parent.directory, read_path(memory, path, path_len), follow=bool(dirflags)) as resolved:
+    # O_CREAT|O_EXCL never follows a symlink in the last place (open(2), wasmtime): the link
+    # itself exists, EEXIST, and nothing is created where a dangling link points
+    exclusive_create = oflags & (Oflags.CREAT | Oflags.EXCL) == Oflags.CREAT | Oflags.EXCL
+    follow = bool(dirflags) and not exclusive_create
+    with resolve(parent.directory, read_path(memory, path, path_len), follow=follow) as resolved:
         if oflags & Oflags.CREAT and resolved.trailing_slash and resolved.name != ".":
             # "name/" can only name a directory, which O_CREAT cannot open: EISDIR whatever the
             # name is (file, link, missing) and with or without O_EXCL, as wasmtime ("./" goes

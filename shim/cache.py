@@ -8,7 +8,8 @@ native code, and a plaintext entry would put the workload's code on the host dis
 entry is sealed:
 
 - a 32-byte cache key comes from a key provider (on the `nil` backend a key file created 0600
-  under the cache directory; a TEE backend would derive a sealing key instead);
+  under the cache directory, used only while it is ours and 0600: whoever can read or plant it
+  can seal entries; a TEE backend would derive a sealing key instead);
 - two subkeys are derived from it with HKDF-SHA256: one names entries, one seals them;
 - the entry's *identity* is SHA-256 of (module bytes, engine settings fingerprint, wasmtime
   version); its *file name* is HMAC-SHA256(name key, identity), so the host cannot tell which
@@ -62,10 +63,12 @@ class NotARegularFile(OSError):
     """A cache file that is a FIFO, a device, a directory or a symlink, or too big to be ours."""
 
 
-def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `limit` bytes; NotARegularFile
-    otherwise (without blocking: a FIFO is opened O_NONBLOCK and refused after fstat), OSError
-    when it cannot be opened. With follow_symlinks=False a symlink is refused (ELOOP)."""
+def read_regular_file(path: Path, limit: int, *,
+                      follow_symlinks: bool = True) -> tuple[bytes, os.stat_result]:
+    """The bytes and status of `path` if it is a regular file of at most `limit` bytes;
+    NotARegularFile otherwise (without blocking: a FIFO is opened O_NONBLOCK and refused after
+    fstat), OSError when it cannot be opened. With follow_symlinks=False a symlink is refused
+    (ELOOP). The status is that of the file actually read (fstat), so checks on it are race-free."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     descriptor = os.open(path, flags)
     try:
@@ -80,7 +83,7 @@ def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -
         os.close(descriptor)
     if len(data) > limit:  # grew after fstat
         raise NotARegularFile(f"{path} is larger than {limit} bytes")
-    return data
+    return data, status
 
 
 def default_cache_directory() -> Path:
@@ -106,7 +109,7 @@ def load_or_create_key_file(path: Path) -> bytes:
         raise KeepError(f"cannot use the compile cache {path.parent}: {error.strerror} (set "
                         "KEEPSHIM_CACHE_DIR to a writable directory, or run with --no-cache)") from None
     try:
-        key = read_regular_file(path, 4096)  # more than _KEY_SIZE: reported as damaged below
+        key, status = read_regular_file(path, 4096)  # more than _KEY_SIZE: "damaged" below
     except NotARegularFile:
         raise KeepError(f"compile cache key {path} is not a regular file of {_KEY_SIZE} bytes: "
                         "remove it to start a new cache") from None
@@ -115,6 +118,16 @@ def load_or_create_key_file(path: Path) -> bytes:
     if len(key) != _KEY_SIZE:
         raise KeepError(f"compile cache key {path} is damaged (not {_KEY_SIZE} bytes): "
                         "remove it to start a new cache")
+    # Whoever can read the key (or wrote it) can seal an entry that runs their code in place of
+    # a module's: only a key that is ours and private is used, as ssh treats its private keys.
+    if status.st_uid != os.geteuid():
+        raise KeepError(f"compile cache key {path} is owned by uid {status.st_uid}, not by this "
+                        "user: whoever made it could make keep run their code; remove it to "
+                        "start a new cache")
+    if status.st_mode & 0o077:
+        raise KeepError(f"compile cache key {path} has mode {stat.S_IMODE(status.st_mode):04o}: "
+                        "others who can read it could make keep run their code; remove it to "
+                        "start a new cache")
     return key
 
 
@@ -196,7 +209,7 @@ class CompileCache:
 
     def _read(self, engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
         try:
-            sealed = read_regular_file(path, MAX_ENTRY_BYTES, follow_symlinks=False)
+            sealed, _ = read_regular_file(path, MAX_ENTRY_BYTES, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except (NotARegularFile, OSError) as error:

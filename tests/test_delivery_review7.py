@@ -41,6 +41,7 @@ from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
 from shim.deploy import deploy_to
 from shim.engine import EngineSettings
+from shim.errors import KeepError
 from shim.serve import Deployment, Keep, RunOutcome, run_deployment
 
 WASM = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
@@ -285,3 +286,36 @@ async def test_large_frames_from_many_peers_share_one_bounded_buffer() -> None:
                                      stderr=io.BytesIO())
         assert result.exit_status == 0 and ran == [("ok",)]
         nursery.cancel_scope.cancel()
+
+
+def _forge_entry(cache_dir: Path, key: bytes, victim: bytes, evil: bytes) -> None:
+    """What someone who knows the cache key can do: seal `evil`'s compiled code under the name
+    of `victim`'s entry."""
+    settings = EngineSettings()
+    forger = CompileCache(cache_dir, key)
+    compiled = wasmtime.Module(settings.make_engine(), evil)
+    forger._write(forger.entry_path(victim, settings), bytes(compiled.serialize()))
+
+
+@pytest.mark.parametrize("planted", ["group-readable", "another-owner"])
+def test_a_cache_key_that_others_can_read_or_own_is_refused(tmp_path: Path, planted: str) -> None:
+    """cache.key was used whoever owned it and whatever its mode: another user who planted it
+    in a shared KEEPSHIM_CACHE_DIR (or could read it) forged an entry, and `keep run` of the
+    victim's module ran the forger's code. Only a key file of ours, mode 0600, is used."""
+    key = bytes(range(32))
+    key_file = tmp_path / "cache.key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o640 if planted == "group-readable" else 0o600)
+    if planted == "another-owner":
+        os.chown(key_file, 65534, 65534)
+    evil = bytes(wasmtime.wat2wasm(
+        '(module (func (export "answer") (result i32) (i32.const 666)))'))
+    _forge_entry(tmp_path, key, WASM, evil)
+    with pytest.raises(KeepError, match=r"cache\.key .*(mode 0640|owned by uid 65534)"):
+        settings = EngineSettings()
+        engine = settings.make_engine()
+        module, _ = CompileCache.open(tmp_path).load_module(engine, settings, WASM)
+        store = wasmtime.Store(engine)
+        answer = wasmtime.Instance(store, module, []).exports(store)["answer"]
+        assert isinstance(answer, wasmtime.Func)
+        assert answer(store) == 42, "the forger's code ran"

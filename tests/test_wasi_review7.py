@@ -55,3 +55,11 @@ def test_exclusive_create_never_follows_a_symlink_in_the_last_place(
     lock file taken through a link 'succeeded' where it must fail); links earlier in the path
     are still followed, and O_CREAT alone follows the link."""
     assert_section_matches_wasmtime("excl_links", backend, wasm_fixture, tmp_path, keep_environment)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linking_with_symlink_follow_is_einval_as_in_wasmtime(
+        backend: str, wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """path_link with SYMLINK_FOLLOW linked the link's target; wasmtime refuses the flag (EINVAL,
+    after EBADF for a bad fd), so a program tested there never depends on it."""
+    assert_section_matches_wasmtime("link_follow", backend, wasm_fixture, tmp_path, keep_environment)

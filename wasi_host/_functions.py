@@ -468,7 +468,10 @@ def path_link(
     target = guest.fds.get_directory(new_fd, Rights.PATH_LINK_TARGET).directory
     source_path = read_path(memory, old_path, old_path_len)
     target_path = read_path(memory, new_path, new_path_len)
-    with resolve(source, source_path, follow=bool(old_flags)) as src, resolve(target, target_path, follow=False) as dst:
+    # wasmtime refuses SYMLINK_FOLLOW (linkat's AT_SYMLINK_FOLLOW) once the fds and paths are
+    # read: a program tested there never links a link's target, so it must not here either
+    _invalid_unless(not old_flags & LOOKUP_SYMLINK_FOLLOW)
+    with resolve(source, source_path, follow=False) as src, resolve(target, target_path, follow=False) as dst:
         status = src.stat()
         if status.filetype == Filetype.DIRECTORY:
             raise WasiError(Errno.PERM)  # hard links to directories: EPERM, as Linux

@@ -48,6 +48,7 @@ from shim.attest import (
     load_policy,
     open_verified_stream,
 )
+from shim.attest._protocol import duplicate_grant
 from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import forbid_core_dumps
@@ -208,6 +209,8 @@ def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> 
                 pinned_uuid=uuid if isinstance(uuid, str) else None))
         except ProtocolError as error:
             raise UsageError(f"--volume-key {spec!r}: {error}") from None
+    if (duplicate := duplicate_grant(tuple(grants))) is not None:
+        raise UsageError(f"--volume-key: {duplicate}")
     return tuple(grants)
 
 

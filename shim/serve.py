@@ -69,7 +69,12 @@ from shim.attest import (
     VolumeState,
     backend_named,
 )
-from shim.attest._protocol import MAX_HEADER_BYTES, MAX_OUTPUT_CHUNK_BYTES, MAX_WORKLOAD_BYTES
+from shim.attest._protocol import (
+    MAX_HEADER_BYTES,
+    MAX_OUTPUT_CHUNK_BYTES,
+    MAX_WORKLOAD_BYTES,
+    duplicate_grant,
+)
 from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
@@ -187,6 +192,8 @@ def preflight(deploy: Deploy) -> KeepConfig:
     keep.toml may not make the workload trust anything of the keep host's: no host files, and
     every TLS connect pins its server (pin_sha256)."""
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
+    if (duplicate := duplicate_grant(deploy.volumes)) is not None:
+        raise KeepError(duplicate)
     if config.tls.certificate is not None or config.tls.export_certificate is not None:
         raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
                         "TLS sockets use its attested key")

@@ -35,11 +35,12 @@ from shim.attest import (
     MalformedEvidence,
     NilBackend,
     Policy,
+    VolumeGrant,
     owner_client_context,
 )
 from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
-from shim.deploy import deploy_to
+from shim.deploy import DeployRefused, deploy_to
 from shim.engine import EngineSettings
 from shim.errors import KeepError
 from shim.serve import Deployment, Keep, RunOutcome, run_deployment
@@ -319,3 +320,44 @@ def test_a_cache_key_that_others_can_read_or_own_is_refused(tmp_path: Path, plan
         answer = wasmtime.Instance(store, module, []).exports(store)["answer"]
         assert isinstance(answer, wasmtime.Func)
         assert answer(store) == 42, "the forger's code ran"
+
+
+# One deployment's volume grants must be distinct: the same name twice opened one image twice,
+# two grants at one guest path hid one volume behind the other.
+
+
+def test_keep_deploy_refuses_a_volume_granted_twice_before_connecting(tmp_path: Path) -> None:
+    key = tmp_path / "data.key"
+    key.write_bytes(b"k")
+    module = tmp_path / "m.wasm"
+    module.write_bytes(WASM)
+    for specs, complaint in [((f"data={key}", f"data::/other={key}"), "'data' is granted twice"),
+                             ((f"a::/data={key}", f"b::/data/.={key}"),
+                              "two volumes are granted at guest path '/data'")]:
+        arguments = [argument for spec in specs for argument in ("--volume-key", spec)]
+        completed = subprocess.run(
+            [sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1", *arguments, str(module)],
+            capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 2, completed.stderr
+        assert complaint in completed.stderr and len(completed.stderr.splitlines()) == 1
+
+
+async def test_a_keep_refuses_a_deployment_that_grants_a_volume_twice(tmp_path: Path) -> None:
+    """The keep opened the image twice and refused with 'VolumeInUse: ... is in use by another
+    process' (no other process was involved)."""
+    ran = []
+
+    async def runner(deployment: Deployment) -> RunOutcome:
+        ran.append(deployment)
+        return RunOutcome(exit_status=0)
+
+    keep = Keep(NilBackend(), runner, volumes={"data": tmp_path / "absent.img"})
+    grants = (VolumeGrant("data", key_file=b"k"), VolumeGrant("data", key_file=b"k", guest_path="/b"))
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with trio.fail_after(30), pytest.raises(DeployRefused, match="'data' is granted twice"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm", volumes=grants),
+                            Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
+                            stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+    assert not ran

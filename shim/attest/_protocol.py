@@ -86,6 +86,22 @@ class VolumeGrant:
             raise LocalProtocolError(f"volume {self.name!r}: a generation is never negative")
 
 
+def duplicate_grant(grants: tuple[VolumeGrant, ...]) -> str | None:
+    """What two grants of one deployment share (a name: the same image opened twice; a guest
+    path: one volume hiding the other), or None when they are distinct."""
+    names: set[str] = set()
+    paths: set[str] = set()
+    for grant in grants:
+        path = "/" + "/".join(part for part in grant.guest_path.split("/") if part not in ("", "."))
+        if grant.name in names:
+            return f"volume {grant.name!r} is granted twice"
+        if path in paths:
+            return f"two volumes are granted at guest path {path!r}"
+        names.add(grant.name)
+        paths.add(path)
+    return None
+
+
 @dataclass(frozen=True)
 class VolumeState:
     """A volume's state after the run, as its last commit returned it: the owner stores it and

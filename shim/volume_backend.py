@@ -295,7 +295,8 @@ class VolumeFile(_Handle):
     def set_size(self, size: int) -> None:
         if not self._write:
             raise _error(errno.EINVAL)  # as ftruncate on a read-only fd
-        self.session.fs.setattr(self.ino, size=size)
+        # the kernel's do_truncate sets mtime even when the size stays (storage only when it moves)
+        self.session.fs.setattr(self.ino, size=size, mtime_ns=time.time_ns())
 
     def sync(self) -> None:
         self.session.commit()
@@ -370,8 +371,8 @@ class VolumeDirectory(_Handle):
                 raise _error(errno.ELOOP)
             if attr.is_dir:
                 raise _error(errno.EISDIR)
-            if truncate and attr.size:
-                fs.setattr(attr.ino, size=0)
+            if truncate:  # mtime moves even for an empty file, as the kernel's do_truncate
+                fs.setattr(attr.ino, size=0, mtime_ns=time.time_ns())
         except BaseException:
             fs.release(attr.ino)
             raise

@@ -240,6 +240,19 @@ def _parent_and_name(fs: Filesystem, path: str) -> tuple[Attr, bytes]:
     return parent, parts[-1]
 
 
+def _image_identity(volume: Volume) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the volume's image file, None for another kind of device."""
+    device = volume.device
+    return device.identity if isinstance(device, FileBlockDevice) else None
+
+
+def _refuse_the_image(info: os.stat_result, image: tuple[int, int] | None, host_path: str) -> None:
+    """KeepError when host file `info` is the open image (the same inode, under any name):
+    replacing it would destroy the volume being read (as cp refuses "the same file")."""
+    if image is not None and (info.st_dev, info.st_ino) == image:
+        raise KeepError(f"{host_path}: is the volume image itself (not replaced)")
+
+
 @contextlib.contextmanager
 def _opened(args: argparse.Namespace, *, writable: bool) -> Iterator[Volume]:
     key = _key(args)
@@ -547,17 +560,19 @@ def _get(args: argparse.Namespace) -> int:
             with _host_errors("stdout"):
                 sys.stdout.buffer.flush()
             return 0
-        _get_into(volume.fs, attr, args.host_file)
+        _get_into(volume.fs, attr, args.host_file, _image_identity(volume))
     return 0
 
 
-def _get_into(fs: Filesystem, attr: Attr, host_file: str) -> None:
+def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int] | None) -> None:
     """Write a volume file to `host_file` through a fresh temporary (mode 0600 while the
     plaintext arrives) in the same host directory, fsync'd and then renamed over `host_file`
     (and the directory fsync'd): a crash leaves the old `host_file` or the new one whole,
     never an empty or short file in its place. Any failure removes the temporary (it holds
-    decrypted data) and names `host_file`."""
+    decrypted data) and names `host_file`. The open image itself (`image`) is never replaced."""
     directory, base = os.path.split(os.path.abspath(host_file))
+    with contextlib.suppress(OSError):
+        _refuse_the_image(os.lstat(host_file), image, host_file)
     with _host_errors(host_file):
         descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
                                                  dir=directory)
@@ -704,7 +719,7 @@ def _export(args: argparse.Namespace) -> int:
             directory = os.open(args.host_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with _Progress(f"exporting to {args.host_dir}"):
-                count = _export_tree(fs, source, directory, args.host_dir)
+                count = _export_tree(fs, source, directory, args.host_dir, _image_identity(volume))
         finally:
             os.close(directory)
     print(f"exported {count} entries to {args.host_dir}")
@@ -715,16 +730,19 @@ _EXPORT_OPEN = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBL
 _EXPORT_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _clear_host_entry(directory: int, name: bytes, host_path: str, *, keep_directory: bool) -> bool:
+def _clear_host_entry(directory: int, name: bytes, host_path: str, image: tuple[int, int] | None, *,
+                      keep_directory: bool) -> bool:
     """Make room for an exported entry called `name` in host directory `directory`, never
     following a symlink there (one an earlier export made from the volume may point anywhere).
     Anything but a real directory is unlinked; a real directory is kept when `keep_directory`
     (the volume has a directory there too), else refused: a host tree is not deleted for a file.
-    Returns whether a directory is there to reuse."""
+    The open image (`image`: a file of the volume named like it, exported into its directory)
+    is refused, never replaced. Returns whether a directory is there to reuse."""
     try:
         info = os.stat(name, dir_fd=directory, follow_symlinks=False)
     except FileNotFoundError:
         return False
+    _refuse_the_image(info, image, host_path)
     if stat.S_ISDIR(info.st_mode):
         if keep_directory:
             return True
@@ -734,7 +752,8 @@ def _clear_host_entry(directory: int, name: bytes, host_path: str, *, keep_direc
     return False
 
 
-def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str) -> int:
+def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str,
+                 image: tuple[int, int] | None) -> int:
     """Copy volume directory `source` into the open host directory `directory` (`host_dir` names
     it in messages). Every host call is relative to a directory descriptor and refuses symlinks
     (O_NOFOLLOW, O_EXCL, lstat), so what an earlier export left there can redirect nothing; a
@@ -746,19 +765,19 @@ def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str) ->
         host_path = os.path.join(host_dir, os.fsdecode(name))
         with _host_errors(host_path):
             if attr.is_symlink:
-                _clear_host_entry(directory, name, host_path, keep_directory=False)
+                _clear_host_entry(directory, name, host_path, image, keep_directory=False)
                 os.symlink(fs.readlink(attr.ino), name, dir_fd=directory)
             elif attr.is_dir:
-                if not _clear_host_entry(directory, name, host_path, keep_directory=True):
+                if not _clear_host_entry(directory, name, host_path, image, keep_directory=True):
                     os.mkdir(name, 0o700, dir_fd=directory)
                 child = os.open(name, _EXPORT_DIRECTORY, dir_fd=directory)
                 try:
-                    count += _export_tree(fs, attr, child, host_path)
+                    count += _export_tree(fs, attr, child, host_path, image)
                     os.fchmod(child, stat.S_IMODE(attr.mode))
                 finally:
                     os.close(child)
             elif attr.is_file:
-                _clear_host_entry(directory, name, host_path, keep_directory=False)
+                _clear_host_entry(directory, name, host_path, image, keep_directory=False)
                 descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
                 with os.fdopen(descriptor, "wb") as sink:
                     _copy_out(fs, attr, sink, host_path)

@@ -196,6 +196,13 @@ class FileBlockDevice(_ClosesOnExit):
         return self._path
 
     @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the open image: a caller about to replace or read a host file
+        compares it, so that it never unlinks or copies the very image it has open."""
+        info = os.fstat(self._open_fd())
+        return info.st_dev, info.st_ino
+
+    @property
     def size(self) -> int:
         return self._size
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -259,7 +260,11 @@ def check_pin(verification: ServerVerification, peer_certificate_der: bytes | No
         return
     if peer_certificate_der is None:
         raise PinMismatch("the server presented no certificate")
-    actual = spki_sha256(x509.load_der_x509_certificate(peer_certificate_der))
+    try:  # OpenSSL, which took it, is laxer (BER) than cryptography's DER parser
+        actual = spki_sha256(x509.load_der_x509_certificate(peer_certificate_der))
+    except (ValueError, UnsupportedAlgorithm):  # cryptography's text is a parser dump
+        raise PinMismatch("the server's certificate does not parse as DER, so its public key "
+                          "cannot be checked against the pin") from None
     if not hmac.compare_digest(actual, verification.pin_sha256):
         raise PinMismatch(f"server public key SHA-256 {actual} does not match the pin")
 

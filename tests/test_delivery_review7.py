@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,8 @@ import pytest
 import trio
 import wasmtime
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from net.tls import KeepIdentity, server_context
@@ -40,10 +42,12 @@ from shim.attest import (
 )
 from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
+from shim.config import ConnectFile, KeepConfig
 from shim.deploy import DeployRefused, deploy_to
 from shim.engine import EngineSettings
 from shim.errors import KeepError
 from shim.serve import Deployment, Keep, RunOutcome, run_deployment
+from shim.sockets import NetworkError, open_keep_network
 
 WASM = bytes(wasmtime.wat2wasm('(module (func (export "answer") (result i32) (i32.const 42)))'))
 
@@ -361,3 +365,61 @@ async def test_a_keep_refuses_a_deployment_that_grants_a_volume_twice(tmp_path: 
                             stderr=io.BytesIO())
         nursery.cancel_scope.cancel()
     assert not ran
+
+
+# A keep.toml connect entry that pins its server meets whatever answers on the network.
+
+
+def _certificate_only_openssl_accepts(directory: Path) -> tuple[Path, Path, str]:
+    """A certificate whose critical flag is the BER boolean 0x01 (DER demands 0xFF): OpenSSL
+    loads and sends it, cryptography's strict DER parser does not. Returns (certificate file,
+    key file, SPKI SHA-256 of the key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(7)
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    flag = der.index(bytes.fromhex("0101ff"))
+    ber = der[:flag] + bytes.fromhex("010101") + der[flag + 3:]
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(ber)
+    certificate_file, key_file = directory / "ber.pem", directory / "ber.key"
+    certificate_file.write_text(ssl.DER_cert_to_PEM_cert(ber))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return certificate_file, key_file, hashlib.sha256(spki).hexdigest()
+
+
+async def test_a_pinned_server_whose_certificate_does_not_parse_is_a_clear_network_error(
+        tmp_path: Path) -> None:
+    """check_pin parsed the peer's certificate with cryptography and let its ValueError out:
+    `keep run` with a pinned connect entry ended with 'keep: internal error: ExceptionGroup'
+    (exit 70), a deployed workload with 'keep internal error', instead of refusing the server."""
+    certificate_file, key_file, spki = _certificate_only_openssl_accepts(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certificate_file, key_file)
+
+    async def serve(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, server, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.do_handshake()
+            await stream.receive_some()
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, serve, 0)
+        port = listeners[0].socket.getsockname()[1]
+        config = KeepConfig(files=(*KeepConfig().files, ConnectFile(
+            name="up", host="127.0.0.1", port=port, pin_sha256=spki)))
+        with trio.fail_after(20), pytest.raises(NetworkError, match=r'connect "up": .*does not parse'):
+            async with open_keep_network(config):
+                pass
+        nursery.cancel_scope.cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -202,6 +203,15 @@ async def test_a_peer_that_handshakes_and_never_sends_its_deployment_is_dropped(
 # attested: any certificate it shows is a clear refusal, never a crash.
 
 
+async def _tls_server(context: ssl.SSLContext, tcp: trio.SocketStream) -> None:
+    """A TLS server that is not a keep: handshake with `context`, read, hang up."""
+    stream = trio.SSLStream(tcp, context, server_side=True)
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.do_handshake()
+        await stream.receive_some()
+    await trio.aclose_forcefully(stream)
+
+
 def _certificate_with_evidence(evidence: bytes) -> tuple[bytes, bytes]:
     """A self-signed RA-TLS-shaped certificate carrying `evidence` as nil evidence, and its key
     (both PEM)."""
@@ -225,16 +235,8 @@ async def test_deeply_nested_nil_evidence_from_a_man_in_the_middle_is_a_refusal(
     ended with an internal error instead of refusing the keep."""
     chain, key = _certificate_with_evidence(b"[" * 5000 + b"]" * 5000)
     context = server_context(KeepIdentity(certificate_chain_pem=chain, private_key_pem=key))
-
-    async def impostor(tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, context, server_side=True)
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.do_handshake()
-            await stream.receive_some()
-        await trio.aclose_forcefully(stream)
-
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, impostor, 0)
+        listeners = await nursery.start(trio.serve_tcp, functools.partial(_tls_server, context), 0)
         port = listeners[0].socket.getsockname()[1]
         with trio.fail_after(20), pytest.raises(MalformedEvidence, match="nested too deeply"):
             await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"),
@@ -406,16 +408,8 @@ async def test_a_pinned_server_whose_certificate_does_not_parse_is_a_clear_netwo
     certificate_file, key_file, spki = _certificate_only_openssl_accepts(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(certificate_file, key_file)
-
-    async def serve(tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, server, server_side=True)
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.do_handshake()
-            await stream.receive_some()
-        await trio.aclose_forcefully(stream)
-
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, serve, 0)
+        listeners = await nursery.start(trio.serve_tcp, functools.partial(_tls_server, server), 0)
         port = listeners[0].socket.getsockname()[1]
         config = KeepConfig(files=(*KeepConfig().files, ConnectFile(
             name="up", host="127.0.0.1", port=port, pin_sha256=spki)))

@@ -37,7 +37,8 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from net.errors import CertificateError, PinMismatch
@@ -164,14 +165,27 @@ class FileCertificateProvider:
         if b"PRIVATE KEY-----" not in key:
             raise CertificateError(f"{self.key_path}: holds no PEM private key")
         try:
-            serialization.load_pem_private_key(key, password=None)
+            loaded = serialization.load_pem_private_key(key, password=None)
         except TypeError:
             raise CertificateError(f"{self.key_path}: the private key is encrypted (the keep "
                                    "needs it unencrypted)") from None
         except ValueError:
             raise CertificateError(f"{self.key_path}: the private key is malformed or of an "
                                    "unsupported type") from None
+        if not _signs_tls13(loaded):  # it would load, then every handshake would fail
+            kind = (f"ECDSA {loaded.curve.name}" if isinstance(loaded, ec.EllipticCurvePrivateKey)
+                    else type(loaded).__name__.removesuffix("PrivateKey").lstrip("_"))
+            raise CertificateError(f"{self.key_path}: {kind} keys cannot sign TLS 1.3 handshakes "
+                                   "(use RSA, ECDSA P-256/P-384/P-521, Ed25519 or Ed448)")
         return key
+
+
+def _signs_tls13(key: PrivateKeyTypes) -> bool:
+    """Whether TLS 1.3 has a signature scheme for `key` (RFC 8446 4.2.3): RSA (PSS), ECDSA on
+    P-256, P-384 or P-521 only, Ed25519, Ed448. Not DSA, not other curves, not X25519/DH."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1)
+    return isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
 
 
 def _general_name(name: str) -> x509.GeneralName:

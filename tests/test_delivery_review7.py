@@ -27,10 +27,12 @@ import trio
 import wasmtime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from net.tls import KeepIdentity, server_context
+from net.errors import CertificateError
+from net.tls import FileCertificateProvider, KeepIdentity, server_context
 from shim.attest import (
     EVIDENCE_OIDS,
     AttestedIdentity,
@@ -212,16 +214,27 @@ async def _tls_server(context: ssl.SSLContext, tcp: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+def _builder(key: CertificateIssuerPrivateKeyTypes, common_name: str = "localhost"
+             ) -> x509.CertificateBuilder:
+    """A self-signed certificate for `key`, valid now, ready for extensions and signing."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)))
+
+
+def _pem_key(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def _certificate_with_evidence(evidence: bytes) -> tuple[bytes, bytes]:
     """A self-signed RA-TLS-shaped certificate carrying `evidence` as nil evidence, and its key
     (both PEM)."""
     identity = AttestedIdentity()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a keep")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(identity.private_key.public_key()).serial_number(1)
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
+    certificate = (_builder(identity.private_key, "not a keep")
                    .add_extension(x509.UnrecognizedExtension(EVIDENCE_OIDS["nil"],
                                                              der_octet_string(evidence)),
                                   critical=False)
@@ -377,12 +390,7 @@ def _certificate_only_openssl_accepts(directory: Path) -> tuple[Path, Path, str]
     loads and sends it, cryptography's strict DER parser does not. Returns (certificate file,
     key file, SPKI SHA-256 of the key)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(key.public_key()).serial_number(7)
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
+    certificate = (_builder(key)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .sign(key, hashes.SHA256()))
     der = certificate.public_bytes(serialization.Encoding.DER)
@@ -392,9 +400,7 @@ def _certificate_only_openssl_accepts(directory: Path) -> tuple[Path, Path, str]
         x509.load_der_x509_certificate(ber)
     certificate_file, key_file = directory / "ber.pem", directory / "ber.key"
     certificate_file.write_text(ssl.DER_cert_to_PEM_cert(ber))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(_pem_key(key))
     spki = key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
     return certificate_file, key_file, hashlib.sha256(spki).hexdigest()
@@ -417,3 +423,39 @@ async def test_a_pinned_server_whose_certificate_does_not_parse_is_a_clear_netwo
             async with open_keep_network(config):
                 pass
         nursery.cancel_scope.cancel()
+
+
+# keep.toml's [tls] certificate and key: a key TLS 1.3 cannot use is one clear error at start.
+
+
+def _self_signed_files(directory: Path, key: CertificateIssuerPrivateKeyTypes) -> tuple[Path, Path]:
+    certificate = _builder(key).sign(
+        key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    certificate_file, key_file = directory / "cert.pem", directory / "key.pem"
+    certificate_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(_pem_key(key))
+    return certificate_file, key_file
+
+
+@pytest.mark.parametrize("kind", ["dsa", "secp256k1"])
+def test_a_configured_key_tls13_cannot_sign_with_is_refused_at_start(tmp_path: Path, kind: str) -> None:
+    """A DSA key (or ECDSA on a curve TLS 1.3 does not allow) loaded without complaint; then
+    every client's handshake failed, logged as 'UNSUPPORTED_PROTOCOL', which points elsewhere."""
+    key: CertificateIssuerPrivateKeyTypes = (
+        dsa.generate_private_key(2048) if kind == "dsa" else ec.generate_private_key(ec.SECP256K1()))
+    certificate_file, key_file = _self_signed_files(tmp_path, key)
+    with pytest.raises(CertificateError, match=r"key\.pem: .*cannot sign TLS 1\.3 handshakes"):
+        FileCertificateProvider(certificate_file, key_file).identity()
+
+
+@pytest.mark.parametrize("kind", ["p384", "ed25519", "rsa"])
+def test_keys_tls13_can_sign_with_still_load(tmp_path: Path, kind: str) -> None:
+    key: CertificateIssuerPrivateKeyTypes
+    if kind == "p384":
+        key = ec.generate_private_key(ec.SECP384R1())
+    elif kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(65537, 2048)
+    certificate_file, key_file = _self_signed_files(tmp_path, key)
+    assert FileCertificateProvider(certificate_file, key_file).identity().spki_sha256()

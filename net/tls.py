@@ -45,6 +45,7 @@ from net.errors import CertificateError, PinMismatch
 
 SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
+MAX_PEM_BYTES = 1 << 20  # a certificate chain or a key is a few KiB
 
 
 @dataclass(frozen=True, repr=False)
@@ -132,11 +133,8 @@ class FileCertificateProvider:
     key_path: Path
 
     def identity(self) -> KeepIdentity:
-        try:
-            chain = self.certificate_path.read_bytes()
-            key = self.key_path.read_bytes()
-        except OSError as error:
-            raise CertificateError(f"cannot read {error.filename}: {error.strerror}") from None
+        chain = _read_pem_file(self.certificate_path)
+        key = _read_pem_file(self.key_path)
         identity = KeepIdentity(certificate_chain_pem=self._certificates_only(chain),
                                 private_key_pem=self._checked_key(key))
         try:
@@ -186,6 +184,19 @@ def _signs_tls13(key: PrivateKeyTypes) -> bool:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1)
     return isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+
+
+def _read_pem_file(path: Path) -> bytes:
+    """A configured PEM file's bytes, at most MAX_PEM_BYTES of them: a path to /dev/zero or to
+    some huge file is one CertificateError, not a MemoryError after eating the host's memory."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_PEM_BYTES + 1)
+    except OSError as error:
+        raise CertificateError(f"cannot read {path}: {error.strerror}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise CertificateError(f"{path}: larger than {MAX_PEM_BYTES} bytes (not a PEM file?)")
+    return data
 
 
 def _general_name(name: str) -> x509.GeneralName:

@@ -459,3 +459,29 @@ def test_keys_tls13_can_sign_with_still_load(tmp_path: Path, kind: str) -> None:
         key = rsa.generate_private_key(65537, 2048)
     certificate_file, key_file = _self_signed_files(tmp_path, key)
     assert FileCertificateProvider(certificate_file, key_file).identity().spki_sha256()
+
+
+_LOAD_IDENTITY = """
+import sys
+from pathlib import Path
+from net.errors import CertificateError
+from net.tls import FileCertificateProvider
+try:
+    FileCertificateProvider(Path(sys.argv[1]), Path(sys.argv[2])).identity()
+except CertificateError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("which", ["certificate", "key"])
+def test_a_configured_certificate_or_key_that_never_ends_is_one_clear_error(
+        tmp_path: Path, which: str) -> None:
+    """`certificate = "/dev/zero"` (or a huge file) was read whole: MemoryError, 'keep: internal
+    error', exit 70, after eating the memory it could get. At most 1 MiB is read now."""
+    certificate_file, key_file = _self_signed_files(tmp_path, ec.generate_private_key(ec.SECP256R1()))
+    arguments = ("/dev/zero", str(key_file)) if which == "certificate" else (str(certificate_file),
+                                                                             "/dev/zero")
+    done = subprocess.run([sys.executable, "-c", _LOAD_IDENTITY, *arguments], capture_output=True,
+                          text=True, timeout=60, preexec_fn=_limit_memory)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "/dev/zero: larger than 1048576 bytes (not a PEM file?)"

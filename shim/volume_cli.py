@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -592,15 +593,32 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         raise
 
 
+def _children(fs: Filesystem, directory: Attr) -> list[tuple[bytes, Attr]]:
+    """The entries of volume directory `directory` but "." and "..", listed once."""
+    return [(name, attr) for name, attr, _ in fs.readdir(directory.ino) if name not in (b".", b"..")]
+
+
 def _remove_tree(fs: Filesystem, parent: Attr, name: bytes) -> None:
+    """Remove `name` from `parent`, a directory with everything under it. Depth first with a
+    list, not recursion: a volume's tree may be deeper than Python's recursion limit (a guest
+    or a FUSE user can nest directories without bound)."""
     attr = fs.lookup(parent.ino, name)
-    if attr.is_dir:
-        children = [child for child, _, _ in fs.readdir(attr.ino) if child not in (b".", b"..")]
-        for child in children:
-            _remove_tree(fs, attr, child)
-        fs.rmdir(parent.ino, name)
-    else:
+    if not attr.is_dir:
         fs.unlink(parent.ino, name)
+        return
+    # (parent, name, directory, its children still to remove)
+    stack = [(parent, name, attr, _children(fs, attr))]
+    while stack:
+        parent, name, directory, children = stack[-1]
+        if not children:
+            fs.rmdir(parent.ino, name)
+            stack.pop()
+            continue
+        child_name, child = children.pop()
+        if child.is_dir:
+            stack.append((directory, child_name, child, _children(fs, child)))
+        else:
+            fs.unlink(directory.ino, child_name)
 
 
 def _rm(args: argparse.Namespace) -> int:
@@ -652,11 +670,18 @@ def _make_directories(fs: Filesystem, path: str) -> Attr:
 
 
 def _walk_size(root: Path) -> int:
+    """The bytes of the files under `root` (for the progress bar; unreadable parts count 0).
+    A list of directories, not os.walk, which recurses in Python 3.11."""
     total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_size
+    directories = [os.fspath(root)]
+    while directories:
+        with contextlib.suppress(OSError), os.scandir(directories.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        directories.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
     return total
 
 
@@ -675,10 +700,26 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_entries(host_dir: Path) -> list[os.DirEntry[str]]:
+    """The entries of `host_dir`, in reverse name order (popped from the end: name order)."""
+    with os.scandir(host_dir) as entries:
+        return sorted(entries, key=lambda item: item.name, reverse=True)
+
+
 def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
                  progress: _Progress) -> int:
+    """Copy host directory `host_dir` into volume directory `target` (`volume_path` names it).
+    Depth first with a list, not recursion: a host tree may be deeper than Python's recursion
+    limit."""
     count = 0
-    for entry in sorted(os.scandir(host_dir), key=lambda item: item.name):
+    # (volume directory, its path, the host entries still to copy into it)
+    stack = [(target, volume_path, _host_entries(host_dir))]
+    while stack:
+        target, volume_path, entries = stack[-1]
+        if not entries:
+            stack.pop()
+            continue
+        entry = entries.pop()
         name = os.fsencode(entry.name)
         inner = f"{volume_path.rstrip('/')}/{entry.name}"
         info = entry.stat(follow_symlinks=False)
@@ -693,7 +734,7 @@ def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
                 child = fs.mkdir(target.ino, name, stat.S_IMODE(info.st_mode))
             if not child.is_dir:
                 raise _VolumePathError(errno.ENOTDIR, inner)
-            count += _import_tree(fs, Path(entry.path), child, inner, progress)
+            stack.append((child, inner, _host_entries(Path(entry.path))))
         elif entry.is_file(follow_symlinks=False):
             with open(entry.path, "rb") as source:
                 attr = _write_file(fs, target, name, source, stat.S_IMODE(info.st_mode), inner,
@@ -752,42 +793,120 @@ def _clear_host_entry(directory: int, name: bytes, host_path: str, image: tuple[
     return False
 
 
+@dataclass
+class _ExportLevel:
+    """One host directory of an export in progress: the volume directory it copies, the
+    entries still to copy, and its descriptor (None while closed to bound how many are open:
+    reopened through the ".." of the level below, and checked to be the same directory)."""
+
+    attr: Attr
+    host_path: str
+    identity: tuple[int, int]
+    descriptor: int | None
+    children: list[tuple[bytes, Attr]]
+
+
 def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str,
                  image: tuple[int, int] | None) -> int:
     """Copy volume directory `source` into the open host directory `directory` (`host_dir` names
     it in messages). Every host call is relative to a directory descriptor and refuses symlinks
     (O_NOFOLLOW, O_EXCL, lstat), so what an earlier export left there can redirect nothing; a
-    file is written fresh (never through an existing inode, which may be linked elsewhere)."""
+    file is written fresh (never through an existing inode, which may be linked elsewhere).
+
+    Depth first with a list, not recursion, and at most `_EXPORT_OPEN_DIRECTORIES` descriptors
+    open: a volume's tree may be deeper than Python's recursion limit or the descriptor limit."""
     count = 0
-    for name, attr, _ in fs.readdir(source.ino):
-        if name in (b".", b".."):
-            continue
-        host_path = os.path.join(host_dir, os.fsdecode(name))
-        with _host_errors(host_path):
-            if attr.is_symlink:
-                _clear_host_entry(directory, name, host_path, image, keep_directory=False)
-                os.symlink(fs.readlink(attr.ino), name, dir_fd=directory)
-            elif attr.is_dir:
-                if not _clear_host_entry(directory, name, host_path, image, keep_directory=True):
-                    os.mkdir(name, 0o700, dir_fd=directory)
-                child = os.open(name, _EXPORT_DIRECTORY, dir_fd=directory)
-                try:
-                    count += _export_tree(fs, attr, child, host_path, image)
-                    os.fchmod(child, stat.S_IMODE(attr.mode))
-                finally:
-                    os.close(child)
-            elif attr.is_file:
-                _clear_host_entry(directory, name, host_path, image, keep_directory=False)
-                descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
-                with os.fdopen(descriptor, "wb") as sink:
-                    _copy_out(fs, attr, sink, host_path)
-                    sink.flush()
-                    os.fchmod(descriptor, stat.S_IMODE(attr.mode))
-                    os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))
-            else:
+    info = os.fstat(directory)
+    levels = [_ExportLevel(source, host_dir, (info.st_dev, info.st_ino), directory,
+                           _children(fs, source)[::-1])]
+    try:
+        while levels:
+            level = levels[-1]
+            assert level.descriptor is not None  # the deepest level is always open
+            if not level.children:
+                levels.pop()
+                if levels:  # a subdirectory is done: its mode last, then back to its parent
+                    with _host_errors(level.host_path):
+                        os.fchmod(level.descriptor, stat.S_IMODE(level.attr.mode))
+                        _reopen_parent(levels[-1], level.descriptor)
+                        os.close(level.descriptor)
+                    level.descriptor = None
                 continue
-        count += 1
+            name, attr = level.children.pop()
+            host_path = os.path.join(level.host_path, os.fsdecode(name))
+            with _host_errors(host_path):
+                if attr.is_dir:
+                    levels.append(_export_directory(fs, level.descriptor, name, attr, host_path, image))
+                    _close_shallow_levels(levels)
+                elif not _export_entry(fs, level.descriptor, name, attr, host_path, image):
+                    continue
+            count += 1
+    finally:
+        for level in levels[1:]:  # the first descriptor is the caller's
+            if level.descriptor is not None:
+                os.close(level.descriptor)
     return count
+
+
+_EXPORT_OPEN_DIRECTORIES = 64  # host directory descriptors an export keeps open at most
+
+
+def _export_directory(fs: Filesystem, directory: int, name: bytes, attr: Attr, host_path: str,
+                      image: tuple[int, int] | None) -> _ExportLevel:
+    """The host directory for volume directory `attr`, made (or reused) in `directory`."""
+    if not _clear_host_entry(directory, name, host_path, image, keep_directory=True):
+        os.mkdir(name, 0o700, dir_fd=directory)
+    child = os.open(name, _EXPORT_DIRECTORY, dir_fd=directory)
+    try:
+        info = os.fstat(child)
+        return _ExportLevel(attr, host_path, (info.st_dev, info.st_ino), child,
+                            _children(fs, attr)[::-1])
+    except BaseException:
+        os.close(child)
+        raise
+
+
+def _close_shallow_levels(levels: list[_ExportLevel]) -> None:
+    """Close the descriptor `_EXPORT_OPEN_DIRECTORIES` levels above the deepest (never the
+    caller's first one)."""
+    index = len(levels) - 1 - _EXPORT_OPEN_DIRECTORIES
+    descriptor = levels[index].descriptor if index >= 1 else None
+    if descriptor is not None:
+        levels[index].descriptor = None
+        os.close(descriptor)
+
+
+def _reopen_parent(parent: _ExportLevel, child: int) -> None:
+    """Open `parent`'s directory again, if it was closed, through the ".." of its child: it
+    must still be the directory made for it (a host directory moved meanwhile is an error)."""
+    if parent.descriptor is not None:
+        return
+    descriptor = os.open("..", _EXPORT_DIRECTORY, dir_fd=child)
+    info = os.fstat(descriptor)
+    if (info.st_dev, info.st_ino) != parent.identity:
+        os.close(descriptor)
+        raise KeepError(f"{parent.host_path}: the host directory moved during the export")
+    parent.descriptor = descriptor
+
+
+def _export_entry(fs: Filesystem, directory: int, name: bytes, attr: Attr, host_path: str,
+                  image: tuple[int, int] | None) -> bool:
+    """Export a file or symlink of the volume as `name` in host directory `directory`; False
+    for another kind (skipped: the filesystem makes none)."""
+    if attr.is_symlink:
+        _clear_host_entry(directory, name, host_path, image, keep_directory=False)
+        os.symlink(fs.readlink(attr.ino), name, dir_fd=directory)
+    elif attr.is_file:
+        _clear_host_entry(directory, name, host_path, image, keep_directory=False)
+        descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
+        with os.fdopen(descriptor, "wb") as sink:
+            _copy_out(fs, attr, sink, host_path)
+            sink.flush()
+            os.fchmod(descriptor, stat.S_IMODE(attr.mode))
+            os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))
+    else:
+        return False
+    return True
 
 
 def _fsck(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ prints on stderr), on real image files made with tiny KDF costs.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,81 @@ def test_get_onto_the_image_itself_is_refused(
     assert stderr_line(capsys) == f"keep: {image}: is the volume image itself (not replaced)"
     assert volume_names(image) == {b"x"}
     assert not [path for path in tmp_path.iterdir() if path.name != "v.img"]  # no temporary left
+
+
+# -- trees deeper than Python's recursion limit ---------------------------------------------------
+
+DEPTH = 1100  # above the default recursion limit (1000) and the usual 1024 descriptors
+
+
+def make_deep_image(path: Path) -> Path:
+    """A volume with /deep/d/d/.../d (DEPTH levels below /deep) and a file at the bottom."""
+    make_image(path)
+    with open_volume(path, PASSPHRASE) as volume:
+        ino = volume.fs.mkdir(ROOT_INODE, b"deep").ino
+        for _ in range(DEPTH):
+            ino = volume.fs.mkdir(ino, b"d").ino
+        volume.fs.create(ino, b"bottom.txt", data=b"at the bottom\n")
+        volume.commit()
+    return path
+
+
+def remove_deep_tree(root: Path) -> None:
+    """Remove a host tree bottom-up without recursion (pytest's clean-up of old temporary
+    directories, shutil.rmtree, recurses: it would fail on these trees)."""
+    directories = [root]
+    for directory in directories:  # grows while it runs: every directory, parents first
+        directories += [entry for entry in directory.iterdir() if entry.is_dir() and not entry.is_symlink()]
+    for directory in reversed(directories):
+        for entry in directory.iterdir():
+            if not entry.is_dir() or entry.is_symlink():
+                entry.unlink()
+        directory.rmdir()
+
+
+def test_rm_r_and_export_of_a_tree_deeper_than_the_recursion_limit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A guest (or a FUSE user) can nest directories without bound; `rm -r` and `export` of
+    such a tree ended in "internal error: RecursionError" (exit 70). The export runs with 256
+    descriptors allowed: it must not hold one per level."""
+    image = make_deep_image(tmp_path / "v.img")
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, soft), hard))
+        try:
+            assert keep_volume("export", image, out, "/") == 0, capsys.readouterr().err
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        bottom = out.joinpath("deep", *["d"] * DEPTH, "bottom.txt")
+        assert bottom.read_bytes() == b"at the bottom\n"
+        assert capsys.readouterr().out == f"exported {DEPTH + 2} entries to {out}\n"
+    finally:
+        remove_deep_tree(out)
+    assert keep_volume("rm", "-r", image, "/deep") == 0, capsys.readouterr().err
+    assert volume_names(image) == set()
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        assert volume.fsck() == []
+
+
+def test_import_of_a_host_tree_deeper_than_the_recursion_limit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = make_image(tmp_path / "v.img")
+    source = tmp_path / "source"
+    bottom = source / "deep"
+    try:
+        source.mkdir()
+        bottom.mkdir()
+        for _ in range(DEPTH):  # not mkdir(parents=True), which recurses
+            bottom /= "d"
+            bottom.mkdir()
+        (bottom / "bottom.txt").write_bytes(b"at the bottom\n")
+        assert keep_volume("import", image, source, "/") == 0, capsys.readouterr().err
+    finally:
+        remove_deep_tree(source)
+    assert capsys.readouterr().out == f"imported {DEPTH + 2} entries into /\n"
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        ino = volume.fs.lookup(ROOT_INODE, b"deep").ino
+        for _ in range(DEPTH):
+            ino = volume.fs.lookup(ino, b"d").ino
+        assert volume.fs.read(volume.fs.lookup(ino, b"bottom.txt").ino, 0, 100) == b"at the bottom\n"

@@ -139,7 +139,9 @@ class FileBlockDevice(_ClosesOnExit):
         self._writable = writable
         self._lock = threading.Lock()
         flags = os.O_RDWR if writable else os.O_RDONLY
-        flags |= os.O_CLOEXEC
+        # O_NONBLOCK only for the open: a FIFO (or a tty) at the path would block it for ever,
+        # before `_measure_size` could refuse it; cleared once the file is known to be an image
+        flags |= os.O_CLOEXEC | os.O_NONBLOCK
         if create_size is not None:
             if not writable:
                 raise ValueError("create_size needs writable=True")
@@ -166,6 +168,7 @@ class FileBlockDevice(_ClosesOnExit):
                 os.fsync(self._fd)
                 _fsync_parent_directory(self._path)
             self._size = self._measure_size()
+            os.set_blocking(self._fd, True)
         except BaseException:
             os.close(self._fd)
             self._fd = None

@@ -7,19 +7,25 @@ prints on stderr), on real image files made with tiny KDF costs.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from shim.cli import main
+from storage.blockdev import FileBlockDevice
 from storage.fs import ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
 
 PASSPHRASE = b"review seven"
 KEY_OPTIONS = ["--passphrase-env", "KEEP_REVIEW7_KEY"]
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +169,32 @@ def test_import_of_a_host_tree_deeper_than_the_recursion_limit(
         for _ in range(DEPTH):
             ino = volume.fs.lookup(ino, b"d").ino
         assert volume.fs.read(volume.fs.lookup(ino, b"bottom.txt").ino, 0, 100) == b"at the bottom\n"
+
+
+# -- what the image path names ---------------------------------------------------------------------
+
+
+def test_a_fifo_as_the_image_is_refused_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume info FIFO` (or ls, or keep run --volume FIFO) hung for ever in open(),
+    waiting for a writer, instead of saying what the path is."""
+    fifo = tmp_path / "named.pipe"
+    os.mkfifo(fifo)
+    for args in (("info", "--header-only", fifo), ("ls", fifo)):
+        assert run_with_alarm(functools.partial(keep_volume, *args)) == 1
+        assert stderr_line(capsys) == f"keep: {fifo}: is neither a regular file nor a block device"
+    with pytest.raises(OSError, match="neither a regular file"):
+        run_with_alarm(lambda: FileBlockDevice(fifo, writable=True))
+
+
+def run_with_alarm(work: Callable[[], T], seconds: int = 10) -> T:
+    """`work()`, interrupted by SIGALRM (a test failure, not a hung run) after `seconds`."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        return work()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -23,9 +23,11 @@ Small writes are buffered inside the keep (the design's advantage over a FUSE mo
 inode, up to `WRITE_BUFFER_BYTES`. Any other call on the session first writes the buffer out
 (`flush`), so every handle, and every other operation, sees the bytes at once; only a pwrite
 that extends the buffered run skips the storage call. The price, as with a kernel page cache: a
-failure while writing the buffer out (ENOSPC, EIO) is reported by the call that flushed it (the
-next operation, fsync or close), not by the write that filled it; the bytes are never silently
-dropped.
+failure while writing the buffer out (ENOSPC, EIO) cannot be reported by the write that filled
+it. As a kernel reports a write-back error to the file's own descriptor, the error is kept on
+the file handle whose bytes were lost and reported, once, by that handle's next call (a write,
+fstat, fsync or close); a call on another handle or a directory that happened to flush goes on
+(a stat of another file does not fail with ENOSPC, and the lost file's close does not return 0).
 
 New files are created with their first bytes: `open_file` checks the name (every error a create
 could give but running out of room) and hands back a handle, and the next flush creates the
@@ -33,7 +35,7 @@ file, in one storage transaction with the buffered bytes when they are its first
 written and closed: one transaction instead of two; the files workload 0.82 -> 0.66 s). Every
 call on the session but a directory handle's close flushes first (path resolution closes the
 directories it walked), so no call can see the file missing; a create that fails then (ENOSPC)
-is reported by that call, like a buffered write.
+is kept on that file's handle, like a buffered write's.
 
 Integrity failures (a sector changed by the host) reach the guest as EIO through the normal
 errno table, and `on_integrity_error` (the CLI prints one line on stderr) is told, so that the
@@ -89,6 +91,16 @@ def _times(atime: TimeUpdate, mtime: TimeUpdate) -> tuple[int | None, int | None
     return (now if atime is Now.NOW else atime), (now if mtime is Now.NOW else mtime)
 
 
+class _LostWrite(Exception):
+    """Writing out `handle`'s buffered bytes or creating its file failed with `error` (never an
+    IntegrityError): the flush keeps the error on the handle and goes on."""
+
+    def __init__(self, handle: VolumeFile, error: OSError) -> None:
+        super().__init__(handle, error)
+        self.handle = handle
+        self.error = error
+
+
 class VolumeSession:
     """One open volume shared by the handles of a run: lock, write-back buffer, commits."""
 
@@ -122,10 +134,26 @@ class VolumeSession:
 
     def flush(self) -> None:
         """Create the pending file, then write the buffered bytes to storage (the lock is held
-        by the caller)."""
+        by the caller). A failure that loses a handle's bytes or new file is kept on that
+        handle (`VolumeFile.lost`, reported by its next call) and the flush goes on, so that
+        nothing stays pending; an IntegrityError is raised."""
+        self._writing_out(self._flush_steps)
+
+    def _flush_steps(self) -> None:
         if self._pending_create is not None:
             self._create_pending()
         self._write_buffer()
+
+    @staticmethod
+    def _writing_out(step: Callable[[], None]) -> None:
+        """Run `step` until it completes; each _LostWrite it raises has already dropped what
+        failed (so the next try gets further) and is kept on its handle."""
+        while True:
+            try:
+                step()
+                return
+            except _LostWrite as failure:
+                failure.handle.lost = failure.error
 
     def _write_buffer(self) -> None:
         if not self._buffer:
@@ -139,14 +167,19 @@ class VolumeSession:
         offset, data = self._buffer_offset, self._buffer
         self._buffer = bytearray()
         self._buffer_handle = None
-        if self.fs.write(handle.ino, offset, data) < len(data):
-            raise NoSpace()  # the guest was told all of it went in: a short write is an error here
+        try:
+            if self.fs.write(handle.ino, offset, data) < len(data):
+                raise NoSpace()  # the guest was told all of it went in: a short write is an error
+        except IntegrityError:
+            raise
+        except OSError as error:
+            raise _LostWrite(handle, error) from None
 
     def _create_pending(self) -> None:
         """Create the file `open_file` deferred, holding the buffered bytes if they are its
-        first ones. If that fails (no room left), the error goes to the caller, the handle
-        stays without an inode (its calls fail) and its buffered bytes are dropped: the file
-        never existed."""
+        first ones. If that fails (no room left), the error is kept on the handle (_LostWrite),
+        which stays without an inode (its calls fail) and its buffered bytes are dropped: the
+        file never existed."""
         pending = self._pending_create
         assert pending is not None
         self._pending_create = None
@@ -157,9 +190,11 @@ class VolumeSession:
             data, self._buffer, self._buffer_handle = self._buffer, bytearray(), None
         try:
             handle.ino = self.fs.create(parent, name, 0o644, open=True, data=data).ino
-        except BaseException:
+        except BaseException as error:
             if self._buffer_handle is handle:
                 self._buffer, self._buffer_handle = bytearray(), None
+            if isinstance(error, OSError) and not isinstance(error, IntegrityError):
+                raise _LostWrite(handle, error) from None
             raise
 
     def create_later(self, handle: VolumeFile, parent: int, name: bytes) -> None:
@@ -180,8 +215,10 @@ class VolumeSession:
             return length
         if length > DIRECT_WRITE_BYTES:
             self.flush()
+            handle.report_lost()  # its own earlier bytes, just now
             return self.fs.write(handle.ino, offset, data)
-        self._write_buffer()  # not `flush`: a pending create may take these bytes
+        self._writing_out(self._write_buffer)  # not `flush`: a pending create may take these bytes
+        handle.report_lost()
         self._buffer_handle = handle
         self._buffer_offset = offset
         self._buffer = bytearray(data)  # a copy: `data` is a view of guest memory
@@ -198,7 +235,8 @@ class VolumeSession:
         return VolumeDirectory(self, ROOT_INODE)
 
     def commit(self) -> VolumeState:
-        """Buffered bytes to storage, then one integrity commit; the state to pin."""
+        """Buffered bytes to storage, then one integrity commit; the state to pin. Bytes that
+        cannot be written out stay the loss of their own handle: the commit goes on."""
         with self.lock:
             try:
                 self.flush()
@@ -223,14 +261,15 @@ class VolumeSession:
 
 def _storage_call(method: Callable[Concatenate[H, P], T]) -> Callable[Concatenate[H, P], T]:
     """Run a backend method under the session lock, after `VolumeSession.flush` (the pending
-    create and the write-back buffer), reporting integrity failures (which then reach the guest
-    as EIO)."""
+    create and the write-back buffer) and after reporting what the handle lost in a flush,
+    reporting integrity failures (which then reach the guest as EIO)."""
     @functools.wraps(method)
     def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> T:
         session = self.session
         with session.lock:
             try:
                 session.flush()
+                self.report_lost()
                 return method(self, *args, **kwargs)
             except IntegrityError as error:
                 session.integrity_failed(error)
@@ -249,6 +288,9 @@ class _Handle:
         self.session = session
         self.ino = ino
 
+    def report_lost(self) -> None:
+        """Raise what a flush lost of this handle's writes (files only; once)."""
+
     @_storage_call
     def stat(self) -> FileStat:
         return self.session.attr_stat(self.session.fs.getattr(self.ino))
@@ -260,15 +302,24 @@ class _Handle:
 
 
 class VolumeFile(_Handle):
-    """An open regular file of the volume (counted on its inode until `close`)."""
+    """An open regular file of the volume (counted on its inode until `close`).
 
-    __slots__ = ("_closed", "_read", "_write")
+    `lost` is the error of a flush that lost this handle's buffered bytes or its new file while
+    another handle's call (or a commit) was writing them out; this handle's next call reports it."""
+
+    __slots__ = ("_closed", "_read", "_write", "lost")
 
     def __init__(self, session: VolumeSession, ino: int, *, read: bool, write: bool) -> None:
         super().__init__(session, ino)
         self._read = read
         self._write = write
         self._closed = False
+        self.lost: OSError | None = None
+
+    def report_lost(self) -> None:
+        lost, self.lost = self.lost, None
+        if lost is not None:
+            raise lost
 
     @_storage_call
     def pread(self, size: int, offset: int) -> bytes:
@@ -284,6 +335,7 @@ class VolumeFile(_Handle):
         session = self.session
         with session.lock:
             try:
+                self.report_lost()
                 return session.buffered_write(self, offset, data)
             except IntegrityError as error:
                 session.integrity_failed(error)
@@ -299,17 +351,30 @@ class VolumeFile(_Handle):
         self.session.fs.setattr(self.ino, size=size, mtime_ns=time.time_ns())
 
     def sync(self) -> None:
-        self.session.commit()
+        with self.session.lock:
+            self.session.commit()
+            self.report_lost()  # committed what could be; this file's loss is its fsync's error
 
     def datasync(self) -> None:
-        self.session.commit()
+        self.sync()
 
-    @_storage_call
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self.ino:  # else its creation failed: no inode, nothing counted
-                self.session.fs.release(self.ino)
+        """Release the inode, then report what a flush lost of this handle's writes (close is
+        the last chance to tell the guest, as a kernel's close reports a write-back error)."""
+        session = self.session
+        with session.lock:
+            try:
+                session.flush()
+                if not self._closed:
+                    self._closed = True
+                    if self.ino:  # else its creation failed: no inode, nothing counted
+                        session.fs.release(self.ino)
+                self.report_lost()
+            except IntegrityError as error:
+                session.integrity_failed(error)
+                raise
+            except FilesystemError as error:
+                raise OSError(error.errno, error.strerror) from None
 
 
 class VolumeDirectory(_Handle):

@@ -9,12 +9,17 @@ printed something else under keepshim before its fix (see the commit that added 
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 from fixture_build import WasmFixture
-from guest_dirs import GUEST_DIRECTORY_BACKENDS, Directory, Symlink, TreeSpec
-from test_differential import Case, lines, run_both
+from guest_dirs import GUEST_DIRECTORY_BACKENDS, Directory, EncryptedVolume, Symlink, TreeSpec, materialize
+from test_differential import KEEP_RUN_COMMAND, Case, lines, run_both, run_guest
+from wasi_harness import volume_root
+
+from shim.volume_backend import VolumeDirectory
+from storage.errors import FilesystemError
 
 EDGE_TREE: TreeSpec = {
     "f": b"0123456789",
@@ -72,3 +77,50 @@ def test_truncating_to_the_same_size_still_sets_the_modification_time(
     alone, where a host directory (the kernel's do_truncate) moves it: make-like tools comparing
     times saw a different answer on --volume than on --dir."""
     assert_section_matches_wasmtime("truncate_times", backend, wasm_fixture, tmp_path, keep_environment)
+
+
+def test_on_a_full_volume_a_lost_write_is_reported_by_its_own_file(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """A buffered write the guest was told succeeded, then could not be written out (the volume
+    is full), made a stat of another file fail with ENOSPC while the file's own fsync and close
+    returned 0: a guest checking every call lost its data silently. Now the file's fsync says
+    ENOSPC and the stat succeeds. (Volume only: the section fills the filesystem.)"""
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    materialize(EDGE_TREE, initial)
+    (tmp_path / "volume").mkdir()
+    volume = EncryptedVolume(tmp_path / "volume")
+    volume.prepare(initial)
+    case = Case("edge-lost-writes", "edge_calls", args=("lost_writes",))
+    outcome = run_guest(KEEP_RUN_COMMAND, volume, case, wasm_fixture("edge_calls"), tmp_path / "streams",
+                        keep_environment)
+    assert (outcome.status, outcome.stderr) == (0, b""), outcome.stderr[-2000:]
+    assert lines(outcome.stdout) == lines(
+        b"== lost_writes\nfilled: ENOSPC\nf: write 400000: 400000\nstat d: 0\nf: fsync: -1 ENOSPC\n"
+        b"f: close: 0\nf: type=file size=10 nlink=1\ng: create: ok\ng: write 100: 100\nstat d: 0\n"
+        b"g: close: 0\ng: type=file size=100 nlink=1\nunlink big: 0\n")
+
+
+def test_a_new_file_that_cannot_be_created_is_reported_by_its_own_handle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The creation a new file's first bytes wait for fails (no room) while another call flushes
+    it: that call (a lookup elsewhere) goes on, and the new file's own close says ENOSPC, once."""
+    root = volume_root(tmp_path)
+    assert isinstance(root, VolumeDirectory)
+    root.mkdir("elsewhere")
+    handle = root.open_file("new", create=True, exclusive=True, truncate=False, read=True, write=True)
+    assert handle.pwrite(b"bytes the guest was told went in", 0) == 32
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise FilesystemError(errno.ENOSPC, "no room")
+
+    monkeypatch.setattr(root.session.fs, "create", full)
+    assert root.stat_at("elsewhere").size >= 0  # before: OSError(ENOSPC) for this lookup
+    monkeypatch.undo()
+    with pytest.raises(OSError) as failure:
+        handle.close()
+    assert failure.value.errno == errno.ENOSPC
+    handle.close()  # reported once
+    with pytest.raises(FileNotFoundError):
+        root.stat_at("new")
+    root.session.close()

@@ -74,7 +74,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -786,7 +786,7 @@ class MerkleStore(_CachedStore):
         """Open and recover: newest valid superblock, replay of the valid log records, tree
         rebuilt and checked against the MAC'd root; refuses a generation older than pinned."""
         key = integrity_key(volume_key, uuid)
-        layout = MerkleLayout.for_sectors(segment.sectors)
+        layout = _recorded_layout(segment, key, _uuid_field(uuid)) or MerkleLayout.for_sectors(segment.sectors)
         store = cls(segment, key, uuid, layout, writable)
         store._recover()
         if expected_generation is not None and store._generation < expected_generation:
@@ -1434,20 +1434,13 @@ class MerkleStore(_CachedStore):
     def _parse_superblock(self, slot: int) -> tuple[int, int, bytes, bytes, bytes] | None:
         """(generation, log start, tree root, root MAC, metadata) of a valid superblock."""
         sector = self._segment.read_plain(slot, 1)
-        try:
-            fields = _SUPERBLOCK.unpack_from(sector)
-        except struct.error:
+        fields = _authentic_superblock(sector, self._key, self._uuid_field)
+        if fields is None:
             return None
-        (magic, uuid, generation, total, log, pages, data, log_start, meta_length, root,
-         root_mac) = fields
+        (_, _, generation, total, log, pages, data, log_start, meta_length, root, root_mac) = fields
         end = _SUPERBLOCK.size + meta_length
-        if magic != _SUPERBLOCK_MAGIC or meta_length > METADATA_LIMIT:
-            return None
-        if not hmac.compare_digest(sector[-HASH_SIZE:],
-                                   self._mac(b"keepshim/superblock/v1", sector[:-HASH_SIZE])):
-            return None
         layout = self._layout
-        if uuid != self._uuid_field or (total, log, pages, data) != (
+        if (total, log, pages, data) != (
                 layout.total, layout.log_sectors, layout.page_sectors, layout.data_sectors):
             return None
         if log_start > layout.log_sectors:
@@ -1570,6 +1563,47 @@ class MerkleStore(_CachedStore):
             plain = self._segment.cipher.decrypt_run(data_start + sector, cipher)
             self._pending[sector] = (cipher, plain)
             self._clean.pop(sector, None)
+
+
+def _authentic_superblock(sector: bytes, key: bytes, uuid_field: bytes) -> tuple[Any, ...] | None:
+    """The fields of a superblock sector (plaintext) whose MAC verifies under `key` and which
+    belongs to this volume, else None. Nothing in it is used before the MAC is checked."""
+    try:
+        fields = _SUPERBLOCK.unpack_from(sector)
+    except struct.error:
+        return None
+    magic, uuid, meta_length = fields[0], fields[1], fields[8]
+    if magic != _SUPERBLOCK_MAGIC or uuid != uuid_field or meta_length > METADATA_LIMIT:
+        return None
+    mac = hmac.digest(key, b"keepshim/superblock/v1" + sector[:-HASH_SIZE], "sha256")
+    if not hmac.compare_digest(sector[-HASH_SIZE:], mac):
+        return None
+    return fields
+
+
+def _recorded_layout(segment: DataSegment, key: bytes, uuid_field: bytes) -> MerkleLayout | None:
+    """The layout the newest authentic superblock records, when the segment has grown past it
+    (the data segment is "dynamic": an image copied onto a bigger device, or extended, has a
+    longer one) and it is the layout `MerkleLayout.for_sectors` gives its size; else None, and
+    the segment's own size decides. The layout is MAC'd (superblock and root MAC), so the host
+    cannot choose it; the sectors past it are never touched."""
+    found: list[tuple[int, int, int, int, int]] = []
+    for slot in (0, 1):
+        fields = _authentic_superblock(segment.read_plain(slot, 1), key, uuid_field)
+        if fields is not None:
+            found.append(tuple(fields[2:7]))  # generation, total, log, pages, data
+    if not found:
+        return None
+    _, total, log, pages, data = max(found)
+    if not 0 < total < segment.sectors:
+        return None
+    try:
+        layout = MerkleLayout.for_sectors(total)
+    except StorageError:
+        return None
+    if (layout.log_sectors, layout.page_sectors, layout.data_sectors) != (log, pages, data):
+        return None
+    return layout
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,26 @@ def run_with_alarm(work: Callable[[], T], seconds: int = 10) -> T:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# -- an image that grew -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("growth", [4096, 1 << 20])
+def test_a_volume_copied_to_a_bigger_image_still_opens(tmp_path: Path, growth: int) -> None:
+    """The data segment is "dynamic" (to the end of the device), so an image copied onto a
+    bigger block device, or extended by 4 KiB, had a longer segment: the integrity layout was
+    recomputed from it, no superblock matched it, and the volume was reported "no valid
+    superblock (wrong key or damaged image)" for ever. The layout the (MAC'd) superblocks
+    record is used now; the tail past it is left alone."""
+    image = make_image(tmp_path / "v.img", {b"kept.txt": b"still here\n"})
+    with open(image, "r+b") as handle:
+        handle.truncate(image.stat().st_size + growth)
+    with open_volume(image, PASSPHRASE) as volume:
+        attr = volume.fs.lookup(ROOT_INODE, b"kept.txt")
+        assert volume.fs.read(attr.ino, 0, 100) == b"still here\n"
+        volume.fs.create(ROOT_INODE, b"new.txt", data=b"written after\n")
+        volume.commit()
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        assert volume.fsck() == []
+        assert volume.fs.read(volume.fs.lookup(ROOT_INODE, b"new.txt").ino, 0, 100) == b"written after\n"

@@ -78,6 +78,7 @@ COPY_CHUNK = 1 << 20
 TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_LARGEST_FILE = (1 << 63) - 1
 
 
 def volume_command(args: argparse.Namespace) -> int:
@@ -152,7 +153,10 @@ def parse_size(text: str) -> int:
     if match is None:
         raise UsageError(f"invalid size {text!r} (examples: 64M, 1G, 4GiB, 10000000)")
     number, unit, _ = match.groups()
-    return int(number) * _UNITS[unit.lower()]
+    size = int(number) * _UNITS[unit.lower()]
+    if size > _LARGEST_FILE:  # the host's ftruncate takes a signed 64-bit offset
+        raise UsageError(f"--size {text}: more than the largest file size ({_LARGEST_FILE} bytes)")
+    return size
 
 
 def _key(args: argparse.Namespace, *, confirm: bool = False) -> bytes:

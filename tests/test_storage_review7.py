@@ -221,3 +221,19 @@ def test_a_volume_copied_to_a_bigger_image_still_opens(tmp_path: Path, growth: i
     with open_volume(image, PASSPHRASE, writable=False) as volume:
         assert volume.fsck() == []
         assert volume.fs.read(volume.fs.lookup(ROOT_INODE, b"new.txt").ino, 0, 100) == b"written after\n"
+
+
+# -- sizes ------------------------------------------------------------------------------------------
+
+
+def test_a_size_past_what_a_file_offset_holds_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume create --size 99999999T` ended in "internal error: OverflowError: Python int
+    too large to convert to C long" (exit 70) from ftruncate."""
+    image = tmp_path / "v.img"
+    for size in ("99999999T", str(1 << 63)):
+        assert keep_volume("create", image, "--size", size, "--pbkdf-force-iterations", "1",
+                           "--pbkdf-memory", "8", "--pbkdf-parallel", "1") == 2
+        assert stderr_line(capsys) == (f"keep: --size {size}: more than the largest file size "
+                                       f"({(1 << 63) - 1} bytes)")
+    assert not image.exists()

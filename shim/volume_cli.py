@@ -474,8 +474,8 @@ def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes], sink_name: str) -> No
 def _cat(args: argparse.Namespace) -> int:
     with _opened(args, writable=False) as volume:
         attr = _resolve(volume.fs, args.path)
-        if attr.is_dir:
-            raise _VolumePathError(errno.EISDIR, args.path)
+        if not attr.is_file:  # named here: the filesystem's own refusal would blame the image
+            raise _VolumePathError(errno.EISDIR if attr.is_dir else errno.EINVAL, args.path)
         _copy_out(volume.fs, attr, sys.stdout.buffer, "stdout")
         with _host_errors("stdout"):
             sys.stdout.buffer.flush()

@@ -237,3 +237,16 @@ def test_a_size_past_what_a_file_offset_holds_is_a_usage_error(
         assert stderr_line(capsys) == (f"keep: --size {size}: more than the largest file size "
                                        f"({(1 << 63) - 1} bytes)")
     assert not image.exists()
+
+
+def test_cat_of_a_symlink_names_the_volume_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume cat v.img /link` said "v.img: Invalid argument", blaming the image; `get`
+    of the same link names the link."""
+    image = make_image(tmp_path / "v.img")
+    with open_volume(image, PASSPHRASE) as volume:
+        volume.fs.symlink(ROOT_INODE, b"link", b"target")
+    assert keep_volume("cat", image, "/link") == 1
+    assert stderr_line(capsys) == "keep: /link: Invalid argument"
+    assert keep_volume("get", image, "/link", tmp_path / "out") == 1
+    assert stderr_line(capsys) == "keep: /link: Invalid argument"

@@ -205,8 +205,12 @@ def parse_config(text: str, *, source: str = "keep.toml", base_dir: Path = Path(
 class _LineIndex:
     """Where each table and key starts in the text, since tomllib gives no positions."""
 
-    _ARRAY_HEADER = re.compile(r"^\s*\[\[\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]")
-    _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\"' -]+?)\s*\]")
+    # Linear on hostile text: a bracket, then everything up to the first closing bracket, whose
+    # content is checked separately. (A lazy name group between two runs of optional spaces
+    # backtracked cubically over "[" + 2,000 spaces in a multi-line string: 6-10 s a line.)
+    _ARRAY_HEADER = re.compile(r"\s*\[\[([^\[\]\n]*)\]\]")
+    _HEADER = re.compile(r"\s*\[([^\[\]\n]*)\]")
+    _NAME = re.compile(r"[A-Za-z0-9_.\"' -]+")
     _KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)\s*=")
 
     def __init__(self, text: str) -> None:
@@ -214,17 +218,25 @@ class _LineIndex:
         table: KeyPath = ()
         counts: dict[KeyPath, int] = {}
         for number, line in enumerate(text.splitlines(), start=1):
-            if match := self._ARRAY_HEADER.match(line):
+            if match := self._header(self._ARRAY_HEADER, line):
                 name = self._split(match.group(1))
                 index = counts.get(name, 0)
                 counts[name] = index + 1
                 table = (*name, index)
                 self._lines.setdefault(table, number)
-            elif match := self._HEADER.match(line):
+            elif match := self._header(self._HEADER, line):
                 table = self._split(match.group(1))
                 self._lines.setdefault(table, number)
             elif match := self._KEY.match(line):
                 self._lines.setdefault((*table, match.group(1).strip("\"'")), number)
+
+    @classmethod
+    def _header(cls, pattern: re.Pattern[str], line: str) -> re.Match[str] | None:
+        """`pattern`'s match at the start of `line` if its bracketed part is a table name."""
+        match = pattern.match(line)
+        if match is None or not cls._NAME.fullmatch(match.group(1).strip()):
+            return None
+        return match
 
     @staticmethod
     def _split(dotted: str) -> KeyPath:

@@ -36,6 +36,7 @@ from net.tls import FileCertificateProvider, KeepIdentity, server_context
 from shim.attest import (
     EVIDENCE_OIDS,
     AttestedIdentity,
+    Conversation,
     Deploy,
     MalformedEvidence,
     NilBackend,
@@ -485,3 +486,50 @@ def test_a_configured_certificate_or_key_that_never_ends_is_one_clear_error(
                           text=True, timeout=60, preexec_fn=_limit_memory)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "/dev/zero: larger than 1048576 bytes (not a PEM file?)"
+
+
+# keep.toml's error positions come from regular expressions run over hostile text (a deployed
+# keep.toml arrives from anyone who connects, before anything is attested).
+
+_BACKTRACKING_TOML = 'note = """\n' + ("[" + " " * 20000 + "a\n") * 3 + '"""\n'
+"""Valid TOML (a multi-line string) whose lines look like the start of a table header: the
+header expressions backtracked cubically over the spaces (2,000 spaces: 6-10 s a line)."""
+
+
+def test_a_keep_toml_that_makes_the_line_index_backtrack_is_refused_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "keep.toml"
+    config.write_text(_BACKTRACKING_TOML)
+    try:
+        done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                               str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("keep run spent more than 30 s locating keys in a 60 KB keep.toml")
+    assert done.returncode == 2, done.stderr
+    assert "keep.toml:1: note: unknown key" in done.stderr
+
+
+def test_a_deployed_keep_toml_that_makes_the_line_index_backtrack_does_not_freeze_the_keep(
+        tmp_path: Path) -> None:
+    """preflight parses the deployed keep.toml on the keep's event loop: one such frame from
+    anyone froze every connection of `keep serve` (and its signal handling) for hours."""
+    environment = {**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"],
+                               stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        assert process.stderr is not None
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+)", process.stderr.readline())
+        assert found
+        frame = Conversation("owner").send(Deploy(workload=b"\0asm", config=_BACKTRACKING_TOML))
+        context = owner_client_context()
+        with (socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=30) as tcp,
+              context.wrap_socket(tcp) as tls):
+            tls.sendall(frame)
+            try:
+                answer = tls.recv(1 << 16)
+            except TimeoutError:
+                pytest.fail("the keep did not answer a deployment with a 60 KB keep.toml in 30 s")
+        assert b'"type":"refused"' in answer and b"unknown key" in answer
+    finally:
+        process.kill()
+        process.wait(timeout=20)

@@ -251,11 +251,17 @@ def _image_identity(volume: Volume) -> tuple[int, int] | None:
     return device.identity if isinstance(device, FileBlockDevice) else None
 
 
-def _refuse_the_image(info: os.stat_result, image: tuple[int, int] | None, host_path: str) -> None:
-    """KeepError when host file `info` is the open image (the same inode, under any name):
-    replacing it would destroy the volume being read (as cp refuses "the same file")."""
-    if image is not None and (info.st_dev, info.st_ino) == image:
-        raise KeepError(f"{host_path}: is the volume image itself (not replaced)")
+def _is_the_image(info: os.stat_result, image: tuple[int, int] | None) -> bool:
+    """Whether host file `info` is the open image (the same inode, under any name)."""
+    return image is not None and (info.st_dev, info.st_ino) == image
+
+
+def _refuse_the_image(info: os.stat_result, image: tuple[int, int] | None, host_path: str,
+                      refused: str = "not replaced") -> None:
+    """KeepError when host file `info` is the open image: replacing it would destroy the
+    volume being read, copying it in can never fit (as cp refuses "the same file")."""
+    if _is_the_image(info, image):
+        raise KeepError(f"{host_path}: is the volume image itself ({refused})")
 
 
 @contextlib.contextmanager
@@ -544,6 +550,9 @@ def _put(args: argparse.Namespace) -> int:
         mode = stat.S_IMODE(host.st_mode)
     try:
         with _opened(args, writable=True) as volume:
+            if source is not sys.stdin.buffer:
+                _refuse_the_image(os.fstat(source.fileno()), _image_identity(volume), args.host_file,
+                                  "not copied into it")
             fs = volume.fs
             parent, name = _parent_and_name(fs, args.path)
             with _Progress(f"writing {args.path}"):
@@ -698,7 +707,7 @@ def _import(args: argparse.Namespace) -> int:
         target = _make_directories(fs, args.path)
         count = 0
         with _Progress(f"importing {args.host_dir}", total=_walk_size(host_root)) as progress:
-            count = _import_tree(fs, host_root, target, args.path, progress)
+            count = _import_tree(fs, host_root, target, args.path, progress, _image_identity(volume))
         volume.commit()
     print(f"imported {count} entries into {args.path}")
     return 0
@@ -711,10 +720,10 @@ def _host_entries(host_dir: Path) -> list[os.DirEntry[str]]:
 
 
 def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
-                 progress: _Progress) -> int:
-    """Copy host directory `host_dir` into volume directory `target` (`volume_path` names it).
-    Depth first with a list, not recursion: a host tree may be deeper than Python's recursion
-    limit."""
+                 progress: _Progress, image: tuple[int, int] | None) -> int:
+    """Copy host directory `host_dir` into volume directory `target` (`volume_path` names it),
+    all but the open image itself (`image`: it could never fit). Depth first with a list, not
+    recursion: a host tree may be deeper than Python's recursion limit."""
     count = 0
     # (volume directory, its path, the host entries still to copy into it)
     stack = [(target, volume_path, _host_entries(host_dir))]
@@ -739,6 +748,9 @@ def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
             if not child.is_dir:
                 raise _VolumePathError(errno.ENOTDIR, inner)
             stack.append((child, inner, _host_entries(Path(entry.path))))
+        elif entry.is_file(follow_symlinks=False) and _is_the_image(info, image):
+            print(f"keep: skipping {entry.path} (the volume image itself)", file=sys.stderr)
+            continue
         elif entry.is_file(follow_symlinks=False):
             with open(entry.path, "rb") as source:
                 attr = _write_file(fs, target, name, source, stat.S_IMODE(info.st_mode), inner,

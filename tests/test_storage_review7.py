@@ -93,6 +93,23 @@ def test_get_onto_the_image_itself_is_refused(
     assert not [path for path in tmp_path.iterdir() if path.name != "v.img"]  # no temporary left
 
 
+
+def test_import_of_the_images_own_directory_skips_the_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume import v.img .` in the image's directory copied the image into itself
+    (it can never fit: always "no space left on the volume", exit 1, after a partial import
+    was committed); `put v.img v.img /x` the same."""
+    image = make_image(tmp_path / "v.img")
+    (tmp_path / "notes.txt").write_bytes(b"notes\n")
+    assert keep_volume("import", image, tmp_path, "/") == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == f"keep: skipping {image} (the volume image itself)\n"
+    assert captured.out == "imported 1 entries into /\n"
+    assert volume_names(image) == {b"notes.txt"}
+    assert keep_volume("put", image, image, "/copy.img") == 1
+    assert stderr_line(capsys) == f"keep: {image}: is the volume image itself (not copied into it)"
+    assert volume_names(image) == {b"notes.txt"}
+
 # -- trees deeper than Python's recursion limit ---------------------------------------------------
 
 DEPTH = 1100  # above the default recursion limit (1000) and the usual 1024 descriptors

@@ -34,6 +34,9 @@ BINARY_HEADER_SIZE = 4096
 # secondary copy when the primary is unreadable.
 VALID_HEADER_SIZES = tuple(16384 << shift for shift in range(9))  # 16 KiB .. 4 MiB
 MAX_KEYSLOTS = 32
+# cryptsetup's LUKS2_MAX_KEYSLOTS_SIZE: a larger keyslots area is refused (it also bounds what a
+# keyslot area, read at unlock and wiped at removal, may span)
+MAX_KEYSLOTS_SIZE = 128 << 20
 AF_STRIPES = 4000
 # Bounds on attacker-chosen KDF costs: beyond these an open would exhaust memory or take hours.
 MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024
@@ -391,7 +394,7 @@ def validate(raw: dict[str, Any], hdr_size: int, device_size: int) -> Metadata:
     json_size = _integer(config.get("json_size"), "config.json_size", 0, u64)
     if json_size != hdr_size - BINARY_HEADER_SIZE:
         raise CorruptHeader(f"LUKS2 config.json_size {json_size} disagrees with header size {hdr_size}")
-    keyslots_size = _integer(config.get("keyslots_size"), "config.keyslots_size", 0, u64)
+    keyslots_size = _integer(config.get("keyslots_size"), "config.keyslots_size", 0, MAX_KEYSLOTS_SIZE)
     if keyslots_size % 4096:
         raise CorruptHeader("LUKS2 config.keyslots_size is not 4096-aligned")
     requirements = config.get("requirements")

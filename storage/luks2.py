@@ -36,6 +36,7 @@ from storage._luks2_header import (
     MAX_ARGON2_MEMORY_KIB,
     MAX_ARGON2_TIME,
     MAX_KEYSLOTS,
+    MAX_KEYSLOTS_SIZE,
     MAX_PBKDF2_ITERATIONS,
     MIN_ARGON2_MEMORY_KIB,
     SUPPORTED_ENCRYPTION,
@@ -500,14 +501,15 @@ def format_luks2(device: BlockDevice, passphrase: bytes, *, pbkdf: Pbkdf = "argo
                           "iterations": digest_iterations, "salt": _b64(digest_salt),
                           "digest": _b64(digest_value)}},
         "config": {"json_size": str(DEFAULT_HEADER_SIZE - 4096),
-                   "keyslots_size": str(data_offset - 2 * DEFAULT_HEADER_SIZE)},
+                   # at most cryptsetup's limit: a bigger data offset leaves a gap, as cryptsetup does
+                   "keyslots_size": str(min(data_offset - 2 * DEFAULT_HEADER_SIZE, MAX_KEYSLOTS_SIZE))},
     }
     binary = BinaryHeader(hdr_size=DEFAULT_HEADER_SIZE, seqid=0, raw_label=raw_label,
                           checksum_alg="sha256", uuid=uuid or str(uuid_module.uuid4()),
                           raw_subsystem=b"", hdr_offset=0)
     # An empty-keyslot header first, so add_keyslot can reuse the one keyslot code path. Wipe
     # any old header pair (e.g. re-formatting) by writing ours over it.
-    _wipe_keyslots_area(device, 2 * DEFAULT_HEADER_SIZE, data_offset)
+    _wipe_keyslots_area(device, 2 * DEFAULT_HEADER_SIZE, data_offset)  # the gap too, if any
     state = _write_headers(device, binary, raw, seqid=1)
     volume = LuksVolume(device, state, volume_key, None)
     volume.opened_keyslot = volume.add_keyslot(passphrase, pbkdf=pbkdf, iter_time_ms=iter_time_ms,

@@ -7,6 +7,8 @@ prints on stderr), on real image files made with tiny KDF costs.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import os
 import resource
@@ -18,7 +20,9 @@ from typing import TypeVar
 import pytest
 
 from shim.cli import main
+from storage._luks2_header import build_header_area, read_metadata
 from storage.blockdev import FileBlockDevice
+from storage.errors import CorruptHeader
 from storage.fs import ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -267,3 +271,32 @@ def test_cat_of_a_symlink_names_the_volume_path(
     assert stderr_line(capsys) == "keep: /link: Invalid argument"
     assert keep_volume("get", image, "/link", tmp_path / "out") == 1
     assert stderr_line(capsys) == "keep: /link: Invalid argument"
+
+
+# -- hostile LUKS2 metadata -------------------------------------------------------------------------
+
+
+def test_a_keyslots_area_larger_than_cryptsetup_allows_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The header is only checksummed: the host can rewrite `config.keyslots_size`. Above
+    cryptsetup's limit (128 MiB, LUKS2_MAX_KEYSLOTS_SIZE; cryptsetup refuses such a header) it
+    was accepted, and a keyslot area may span all of it, so removing that keyslot wiped it
+    with one os.urandom of the area's size: gigabytes of memory on a big image."""
+    image = make_image(tmp_path / "v.img")
+    keyslots_size = 1 << 30
+    with FileBlockDevice(image, writable=True) as device:
+        state = read_metadata(device)
+        raw = copy.deepcopy(state.raw)
+        raw["config"]["keyslots_size"] = str(keyslots_size)
+        raw["segments"]["0"]["offset"] = str(2 * state.binary.hdr_size + keyslots_size)
+        for offset in (state.binary.hdr_size, 0):
+            header = dataclasses.replace(state.binary, seqid=state.binary.seqid + 1, hdr_offset=offset)
+            device.write(offset, build_header_area(header, bytes(64), raw))
+    with open(image, "r+b") as handle:  # room for the moved data segment (sparse)
+        handle.truncate(2 * state.binary.hdr_size + keyslots_size + (1 << 20))
+    with FileBlockDevice(image, writable=False) as device, pytest.raises(CorruptHeader, match="keyslots_size"):
+        read_metadata(device)
+    assert keep_volume("info", "--header-only", image) == 1
+    assert stderr_line(capsys) == (
+        f"keep: {image}: no valid LUKS2 header: LUKS2 metadata: config.keyslots_size = "
+        f"{keyslots_size} is outside [0, {128 << 20}]")

@@ -585,8 +585,14 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
     never an empty or short file in its place. Any failure removes the temporary (it holds
     decrypted data) and names `host_file`. The open image itself (`image`) is never replaced."""
     directory, base = os.path.split(os.path.abspath(host_file))
-    with contextlib.suppress(OSError):
-        _refuse_the_image(os.lstat(host_file), image, host_file)
+    try:
+        existing: os.stat_result | None = os.lstat(host_file)
+    except OSError:
+        existing = None
+    if existing is not None:
+        _refuse_the_image(existing, image, host_file)
+        if stat.S_ISDIR(existing.st_mode):  # also "DIR/", where the rename says "not a directory"
+            raise KeepError(f"{host_file}: is a directory")
     with _host_errors(host_file):
         descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
                                                  dir=directory)

@@ -300,3 +300,18 @@ def test_a_keyslots_area_larger_than_cryptsetup_allows_is_refused(
     assert stderr_line(capsys) == (
         f"keep: {image}: no valid LUKS2 header: LUKS2 metadata: config.keyslots_size = "
         f"{keyslots_size} is outside [0, {128 << 20}]")
+
+
+def test_get_into_a_directory_named_with_a_slash_says_it_is_a_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume get v.img /x outdir/` said "outdir/: not a directory" about a directory
+    (the rename of the temporary onto "outdir/" failed); without the slash it said "is a
+    directory". Both say "is a directory" now, and leave no temporary."""
+    image = make_image(tmp_path / "v.img", {b"x": b"hello\n"})
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (f"{out}/", str(out)):
+        assert keep_volume("get", image, "/x", name) == 1
+        assert stderr_line(capsys) == f"keep: {name}: is a directory"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "v.img"]
+    assert not list(out.iterdir())

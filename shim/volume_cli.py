@@ -745,7 +745,10 @@ def _import_tree(fs: Filesystem, host_dir: Path, target: Attr, volume_path: str,
         if entry.is_symlink():
             with contextlib.suppress(FilesystemError):
                 fs.unlink(target.ino, name)
-            fs.symlink(target.ino, name, os.fsencode(os.readlink(entry.path)))
+            try:
+                fs.symlink(target.ino, name, os.fsencode(os.readlink(entry.path)))
+            except FilesystemError as error:  # e.g. a directory of that name: EEXIST
+                raise _VolumePathError(error.errno or errno.EIO, inner) from None
         elif entry.is_dir(follow_symlinks=False):
             try:
                 child = fs.lookup(target.ino, name)

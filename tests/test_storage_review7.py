@@ -315,3 +315,16 @@ def test_get_into_a_directory_named_with_a_slash_says_it_is_a_directory(
         assert stderr_line(capsys) == f"keep: {name}: is a directory"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "v.img"]
     assert not list(out.iterdir())
+
+
+def test_import_of_a_symlink_over_a_volume_directory_names_the_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host symlink imported where the volume has a directory of that name failed with
+    "v.img: File exists", blaming the image instead of naming the entry."""
+    image = make_image(tmp_path / "v.img")
+    assert keep_volume("mkdir", image, "/thing") == 0
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "thing").symlink_to("target")
+    assert keep_volume("import", image, source, "/") == 1
+    assert stderr_line(capsys) == "keep: /thing: File exists"

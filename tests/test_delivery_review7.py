@@ -43,10 +43,11 @@ from shim.attest import (
     Policy,
     VolumeGrant,
     owner_client_context,
+    parse_policy,
 )
 from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
-from shim.config import ConnectFile, KeepConfig
+from shim.config import ConnectFile, KeepConfig, parse_config
 from shim.deploy import DeployRefused, deploy_to
 from shim.engine import EngineSettings
 from shim.errors import KeepError
@@ -533,3 +534,31 @@ def test_a_deployed_keep_toml_that_makes_the_line_index_backtrack_does_not_freez
     finally:
         process.kill()
         process.wait(timeout=20)
+
+
+def test_a_keep_toml_with_a_very_long_dotted_key_is_refused_before_tomllib_sees_it(
+        tmp_path: Path) -> None:
+    """tomllib's time and memory grow with the square of a dotted key's length (16,000 parts:
+    5.6 s and 1 GB; a 400 KB keep.toml of 'a.a.a...=1' needs ~150 GB): a deployed keep.toml
+    from anyone who connects ran keep serve out of memory. Keys of keep.toml are at most three
+    parts deep, so a dotted key of more than 16 is refused before parsing."""
+    config = tmp_path / "keep.toml"
+    config.write_text("args = []\n" + ".".join(["a"] * 60000) + " = 1\n")
+    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                          timeout=60, preexec_fn=_limit_memory,
+                          env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "keep.toml:2: a dotted key of more than 16 parts" in done.stderr
+
+
+def test_dotted_keys_and_dotted_values_of_an_ordinary_keep_toml_still_load() -> None:
+    config = parse_config('env.HOST = "a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r"\n'
+                          "[[files]]\nkind = 'null'\n[ tls ]\n")
+    assert config.env["HOST"].count(".") == 17
+
+
+def test_a_policy_with_a_very_long_dotted_key_is_one_clear_error() -> None:
+    """(3,000 parts: small enough that tomllib would parse it here, in the test's process.)"""
+    with pytest.raises(KeepError, match=r"policy\.toml:1: a dotted key of more than 16 parts"):
+        parse_policy(".".join(["a"] * 3000) + " = 1\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shim.attest._backends import KNOWN_BACKENDS
 from shim.attest._errors import PolicyError
+from shim.config import MAX_DOTTED_KEY_PARTS, long_dotted_key_line
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ _KEYS = ("allowed_backends", "allowed_measurements", "min_volume_generation", "a
 
 def parse_policy(text: str, *, source: str = "policy.toml", allow_insecure_nil: bool = False) -> Policy:
     """Parse policy TOML text; `source` names the file in error messages."""
+    if (line := long_dotted_key_line(text)) is not None:  # tomllib is quadratic in them
+        raise PolicyError(f"{source}:{line}: a dotted key of more than {MAX_DOTTED_KEY_PARTS} "
+                          "parts (policy keys have one)")
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -40,7 +40,7 @@ from wasi_host._abi import U32, U32_PAIR, Errno
 from wasi_host._errors import WasiError
 from wasi_host._fdtable import OpenDirectory
 from wasi_host._functions import HostFunction
-from wasi_host._memory import Memory
+from wasi_host._memory import IOV_MAX, Memory
 from wasi_host._trace import TRANSFERS, errno_from_name, replace_impl
 
 GRAMMAR: Final = """\
@@ -406,8 +406,8 @@ def _limited(impl: Callable[..., int], guest: object, memory: Memory, arguments:
     """Run a transfer with its iovec lengths lowered to `limit` bytes in total (then restored):
     the errno, and whether the limit shortened the transfer the guest asked for."""
     pointer, count = arguments[iovs_index], arguments[iovs_index + 1]
-    if memory is None or pointer + 8 * count > len(memory):
-        return impl(guest, memory, *arguments), False  # a bad pointer: the real call reports EFAULT
+    if memory is None or count > IOV_MAX or pointer + 8 * count > len(memory):
+        return impl(guest, memory, *arguments), False  # the real call reports EINVAL or EFAULT
     original = bytes(memory[pointer:pointer + 8 * count])
     remaining = limit
     shortened = False

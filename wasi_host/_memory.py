@@ -18,6 +18,13 @@ from wasi_host._errors import WasiError
 
 Memory = memoryview | None
 
+#: The most iovecs one call takes (Linux's IOV_MAX; more is EINVAL there too). keepshim moves
+#: every buffer of a call, as Linux does, with one Python object per iovec: without a bound a
+#: guest could name its whole memory as zero-length iovecs (8 M for 64 MiB), which cost 2.4 GB of
+#: host memory and 20 s in one call. wasmtime takes any number (it moves only the first
+#: non-empty buffer).
+IOV_MAX = 1024
+
 
 def fault() -> WasiError:
     """The error for a guest pointer that does not point into its memory."""
@@ -75,9 +82,12 @@ def read_path(memory: Memory, ptr: int, length: int) -> str:
 
 
 def iovecs(memory: Memory, ptr: int, count: int) -> list[memoryview]:
-    """The buffers of an iovec/ciovec array, each checked to lie inside guest memory."""
+    """The buffers of an iovec/ciovec array, each checked to lie inside guest memory; EINVAL
+    for more than IOV_MAX of them (an array that does not fit is EFAULT first)."""
     if memory is None or ptr + 8 * count > len(memory):
         raise fault()
+    if count > IOV_MAX:
+        raise WasiError(Errno.INVAL)
     size = len(memory)
     buffers = []
     for buf, buf_len in U32_PAIR.iter_unpack(memory[ptr : ptr + 8 * count]):

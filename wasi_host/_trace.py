@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, Protocol
 from wasi_host._abi import U32, U32_PAIR, U64, Clockid, Errno, Fdflags, Fstflags, Oflags, Rights, Whence
 from wasi_host._errors import ProcExit, errno_for_exception
 from wasi_host._functions import HostFunction
-from wasi_host._memory import Memory, transfer_limit
+from wasi_host._memory import IOV_MAX, Memory, transfer_limit
 
 TraceValue = int | str
 
@@ -423,7 +423,7 @@ def _path(memory: Memory, pointer: int, length: int) -> str:
 
 
 def _iovecs(memory: Memory, pointer: int, count: int) -> list[tuple[int, int]] | None:
-    if memory is None or pointer + 8 * count > len(memory):
+    if memory is None or count > IOV_MAX or pointer + 8 * count > len(memory):  # the call refuses them
         return None
     return [(buf, length) for buf, length in U32_PAIR.iter_unpack(memory[pointer:pointer + 8 * count])]
 

@@ -347,6 +347,14 @@ class Filesystem:
             self._any_xattrs = bool(self._all("SELECT 1 FROM xattrs LIMIT 1"))
             if store.writable:
                 self._reap_orphans()
+        except apsw.Error as exc:
+            # a database SQLite cannot read (without integrity, a damaged or moved region reads
+            # back as garbage rather than EIO): an errno, not an SQLite exception, for callers
+            self._shutdown()
+            translated = _translation(exc)
+            if translated is not None:
+                raise translated from None
+            raise FilesystemError(errno.EIO, f"no keepshim filesystem on this volume ({exc})") from None
         except BaseException:
             self._shutdown()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
 import os
 import resource
@@ -22,7 +23,7 @@ import pytest
 from shim.cli import main
 from storage._luks2_header import build_header_area, read_metadata
 from storage.blockdev import FileBlockDevice
-from storage.errors import CorruptHeader
+from storage.errors import CorruptHeader, FilesystemError
 from storage.fs import ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -328,3 +329,22 @@ def test_import_of_a_symlink_over_a_volume_directory_names_the_path(
     (source / "thing").symlink_to("target")
     assert keep_volume("import", image, source, "/") == 1
     assert stderr_line(capsys) == "keep: /thing: File exists"
+
+
+def test_a_plain_volume_whose_database_is_unreadable_is_a_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without integrity nothing tells a moved or damaged database from a good one: a plain
+    (`--integrity none`) image grown by 4 KiB (its regions move with the segment's size) made
+    SQLite read garbage, and every action ended in "internal error: NotADBError" (exit 70)."""
+    image = tmp_path / "plain.img"
+    create_volume(image, 24 << 20, PASSPHRASE, kdf_cost=KdfCost(1, 8, 1), integrity="none").close()
+    with open(image, "r+b") as handle:
+        handle.truncate(image.stat().st_size + 4096)
+    with pytest.raises(FilesystemError) as raised:
+        open_volume(image, PASSPHRASE)
+    assert raised.value.errno == errno.EIO
+    assert keep_volume("ls", image, "/") == 1
+    assert stderr_line(capsys) == (f"keep: {image}: no keepshim filesystem on this volume "
+                                   "(file is not a database)")
+    with FileBlockDevice(image, writable=True):  # the failed opens let go of the image
+        pass

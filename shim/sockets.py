@@ -25,11 +25,13 @@ keep is stopping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -393,12 +395,23 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
 
 
 def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:
+    """Write the certificate chain (public) to export_certificate, atomically: a fresh temporary
+    file (O_EXCL: a symlink planted at a predictable name in a shared directory is never
+    followed), readable by clients (0644), renamed over the path."""
     path = config.tls.export_certificate
     assert path is not None
     try:
-        temporary = path.with_name(path.name + ".partial")
-        temporary.write_bytes(identity.certificate_chain_pem)
-        temporary.replace(path)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                                 suffix=".partial")
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                os.fchmod(stream.fileno(), 0o644)
+                stream.write(identity.certificate_chain_pem)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
     except OSError as error:
         raise NetworkError(f"cannot write the certificate to {path}: {error.strerror}") from None
 

@@ -47,7 +47,7 @@ from shim.attest import (
 )
 from shim.attest._certificate import der_octet_string
 from shim.cache import CompileCache
-from shim.config import ConnectFile, KeepConfig, parse_config
+from shim.config import ConnectFile, KeepConfig, ListenFile, TlsSettings, parse_config
 from shim.deploy import DeployRefused, deploy_to
 from shim.engine import EngineSettings
 from shim.errors import KeepError
@@ -562,3 +562,20 @@ def test_a_policy_with_a_very_long_dotted_key_is_one_clear_error() -> None:
     """(3,000 parts: small enough that tomllib would parse it here, in the test's process.)"""
     with pytest.raises(KeepError, match=r"policy\.toml:1: a dotted key of more than 16 parts"):
         parse_policy(".".join(["a"] * 3000) + " = 1\n")
+
+
+async def test_exporting_the_certificate_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    """export_certificate wrote `NAME.partial` with an ordinary open: someone who can write the
+    directory (export_certificate = "/tmp/keep-cert.pem") planted a symlink there and keep
+    overwrote its target (as root: any file) with the certificate."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    export = tmp_path / "shared" / "keep-cert.pem"
+    export.parent.mkdir()
+    export.with_name("keep-cert.pem.partial").symlink_to(victim)
+    listen = ListenFile(name="web", addr="127.0.0.1", port=0)
+    config = KeepConfig(files=(*KeepConfig().files, listen), tls=TlsSettings(export_certificate=export))
+    async with open_keep_network(config) as network:
+        assert network.identity is not None
+        assert export.read_bytes() == network.identity.certificate_chain_pem
+    assert victim.read_text() == "precious\n"

@@ -160,3 +160,16 @@ def test_more_than_iov_max_iovecs_are_einval(backend: str, wasm_fixture: WasmFix
         b"fd_write 8 M iovecs: EINVAL\nfd_read 8 M iovecs: EINVAL\n")
     written = bytes(ord("a") + index % 26 for index in range(1024))
     assert outcome.tree == [f"vectors: {Entry('file', written).describe()}"]
+
+
+def test_more_than_a_million_poll_subscriptions_are_einval(wasm_fixture: WasmFixture, tmp_path: Path,
+                                                           keep_environment: dict[str, str]) -> None:
+    """poll_oneoff takes up to 1,000,000 subscriptions (what wasmtime's resource table holds; it
+    ends the guest beyond that), more are EINVAL. Any number was taken, a few Python objects
+    each: 4 M clocks kept one call busy for 11 s past --timeout 2 with 1 GB of host memory.
+    Not compared with wasmtime (it ends the guest with a host error). Host directory only: the
+    guest directory plays no part."""
+    outcome = run_section_on_keepshim("many_subscriptions", GUEST_DIRECTORY_BACKENDS["host-dir"], wasm_fixture,
+                                      tmp_path, keep_environment, tree={})
+    assert lines(outcome.stdout) == lines(b"== many_subscriptions\npoll_oneoff 1000 clocks: SUCCESS, yes ready\n"
+                                          b"poll_oneoff 1000001 clocks: EINVAL, no ready\n")

@@ -76,6 +76,11 @@ from wasi_host._paths import resolve
 ValueType = Literal["i32", "i64"]
 
 _MAX_OFFSET = (1 << 63) - 1  # off_t: larger file offsets and sizes are EINVAL
+# The most subscriptions one poll_oneoff takes: what wasmtime's resource table holds (it ends the
+# guest beyond that). Each costs a few Python objects here, so without a bound a guest naming
+# its memory as subscriptions (4 M in 192 MiB) kept one uninterruptible call busy for 11 s with
+# 1 GB of host memory.
+_MAX_SUBSCRIPTIONS = 1_000_000
 _FD_WRITE = Rights.FD_WRITE
 _SYNC_FDFLAGS = Fdflags.DSYNC | Fdflags.RSYNC | Fdflags.SYNC  # refused: not implemented
 _BADF = int(Errno.BADF)
@@ -632,6 +637,7 @@ def path_unlink_file(guest: Guest, memory: Memory, fd: int, path: int, path_len:
 def poll_oneoff(guest: Guest, memory: Memory, in_ptr: int, out_ptr: int, nsubscriptions: int, result_ptr: int) -> int:
     if nsubscriptions == 0:
         raise WasiError(Errno.INVAL)  # the spec: waiting for nothing would block forever
+    _invalid_unless(nsubscriptions <= _MAX_SUBSCRIPTIONS)  # as poll(2) for more fds than allowed
     subscriptions = view(memory, in_ptr, SUBSCRIPTION_SIZE * nsubscriptions)
     events = view(memory, out_ptr, EVENT.size * nsubscriptions)
     clock = guest.clock

@@ -443,9 +443,26 @@ class _Validator:
         ca = self.path(raw["ca"], (*key, "ca")) if "ca" in raw else None
         server_name = None
         if "server_name" in raw:
-            server_name = self.string(raw["server_name"], (*key, "server_name"))
+            server_name = self.server_name(raw["server_name"], (*key, "server_name"))
         return ConnectFile(name=name, host=host, port=port, prot=prot, insecure_plaintext=plaintext,
                            ca=ca, pin_sha256=pin, server_name=server_name)
+
+    def server_name(self, value: object, key: KeyPath) -> str:
+        """A name TLS can put in its server_name extension (RFC 6066: a DNS host name, IDNA
+        encoded, at most 253 bytes); `ssl` raises ValueError for some of the others (".x", NUL)
+        only once the socket is being opened, and OpenSSL refuses over-long ones mid-handshake."""
+        name = self.string(value, key)
+        if not name:  # "": the host's name is sent, as without the key
+            return name
+        try:
+            encoded = name.encode("idna")
+        except UnicodeError:
+            self.fail(key, f"not a host name TLS can send (SNI): {name!r} has an empty label "
+                      "or one over 63 bytes")
+        if b"\0" in encoded or len(encoded) > 253:
+            self.fail(key, f"not a host name TLS can send (SNI): {name!r} holds a NUL or is "
+                      "over 253 bytes")
+        return name
 
     def check_order(self, files: Sequence[FileEntry]) -> None:
         for index, entry in enumerate(files):

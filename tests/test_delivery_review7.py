@@ -579,3 +579,30 @@ async def test_exporting_the_certificate_does_not_follow_a_planted_symlink(tmp_p
         assert network.identity is not None
         assert export.read_bytes() == network.identity.certificate_chain_pem
     assert victim.read_text() == "precious\n"
+
+
+_CONNECT = ('[[files]]\nkind = "null"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
+            '[[files]]\nkind = "connect"\nname = "up"\nhost = "127.0.0.1"\nport = 9\n'
+            'pin_sha256 = "' + "ab" * 32 + '"\n')
+
+
+@pytest.mark.parametrize("server_name", [".example", "x\\u0000y", "a" * 64 + ".example",
+                                         "a." * 130 + "b"])
+def test_a_server_name_tls_cannot_send_is_a_config_error(tmp_path: Path, server_name: str) -> None:
+    """server_name = ".example" (or with a NUL) made ssl raise ValueError while opening the
+    socket: 'keep: internal error: ExceptionGroup', exit 70 (a deployed workload: 'keep internal
+    error'); an over-long one failed in the handshake as 'SSL3_EXT_INVALID_SERVERNAME'."""
+    config = tmp_path / "keep.toml"
+    config.write_text(_CONNECT + f'server_name = "{server_name}"\n')
+    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"keep: .*keep\.toml:13: files\[3\]\.server_name: not a host name TLS can "
+                        r"send \(SNI\): .*\n", done.stderr), done.stderr
+
+
+def test_ordinary_server_names_still_load() -> None:
+    for name in ("example.com", "é.example", "127.0.0.1", "a" * 63 + ".example"):
+        entry = parse_config(_CONNECT + f'server_name = "{name}"\n').sockets[0]
+        assert isinstance(entry, ConnectFile) and entry.server_name == name

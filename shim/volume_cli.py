@@ -583,7 +583,9 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
     plaintext arrives) in the same host directory, fsync'd and then renamed over `host_file`
     (and the directory fsync'd): a crash leaves the old `host_file` or the new one whole,
     never an empty or short file in its place. Any failure removes the temporary (it holds
-    decrypted data) and names `host_file`. The open image itself (`image`) is never replaced."""
+    decrypted data) and names `host_file`. The open image itself (`image`) is never replaced;
+    a device, FIFO or socket (or a symlink to one: /dev/null, /dev/stdout) is written into, as
+    cp does, never replaced by a file of plaintext."""
     directory, base = os.path.split(os.path.abspath(host_file))
     try:
         existing: os.stat_result | None = os.lstat(host_file)
@@ -593,6 +595,13 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         _refuse_the_image(existing, image, host_file)
         if stat.S_ISDIR(existing.st_mode):  # also "DIR/", where the rename says "not a directory"
             raise KeepError(f"{host_file}: is a directory")
+    try:
+        target: os.stat_result | None = os.stat(host_file)  # through a symlink: what a write reaches
+    except OSError:
+        target = None
+    if target is not None and not (stat.S_ISREG(target.st_mode) or stat.S_ISDIR(target.st_mode)):
+        _write_into_special(fs, attr, host_file)
+        return
     with _host_errors(host_file):
         descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
                                                  dir=directory)
@@ -610,6 +619,17 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _write_into_special(fs: Filesystem, attr: Attr, host_file: str) -> None:
+    """Copy a volume file into the existing device, FIFO or socket `host_file` (a FIFO waits
+    for its reader, as cp does)."""
+    with _host_errors(host_file):
+        descriptor = os.open(host_file, os.O_WRONLY | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "wb") as sink:
+        _copy_out(fs, attr, sink, host_file)
+        with _host_errors(host_file):
+            sink.flush()
 
 
 def _children(fs: Filesystem, directory: Attr) -> list[tuple[bytes, Attr]]:

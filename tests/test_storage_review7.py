@@ -14,6 +14,8 @@ import functools
 import os
 import resource
 import signal
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -348,3 +350,35 @@ def test_a_plain_volume_whose_database_is_unreadable_is_a_clear_error(
                                    "(file is not a database)")
     with FileBlockDevice(image, writable=True):  # the failed opens let go of the image
         pass
+
+
+# -- get onto something that is not a regular file ----------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_get_onto_a_device_or_its_symlink_writes_into_it_and_never_replaces_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keep volume get v.img /secret /dev/null` renamed its temporary over /dev/null: the
+    device node became a regular file holding the decrypted plaintext (and /dev/stdout, a
+    symlink, the same). A device, FIFO or socket destination (or a symlink to one) is written
+    into, as cp does; it stays what it was and no temporary is left beside it."""
+    image = make_image(tmp_path / "v.img", {b"secret": b"decrypted plaintext\n"})
+    host = tmp_path / "host"
+    host.mkdir()
+    null = host / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+    (host / "stdout").symlink_to("null")
+    for destination in (null, host / "stdout"):
+        assert keep_volume("get", image, "/secret", destination) == 0, capsys.readouterr().err
+    assert stat.S_ISCHR(null.lstat().st_mode) and (host / "stdout").is_symlink()
+    assert sorted(path.name for path in host.iterdir()) == ["null", "stdout"]
+    fifo = host / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        assert keep_volume("get", image, "/secret", fifo) == 0, capsys.readouterr().err
+    finally:
+        reader.join(10)
+    assert received == [b"decrypted plaintext\n"] and stat.S_ISFIFO(fifo.lstat().st_mode)

@@ -173,3 +173,11 @@ def test_more_than_a_million_poll_subscriptions_are_einval(wasm_fixture: WasmFix
                                       tmp_path, keep_environment, tree={})
     assert lines(outcome.stdout) == lines(b"== many_subscriptions\npoll_oneoff 1000 clocks: SUCCESS, yes ready\n"
                                           b"poll_oneoff 1000001 clocks: EINVAL, no ready\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_of_no_bytes_succeeds_at_any_offset(backend: str, wasm_fixture: WasmFixture, tmp_path: Path,
+                                                    keep_environment: dict[str, str]) -> None:
+    """On the volume a write of no bytes at 2^44 or beyond was EFBIG; a host directory (and
+    wasmtime) return 0 wherever the offset is, and write nothing."""
+    assert_section_matches_wasmtime("empty_writes", backend, wasm_fixture, tmp_path, keep_environment)

@@ -410,11 +410,19 @@ def _add_key(args: argparse.Namespace) -> int:
 
 
 def _remove_key(args: argparse.Namespace) -> int:
-    with _luks(args) as (luks, _):
+    with _luks(args) as (luks, key):
         opened = luks.opened_keyslot
         target = args.key_slot if args.key_slot is not None else opened
         if target is None:
             raise KeepError("cannot tell which keyslot to remove")
+        if args.key_slot is not None and opened == target:
+            # --key-slot N wants the key of another slot, as cryptsetup luksKillSlot wants a
+            # remaining passphrase: the same passphrase may sit in a second slot
+            try:
+                luks.find_keyslot(key, excluding=target)
+            except WrongPassphrase:
+                raise KeepError(f"keyslot {target} is the one this key opens: give the key of "
+                                "another keyslot to remove it", exit_status=2) from None
         luks.remove_keyslot(target)
     print(f"removed keyslot {target}")
     return 0

@@ -294,9 +294,10 @@ class LuksVolume:
         self.opened_keyslot = new_slot
         return new_slot
 
-    def find_keyslot(self, passphrase: bytes) -> int:
-        """The keyslot `passphrase` opens (for remove-key/passwd); `WrongPassphrase` if none."""
-        slot, _ = _unlock(self._device, self._state, passphrase)
+    def find_keyslot(self, passphrase: bytes, *, excluding: int | None = None) -> int:
+        """The keyslot `passphrase` opens (for remove-key/passwd), other than `excluding`;
+        `WrongPassphrase` if none."""
+        slot, _ = _unlock(self._device, self._state, passphrase, excluding=excluding)
         return slot
 
     # -- information ---------------------------------------------------------------------------
@@ -401,10 +402,10 @@ def _open_keyslot(device: BlockDevice, state: HeaderState, slot: Keyslot,
 
 
 def _unlock(device: BlockDevice, state: HeaderState, passphrase: bytes,
-            keyslot: int | None = None) -> tuple[int, bytes]:
+            keyslot: int | None = None, *, excluding: int | None = None) -> tuple[int, bytes]:
     metadata = state.metadata
     candidates = [slot for slot in metadata.keyslots.values()
-                  if slot.number in metadata.digest.keyslots
+                  if slot.number in metadata.digest.keyslots and slot.number != excluding
                   and (keyslot is None or slot.number == keyslot)]
     if keyslot is not None and not candidates:
         raise KeyslotError(f"keyslot {keyslot} is not in use")

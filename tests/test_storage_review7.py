@@ -382,3 +382,29 @@ def test_get_onto_a_device_or_its_symlink_writes_into_it_and_never_replaces_it(
     finally:
         reader.join(10)
     assert received == [b"decrypted plaintext\n"] and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+# -- keyslots -------------------------------------------------------------------------------------
+
+
+def test_remove_key_slot_needs_a_key_of_another_slot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`remove-key --key-slot N` promises (--help) "the given key must open another slot", as
+    cryptsetup luksKillSlot wants a remaining passphrase; given the key of slot N itself it
+    removed slot N, and that key opened the volume no more."""
+    image = make_image(tmp_path / "v.img")
+    monkeypatch.setenv("KEEP_REVIEW7_OTHER", "the other passphrase")
+    fast = ["--pbkdf-force-iterations", "1", "--pbkdf-memory", "8", "--pbkdf-parallel", "1"]
+    assert keep_volume("add-key", image, "--new-passphrase-env", "KEEP_REVIEW7_OTHER", *fast) == 0
+    capsys.readouterr()
+    assert keep_volume("remove-key", image, "--key-slot", "0") == 2
+    assert stderr_line(capsys) == ("keep: keyslot 0 is the one this key opens: give the key of "
+                                   "another keyslot to remove it")
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        assert volume.luks.keyslots == [0, 1]
+    # the same passphrase in a second slot is a key of another slot
+    monkeypatch.setenv("KEEP_REVIEW7_SAME", PASSPHRASE.decode())
+    assert keep_volume("add-key", image, "--new-passphrase-env", "KEEP_REVIEW7_SAME", *fast) == 0
+    assert keep_volume("remove-key", image, "--key-slot", "0") == 0
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        assert volume.luks.keyslots == [1, 2]

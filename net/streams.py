@@ -502,6 +502,8 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
         tcp = await trio.open_tcp_stream(connect_host, port)
     except OSError as error:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    except UnicodeError:  # the resolver's IDNA encoding: an empty label, one over 63 bytes
+        raise ConnectFailed(f"cannot connect to {host}:{port}: not a valid host name") from None
     stream: trio.abc.Stream = tapped(tcp, f"-> {host}:{port}")  # audit only (net.wiretap)
     if context is not None:
         tls = trio.SSLStream(stream, context, server_hostname=server_name or host)

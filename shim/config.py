@@ -429,7 +429,7 @@ class _Validator:
                                    "ca", "pin_sha256", "server_name"))
         if "host" not in raw:
             self.fail(key, "a connect entry needs a host")
-        host = self.string(raw["host"], (*key, "host"))
+        host = self.host_name(raw["host"], (*key, "host"), "a host name or IP address")
         if not host:
             self.fail((*key, "host"), "must not be empty")
         name = self.name(raw.get("name", host), (*key, "name"))
@@ -443,25 +443,27 @@ class _Validator:
         ca = self.path(raw["ca"], (*key, "ca")) if "ca" in raw else None
         server_name = None
         if "server_name" in raw:
-            server_name = self.server_name(raw["server_name"], (*key, "server_name"))
+            # "": the host's name is sent, as without the key
+            server_name = self.host_name(raw["server_name"], (*key, "server_name"),
+                                         "a host name TLS can send (SNI)")
         return ConnectFile(name=name, host=host, port=port, prot=prot, insecure_plaintext=plaintext,
                            ca=ca, pin_sha256=pin, server_name=server_name)
 
-    def server_name(self, value: object, key: KeyPath) -> str:
-        """A name TLS can put in its server_name extension (RFC 6066: a DNS host name, IDNA
-        encoded, at most 253 bytes); `ssl` raises ValueError for some of the others (".x", NUL)
-        only once the socket is being opened, and OpenSSL refuses over-long ones mid-handshake."""
+    def host_name(self, value: object, key: KeyPath, what: str) -> str:
+        """A DNS host name or IP address as resolvers and TLS's server_name (RFC 6066) take it:
+        IDNA encoded, no empty label, none over 63 bytes, at most 253 bytes, no NUL. Others
+        used to fail only once the socket was being opened, as a ValueError or UnicodeError
+        from `ssl` or the resolver (an internal error), or mid-handshake ("SSL3_EXT_INVALID_
+        SERVERNAME"). An empty string is returned as it is (the caller decides)."""
         name = self.string(value, key)
-        if not name:  # "": the host's name is sent, as without the key
+        if not name:
             return name
         try:
             encoded = name.encode("idna")
         except UnicodeError:
-            self.fail(key, f"not a host name TLS can send (SNI): {name!r} has an empty label "
-                      "or one over 63 bytes")
+            self.fail(key, f"not {what}: {name!r} has an empty label or one over 63 bytes")
         if b"\0" in encoded or len(encoded) > 253:
-            self.fail(key, f"not a host name TLS can send (SNI): {name!r} holds a NUL or is "
-                      "over 253 bytes")
+            self.fail(key, f"not {what}: {name!r} holds a NUL or is over 253 bytes")
         return name
 
     def check_order(self, files: Sequence[FileEntry]) -> None:

@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from net.errors import CertificateError
-from net.tls import FileCertificateProvider, KeepIdentity, server_context
+from net.errors import CertificateError, ConnectFailed
+from net.streams import ReadinessBoard, open_connection
+from net.tls import FileCertificateProvider, KeepIdentity, ServerVerification, server_context
 from shim.attest import (
     EVIDENCE_OIDS,
     AttestedIdentity,
@@ -606,3 +607,24 @@ def test_ordinary_server_names_still_load() -> None:
     for name in ("example.com", "é.example", "127.0.0.1", "a" * 63 + ".example"):
         entry = parse_config(_CONNECT + f'server_name = "{name}"\n').sockets[0]
         assert isinstance(entry, ConnectFile) and entry.server_name == name
+
+
+@pytest.mark.parametrize("host", ["a..b", ".example", "a" * 70 + ".example"])
+def test_a_connect_host_the_resolver_cannot_encode_is_a_config_error(tmp_path: Path, host: str) -> None:
+    """The resolver's IDNA encoding raised UnicodeError for these: 'keep: internal error:
+    ExceptionGroup', exit 70."""
+    config = tmp_path / "keep.toml"
+    config.write_text(_CONNECT.replace('host = "127.0.0.1"', f'host = "{host}"'))
+    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"keep: .*keep\.toml:10: files\[3\]\.host: not a host name or IP "
+                        r"address: .*\n", done.stderr), done.stderr
+
+
+async def test_net_refuses_a_host_name_the_resolver_cannot_encode_as_a_connect_failure() -> None:
+    board = ReadinessBoard(trio.lowlevel.current_trio_token())
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ConnectFailed, match=r"cannot connect to a\.\.b:9: not a valid host name"):
+            await open_connection("a..b", 9, None, ServerVerification(), board, nursery)

@@ -498,13 +498,21 @@ _BACKTRACKING_TOML = 'note = """\n' + ("[" + " " * 20000 + "a\n") * 3 + '"""\n'
 header expressions backtracked cubically over the spaces (2,000 spaces: 6-10 s a line)."""
 
 
-def test_a_keep_toml_that_makes_the_line_index_backtrack_is_refused_at_once(tmp_path: Path) -> None:
+def _keep_run_with_config(tmp_path: Path, text: str, *, timeout: float = 60,
+                          limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
+    """`keep run --config keep.toml` with `text` as keep.toml (and a module that need not
+    exist: the config is checked first)."""
     config = tmp_path / "keep.toml"
-    config.write_text(_BACKTRACKING_TOML)
+    config.write_text(text)
+    return subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_limit_memory if limit_memory else None,
+                          env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+
+
+def test_a_keep_toml_that_makes_the_line_index_backtrack_is_refused_at_once(tmp_path: Path) -> None:
     try:
-        done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
-                               str(tmp_path / "absent.wasm")], capture_output=True, text=True,
-                              timeout=30, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+        done = _keep_run_with_config(tmp_path, _BACKTRACKING_TOML, timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail("keep run spent more than 30 s locating keys in a 60 KB keep.toml")
     assert done.returncode == 2, done.stderr
@@ -543,12 +551,8 @@ def test_a_keep_toml_with_a_very_long_dotted_key_is_refused_before_tomllib_sees_
     5.6 s and 1 GB; a 400 KB keep.toml of 'a.a.a...=1' needs ~150 GB): a deployed keep.toml
     from anyone who connects ran keep serve out of memory. Keys of keep.toml are at most three
     parts deep, so a dotted key of more than 16 is refused before parsing."""
-    config = tmp_path / "keep.toml"
-    config.write_text("args = []\n" + ".".join(["a"] * 60000) + " = 1\n")
-    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
-                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
-                          timeout=60, preexec_fn=_limit_memory,
-                          env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    done = _keep_run_with_config(tmp_path, "args = []\n" + ".".join(["a"] * 60000) + " = 1\n",
+                                 limit_memory=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "keep.toml:2: a dotted key of more than 16 parts" in done.stderr
 
@@ -593,11 +597,7 @@ def test_a_server_name_tls_cannot_send_is_a_config_error(tmp_path: Path, server_
     """server_name = ".example" (or with a NUL) made ssl raise ValueError while opening the
     socket: 'keep: internal error: ExceptionGroup', exit 70 (a deployed workload: 'keep internal
     error'); an over-long one failed in the handshake as 'SSL3_EXT_INVALID_SERVERNAME'."""
-    config = tmp_path / "keep.toml"
-    config.write_text(_CONNECT + f'server_name = "{server_name}"\n')
-    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
-                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    done = _keep_run_with_config(tmp_path, _CONNECT + f'server_name = "{server_name}"\n')
     assert done.returncode == 2, done.stderr
     assert re.fullmatch(r"keep: .*keep\.toml:13: files\[3\]\.server_name: not a host name TLS can "
                         r"send \(SNI\): .*\n", done.stderr), done.stderr
@@ -613,11 +613,7 @@ def test_ordinary_server_names_still_load() -> None:
 def test_a_connect_host_the_resolver_cannot_encode_is_a_config_error(tmp_path: Path, host: str) -> None:
     """The resolver's IDNA encoding raised UnicodeError for these: 'keep: internal error:
     ExceptionGroup', exit 70."""
-    config = tmp_path / "keep.toml"
-    config.write_text(_CONNECT.replace('host = "127.0.0.1"', f'host = "{host}"'))
-    done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
-                           str(tmp_path / "absent.wasm")], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    done = _keep_run_with_config(tmp_path, _CONNECT.replace('host = "127.0.0.1"', f'host = "{host}"'))
     assert done.returncode == 2, done.stderr
     assert re.fullmatch(r"keep: .*keep\.toml:10: files\[3\]\.host: not a host name or IP "
                         r"address: .*\n", done.stderr), done.stderr

@@ -75,6 +75,7 @@ from storage.luks2 import (
 from storage.volume import Volume, create_volume, open_volume
 
 COPY_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(COPY_CHUNK)
 TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -472,17 +473,28 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes], sink_name: str) -> None:
+def _copy_out(fs: Filesystem, attr: Attr, sink: IO[bytes], sink_name: str, *,
+              sparse: bool = False) -> None:
     """Copy a volume file to `sink`; a failed write is reported as `sink_name`'s (the host's),
-    a failed read as the volume's."""
+    a failed read as the volume's. With `sparse` (`sink` a new regular file) a chunk of zeros
+    is skipped with a seek and the size set at the end, so holes stay holes, as cp makes them:
+    a guest can make a 16 TiB sparse file in an instant, and its zeros would fill the host."""
     offset = 0
+    skipped = False
     while offset < attr.size:
         chunk = fs.read(attr.ino, offset, min(COPY_CHUNK, attr.size - offset))
         if not chunk:
             break
         with _host_errors(sink_name):
-            sink.write(chunk)
+            if sparse and chunk == _ZERO_CHUNK[:len(chunk)]:
+                sink.seek(len(chunk), os.SEEK_CUR)
+                skipped = True
+            else:
+                sink.write(chunk)
         offset += len(chunk)
+    if skipped:
+        with _host_errors(sink_name):
+            sink.truncate(offset)  # the size, when the file ends in a hole
 
 
 def _cat(args: argparse.Namespace) -> int:
@@ -615,7 +627,7 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
                                                  dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as sink:
-            _copy_out(fs, attr, sink, host_file)
+            _copy_out(fs, attr, sink, host_file, sparse=True)
             with _host_errors(host_file):
                 sink.flush()
                 os.fchmod(sink.fileno(), stat.S_IMODE(attr.mode))
@@ -953,7 +965,7 @@ def _export_entry(fs: Filesystem, directory: int, name: bytes, attr: Attr, host_
         _clear_host_entry(directory, name, host_path, image, keep_directory=False)
         descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
         with os.fdopen(descriptor, "wb") as sink:
-            _copy_out(fs, attr, sink, host_path)
+            _copy_out(fs, attr, sink, host_path, sparse=True)
             sink.flush()
             os.fchmod(descriptor, stat.S_IMODE(attr.mode))
             os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))

@@ -340,6 +340,7 @@ class Conversation:
         self.state = State.AWAIT_DEPLOY
         self._buffer = bytearray()
         self._eof = False
+        self._pending: tuple[int, int, str, dict[str, object]] | None = None  # a parsed header
 
     def _advance(self, kind: str, sender: Role) -> None:
         transition = _TRANSITIONS.get((self.state, kind))
@@ -365,6 +366,26 @@ class Conversation:
 
         RemoteProtocolError for anything invalid, oversize, out of order, or a stream that ended
         in the middle of a frame."""
+        if self._pending is None:
+            self._pending = self._parse_header()
+            if self._pending is None:
+                return None
+        header_end, frame_end, kind, fields = self._pending
+        if len(self._buffer) < frame_end:
+            self._check_not_ended()
+            return None
+        payload = bytes(self._buffer[header_end:frame_end])
+        del self._buffer[:frame_end]
+        self._pending = None
+        message = decode_header(kind, fields, payload)
+        self._advance(kind, "keep" if self.role == "owner" else "owner")
+        return message
+
+    def _parse_header(self) -> tuple[int, int, str, dict[str, object]] | None:
+        """(header end, frame end, type, fields) of the frame at the start of the buffer, once
+        its header has arrived (None before), checked against the limits and the state. Done
+        once per frame: the payload may arrive in thousands of pieces, and parsing a header of
+        up to MAX_HEADER_BYTES again for each would cost the keep seconds per frame."""
         if len(self._buffer) < _PREFIX.size:
             self._check_not_ended()
             return None
@@ -397,15 +418,7 @@ class Conversation:
         transition = _TRANSITIONS.get((self.state, kind))
         if transition is None or transition[0] != sender:
             raise RemoteProtocolError(f"the {sender} may not send {kind!r} in state {self.state.value!r}")
-        frame_end = header_end + payload_length
-        if len(self._buffer) < frame_end:
-            self._check_not_ended()
-            return None
-        payload = bytes(self._buffer[header_end:frame_end])
-        del self._buffer[:frame_end]
-        message = decode_header(kind, fields, payload)
-        self._advance(kind, sender)
-        return message
+        return header_end, header_end + payload_length, kind, fields
 
     def _check_not_ended(self) -> None:
         if self._eof:

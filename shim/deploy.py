@@ -48,7 +48,7 @@ from shim.attest import (
     load_policy,
     open_verified_stream,
 )
-from shim.attest._protocol import duplicate_grant
+from shim.attest._protocol import duplicate_grant, encode_message
 from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import forbid_core_dumps
@@ -112,6 +112,7 @@ async def deploy_to(host: str, port: int, deploy: Deploy, policy: Policy, *,
     come within `answer_seconds` once the deployment is sent. After `accepted` there is no
     deadline: a workload may compute for a long time without writing anything."""
     check_pins(deploy, policy)
+    encode_message(deploy)  # an oversize module, args or config: refused before connecting
     try:
         stream, claims = await open_verified_stream(host, port, policy,
                                                     handshake_seconds=handshake_seconds)

@@ -654,3 +654,18 @@ def test_a_frame_arriving_in_many_pieces_has_its_header_parsed_once(
             messages.append(message)
     assert messages == [deploy]
     assert len(parsed) == 1, f"the header was parsed {len(parsed)} times"
+
+
+async def test_a_deployment_over_the_protocol_limits_is_refused_before_connecting() -> None:
+    """A module over 128 MiB (or args over the 1 MiB header) was found too big only after
+    `keep deploy` had connected, attested and announced the keep, leaving the keep a silent
+    connection; it is refused before any connection now (nothing listens on the port)."""
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for deploy, limit in [(Deploy(workload=bytes(attest_protocol.MAX_WORKLOAD_BYTES + 1)),
+                           "payload"),
+                          (Deploy(workload=b"\0asm", args=("x" * (1 << 20),)), "header")]:
+        with pytest.raises(attest_protocol.LocalProtocolError, match=f"deploy {limit} is"):
+            await deploy_to("127.0.0.1", port, deploy, Policy(allow_insecure_nil=True),
+                            stdout=io.BytesIO(), stderr=io.BytesIO())

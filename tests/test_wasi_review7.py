@@ -181,3 +181,12 @@ def test_a_write_of_no_bytes_succeeds_at_any_offset(backend: str, wasm_fixture: 
     """On the volume a write of no bytes at 2^44 or beyond was EFBIG; a host directory (and
     wasmtime) return 0 wherever the offset is, and write nothing."""
     assert_section_matches_wasmtime("empty_writes", backend, wasm_fixture, tmp_path, keep_environment)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_transfer_ending_past_off_t_is_einval(backend: str, wasm_fixture: WasmFixture, tmp_path: Path,
+                                                keep_environment: dict[str, str]) -> None:
+    """pread/read of 8 bytes at 2^63-1 were 0 bytes (end of file) on the volume and a write
+    there EFBIG, where a host directory and wasmtime say EINVAL (Linux checks offset + count
+    against off_t before any filesystem); an APPEND write still goes to the end."""
+    assert_section_matches_wasmtime("transfer_ends", backend, wasm_fixture, tmp_path, keep_environment)

@@ -232,6 +232,8 @@ class Eventtype:
 
 
 ADVICE_MAX: Final = 5  # $advice: normal .. noreuse
+#: off_t's largest value: a file offset, size or the end of a transfer beyond it is EINVAL.
+MAX_FILE_OFFSET: Final = (1 << 63) - 1
 SIGNAL_MAX: Final = 30  # $signal: none .. sys
 
 # Struct layouts (little endian, natural alignment, as the witx record rules lay them out).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from wasi_host._abi import Errno, Fdflags, Filetype, Rights
+from wasi_host._abi import MAX_FILE_OFFSET, Errno, Fdflags, Filetype, Rights
 from wasi_host._backend import Buffer, Directory, File, Readiness, Socket, Stream
 from wasi_host._errors import WasiError
 
@@ -74,16 +74,20 @@ class OpenFile(Entry):
         self.filetype = filetype
 
     def read(self, size: int) -> bytes:
+        if self.offset + size > MAX_FILE_OFFSET:
+            raise WasiError(Errno.INVAL)  # a transfer ending past off_t (Linux's rw_verify_area)
         data = self.file.pread(size, self.offset)
         self.offset += len(data)
         return data
 
     def write(self, data: Buffer) -> int:
-        if self.fdflags & Fdflags.APPEND:
+        if self.fdflags & Fdflags.APPEND:  # at the end, wherever the offset is (wasmtime)
             end = self.file.stat().size
             written = self.file.pwrite(data, end)
             self.offset = end + written
             return written
+        if self.offset + len(data) > MAX_FILE_OFFSET:
+            raise WasiError(Errno.INVAL)  # a transfer ending past off_t (Linux's rw_verify_area)
         written = self.file.pwrite(data, self.offset)
         self.offset += written
         return written

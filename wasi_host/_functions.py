@@ -30,6 +30,7 @@ from wasi_host._abi import (
     FDSTAT,
     FILESTAT,
     LOOKUP_SYMLINK_FOLLOW,
+    MAX_FILE_OFFSET,
     PREOPENTYPE_DIR,
     PRESTAT,
     RIFLAGS_RECV_PEEK,
@@ -75,7 +76,7 @@ from wasi_host._paths import resolve
 
 ValueType = Literal["i32", "i64"]
 
-_MAX_OFFSET = (1 << 63) - 1  # off_t: larger file offsets and sizes are EINVAL
+_MAX_OFFSET = MAX_FILE_OFFSET  # off_t: larger file offsets and sizes are EINVAL
 # The most subscriptions one poll_oneoff takes: what wasmtime's resource table holds (it ends the
 # guest beyond that). Each costs a few Python objects here, so without a bound a guest naming
 # its memory as subscriptions (4 M in 192 MiB) kept one uninterruptible call busy for 11 s with
@@ -317,8 +318,8 @@ def fd_read(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, res
 def fd_pread(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, offset: int, result_ptr: int) -> int:
     entry = guest.fds.get_seekable(fd, Rights.FD_READ | Rights.FD_SEEK)
     buffers = iovecs(memory, iovs, iovs_len)
-    _invalid_unless(offset <= _MAX_OFFSET)
     total = min(sum(map(len, buffers)), transfer_limit(memory))
+    _invalid_unless(offset + total <= _MAX_OFFSET)  # a transfer ending past off_t, as Linux
     count = scatter(buffers, entry.file.pread(total, offset)) if total else 0
     store_u32(memory, result_ptr, count)
     return 0
@@ -349,7 +350,7 @@ def fd_write(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, re
 def fd_pwrite(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, offset: int, result_ptr: int) -> int:
     entry = guest.fds.get_seekable(fd, Rights.FD_WRITE | Rights.FD_SEEK)
     data = gather(memory, iovs, iovs_len)
-    _invalid_unless(offset <= _MAX_OFFSET)
+    _invalid_unless(offset + len(data) <= _MAX_OFFSET)  # a transfer ending past off_t, as Linux
     if entry.fdflags & Fdflags.APPEND:
         offset = entry.file.stat().size  # Linux pwrite ignores the offset under O_APPEND (wasmtime too)
     store_u32(memory, result_ptr, entry.file.pwrite(data, offset))

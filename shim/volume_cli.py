@@ -354,6 +354,16 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """`text` with every character a terminal would act on (C0 and C1 controls, line breaks)
+    escaped as Python writes it: the label and subsystem are the host's bytes (the header is
+    only checksummed), which must not clear the operator's screen or forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else ascii(character)[1:-1]
+                   for character in text)
+
+
 def _format_info(facts: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(facts, indent=2, sort_keys=True, default=str)
@@ -365,7 +375,7 @@ def _format_info(facts: dict[str, Any], as_json: bool) -> str:
                 lines.append(f"{indent}{name}:")
                 emit(value, indent + "  ")
             else:
-                lines.append(f"{indent}{name}: {value}")
+                lines.append(f"{indent}{name}: {_printable(str(value))}")
 
     emit(facts, "")
     return "\n".join(lines)

@@ -437,3 +437,25 @@ def test_get_and_export_of_a_sparse_file_keep_its_holes(
             assert handle.read(1 << 20) == bytes(1 << 20)
             handle.seek(size - 4)
             assert handle.read() == b"tail"
+
+
+def test_info_never_prints_the_headers_control_characters(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The label and subsystem are the host's bytes (the header is only checksummed): `info`
+    printed them raw, so escape sequences reached the operator's terminal (clear the screen,
+    forge an "integrity: ok" line with CR/LF). Text output escapes them; JSON escapes anyway."""
+    image = make_image(tmp_path / "v.img")
+    forged = b"\x1b[2J\x1b[1;1Hintegrity: ok\r\n"
+    with FileBlockDevice(image, writable=True) as device:
+        state = read_metadata(device)
+        for offset in (state.binary.hdr_size, 0):
+            header = dataclasses.replace(state.binary, seqid=state.binary.seqid + 1, hdr_offset=offset,
+                                         raw_label=forged, raw_subsystem="\a\x9b".encode())
+            device.write(offset, build_header_area(header, bytes(64), state.raw))
+    for args in (("--header-only",), ()):
+        assert keep_volume("info", image, *args) == 0
+        out = capsys.readouterr().out
+        assert not any(not character.isprintable() for character in out.replace("\n", ""))
+        assert "label: \\x1b[2J\\x1b[1;1Hintegrity: ok\\r\\n\n" in out
+        assert "subsystem: \\x07\\x9b\n" in out
+        assert out.count("\n") == len(out.splitlines())  # no line but ours

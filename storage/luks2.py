@@ -350,8 +350,10 @@ class LuksVolume:
         return candidate
 
     def _commit(self, raw: dict[str, Any]) -> None:
+        # seqid is a u64 the host may have set to its maximum: it wraps to 0 as cryptsetup's
+        # increment does (both copies are rewritten with it)
         self._state = _write_headers(self._device, self._state.binary, raw,
-                                     seqid=self._state.binary.seqid + 1)
+                                     seqid=(self._state.binary.seqid + 1) % (1 << 64))
 
 
 def _write_headers(device: BlockDevice, binary: BinaryHeader, raw: dict[str, Any], *,

@@ -459,3 +459,25 @@ def test_info_never_prints_the_headers_control_characters(
         assert "label: \\x1b[2J\\x1b[1;1Hintegrity: ok\\r\\n\n" in out
         assert "subsystem: \\x07\\x9b\n" in out
         assert out.count("\n") == len(out.splitlines())  # no line but ours
+
+
+def test_key_management_on_a_header_whose_seqid_is_at_its_maximum(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host can set the headers' seqid (a u64, only checksummed) to 2**64 - 1: add-key,
+    remove-key and passwd then ended in "internal error: error: int too large to convert"
+    (exit 70) packing seqid + 1. It wraps to 0, as cryptsetup's u64 increment does."""
+    image = make_image(tmp_path / "v.img")
+    with FileBlockDevice(image, writable=True) as device:
+        state = read_metadata(device)
+        for offset in (state.binary.hdr_size, 0):
+            header = dataclasses.replace(state.binary, seqid=(1 << 64) - 1, hdr_offset=offset)
+            device.write(offset, build_header_area(header, bytes(64), state.raw))
+    monkeypatch.setenv("KEEP_REVIEW7_OTHER", "the other passphrase")
+    assert keep_volume("add-key", image, "--new-passphrase-env", "KEEP_REVIEW7_OTHER",
+                       "--pbkdf-force-iterations", "1", "--pbkdf-memory", "8",
+                       "--pbkdf-parallel", "1") == 0, capsys.readouterr().err
+    with FileBlockDevice(image, writable=False) as device:
+        state = read_metadata(device)
+        assert state.binary.seqid == 0 and state.both_copies_valid
+    with open_volume(image, b"the other passphrase", writable=False) as volume:
+        assert volume.luks.keyslots == [0, 1]

@@ -350,9 +350,11 @@ def fd_write(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, re
 def fd_pwrite(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, offset: int, result_ptr: int) -> int:
     entry = guest.fds.get_seekable(fd, Rights.FD_WRITE | Rights.FD_SEEK)
     data = gather(memory, iovs, iovs_len)
-    _invalid_unless(offset + len(data) <= _MAX_OFFSET)  # a transfer ending past off_t, as Linux
+    _invalid_unless(offset <= _MAX_OFFSET)
     if entry.fdflags & Fdflags.APPEND:
         offset = entry.file.stat().size  # Linux pwrite ignores the offset under O_APPEND (wasmtime too)
+    else:
+        _invalid_unless(offset + len(data) <= _MAX_OFFSET)  # a transfer ending past off_t, as Linux
     store_u32(memory, result_ptr, entry.file.pwrite(data, offset))
     return 0
 

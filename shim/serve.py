@@ -93,6 +93,7 @@ PENDING_BYTES_LIMIT = 2 * (MAX_WORKLOAD_BYTES + MAX_HEADER_BYTES + 8)
 ACCEPT_RETRY_SECONDS = 0.1  # after accept() failed (EMFILE: peers hold every fd)
 STOP_GRACE_SECONDS = 5.0  # after SIGINT / SIGTERM, for the guest to stop before the process ends
 BUSY_REASON = "this keep already runs a workload"
+MAX_REASON_CHARS = 16384  # of a refusal's reason or a run's error; JSON: at most 6 bytes each
 StreamName = Literal["stdout", "stderr"]
 
 
@@ -479,11 +480,11 @@ class Keep:
                                                     self._volume_images, integrity_failures)
         except (ConfigError, KeepError) as error:
             self._free()
-            await stream.send_all(conversation.send(Refused(str(error))))
+            await stream.send_all(conversation.send(_refusal(str(error))))
             return
         except Exception as error:  # a bug in the checks: refuse, and stay free for the next one
             self._free()
-            await stream.send_all(conversation.send(Refused(
+            await stream.send_all(conversation.send(_refusal(
                 f"keep internal error while checking the deployment: {type(error).__name__}: {error}")))
             return
         try:  # from here on this keep has run its one deployment, however the owner behaves
@@ -498,7 +499,8 @@ class Keep:
             if integrity_failures:
                 outcome = RunOutcome(outcome.exit_status, "; ".join(
                     [*([outcome.error] if outcome.error else []), *integrity_failures]))
-            await stream.send_all(conversation.send(Finished(outcome.exit_status, outcome.error,
+            run_error = None if outcome.error is None else _shortened(outcome.error)
+            await stream.send_all(conversation.send(Finished(outcome.exit_status, run_error,
                                                              states)))
             await stream.aclose()
         finally:
@@ -532,6 +534,20 @@ class Keep:
             self.signal_number = outcome.signal_number
             self.stopped_a_guest = True
         return outcome
+
+
+def _shortened(text: str) -> str:
+    """`text` cut to MAX_REASON_CHARS. A reason or error goes into a header of at most 1 MiB:
+    an error about a hostile keep.toml may quote it (repr doubles quotes and backslashes, JSON
+    again), a run may note thousands of integrity failures, and a header over the limit could
+    not be sent at all (the owner saw only a broken connection, and no volume states)."""
+    if len(text) > MAX_REASON_CHARS:
+        return text[:MAX_REASON_CHARS] + "… (shortened)"
+    return text
+
+
+def _refusal(reason: str) -> Refused:
+    return Refused(_shortened(reason))
 
 
 async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,

@@ -669,3 +669,41 @@ async def test_a_deployment_over_the_protocol_limits_is_refused_before_connectin
         with pytest.raises(attest_protocol.LocalProtocolError, match=f"deploy {limit} is"):
             await deploy_to("127.0.0.1", port, deploy, Policy(allow_insecure_nil=True),
                             stdout=io.BytesIO(), stderr=io.BytesIO())
+
+
+async def test_a_refusal_whose_reason_is_huge_still_reaches_the_owner() -> None:
+    """A deployed keep.toml whose args is a 400 KB string of single quotes (and one double
+    quote) made a ConfigError quoting the value with repr, two bytes per quote, three in JSON:
+    the refusal broke the 1 MiB header limit, sending it raised, and the owner saw 'the
+    connection to the keep broke' instead of why. Reasons are shortened."""
+    async def runner(deployment: Deployment) -> RunOutcome:
+        return RunOutcome(exit_status=0)
+
+    keep = Keep(NilBackend(), runner)
+    config = 'args = "' + "'" * 400_000 + '\\""\n'
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with trio.fail_after(30), pytest.raises(DeployRefused, match=r"args: expected a list .*\(shortened\)"):
+            await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm", config=config),
+                            Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
+                            stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_huge_run_error_still_reaches_the_owner_with_the_volume_states() -> None:
+    """The same for `finished`: an error over the header limit (a run that noted thousands of
+    integrity failures) could not be sent, so the owner lost the exit status and the volumes'
+    states it pins next time."""
+    async def runner(deployment: Deployment) -> RunOutcome:
+        return RunOutcome(exit_status=3, error="volume 'v': integrity failure; " * 60_000)
+
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        with trio.fail_after(30):
+            result = await deploy_to("127.0.0.1", port, Deploy(workload=b"\0asm"),
+                                     Policy(allow_insecure_nil=True), stdout=io.BytesIO(),
+                                     stderr=io.BytesIO())
+        nursery.cancel_scope.cancel()
+    assert result.exit_status == 3
+    assert result.error is not None and result.error.endswith("… (shortened)")

@@ -544,7 +544,9 @@ def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mo
     The bytes go to a temporary file in the same directory, which then replaces `name` in one
     rename: a failure (the volume full, the source unreadable, ^C) leaves the old file as it was
     and removes the temporary, so the commit that closing the volume makes keeps neither a
-    half-written file nor a stray name. A replaced file keeps its permission bits, as cp does."""
+    half-written file nor a stray name. A replaced file keeps its permission bits, as cp does.
+    A failed read of `source` names it (its `name`), not the image."""
+    source_name = source.name if isinstance(getattr(source, "name", None), str) else "stdin"
     try:
         existing = fs.find(parent.ino, name)
     except FilesystemError as error:
@@ -557,7 +559,11 @@ def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mo
     try:
         attr = fs.lookup(parent.ino, temporary)
         offset = 0
-        while chunk := source.read(COPY_CHUNK):
+        while True:
+            with _host_errors(source_name):
+                chunk = source.read(COPY_CHUNK)
+            if not chunk:
+                break
             if fs.write(attr.ino, offset, chunk) < len(chunk):
                 raise NoSpace()  # the volume filled up part way through the chunk
             offset += len(chunk)

@@ -481,3 +481,13 @@ def test_key_management_on_a_header_whose_seqid_is_at_its_maximum(
         assert state.binary.seqid == 0 and state.both_copies_valid
     with open_volume(image, b"the other passphrase", writable=False) as volume:
         assert volume.luks.keyslots == [0, 1]
+
+
+def test_a_host_file_that_fails_to_read_is_named_not_the_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`put` of a host file whose read fails (EIO: /proc/self/mem at offset 0, unmapped) said
+    "v.img: input/output error", telling the operator the encrypted volume was damaged."""
+    image = make_image(tmp_path / "v.img", {b"kept": b"as it was\n"})
+    assert keep_volume("put", image, "/proc/self/mem", "/x") == 1
+    assert stderr_line(capsys) == "keep: /proc/self/mem: input/output error"
+    assert volume_names(image) == {b"kept"}  # and no temporary left behind

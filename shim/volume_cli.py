@@ -395,9 +395,13 @@ def _info(args: argparse.Namespace) -> int:
     try:
         with open_volume(args.image, key, writable=False) as volume:
             facts = {"luks2": volume.luks.dump(), **volume.info()}
-    except IntegrityError:
+    except (IntegrityError, FilesystemError, StorageError) as error:
         # The LUKS2 container opens but holds no (intact) keepshim volume, e.g. an image that
-        # cryptsetup made: show the container, then report the integrity failure.
+        # cryptsetup made: show the container, then report why. A plain StorageError (not a
+        # subclass: those are the key's or the header's) is a data area keepshim cannot lay
+        # out, such as one that is not whole 4 KiB sectors.
+        if isinstance(error, StorageError) and type(error) is not StorageError:
+            raise
         with FileBlockDevice(args.image, writable=False) as device:
             print(_format_info({"luks2": open_luks2(device, key).dump()}, args.json))
         raise

@@ -13,8 +13,10 @@ import errno
 import functools
 import os
 import resource
+import shutil
 import signal
 import stat
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -491,3 +493,23 @@ def test_a_host_file_that_fails_to_read_is_named_not_the_image(
     assert keep_volume("put", image, "/proc/self/mem", "/x") == 1
     assert stderr_line(capsys) == "keep: /proc/self/mem: input/output error"
     assert volume_names(image) == {b"kept"}  # and no temporary left behind
+
+
+@pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="needs cryptsetup")
+def test_info_of_a_cryptsetup_image_with_512_byte_sectors_shows_the_container(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`info` shows the LUKS2 container of an image that holds no keepshim volume (README:
+    cryptsetup images get key management and a clear info). A cryptsetup image with 512-byte
+    sectors whose data area is not whole 4 KiB sectors printed nothing but "data segment ...
+    is not made of 4 KiB sectors"."""
+    image = tmp_path / "cryptsetup.img"
+    with open(image, "wb") as handle:
+        handle.truncate((20 << 20) + 512)
+    subprocess.run(["cryptsetup", "-q", "luksFormat", "--type", "luks2", "--sector-size", "512",
+                    "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", str(image),
+                    "--key-file", "-"], input=PASSPHRASE, check=True, capture_output=True)
+    assert keep_volume("info", image) == 1
+    captured = capsys.readouterr()
+    assert "cipher: aes-xts-plain64" in captured.out and "sector_size: 512" in captured.out
+    assert captured.err == (f"keep: {image}: data segment [16777216, +4194816) is not made of "
+                            "4 KiB sectors\n")

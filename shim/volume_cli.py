@@ -650,7 +650,7 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
                                                  dir=directory)
     try:
-        with os.fdopen(descriptor, "wb") as sink:
+        with _host_sink(descriptor, host_file) as sink:
             _copy_out(fs, attr, sink, host_file, sparse=True)
             with _host_errors(host_file):
                 sink.flush()
@@ -670,10 +670,27 @@ def _write_into_special(fs: Filesystem, attr: Attr, host_file: str) -> None:
     for its reader, as cp does)."""
     with _host_errors(host_file):
         descriptor = os.open(host_file, os.O_WRONLY | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "wb") as sink:
+    with _host_sink(descriptor, host_file) as sink:
         _copy_out(fs, attr, sink, host_file)
         with _host_errors(host_file):
             sink.flush()
+
+
+@contextlib.contextmanager
+def _host_sink(descriptor: int, host_file: str) -> Iterator[IO[bytes]]:
+    """A buffered writer on `descriptor` (closed at the end) whose closing is a failure of
+    `host_file` too: closing writes out what is still buffered, so a failed flush (ENOSPC on a
+    full device) failed again in `os.fdopen`'s own close, outside `_host_errors`, and the
+    error was reported as the image's. After a failure the close's own error is dropped."""
+    sink = os.fdopen(descriptor, "wb")
+    try:
+        yield sink
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sink.close()
+        raise
+    with _host_errors(host_file):
+        sink.close()
 
 
 def _children(fs: Filesystem, directory: Attr) -> list[tuple[bytes, Attr]]:

@@ -192,15 +192,20 @@ def read_config_text(path: Path) -> str:
 
 
 MAX_DOTTED_KEY_PARTS = 16  # keep.toml's deepest key has three parts
-_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+')"""
 _TOML_TOKENS = re.compile(
     rf"(?P<long>{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART}){{{MAX_DOTTED_KEY_PARTS},}})"
-    r'|"""[\s\S]*?"""'
-    r"|'''[\s\S]*?'''"
-    rf"|{_KEY_PART}|#[^\n]*")
+    # multi-line strings: a basic one's escapes taken possessively (\""" does not end it), and
+    # up to two quotes before the closing three are content; unterminated, the rest of the text
+    # (tomllib then reports it), so that a failed match never rescans
+    r'|"""(?:[^"\\]|\\[\s\S]|"(?!""))*+(?:"{3,5}|[\s\S]*)'
+    r"|'''[\s\S]*?'{3,5}"
+    # one-line strings, also unterminated (to the line's end): each "\" of '"\"\"\"...' would
+    # otherwise start a string that fails at the line's end, a rescan of the line per quote
+    r"""|"(?:[^"\\\n]|\\.)*+"?|'[^'\n]*+'?|[A-Za-z0-9_-]+|#[^\n]*""")
 """Strings, comments and bare words of TOML text, and (group `long`) a dotted key of more than
 MAX_DOTTED_KEY_PARTS parts. Linear: every part starts with its own character, and whole words
-and strings are consumed as tokens, so the scan never restarts inside one."""
+and strings (terminated or not) are consumed as tokens, so the scan never restarts inside one."""
 
 
 def long_dotted_key_line(text: str) -> int | None:

@@ -56,3 +56,44 @@ def test_get_into_a_full_device_names_the_device_not_the_image(
         assert keep_volume("get", image, name, full) == 1
         assert capsys.readouterr().err.splitlines() == [f"keep: {full}: no space left on device"]
     assert stat.S_ISCHR(full.lstat().st_mode)
+
+
+@pytest.mark.parametrize("value", [
+    '"""he said \\""""',  # a multi-line basic string ending in an escaped quote
+    '"""a \\""" b"""',  # an escaped triple quote inside one
+    '"""ends in a quote""""',  # up to two quotes before the closing three are content
+    "'''ends in a quote''''",
+])
+def test_a_valid_keep_toml_with_escaped_quotes_is_not_refused_as_a_long_dotted_key(value: str) -> None:
+    """8c4b1a8's scan for long dotted keys ended a multi-line basic string at an escaped
+    triple quote (and any string at its first three closing quotes), so the rest of the text
+    was read out of step: a later string holding a dotted name of 17 parts (a Java class, a
+    DNS name) was taken for a bare dotted key and a valid keep.toml refused."""
+    from shim.config import parse_config
+
+    name = ".".join(f"p{index}" for index in range(18))
+    text = f'args = [{value}, "{name}"]\n'
+    config = parse_config(text)
+    assert config.args[-1] == name
+
+
+def test_a_keep_toml_with_an_unterminated_string_of_escaped_quotes_is_refused_at_once(
+        tmp_path: Path) -> None:
+    """8c4b1a8's scan for long dotted keys (run before tomllib, also on a deployed keep.toml
+    from anyone who connects) restarted a one-line string at every quote of an unterminated
+    'x = "\\"\\"\\"...', each rescanning the line: quadratic (16 KB: 3.8 s; a 400 KB keep.toml
+    about 40 minutes of the keep's event loop). Now it is tomllib's one-line error at once."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "keep.toml"
+    config.write_text('x = "' + '\\"' * 30000 + "\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "shim", "run", "--config", str(config),
+                               str(tmp_path / "absent.wasm")], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("keep run spent more than 30 s scanning a 60 KB keep.toml")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("keep: ") and "keep.toml" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -1588,6 +1588,8 @@ def _recorded_layout(segment: DataSegment, key: bytes, uuid_field: bytes) -> Mer
     the segment's own size decides. The layout is MAC'd (superblock and root MAC), so the host
     cannot choose it; the sectors past it are never touched."""
     found: list[tuple[int, int, int, int, int]] = []
+    if segment.sectors < 2:  # too small for any layout: `for_sectors` says so, not a short read
+        return None
     for slot in (0, 1):
         fields = _authentic_superblock(segment.read_plain(slot, 1), key, uuid_field)
         if fields is not None:

@@ -16,7 +16,7 @@ import pytest
 from shim.cli import main
 from storage.fs import ROOT_INODE
 from storage.luks2 import KdfCost
-from storage.volume import create_volume
+from storage.volume import create_volume, open_volume
 
 PASSPHRASE = b"final review"
 KEY_OPTIONS = ["--passphrase-env", "KEEP_FINAL_REVIEW_KEY"]
@@ -97,3 +97,18 @@ def test_a_keep_toml_with_an_unterminated_string_of_escaped_quotes_is_refused_at
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("keep: ") and "keep.toml" in done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_volume_cut_to_one_data_sector_says_the_segment_is_too_small(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bc94864 reads both superblocks before the layout is known: an image cut by the host to
+    one data sector said 'read [...) is past the end of the ...-byte device' instead of the
+    layout's 'a 4096-byte data segment is too small for integrity' (as two or three sectors
+    still say)."""
+    image = make_image(tmp_path / "v.img", {b"a": b"a\n"})
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        offset = volume.luks.data_offset
+    os.truncate(image, offset + 4096)
+    assert keep_volume("ls", image, "/") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"keep: {image}: a 4096-byte data segment is too small for integrity"]

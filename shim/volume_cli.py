@@ -931,11 +931,14 @@ def _export_tree(fs: Filesystem, source: Attr, directory: int, host_dir: str,
             assert level.descriptor is not None  # the deepest level is always open
             if not level.children:
                 levels.pop()
-                if levels:  # a subdirectory is done: its mode last, then back to its parent
+                if levels:  # a subdirectory is done: back to its parent (through its "..",
+                    # while it can still be searched), then its mode last
                     with _host_errors(level.host_path):
-                        os.fchmod(level.descriptor, stat.S_IMODE(level.attr.mode))
-                        _reopen_parent(levels[-1], level.descriptor)
-                        os.close(level.descriptor)
+                        try:
+                            _reopen_parent(levels[-1], level.descriptor)
+                            os.fchmod(level.descriptor, stat.S_IMODE(level.attr.mode))
+                        finally:  # popped: the cleanup below no longer sees it
+                            os.close(level.descriptor)
                     level.descriptor = None
                 continue
             name, attr = level.children.pop()

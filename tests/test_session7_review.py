@@ -112,3 +112,31 @@ def test_a_volume_cut_to_one_data_sector_says_the_segment_is_too_small(
     assert keep_volume("ls", image, "/") == 1
     assert capsys.readouterr().err.splitlines() == [
         f"keep: {image}: a 4096-byte data segment is too small for integrity"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                    reason="runs keep as root without the DAC capabilities (setpriv)")
+def test_export_of_a_deep_tree_with_an_unsearchable_directory_succeeds(tmp_path: Path) -> None:
+    """5dc1c9a's export keeps at most 64 host directories open and reopens a closed parent
+    through its child's "..", but did so after giving the child its mode: a volume directory
+    of mode 0600 (no search) more than 64 levels above the tree's deepest made an export as
+    any user but a privileged root fail with 'd0/.../d5: permission denied' (it worked before).
+    The parent is reopened first."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "v.img"
+    with create_volume(image, 24 << 20, PASSPHRASE, kdf_cost=KdfCost(1, 8, 1)) as volume:
+        ino = ROOT_INODE
+        for depth in range(70):
+            ino = volume.fs.mkdir(ino, b"d%d" % depth, 0o600 if depth == 3 else 0o755).ino
+        volume.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "shim",
+         "volume", "export", str(image), str(out), "/", *KEY_OPTIONS],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"exported 70 entries to {out}\n"
+    assert stat.S_IMODE((out / "d0" / "d1" / "d2" / "d3").stat().st_mode) == 0o600

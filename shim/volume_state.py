@@ -10,6 +10,7 @@ re-read first (two runs sharing the file keep each other's entries).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -106,9 +107,14 @@ def replace_atomically(path: Path, data: bytes) -> None:
 
 
 def sync_directory(directory: str | os.PathLike[str]) -> None:
-    """fsync `directory`: a rename into it (or a file created there) is then durable."""
+    """fsync `directory`: a rename into it (or a file created there) is then durable. A
+    filesystem that cannot fsync a directory (EINVAL: some network and FUSE ones) makes its
+    renames durable its own way; that is not a failure of the rename already done."""
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
     finally:
         os.close(descriptor)

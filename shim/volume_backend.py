@@ -337,7 +337,8 @@ class VolumeFile(_Handle):
         session = self.session
         with session.lock:
             try:
-                self.report_lost()
+                if self.lost is not None:  # (a call per guest write: only when there is one)
+                    self.report_lost()
                 return session.buffered_write(self, offset, data)
             except IntegrityError as error:
                 session.integrity_failed(error)

@@ -21,8 +21,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
+from shim.config import read_limited
 from shim.errors import KeepError, UsageError
 
 MAX_KEY_FILE_BYTES = 8 << 20  # cryptsetup's default key file size limit
@@ -99,13 +101,14 @@ def _read_file(path: str, what: str) -> bytes:
     try:
         if path == "-":
             data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
+            if len(data) > MAX_KEY_FILE_BYTES:
+                raise ValueError
         else:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_KEY_FILE_BYTES + 1)
+            data = read_limited(Path(path), MAX_KEY_FILE_BYTES)
     except OSError as error:
         raise KeepError(f"cannot read {what} {path}: {error.strerror}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeepError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    except ValueError:
+        raise KeepError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes") from None
     return data
 
 

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import posixpath
 import re
 import signal
 import sys
@@ -50,6 +49,7 @@ import trio
 import wasmtime
 
 from net.wiretap import WIRE_TAP
+from shim.attest._protocol import normal_guest_path
 from shim.audit import WireRecorder
 from shim.cache import CompileCache
 from shim.config import KeepConfig, load_config
@@ -115,18 +115,13 @@ def check_guest_paths(names: Sequence[str]) -> None:
     could silently take the place of an encrypted --volume. Nested paths are fine."""
     seen: dict[str, str] = {}
     for name in names:
-        key = _normal_guest_path(name)
+        key = normal_guest_path(name)
         if key in seen:
             raise UsageError(f"pre-opened directories {seen[key]!r} and {name!r} are the same "
                              "guest path (one would hide the other)")
         seen[key] = name
 
 
-def _normal_guest_path(name: str) -> str:
-    normal = posixpath.normpath(name).lstrip("/")
-    if normal == ".":
-        normal = ""
-    return f"/{normal}" if name.startswith("/") else normal
 
 
 @dataclass(frozen=True)

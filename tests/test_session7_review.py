@@ -140,3 +140,19 @@ def test_export_of_a_deep_tree_with_an_unsearchable_directory_succeeds(tmp_path:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"exported 70 entries to {out}\n"
     assert stat.S_IMODE((out / "d0" / "d1" / "d2" / "d3").stat().st_mode) == 0o600
+
+
+def test_grants_and_pre_opens_spell_guest_paths_one_way() -> None:
+    """The duplicate-grant check (keep deploy, the keep) and keep run's pre-open check share one
+    guest-path spelling, shim.attest._protocol.normal_guest_path (the grant check had its own
+    copy); a grant's path with `..` is refused before either runs."""
+    from shim.attest._protocol import LocalProtocolError, VolumeGrant, duplicate_grant, normal_guest_path
+
+    grants = (VolumeGrant("one", key_file=b"k", guest_path="//data/."),
+              VolumeGrant("two", key_file=b"k", guest_path="/data/"))
+    assert duplicate_grant(grants) == "two volumes are granted at guest path '/data'"
+    assert duplicate_grant(grants[:1]) is None
+    with pytest.raises(LocalProtocolError, match=r"without '\.\.'"):
+        VolumeGrant("three", key_file=b"k", guest_path="/a/../data")
+    assert [normal_guest_path(name) for name in ("/data", "//data/.", "/a/../data", "data/", ".")] == \
+        ["/data", "/data", "/data", "data", ""]

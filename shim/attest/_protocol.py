@@ -30,6 +30,7 @@ import base64
 import enum
 import hashlib
 import json
+import posixpath
 import struct
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -86,13 +87,23 @@ class VolumeGrant:
             raise LocalProtocolError(f"volume {self.name!r}: a generation is never negative")
 
 
+def normal_guest_path(name: str) -> str:
+    """A pre-opened directory's guest path, spelled one way (`/data`, `/data/`, `//data/.` and
+    `/a/../data` all give `/data`), for telling whether two pre-opens are the same directory;
+    a relative name stays relative."""
+    normal = posixpath.normpath(name).lstrip("/")
+    if normal == ".":
+        normal = ""
+    return f"/{normal}" if name.startswith("/") else normal
+
+
 def duplicate_grant(grants: tuple[VolumeGrant, ...]) -> str | None:
     """What two grants of one deployment share (a name: the same image opened twice; a guest
     path: one volume hiding the other), or None when they are distinct."""
     names: set[str] = set()
     paths: set[str] = set()
     for grant in grants:
-        path = "/" + "/".join(part for part in grant.guest_path.split("/") if part not in ("", "."))
+        path = normal_guest_path("/" + grant.guest_path)
         if grant.name in names:
             return f"volume {grant.name!r} is granted twice"
         if path in paths:

@@ -21,7 +21,9 @@ predicate. One board per keep: at most a handful of waiters exist at any time.
 A `Listener` accepts TCP connections and runs each TLS handshake in its own task with a timeout, so
 a slow or hostile client never delays the event loop, the guest or other clients. Failed
 handshakes are logged and dropped; completed connections wait in a bounded queue for the guest's
-`sock_accept`.
+`sock_accept`. Handshakes in progress are bounded too (`backlog` of them), but a full set never
+stops accepting: the oldest handshake gives way to the newest connection, so peers that connect
+and send nothing cannot lock real clients out until their handshake timeout.
 
 Errors are reported as the OSError subclasses the WASI layer maps to errno: ConnectionResetError
 when the peer went away (including a TLS stream cut without close_notify: a truncation the guest
@@ -360,7 +362,9 @@ def _incoming_drained(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
 
 @dataclass(frozen=True)
 class ListenerSettings:
-    """What a listener needs beyond its address: TLS context (None = plaintext TCP)."""
+    """What a listener needs beyond its address: TLS context (None = plaintext TCP). `backlog`
+    bounds both the completed connections waiting for `sock_accept` and the handshakes in
+    progress."""
 
     name: str
     context: ssl.SSLContext | None
@@ -379,7 +383,7 @@ class Listener:
         self._nursery = nursery
         self._lock = threading.Lock()
         self._ready: deque[Connection] = deque()
-        self._in_handshake = 0
+        self._handshakes: deque[trio.CancelScope] = deque()  # in progress, oldest first (trio only)
         self._closed = False
         self.handshake_failures = 0
 
@@ -427,7 +431,7 @@ class Listener:
 
     def _has_room(self) -> bool:
         with self._lock:
-            return len(self._ready) + self._in_handshake < self.settings.backlog
+            return len(self._ready) < self.settings.backlog
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         while True:
@@ -438,33 +442,43 @@ class Listener:
                 log.warning("listener %s: accept failed: %s", self.settings.name, error)
                 await trio.sleep(0.1)
                 continue
-            with self._lock:
-                self._in_handshake += 1
-            self._nursery.start_soon(self._handshake, tcp)
+            if len(self._handshakes) >= self.settings.backlog:
+                self._handshakes.popleft().cancel()  # the oldest gives way (see _handshake)
+            scope = trio.CancelScope()
+            self._handshakes.append(scope)
+            self._nursery.start_soon(self._handshake, tcp, scope)
 
-    async def _handshake(self, tcp: trio.SocketStream) -> None:
+    async def _handshake(self, tcp: trio.SocketStream, scope: trio.CancelScope) -> None:
+        """Complete one TLS handshake within the timeout, unless `scope` is cancelled first
+        because `backlog` newer connections arrived while it was still in progress."""
         peer = _peer_name(tcp)
         stream: trio.abc.Stream = tapped(tcp, f"{self.settings.name} <- {peer}")  # audit only
-        try:
-            if self.settings.context is not None:
-                tls = trio.SSLStream(stream, self.settings.context, server_side=True)
-                with trio.fail_after(self.settings.handshake_timeout):
-                    await tls.do_handshake()
-                stream = tls
-        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
-            reason = "timed out" if isinstance(error, trio.TooSlowError) else _describe_failure(error)
+        reason = None
+        with scope:
+            try:
+                if self.settings.context is not None:
+                    tls = trio.SSLStream(stream, self.settings.context, server_side=True)
+                    with trio.fail_after(self.settings.handshake_timeout):
+                        await tls.do_handshake()
+                    stream = tls
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
+                reason = ("timed out" if isinstance(error, trio.TooSlowError)
+                          else _describe_failure(error))
+        with contextlib.suppress(ValueError):  # not there once cancelled: it gave way
+            self._handshakes.remove(scope)
+        if scope.cancelled_caught:
+            reason = (f"dropped unfinished: {self.settings.backlog} newer connections "
+                      "arrived during it")
+        if reason is not None:
             log.warning("listener %s: TLS handshake with %s refused: %s",
                         self.settings.name, peer, reason)
             self.handshake_failures += 1
-            with self._lock:
-                self._in_handshake -= 1
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
             self._board.changed()
             return
         connection = Connection(stream, self._board, peer)
         with self._lock:
-            self._in_handshake -= 1
             closed = self._closed
             if not closed:
                 self._ready.append(connection)

@@ -1,0 +1,60 @@
+"""Session 8's second review of guest sockets through TLS in the keep (net/, shim/sockets.py and
+the WASI socket calls): each test reproduces a defect the review confirmed, against real TLS
+clients on loopback (Python ssl, trio, `openssl`, `curl`) and the real `keep run` where the
+defect showed there. Every test stops by itself; none asserts a timing.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from net.streams import Listener, ListenerSettings, ReadinessBoard, open_listener
+from net.tls import KeepIdentity, SelfSignedProvider, server_context
+
+HANG_GUARD = 30.0  # what a test waits before it calls a hang a failure (not a timing check)
+
+
+@asynccontextmanager
+async def tls_listener(identity: KeepIdentity, **settings: object
+                       ) -> AsyncIterator[tuple[Listener, int, ssl.SSLContext]]:
+    """A net.streams TLS listener on a free loopback port, and a client context trusting it."""
+    board = ReadinessBoard(trio.lowlevel.current_trio_token())
+    async with trio.open_nursery() as nursery:
+        listener = await open_listener(
+            ListenerSettings(name="l", context=server_context(identity), **settings),  # type: ignore[arg-type]
+            "127.0.0.1", 0, board, nursery)
+        client = ssl.create_default_context(cadata=identity.leaf_pem().decode())
+        try:
+            yield listener, listener.port, client
+        finally:
+            listener.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_connections_filling_the_handshake_slots_do_not_lock_out_a_real_client() -> None:
+    """Connections that never send a ClientHello used to hold every handshake slot (the accept
+    backlog counted handshakes in progress) until their handshake timeout: 128 idle sockets kept
+    a keep from serving anyone for 10 s, again and again. The oldest idle handshake now makes room."""
+    identity = SelfSignedProvider().identity()
+    async with tls_listener(identity, backlog=3, handshake_timeout=3600.0) as (listener, port, client):
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
+        try:
+            with trio.fail_after(HANG_GUARD):
+                stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client,
+                                                             https_compatible=True)
+                await stream.do_handshake()
+                await stream.send_all(b"ping")
+                await listener._board.wait_until(listener.readable)
+            accepted = listener.try_accept()
+            with trio.fail_after(HANG_GUARD):
+                await accepted._board.wait_until(lambda: accepted.buffered() >= 4)
+            assert accepted.try_receive(4) == b"ping"
+            assert listener.handshake_failures >= 3  # the oldest idle handshakes gave way
+            await stream.aclose()
+        finally:
+            for tcp in idle:
+                await tcp.aclose()

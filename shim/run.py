@@ -567,6 +567,19 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def files_read(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(option, path) of the files `keep run` reads besides the module and the volume images
+    (which open_tracer knows by their first bytes): `--trace=FILE` must never empty one of them.
+    The trace is opened before the volumes' key is read, so `--trace=key.bin --key-file key.bin`
+    destroyed the volume's only key, and `--trace=FILE --volume-state FILE` its rollback pins."""
+    named = []
+    for option in ("key_file", "passphrase_file", "volume_state", "config"):
+        path = getattr(args, option, None)
+        if path is not None and path != "-":  # `--key-file -`: stdin
+            named.append((f"--{option.replace('_', '-')}", str(path)))
+    return named
+
+
 def run_command(args: argparse.Namespace) -> int:
     """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
     config = config_from_arguments(args)
@@ -586,8 +599,8 @@ def run_command(args: argparse.Namespace) -> int:
                       + [VolumeMount.parse(spec).guest for spec in args.volume])  # before opening
     with contextlib.ExitStack() as stack:
         if args.trace is not None:
-            tracer = stack.enter_context(open_tracer(args.trace, args.trace_format,
-                                                     show_data=args.trace_data, audit=wire))
+            tracer = stack.enter_context(open_tracer(args.trace, args.trace_format, show_data=args.trace_data,
+                                                     audit=wire, inputs=files_read(args)))
             config = dataclasses.replace(config, trace=tracer)
         if wire is not None:  # trio copies this context into every socket task of the run
             stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))

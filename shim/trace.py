@@ -15,7 +15,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final, TextIO
 
@@ -53,17 +53,19 @@ class _Audited:
 
 @contextmanager
 def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = False,
-                audit: WireRecorder | None = None) -> Iterator[Tracer]:
+                audit: WireRecorder | None = None,
+                inputs: Sequence[tuple[str, str]] = ()) -> Iterator[Tracer]:
     """A Tracer writing to `target` (`-` for stderr) in `trace_format`, closed on exit. With
     `audit` (--audit-host), a trace on stderr is searched as it is written (a trace file is
-    searched after the run)."""
+    searched after the run). `inputs` are the (option, path) pairs of the files the run reads
+    (a key file, a state file...): a target that is one of them is refused, not emptied."""
     if trace_format not in FORMATS:
         raise UsageError(f"--trace-format {trace_format!r}: expected one of {', '.join(FORMATS)}")
     stream: TextIO
     if target == STDERR:
         stream, owned = sys.stderr, False
     else:
-        descriptor = _open_for_writing(target)
+        descriptor = _open_for_writing(target, inputs)
         stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
     # Every line is flushed as it is written, to a file as to stderr: a trace is read when a run
     # went wrong, and such a run often ends by a signal (SIGINT, SIGTERM, SIGKILL from a
@@ -94,21 +96,28 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
 _PRECIOUS: Final = ((b"LUKS\xba\xbe", "a LUKS2 volume image"), (b"\0asm", "a WebAssembly module"))
 
 
-def _open_for_writing(target: str) -> int:
+def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> int:
     """`target` opened for writing (created 0600, emptied if it is a regular file), or a
-    UsageError; an existing volume image or module is refused, not truncated."""
+    UsageError; an existing volume image or module, or one of the run's `inputs` ((option, path)
+    pairs, however the target spells the same file), is refused, not truncated."""
     try:
         descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise UsageError(f"--trace={target}: {error.strerror}") from None
     try:
-        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+        opened = os.fstat(descriptor)
+        if stat.S_ISREG(opened.st_mode):
             with contextlib.suppress(OSError), open(target, "rb") as existing:
                 head = existing.read(8)
                 for magic, kind in _PRECIOUS:
                     if head.startswith(magic):
                         raise UsageError(f"--trace={target}: refusing to overwrite {kind} (give the trace "
                                          "a file name of its own)")
+            for option, path in inputs:
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(opened, os.stat(path)):
+                        raise UsageError(f"--trace={target}: refusing to overwrite the file of {option} "
+                                         "(give the trace a file name of its own)")
             os.ftruncate(descriptor, 0)
     except OSError as error:
         os.close(descriptor)

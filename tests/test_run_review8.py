@@ -1,0 +1,52 @@
+"""Session-8 review findings on `keep run`, its trace, and the pytest plugin: each test reproduces
+a defect found by running the real thing (real wasmtime, real files, real volumes)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from fixture_build import WasmFixture
+from run_volume_support import PASSPHRASE, make_volume
+
+
+def keep_run(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["keep", "run", *arguments], capture_output=True, env=environment, check=False)
+
+
+def test_the_trace_file_never_overwrites_a_key_a_state_file_or_a_config(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`--trace=FILE` was opened (and emptied) before the volumes' key was read: a mistyped
+    `--trace=key.bin --key-file key.bin` destroyed the only key of the volume (then failed with
+    'the passphrase is empty'), and `--trace=state.json --volume-state state.json` wiped the
+    rollback pins. Every file the run reads is now refused as a trace target, untouched."""
+    image, module, key, state = (tmp_path / "notes.img", tmp_path / "hello.wasm", tmp_path / "key.bin",
+                                 tmp_path / "state.json")
+    make_volume(image)
+    key.write_bytes(PASSPHRASE)
+    shutil.copy(wasm_fixture("hello"), module)
+    completed = keep_run(["--volume", str(image), "--key-file", str(key), "--volume-state", str(state),
+                          str(module)], keep_environment)
+    assert completed.returncode == 0, completed.stderr
+    config = tmp_path / "keep.toml"
+    config.write_text('args = ["from-config"]\n')
+    before = {path: path.read_bytes() for path in (key, state, config)}
+    for target, option in ((key, "--key-file"), (state, "--volume-state"), (config, "--config")):
+        extra = ["--config", str(config)] if option == "--config" else []
+        completed = keep_run([f"--trace={target}", "--volume", str(image), "--key-file", str(key),
+                              "--volume-state", str(state), *extra, str(module)], keep_environment)
+        assert completed.returncode == 2, completed.stderr
+        assert completed.stderr.decode() == (f"keep: --trace={target}: refusing to overwrite the file of "
+                                             f"{option} (give the trace a file name of its own)\n")
+    assert {path: path.read_bytes() for path in before} == before
+    link = tmp_path / "another-name"  # however the trace file is spelled
+    link.symlink_to(key)
+    completed = keep_run([f"--trace={link}", "--volume", str(image), "--key-file", str(key), str(module)],
+                         keep_environment)
+    assert completed.returncode == 2 and key.read_bytes() == PASSPHRASE
+    trace = tmp_path / "trace.txt"
+    completed = keep_run([f"--trace={trace}", "--volume", str(image), "--key-file", str(key),
+                          "--volume-state", str(state), str(module)], keep_environment)
+    assert completed.returncode == 0, completed.stderr
+    assert "fd_write(fd=1" in trace.read_text()

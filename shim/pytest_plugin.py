@@ -24,7 +24,9 @@ Each call runs one module to completion in a keep, in this process, with:
 
 Where the guest directory lives: by default an **in-memory encrypted volume** (a LUKS2 +
 Merkle-integrity volume over `storage.blockdev.MemoryBlockDevice`, with a random passphrase and a
-cheap KDF, served through `shim.volume_backend`, exactly what `keep run --volume` gives a guest);
+cheap KDF, served through `shim.volume_backend`, exactly what `keep run --volume` gives a guest;
+`volume_size=` bytes, default 32 MiB, of which the LUKS2 header takes 16 MiB: `files=` that do
+not fit are an ENOSPC OSError, never a shortened file);
 `result.image` is the device's bytes after the final commit (ciphertext: what a host would
 see). `directory="memfs"` uses `wasi_host.memfs` instead (faster, no encryption).
 
@@ -35,6 +37,7 @@ loop, which cannot nest).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import warnings
@@ -135,9 +138,16 @@ def fill(root: Directory, files: FileTree | Path | str) -> None:
 
 
 def _write(directory: Directory, name: str, data: bytes) -> None:
+    """`data` as the whole of file `name` (a pwrite may take only part: the rest follows it, and
+    a volume that takes nothing more is ENOSPC, never a silently shorter file)."""
     handle = directory.open_file(name, create=True, exclusive=False, truncate=True, read=False, write=True)
     try:
-        handle.pwrite(data, 0)
+        view, offset = memoryview(data), 0
+        while offset < len(data):
+            written = handle.pwrite(view[offset:], offset)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            offset += written
     finally:
         handle.close()
 
@@ -199,9 +209,13 @@ class GuestTree:
         if files is not None:
             try:
                 fill(self.directory, files)
-            except BaseException:  # a bad `files=`: the volume made for it is let go of at once
+            except BaseException as error:  # a bad `files=`: the volume made for it is let go of at once
                 if self._session is not None:
                     self._session.close()
+                if isinstance(error, OSError) and error.errno == errno.ENOSPC and kind == "volume":
+                    raise OSError(errno.ENOSPC, f"files= do not fit in the guest directory's {volume_size} "
+                                  "byte volume (16 MiB of it is the LUKS2 header): pass a larger "
+                                  "volume_size=") from None
                 raise
 
     def finish(self) -> tuple[dict[str, bytes], bytes | None]:
@@ -250,18 +264,20 @@ class KeepRunner:
         faults: Sequence[str] = (),
         trace_data: bool = False,
         timeout: float | None = 60.0,
+        volume_size: int = VOLUME_SIZE,
     ) -> KeepRun:
         """Run `module` (a path, or the module's bytes) to completion; see the module docstring."""
         result, ineffective = await self._run(
             module, files=files, mount=mount, directory=directory, stdin=stdin, args=args, env=env,
-            faults=faults, trace_data=trace_data, timeout=timeout)
+            faults=faults, trace_data=trace_data, timeout=timeout, volume_size=volume_size)
         _warn_ineffective(ineffective)  # here, so the warning points at the test's line
         return result
 
     async def _run(self, module: str | os.PathLike[str] | bytes, *, files: FileTree | Path | str | None = None,
                    mount: str = "/data", directory: GuestDirectoryKind = "volume", stdin: bytes = b"",
                    args: Sequence[str] = (), env: Mapping[str, str] | None = None, faults: Sequence[str] = (),
-                   trace_data: bool = False, timeout: float | None = 60.0) -> tuple[KeepRun, list[str]]:
+                   trace_data: bool = False, timeout: float | None = 60.0,
+                   volume_size: int = VOLUME_SIZE) -> tuple[KeepRun, list[str]]:
         """`run_async`'s work; also returns the lines of the faults that never took effect, for
         the caller to warn about from its own frame (the test's line, not trio's)."""
         from shim.run import RunConfig, Stdio, run_module_async
@@ -271,7 +287,7 @@ class KeepRunner:
                 raise TypeError(f"{option}= takes a list of strings, not a str ({option}={[value]!r})")
         names = frozenset(FUNCTIONS)
         specs = tuple(FaultSpec.parse(text, names) for text in faults)
-        tree = GuestTree(directory, files)
+        tree = GuestTree(directory, files, volume_size)
         events: list[TraceEvent] = []
         stdout, stderr = MemoryStream(), MemoryStream()
         if isinstance(module, bytes):

@@ -7,8 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from fixture_build import WasmFixture
 from run_volume_support import PASSPHRASE, make_volume
+
+from shim.pytest_plugin import KeepRunner
 
 
 def keep_run(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
@@ -50,3 +53,18 @@ def test_the_trace_file_never_overwrites_a_key_a_state_file_or_a_config(
                           "--volume-state", str(state), str(module)], keep_environment)
     assert completed.returncode == 0, completed.stderr
     assert "fd_write(fd=1" in trace.read_text()
+
+
+def test_files_too_big_for_the_plugins_volume_are_an_error_not_a_truncated_file(
+        wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """The `keep` fixture wrote `files=` with one pwrite and ignored its count: a 16 MiB file on
+    the default 32 MiB volume (16 MiB of it the LUKS2 header) reached the guest as about 12 MiB,
+    silently, and the test then ran against data it never gave. Now a short write is continued
+    until the volume is full, and a tree that does not fit is an error naming `volume_size=`,
+    which gives a larger volume."""
+    big = bytes(range(256)) * (16 << 12)  # 16 MiB
+    with pytest.raises(OSError, match=r"do not fit .* volume_size="):
+        keep(wasm_fixture("hello"), files={"big.bin": big})
+    result = keep(wasm_fixture("hello"), files={"big.bin": big}, volume_size=48 << 20)
+    assert result.exit_code == 0
+    assert result.files["big.bin"] == big

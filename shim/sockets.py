@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-`open_keep_network(config, policy)` runs inside the keep's trio loop. It checks the network policy
-for every socket entry first (nothing is opened when one is refused), makes the keep's TLS
+`open_keep_network(config, policy)` runs inside the keep's trio loop. It forbids core dumps (the
+TLS key and the sockets' plaintext will be in this process), checks the network policy for every
+socket entry first (nothing is opened when one is refused), makes the keep's TLS
 identity (in memory; configured files; a pluggable provider later replaced by attestation),
 binds the listeners, connects the connect entries, and yields a `KeepNetwork` whose `sockets`
 (in keep.toml order) and `waiter` go into `wasi_host.Guest`.
@@ -62,6 +63,7 @@ from net.tls import (
 )
 from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError
+from shim.keys import forbid_core_dumps
 from shim.run import RunConfig, RunResult, Stdio
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 from wasi_host._guest import GuestStopped
@@ -345,6 +347,9 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
     `STOP_GRACE_SECONDS` to leave) and stop their tasks."""
     policy = policy or NetworkPolicy()
     entries = config.sockets
+    # The TLS private key, session keys and every socket's plaintext are about to be in this
+    # process: a crash or SIGQUIT must not write them to the host's disk in a core file.
+    forbid_core_dumps()
     try:
         for entry in entries:
             policy.check(entry.name, entry.prot, entry_allows_plaintext=entry.insecure_plaintext)

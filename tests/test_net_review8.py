@@ -6,11 +6,17 @@ defect showed there. Every test stops by itself; none asserts a timing.
 
 from __future__ import annotations
 
+import signal
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
+from core_dumps import core_dumps_allowed
+from fixture_build import WasmFixture
+from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry
 
 from net.streams import Listener, ListenerSettings, ReadinessBoard, open_listener
 from net.tls import KeepIdentity, SelfSignedProvider, server_context
@@ -58,3 +64,41 @@ async def test_idle_connections_filling_the_handshake_slots_do_not_lock_out_a_re
         finally:
             for tcp in idle:
                 await tcp.aclose()
+
+
+def _soft_core_limit(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4]
+    raise AssertionError("no core limit line")
+
+
+async def test_a_keep_with_tls_sockets_and_no_volume_dumps_no_core_holding_its_key(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """`keep run --config` with a TLS listener and no volume never forbade core dumps (only
+    reading a volume key did): started with `ulimit -c unlimited`, SIGQUIT left a 61 MB core file
+    in its working directory holding the TLS private key (its PEM and its scalar)."""
+    certificate = tmp_path / "keep-cert.pem"
+    (tmp_path / "keep.toml").write_text(f'[tls]\nexport_certificate = "{certificate}"\n\n'
+                                        + STDIO + listen_entry("web", free_port()))
+    command = [*KEEP_COMMAND, "run", "--config", str(tmp_path / "keep.toml"),
+               str(wasm_fixture("net_http_server")), "web", "1"]
+    with core_dumps_allowed():
+        process = await trio.lowlevel.open_process(command, cwd=tmp_path, env=keep_env(keep_environment),
+                                                   stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            while not certificate.exists():  # written once the key is loaded and listening
+                assert process.returncode is None, "keep exited early"
+                await trio.sleep(0.02)
+        assert _soft_core_limit(process.pid) == "0"
+        process.send_signal(signal.SIGQUIT)
+        with trio.fail_after(HANG_GUARD):
+            await process.wait()
+        assert process.returncode == -signal.SIGQUIT
+        assert [path.name for path in tmp_path.iterdir() if path.name.startswith("core")] == []
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -117,6 +117,16 @@ def _entry(attr: Attr) -> EntryAttributes:
     return entry
 
 
+def _changed(fs: Filesystem, inode: int) -> EntryAttributes:
+    """The attributes of an existing inode just changed by `fs.setattr` or `fs.link`, read
+    again rather than taken from that call: when an earlier in-place write's mtime/ctime were
+    still pending in memory, the call returns those pending times instead of its own (storage
+    writes them out first, then its update, but overlays them once more on the attributes it
+    returns). The kernel caches the reply for ATTR_TIMEOUT, so `touch -d`, then `stat`, showed
+    the overwrite's mtime, and chmod or ln an old ctime; one more read costs about 5 us here."""
+    return _entry(fs.getattr(inode))
+
+
 class FuseOperations(pyfuse3.Operations):
     """FUSE requests over one open volume (see the module notes for threading)."""
 
@@ -204,8 +214,9 @@ class FuseOperations(pyfuse3.Operations):
 
     async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
+        """The reply's attributes are read again after the change (see `_changed`)."""
         with self._call("setattr", changes=True) as fs:
-            result = fs.setattr(
+            fs.setattr(
                 inode,
                 mode=attr.st_mode if fields.update_mode else None,
                 size=attr.st_size if fields.update_size else None,
@@ -214,7 +225,7 @@ class FuseOperations(pyfuse3.Operations):
                 atime_ns=attr.st_atime_ns if fields.update_atime else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-            return _entry(result)
+            return _changed(fs, inode)
 
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
         with self._call("readlink") as fs:
@@ -240,7 +251,8 @@ class FuseOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: RequestContext) -> EntryAttributes:
         with self._call("link", changes=True) as fs:
-            return _entry(fs.link(inode, new_parent_inode, new_name))
+            fs.link(inode, new_parent_inode, new_name)
+            return _changed(fs, inode)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         with self._call("unlink", changes=True) as fs:

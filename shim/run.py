@@ -47,6 +47,7 @@ from pathlib import Path
 import outcome
 import trio
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from net.wiretap import WIRE_TAP
 from shim.attest._protocol import normal_guest_path
@@ -446,7 +447,9 @@ class _GuestRun:
             raise ModuleError(f"{config.module} exports no function named `{config.invoke}`")
         initialize = exports.get("_initialize")
         if isinstance(initialize, wasmtime.Func):
+            _refuse_v128(initialize.type(store), "_initialize")
             call_export(store, initialize, [])
+        _refuse_v128(target.type(store), config.invoke)
         arguments = _parse_invoke_arguments(target.type(store), config.args, config.invoke)
         try:
             results = call_export(store, target, arguments)
@@ -467,6 +470,19 @@ class _GuestRun:
         if guest.host_error is not None:
             raise guest.host_error
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
+
+
+def _refuse_v128(func_type: wasmtime.FuncType, name: str) -> None:
+    """A ModuleError when the function takes or returns a v128. wasmtime's C API panics (and so
+    aborts the process, exit status 134 like a guest trap) when asked a v128's kind, which reading
+    the parameters or converting the results does; comparing with a v128 type does not."""
+    v128 = ffi.wasmtime_wasm_valtype_v128()
+    try:
+        if any(ffi.wasmtime_wasm_valtype_equal(kind.ptr(), v128)
+               for kind in (*func_type.params, *func_type.results)):
+            raise ModuleError(f"cannot invoke `{name}`: values of type v128 are not supported")
+    finally:
+        ffi.wasm_valtype_delete(v128)
 
 
 def _interrupt_message(trap_text: str, stopped: GuestStopped) -> str:

@@ -68,3 +68,35 @@ def test_files_too_big_for_the_plugins_volume_are_an_error_not_a_truncated_file(
     result = keep(wasm_fixture("hello"), files={"big.bin": big}, volume_size=48 << 20)
     assert result.exit_code == 0
     assert result.files["big.bin"] == big
+
+
+def test_invoking_an_export_with_v128_values_is_a_one_line_error_not_an_abort(
+        tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`keep run --invoke` of a function taking or returning a v128 (or an `_initialize` returning
+    one) killed keep with SIGABRT: wasmtime's C API panics ('support for v128 is not implemented')
+    when asked a v128's kind, which reading the parameters and converting the results did. The exit
+    status, 134, is the one a guest trap gives, so a script blamed the guest. Now it is refused
+    before anything asks for the kind: `cannot invoke ...`, exit status 1."""
+    import wasmtime
+
+    module = tmp_path / "simd.wasm"
+    module.write_bytes(wasmtime.wat2wasm('''(module
+        (func (export "make") (result v128) v128.const i32x4 1 2 3 4)
+        (func (export "take") (param v128) (result i32) i32.const 7)
+        (func (export "mixed") (param i32) (result i32 v128) local.get 0 v128.const i64x2 0 0)
+        (func (export "plain") (param i32) (result i32) local.get 0))'''))
+    for export, arguments in (("make", []), ("take", ["1"]), ("mixed", ["1"])):
+        completed = keep_run(["--invoke", export, str(module), *arguments], keep_environment)
+        assert completed.returncode == 1, completed.stderr
+        assert completed.stderr.decode() == (f"keep: cannot invoke `{export}`: values of type v128 "
+                                             "are not supported\n")
+    completed = keep_run(["--invoke", "plain", str(module), "41"], keep_environment)
+    assert (completed.returncode, completed.stdout) == (0, b"41\n")
+    reactor = tmp_path / "reactor.wasm"
+    reactor.write_bytes(wasmtime.wat2wasm('''(module
+        (func (export "_initialize") (result v128) v128.const i32x4 0 0 0 0)
+        (func (export "plain") (result i32) i32.const 5))'''))
+    completed = keep_run(["--invoke", "plain", str(reactor)], keep_environment)
+    assert completed.returncode == 1, completed.stderr
+    assert completed.stderr.decode() == ("keep: cannot invoke `_initialize`: values of type v128 "
+                                         "are not supported\n")

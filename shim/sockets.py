@@ -350,6 +350,7 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
     # The TLS private key, session keys and every socket's plaintext are about to be in this
     # process: a crash or SIGQUIT must not write them to the host's disk in a core file.
     forbid_core_dumps()
+    _refuse_export_over_key(config)
     try:
         for entry in entries:
             policy.check(entry.name, entry.prot, entry_allows_plaintext=entry.insecure_plaintext)
@@ -397,6 +398,22 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def _refuse_export_over_key(config: KeepConfig) -> None:
+    """NetworkError when `export_certificate` names the configured key file (`certificate = key =
+    "combined.pem"`, and the same name for the export): the export replaces the file with the
+    certificate alone, which would destroy the owner's private key."""
+    export, key = config.tls.export_certificate, config.tls.key
+    if export is None or key is None:
+        return
+    try:
+        same = os.path.samefile(export, key)
+    except OSError:  # one of them does not exist (yet): compare the names
+        same = os.path.abspath(export) == os.path.abspath(key)
+    if same:
+        raise NetworkError(f"export_certificate {export} is the configured key file: writing the "
+                           "certificate there would destroy the private key")
 
 
 def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:

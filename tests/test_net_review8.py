@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 from core_dumps import core_dumps_allowed
 from fixture_build import WasmFixture
-from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry
+from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry, run_keep_sync
 
 from net.streams import Listener, ListenerSettings, ReadinessBoard, open_listener
 from net.tls import KeepIdentity, SelfSignedProvider, server_context
@@ -102,3 +102,34 @@ async def test_a_keep_with_tls_sockets_and_no_volume_dumps_no_core_holding_its_k
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_exporting_the_certificate_over_the_configured_key_file_is_refused(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """`certificate = key = "combined.pem"` (a layout net.tls supports on purpose) with
+    `export_certificate` naming the same file: the keep replaced the owner's combined file with
+    the certificate alone, destroying the private key on the owner's disk. Refused at start now,
+    the file untouched; exporting over a certificate-only file stays allowed."""
+    identity = SelfSignedProvider().identity()
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(identity.private_key_pem + identity.certificate_chain_pem)
+    original = combined.read_bytes()
+    for export in (combined, tmp_path / "." / "combined.pem"):
+        toml = (f'[tls]\ncertificate = "{combined}"\nkey = "{combined}"\n'
+                f'export_certificate = "{export}"\n\n' + STDIO + listen_entry("web", free_port()))
+        result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["web", "1"],
+                               keep_env(keep_environment), extra=["--timeout", "5"])
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.count("\n") == 1 and "key" in result.stderr, result.stderr
+        assert str(combined.name) in result.stderr
+        assert combined.read_bytes() == original
+    certificate_only = tmp_path / "certificate.pem"
+    key_only = tmp_path / "key.pem"
+    certificate_only.write_bytes(identity.certificate_chain_pem)
+    key_only.write_bytes(identity.private_key_pem)
+    toml = (f'[tls]\ncertificate = "{certificate_only}"\nkey = "{key_only}"\n'
+            f'export_certificate = "{certificate_only}"\n\n' + STDIO + listen_entry("web", free_port()))
+    result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["web", "1"],
+                           keep_env(keep_environment), extra=["--timeout", "1"])
+    assert "accept" in result.stderr and "key" not in result.stderr, result.stderr  # ran, timed out
+    assert key_only.read_bytes() == identity.private_key_pem

@@ -20,7 +20,9 @@ Each call runs one module to completion in a keep, in this process, with:
 - `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`); one that changed no
   call gives a `FaultNeverTookEffect` warning;
 - every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
-  bytes read and written).
+  bytes read and written);
+- `timeout=` seconds (default 60, None for none): a guest running longer is stopped, exit status
+  134, its `result.trap` ending with a line that names the timeout.
 
 Where the guest directory lives: by default an **in-memory encrypted volume** (a LUKS2 +
 Merkle-integrity volume over `storage.blockdev.MemoryBlockDevice`, with a random passphrase and a
@@ -280,6 +282,8 @@ class KeepRunner:
                    volume_size: int = VOLUME_SIZE) -> tuple[KeepRun, list[str]]:
         """`run_async`'s work; also returns the lines of the faults that never took effect, for
         the caller to warn about from its own frame (the test's line, not trio's)."""
+        import wasmtime
+
         from shim.run import RunConfig, Stdio, run_module_async
 
         for option, value in (("args", args), ("faults", faults)):
@@ -305,8 +309,12 @@ class KeepRunner:
             outcome = await run_module_async(config)
         finally:
             files_after, image = tree.finish()
+        trap = outcome.trap
+        if trap is not None and timeout is not None and outcome.trap_code == wasmtime.TrapCode.INTERRUPT:
+            # said, as keep run says it: 'wasm trap: interrupt' alone reads like a crash of the app
+            trap = f"{trap.rstrip()}\nthe guest was stopped: it ran longer than the fixture's timeout={timeout:g} s"
         return KeepRun(outcome.exit_code, bytes(stdout.output), bytes(stderr.output), events,
-                       files_after, outcome.trap, image), list(outcome.ineffective_faults)
+                       files_after, trap, image), list(outcome.ineffective_faults)
 
 
 def _warn_ineffective(lines: list[str]) -> None:

@@ -100,3 +100,18 @@ def test_invoking_an_export_with_v128_values_is_a_one_line_error_not_an_abort(
     assert completed.returncode == 1, completed.stderr
     assert completed.stderr.decode() == ("keep: cannot invoke `_initialize`: values of type v128 "
                                          "are not supported\n")
+
+
+def test_a_plugin_run_stopped_by_its_timeout_says_so(wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """The fixture stops every guest after `timeout=` (60 s unless given), but a guest stopped that
+    way came back as exit status 134 with only wasmtime's 'wasm trap: interrupt': a test failing
+    on it read like a crash of the app, with nothing naming the fixture's own limit (keep run says
+    'it ran longer than --timeout'). The trap text now ends with the limit that stopped it; a
+    guest's own trap is left as it was."""
+    result = keep(wasm_fixture("endless_loop"), timeout=0.5)
+    assert result.exit_code == 134 and result.stdout == b"looping\n"
+    assert result.trap is not None and "wasm trap: interrupt" in result.trap
+    assert result.trap.endswith("\nthe guest was stopped: it ran longer than the fixture's timeout=0.5 s")
+    trapped = keep(wasm_fixture("exit_code"), args=["trap"])
+    assert trapped.exit_code == 134 and trapped.trap is not None
+    assert "stopped" not in trapped.trap and "timeout" not in trapped.trap

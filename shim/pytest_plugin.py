@@ -85,7 +85,11 @@ class KeepRun:
     image: bytes | None = field(default=None, repr=False)
 
     def calls(self, name: str) -> list[TraceEvent]:
-        """The traced calls of one preview1 function, in order."""
+        """The traced calls of one preview1 function, in order. A name that is no preview1
+        function is a ValueError: [] for a misspelling would make `assert not calls(...)` pass
+        whatever the app did."""
+        if name not in FUNCTIONS:
+            raise ValueError(f"calls({name!r}): {name!r} is not a WASI preview1 function")
         return [event for event in self.trace if event.function == name]
 
     def errors(self) -> list[TraceEvent]:

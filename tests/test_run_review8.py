@@ -115,3 +115,16 @@ def test_a_plugin_run_stopped_by_its_timeout_says_so(wasm_fixture: WasmFixture, 
     trapped = keep(wasm_fixture("exit_code"), args=["trap"])
     assert trapped.exit_code == 134 and trapped.trap is not None
     assert "stopped" not in trapped.trap and "timeout" not in trapped.trap
+
+
+def test_calls_of_a_name_that_is_no_preview1_function_is_an_error(
+        wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """`result.calls("fd_wirte")` (or "write", or "path_open " with a space) returned [] like a
+    call the guest never made, so `assert not result.calls(...)` passed whatever the app did: a
+    test that cannot fail. A name that is no preview1 function is now a ValueError naming it."""
+    result = keep(wasm_fixture("hello"), directory="memfs")
+    assert result.calls("fd_write")
+    assert result.calls("sock_accept") == []  # a real name the guest did not call
+    for wrong in ("fd_wirte", "write", "path_open "):
+        with pytest.raises(ValueError, match=f"{wrong!r} is not a WASI preview1 function"):
+            result.calls(wrong)

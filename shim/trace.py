@@ -106,6 +106,10 @@ def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> in
         raise UsageError(f"--trace={target}: {error.strerror}") from None
     try:
         opened = os.fstat(descriptor)
+        standard = _standard_stream(opened, target)
+        if standard is not None:  # /dev/stderr, /proc/self/fd/1...: that stream, not a new file on it
+            os.close(descriptor)
+            return standard
         if stat.S_ISREG(opened.st_mode):
             with contextlib.suppress(OSError), open(target, "rb") as existing:
                 head = existing.read(8)
@@ -126,6 +130,27 @@ def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> in
         os.close(descriptor)
         raise
     return descriptor
+
+
+def _standard_stream(opened: os.stat_result, target: str) -> int | None:
+    """A duplicate of keep's stdout or stderr when the trace target is the same file, so that the
+    trace shares its offset and append mode: opened afresh (`--trace=/dev/stderr 2>>log`), it was
+    emptied, and the trace and the guest's output overwrote each other. A regular file that is
+    keep's stdin (the guest's input) is a UsageError, as the run's other inputs."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            stream = os.fstat(fd)
+        except OSError:
+            continue
+        if not os.path.samestat(opened, stream):
+            continue
+        if fd == 0:
+            if stat.S_ISREG(stream.st_mode):
+                raise UsageError(f"--trace={target}: refusing to overwrite the file of {name} (give the "
+                                 "trace a file name of its own)")
+            continue  # a terminal or pipe that is stdin as well: writing to it harms no input
+        return os.dup(fd)
+    return None
 
 
 def _warn_incomplete(target: str, failure: Exception, failed_at: int | None) -> None:

@@ -128,3 +128,33 @@ def test_calls_of_a_name_that_is_no_preview1_function_is_an_error(
     for wrong in ("fd_wirte", "write", "path_open "):
         with pytest.raises(ValueError, match=f"{wrong!r} is not a WASI preview1 function"):
             result.calls(wrong)
+
+
+def test_a_trace_to_dev_stderr_appends_to_the_log_instead_of_overwriting_it(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`--trace=/dev/stderr` with `2>>build.log` reopened the log through /proc/self/fd/2 as a new
+    file (its own offset, no O_APPEND) and emptied it: everything the log held before was lost,
+    and the trace and the guest's own stderr then overwrote each other. A target that is one of
+    keep's standard streams is now written through that stream (shared offset and append mode);
+    `--trace=FILE < FILE` is refused instead of emptying the guest's stdin."""
+    log = tmp_path / "build.log"
+    log.write_bytes(b"an earlier line\n")
+    echo = wasm_fixture("echo")
+    with log.open("ab") as stderr:
+        completed = subprocess.run(["keep", "run", "--trace=/dev/stderr", str(echo)], input=b"x" * 5,
+                                   stdout=subprocess.PIPE, stderr=stderr, env=keep_environment, check=False)
+    assert completed.returncode == 0 and completed.stdout == b"x" * 5
+    lines = log.read_text().splitlines()
+    assert lines[0] == "an earlier line"
+    assert "echoed 5 bytes" in lines  # the guest's stderr, whole, on a line of its own
+    assert [line for line in lines[1:] if line != "echoed 5 bytes"] and all(
+        "(" in line and ") = " in line for line in lines[1:] if line != "echoed 5 bytes")
+    stdin = tmp_path / "input.txt"
+    stdin.write_bytes(b"the guest's input\n")
+    with stdin.open("rb") as source:
+        completed = subprocess.run(["keep", "run", f"--trace={stdin}", str(echo)], stdin=source,
+                                   capture_output=True, env=keep_environment, check=False)
+    assert completed.returncode == 2
+    assert completed.stderr.decode() == (f"keep: --trace={stdin}: refusing to overwrite the file of "
+                                         "stdin (give the trace a file name of its own)\n")
+    assert stdin.read_bytes() == b"the guest's input\n"

@@ -62,6 +62,7 @@ RECEIVE_CHUNK = 64 * 1024
 SEND_CHUNK = 64 * 1024  # handed to TLS at a time: the guest can refill while it is encrypted
 BUFFER_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
 
@@ -510,10 +511,16 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
                           verification: ServerVerification, board: ReadinessBoard,
                           nursery: trio.Nursery, *, server_name: str | None = None,
                           handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """Connect out, complete the TLS handshake and check the pin; start the connection's tasks."""
+    """Connect out, complete the TLS handshake and check the pin; start the connection's tasks.
+    The TCP connect gets CONNECT_TIMEOUT: a server that never answers (its SYNs dropped) would
+    otherwise hold the keep's start for the kernel's SYN retries, over two minutes."""
     connect_host = "127.0.0.1" if host == "localhost" else host
     try:
-        tcp = await trio.open_tcp_stream(connect_host, port)
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(connect_host, port)
+    except trio.TooSlowError:
+        raise ConnectFailed(f"cannot connect to {host}:{port}: timed out after "
+                            f"{CONNECT_TIMEOUT:g} s") from None
     except OSError as error:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
     except UnicodeError:  # the resolver's IDNA encoding: an empty label, one over 63 bytes

@@ -6,20 +6,25 @@ defect showed there. Every test stops by itself; none asserts a timing.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from core_dumps import core_dumps_allowed
 from fixture_build import WasmFixture
 from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry, run_keep_sync
 
-from net.streams import Listener, ListenerSettings, ReadinessBoard, open_listener
-from net.tls import KeepIdentity, SelfSignedProvider, server_context
+import net.streams
+from net.errors import ConnectFailed
+from net.streams import Listener, ListenerSettings, ReadinessBoard, open_connection, open_listener
+from net.tls import KeepIdentity, SelfSignedProvider, ServerVerification, server_context
 
 HANG_GUARD = 30.0  # what a test waits before it calls a hang a failure (not a timing check)
 
@@ -133,3 +138,30 @@ def test_exporting_the_certificate_over_the_configured_key_file_is_refused(
                            keep_env(keep_environment), extra=["--timeout", "1"])
     assert "accept" in result.stderr and "key" not in result.stderr, result.stderr  # ran, timed out
     assert key_only.read_bytes() == identity.private_key_pem
+
+
+async def test_connecting_to_a_server_that_never_answers_fails_instead_of_hanging(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keep.toml `connect` entry whose server never completes the TCP handshake (here: its
+    accept queue is full, so the kernel drops our SYNs) held `keep run` at start for the kernel's
+    SYN retries (over two minutes; `--timeout` only counts once the guest runs), silently. The
+    connect now has a deadline (CONNECT_TIMEOUT) and fails as ConnectFailed saying so."""
+    monkeypatch.setattr(net.streams, "CONNECT_TIMEOUT", 0.5, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:  # fill the accept queue; the server never accepts
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            board = ReadinessBoard(trio.lowlevel.current_trio_token())
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(HANG_GUARD), pytest.raises(ConnectFailed, match="timed out"):
+                    await open_connection("127.0.0.1", port, None, ServerVerification(), board,
+                                          nursery)
+        finally:
+            for filler in fillers:
+                filler.close()

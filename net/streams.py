@@ -62,6 +62,7 @@ RECEIVE_CHUNK = 64 * 1024
 SEND_CHUNK = 64 * 1024  # handed to TLS at a time: the guest can refill while it is encrypted
 BUFFER_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
 CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
@@ -489,6 +490,21 @@ class Listener:
         await connection.run()
 
 
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to `host`:`port`. "localhost" is both loopback addresses, tried in turn
+    (IPv4 first) without asking the resolver: a server may listen on ::1 alone. The first
+    address's error is the one reported when neither answers."""
+    addresses = LOCALHOST_ADDRESSES if host == "localhost" else (host,)
+    first_error: OSError | None = None
+    for address in addresses:
+        try:
+            return await trio.open_tcp_stream(address, port)
+        except OSError as error:
+            first_error = first_error or error
+    assert first_error is not None
+    raise first_error
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
         address = stream.socket.getpeername()
@@ -514,10 +530,9 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
     """Connect out, complete the TLS handshake and check the pin; start the connection's tasks.
     The TCP connect gets CONNECT_TIMEOUT: a server that never answers (its SYNs dropped) would
     otherwise hold the keep's start for the kernel's SYN retries, over two minutes."""
-    connect_host = "127.0.0.1" if host == "localhost" else host
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            tcp = await trio.open_tcp_stream(connect_host, port)
+            tcp = await _open_tcp(host, port)
     except trio.TooSlowError:
         raise ConnectFailed(f"cannot connect to {host}:{port}: timed out after "
                             f"{CONNECT_TIMEOUT:g} s") from None

@@ -7,6 +7,7 @@ defect showed there. Every test stops by itself; none asserts a timing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
 import ssl
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from core_dumps import core_dumps_allowed
 from fixture_build import WasmFixture
 from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry, run_keep_sync
@@ -24,7 +26,13 @@ from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry, run
 import net.streams
 from net.errors import ConnectFailed
 from net.streams import Listener, ListenerSettings, ReadinessBoard, open_connection, open_listener
-from net.tls import KeepIdentity, SelfSignedProvider, ServerVerification, server_context
+from net.tls import (
+    KeepIdentity,
+    SelfSignedProvider,
+    ServerVerification,
+    client_context,
+    server_context,
+)
 
 HANG_GUARD = 30.0  # what a test waits before it calls a hang a failure (not a timing check)
 
@@ -165,3 +173,33 @@ async def test_connecting_to_a_server_that_never_answers_fails_instead_of_hangin
         finally:
             for filler in fillers:
                 filler.close()
+
+
+async def test_a_connect_to_localhost_reaches_a_server_listening_on_ipv6_loopback_only(
+        tmp_path: Path) -> None:
+    """`host = "localhost"` was always dialled as 127.0.0.1, so a server bound to ::1 alone (as
+    servers that resolve "localhost" to ::1 first do) was 'all attempts to connect ... failed'.
+    Both loopback addresses are tried now, IPv4 first, still without asking the resolver."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(b"from ::1")
+            await stream.aclose()
+
+    verification = ServerVerification(ca_file=tmp_path / "ca.pem")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(
+            trio.serve_ssl_over_tcp, handle, 0, server_context, host="::1"))
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        board = ReadinessBoard(trio.lowlevel.current_trio_token())
+        with trio.fail_after(HANG_GUARD):
+            connection = await open_connection("localhost", port, client_context(verification),
+                                               verification, board, nursery)
+            await board.wait_until(lambda: connection.has_at_least(8))
+        assert connection.try_receive(100) == b"from ::1"
+        connection.close()
+        nursery.cancel_scope.cancel()

@@ -186,6 +186,19 @@ def _signs_tls13(key: PrivateKeyTypes) -> bool:
     return isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
 
 
+def validity_problem(certificate: x509.Certificate,
+                     now: datetime.datetime | None = None) -> str | None:
+    """Why `certificate` is not valid at `now` (default: this moment), in words ("expired on
+    ..."), or None. The keep still serves with it (a client that pins the key does not check
+    dates), but an owner must hear why every other client refuses the handshake."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now > certificate.not_valid_after_utc:
+        return f"expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if now < certificate.not_valid_before_utc:
+        return f"is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
 def _read_pem_file(path: Path) -> bytes:
     """A configured PEM file's bytes, at most MAX_PEM_BYTES of them: a path to /dev/zero or to
     some huge file is one CertificateError, not a MemoryError after eating the host's memory."""

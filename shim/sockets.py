@@ -60,9 +60,10 @@ from net.tls import (
     ServerVerification,
     client_context,
     server_context,
+    validity_problem,
 )
 from shim.config import ConnectFile, KeepConfig, ListenFile
-from shim.errors import KeepError
+from shim.errors import KeepError, say
 from shim.keys import forbid_core_dumps
 from shim.run import RunConfig, RunResult, Stdio
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
@@ -359,6 +360,11 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
             identity = (provider or _identity_provider(config)).identity()
     except NetError as error:
         raise _translate(error) from None
+    if identity is not None and (problem := validity_problem(identity.leaf)) is not None:
+        configured = provider is None and config.tls.certificate is not None
+        which = f"in {config.tls.certificate}" if configured else "of the keep"
+        say(f"warning: the certificate {which} {problem}: clients that check its dates will "
+            "refuse every TLS handshake")
     board = ReadinessBoard(trio.lowlevel.current_trio_token())
     bridge = _Bridge(trio.lowlevel.current_trio_token(), board)
     # Errors leave after the nursery closes, so callers see them as themselves, not in a group.

@@ -312,5 +312,11 @@ def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
         context.load_verify_locations(cafile=str(ca_file))
     except FileNotFoundError:
         raise CertificateError(f"CA file {ca_file} does not exist") from None
-    except (OSError, ssl.SSLError) as error:
-        raise CertificateError(f"CA file {ca_file} does not load: {error}") from None
+    except ssl.SSLError as error:  # its str() carries OpenSSL's code and CPython's source line
+        if error.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise CertificateError(f"CA file {ca_file} holds no PEM certificate") from None
+        raise CertificateError(f"CA file {ca_file} does not load: a PEM certificate in it is "
+                               f"malformed ({error.reason or 'PEM lib'})") from None
+    except OSError as error:
+        raise CertificateError(f"CA file {ca_file} does not load: "
+                               f"{error.strerror or error}") from None

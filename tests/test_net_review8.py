@@ -254,3 +254,22 @@ def test_a_configured_certificate_out_of_its_validity_is_named_at_start(
         assert len(warnings) == 1, result.stderr
         assert words in warnings[0] and str(tmp_path / "cert.pem") in warnings[0], warnings
         assert "accept: Operation canceled" in result.stderr  # it ran until --timeout
+
+
+def test_a_ca_file_holding_no_certificate_is_a_plain_one_line_error(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """`client_ca` (or a connect entry's `ca`) naming a file with no certificate in it said
+    'does not load: [X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found
+    (_ssl.c:4154)': OpenSSL's code and CPython's source line instead of the problem."""
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    toml = STDIO + listen_entry("web", free_port(), client_ca=str(not_pem))
+    result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["web", "1"],
+                           keep_env(keep_environment))
+    assert result.returncode == 1
+    assert result.stderr == f"keep: CA file {not_pem} holds no PEM certificate\n"
+    not_pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["web", "1"],
+                           keep_env(keep_environment))
+    assert result.returncode == 1 and "_ssl.c" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"keep: CA file {not_pem} does not load: a PEM certificate")

@@ -21,9 +21,11 @@ predicate. One board per keep: at most a handful of waiters exist at any time.
 A `Listener` accepts TCP connections and runs each TLS handshake in its own task with a timeout, so
 a slow or hostile client never delays the event loop, the guest or other clients. Failed
 handshakes are logged and dropped; completed connections wait in a bounded queue for the guest's
-`sock_accept`. Handshakes in progress are bounded too (`backlog` of them), but a full set never
-stops accepting: the oldest handshake gives way to the newest connection, so peers that connect
-and send nothing cannot lock real clients out until their handshake timeout.
+`sock_accept`. Handshakes in progress are bounded too (`backlog` of them). When they are all
+taken, a new connection waits for one to end, or for the oldest to have run HANDSHAKE_GRACE
+seconds: then the oldest gives way. Peers that connect and send nothing cannot lock real clients
+out for their whole handshake timeout, and a burst of real clients on a slow link (every
+handshake young) is only delayed, never dropped.
 
 Errors are reported as the OSError subclasses the WASI layer maps to errno: ConnectionResetError
 when the peer went away (including a TLS stream cut without close_notify: a truncation the guest
@@ -62,6 +64,7 @@ RECEIVE_CHUNK = 64 * 1024
 SEND_CHUNK = 64 * 1024  # handed to TLS at a time: the guest can refill while it is encrypted
 BUFFER_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_GRACE = 1.0  # a handshake this old may give way to a new connection when all are taken
 LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
 CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
@@ -366,12 +369,13 @@ def _incoming_drained(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
 class ListenerSettings:
     """What a listener needs beyond its address: TLS context (None = plaintext TCP). `backlog`
     bounds both the completed connections waiting for `sock_accept` and the handshakes in
-    progress."""
+    progress; `handshake_grace` is how long a handshake is safe from giving way to a newer one."""
 
     name: str
     context: ssl.SSLContext | None
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     backlog: int = ACCEPT_BACKLOG
+    handshake_grace: float = HANDSHAKE_GRACE
 
 
 class Listener:
@@ -385,7 +389,8 @@ class Listener:
         self._nursery = nursery
         self._lock = threading.Lock()
         self._ready: deque[Connection] = deque()
-        self._handshakes: deque[trio.CancelScope] = deque()  # in progress, oldest first (trio only)
+        # Handshakes in progress, oldest first, with their start times (trio thread only).
+        self._handshakes: deque[tuple[float, trio.CancelScope]] = deque()
         self._closed = False
         self.handshake_failures = 0
 
@@ -444,15 +449,28 @@ class Listener:
                 log.warning("listener %s: accept failed: %s", self.settings.name, error)
                 await trio.sleep(0.1)
                 continue
-            if len(self._handshakes) >= self.settings.backlog:
-                self._handshakes.popleft().cancel()  # the oldest gives way (see _handshake)
-            scope = trio.CancelScope()
-            self._handshakes.append(scope)
-            self._nursery.start_soon(self._handshake, tcp, scope)
+            await self._make_handshake_room()
+            handshake = (trio.current_time(), trio.CancelScope())
+            self._handshakes.append(handshake)
+            self._nursery.start_soon(self._handshake, tcp, handshake)
 
-    async def _handshake(self, tcp: trio.SocketStream, scope: trio.CancelScope) -> None:
-        """Complete one TLS handshake within the timeout, unless `scope` is cancelled first
-        because `backlog` newer connections arrived while it was still in progress."""
+    async def _make_handshake_room(self) -> None:
+        """Return once fewer than `backlog` handshakes are in progress: wait for one to end, or
+        cancel the oldest once it has run `handshake_grace` seconds (see `_handshake`)."""
+        limit, grace = self.settings.backlog, self.settings.handshake_grace
+        while len(self._handshakes) >= limit:
+            started, scope = self._handshakes[0]
+            if trio.current_time() >= started + grace:
+                self._handshakes.popleft()
+                scope.cancel()
+                continue
+            await self._board.wait_until(lambda: len(self._handshakes) < limit, started + grace)
+
+    async def _handshake(self, tcp: trio.SocketStream,
+                         handshake: tuple[float, trio.CancelScope]) -> None:
+        """Complete one TLS handshake within the timeout, unless its scope is cancelled first
+        to make room for a newer connection (`_make_handshake_room`)."""
+        scope = handshake[1]
         peer = _peer_name(tcp)
         stream: trio.abc.Stream = tapped(tcp, f"{self.settings.name} <- {peer}")  # audit only
         reason = None
@@ -467,10 +485,10 @@ class Listener:
                 reason = ("timed out" if isinstance(error, trio.TooSlowError)
                           else _describe_failure(error))
         with contextlib.suppress(ValueError):  # not there once cancelled: it gave way
-            self._handshakes.remove(scope)
+            self._handshakes.remove(handshake)
         if scope.cancelled_caught:
-            reason = (f"dropped unfinished: {self.settings.backlog} newer connections "
-                      "arrived during it")
+            reason = (f"dropped unfinished after {self.settings.handshake_grace:g} s or more, to make room: "
+                      f"{self.settings.backlog} handshakes were in progress")
         if reason is not None:
             log.warning("listener %s: TLS handshake with %s refused: %s",
                         self.settings.name, peer, reason)

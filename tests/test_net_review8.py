@@ -84,6 +84,29 @@ async def test_idle_connections_filling_the_handshake_slots_do_not_lock_out_a_re
                 await tcp.aclose()
 
 
+
+async def test_a_burst_of_slow_clients_filling_the_handshake_slots_waits_and_is_not_dropped() -> None:
+    """The other side of the test above: clients whose ClientHello comes late (a slow link),
+    more of them than handshake slots, are delayed while every handshake is young, never dropped."""
+    identity = SelfSignedProvider().identity()
+    async with tls_listener(identity, backlog=2, handshake_grace=3600.0) as (listener, port, client):
+        raws = [socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) for _ in range(5)]
+
+        def handshake(raw: socket.socket) -> None:  # only now the ClientHello goes out
+            with client.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"x")
+
+        async with trio.open_nursery() as clients:
+            for raw in raws:
+                clients.start_soon(trio.to_thread.run_sync, handshake, raw)
+            accepted = 0
+            with trio.fail_after(HANG_GUARD):
+                while accepted < len(raws):
+                    await listener._board.wait_until(listener.readable)
+                    listener.try_accept().close()
+                    accepted += 1
+        assert listener.handshake_failures == 0
+
 def _soft_core_limit(pid: int) -> str:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max core file size"):

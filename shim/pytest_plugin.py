@@ -16,7 +16,7 @@ Each call runs one module to completion in a keep, in this process, with:
 - a guest directory pre-opened at `mount` (default `/data`), filled from `files` (a dict of
   relative path -> bytes or str, or a host directory, a Path or a str, copied in); after the
   run its regular files come back as `result.files` (relative path -> bytes);
-- stdin from bytes, stdout and stderr captured, args and env as given;
+- stdin from bytes (or a str, as UTF-8), stdout and stderr captured, args and env as given;
 - `faults`: `--fault` texts (the grammar is `wasi_host._faults.GRAMMAR`); one that changed no
   call gives a `FaultNeverTookEffect` warning;
 - every host call traced into `result.trace` (a list of `TraceEvent`; `trace_data=True` adds the
@@ -264,7 +264,7 @@ class KeepRunner:
         files: FileTree | Path | str | None = None,
         mount: str = "/data",
         directory: GuestDirectoryKind = "volume",
-        stdin: bytes = b"",
+        stdin: bytes | str = b"",
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         faults: Sequence[str] = (),
@@ -280,7 +280,7 @@ class KeepRunner:
         return result
 
     async def _run(self, module: str | os.PathLike[str] | bytes, *, files: FileTree | Path | str | None = None,
-                   mount: str = "/data", directory: GuestDirectoryKind = "volume", stdin: bytes = b"",
+                   mount: str = "/data", directory: GuestDirectoryKind = "volume", stdin: bytes | str = b"",
                    args: Sequence[str] = (), env: Mapping[str, str] | None = None, faults: Sequence[str] = (),
                    trace_data: bool = False, timeout: float | None = 60.0,
                    volume_size: int = VOLUME_SIZE) -> tuple[KeepRun, list[str]]:
@@ -293,6 +293,11 @@ class KeepRunner:
         for option, value in (("args", args), ("faults", faults)):
             if isinstance(value, str):  # a str is a Sequence[str] too: of its letters
                 raise TypeError(f"{option}= takes a list of strings, not a str ({option}={[value]!r})")
+        for name, text in (env or {}).items():
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise TypeError(f"env= takes str names and values: {name!r}: {text!r}")
+        if isinstance(stdin, str):  # as files= contents: text is UTF-8
+            stdin = stdin.encode()
         names = frozenset(FUNCTIONS)
         specs = tuple(FaultSpec.parse(text, names) for text in faults)
         tree = GuestTree(directory, files, volume_size)

@@ -158,3 +158,14 @@ def test_a_trace_to_dev_stderr_appends_to_the_log_instead_of_overwriting_it(
     assert completed.stderr.decode() == (f"keep: --trace={stdin}: refusing to overwrite the file of "
                                          "stdin (give the trace a file name of its own)\n")
     assert stdin.read_bytes() == b"the guest's input\n"
+
+
+def test_the_plugins_stdin_takes_text_and_a_bad_env_is_named(wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """`stdin="text"` failed deep in wasi_host with 'string argument without an encoding' (files=
+    takes str contents, so stdin= looked as if it would too), and `env={"N": 1}` with 'expected
+    str, bytes or os.PathLike object, not int' from os.fsencode. stdin= now takes a str as UTF-8;
+    an env entry that is not str -> str is a TypeError naming env=."""
+    result = keep(wasm_fixture("echo"), stdin="héllo", directory="memfs")
+    assert (result.exit_code, result.stdout) == (0, "héllo".encode())
+    with pytest.raises(TypeError, match=r"env= takes str names and values: 'N': 1"):
+        keep(wasm_fixture("echo"), env={"N": 1}, directory="memfs")  # type: ignore[dict-item]

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -449,25 +449,31 @@ async def serve(operations: FuseOperations, options: MountOptions,
                 ready: threading.Event | None = None) -> None:
     """Mount, serve requests until unmounted (or SIGINT/SIGTERM/SIGHUP), then unmount.
 
-    The caller owns the volume: it commits and closes it after this returns."""
-    try:
-        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
-    except RuntimeError as error:
-        raise KeepError(f"cannot mount on {options.mountpoint}: {error} "
-                        "(no FUSE permission? see the message above)") from None
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals)
-            nursery.start_soon(_raise_read_ahead, options.mountpoint)
-            if options.commit_interval > 0 and not options.read_only:
-                nursery.start_soon(_commit_periodically, operations, options.commit_interval)
-            if ready is not None:
-                ready.set()
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
-        operations.release_all()
+    The signal handlers are installed before the kernel mounts and stay until it has unmounted:
+    installed later (by a task that starts after the mount), a SIGTERM sent as soon as the
+    mount point appeared met the default action, which killed the process and left a dead
+    mount. A signal that arrives before `pyfuse3.main` runs still ends it (`terminate` marks
+    the session as exited, which the loop checks first). The caller owns the volume: it
+    commits and closes it after this returns."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        try:
+            pyfuse3.init(operations, options.mountpoint, options.fuse_options())
+        except RuntimeError as error:
+            raise KeepError(f"cannot mount on {options.mountpoint}: {error} "
+                            "(no FUSE permission? see the message above)") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signals, signals)
+                nursery.start_soon(_raise_read_ahead, options.mountpoint)
+                if options.commit_interval > 0 and not options.read_only:
+                    nursery.start_soon(_commit_periodically, operations, options.commit_interval)
+                if ready is not None:
+                    ready.set()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            operations.release_all()
 
 
 async def _raise_read_ahead(mountpoint: str) -> None:
@@ -489,11 +495,10 @@ async def _raise_read_ahead(mountpoint: str) -> None:
                 setting.write(str(READ_AHEAD_KIB))
 
 
-async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for _ in signals:
-            pyfuse3.terminate()
-            return
+async def _stop_on_signals(signals: AsyncIterator[int]) -> None:
+    async for _ in signals:
+        pyfuse3.terminate()
+        return
 
 
 async def _commit_periodically(operations: FuseOperations, interval: float) -> None:

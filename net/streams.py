@@ -528,7 +528,12 @@ def _peer_name(stream: trio.SocketStream) -> str:
         address = stream.socket.getpeername()
     except OSError:
         return "unknown peer"
-    return f"{address[0]}:{address[1]}"
+    return _host_port(address[0], address[1])
+
+
+def _host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets ([::1]:443) so that the port stands apart."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def open_listener(settings: ListenerSettings, host: str, port: int, board: ReadinessBoard,
@@ -548,17 +553,18 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
     """Connect out, complete the TLS handshake and check the pin; start the connection's tasks.
     The TCP connect gets CONNECT_TIMEOUT: a server that never answers (its SYNs dropped) would
     otherwise hold the keep's start for the kernel's SYN retries, over two minutes."""
+    where = _host_port(host, port)
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await _open_tcp(host, port)
     except trio.TooSlowError:
-        raise ConnectFailed(f"cannot connect to {host}:{port}: timed out after "
+        raise ConnectFailed(f"cannot connect to {where}: timed out after "
                             f"{CONNECT_TIMEOUT:g} s") from None
     except OSError as error:
-        raise ConnectFailed(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+        raise ConnectFailed(f"cannot connect to {where}: {error.strerror or error}") from None
     except UnicodeError:  # the resolver's IDNA encoding: an empty label, one over 63 bytes
-        raise ConnectFailed(f"cannot connect to {host}:{port}: not a valid host name") from None
-    stream: trio.abc.Stream = tapped(tcp, f"-> {host}:{port}")  # audit only (net.wiretap)
+        raise ConnectFailed(f"cannot connect to {where}: not a valid host name") from None
+    stream: trio.abc.Stream = tapped(tcp, f"-> {where}")  # audit only (net.wiretap)
     if context is not None:
         tls = trio.SSLStream(stream, context, server_hostname=server_name or host)
         try:
@@ -569,12 +575,12 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
             if isinstance(error, trio.TooSlowError):
-                raise HandshakeFailed(f"TLS handshake with {host}:{port} timed out") from None
+                raise HandshakeFailed(f"TLS handshake with {where} timed out") from None
             if isinstance(error, trio.BrokenResourceError):
                 raise HandshakeFailed(
-                    f"TLS handshake with {host}:{port} failed: {_describe_failure(error)}") from None
+                    f"TLS handshake with {where} failed: {_describe_failure(error)}") from None
             raise
         stream = tls
-    connection = Connection(stream, board, f"{host}:{port}")
+    connection = Connection(stream, board, where)
     nursery.start_soon(connection.run)
     return connection

@@ -296,3 +296,23 @@ def test_a_ca_file_holding_no_certificate_is_a_plain_one_line_error(
                            keep_env(keep_environment))
     assert result.returncode == 1 and "_ssl.c" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"keep: CA file {not_pem} does not load: a PEM certificate")
+
+
+async def test_an_ipv6_peer_is_named_with_brackets_in_the_listeners_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A refused handshake from ::1 was logged as 'TLS handshake with ::1:40312 refused': the
+    port ran into the address. IPv6 peers are written [::1]:40312 now, as URLs and curl do."""
+    identity = SelfSignedProvider().identity()
+    board = ReadinessBoard(trio.lowlevel.current_trio_token())
+    async with trio.open_nursery() as nursery:
+        listener = await open_listener(ListenerSettings(name="six", context=server_context(identity)),
+                                       "::1", 0, board, nursery)
+        tcp = await trio.open_tcp_stream("::1", listener.port)
+        client_port = tcp.socket.getsockname()[1]
+        await tcp.send_all(b"GET / HTTP/1.0\r\n\r\n")  # plaintext HTTP to the TLS port
+        with trio.fail_after(HANG_GUARD):
+            await board.wait_until(lambda: listener.handshake_failures == 1)
+        await tcp.aclose()
+        listener.close()
+        nursery.cancel_scope.cancel()
+    assert f"TLS handshake with [::1]:{client_port} refused: HTTP_REQUEST" in caplog.text

@@ -35,16 +35,18 @@ STDERR_PLACE = "the trace on stderr"
 
 
 class _Audited:
-    """stderr, with every line also handed to `keep run --audit-host`'s recorder: no file keeps
-    what the host read there, so the audit searches it as it is written."""
+    """stderr (or a pipe, a terminal, a FIFO named by --trace=FILE), with every line also handed
+    to `keep run --audit-host`'s recorder under `place`: no file keeps what the host read there,
+    so the audit searches it as it is written."""
 
-    def __init__(self, stream: TextIO, audit: WireRecorder) -> None:
+    def __init__(self, stream: TextIO, audit: WireRecorder, place: str = STDERR_PLACE) -> None:
         self._stream = stream
         self._audit = audit
-        audit.record_output(STDERR_PLACE, b"")  # searched (and named in the report) from the start
+        self._place = place
+        audit.record_output(place, b"")  # searched (and named in the report) from the start
 
     def write(self, text: str, /) -> int:
-        self._audit.record_output(STDERR_PLACE, text.encode("utf-8", "backslashreplace"))
+        self._audit.record_output(self._place, text.encode("utf-8", "backslashreplace"))
         return self._stream.write(text)
 
     def flush(self) -> None:
@@ -56,16 +58,18 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
                 audit: WireRecorder | None = None,
                 inputs: Sequence[tuple[str, str]] = ()) -> Iterator[Tracer]:
     """A Tracer writing to `target` (`-` for stderr) in `trace_format`, closed on exit. With
-    `audit` (--audit-host), a trace on stderr is searched as it is written (a trace file is
-    searched after the run). `inputs` are the (option, path) pairs of the files the run reads
+    `audit` (--audit-host), a trace on stderr, a pipe or a terminal is searched as it is written
+    (a regular trace file is searched after the run). `inputs` are the (option, path) pairs of the files the run reads
     (a key file, a state file...): a target that is one of them is refused, not emptied."""
     if trace_format not in FORMATS:
         raise UsageError(f"--trace-format {trace_format!r}: expected one of {', '.join(FORMATS)}")
     stream: TextIO
+    searched_after = False  # a regular file, which the audit reads after the run
     if target == STDERR:
         stream, owned = sys.stderr, False
     else:
         descriptor = _open_for_writing(target, inputs)
+        searched_after = stat.S_ISREG(os.fstat(descriptor).st_mode)
         stream, owned = os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace"), True
     # Every line is flushed as it is written, to a file as to stderr: a trace is read when a run
     # went wrong, and such a run often ends by a signal (SIGINT, SIGTERM, SIGKILL from a
@@ -74,7 +78,9 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
     # /dev/null, 0.19 -> 2.0 us to a file), against 15-25 us for a traced host call; untraced runs
     # are not affected.
     writer = jsonl_writer if trace_format == "jsonl" else text_writer
-    output: TextOutput = _Audited(stream, audit) if audit is not None and not owned else stream
+    output: TextOutput = stream
+    if audit is not None and not searched_after:  # what the host read there is kept nowhere else
+        output = _Audited(stream, audit, STDERR_PLACE if target == STDERR else f"the trace on {target}")
     tracer = Tracer(writer(output, flush=True), show_data=show_data)
     try:
         yield tracer

@@ -169,3 +169,24 @@ def test_the_plugins_stdin_takes_text_and_a_bad_env_is_named(wasm_fixture: WasmF
     assert (result.exit_code, result.stdout) == (0, "héllo".encode())
     with pytest.raises(TypeError, match=r"env= takes str names and values: 'N': 1"):
         keep(wasm_fixture("echo"), env={"N": 1}, directory="memfs")  # type: ignore[dict-item]
+
+
+def test_a_trace_on_a_pipe_or_terminal_given_by_name_is_audited(
+        wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """`--audit-host` searched a named trace target only as a file after the run: for
+    `--trace=/dev/stderr` on a pipe (or a terminal, a FIFO) there is no file to read, so the audit
+    said 'not found in plaintext (searched ... trace file /dev/stderr ...)' and exited 0 while
+    the trace it had just written there (--trace-data) held the marker. A trace target that is
+    not a regular file is now searched as it is written, as `--trace` on stderr is."""
+    marker = b"AUDITED-MARKER-8"
+    completed = subprocess.run(["keep", "run", "--trace=/dev/stderr", "--trace-data", "--audit-host",
+                                marker.decode(), str(wasm_fixture("echo"))], input=marker + b"\n",
+                               capture_output=True, env=keep_environment, check=False)
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 3, stderr
+    assert "keep: audit-host:   the trace on /dev/stderr: plain at offset" in stderr
+    assert "trace file /dev/stderr" not in stderr  # not claimed as searched when it cannot be
+    completed = subprocess.run(["keep", "run", "--trace=/dev/stderr", "--audit-host", marker.decode(),
+                                str(wasm_fixture("echo"))], input=marker + b"\n",
+                               capture_output=True, env=keep_environment, check=False)
+    assert completed.returncode == 0, completed.stderr  # sizes only: no plaintext in the trace

@@ -598,6 +598,10 @@ def files_read(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run_command(args: argparse.Namespace) -> int:
     """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
+    if args.trace is None:  # alone, they would run the guest untraced and say nothing
+        for given, option in ((args.trace_data, "--trace-data"), (args.trace_format != "text", "--trace-format")):
+            if given:
+                raise UsageError(f"{option} needs --trace[=FILE]")
     config = config_from_arguments(args)
     wire: WireRecorder | None = None
     if args.audit_host is not None:

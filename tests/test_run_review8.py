@@ -190,3 +190,16 @@ def test_a_trace_on_a_pipe_or_terminal_given_by_name_is_audited(
                                 str(wasm_fixture("echo"))], input=marker + b"\n",
                                capture_output=True, env=keep_environment, check=False)
     assert completed.returncode == 0, completed.stderr  # sizes only: no plaintext in the trace
+
+
+def test_trace_data_or_a_trace_format_without_trace_is_a_usage_error(
+        wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """`keep run --trace-data app.wasm` (or `--trace-format jsonl` alone) ran the app untraced and
+    said nothing: the user asked to see the bytes and got no trace, with no hint that `--trace`
+    turns tracing on. Now a usage error, exit 2, before the run."""
+    for option in ("--trace-data", "--trace-format=jsonl"):
+        completed = keep_run([option, str(wasm_fixture("hello"))], keep_environment)
+        assert completed.returncode == 2 and completed.stdout == b""
+        assert completed.stderr.decode() == f"keep: {option.split('=')[0]} needs --trace[=FILE]\n"
+    completed = keep_run(["--trace", "--trace-data", str(wasm_fixture("hello"))], keep_environment)
+    assert completed.returncode == 0 and b'data="Hello, world!\\n"' in completed.stderr

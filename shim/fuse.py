@@ -51,9 +51,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NewType
+from types import FrameType, TracebackType
+from typing import Any, NewType, Self
 
 import pyfuse3
 import trio
@@ -76,6 +77,7 @@ ATTR_TIMEOUT = 1.0
 _BLOCK_SIZE = 4096
 READ_AHEAD_KIB = 1024  # the largest FUSE request (libfuse 3 max_write / kernel max_pages: 1 MiB)
 _UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each unmounts cleanly
 
 log = logging.getLogger("keepshim.fuse")
 
@@ -446,16 +448,19 @@ def fuse_unavailable_reason() -> str | None:
 
 
 async def serve(operations: FuseOperations, options: MountOptions,
-                ready: threading.Event | None = None) -> None:
+                ready: threading.Event | None = None, stopped: Sequence[int] = ()) -> None:
     """Mount, serve requests until unmounted (or SIGINT/SIGTERM/SIGHUP), then unmount.
 
     The signal handlers are installed before the kernel mounts and stay until it has unmounted:
     installed later (by a task that starts after the mount), a SIGTERM sent as soon as the
     mount point appeared met the default action, which killed the process and left a dead
     mount. A signal that arrives before `pyfuse3.main` runs still ends it (`terminate` marks
-    the session as exited, which the loop checks first). The caller owns the volume: it
-    commits and closes it after this returns."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    the session as exited, which the loop checks first); one that came before serving began
+    (recorded in `stopped`, see `_StopSignals`) means no mount at all. The caller owns the
+    volume: it commits and closes it after this returns."""
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        if stopped:
+            return
         try:
             pyfuse3.init(operations, options.mountpoint, options.fuse_options())
         except RuntimeError as error:
@@ -526,6 +531,36 @@ def _fsname(image: str) -> str:
     return f"keep:{path}"
 
 
+class _StopSignals:
+    """From just before serving until after the final commit, SIGINT, SIGTERM and SIGHUP are
+    recorded in `received` instead of acted on (`serve` listens for them itself while it
+    serves, through trio, which then restores these handlers and redelivers to them what it
+    did not consume).
+
+    Ctrl-C pressed twice, or SIGTERM sent twice, used to interrupt the final commit (a
+    KeyboardInterrupt, or SIGTERM's default action, met also in a storage worker thread):
+    exit 130 or death without a word, and every change since the last commit lost. The
+    unmount was asked for once; repeating the request must not undo it. A commit that hangs
+    (a stuck host disk) still yields to SIGKILL, which leaves the volume consistent."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+
+    def _record(self, number: int, frame: FrameType | None) -> None:
+        self.received.append(number)
+
+    def __enter__(self) -> Self:
+        for number in _STOP_SIGNALS:
+            self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 def mount_command(args: argparse.Namespace) -> int:
     """`keep volume mount IMG MOUNTPOINT`: serve in the foreground until unmounted or signalled.
     Storage errors (wrong key, in use, rollback, ...) are translated by the caller."""
@@ -545,14 +580,14 @@ def mount_command(args: argparse.Namespace) -> int:
                            commit_interval=args.commit_interval, fsname=_fsname(args.image))
     operations = FuseOperations(volume)
     mounted = threading.Event()
-    try:
-        state = volume.state()
-        mode = "read-only" if args.read_only else "read-write"
-        print(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(serve, operations, options, mounted)
-    finally:
-        volume.close()
+    with _StopSignals() as stops:
+        try:
+            state = volume.state()
+            mode = "read-only" if args.read_only else "read-write"
+            print(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})", flush=True)
+            trio.run(serve, operations, options, mounted, stops.received)
+        finally:
+            volume.close()
     state = volume.state()
     if mounted.is_set():
         outcome = "unchanged (read-only)" if args.read_only else "committed"

@@ -131,6 +131,12 @@ class MountedVolume:
         self._collect()
         return self.process.returncode
 
+    def wait(self) -> int:
+        """Wait for the process to end by itself (after signals sent to it); its exit status."""
+        assert self.process is not None
+        self._collect()
+        return self.process.returncode
+
     def stop(self) -> int | None:
         """Unmount and wait for the process to commit and exit (kill it after a timeout)."""
         process = self.process

@@ -24,6 +24,7 @@ from fuse_harness import (
     create_image,
     force_unmount,
     fuse_skip_reason,
+    keep_volume,
 )
 
 pytestmark = [pytest.mark.fuse,
@@ -121,3 +122,28 @@ def test_a_signal_as_soon_as_the_mount_appears_still_unmounts(pristine: Path, tm
             assert b"unmounted" in out
     finally:
         force_unmount(mountpoint)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "SIGTERM"])
+def test_a_second_signal_during_the_final_commit_does_not_lose_the_data(
+        pristine: Path, tmp_path: Path, number: int) -> None:
+    """Ctrl-C pressed twice (or SIGTERM sent twice): the second one arrived while the mount
+    was unmounting or making its final commit, and interrupted that commit (KeyboardInterrupt)
+    or killed the process (SIGTERM's default action, which trio redelivers on leaving its
+    handler): exit 130 without a word, and every change since the last commit lost (here,
+    with --commit-interval 0, the whole 30 MiB file). The final commit now runs with the
+    signals held; a repeated one is dropped."""
+    image = fresh_image(pristine, tmp_path)
+    mount = MountedVolume(image, tmp_path / "mnt", "--commit-interval", "0").start()
+    try:
+        payload = os.urandom(30 << 20)
+        (mount.mountpoint / "data").write_bytes(payload)
+        assert mount.process is not None
+        mount.process.send_signal(number)
+        time.sleep(0.05)
+        mount.process.send_signal(number)
+        assert mount.wait() == 0, mount.errors
+    finally:
+        mount.stop()
+    assert "committed" in mount.output
+    assert keep_volume("cat", image, "/data").stdout == payload

@@ -427,14 +427,17 @@ class Listener:
         self._board.changed_from_thread()
 
     async def serve(self) -> None:
-        """Accept until closed. Run as a task in the keep's nursery."""
-        async with trio.open_nursery() as nursery:
+        """Accept until closed. Run as a task in the keep's nursery; the listening sockets are
+        closed also when that nursery is cancelled first (the keep stopping)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in self._listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+                await self._board.wait_until(lambda: self._closed)
+                nursery.cancel_scope.cancel()
+        finally:
             for listener in self._listeners:
-                nursery.start_soon(self._accept_loop, listener)
-            await self._board.wait_until(lambda: self._closed)
-            nursery.cancel_scope.cancel()
-        for listener in self._listeners:
-            await listener.aclose()
+                listener.socket.close()
 
     def _has_room(self) -> bool:
         with self._lock:
@@ -449,7 +452,11 @@ class Listener:
                 log.warning("listener %s: accept failed: %s", self.settings.name, error)
                 await trio.sleep(0.1)
                 continue
-            await self._make_handshake_room()
+            try:
+                await self._make_handshake_room()
+            except BaseException:  # the listener closes meanwhile: this connection goes too
+                tcp.socket.close()
+                raise
             handshake = (trio.current_time(), trio.CancelScope())
             self._handshakes.append(handshake)
             self._nursery.start_soon(self._handshake, tcp, handshake)
@@ -474,16 +481,20 @@ class Listener:
         peer = _peer_name(tcp)
         stream: trio.abc.Stream = tapped(tcp, f"{self.settings.name} <- {peer}")  # audit only
         reason = None
-        with scope:
-            try:
-                if self.settings.context is not None:
-                    tls = trio.SSLStream(stream, self.settings.context, server_side=True)
-                    with trio.fail_after(self.settings.handshake_timeout):
-                        await tls.do_handshake()
-                    stream = tls
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
-                reason = ("timed out" if isinstance(error, trio.TooSlowError)
-                          else _describe_failure(error))
+        try:
+            with scope:
+                try:
+                    if self.settings.context is not None:
+                        tls = trio.SSLStream(stream, self.settings.context, server_side=True)
+                        with trio.fail_after(self.settings.handshake_timeout):
+                            await tls.do_handshake()
+                        stream = tls
+                except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
+                    reason = ("timed out" if isinstance(error, trio.TooSlowError)
+                              else _describe_failure(error))
+        except BaseException:  # the keep is stopping (its nursery is cancelled): close and go
+            tcp.socket.close()
+            raise
         with contextlib.suppress(ValueError):  # not there once cancelled: it gave way
             self._handshakes.remove(handshake)
         if scope.cancelled_caught:

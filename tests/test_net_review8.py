@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import signal
 import socket
 import ssl
@@ -316,3 +317,23 @@ async def test_an_ipv6_peer_is_named_with_brackets_in_the_listeners_log(
         listener.close()
         nursery.cancel_scope.cancel()
     assert f"TLS handshake with [::1]:{client_port} refused: HTTP_REQUEST" in caplog.text
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::ResourceWarning")
+async def test_connections_waiting_for_a_handshake_slot_are_closed_when_the_keep_stops() -> None:
+    """A connection accepted while every handshake slot was taken, and the one in its handshake,
+    were left to the garbage collector when the listener and the keep stopped ('ResourceWarning:
+    unclosed <socket.socket ...>'): their fds stayed open until then. Both are closed now."""
+    identity = SelfSignedProvider().identity()
+    async with tls_listener(identity, backlog=1, handshake_grace=3600.0) as (listener, port, _):
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD)
+                   for _ in range(2)]
+        with trio.fail_after(HANG_GUARD):  # the first in its handshake, the second accepted
+            while len(listener._handshakes) < 1:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
+    gc.collect()
+    for client in clients:
+        assert client.recv(10) == b""  # closed by the keep
+        client.close()

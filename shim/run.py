@@ -35,10 +35,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import decimal
 import gc
+import math
 import os
 import re
 import signal
+import struct
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,6 +205,7 @@ class RunResult:
     results: tuple[Scalar, ...] = ()
     cache_hit: bool | None = None
     ineffective_faults: tuple[str, ...] = ()  # one line per --fault that changed no call of this run
+    result_types: tuple[str, ...] = ()  # `results`' wasm types ("i32", "f32"...), as printed
 
 
 def run_module(config: RunConfig) -> RunResult:
@@ -247,7 +251,7 @@ async def run_module_async(config: RunConfig) -> RunResult:
             stop.close()
     result = captured.unwrap()
     return RunResult(result.exit_code, result.trap, result.trap_code, result.results, cache_hit,
-                     result.ineffective_faults)
+                     result.ineffective_faults, result.result_types)
 
 
 @contextlib.contextmanager
@@ -374,6 +378,7 @@ class _Outcome:
     trap_code: wasmtime.TrapCode | None = None
     results: tuple[Scalar, ...] = ()
     ineffective_faults: tuple[str, ...] = ()
+    result_types: tuple[str, ...] = ()
 
 
 class _GuestRun:
@@ -455,7 +460,8 @@ class _GuestRun:
             results = call_export(store, target, arguments)
         except ValueError as error:
             raise ModuleError(f"cannot invoke `{config.invoke}`: {error}") from None
-        return _Outcome(0, results=tuple(results))
+        return _Outcome(0, results=tuple(results),
+                        result_types=tuple(str(kind) for kind in target.type(store).results))
 
     def _trapped(self, trap: GuestTrap) -> _Outcome:
         guest = self._guest
@@ -536,15 +542,38 @@ def _parse_invoke_arguments(func_type: wasmtime.FuncType, texts: Sequence[str],
     return values
 
 
-def _print_results(results: Sequence[Scalar]) -> None:
-    """`--invoke`'s return values on stdout, one a line. A stdout that cannot take them (a full
-    disk, a reader that went away) is a one-line KeepError; stdout is then pointed at /dev/null
-    so that the interpreter's last flush does not fail (and complain) a second time."""
+def result_text(value: Scalar, kind: str) -> str:
+    """One `--invoke` result as wasmtime's CLI prints it (Rust's Display): integers in decimal;
+    floats with the shortest digits that give back the value at the result's own width (an f32's
+    0.1 is `0.1`, not its f64 widening 0.10000000149011612), never an exponent, no `.0`, and
+    `NaN`, `inf`, `-inf`."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    digits = repr(value)
+    if kind == "f32":
+        for precision in range(9):  # 9 significant digits always give an f32 back
+            candidate = f"{value:.{precision}e}"
+            with contextlib.suppress(OverflowError):  # rounded up past the largest f32
+                if struct.unpack("<f", struct.pack("<f", float(candidate)))[0] == value:
+                    digits = candidate
+                    break
+    return format(decimal.Decimal(digits).normalize(), "f")
+
+
+def _print_results(results: Sequence[Scalar], kinds: Sequence[str] = ()) -> None:
+    """`--invoke`'s return values on stdout, one a line, spelled by `result_text` (`kinds` are
+    their wasm types). A stdout that cannot take them (a full disk, a reader that went away) is
+    a one-line KeepError; stdout is then pointed at /dev/null so that the interpreter's last
+    flush does not fail (and complain) a second time."""
     if not results:
         return
     try:
-        for value in results:
-            print(value)
+        for index, value in enumerate(results):
+            print(result_text(value, kinds[index] if index < len(kinds) else "f64"))
         sys.stdout.flush()
     except OSError as error:
         with contextlib.suppress(OSError, ValueError):
@@ -651,7 +680,7 @@ def run_command(args: argparse.Namespace) -> int:
         limit = limit_reached(result.trap_code, config)
         if limit is not None:
             say(limit)
-    _print_results(result.results)
+    _print_results(result.results, result.result_types)
     from shim.audit import audited_exit_status
 
     return audited_exit_status(args, config, wire, result.exit_code)

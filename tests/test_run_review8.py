@@ -203,3 +203,26 @@ def test_trace_data_or_a_trace_format_without_trace_is_a_usage_error(
         assert completed.stderr.decode() == f"keep: {option.split('=')[0]} needs --trace[=FILE]\n"
     completed = keep_run(["--trace", "--trace-data", str(wasm_fixture("hello"))], keep_environment)
     assert completed.returncode == 0 and b'data="Hello, world!\\n"' in completed.stderr
+
+
+def test_invoke_prints_floats_as_wasmtime_does(tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`--invoke` printed an f32 result as its f64 widening, 0.1 as 0.10000000149011612 (digits
+    the f32 does not hold), and floats in Python's spelling (1.0, nan, 1e+40) where wasmtime's
+    CLI prints Rust's (1, NaN, 10000000000000000000000000000000000000000). Now each result is
+    printed as wasmtime prints it: the shortest digits that give back the value at its own width,
+    never an exponent."""
+    import wasmtime
+
+    module = tmp_path / "floats.wasm"
+    module.write_bytes(wasmtime.wat2wasm('''(module
+        (func (export "floats") (result f32 f64 f64 f32 f64 f64 f64 f32 i32 i64)
+            f32.const 0.1 f64.const 1.0 f64.const 1e40 f32.const nan f64.const -0.0
+            f64.const 1e-7 f64.const -inf f32.const 3.4028235e38 i32.const -1 i64.const 5)
+        (func (export "half") (param f32) (result f32) local.get 0))'''))
+    completed = keep_run(["--invoke", "floats", str(module)], keep_environment)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.decode().splitlines() == [
+        "0.1", "1", "10000000000000000000000000000000000000000", "NaN", "-0", "0.0000001", "-inf",
+        "340282350000000000000000000000000000000", "-1", "5"]
+    completed = keep_run(["--invoke", "half", str(module), "0.3"], keep_environment)
+    assert completed.stdout == b"0.3\n"

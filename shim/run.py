@@ -612,16 +612,26 @@ def config_from_arguments(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def files_read(args: argparse.Namespace) -> list[tuple[str, str]]:
+def files_read(args: argparse.Namespace, keep_config: KeepConfig | None = None) -> list[tuple[str, str]]:
     """(option, path) of the files `keep run` reads besides the module and the volume images
     (which open_tracer knows by their first bytes): `--trace=FILE` must never empty one of them.
-    The trace is opened before the volumes' key is read, so `--trace=key.bin --key-file key.bin`
-    destroyed the volume's only key, and `--trace=FILE --volume-state FILE` its rollback pins."""
+    The trace is opened before the volumes' key and keep.toml's TLS files are read, so
+    `--trace=key.bin --key-file key.bin` destroyed the volume's only key, `--trace=FILE
+    --volume-state FILE` its rollback pins, and `--trace=key.pem` keep.toml's TLS key."""
     named = []
     for option in ("key_file", "passphrase_file", "volume_state", "config"):
         path = getattr(args, option, None)
         if path is not None and path != "-":  # `--key-file -`: stdin
             named.append((f"--{option.replace('_', '-')}", str(path)))
+    if keep_config is not None:
+        tls = keep_config.tls
+        for key, tls_path in (("certificate", tls.certificate), ("key", tls.key)):
+            if tls_path is not None:
+                named.append((f"keep.toml's tls.{key}", str(tls_path)))
+        for entry in keep_config.files:
+            ca = getattr(entry, "client_ca", None) or getattr(entry, "ca", None)
+            if ca is not None:
+                named.append((f"keep.toml's files {entry.name!r} CA", str(ca)))
     return named
 
 
@@ -649,7 +659,7 @@ def run_command(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if args.trace is not None:
             tracer = stack.enter_context(open_tracer(args.trace, args.trace_format, show_data=args.trace_data,
-                                                     audit=wire, inputs=files_read(args)))
+                                                     audit=wire, inputs=files_read(args, config.keep_config)))
             config = dataclasses.replace(config, trace=tracer)
         if wire is not None:  # trio copies this context into every socket task of the run
             stack.callback(WIRE_TAP.reset, WIRE_TAP.set(wire.record))

@@ -226,3 +226,32 @@ def test_invoke_prints_floats_as_wasmtime_does(tmp_path: Path, keep_environment:
         "340282350000000000000000000000000000000", "-1", "5"]
     completed = keep_run(["--invoke", "half", str(module), "0.3"], keep_environment)
     assert completed.stdout == b"0.3\n"
+
+
+def test_the_trace_file_never_overwrites_the_tls_key_of_keep_toml(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """keep.toml's TLS files are read when the sockets open, after the trace file was opened and
+    emptied: `--trace=key.pem --config keep.toml` (whose [tls] key is key.pem) destroyed the
+    keep's private key, then failed with 'key.pem: holds no PEM private key'."""
+    import trustme
+
+    authority = trustme.CA()
+    server = authority.issue_cert("localhost")
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    server.cert_chain_pems[0].write_to_path(str(certificate))
+    server.private_key_pem.write_to_path(str(key))
+    config = tmp_path / "keep.toml"
+    config.write_text('[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n\n'
+                      '[[files]]\nkind = "stdin"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
+                      '[[files]]\nkind = "listen"\nname = "web"\naddr = "127.0.0.1"\nport = 0\n')
+    before = key.read_bytes(), certificate.read_bytes()
+    for target, what in ((key, "tls.key"), (certificate, "tls.certificate")):
+        completed = keep_run([f"--trace={target}", "--config", str(config), str(wasm_fixture("hello"))],
+                             keep_environment)
+        assert completed.returncode == 2, completed.stderr
+        assert completed.stderr.decode() == (f"keep: --trace={target}: refusing to overwrite the file of "
+                                             f"keep.toml's {what} (give the trace a file name of its own)\n")
+    assert (key.read_bytes(), certificate.read_bytes()) == before
+    completed = keep_run([f"--trace={tmp_path / 'trace.txt'}", "--config", str(config),
+                          str(wasm_fixture("hello"))], keep_environment)
+    assert completed.returncode == 0, completed.stderr

@@ -561,6 +561,23 @@ class _StopSignals:
             signal.signal(number, handler)
 
 
+def _close_after_unmount(volume: Volume, image: str, unmounted: str | None) -> None:
+    """Close the volume (its final commit). When that commit fails after a mount (the host's
+    disk under a sparse image filled up), say so: the storage error alone ('IMG: no space left
+    on device') read as if the unmount had failed or the image were damaged, and not that the
+    changes since the last commit are gone with this process."""
+    try:
+        volume.close()
+    except OSError as error:
+        if unmounted is None:
+            raise
+        reason = str(error.strerror or error)
+        reason = reason[:1].lower() + reason[1:] if not reason[1:2].isupper() else reason
+        raise KeepError(f"unmounted {unmounted}, but the commit at unmount failed: {image}: "
+                        f"{reason} (the image holds generation {volume.state().generation}; "
+                        "later changes are lost)") from None
+
+
 def mount_command(args: argparse.Namespace) -> int:
     """`keep volume mount IMG MOUNTPOINT`: serve in the foreground until unmounted or signalled.
     Storage errors (wrong key, in use, rollback, ...) are translated by the caller."""
@@ -587,7 +604,7 @@ def mount_command(args: argparse.Namespace) -> int:
             print(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})", flush=True)
             trio.run(serve, operations, options, mounted, stops.received)
         finally:
-            volume.close()
+            _close_after_unmount(volume, args.image, mountpoint if mounted.is_set() else None)
     state = volume.state()
     if mounted.is_set():
         outcome = "unchanged (read-only)" if args.read_only else "committed"

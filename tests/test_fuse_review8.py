@@ -6,6 +6,7 @@ unmounted in teardown) and checks with POSIX calls what an operator's tools woul
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -147,3 +148,29 @@ def test_a_second_signal_during_the_final_commit_does_not_lose_the_data(
         mount.stop()
     assert "committed" in mount.output
     assert keep_volume("cat", image, "/data").stdout == payload
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_failed_commit_at_unmount_says_the_changes_are_lost(pristine: Path, tmp_path: Path) -> None:
+    """The image (sparse) lives on a host filesystem that fills up: the commit at unmount fails.
+    It said only 'keep: IMG: no space left on device', which reads as if the unmount had
+    failed or the image were damaged; now it says the mount is gone, the commit failed and
+    which committed generation the image still holds."""
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(host)], check=True)
+    try:
+        image = host / "v.img"
+        subprocess.run(["cp", "--sparse=always", str(pristine), str(image)], check=True)
+        with MountedVolume(image, tmp_path / "mnt", "--commit-interval", "0") as mount:
+            # the host may fill up during the write already: nothing is committed either way
+            with contextlib.suppress(OSError), open(mount.mountpoint / "big", "wb") as sink:
+                sink.write(os.urandom(24 << 20))
+            status = mount.stop()
+        assert status == 1
+        assert mount.errors.strip().splitlines()[-1] == (
+            f"keep: unmounted {mount.mountpoint}, but the commit at unmount failed: {image}: no "
+            "space left on device (the image holds generation 2; later changes are lost)")
+        assert "committed" not in mount.output
+    finally:
+        subprocess.run(["umount", "-l", str(host)], check=False)

@@ -106,6 +106,14 @@ def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> in
     """`target` opened for writing (created 0600, emptied if it is a regular file), or a
     UsageError; an existing volume image or module, or one of the run's `inputs` ((option, path)
     pairs, however the target spells the same file), is refused, not truncated."""
+    for option, path in inputs:  # before opening: O_CREAT would leave an empty file at a path not there yet
+        try:
+            same = os.path.samefile(target, path)
+        except OSError:  # either is missing (or unreadable): compare the spellings
+            same = os.path.realpath(target) == os.path.realpath(path)
+        if same:
+            raise UsageError(f"--trace={target}: refusing to overwrite the file of {option} "
+                             "(give the trace a file name of its own)")
     try:
         descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:
@@ -123,11 +131,6 @@ def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> in
                     if head.startswith(magic):
                         raise UsageError(f"--trace={target}: refusing to overwrite {kind} (give the trace "
                                          "a file name of its own)")
-            for option, path in inputs:
-                with contextlib.suppress(OSError):
-                    if os.path.samestat(opened, os.stat(path)):
-                        raise UsageError(f"--trace={target}: refusing to overwrite the file of {option} "
-                                         "(give the trace a file name of its own)")
             os.ftruncate(descriptor, 0)
     except OSError as error:
         os.close(descriptor)

@@ -53,6 +53,11 @@ def test_the_trace_file_never_overwrites_a_key_a_state_file_or_a_config(
                           "--volume-state", str(state), str(module)], keep_environment)
     assert completed.returncode == 0, completed.stderr
     assert "fd_write(fd=1" in trace.read_text()
+    new_state = tmp_path / "new-state.json"  # not there yet: refused, and not left behind empty
+    completed = keep_run([f"--trace={tmp_path}/./new-state.json", "--volume", str(image), "--key-file",
+                          str(key), "--volume-state", str(new_state), str(module)], keep_environment)
+    assert completed.returncode == 2 and b"refusing to overwrite the file of --volume-state" in completed.stderr
+    assert not new_state.exists()
 
 
 def test_files_too_big_for_the_plugins_volume_are_an_error_not_a_truncated_file(

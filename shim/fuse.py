@@ -466,6 +466,7 @@ async def serve(operations: FuseOperations, options: MountOptions,
         except RuntimeError as error:
             raise KeepError(f"cannot mount on {options.mountpoint}: {error} "
                             "(no FUSE permission? see the message above)") from None
+        ours = _mount_entry(options.mountpoint)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signals, signals)
@@ -478,7 +479,30 @@ async def serve(operations: FuseOperations, options: MountOptions,
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            _clear_aborted_mount(options.mountpoint, ours)
             operations.release_all()
+
+
+def _clear_aborted_mount(mountpoint: str, ours: MountEntry | None) -> None:
+    """After `pyfuse3.close`: if our mount is still there, its connection was aborted (through
+    /sys/fs/fuse/connections, which pyfuse3 then does not unmount): detach the dead mount
+    point, which otherwise stayed ("Transport endpoint is not connected") while the process
+    said it had unmounted. Only the same device (FUSE devices are unique while mounted)."""
+    if ours is None or _mount_entry(mountpoint) != ours:
+        return
+    result = subprocess.run(_unmount_command(mountpoint, lazy=True), capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        log.error("cannot clear the aborted mount on %s: %s", mountpoint,
+                  result.stderr.strip() or f"exit status {result.returncode}")
+
+
+def _unmount_command(mountpoint: str, *, lazy: bool = False) -> list[str]:
+    """fusermount3 -u (as any user may), else umount; `lazy` detaches a busy or dead one."""
+    tool = shutil.which("fusermount3")
+    if tool:
+        return [tool, "-u", *(["-z"] if lazy else []), mountpoint]
+    return ["umount", *(["-l"] if lazy else []), mountpoint]
 
 
 async def _raise_read_ahead(mountpoint: str) -> None:
@@ -679,9 +703,7 @@ def umount_command(args: argparse.Namespace) -> int:
     if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
     source = entry.source
-    tool = shutil.which("fusermount3")
-    command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise KeepError(f"cannot unmount {args.mountpoint}: {message}")

@@ -174,3 +174,36 @@ def test_a_failed_commit_at_unmount_says_the_changes_are_lost(pristine: Path, tm
         assert "committed" not in mount.output
     finally:
         subprocess.run(["umount", "-l", str(host)], check=False)
+
+
+@contextlib.contextmanager
+def _fuse_connections() -> Iterator[Path]:
+    """/sys/fs/fuse/connections (fusectl), mounted for the block if it is not already."""
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = False
+    if not os.path.ismount(connections):
+        result = subprocess.run(["mount", "-t", "fusectl", "none", str(connections)],
+                                capture_output=True, check=False)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount fusectl: {result.stderr.decode().strip()}")
+        mounted_here = True
+    try:
+        yield connections
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], check=False)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="aborting a FUSE connection needs root")
+def test_an_aborted_connection_leaves_no_dead_mount_behind(quiet_mount: MountedVolume) -> None:
+    """The operator aborts a (hung) mount through fusectl: the process ended, printed
+    'unmounted MNT; ... committed', and left a dead mount point ('Transport endpoint is not
+    connected'), as pyfuse3 does not unmount an aborted connection. The process clears it."""
+    (quiet_mount.mountpoint / "kept").write_text("kept")
+    device = os.stat(quiet_mount.mountpoint).st_dev
+    with _fuse_connections() as connections:
+        (connections / str(device) / "abort").write_text("1")
+        assert quiet_mount.wait() == 0, quiet_mount.errors
+    assert not _is_mounted(quiet_mount.mountpoint)
+    assert os.listdir(quiet_mount.mountpoint) == []  # the empty directory again
+    assert keep_volume("cat", quiet_mount.image, "/kept").stdout == b"kept"

@@ -60,7 +60,7 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
-from shim.errors import KeepError
+from shim.errors import KeepError, point_at_devnull
 from shim.keys import KeySource, read_key
 from storage.errors import IntegrityError
 from storage.fs import Attr, Filesystem
@@ -585,6 +585,16 @@ class _StopSignals:
             signal.signal(number, handler)
 
 
+def _report(line: str) -> None:
+    """A status line on stdout. If its reader has gone (`keep volume mount ... | head -1`), the
+    line is dropped: the EPIPE came after the final commit and was reported as 'IMG: broken
+    pipe' with exit status 1, as if the image were damaged."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        point_at_devnull(sys.stdout.fileno())  # the interpreter's last flush goes nowhere too
+
+
 def _close_after_unmount(volume: Volume, image: str, unmounted: str | None) -> None:
     """Close the volume (its final commit). When that commit fails after a mount (the host's
     disk under a sparse image filled up), say so: the storage error alone ('IMG: no space left
@@ -625,14 +635,14 @@ def mount_command(args: argparse.Namespace) -> int:
         try:
             state = volume.state()
             mode = "read-only" if args.read_only else "read-write"
-            print(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})", flush=True)
+            _report(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})")
             trio.run(serve, operations, options, mounted, stops.received)
         finally:
             _close_after_unmount(volume, args.image, mountpoint if mounted.is_set() else None)
     state = volume.state()
     if mounted.is_set():
         outcome = "unchanged (read-only)" if args.read_only else "committed"
-        print(f"unmounted {mountpoint}; {args.image} {outcome}: {_describe(state)}", flush=True)
+        _report(f"unmounted {mountpoint}; {args.image} {outcome}: {_describe(state)}")
     return 0
 
 

@@ -207,3 +207,34 @@ def test_an_aborted_connection_leaves_no_dead_mount_behind(quiet_mount: MountedV
     assert not _is_mounted(quiet_mount.mountpoint)
     assert os.listdir(quiet_mount.mountpoint) == []  # the empty directory again
     assert keep_volume("cat", quiet_mount.image, "/kept").stdout == b"kept"
+
+
+def test_a_mount_whose_stdout_reader_went_away_still_ends_cleanly(pristine: Path, tmp_path: Path) -> None:
+    """`keep volume mount IMG MNT | head -1`: the reader of stdout is gone by the unmount. The
+    final line failed with EPIPE after the commit, reported as 'keep: IMG: broken pipe' (the
+    image sounded damaged) with exit status 1. The line is dropped; the exit status is 0."""
+    image = fresh_image(pristine, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
+         "--passphrase-env", "KEEP_TEST_KEY"],
+        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith(b"mounting ")  # as `head -1` reads it
+        process.stdout.close()
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not _is_mounted(mountpoint):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        (mountpoint / "kept").write_text("kept")
+        assert keep_volume("umount", mountpoint, passphrase=None).returncode == 0
+        assert process.wait(timeout=UNMOUNT_TIMEOUT) == 0, process.stderr.read().decode()
+        assert process.stderr.read() == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        force_unmount(mountpoint)
+    assert keep_volume("cat", image, "/kept").stdout == b"kept"

@@ -442,9 +442,15 @@ class Filesystem:
                     def flushed() -> T:
                         self._cursor.executemany("UPDATE inodes SET mtime = ?, ctime = ? WHERE ino = ?",
                                                  [(mtime, ctime, ino) for ino, (mtime, ctime) in times.items()])
+                        # in SQLite now: the attributes `work` reads (and returns) must not have
+                        # them laid over its own changes once more
+                        self._times = {}
                         return work()
-                    result = self._transaction(flushed)
-                    self._times = {}
+                    try:
+                        result = self._transaction(flushed)
+                    except BaseException:
+                        self._times = times  # rolled back: still pending
+                        raise
                     if self._vfs.extra:
                         self._vfs.set_extra(b"")  # same hold: no commit sees SQLite and these apart
                     return result

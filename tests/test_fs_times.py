@@ -7,6 +7,7 @@ commit's metadata then), and reach SQLite at the next changing operation.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from storage.errors import FilesystemError
 from storage.fs import ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -68,6 +72,38 @@ def test_explicit_mtime_after_overwrite_wins(tmp_path: Path) -> None:
         fs.fsync()
     with open_volume(image, volume_key=key) as volume:
         assert volume.fs.getattr(ino).mtime_ns == OLD_NS + 5
+
+
+def test_changes_after_an_overwrite_return_their_own_times(tmp_path: Path) -> None:
+    """setattr and link return the attributes as they now are: an earlier in-place write's
+    pending times are written out first, and must not be laid over the change's own (the FUSE
+    mount replies with these, and the kernel caches the reply)."""
+    image = tmp_path / "t.img"
+    key = _make(image, 1)
+    with open_volume(image, volume_key=key) as volume:
+        fs = volume.fs
+        ino = fs.lookup(ROOT_INODE, b"f000").ino
+        fs.write(ino, 0, b"y" * 4096)  # times pending in memory
+        returned = fs.setattr(ino, mtime_ns=OLD_NS + 7)
+        assert returned.mtime_ns == OLD_NS + 7
+        assert returned == fs.getattr(ino)
+        fs.write(ino, 0, b"w" * 4096)
+        written = fs.getattr(ino)
+        linked = fs.link(ino, ROOT_INODE, b"again")
+        assert linked.nlink == 2 and linked.ctime_ns >= written.ctime_ns
+        assert linked == fs.getattr(ino)
+        fs.write(ino, 0, b"v" * 4096)
+        chmodded = fs.setattr(ino, mode=0o600)
+        assert chmodded == fs.getattr(ino) and chmodded.mode & 0o777 == 0o600
+        fs.write(ino, 0, b"u" * 4096)
+        pending = fs.getattr(ino)
+        with pytest.raises(FilesystemError) as failed:  # a change that fails: rolled back ...
+            fs.link(ino, ROOT_INODE, b"again")
+        assert failed.value.errno == errno.EEXIST
+        assert fs.getattr(ino) == pending  # ... and the write's times are still pending
+        fs.fsync()
+    with open_volume(image, volume_key=key) as volume:
+        assert volume.fs.getattr(ino) == pending
 
 
 _CRASHER = textwrap.dedent("""

@@ -139,7 +139,12 @@ def fill(root: Directory, files: FileTree | Path | str) -> None:
         return
     for name, contents in files.items():
         parts = _split(name)
-        data = contents.encode() if isinstance(contents, str) else bytes(contents)
+        if isinstance(contents, str):
+            data = contents.encode()
+        elif isinstance(contents, bytes | bytearray | memoryview):
+            data = bytes(contents)
+        else:  # bytes(3) would be three NUL bytes, not "3"
+            raise TypeError(f"files: {name!r} must be bytes or str, not {type(contents).__name__}")
         _write(_subdirectory(root, parts[:-1]), parts[-1], data)
 
 

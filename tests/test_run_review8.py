@@ -260,3 +260,14 @@ def test_the_trace_file_never_overwrites_the_tls_key_of_keep_toml(
     completed = keep_run([f"--trace={tmp_path / 'trace.txt'}", "--config", str(config),
                           str(wasm_fixture("hello"))], keep_environment)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_files_contents_that_are_not_bytes_or_text_are_refused(wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """`files={"count.txt": 3}` gave the guest three NUL bytes (bytes(3)), not "3": the contents
+    went through bytes() whatever they were. Contents must now be bytes-like or str; anything else
+    is a TypeError naming the file."""
+    with pytest.raises(TypeError, match=r"files: 'count.txt' must be bytes or str, not int"):
+        keep(wasm_fixture("hello"), files={"count.txt": 3}, directory="memfs")  # type: ignore[dict-item]
+    result = keep(wasm_fixture("hello"), files={"a.bin": bytearray(b"ab"), "b.bin": memoryview(b"cd"),
+                                                "c.txt": "é"}, directory="memfs")  # type: ignore[dict-item]
+    assert result.files == {"a.bin": b"ab", "b.bin": b"cd", "c.txt": "é".encode()}

@@ -546,13 +546,14 @@ def _describe(state: VolumeState) -> str:
 
 
 def _fsname(image: str) -> str:
-    """The image's absolute path in /proc/mounts (so `umount` can wait for it), when the mount
-    option syntax allows it: a comma separates options and a backslash escapes; whitespace
-    is fine (mountinfo writes it as octal escapes, which `_mount_entry` decodes)."""
-    path = os.path.abspath(image)
-    if any(character in path for character in ",\\"):
-        return "keep"
-    return f"keep:{path}"
+    """The image's absolute path in /proc/mounts (so `umount` can wait for it). Mount options
+    are ASCII (pyfuse3 encodes them so: an 'é' raised UnicodeEncodeError) and libfuse splits
+    them at commas, so every byte outside printable ASCII, the comma and the backslash travel
+    as libfuse's octal escapes (\\ooo), which it decodes; mountinfo shows the path again (with
+    whitespace and backslashes as octal escapes, which `_mount_entry` decodes)."""
+    path = os.fsencode(os.path.abspath(image))
+    return "keep:" + "".join(chr(byte) if 0x20 < byte < 0x7F and byte not in b",\\" else f"\\{byte:03o}"
+                             for byte in path)
 
 
 class _StopSignals:

@@ -75,10 +75,18 @@ def force_unmount(mountpoint: Path) -> None:
 
 
 def _is_mount(mountpoint: Path) -> bool:
-    text = Path("/proc/self/mountinfo").read_text()
+    # surrogateescape: another mount's path may not be UTF-8
+    text = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
     real = os.path.realpath(mountpoint)  # the kernel mounts on a symlink's target
     escaped = real.replace("\\", "\\134").replace(" ", "\\040")  # as mountinfo writes it
     return any(line.split()[4] == escaped for line in text.splitlines())
+
+
+def mount_source(mountpoint: Path) -> str:
+    """The source of what is mounted on `mountpoint`, as mountinfo writes it (octal escapes)."""
+    text = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
+    line = next(row for row in text.splitlines() if row.split()[4] == str(mountpoint))
+    return line.split(" - ", 1)[1].split()[1]
 
 
 class MountedVolume:

@@ -298,6 +298,8 @@ class KeepRunner:
         for option, value in (("args", args), ("faults", faults)):
             if isinstance(value, str):  # a str is a Sequence[str] too: of its letters
                 raise TypeError(f"{option}= takes a list of strings, not a str ({option}={[value]!r})")
+        if timeout is not None and not timeout > 0:  # (RunConfig would say --timeout, after the volume is made)
+            raise ValueError(f"timeout= must be a positive number of seconds or None, not {timeout!r}")
         for name, text in (env or {}).items():
             if not isinstance(name, str) or not isinstance(text, str):
                 raise TypeError(f"env= takes str names and values: {name!r}: {text!r}")

@@ -271,3 +271,12 @@ def test_files_contents_that_are_not_bytes_or_text_are_refused(wasm_fixture: Was
     result = keep(wasm_fixture("hello"), files={"a.bin": bytearray(b"ab"), "b.bin": memoryview(b"cd"),
                                                 "c.txt": "é"}, directory="memfs")  # type: ignore[dict-item]
     assert result.files == {"a.bin": b"ab", "b.bin": b"cd", "c.txt": "é".encode()}
+
+
+def test_a_bad_timeout_for_the_fixture_is_worded_for_the_fixture(wasm_fixture: WasmFixture, keep: KeepRunner) -> None:
+    """`keep(..., timeout=0)` failed with keep run's usage error, '--timeout must be a positive
+    number of seconds', an option the test never used, and only after the guest's volume had been
+    made and filled. Now a ValueError naming `timeout=`, before anything is built."""
+    for bad in (0, -1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^timeout= must be a positive number of seconds or None"):
+            keep(wasm_fixture("hello"), timeout=bad)

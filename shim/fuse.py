@@ -665,7 +665,9 @@ def _mount_entry(mountpoint: str) -> MountEntry | None:
     """What is mounted on `mountpoint` (the last, topmost mount there), or None; read from
     /proc/self/mountinfo, as a stat of a FUSE mount point would ask its (maybe dead) server."""
     found = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as table:
+    # surrogateescape: any path's bytes (another mount's may not be UTF-8), as os.fsdecode
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8",
+                                            errors="surrogateescape") as table:
         for line in table:
             fields = line.split()
             if len(fields) > 4 and _unescape(fields[4]) == mountpoint and " - " in line:

@@ -259,3 +259,49 @@ def test_an_image_path_of_any_characters_mounts_and_umount_waits_for_it(
         # it waited for the mount process to commit and let go of the image
         assert umounted.returncode == 0 and keep_volume("cat", image, "/x").stdout == b"x", umounted
         assert mount.stop() == 0
+
+
+_ODD_MOUNT_SCRIPT = """
+import os, subprocess, sys, time
+odd, image, mountpoint = map(os.fsencode, sys.argv[1:4])
+subprocess.run([b"mount", b"-t", b"tmpfs", b"-o", b"size=1m", b"tmpfs", odd], check=True)
+keep = [sys.executable, "-m", "shim", "volume"]
+mount = subprocess.Popen([*keep, "mount", image, mountpoint, "--passphrase-env", "KEEP_TEST_KEY"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+while b" " + mountpoint + b" " not in open("/proc/self/mountinfo", "rb").read():
+    if mount.poll() is not None:
+        sys.exit("the mount ended at once: " + mount.stderr.read().decode())
+    time.sleep(0.02)
+time.sleep(1.0)  # the mount's read-ahead task has read mountinfo (it starts at 0.1 s)
+try:
+    with open(mountpoint + b"/x", "w") as sink:
+        sink.write("x")
+except OSError as error:
+    mount.wait(timeout=60)
+    sys.exit(f"write: {error}; the mount said: {mount.stderr.read().decode()}")
+umount = subprocess.run([*keep, "umount", mountpoint], capture_output=True)
+print(umount.returncode, umount.stderr.decode().strip(), mount.wait(timeout=60))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare (a tmpfs in a private mount namespace)")
+def test_a_mount_point_elsewhere_that_is_not_utf8_breaks_neither_mount_nor_umount(
+        pristine: Path, tmp_path: Path) -> None:
+    """Any mount on the machine whose path is not UTF-8 (here a tmpfs on '\\xff') made reading
+    /proc/self/mountinfo raise UnicodeDecodeError: the mount process's read-ahead task died
+    with it, which took the new mount down at once (the write met ENOTCONN), and `keep volume
+    umount` was an internal error. mountinfo is now read with surrogateescape, as os.fsdecode
+    reads paths. (In a private mount namespace: other tests' mountinfo stays as it was.)"""
+    image = fresh_image(pristine, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/\xff")
+    os.mkdir(odd)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _ODD_MOUNT_SCRIPT,
+         odd, str(image), str(mountpoint)],
+        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().split() == ["0", "0"]
+    assert keep_volume("cat", image, "/x").stdout == b"x"

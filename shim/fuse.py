@@ -5,8 +5,9 @@ Theory of operation
 `FuseOperations` is a `pyfuse3.Operations` subclass over the inode-level `storage.fs.Filesystem`
 (whose API was shaped after pyfuse3's, so most handlers are one call). It runs on trio through
 `pyfuse3.main()`. Storage errors are `OSError`s carrying an errno; `_storage_errors` is the one
-place that turns them into `FUSEError(errno)` (an `IntegrityError` is EIO and logged; any other
-exception is a bug: logged with its traceback and answered with EIO, so the mount stays up).
+place that turns them into `FUSEError(errno)` (an `IntegrityError` is EIO and logged, as is a
+failure of the host under the image; any other exception is a bug: logged with its traceback
+and answered with EIO, so the mount stays up).
 
 Storage is synchronous and is called inline, on the trio thread, without a worker thread.
 Why: the volume is one non-thread-safe instance, so FUSE requests could only ever run one at a
@@ -62,7 +63,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from shim.errors import KeepError, point_at_devnull
 from shim.keys import KeySource, read_key
-from storage.errors import IntegrityError
+from storage.errors import FilesystemError, IntegrityError, NoSpace
 from storage.fs import Attr, Filesystem
 from storage.integrity import VolumeState
 from storage.volume import Volume, open_volume
@@ -92,8 +93,13 @@ def _storage_errors(operation: str) -> Iterator[None]:
     except IntegrityError as error:
         log.error("integrity failure during %s: %s (answered EIO)", operation, error)
         raise FUSEError(errno.EIO) from None
-    except OSError as error:
+    except (FilesystemError, NoSpace) as error:  # the filesystem's answers: ENOENT, ENOSPC...
         raise FUSEError(error.errno or errno.EIO) from None
+    except OSError as error:  # the host's (its disk failed, the image was cut short...)
+        code = error.errno or errno.EIO
+        log.error("host failure during %s: %s (answered %s)", operation, error,
+                  errno.errorcode.get(code, code))
+        raise FUSEError(code) from None
     except Exception:
         log.exception("internal error during %s (answered EIO)", operation)
         raise FUSEError(errno.EIO) from None

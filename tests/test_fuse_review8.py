@@ -7,6 +7,7 @@ unmounted in teardown) and checks with POSIX calls what an operator's tools woul
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -305,3 +306,24 @@ def test_a_mount_point_elsewhere_that_is_not_utf8_breaks_neither_mount_nor_umoun
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().split() == ["0", "0"]
     assert keep_volume("cat", image, "/x").stdout == b"x"
+
+
+def test_a_host_failure_is_eio_and_logged(pristine: Path, tmp_path: Path) -> None:
+    """The host truncates the image under the mount: reads of the lost sectors are EIO, as for
+    a tampered sector, but only an integrity failure was logged; a short read of the image (or
+    any error of the host's disk) reached the application as a bare EIO and the operator had
+    no word of why. It is logged as a host failure, with storage's message."""
+    image = fresh_image(pristine, tmp_path)
+    with MountedVolume(image, tmp_path / "mnt", "--commit-interval", "0") as mount:
+        path = mount.mountpoint / "big"
+        with open(path, "w+b") as handle:
+            handle.write(os.urandom(20 << 20))
+            os.fsync(handle.fileno())
+            os.truncate(image, 10 << 20)
+            # the kernel's cached pages of the file go, so the read reaches the mount
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            with pytest.raises(OSError) as failed:
+                os.pread(handle.fileno(), 20 << 20, 0)
+        assert failed.value.errno == errno.EIO
+        mount.stop()
+    assert "host failure during read: " in mount.errors and "(answered EIO)" in mount.errors

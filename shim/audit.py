@@ -13,8 +13,8 @@ then searches everything the host can see for it, in the forms plaintext usually
 Places: the image files of the volumes the run used, the compile-cache directory, host
 directories given with --dir (plaintext by design: a finding there is expected and still
 reported, so a leak test that wants none must not use --dir), the trace file (or a trace on
-stderr, a pipe or a terminal, as it is written), and the bytes that crossed the host's sockets as the network layer saw
-them (a `WireRecorder`, when the run's sockets were tapped). In a directory the host sees names
+stderr, a pipe or a terminal, as it is written), and the bytes that crossed the host's sockets
+as the network layer saw them (a `WireRecorder`, when the run's sockets were tapped). In a directory the host sees names
 as well as contents, so the names of files, directories and symlinks below it and the targets of
 its symlinks are searched too. Files are read in chunks with an overlap, so a marker across a
 chunk boundary is found.

@@ -593,12 +593,13 @@ class _StopSignals:
 
 
 def _report(line: str) -> None:
-    """A status line on stdout. If its reader has gone (`keep volume mount ... | head -1`), the
-    line is dropped: the EPIPE came after the final commit and was reported as 'IMG: broken
-    pipe' with exit status 1, as if the image were damaged."""
+    """A status line on stdout. If stdout cannot take it (its reader has gone: `keep volume
+    mount ... | head -1`; its terminal hung up, whose SIGHUP unmounted), the line is dropped:
+    the EPIPE or EIO came after the final commit and was reported as 'IMG: broken pipe' or
+    'IMG: input/output error' with exit status 1, as if the image had failed."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError:
         point_at_devnull(sys.stdout.fileno())  # the interpreter's last flush goes nowhere too
 
 

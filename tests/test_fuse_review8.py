@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -327,3 +328,38 @@ def test_a_host_failure_is_eio_and_logged(pristine: Path, tmp_path: Path) -> Non
         assert failed.value.errno == errno.EIO
         mount.stop()
     assert "host failure during read: " in mount.errors and "(answered EIO)" in mount.errors
+
+
+def test_a_mount_whose_terminal_hung_up_still_ends_cleanly(pristine: Path, tmp_path: Path) -> None:
+    """The terminal window of a foreground mount is closed: SIGHUP unmounts and commits, and
+    then the final line met EIO on the hung-up terminal, reported as 'keep: IMG: input/output
+    error' with exit status 1, as if the image had failed. The line is dropped; exit 0."""
+    image = fresh_image(pristine, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
+         "--passphrase-env", "KEEP_TEST_KEY"],
+        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not _is_mounted(mountpoint):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert os.read(master, 4096).startswith(b"mounting ")
+        os.close(master)  # the terminal hangs up: writes to it now fail with EIO
+        master = -1
+        (mountpoint / "kept").write_text("kept")
+        process.send_signal(signal.SIGHUP)
+        _, errors = process.communicate(timeout=UNMOUNT_TIMEOUT)
+        assert (process.returncode, errors) == (0, b"")
+    finally:
+        if master >= 0:
+            os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        force_unmount(mountpoint)
+    assert keep_volume("cat", image, "/kept").stdout == b"kept"

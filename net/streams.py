@@ -34,9 +34,10 @@ must not mistake for a clean end), BrokenPipeError when writing after the write 
 Half-close: `shutdown_write` drains the send buffer, then sends TLS close_notify once (SSL_shutdown
 without waiting for the peer's reply, as trio's own `aclose` does) and keeps receiving.
 
-Close: `close` lets queued data and close_notify leave, but within CLOSE_TIMEOUT (a deadline on a
-cancel scope around the writer, set from the trio thread): a peer that stops reading must not
-keep a closed connection, its tasks and its fd for the rest of the keep's life.
+Close: `close` lets queued data and close_notify leave, as close(2) does, while the peer keeps
+reading: a deadline on a cancel scope around the writer, CLOSE_TIMEOUT from the close and again
+from every chunk handed on since. A peer that stops reading must not keep a closed connection,
+its tasks and its fd for the rest of the keep's life; a slow one still gets everything.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ class Connection:
 
     def close(self) -> None:
         """Like close(2) on a socket: queued data is still sent, then the stream is closed; what
-        has not left within CLOSE_TIMEOUT (a peer that stopped reading) is dropped."""
+        cannot leave because the peer read nothing for CLOSE_TIMEOUT is dropped."""
         with self._lock:
             self._close_requested = True
             self._read_shut = True
@@ -326,6 +327,8 @@ class Connection:
             try:
                 if chunk:
                     await self._stream.send_all(chunk)
+                    if closing:  # progress: the peer is still reading (see `close`)
+                        self._close_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 elif shut:
                     await self._send_end_of_stream()
                     if closing:
@@ -389,6 +392,7 @@ class Listener:
         self._nursery = nursery
         self._lock = threading.Lock()
         self._ready: deque[Connection] = deque()
+        self._connections: set[Connection] = set()  # every one still running (trio thread only)
         # Handshakes in progress, oldest first, with their start times (trio thread only).
         self._handshakes: deque[tuple[float, trio.CancelScope]] = deque()
         self._closed = False
@@ -425,6 +429,14 @@ class Listener:
         for connection in pending:
             connection.close()
         self._board.changed_from_thread()
+
+    def close_connections(self) -> None:
+        """From the trio thread, when the keep's network ends: close every connection this
+        listener made, the guest's accepted ones too, as a process's exit closes its sockets
+        (queued data still leaves, see `Connection.close`)."""
+        self.close()
+        for connection in list(self._connections):
+            connection.close()
 
     async def serve(self) -> None:
         """Accept until closed. Run as a task in the keep's nursery; the listening sockets are
@@ -516,7 +528,11 @@ class Listener:
         if closed:
             connection.close()
         self._board.changed()
-        await connection.run()
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
 
 
 async def _open_tcp(host: str, port: int) -> trio.SocketStream:

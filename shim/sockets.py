@@ -71,7 +71,8 @@ from wasi_host._guest import GuestStopped
 
 log = logging.getLogger("keep.net")
 
-STOP_GRACE_SECONDS = 2.0  # for queued data and close_notify to leave when the keep stops
+STOP_GRACE_SECONDS = 2.0  # for queued data and close_notify to leave when the keep is stopped
+DRAIN_LIMIT_SECONDS = 120.0  # after a guest that ended by itself (see open_keep_network)
 SIGNAL_GRACE_SECONDS = 5.0  # after Ctrl-C, for the guest to end (and the sockets to close)
 
 
@@ -344,8 +345,8 @@ def _translate(error: NetError) -> NetworkError:
 async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = None,
                             provider: CertificateProvider | None = None
                             ) -> AsyncIterator[KeepNetwork]:
-    """Open every keep.toml socket; on exit close them (queued data and close_notify get
-    `STOP_GRACE_SECONDS` to leave) and stop their tasks."""
+    """Open every keep.toml socket; on exit close them and stop their tasks once queued data
+    and close_notify have left (or, when the keep was stopped, after `STOP_GRACE_SECONDS`)."""
     policy = policy or NetworkPolicy()
     entries = config.sockets
     # The TLS private key, session keys and every socket's plaintext are about to be in this
@@ -394,12 +395,19 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
                 yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners, bridge)
             except BaseException as error:  # the guest run's own outcome, re-raised below
                 failure = error
+            stopped = bridge.stopping or failure is not None  # a signal, --timeout, an error
             bridge.stopping = True
             for socket in sockets:
                 socket.close()
+            for listener in listeners.values():  # and what the guest accepted and left open
+                listener.close_connections()
             board.changed()
-            with trio.move_on_after(STOP_GRACE_SECONDS) as scope:
-                scope.shield = True  # queued data and close_notify get a moment to leave
+            # A guest that ended by itself leaves its queued data to go out as a process's does
+            # after exit(2): each connection until sent, or until its peer reads nothing for
+            # CLOSE_TIMEOUT (net.streams). A stopped keep gives it a moment only.
+            grace = STOP_GRACE_SECONDS if stopped else DRAIN_LIMIT_SECONDS
+            with trio.move_on_after(grace) as scope:
+                scope.shield = True
                 await board.wait_until(lambda: board.live_connections == 0)
         nursery.cancel_scope.cancel()
     if failure is not None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fixture_build import WasmFixture
-from keep_net import KEEP_COMMAND, STDIO, free_port, keep_env, listen_entry, run_keep_sync
+from keep_net import (
+    KEEP_COMMAND,
+    STDIO,
+    free_port,
+    keep_env,
+    listen_entry,
+    run_keep_sync,
+    start_listening_keep,
+)
 
 import net.streams
 from net.errors import ConnectFailed
@@ -39,6 +48,7 @@ from net.tls import (
     client_context,
     server_context,
 )
+from shim.sockets import STOP_GRACE_SECONDS
 
 HANG_GUARD = 30.0  # what a test waits before it calls a hang a failure (not a timing check)
 
@@ -337,3 +347,38 @@ async def test_connections_waiting_for_a_handshake_slot_are_closed_when_the_keep
     for client in clients:
         assert client.recv(10) == b""  # closed by the keep
         client.close()
+
+
+async def test_a_guest_that_sends_and_exits_leaves_a_slow_reader_its_whole_answer(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """A one-shot server sends its answer, closes and exits; its client reads slowly. The keep
+    gave the data still queued inside it STOP_GRACE_SECONDS (2 s) after the guest ended, then cut
+    the connection: the client lost the tail and got a TLS truncation (UNEXPECTED_EOF, 950,272 of
+    1,000,000 bytes at 80 KB/s). A native process's unsent data is delivered by the kernel after it
+    exits; the keep now lets it leave as after close(2), bounded by CLOSE_TIMEOUT without progress."""
+    size = 2_000_000
+    async with trio.open_nursery() as nursery:
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_send_exit"), "web",
+                                          [str(size)], keep_env(keep_environment))
+        context = keep.client_context()
+
+        def slow_client() -> tuple[int, str]:
+            raw = socket.create_connection(("127.0.0.1", keep.port), timeout=HANG_GUARD)
+            received, outcome = 0, "clean end"
+            with context.wrap_socket(raw, server_hostname="localhost",
+                                     suppress_ragged_eofs=False) as tls:
+                try:
+                    while "sent" not in keep.stdout:  # read slowly until the guest has exited
+                        received += len(tls.recv(16384))
+                        time.sleep(0.01)
+                    time.sleep(STOP_GRACE_SECONDS + 1)  # then a pause
+                    while data := tls.recv(65536):
+                        received += len(data)
+                except (OSError, ssl.SSLError) as error:
+                    outcome = repr(error)
+            return received, outcome
+
+        received, outcome = await trio.to_thread.run_sync(slow_client)
+        assert await keep.finish() == 0
+    assert (received, outcome) == (size, "clean end")
+    assert keep.stdout == f"sent {size}\n"

@@ -87,6 +87,7 @@ class _Bridge:
         self.token = token
         self.board = board
         self.stopping = False
+        self.stop_requests = 0  # KeepNetwork.stop calls: one during the final drain ends it
 
     def block_until(self, ready: Callable[[], bool]) -> None:
         """Block this (non-trio) thread until `ready()`; ECANCELED once the keep is stopping."""
@@ -326,8 +327,10 @@ class KeepNetwork:
     bridge: _Bridge
 
     def stop(self) -> None:
-        """From the trio thread: every blocked and later socket call fails with ECANCELED."""
+        """From the trio thread: every blocked and later socket call fails with ECANCELED; once
+        the guest has ended, the wait for its connections to drain ends too."""
         self.bridge.stopping = True
+        self.bridge.stop_requests += 1
         self.bridge.board.changed()
 
 
@@ -406,9 +409,11 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
             # after exit(2): each connection until sent, or until its peer reads nothing for
             # CLOSE_TIMEOUT (net.streams). A stopped keep gives it a moment only.
             grace = STOP_GRACE_SECONDS if stopped else DRAIN_LIMIT_SECONDS
+            requests = bridge.stop_requests
             with trio.move_on_after(grace) as scope:
-                scope.shield = True
-                await board.wait_until(lambda: board.live_connections == 0)
+                scope.shield = True  # Ctrl-C meanwhile (a stop request) ends the wait
+                await board.wait_until(lambda: board.live_connections == 0
+                                       or bridge.stop_requests != requests)
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure

@@ -382,3 +382,30 @@ async def test_a_guest_that_sends_and_exits_leaves_a_slow_reader_its_whole_answe
         assert await keep.finish() == 0
     assert (received, outcome) == (size, "clean end")
     assert keep.stdout == f"sent {size}\n"
+
+
+async def test_ctrl_c_while_the_keep_drains_a_finished_guests_connections_exits_130(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """The drain that the test above needs must give way to the operator: Ctrl-C while a reader
+    that stopped reading holds it ended the keep only through the signal fallback 5 s later,
+    killed by SIGINT without its exit status. It ends the drain at once now: exit 130."""
+    async with trio.open_nursery() as nursery:
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_send_exit"), "web",
+                                          ["2000000"], keep_env(keep_environment))
+        context = keep.client_context()
+
+        def read_until_the_guest_is_gone() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", keep.port), timeout=HANG_GUARD)
+            tls = context.wrap_socket(raw, server_hostname="localhost")
+            while "sent" not in keep.stdout:
+                tls.recv(16384)
+                time.sleep(0.01)
+            return tls  # open, and read no more: its data holds the drain
+
+        tls = await trio.to_thread.run_sync(read_until_the_guest_is_gone)
+        try:
+            keep.process.send_signal(signal.SIGINT)
+            assert await keep.finish() == 130
+        finally:
+            tls.close()
+    assert "Traceback" not in keep.stderr

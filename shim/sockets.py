@@ -37,6 +37,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import outcome
 import trio
@@ -355,7 +356,7 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
     # The TLS private key, session keys and every socket's plaintext are about to be in this
     # process: a crash or SIGQUIT must not write them to the host's disk in a core file.
     forbid_core_dumps()
-    _refuse_export_over_key(config)
+    _refuse_export_over_inputs(config)
     try:
         for entry in entries:
             policy.check(entry.name, entry.prot, entry_allows_plaintext=entry.insecure_plaintext)
@@ -419,20 +420,30 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
         raise failure
 
 
-def _refuse_export_over_key(config: KeepConfig) -> None:
-    """NetworkError when `export_certificate` names the configured key file (`certificate = key =
-    "combined.pem"`, and the same name for the export): the export replaces the file with the
-    certificate alone, which would destroy the owner's private key."""
-    export, key = config.tls.export_certificate, config.tls.key
-    if export is None or key is None:
+def _refuse_export_over_inputs(config: KeepConfig) -> None:
+    """NetworkError when `export_certificate` names a file the keep reads: the configured key
+    (`certificate = key = "combined.pem"` and the same name for the export would destroy the
+    owner's private key), a listener's `client_ca` or a connect entry's `ca` (replaced by the
+    keep's own certificate, the next start would trust the keep instead of that CA)."""
+    export = config.tls.export_certificate
+    if export is None:
         return
-    try:
-        same = os.path.samefile(export, key)
-    except OSError:  # one of them does not exist (yet): compare the names
-        same = os.path.abspath(export) == os.path.abspath(key)
-    if same:
-        raise NetworkError(f"export_certificate {export} is the configured key file: writing the "
-                           "certificate there would destroy the private key")
+    inputs: list[tuple[Path, str]] = []
+    if config.tls.key is not None:
+        inputs.append((config.tls.key, "the configured key file: writing the certificate there "
+                                       "would destroy the private key"))
+    for entry in config.sockets:
+        ca, key = (entry.client_ca, "client_ca") if isinstance(entry, ListenFile) else (entry.ca, "ca")
+        if ca is not None:
+            inputs.append((ca, f'the {key} of socket "{entry.name}": writing the certificate '
+                               "there would replace it"))
+    for path, what in inputs:
+        try:
+            same = os.path.samefile(export, path)
+        except OSError:  # one of them does not exist (yet): compare the names
+            same = os.path.abspath(export) == os.path.abspath(path)
+        if same:
+            raise NetworkError(f"export_certificate {export} is {what}")
 
 
 def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:

@@ -409,3 +409,22 @@ async def test_ctrl_c_while_the_keep_drains_a_finished_guests_connections_exits_
         finally:
             tls.close()
     assert "Traceback" not in keep.stderr
+
+
+def test_exporting_the_certificate_over_a_configured_ca_file_is_refused(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """The same mistake with a listener's `client_ca` (or a connect entry's `ca`): the export
+    replaced the owner's CA file with the keep's own certificate, so the next start trusted the
+    keep instead of the clients' CA. Refused at start, the file untouched."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "clients-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    original = ca_file.read_bytes()
+    toml = (f'[tls]\nexport_certificate = "{ca_file}"\n\n'
+            + STDIO + listen_entry("web", free_port(), client_ca=str(ca_file)))
+    result = run_keep_sync(tmp_path, wasm_fixture("net_http_server"), toml, ["web", "1"],
+                           keep_env(keep_environment), extra=["--timeout", "5"])
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"keep: export_certificate {ca_file} is the client_ca of socket "
+                             '"web": writing the certificate there would replace it\n')
+    assert ca_file.read_bytes() == original

@@ -705,24 +705,42 @@ def _wait_for_release(image: str, timeout: float) -> bool:
         os.close(fd)
 
 
+def _mount_path(path: str) -> str:
+    """`path` with its symlinks resolved as `mount` resolved them (os.path.realpath), but
+    without a stat of the mount point itself: that is a request to the mount process, which
+    hangs if the process is stopped (Ctrl-Z) or hung, and fails if it died. Its parent is
+    resolved by realpath; the last component only by readlink, which answers EINVAL for a
+    directory without asking the filesystem mounted on it."""
+    path = os.path.normpath(os.path.abspath(path))
+    for _ in range(40):  # as the kernel's limit of nested symlinks
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:  # not a symlink (or missing): the mount point as given
+            return path
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    return path
+
+
+def _lock_is_free(image: str) -> bool:
+    """Whether no process holds the image's lock now (False also if it cannot be opened)."""
+    return _wait_for_release(image, 0.0)
+
+
 def umount_command(args: argparse.Namespace) -> int:
     """`keep volume umount MOUNTPOINT`: fusermount3 -u, then wait for the commit at unmount.
-    A symlink is resolved as `mount` resolved it (a dead mount point itself is not followed:
-    realpath's lstat of it fails and it stays as given)."""
-    mountpoint = os.path.realpath(args.mountpoint)
-    stale = False
-    try:
-        os.stat(mountpoint)
-    except OSError as error:
-        if error.errno != errno.ENOTCONN:
-            raise KeepError(f"{args.mountpoint}: {error.strerror}") from None
-        stale = True
+    The mount is found in mountinfo only, never through the mount point (see `_mount_path`),
+    so a stopped, hung or dead mount process cannot make this hang; a mount whose image no
+    process holds is a stale one (its process died)."""
+    mountpoint = _mount_path(args.mountpoint)
     entry = _mount_entry(mountpoint)
-    if entry is None or (not stale and not os.path.ismount(mountpoint)):
+    if entry is None:
         raise KeepError(f"{args.mountpoint} is not mounted")
     if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
-    source = entry.source
+    image = entry.source.removeprefix("keep:") if entry.source.startswith("keep:") else None
+    stale = image is not None and _lock_is_free(image)
     result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
@@ -730,9 +748,7 @@ def umount_command(args: argparse.Namespace) -> int:
     if stale:
         print(f"cleared the stale mount on {args.mountpoint}")
         return 0
-    if source.startswith("keep:"):
-        image = source.removeprefix("keep:")
-        if not _wait_for_release(image, _UMOUNT_WAIT):
-            raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")
+    if image is not None and not _wait_for_release(image, _UMOUNT_WAIT):
+        raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")
     print(f"unmounted {args.mountpoint}")
     return 0

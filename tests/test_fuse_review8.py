@@ -363,3 +363,35 @@ def test_a_mount_whose_terminal_hung_up_still_ends_cleanly(pristine: Path, tmp_p
             process.communicate()
         force_unmount(mountpoint)
     assert keep_volume("cat", image, "/kept").stdout == b"kept"
+
+
+def test_umount_of_a_mount_whose_process_is_stopped_does_not_hang(quiet_mount: MountedVolume) -> None:
+    """The mount process is stopped (Ctrl-Z in its terminal) or hung: `keep volume umount`
+    hung too, unkillable by Ctrl-C, in its stat of the mount point (realpath's lstat,
+    os.path.ismount: each a FUSE request nobody answers), where fusermount3 -u alone works. It
+    now finds the mount in mountinfo only; it unmounts at once and then waits for the commit,
+    which comes when the process runs again."""
+    process = quiet_mount.process
+    assert process is not None
+    (quiet_mount.mountpoint / "kept").write_text("kept")
+    time.sleep(1.2)  # past the kernel's cached attributes of the mount point (ATTR_TIMEOUT)
+    process.send_signal(signal.SIGSTOP)
+    umount = subprocess.Popen([sys.executable, "-m", "shim", "volume", "umount",
+                               str(quiet_mount.mountpoint)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while _is_mounted(quiet_mount.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        unmounted = not _is_mounted(quiet_mount.mountpoint)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    try:
+        out, err = umount.communicate(timeout=60)
+    finally:
+        if umount.poll() is None:
+            umount.kill()
+            umount.communicate()
+    assert unmounted, "keep volume umount hung on the stopped mount"
+    assert (umount.returncode, out) == (0, f"unmounted {quiet_mount.mountpoint}\n".encode()), err
+    assert quiet_mount.wait() == 0
+    assert keep_volume("cat", quiet_mount.image, "/kept").stdout == b"kept"

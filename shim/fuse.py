@@ -29,7 +29,9 @@ fsync/fsyncdir, every `commit_interval` seconds when something changed, and at u
 final (uuid, generation, root MAC) is printed. A SIGKILLed mount loses at most the changes since
 the last commit and leaves a consistent volume (the storage commit protocol is crash-safe); the
 kernel keeps a dead mount point ("Transport endpoint is not connected") that `fusermount3 -u`
-clears, and `mount` names that command when it meets one.
+clears, and `mount` names that command when it meets one. SIGINT, SIGTERM and SIGHUP unmount
+and commit from the moment the kernel has mounted; repeating one does not interrupt that commit
+(`serve`, `_StopSignals`). `umount` never asks the mount process anything (it may be stopped).
 
 File handles are their own ids (`FileHandle`), distinct from inode numbers, for files and
 directories alike: each open handle counts on the inode (`fs.open`/`fs.release`), so a file

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import os
 import pty
+import random
 import shutil
 import signal
 import subprocess
@@ -395,3 +397,65 @@ def test_umount_of_a_mount_whose_process_is_stopped_does_not_hang(quiet_mount: M
     assert (umount.returncode, out) == (0, f"unmounted {quiet_mount.mountpoint}\n".encode()), err
     assert quiet_mount.wait() == 0
     assert keep_volume("cat", quiet_mount.image, "/kept").stdout == b"kept"
+
+
+def _churn(root: str, seed: int) -> None:
+    """One of several processes changing one shared directory at once (run in a child)."""
+    rng = random.Random(seed)
+    shared = os.path.join(root, "shared")
+    for _ in range(300):
+        name = os.path.join(shared, f"f{rng.randrange(20)}")
+        other = os.path.join(shared, f"f{rng.randrange(20)}")
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
+            match rng.randrange(7):
+                case 0:
+                    Path(name).write_bytes(rng.randbytes(rng.randrange(1, 20000)))
+                case 1:
+                    os.rename(name, other)
+                case 2:
+                    os.unlink(name)
+                case 3:
+                    Path(name).read_bytes()
+                case 4:
+                    os.listdir(shared)
+                case 5:
+                    os.link(name, other)
+                case _:
+                    with open(name, "r+b") as handle:
+                        handle.seek(rng.randrange(10000))
+                        handle.write(b"z" * rng.randrange(1, 9000))
+                        os.fsync(handle.fileno())
+    with open(os.path.join(root, "log"), "a") as log:  # O_APPEND from every process
+        for line in range(200):
+            log.write(f"{seed} {line}\n")
+            log.flush()
+
+
+def test_several_processes_changing_one_directory_leave_a_consistent_volume(
+        pristine: Path, tmp_path: Path) -> None:
+    """Six processes create, rename, link, unlink, rewrite, fsync and list names in one
+    directory at once, and append to one log: every append lands whole, the volume checks
+    clean after the unmount, and what it holds is what the mount showed."""
+    image = fresh_image(pristine, tmp_path)
+    snapshot = tmp_path / "snapshot"
+    with MountedVolume(image, tmp_path / "mnt", "--commit-interval", "0.2") as mount:
+        (mount.mountpoint / "shared").mkdir()
+        context = multiprocessing.get_context("fork")
+        workers = [context.Process(target=_churn, args=(str(mount.mountpoint), seed)) for seed in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0] * 6
+        lines = (mount.mountpoint / "log").read_text().splitlines()
+        assert sorted(lines) == sorted(f"{seed} {line}" for seed in range(6) for line in range(200))
+        shutil.copytree(mount.mountpoint, snapshot)
+        assert mount.stop() == 0
+    assert keep_volume("fsck", image).stdout.decode().strip().endswith("clean")
+    exported = tmp_path / "exported"
+    assert keep_volume("export", image, exported).returncode == 0
+    for path in snapshot.rglob("*"):
+        if path.is_file():
+            assert (exported / path.relative_to(snapshot)).read_bytes() == path.read_bytes(), path
+    assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == \
+        sorted(p.relative_to(snapshot) for p in snapshot.rglob("*"))

@@ -70,6 +70,7 @@ LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
 CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
+WARNINGS_PER_MINUTE = 10  # a listener's log lines (refused handshakes, accept errors) per minute
 
 
 class ReadinessBoard:
@@ -120,6 +121,35 @@ class ReadinessBoard:
             with trio.move_on_at(deadline):
                 await event.wait()
         return True
+
+
+class _WarningLimit:
+    """One listener's warnings, at most WARNINGS_PER_MINUTE a minute: any peer can make a
+    handshake fail, and each failure must not be a line on the host's log (a flood of garbage
+    connections would fill it). The lines past the limit are counted, and the count is logged
+    with the first warning of a later minute. Trio thread only."""
+
+    def __init__(self, listener_name: str) -> None:
+        self._name = listener_name
+        self._minute_start = -math.inf
+        self._shown = 0
+        self._held_back = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now >= self._minute_start + 60:
+            if self._held_back:
+                log.warning("listener %s: %d more warnings were not shown one by one",
+                            self._name, self._held_back)
+            self._minute_start, self._shown, self._held_back = now, 0, 0
+        if self._shown < WARNINGS_PER_MINUTE:
+            self._shown += 1
+            log.warning(message, *args)
+            if self._shown == WARNINGS_PER_MINUTE:
+                log.warning("listener %s: %d warnings within a minute; more are only counted "
+                            "until the next minute", self._name, WARNINGS_PER_MINUTE)
+        else:
+            self._held_back += 1
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -397,6 +427,7 @@ class Listener:
         self._handshakes: deque[tuple[float, trio.CancelScope]] = deque()
         self._closed = False
         self.handshake_failures = 0
+        self._warnings = _WarningLimit(settings.name)
 
     @property
     def port(self) -> int:
@@ -461,7 +492,7 @@ class Listener:
             try:
                 tcp = await listener.accept()
             except OSError as error:  # EMFILE and friends: log, back off, keep serving
-                log.warning("listener %s: accept failed: %s", self.settings.name, error)
+                self._warnings.warn("listener %s: accept failed: %s", self.settings.name, error)
                 await trio.sleep(0.1)
                 continue
             try:
@@ -513,8 +544,8 @@ class Listener:
             reason = (f"dropped unfinished after {self.settings.handshake_grace:g} s or more, to make room: "
                       f"{self.settings.backlog} handshakes were in progress")
         if reason is not None:
-            log.warning("listener %s: TLS handshake with %s refused: %s",
-                        self.settings.name, peer, reason)
+            self._warnings.warn("listener %s: TLS handshake with %s refused: %s",
+                                self.settings.name, peer, reason)
             self.handshake_failures += 1
             with trio.CancelScope(shield=True):
                 await tcp.aclose()

@@ -428,3 +428,24 @@ def test_exporting_the_certificate_over_a_configured_ca_file_is_refused(
     assert result.stderr == (f"keep: export_certificate {ca_file} is the client_ca of socket "
                              '"web": writing the certificate there would replace it\n')
     assert ca_file.read_bytes() == original
+
+
+async def test_a_flood_of_failed_handshakes_is_not_a_flood_of_log_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every refused handshake was one warning line on the host's log, however many a peer
+    sent: 1,000 garbage connections made 1,000 lines (the same for accept errors every 0.1 s under
+    EMFILE). At most WARNINGS_PER_MINUTE lines a minute now, then a line saying the rest are
+    counted; every failure is still counted."""
+    identity = SelfSignedProvider().identity()
+    garbage = net.streams.WARNINGS_PER_MINUTE + 15
+    async with tls_listener(identity) as (listener, port, _):
+        for _ in range(garbage):
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            await tcp.send_all(b"GET / HTTP/1.0\r\n\r\n")  # plaintext HTTP to the TLS port
+            await tcp.aclose()
+        with trio.fail_after(HANG_GUARD):
+            await listener._board.wait_until(lambda: listener.handshake_failures == garbage)
+    lines = [record.getMessage() for record in caplog.records if record.name == "keep.net"]
+    refusals = [line for line in lines if "refused" in line]
+    assert len(refusals) == net.streams.WARNINGS_PER_MINUTE, lines
+    assert lines[-1].endswith("more are only counted until the next minute"), lines

@@ -419,7 +419,16 @@ class MountOptions:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    """A clear KeepError unless `mountpoint` is an empty directory that nothing is mounted on."""
+    """A clear KeepError unless `mountpoint` is an empty directory that nothing is mounted on.
+    What is mounted there is read from mountinfo first: a stat of a FUSE mount point is a
+    request to its process, which hung if that was stopped or hung (a dead keep mount is one
+    whose image no process holds, and gets the stale-mount message)."""
+    entry = _mount_entry(mountpoint)
+    if entry is not None:
+        image = entry.source.removeprefix("keep:")
+        if entry.fstype == "fuse.keep" and entry.source.startswith("keep:") and _lock_is_free(image):
+            raise KeepError(stale_mount_message(mountpoint))
+        raise KeepError(f"{mountpoint} is already a mount point")
     try:
         info = os.stat(mountpoint)
     except OSError as error:
@@ -630,7 +639,7 @@ def mount_command(args: argparse.Namespace) -> int:
     reason = fuse_unavailable_reason()
     if reason is not None:
         raise KeepError(f"cannot mount: {reason}")
-    mountpoint = os.path.realpath(args.mountpoint)  # where the kernel mounts, for `umount`
+    mountpoint = _mount_path(args.mountpoint)  # where the kernel mounts (for `umount`)
     check_mountpoint(mountpoint)
     logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     key = read_key(KeySource.from_arguments(args))

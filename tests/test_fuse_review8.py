@@ -459,3 +459,24 @@ def test_several_processes_changing_one_directory_leave_a_consistent_volume(
             assert (exported / path.relative_to(snapshot)).read_bytes() == path.read_bytes(), path
     assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == \
         sorted(p.relative_to(snapshot) for p in snapshot.rglob("*"))
+
+
+def test_mounting_over_a_stopped_mount_is_refused_at_once(quiet_mount: MountedVolume, pristine: Path,
+                                                         tmp_path: Path) -> None:
+    """A second `keep volume mount` onto a mount point whose mount process is stopped (Ctrl-Z)
+    hung in its stat of the mount point, a request nobody answered; it is refused at once from
+    mountinfo. (A dead one still gets the stale-mount message, test_fuse.)"""
+    process = quiet_mount.process
+    assert process is not None
+    time.sleep(1.2)  # past the kernel's cached attributes of the mount point (ATTR_TIMEOUT)
+    process.send_signal(signal.SIGSTOP)
+    try:
+        other = Path(shutil.copyfile(pristine, tmp_path / "other.img"))
+        refused = keep_volume("mount", other, quiet_mount.mountpoint, timeout=20)
+    except subprocess.TimeoutExpired:
+        refused = None
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert refused is not None, "keep volume mount hung on the stopped mount"
+    assert refused.returncode == 1
+    assert refused.stderr == f"keep: {quiet_mount.mountpoint} is already a mount point\n".encode()

@@ -717,20 +717,23 @@ def _wait_for_release(image: str, timeout: float) -> bool:
 
 
 def _mount_path(path: str) -> str:
-    """`path` with its symlinks resolved as `mount` resolved them (os.path.realpath), but
-    without a stat of the mount point itself: that is a request to the mount process, which
-    hangs if the process is stopped (Ctrl-Z) or hung, and fails if it died. Its parent is
-    resolved by realpath; the last component only by readlink, which answers EINVAL for a
-    directory without asking the filesystem mounted on it."""
-    path = os.path.normpath(os.path.abspath(path))
+    """`path` with its symlinks resolved as os.path.realpath resolves them (physically: a ".."
+    after a symlink is the target's parent), but without a stat of the last component, which
+    for a mount point is a request to its mount process: it hangs if that process is stopped
+    (Ctrl-Z) or hung, and fails if it died. The parent is resolved by realpath; the last
+    component only by readlink, which answers EINVAL for a directory without asking the
+    filesystem mounted on it."""
+    path = os.path.join(os.getcwd(), path)  # absolute, not yet normalised
     for _ in range(40):  # as the kernel's limit of nested symlinks
-        parent, name = os.path.split(path)
+        parent, name = os.path.split(path.rstrip("/") or "/")
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
         path = os.path.join(os.path.realpath(parent), name)
         try:
             target = os.readlink(path)
         except OSError:  # not a symlink (or missing): the mount point as given
             return path
-        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        path = os.path.join(os.path.dirname(path), target)  # relative to the link's directory
     return path
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import ssl
@@ -154,8 +155,8 @@ class _WarningLimit:
 
 def _describe_failure(error: BaseException) -> str:
     cause = error.__cause__ or error
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
+    if isinstance(cause, ssl.SSLError):  # one raised by Python code has no `reason`
+        return getattr(cause, "reason", None) or str(cause)
     return str(cause) or type(cause).__name__
 
 
@@ -385,17 +386,44 @@ class Connection:
         self._write_shut_done = True
         stream = self._stream
         if isinstance(stream, trio.SSLStream):
-            # SSL_shutdown once: close_notify goes out and receiving continues (trio's own aclose
-            # makes the same call). It must not run while undecrypted records sit in the incoming
-            # buffer, or OpenSSL would consume them as part of the shutdown; the pump drains them.
-            await self._board.wait_until(lambda: _incoming_drained(stream) or self._read_shut)
-            await stream._retry(stream._ssl_object.unwrap, ignore_want_read=True)
+            # SSL_shutdown: close_notify goes out and receiving continues (trio's own aclose
+            # makes the same call). CPython calls SSL_shutdown a second time, which reads on to
+            # wait for the peer's close_notify and would consume records not yet decrypted as
+            # part of the shutdown: they are held out of its way meanwhile, so close_notify
+            # leaves at once, as a FIN does, even while the guest leaves a peer's data unread.
+            # Plaintext OpenSSL holds of a partly read record is left to the pump first, and so
+            # are the records when the peer's TCP has ended (the buffer then takes no writes).
+            await self._board.wait_until(lambda: _can_shut_down_past_unread(stream)
+                                         or self._read_shut)
+            await stream._retry(functools.partial(_shutdown_past_unread, stream),
+                                ignore_want_read=True)
         elif isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()
 
 
-def _incoming_drained(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
-    return stream._incoming.pending == 0 and stream._ssl_object.pending() == 0
+def _can_shut_down_past_unread(stream: trio.SSLStream[trio.abc.Stream]) -> bool:
+    """Whether `_shutdown_past_unread` can put the held records back: no plaintext inside
+    OpenSSL, and the incoming buffer either empty or still open for writing (no EOF in it)."""
+    if stream._ssl_object.pending():
+        return False
+    if not stream._incoming.pending:
+        return True
+    try:
+        stream._incoming.write(b"")  # raises once the transport's EOF is in the buffer
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def _shutdown_past_unread(stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    """SSLObject.unwrap with the incoming records set aside and put back in order after it (no
+    await in between: trio's tasks cannot touch the buffer meanwhile)."""
+    held = stream._incoming.read()
+    try:
+        stream._ssl_object.unwrap()
+    finally:
+        if held:  # (a write, even of nothing, raises once the transport's EOF is in the buffer)
+            stream._incoming.write(held)
 
 
 @dataclass(frozen=True)

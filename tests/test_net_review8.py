@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import secrets
 import signal
 import socket
 import ssl
@@ -40,7 +41,14 @@ from keep_net import (
 
 import net.streams
 from net.errors import ConnectFailed
-from net.streams import Listener, ListenerSettings, ReadinessBoard, open_connection, open_listener
+from net.streams import (
+    BUFFER_LIMIT,
+    Listener,
+    ListenerSettings,
+    ReadinessBoard,
+    open_connection,
+    open_listener,
+)
 from net.tls import (
     KeepIdentity,
     SelfSignedProvider,
@@ -449,3 +457,61 @@ async def test_a_flood_of_failed_handshakes_is_not_a_flood_of_log_lines(
     refusals = [line for line in lines if "refused" in line]
     assert len(refusals) == net.streams.WARNINGS_PER_MINUTE, lines
     assert lines[-1].endswith("more are only counted until the next minute"), lines
+
+
+async def test_shutdown_write_sends_close_notify_while_unread_data_waits() -> None:
+    """A guest that answers, then shutdown(SHUT_WR)s while the peer's upload sits unread in the
+    keep: close_notify waited until the guest read the upload (the peer saw 'bye', then nothing),
+    where Linux sends the FIN at once. It leaves at once now, and the upload stays readable."""
+    identity = SelfSignedProvider().identity()
+    async with tls_listener(identity) as (listener, port, client_context_):
+        client = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_context_)
+        upload = secrets.token_bytes(2 << 20)
+        async with client, trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, upload)
+            with trio.fail_after(HANG_GUARD):
+                await listener._board.wait_until(listener.readable)
+                connection = listener.try_accept()
+                await connection._board.wait_until(lambda: not connection.has_at_least(1 << 30)
+                                                   and connection.buffered() >= BUFFER_LIMIT)
+            assert connection.try_send(b"bye") == 3
+            connection.shutdown_write()  # without reading the upload
+            answer = bytearray()
+            with trio.fail_after(HANG_GUARD):
+                while data := await client.receive_some(65536):
+                    answer += data
+            assert answer == b"bye"  # and then close_notify: the end of the stream
+            received = bytearray()
+            with trio.fail_after(HANG_GUARD):
+                while len(received) < len(upload):
+                    await connection._board.wait_until(connection.readable)
+                    received += connection.try_receive(1 << 20)
+            assert received == upload
+            connection.close()
+
+
+async def test_shutdown_write_after_the_peer_cut_its_tcp_connection_is_not_an_error() -> None:
+    """The other side of the test above: when the peer's TCP has ended (its EOF is in TLS's
+    incoming buffer, which then refuses writes), setting records aside must not break the
+    shutdown; the guest still reads what came and then the cut (ECONNRESET)."""
+    identity = SelfSignedProvider().identity()
+    async with tls_listener(identity) as (listener, port, client_context_):
+        def client() -> None:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD)
+            tls = client_context_.wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(b"last words")
+            socket.socket(fileno=tls.detach()).close()  # the TCP ends without close_notify
+
+        await trio.to_thread.run_sync(client)
+        with trio.fail_after(HANG_GUARD):
+            await listener._board.wait_until(listener.readable)
+        connection = listener.try_accept()
+        with trio.fail_after(HANG_GUARD):
+            await connection._board.wait_until(lambda: connection.has_at_least(1 << 20))
+        connection.shutdown_write()
+        assert connection.try_receive(100) == b"last words"
+        with pytest.raises(ConnectionResetError):
+            connection.try_receive(100)
+        connection.close()
+        with trio.fail_after(HANG_GUARD):  # its tasks end (an error in them would fail the test)
+            await listener._board.wait_until(lambda: not listener._connections)

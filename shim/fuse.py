@@ -65,6 +65,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from shim.errors import KeepError, point_at_devnull
 from shim.keys import KeySource, read_key
+from shim.signals import STOP_SIGNALS, stop_signals
 from storage.errors import FilesystemError, IntegrityError, NoSpace
 from storage.fs import Attr, Filesystem
 from storage.integrity import VolumeState
@@ -80,7 +81,6 @@ ATTR_TIMEOUT = 1.0
 _BLOCK_SIZE = 4096
 READ_AHEAD_KIB = 1024  # the largest FUSE request (libfuse 3 max_write / kernel max_pages: 1 MiB)
 _UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each unmounts cleanly
 
 log = logging.getLogger("keepshim.fuse")
 
@@ -125,16 +125,6 @@ def _entry(attr: Attr) -> EntryAttributes:
     entry.st_mtime_ns = attr.mtime_ns
     entry.st_ctime_ns = attr.ctime_ns
     return entry
-
-
-def _changed(fs: Filesystem, inode: int) -> EntryAttributes:
-    """The attributes of an existing inode just changed by `fs.setattr` or `fs.link`, read
-    again rather than taken from that call: when an earlier in-place write's mtime/ctime were
-    still pending in memory, the call returns those pending times instead of its own (storage
-    writes them out first, then its update, but overlays them once more on the attributes it
-    returns). The kernel caches the reply for ATTR_TIMEOUT, so `touch -d`, then `stat`, showed
-    the overwrite's mtime, and chmod or ln an old ctime; one more read costs about 5 us here."""
-    return _entry(fs.getattr(inode))
 
 
 class FuseOperations(pyfuse3.Operations):
@@ -224,9 +214,8 @@ class FuseOperations(pyfuse3.Operations):
 
     async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
-        """The reply's attributes are read again after the change (see `_changed`)."""
         with self._call("setattr", changes=True) as fs:
-            fs.setattr(
+            result = fs.setattr(
                 inode,
                 mode=attr.st_mode if fields.update_mode else None,
                 size=attr.st_size if fields.update_size else None,
@@ -235,7 +224,7 @@ class FuseOperations(pyfuse3.Operations):
                 atime_ns=attr.st_atime_ns if fields.update_atime else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-            return _changed(fs, inode)
+            return _entry(result)
 
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
         with self._call("readlink") as fs:
@@ -261,8 +250,7 @@ class FuseOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: RequestContext) -> EntryAttributes:
         with self._call("link", changes=True) as fs:
-            fs.link(inode, new_parent_inode, new_name)
-            return _changed(fs, inode)
+            return _entry(fs.link(inode, new_parent_inode, new_name))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         with self._call("unlink", changes=True) as fs:
@@ -465,8 +453,10 @@ def fuse_unavailable_reason() -> str | None:
 
 
 async def serve(operations: FuseOperations, options: MountOptions,
-                ready: threading.Event | None = None, stopped: Sequence[int] = ()) -> None:
-    """Mount, serve requests until unmounted (or SIGINT/SIGTERM/SIGHUP), then unmount.
+                ready: threading.Event | None = None, stopped: Sequence[int] = (),
+                signals: Sequence[int] = STOP_SIGNALS) -> None:
+    """Mount, serve requests until unmounted (or one of `signals`: SIGINT/SIGTERM/SIGHUP less
+    those keep was started with ignored), then unmount.
 
     The signal handlers are installed before the kernel mounts and stay until it has unmounted:
     installed later (by a task that starts after the mount), a SIGTERM sent as soon as the
@@ -475,7 +465,7 @@ async def serve(operations: FuseOperations, options: MountOptions,
     the session as exited, which the loop checks first); one that came before serving began
     (recorded in `stopped`, see `_StopSignals`) means no mount at all. The caller owns the
     volume: it commits and closes it after this returns."""
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*signals) if signals else _no_signals() as received:
         if stopped:
             return
         try:
@@ -486,7 +476,7 @@ async def serve(operations: FuseOperations, options: MountOptions,
         ours = _mount_entry(options.mountpoint)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals, signals)
+                nursery.start_soon(_stop_on_signals, received)
                 nursery.start_soon(_raise_read_ahead, options.mountpoint)
                 if options.commit_interval > 0 and not options.read_only:
                     nursery.start_soon(_commit_periodically, operations, options.commit_interval)
@@ -541,6 +531,15 @@ async def _raise_read_ahead(mountpoint: str) -> None:
                 setting.write(str(READ_AHEAD_KIB))
 
 
+@contextlib.contextmanager
+def _no_signals() -> Iterator[AsyncIterator[int]]:
+    """What `serve` listens to when every stop signal is ignored: nothing, for ever."""
+    async def never() -> AsyncIterator[int]:
+        await trio.sleep_forever()
+        yield 0  # (unreachable: makes this an async generator)
+    yield never()
+
+
 async def _stop_on_signals(signals: AsyncIterator[int]) -> None:
     async for _ in signals:
         pyfuse3.terminate()
@@ -586,6 +585,8 @@ class _StopSignals:
     (a stuck host disk) still yields to SIGKILL, which leaves the volume consistent."""
 
     def __init__(self) -> None:
+        # what keep was started with ignored (nohup's SIGHUP) stays ignored: see shim.signals
+        self.signals = stop_signals()
         self.received: list[int] = []
         self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
@@ -593,7 +594,7 @@ class _StopSignals:
         self.received.append(number)
 
     def __enter__(self) -> Self:
-        for number in _STOP_SIGNALS:
+        for number in self.signals:
             self._previous[number] = signal.signal(number, self._record)
         return self
 
@@ -655,7 +656,7 @@ def mount_command(args: argparse.Namespace) -> int:
             state = volume.state()
             mode = "read-only" if args.read_only else "read-write"
             _report(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})")
-            trio.run(serve, operations, options, mounted, stops.received)
+            trio.run(serve, operations, options, mounted, stops.received, stops.signals)
         finally:
             _close_after_unmount(volume, args.image, mountpoint if mounted.is_set() else None)
     state = volume.state()

@@ -480,3 +480,40 @@ def test_mounting_over_a_stopped_mount_is_refused_at_once(quiet_mount: MountedVo
     assert refused is not None, "keep volume mount hung on the stopped mount"
     assert refused.returncode == 1
     assert refused.stderr == f"keep: {quiet_mount.mountpoint} is already a mount point\n".encode()
+
+
+def _ignore_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup does: inherited through exec
+
+
+def test_a_mount_started_under_nohup_outlives_a_hangup(pristine: Path, tmp_path: Path) -> None:
+    """`nohup keep volume mount ...` ignores SIGHUP so that the mount outlives its terminal;
+    keep's own handler for it (which unmounts) replaced that, so logging out unmounted the
+    volume anyway. A signal keep was started with ignored stays ignored (shim.signals)."""
+    image = fresh_image(pristine, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
+         "--passphrase-env", "KEEP_TEST_KEY"],
+        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, preexec_fn=_ignore_hangups)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not _is_mounted(mountpoint):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=1.0)
+        assert _is_mounted(mountpoint)
+        (mountpoint / "kept").write_text("kept")
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=UNMOUNT_TIMEOUT)
+        assert (process.returncode, errors) == (0, b"")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        force_unmount(mountpoint)
+    assert keep_volume("cat", image, "/kept").stdout == b"kept"

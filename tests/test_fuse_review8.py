@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fuse_harness import (
@@ -93,6 +94,22 @@ def test_times_set_right_after_an_in_place_write_are_what_stat_shows(quiet_mount
 def _is_mounted(mountpoint: Path) -> bool:
     table = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
     return any(line.split()[4] == str(mountpoint) for line in table.splitlines())
+
+
+def _mount_process(image: Path, mountpoint: Path, **options: Any) -> subprocess.Popen[bytes]:
+    """`keep volume mount IMAGE MOUNTPOINT` in the foreground, keyed through the environment;
+    `options` go to Popen (its stdout, stderr, preexec_fn)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
+         "--passphrase-env", "KEEP_TEST_KEY"],
+        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, **options)
+
+
+def _wait_until_mounted(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not _is_mounted(mountpoint):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 @pytest.mark.slow  # ten mounts: about 17 s on this machine under load
@@ -221,18 +238,12 @@ def test_a_mount_whose_stdout_reader_went_away_still_ends_cleanly(pristine: Path
     image = fresh_image(pristine, tmp_path)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
-         "--passphrase-env", "KEEP_TEST_KEY"],
-        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _mount_process(image, mountpoint, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None and process.stderr is not None
         assert process.stdout.readline().startswith(b"mounting ")  # as `head -1` reads it
         process.stdout.close()
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not _is_mounted(mountpoint):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_until_mounted(process, mountpoint)
         (mountpoint / "kept").write_text("kept")
         assert keep_volume("umount", mountpoint, passphrase=None).returncode == 0
         assert process.wait(timeout=UNMOUNT_TIMEOUT) == 0, process.stderr.read().decode()
@@ -340,16 +351,10 @@ def test_a_mount_whose_terminal_hung_up_still_ends_cleanly(pristine: Path, tmp_p
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     master, slave = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
-         "--passphrase-env", "KEEP_TEST_KEY"],
-        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=slave, stderr=subprocess.PIPE)
+    process = _mount_process(image, mountpoint, stdout=slave, stderr=subprocess.PIPE)
     os.close(slave)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not _is_mounted(mountpoint):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_until_mounted(process, mountpoint)
         assert os.read(master, 4096).startswith(b"mounting ")
         os.close(master)  # the terminal hangs up: writes to it now fail with EIO
         master = -1
@@ -493,16 +498,10 @@ def test_a_mount_started_under_nohup_outlives_a_hangup(pristine: Path, tmp_path:
     image = fresh_image(pristine, tmp_path)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shim", "volume", "mount", str(image), str(mountpoint),
-         "--passphrase-env", "KEEP_TEST_KEY"],
-        env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=subprocess.DEVNULL,
+    process = _mount_process(image, mountpoint, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, preexec_fn=_ignore_hangups)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not _is_mounted(mountpoint):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_until_mounted(process, mountpoint)
         process.send_signal(signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):
             process.wait(timeout=1.0)

@@ -669,7 +669,8 @@ def run_command(args: argparse.Namespace) -> int:
         # the first one stops the guest (run_until_signalled), so that the volumes are committed
         # and the audit runs (a server is typically ended that way). Not earlier: a Ctrl-C at the
         # passphrase prompt must unwind through getpass, which turns the terminal's echo back on.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (an inherited SIG_IGN stays)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if volumes is None and wire is None:
             result = run_module(config)
         else:

@@ -15,9 +15,10 @@ owner whose volumes were made with different passphrases adds a common one to ea
 `keep volume add-key`; a run then needs one secret, which is prompted for once.
 
 Ending: the guest is stopped by whatever ends it (it returns, proc_exit, a trap, `--timeout`, or
-SIGINT / SIGTERM to `keep`, which tick the engine's epoch so the guest traps at its next loop
-back-edge: the run is `interruptible`), then every volume is committed and closed, always, and
-the final (uuid, generation, root MAC) is printed with `--verbose` and written to
+SIGINT / SIGTERM / SIGHUP to `keep` (less any it was started with ignored), which tick the
+engine's epoch so the guest traps at its next loop back-edge: the run is `interruptible`), then
+every volume is committed and closed, always, and the final (uuid, generation, root MAC) is
+printed with `--verbose` and written to
 `--volume-state FILE` (JSON, the format `keep deploy --volume-state` uses, keyed by image path)
 so that the owner can pin it. A second signal while the guest is still inside a host call
 (blocked reading stdin, say) ends the process at once; the volume stays consistent anyway (the
@@ -42,6 +43,7 @@ import trio
 from shim.errors import KeepError, UsageError, say
 from shim.keys import KeySource, read_key
 from shim.run import split_mapping
+from shim.signals import stop_signals
 from shim.volume_backend import VolumeSession
 from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
 from storage.errors import IntegrityError
@@ -51,7 +53,6 @@ if TYPE_CHECKING:
     from shim.run import RunConfig, RunResult
 
 DEFAULT_GUEST_PATH = "/data"
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -258,10 +259,10 @@ class SignalledRun:
 
 
 def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
-    """`shim.run.run_module`, but SIGINT / SIGTERM stop the guest (epoch interruption) instead
-    of the process, so the caller commits its volumes; returns the RunResult or a
-    SignalledRun. After the first signal the default handlers are back: a second one ends the
-    process at once."""
+    """`shim.run.run_module`, but SIGINT / SIGTERM / SIGHUP (`stop_signals`) stop the guest
+    (epoch interruption) instead of the process, so the caller commits its volumes; returns the
+    RunResult or a SignalledRun. After the first signal the default handlers are back: a second
+    one ends the process at once."""
     from shim.run import run_module_async
     from shim.sockets import GuestSignalled
 
@@ -286,7 +287,10 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:
-                with trio.open_signal_receiver(*_SIGNALS) as signals:
+                watched = stop_signals()
+                if not watched:  # every one ignored (nohup and a background job): nothing to watch
+                    await trio.sleep_forever()
+                with trio.open_signal_receiver(*watched) as signals:
                     async for number in signals:
                         box["signal"] = number
                         break

@@ -30,10 +30,11 @@ still arriving shares one budget (PENDING_BYTES_LIMIT, two of the largest frames
 that would overrun it is dropped); and an accept() that fails because peers hold every fd the
 keep may open is retried, not fatal.
 
-SIGINT / SIGTERM (`stop_on_signals`): an idle keep stops at once; a running deployment is
-cancelled (its sockets are stopped and the engine's epoch stops its wasm code), its volumes are
-committed, the owner gets `finished` with 128 + the signal, and serve exits with that status. A
-guest that has not stopped STOP_GRACE_SECONDS later (stuck in a host call) ends with the process.
+SIGINT / SIGTERM / SIGHUP (`stop_on_signals`; less those keep was started with ignored, see
+shim.signals): an idle keep stops at once; a running deployment is cancelled (its sockets are
+stopped and the engine's epoch stops its wasm code), its volumes are committed, the owner gets
+`finished` with 128 + the signal, and serve exits with that status. A guest that has not stopped
+STOP_GRACE_SECONDS later (stuck in a host call) ends with the process.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_c
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
 from shim.keys import forbid_core_dumps
+from shim.signals import stop_signals
 from wasi_host._backend import Buffer, Readiness
 
 if TYPE_CHECKING:
@@ -386,9 +388,14 @@ class Keep:
 
     async def stop_on_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                               ) -> None:
-        """The first SIGINT or SIGTERM `interrupt`s the keep (as `keep run` stops a guest that
-        has volumes). After it the default handlers are back, so a second one ends the process."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        """The first SIGINT, SIGTERM or SIGHUP (shim.signals: less those keep was started with
+        ignored) `interrupt`s the keep (as `keep run` stops a guest that has volumes). After it
+        the default handlers are back, so a second one ends the process."""
+        watched = stop_signals()
+        if not watched:  # every one ignored: nothing stops the keep but its own end
+            task_status.started()
+            return
+        with trio.open_signal_receiver(*watched) as signals:
             task_status.started()
             async for signal_number in signals:
                 self.interrupt(signal_number)

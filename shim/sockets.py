@@ -67,6 +67,7 @@ from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError, say
 from shim.keys import forbid_core_dumps
 from shim.run import RunConfig, RunResult, Stdio
+from shim.signals import stop_signals
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 from wasi_host._guest import GuestStopped
 
@@ -552,7 +553,7 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
 
 
 class GuestSignalled(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped a run with keep.toml sockets. A KeyboardInterrupt, as before,
+    """SIGINT, SIGTERM or SIGHUP stopped a run with keep.toml sockets. A KeyboardInterrupt, as before,
     that carries which signal it was, so that `keep` names it and exits 128 + its number."""
 
     def __init__(self, signal_number: int) -> None:
@@ -575,11 +576,15 @@ class _Interrupts:
 
 async def _stop_on_signal(interrupts: _Interrupts,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Ctrl-C or SIGTERM while the guest is blocked on a socket: trio cannot deliver
-    KeyboardInterrupt into a worker thread, so wake the guest (ECANCELED) and let the run end."""
+    """Ctrl-C, SIGTERM or SIGHUP (shim.signals: less those keep was started with ignored) while
+    the guest is blocked on a socket: trio cannot deliver KeyboardInterrupt into a worker thread,
+    so wake the guest (ECANCELED) and let the run end."""
+    watched = stop_signals()
     try:
-        receiver = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        receiver = trio.open_signal_receiver(*watched) if watched else None
     except RuntimeError:  # not the main thread (library use): the caller handles signals
+        receiver = None
+    if receiver is None:
         task_status.started()
         return
     with receiver as signals:

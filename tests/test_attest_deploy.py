@@ -726,14 +726,16 @@ async def test_interrupting_an_idle_keep_ends_serving() -> None:
     assert not keep.stopped_a_guest
 
 
-@pytest.mark.parametrize(("signal_number", "with_socket"), [(signal.SIGINT, False), (signal.SIGTERM, True)])
+@pytest.mark.parametrize(("signal_number", "with_socket"),
+                         [(signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGHUP, True)])
 def test_a_signal_stops_keep_serve_running_a_guest_that_computes(
         keeper: Keeper, wasm_fixture: WasmFixture, tmp_path: Path, signal_number: int,
         with_socket: bool) -> None:
     """The guest loops in wasm code forever: the signal must stop it through the engine's epoch
     (the deployed run is interruptible), then serve exits 128 + the signal, as `keep run`. With
     a keep.toml socket open too (whose own signal handling would only stop the sockets and kill
-    the process after a grace period, its volumes uncommitted)."""
+    the process after a grace period, its volumes uncommitted). SIGHUP (a closed terminal) is
+    one of them (shim.signals): it used to kill the keep at once, its volumes uncommitted."""
     config = tmp_path / "keep.toml"
     stdio = '[[files]]\nkind = "null"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
     config.write_text(stdio + (_listen_toml("api", _free_port()) if with_socket else ""))

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -261,11 +261,14 @@ def test_the_same_image_twice_is_refused(image: Path, passphrase_file: Path, was
     assert b"the same image is given twice" in completed.stderr
 
 
-def test_sigterm_with_keep_toml_sockets_names_sigterm_and_commits(
-        image: Path, passphrase_file: Path, tmp_path: Path, wasm_fixture: WasmFixture,
-        keep_environment: dict[str, str]) -> None:
-    """With keep.toml sockets the sockets layer stops the guest on the signal; the volume path
-    must still report the signal that came (it said SIGINT, status 130, for a SIGTERM)."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_with_keep_toml_sockets_is_named_and_commits(
+        stop: signal.Signals, image: Path, passphrase_file: Path, tmp_path: Path,
+        wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """With keep.toml sockets the sockets layer stops the guest (blocked in accept) on the
+    signal; the volume path must still report the signal that came (it said SIGINT, status 130,
+    for a SIGTERM). A SIGHUP is one too (shim.signals); it used to kill keep at once, without
+    the final commit."""
     certificate = tmp_path / "cert.pem"
     config = tmp_path / "keep.toml"
     config.write_text(f'[tls]\nexport_certificate = "{certificate}"\n\n' + STDIO
@@ -280,14 +283,77 @@ def test_sigterm_with_keep_toml_sockets_names_sigterm_and_commits(
         while not certificate.exists():  # written last: the keep is listening
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         _, stderr = process.communicate(timeout=DEADLINE)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == 128 + stop, stderr
     # the guest's own line about its cancelled accept comes first
-    assert stderr.endswith(b"\nkeep: SIGTERM: guest stopped, volumes committed\n"), stderr
+    assert stderr.endswith(f"\nkeep: {stop.name}: guest stopped, volumes committed\n".encode()), stderr
     assert b"SIGINT" not in stderr
     assert fsck(image) == []
+
+
+def _ignoring(number: int | None) -> Callable[[], None] | None:
+    """A preexec_fn that starts the child with `number` ignored (as nohup does for SIGHUP, and a
+    shell for its background jobs' SIGINT): inherited through exec."""
+    if number is None:
+        return None
+
+    def ignore() -> None:
+        signal.signal(number, signal.SIG_IGN)
+    return ignore
+
+
+@pytest.mark.parametrize("ignored", [None, signal.SIGHUP, signal.SIGINT], ids=["hangup", "nohup", "background"])
+def test_a_hangup_commits_the_volume_and_ignored_signals_stay_ignored(
+        ignored: signal.Signals | None, image: Path, passphrase_file: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """SIGHUP (the terminal went away) stops the guest and commits, as SIGTERM does: the
+    guest's writes since its last fsync live in keep's memory, where a process killed by a
+    hangup would lose them (a POSIX program's writes are in the kernel by then). A signal keep
+    was started with ignored (nohup's SIGHUP, a background job's SIGINT) stays ignored: the
+    guest runs on until a SIGTERM."""
+    module = str(wasm_fixture("volume_sync_then"))
+    process = subprocess.Popen([*KEEP, "run", *volume_options(image, passphrase_file), module, "loop"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=keep_environment, preexec_fn=_ignoring(ignored))
+    try:
+        _wait_for_line(process, b"synced\n")
+        time.sleep(0.2)  # well inside the loop
+        process.send_signal(ignored or signal.SIGHUP)
+        if ignored is not None:
+            with pytest.raises(subprocess.TimeoutExpired):
+                process.wait(timeout=1.0)
+            process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stopped_by = signal.SIGHUP if ignored is None else signal.SIGTERM
+    assert process.returncode == 128 + stopped_by, stderr
+    assert stderr == f"keep: {stopped_by.name}: guest stopped, volumes committed\n".encode()
+    assert fsck(image) == []
+    assert read_file(image, "dirty.txt") == SYNCED_LINE * 100  # never fsync'd: committed at the end
+
+
+def _ignore_stop_signals() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def test_a_run_started_with_every_stop_signal_ignored_still_ends_and_commits(
+        image: Path, passphrase_file: Path, wasm_fixture: WasmFixture,
+        keep_environment: dict[str, str]) -> None:
+    """Nothing to watch is no error: the guest runs to its end and the volume is committed."""
+    completed = subprocess.run([*KEEP, "run", *volume_options(image, passphrase_file),
+                                str(wasm_fixture("volume_sync_then")), "exit"],
+                               stdin=subprocess.DEVNULL, capture_output=True, env=keep_environment,
+                               timeout=DEADLINE, check=False, preexec_fn=_ignore_stop_signals)
+    assert completed.stdout == b"synced\n", completed.stderr
+    assert completed.stderr == b""
+    assert read_file(image, "dirty.txt") == SYNCED_LINE * 100
+

@@ -9,6 +9,7 @@ exception is a bug and shows a traceback only with --debug.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -347,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    # keep's own lines on stderr start with 'keep: ' (shim.errors.say), to stand apart from the
+    # guest's stderr on the same stream: the loggers' (keep.net's listeners) too
+    logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         return handler(args)
     except KeepError as error:

@@ -515,3 +515,27 @@ async def test_shutdown_write_after_the_peer_cut_its_tcp_connection_is_not_an_er
         connection.close()
         with trio.fail_after(HANG_GUARD):  # its tasks end (an error in them would fail the test)
             await listener._board.wait_until(lambda: not listener._connections)
+
+
+async def test_the_listeners_warnings_on_stderr_carry_the_keep_prefix(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """keep's own lines on stderr start with 'keep: ', so that they stand apart from the
+    guest's stderr, which shares the stream; the listeners' warnings (keep.net's logger) came
+    bare: 'listener web: TLS handshake with ... refused: HTTP_REQUEST'."""
+    async with trio.open_nursery() as nursery:
+        keep = await start_listening_keep(nursery, tmp_path, wasm_fixture("net_http_server"), "web",
+                                          ["1"], keep_env(keep_environment))
+
+        def speak_plain_http() -> None:
+            with socket.create_connection(("127.0.0.1", keep.port), timeout=HANG_GUARD) as raw:
+                raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                raw.recv(4096)  # the keep hangs up
+
+        await trio.to_thread.run_sync(speak_plain_http)
+        with trio.fail_after(HANG_GUARD):
+            while "HTTP_REQUEST" not in keep.stderr:
+                await trio.sleep(0.02)
+        keep.process.send_signal(signal.SIGTERM)
+        await keep.finish()
+    lines = [line for line in keep.stderr.splitlines() if "HTTP_REQUEST" in line]
+    assert lines and all(line.startswith("keep: listener web: TLS handshake with ") for line in lines), lines

@@ -755,6 +755,8 @@ def umount_command(args: argparse.Namespace) -> int:
     if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
     image = entry.source.removeprefix("keep:") if entry.source.startswith("keep:") else None
+    if image is not None and not os.path.exists(image):
+        image = None  # moved or deleted since the mount: no lock to judge by or wait for
     stale = image is not None and _lock_is_free(image)
     result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
     if result.returncode != 0:

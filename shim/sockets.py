@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -580,14 +581,12 @@ async def _stop_on_signal(interrupts: _Interrupts,
     the guest is blocked on a socket: trio cannot deliver KeyboardInterrupt into a worker thread,
     so wake the guest (ECANCELED) and let the run end."""
     watched = stop_signals()
-    try:
-        receiver = trio.open_signal_receiver(*watched) if watched else None
-    except RuntimeError:  # not the main thread (library use): the caller handles signals
-        receiver = None
-    if receiver is None:
+    # Only the main thread may take signals (trio raises on entering the receiver otherwise):
+    # elsewhere (library use) the caller handles them. With none left to watch, nothing to do.
+    if not watched or threading.current_thread() is not threading.main_thread():
         task_status.started()
         return
-    with receiver as signals:
+    with trio.open_signal_receiver(*watched) as signals:
         task_status.started()
         async for signal_number in signals:
             interrupts.received.append(signal_number)

@@ -7,10 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from fixture_build import WasmFixture
 from fuse_harness import (
     MOUNT_TIMEOUT,
     PASSPHRASE,
@@ -18,6 +20,9 @@ from fuse_harness import (
     force_unmount,
     fuse_skip_reason,
 )
+
+from shim.config import parse_config
+from shim.run import RunConfig, RunResult, run_module
 
 KEEP = (sys.executable, "-m", "shim")
 
@@ -62,3 +67,30 @@ def test_umount_of_a_dead_mount_whose_image_moved_is_no_false_failure(tmp_path: 
             process.wait()
         if _is_mounted(mountpoint):
             force_unmount(mountpoint)
+
+
+def test_a_run_with_keep_toml_from_another_thread_leaves_signals_to_the_caller(
+        wasm_fixture: WasmFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """Library use: shim.run.run_module with a keep.toml, called from a thread that is not the
+    main one. shim.sockets._stop_on_signal means to leave signals to the caller there (only the
+    main thread may take them), but it caught the RuntimeError around the call of
+    trio.open_signal_receiver, which raises only on entering it: the run died of
+    'RuntimeError: Sorry, open_signal_receiver is only possible when running in Python
+    interpreter's main thread' before the guest started."""
+    keep_toml = parse_config("".join(f'[[files]]\nkind = "{kind}"\n' for kind in ("stdin", "stdout", "stderr"))
+                             + '[[files]]\nkind = "listen"\nname = "api"\naddr = "127.0.0.1"\nport = 0\n')
+    config = RunConfig(module=str(wasm_fixture("hello")), keep_config=keep_toml)
+    results: list[object] = []
+    worker = threading.Thread(target=lambda: results.append(_outcome_of(config)))
+    worker.start()
+    worker.join(timeout=60)
+    assert results and isinstance(results[0], RunResult), results
+    assert results[0].exit_code == 0
+    assert capfd.readouterr().out != ""
+
+
+def _outcome_of(config: RunConfig) -> object:
+    try:
+        return run_module(config)
+    except BaseException as error:  # reported by the test, which runs in the main thread
+        return error

@@ -642,7 +642,6 @@ def mount_command(args: argparse.Namespace) -> int:
         raise KeepError(f"cannot mount: {reason}")
     mountpoint = _mount_path(args.mountpoint)  # where the kernel mounts (for `umount`)
     check_mountpoint(mountpoint)
-    logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     key = read_key(KeySource.from_arguments(args))
     volume = open_volume(args.image, key, writable=not args.read_only,
                          expected_generation=args.volume_generation)

@@ -340,7 +340,7 @@ def test_a_host_failure_is_eio_and_logged(pristine: Path, tmp_path: Path) -> Non
                 os.pread(handle.fileno(), 20 << 20, 0)
         assert failed.value.errno == errno.EIO
         mount.stop()
-    assert "host failure during read: " in mount.errors and "(answered EIO)" in mount.errors
+    assert "keep: host failure during read: " in mount.errors and "(answered EIO)" in mount.errors
 
 
 def test_a_mount_whose_terminal_hung_up_still_ends_cleanly(pristine: Path, tmp_path: Path) -> None:

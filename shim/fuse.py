@@ -65,7 +65,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from shim.errors import KeepError, point_at_devnull
 from shim.keys import KeySource, read_key
-from shim.signals import STOP_SIGNALS, stop_signals
+from shim.signals import STOP_SIGNALS, receive_stop_signals, stop_signals
 from storage.errors import FilesystemError, IntegrityError, NoSpace
 from storage.fs import Attr, Filesystem
 from storage.integrity import VolumeState
@@ -465,7 +465,7 @@ async def serve(operations: FuseOperations, options: MountOptions,
     the session as exited, which the loop checks first); one that came before serving began
     (recorded in `stopped`, see `_StopSignals`) means no mount at all. The caller owns the
     volume: it commits and closes it after this returns."""
-    with trio.open_signal_receiver(*signals) if signals else _no_signals() as received:
+    with receive_stop_signals(signals) as received:
         if stopped:
             return
         try:
@@ -529,15 +529,6 @@ async def _raise_read_ahead(mountpoint: str) -> None:
             if setting.read().strip() != str(READ_AHEAD_KIB):
                 setting.seek(0)
                 setting.write(str(READ_AHEAD_KIB))
-
-
-@contextlib.contextmanager
-def _no_signals() -> Iterator[AsyncIterator[int]]:
-    """What `serve` listens to when every stop signal is ignored: nothing, for ever."""
-    async def never() -> AsyncIterator[int]:
-        await trio.sleep_forever()
-        yield 0  # (unreachable: makes this an async generator)
-    yield never()
 
 
 async def _stop_on_signals(signals: AsyncIterator[int]) -> None:

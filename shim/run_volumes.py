@@ -43,7 +43,7 @@ import trio
 from shim.errors import KeepError, UsageError, say
 from shim.keys import KeySource, read_key
 from shim.run import split_mapping
-from shim.signals import stop_signals
+from shim.signals import receive_stop_signals
 from shim.volume_backend import VolumeSession
 from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
 from storage.errors import IntegrityError
@@ -287,10 +287,7 @@ def run_until_signalled(config: RunConfig) -> RunResult | SignalledRun:
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:
-                watched = stop_signals()
-                if not watched:  # every one ignored (nohup and a background job): nothing to watch
-                    await trio.sleep_forever()
-                with trio.open_signal_receiver(*watched) as signals:
+                with receive_stop_signals() as signals:  # (none: nohup and a background job)
                     async for number in signals:
                         box["signal"] = number
                         break

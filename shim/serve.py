@@ -80,7 +80,7 @@ from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_c
 from shim.deploy import parse_address
 from shim.errors import KeepError, UsageError
 from shim.keys import forbid_core_dumps
-from shim.signals import stop_signals
+from shim.signals import receive_stop_signals
 from wasi_host._backend import Buffer, Readiness
 
 if TYPE_CHECKING:
@@ -391,11 +391,7 @@ class Keep:
         """The first SIGINT, SIGTERM or SIGHUP (shim.signals: less those keep was started with
         ignored) `interrupt`s the keep (as `keep run` stops a guest that has volumes). After it
         the default handlers are back, so a second one ends the process."""
-        watched = stop_signals()
-        if not watched:  # every one ignored: nothing stops the keep but its own end
-            task_status.started()
-            return
-        with trio.open_signal_receiver(*watched) as signals:
+        with receive_stop_signals() as signals:  # (none: nothing stops the keep but its end)
             task_status.started()
             async for signal_number in signals:
                 self.interrupt(signal_number)

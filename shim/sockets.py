@@ -33,7 +33,6 @@ import logging
 import os
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -68,7 +67,7 @@ from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError, say
 from shim.keys import forbid_core_dumps
 from shim.run import RunConfig, RunResult, Stdio
-from shim.signals import stop_signals
+from shim.signals import receive_stop_signals
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 from wasi_host._guest import GuestStopped
 
@@ -580,13 +579,7 @@ async def _stop_on_signal(interrupts: _Interrupts,
     """Ctrl-C, SIGTERM or SIGHUP (shim.signals: less those keep was started with ignored) while
     the guest is blocked on a socket: trio cannot deliver KeyboardInterrupt into a worker thread,
     so wake the guest (ECANCELED) and let the run end."""
-    watched = stop_signals()
-    # Only the main thread may take signals (trio raises on entering the receiver otherwise):
-    # elsewhere (library use) the caller handles them. With none left to watch, nothing to do.
-    if not watched or threading.current_thread() is not threading.main_thread():
-        task_status.started()
-        return
-    with trio.open_signal_receiver(*watched) as signals:
+    with receive_stop_signals() as signals:  # (none off the main thread: the caller's)
         task_status.started()
         async for signal_number in signals:
             interrupts.received.append(signal_number)

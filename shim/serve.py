@@ -597,12 +597,14 @@ def serve_command(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         listeners = await keep.listen(host, port)
-        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
-              f"{measurement.hex()})", file=sys.stderr, flush=True)
         async with trio.open_nursery() as nursery:
+            # before the line that says the keep is ready: a signal sent on seeing it must stop
+            # the keep, not meet the default action (SIGTERM killed it, status -15, not 143)
             await nursery.start(keep.stop_on_signals)
+            bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
+                  f"{measurement.hex()})", file=sys.stderr, flush=True)
             await keep.serve_on(listeners)
             nursery.cancel_scope.cancel()
 

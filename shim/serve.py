@@ -78,7 +78,7 @@ from shim.attest._protocol import (
 )
 from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
 from shim.deploy import parse_address
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, say
 from shim.keys import forbid_core_dumps
 from shim.signals import receive_stop_signals
 from wasi_host._backend import Buffer, Readiness
@@ -611,6 +611,7 @@ def serve_command(args: argparse.Namespace) -> int:
     trio.run(main)
     if keep.signal_number is None:
         return 0
-    print(f"keep: {signal.Signals(keep.signal_number).name}: stopped"
-          + (", guest stopped, volumes committed" if keep.stopped_a_guest else ""), file=sys.stderr)
+    # (say: a terminal that hung up, whose SIGHUP stopped the keep, takes no more lines)
+    say(f"{signal.Signals(keep.signal_number).name}: stopped"
+        + (", guest stopped, volumes committed" if keep.stopped_a_guest else ""))
     return 128 + keep.signal_number

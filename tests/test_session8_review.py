@@ -3,6 +3,8 @@ or left behind, each test failing on the code before its fix."""
 
 from __future__ import annotations
 
+import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -109,6 +111,30 @@ def test_a_signal_sent_on_seeing_keep_serve_ready_stops_it_gracefully() -> None:
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 128 + signal.SIGTERM, stderr
         assert stderr == b"keep: SIGTERM: stopped\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+def test_keep_serve_stopped_by_a_hangup_exits_129_on_a_terminal_that_is_gone() -> None:
+    """keep serve in a terminal that closes: SIGHUP stops it gracefully since f5ee935 (it used
+    to die of it), and then its last line ('keep: SIGHUP: stopped') met EIO on the hung-up
+    terminal, which made it 'keep: internal error: OSError', exit 70, instead of 128 + SIGHUP
+    as keep run gives. The line now goes through shim.errors.say, which drops what stderr
+    cannot take."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen([*KEEP, "serve", "--listen", "127.0.0.1:0"],
+                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        seen = b""
+        while b"serving on" not in seen:
+            chunk = os.read(master, 4096)
+            assert chunk, seen
+            seen += chunk
+        os.close(master)  # the terminal window closes: writes to it now fail (EIO)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=60) == 128 + signal.SIGHUP
     finally:
         if process.poll() is None:
             process.kill()

@@ -686,13 +686,15 @@ def _mount_entry(mountpoint: str) -> MountEntry | None:
     return found
 
 
-def _wait_for_release(image: str, timeout: float) -> bool:
-    """Wait until no process holds the image's lock (the mount process committed and exited)."""
+def _wait_for_release(image: str, timeout: float) -> bool | None:
+    """Wait until no process holds the image's lock (the mount process committed and exited);
+    False if one still does after `timeout`, None if the image cannot be opened (moved, deleted
+    since the mount, unreadable): there is no lock to judge by."""
     deadline = time.monotonic() + timeout
     try:
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
         while True:
             try:
@@ -730,7 +732,7 @@ def _mount_path(path: str) -> str:
 
 def _lock_is_free(image: str) -> bool:
     """Whether no process holds the image's lock now (False also if it cannot be opened)."""
-    return _wait_for_release(image, 0.0)
+    return _wait_for_release(image, 0.0) is True
 
 
 def umount_command(args: argparse.Namespace) -> int:
@@ -745,8 +747,6 @@ def umount_command(args: argparse.Namespace) -> int:
     if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
     image = entry.source.removeprefix("keep:") if entry.source.startswith("keep:") else None
-    if image is not None and not os.path.exists(image):
-        image = None  # moved or deleted since the mount: no lock to judge by or wait for
     stale = image is not None and _lock_is_free(image)
     result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -755,7 +755,7 @@ def umount_command(args: argparse.Namespace) -> int:
     if stale:
         print(f"cleared the stale mount on {args.mountpoint}")
         return 0
-    if image is not None and not _wait_for_release(image, _UMOUNT_WAIT):
+    if image is not None and _wait_for_release(image, _UMOUNT_WAIT) is False:  # (None: no lock to wait for)
         raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")
     print(f"unmounted {args.mountpoint}")
     return 0

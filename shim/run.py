@@ -60,7 +60,7 @@ from shim.config import KeepConfig, load_config
 from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.faults import ineffective_faults, parse_faults, warn_ineffective_faults
-from shim.trace import open_tracer
+from shim.trace import open_tracer, same_file
 from wasi_host import Directory, Guest, Socket, Stream, Waiter
 from wasi_host._bind import (
     GuestTrap,
@@ -635,6 +635,24 @@ def files_read(args: argparse.Namespace, keep_config: KeepConfig | None = None) 
     return named
 
 
+def refuse_export_over_inputs(args: argparse.Namespace, keep_config: KeepConfig | None,
+                              images: Sequence[str]) -> None:
+    """A KeepError when keep.toml's [tls] export_certificate names a file this run reads: the
+    module, a volume image (`images`), the volume key or passphrase file, --volume-state,
+    keep.toml itself (`files_read`; keep.toml's own TLS key and CA files are refused by
+    shim.sockets, for keep serve too). The certificate is written when the sockets open, after
+    the volumes' key was read: `export_certificate = "vol.key"` with `--key-file vol.key`
+    replaced the volume's only key, and the volume could never be opened again."""
+    export = keep_config.tls.export_certificate if keep_config is not None else None
+    if export is None:
+        return
+    named = [*files_read(args), *(("--volume", image) for image in images), ("the module", str(args.module))]
+    for option, path in named:
+        if same_file(export, path):
+            raise KeepError(f"export_certificate {export}: refusing to overwrite the file of {option} "
+                            "(give the certificate a file name of its own)")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """`keep run`: run the module, print a trap or `--invoke` results, return the exit status."""
     if args.trace is None:  # alone, they would run the guest untraced and say nothing
@@ -653,6 +671,8 @@ def run_command(args: argparse.Namespace) -> int:
         warn_plaintext_dirs,
     )
 
+    refuse_export_over_inputs(args, config.keep_config,
+                              [VolumeMount.parse(spec).image for spec in args.volume])
     warn_plaintext_dirs(args)
     check_guest_paths([mapping.guest for mapping in config.dirs]
                       + [VolumeMount.parse(spec).guest for spec in args.volume])  # before opening

@@ -68,6 +68,7 @@ from shim.errors import KeepError, say
 from shim.keys import forbid_core_dumps
 from shim.run import RunConfig, RunResult, Stdio
 from shim.signals import receive_stop_signals
+from shim.trace import same_file
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 from wasi_host._guest import GuestStopped
 
@@ -439,11 +440,7 @@ def _refuse_export_over_inputs(config: KeepConfig) -> None:
             inputs.append((ca, f'the {key} of socket "{entry.name}": writing the certificate '
                                "there would replace it"))
     for path, what in inputs:
-        try:
-            same = os.path.samefile(export, path)
-        except OSError:  # one of them does not exist (yet): compare the names
-            same = os.path.abspath(export) == os.path.abspath(path)
-        if same:
+        if same_file(export, path):
             raise NetworkError(f"export_certificate {export} is {what}")
 
 

@@ -25,7 +25,7 @@ from wasi_host._trace import TextOutput, TraceEvent, Tracer, jsonl_writer, text_
 if TYPE_CHECKING:
     from shim.audit import WireRecorder
 
-__all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace"]
+__all__ = ["STDERR", "TraceEvent", "Tracer", "open_tracer", "read_jsonl_trace", "same_file"]
 
 STDERR = "-"
 FORMATS = ("text", "jsonl")
@@ -102,16 +102,21 @@ def open_tracer(target: str, trace_format: str = "text", *, show_data: bool = Fa
 _PRECIOUS: Final = ((b"LUKS\xba\xbe", "a LUKS2 volume image"), (b"\0asm", "a WebAssembly module"))
 
 
+def same_file(one: str | os.PathLike[str], other: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file, however spelled (same device and inode); when
+    either is missing (or unreadable), whether they resolve to the same path."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return os.path.realpath(one) == os.path.realpath(other)
+
+
 def _open_for_writing(target: str, inputs: Sequence[tuple[str, str]] = ()) -> int:
     """`target` opened for writing (created 0600, emptied if it is a regular file), or a
     UsageError; an existing volume image or module, or one of the run's `inputs` ((option, path)
     pairs, however the target spells the same file), is refused, not truncated."""
     for option, path in inputs:  # before opening: O_CREAT would leave an empty file at a path not there yet
-        try:
-            same = os.path.samefile(target, path)
-        except OSError:  # either is missing (or unreadable): compare the spellings
-            same = os.path.realpath(target) == os.path.realpath(path)
-        if same:
+        if same_file(target, path):
             raise UsageError(f"--trace={target}: refusing to overwrite the file of {option} "
                              "(give the trace a file name of its own)")
     try:

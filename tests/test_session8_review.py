@@ -22,6 +22,9 @@ from fuse_harness import (
     force_unmount,
     fuse_skip_reason,
 )
+from keep_net import STDIO, listen_entry
+from run_volume_support import PASSPHRASE as VOLUME_PASSPHRASE
+from run_volume_support import make_volume
 
 from shim.config import parse_config
 from shim.run import RunConfig, RunResult, run_module
@@ -139,3 +142,31 @@ def test_keep_serve_stopped_by_a_hangup_exits_129_on_a_terminal_that_is_gone() -
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("victim", ["passphrase", "volume_state", "image", "module", "config"])
+def test_exporting_the_certificate_over_a_file_the_run_reads_is_refused(
+        victim: str, tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """keep.toml's export_certificate was only compared with keep.toml's own TLS files: one
+    naming --passphrase-file/--key-file (the volume's only key), --volume-state, a volume image,
+    the module or keep.toml itself was replaced by the certificate when the sockets opened
+    (repro: export_certificate = "vol.key" with --key-file vol.key: the key file then held
+    '-----BEGIN CERTIFICATE-----', the volume 'wrong passphrase' for ever). Refused at start
+    now, exit 1, every file untouched."""
+    image, passphrase = tmp_path / "data.img", tmp_path / "passphrase"
+    make_volume(image)
+    passphrase.write_bytes(VOLUME_PASSPHRASE + b"\n")
+    state, module, config = tmp_path / "state.json", tmp_path / "app.wasm", tmp_path / "keep.toml"
+    state.write_text("{}")
+    shutil.copyfile(wasm_fixture("hello"), module)
+    target = {"passphrase": passphrase, "volume_state": state, "image": image, "module": module,
+              "config": config}[victim]
+    config.write_text(f'[tls]\nexport_certificate = "{target}"\n\n' + STDIO + listen_entry("api", 0))
+    before = {path: path.read_bytes() for path in (image, passphrase, state, module, config)}
+    completed = subprocess.run(
+        [*KEEP, "run", "--config", str(config), "--volume", f"{image}::/data", "--passphrase-file",
+         str(passphrase), "--volume-state", str(state), str(module)],
+        stdin=subprocess.DEVNULL, capture_output=True, env=keep_environment, timeout=120, check=False)
+    assert completed.returncode == 1, completed.stderr
+    assert b"refusing to overwrite the file of" in completed.stderr
+    assert {path: path.read_bytes() for path in before} == before

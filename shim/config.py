@@ -141,6 +141,15 @@ class KeepConfig:
         """The socket entries in list order (they follow the pre-opened directories)."""
         return tuple(e for e in self.files if isinstance(e, ListenFile | ConnectFile))
 
+    def ca_files(self) -> tuple[tuple[str, str, Path], ...]:
+        """(socket name, option, path) of each CA file the sockets read: a listener's
+        `client_ca`, a connect entry's `ca`. The files a run must never overwrite (--trace,
+        export_certificate) are these and [tls] certificate and key."""
+        return tuple((entry.name, option, path) for entry in self.sockets
+                     for option, path in ((("client_ca", entry.client_ca),) if isinstance(entry, ListenFile)
+                                          else (("ca", entry.ca),))
+                     if path is not None)
+
     def fd_layout(self, preopen_names: Sequence[str] = ()) -> tuple[FdSlot, ...]:
         """Every guest fd from 0: stdio, then pre-opened directories, then sockets."""
         named: list[tuple[str, FileEntry | None]] = [(e.name, e) for e in self.stdio]

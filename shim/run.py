@@ -628,10 +628,8 @@ def files_read(args: argparse.Namespace, keep_config: KeepConfig | None = None) 
         for key, tls_path in (("certificate", tls.certificate), ("key", tls.key)):
             if tls_path is not None:
                 named.append((f"keep.toml's tls.{key}", str(tls_path)))
-        for entry in keep_config.files:
-            ca = getattr(entry, "client_ca", None) or getattr(entry, "ca", None)
-            if ca is not None:
-                named.append((f"keep.toml's files {entry.name!r} CA", str(ca)))
+        for name, _, ca in keep_config.ca_files():
+            named.append((f"keep.toml's files {name!r} CA", str(ca)))
     return named
 
 

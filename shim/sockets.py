@@ -434,11 +434,9 @@ def _refuse_export_over_inputs(config: KeepConfig) -> None:
     if config.tls.key is not None:
         inputs.append((config.tls.key, "the configured key file: writing the certificate there "
                                        "would destroy the private key"))
-    for entry in config.sockets:
-        ca, key = (entry.client_ca, "client_ca") if isinstance(entry, ListenFile) else (entry.ca, "ca")
-        if ca is not None:
-            inputs.append((ca, f'the {key} of socket "{entry.name}": writing the certificate '
-                               "there would replace it"))
+    for name, option, ca in config.ca_files():
+        inputs.append((ca, f'the {option} of socket "{name}": writing the certificate there would '
+                           "replace it"))
     for path, what in inputs:
         if same_file(export, path):
             raise NetworkError(f"export_certificate {export} is {what}")

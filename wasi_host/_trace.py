@@ -23,6 +23,7 @@ the fault injector uses it as well.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import struct
 import time
@@ -31,12 +32,46 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol
 
-from wasi_host._abi import U32, U32_PAIR, U64, Clockid, Errno, Fdflags, Fstflags, Oflags, Rights, Whence
+from wasi_host._abi import (
+    DIRENT,
+    EVENT,
+    EVENT_FD_READWRITE_HANGUP,
+    FDSTAT,
+    FILESTAT,
+    LOOKUP_SYMLINK_FOLLOW,
+    PREOPENTYPE_DIR,
+    PRESTAT,
+    RIFLAGS_RECV_PEEK,
+    RIFLAGS_RECV_WAITALL,
+    ROFLAGS_RECV_DATA_TRUNCATED,
+    SDFLAGS_RD,
+    SDFLAGS_WR,
+    SUBSCRIPTION_CLOCK,
+    SUBSCRIPTION_CLOCK_ABSTIME,
+    SUBSCRIPTION_FD,
+    SUBSCRIPTION_HEAD,
+    SUBSCRIPTION_SIZE,
+    U16,
+    U32,
+    U32_PAIR,
+    U64,
+    Clockid,
+    Errno,
+    Eventtype,
+    Fdflags,
+    Filetype,
+    Fstflags,
+    Oflags,
+    Rights,
+    Whence,
+)
 from wasi_host._errors import ProcExit, errno_for_exception
 from wasi_host._functions import HostFunction
 from wasi_host._memory import IOV_MAX, Memory, transfer_limit
 
 TraceValue = int | str
+# Subscriptions and events of one poll_oneoff shown in its line; the rest are counted.
+POLL_SHOWN: Final = 16
 
 
 def replace_impl(function: HostFunction, impl: Callable[..., int]) -> HostFunction:
@@ -65,7 +100,11 @@ TRANSFERS: Final[Mapping[str, Transfer]] = MappingProxyType({
 # Parameter kinds: "fd", "int", "sint" (signed 64), "ptr" (not shown), "path" (ptr + len),
 # "iovs" (ptr + count, shown as the total size), "buf" (ptr + len, shown as the length),
 # "out32:NAME" / "out64:NAME" (a result stored through a pointer, shown after the call),
-# "path_out" (ptr + len filled by the call) and the flag kinds named in _FLAG_NAMES.
+# "path_out" (ptr + len filled by the call), a record the call stores through a pointer (the kinds
+# of _RECORD_RESULTS: its fields become results, named as in the witx), the flag kinds of
+# _FLAG_NAMES and the enum kinds of _ENUM_NAMES. What a layout cannot say (a buffer whose contents
+# the call fills, poll_oneoff's arrays) is decoded by the function's entry in _DECODE_BEFORE /
+# _DECODE_AFTER.
 _LAYOUTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType({
     "args_get": ("ptr", "ptr"),
     "args_sizes_get": ("out32:count", "out32:size"),
@@ -73,18 +112,18 @@ _LAYOUTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType({
     "environ_sizes_get": ("out32:count", "out32:size"),
     "clock_res_get": ("clock:id", "out64:resolution"),
     "clock_time_get": ("clock:id", "int:precision", "out64:time"),
-    "fd_advise": ("fd", "int:offset", "int:len", "int:advice"),
+    "fd_advise": ("fd", "int:offset", "int:len", "advice:advice"),
     "fd_allocate": ("fd", "int:offset", "int:len"),
     "fd_close": ("fd",),
     "fd_datasync": ("fd",),
-    "fd_fdstat_get": ("fd", "ptr"),
+    "fd_fdstat_get": ("fd", "fdstat"),
     "fd_fdstat_set_flags": ("fd", "fdflags:flags"),
     "fd_fdstat_set_rights": ("fd", "rights:base", "rights:inheriting"),
-    "fd_filestat_get": ("fd", "ptr"),
+    "fd_filestat_get": ("fd", "filestat"),
     "fd_filestat_set_size": ("fd", "int:size"),
     "fd_filestat_set_times": ("fd", "int:atim", "int:mtim", "fstflags:flags"),
     "fd_pread": ("fd", "iovs", "int:offset", "out32:nread"),
-    "fd_prestat_get": ("fd", "ptr"),
+    "fd_prestat_get": ("fd", "prestat"),
     "fd_prestat_dir_name": ("fd", "path_out"),
     "fd_pwrite": ("fd", "iovs", "int:offset", "out32:nwritten"),
     "fd_read": ("fd", "iovs", "out32:nread"),
@@ -95,7 +134,7 @@ _LAYOUTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType({
     "fd_tell": ("fd", "out64:offset"),
     "fd_write": ("fd", "iovs", "out32:nwritten"),
     "path_create_directory": ("fd", "path"),
-    "path_filestat_get": ("fd", "lookup:flags", "path", "ptr"),
+    "path_filestat_get": ("fd", "lookup:flags", "path", "filestat"),
     "path_filestat_set_times": ("fd", "lookup:flags", "path", "int:atim", "int:mtim", "fstflags:fst_flags"),
     "path_link": ("fd:old_fd", "lookup:old_flags", "path:old_path", "fd:new_fd", "path:new_path"),
     "path_open": ("fd", "lookup:dirflags", "path", "oflags:oflags", "rights:rights_base",
@@ -107,13 +146,13 @@ _LAYOUTS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType({
     "path_unlink_file": ("fd", "path"),
     "poll_oneoff": ("ptr", "ptr", "int:nsubscriptions", "out32:nevents"),
     "proc_exit": ("int:code",),
-    "proc_raise": ("int:signal",),
+    "proc_raise": ("signal:signal",),
     "sched_yield": (),
     "random_get": ("buf",),
     "sock_accept": ("fd", "fdflags:flags", "out32:accepted_fd"),
-    "sock_recv": ("fd", "iovs", "int:ri_flags", "out32:nread", "ptr"),
+    "sock_recv": ("fd", "iovs", "riflags:ri_flags", "out32:nread", "roflags"),
     "sock_send": ("fd", "iovs", "int:si_flags", "out32:nwritten"),
-    "sock_shutdown": ("fd", "int:how"),
+    "sock_shutdown": ("fd", "sdflags:how"),
 })
 
 _TWO_PARAMETER_KINDS = frozenset({"path", "iovs", "buf", "path_out"})
@@ -130,14 +169,44 @@ _FLAG_NAMES: Final[Mapping[str, tuple[tuple[int, str], ...]]] = MappingProxyType
     "fdflags": _flag_names(Fdflags),
     "fstflags": _flag_names(Fstflags),
     "rights": _flag_names(Rights),
-    "lookup": ((1, "SYMLINK_FOLLOW"),),
+    "lookup": ((LOOKUP_SYMLINK_FOLLOW, "SYMLINK_FOLLOW"),),
+    "riflags": ((RIFLAGS_RECV_PEEK, "RECV_PEEK"), (RIFLAGS_RECV_WAITALL, "RECV_WAITALL")),
+    "roflags": ((ROFLAGS_RECV_DATA_TRUNCATED, "RECV_DATA_TRUNCATED"),),
+    "sdflags": ((SDFLAGS_RD, "RD"), (SDFLAGS_WR, "WR")),
+    "subclockflags": ((SUBSCRIPTION_CLOCK_ABSTIME, "ABSTIME"),),
+    "eventrwflags": ((EVENT_FD_READWRITE_HANGUP, "HANGUP"),),
 })
+
+
+def _enum_names(owner: type) -> Mapping[int, str]:
+    return MappingProxyType({value: name for name, value in vars(owner).items()
+                             if name.isupper() and isinstance(value, int)})
+
+
+def _witx_order(*names: str) -> Mapping[int, str]:
+    """An enum whose cases are numbered in the witx's order (a test checks them against it)."""
+    return MappingProxyType(dict(enumerate(names)))
+
+
+
 _ENUM_NAMES: Final[Mapping[str, Mapping[int, str]]] = MappingProxyType({
-    "whence": {Whence.SET: "SET", Whence.CUR: "CUR", Whence.END: "END"},
-    "clock": {Clockid.REALTIME: "REALTIME", Clockid.MONOTONIC: "MONOTONIC",
-              Clockid.PROCESS_CPUTIME_ID: "PROCESS_CPUTIME_ID",
-              Clockid.THREAD_CPUTIME_ID: "THREAD_CPUTIME_ID"},
+    "whence": _enum_names(Whence),
+    "clock": _enum_names(Clockid),
+    "filetype": _enum_names(Filetype),
+    "eventtype": _enum_names(Eventtype),
+    "preopentype": {PREOPENTYPE_DIR: "DIR"},
+    "advice": _witx_order("NORMAL", "SEQUENTIAL", "RANDOM", "WILLNEED", "DONTNEED", "NOREUSE"),
+    "signal": _witx_order("NONE", "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL",
+                          "USR1", "SEGV", "USR2", "PIPE", "ALRM", "TERM", "CHLD", "CONT", "STOP",
+                          "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH",
+                          "POLL", "PWR", "SYS"),
 })
+
+
+def enum_text(kind: str, value: int) -> str:
+    """The name of `value` in the enum `kind` (ADVICE's SEQUENTIAL...), or the number when the
+    witx names no such case (the call then fails with EINVAL: the line shows what was passed)."""
+    return _ENUM_NAMES[kind].get(value, str(value))
 
 
 def flags_text(kind: str, value: int) -> str:
@@ -203,7 +272,7 @@ class TraceEvent:
     function: str
     args: Mapping[str, TraceValue]
     errno: int
-    results: Mapping[str, int] = field(default_factory=dict)
+    results: Mapping[str, TraceValue] = field(default_factory=dict)
     duration_us: float = 0.0
     data: bytes | None = None
     exit_code: int | None = None
@@ -250,7 +319,8 @@ class TraceEvent:
         for key, encoded in dict(record.get("raw") or {}).items():
             args[key] = base64.b64decode(encoded).decode("utf-8", "surrogateescape")
         return cls(int(record["seq"]), str(record["call"]), args, errno,
-                   {key: int(value) for key, value in dict(record["results"]).items()},
+                   {key: value if isinstance(value, str) else int(value)
+                    for key, value in dict(record["results"]).items()},
                    float(record["us"]), base64.b64decode(data) if data is not None else None,
                    record.get("exit_code"))
 
@@ -259,12 +329,18 @@ class TraceEvent:
         shown = []
         for key, value in self.args.items():
             shown.append(f"{key}={_c_string(value.encode('utf-8', 'surrogateescape'), 4096)}"
-                         if isinstance(value, str) and key.endswith("path") else f"{key}={value}")
+                         if isinstance(value, str) and _is_path(key) else f"{key}={value}")
         if self.data is not None:
             shown.append(f"data={_c_string(self.data, data_limit)}")
         outcome = f"exit {self.exit_code}" if self.exit_code is not None else self.errno_name
         results = "".join(f" {key}={value}" for key, value in self.results.items())
         return f"{self.function}({', '.join(shown)}) = {outcome}{results} <{self.duration_us:.1f} us>"
+
+
+def _is_path(key: str) -> bool:
+    """Whether an argument is a guest path (shown quoted and escaped): `path`, `old_path`... and
+    path_readlink's `target`."""
+    return key.endswith("path") or key == "target"
 
 
 TraceSink = Callable[[TraceEvent], None]
@@ -308,6 +384,8 @@ class Tracer:
 
     def _traced(self, name: str, impl: Callable[..., int]) -> Callable[..., int]:
         layout = _compile_layout(_LAYOUTS.get(name, ()))
+        decode_before = _DECODE_BEFORE.get(name)
+        decode_after = _DECODE_AFTER.get(name)
         transfer = TRANSFERS.get(name)
         show_data = self.show_data
         sink = self._emit
@@ -317,6 +395,8 @@ class Tracer:
             if self.failure is not None:  # the sink failed: tracing stopped, the call costs nothing more
                 return impl(guest, memory, *arguments)
             decoded, outputs = _decode(layout, memory, arguments)
+            if decode_before is not None:  # the arrays it reads are the first parameters: shown first
+                decoded = {**decode_before(memory, arguments), **decoded}
             # at most what the call can move: overlapping iovecs may add up to far more than memory
             written = (_iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1],
                                     transfer_limit(memory))
@@ -334,10 +414,12 @@ class Tracer:
                                 (clock() - start) / 1000))
                 raise
             elapsed = (clock() - start) / 1000
-            results: dict[str, int] = {}
+            results: dict[str, TraceValue] = {}
             data = written
             if errno == 0:
                 _read_outputs(outputs, memory, arguments, decoded, results)
+                if decode_after is not None:
+                    decode_after(memory, arguments, decoded, results)
                 if show_data and transfer is not None and transfer.direction == "read":
                     count = _load(U32, memory, arguments[transfer.result])
                     data = _iovec_bytes(memory, arguments[transfer.iovs], arguments[transfer.iovs + 1], count)
@@ -382,7 +464,7 @@ def _decode(steps: tuple[_Step, ...], memory: Memory,
             decoded[name] = value
         elif kind == "iovs":
             decoded[name] = _iovec_size(memory, value, arguments[index + 1])
-        elif kind == "out32" or kind == "out64" or kind == "path_out":
+        elif kind == "out32" or kind == "out64" or kind == "path_out" or kind in _RECORD_RESULTS:
             outputs.append((kind, name, index))
         elif kind == "path":
             decoded[name] = _path(memory, value, arguments[index + 1])
@@ -393,19 +475,130 @@ def _decode(steps: tuple[_Step, ...], memory: Memory,
         elif kind in _FLAG_NAMES:
             decoded[name] = flags_text(kind, value)
         elif kind in _ENUM_NAMES:
-            decoded[name] = _ENUM_NAMES[kind].get(value, str(value))
+            decoded[name] = enum_text(kind, value)
     return decoded, outputs
 
 
 def _read_outputs(outputs: list[_Output], memory: Memory, arguments: tuple[int, ...],
-                  decoded: dict[str, TraceValue], results: dict[str, int]) -> None:
+                  decoded: dict[str, TraceValue], results: dict[str, TraceValue]) -> None:
     for kind, name, index in outputs:
         if kind == "path_out":
             decoded[name] = _path(memory, arguments[index], arguments[index + 1])
             continue
+        if kind in _RECORD_RESULTS:
+            with contextlib.suppress(struct.error, TypeError):  # stored by the call: it fits
+                results.update(_RECORD_RESULTS[kind](memory, arguments[index]))
+            continue
         value = _load(U32 if kind == "out32" else U64, memory, arguments[index])
         if value is not None:
             results[name] = value
+
+
+def _fdstat(memory: Memory, pointer: int) -> dict[str, TraceValue]:
+    filetype, flags, base, inheriting = FDSTAT.unpack_from(memory, pointer)  # type: ignore[arg-type]
+    return {"fs_filetype": enum_text("filetype", filetype), "fs_flags": flags_text("fdflags", flags),
+            "fs_rights_base": flags_text("rights", base),
+            "fs_rights_inheriting": flags_text("rights", inheriting)}
+
+
+def _filestat(memory: Memory, pointer: int) -> dict[str, TraceValue]:
+    dev, ino, filetype, nlink, size, atim, mtim, ctim = FILESTAT.unpack_from(memory, pointer)  # type: ignore[arg-type]
+    return {"dev": dev, "ino": ino, "filetype": enum_text("filetype", filetype), "nlink": nlink,
+            "size": size, "atim": atim, "mtim": mtim, "ctim": ctim}
+
+
+def _prestat(memory: Memory, pointer: int) -> dict[str, TraceValue]:
+    tag, name_len = PRESTAT.unpack_from(memory, pointer)  # type: ignore[arg-type]
+    return {"type": enum_text("preopentype", tag), "pr_name_len": name_len}
+
+
+def _roflags(memory: Memory, pointer: int) -> dict[str, TraceValue]:
+    (flags,) = U16.unpack_from(memory, pointer)  # type: ignore[arg-type]
+    return {"ro_flags": flags_text("roflags", flags)}
+
+
+# The records a call stores through a pointer, by layout kind: their fields become the event's
+# results, named as in the witx (prestat's union tag as `type`), enums and flags by name.
+_RECORD_RESULTS: Final[Mapping[str, Callable[[Memory, int], dict[str, TraceValue]]]] = MappingProxyType({
+    "fdstat": _fdstat, "filestat": _filestat, "prestat": _prestat, "roflags": _roflags,
+})
+
+
+def _listed(items: list[str], total: int) -> str:
+    """`[a, b, ...]`, with `+N more` when only the first POLL_SHOWN of `total` are listed."""
+    more = f", +{total - len(items)} more" if total > len(items) else ""
+    return "[" + ", ".join(items) + more + "]"
+
+
+def _subscriptions(memory: Memory, arguments: tuple[int, ...]) -> dict[str, TraceValue]:
+    """poll_oneoff's subscriptions, read before the call: what the guest waits for."""
+    pointer, count = arguments[0], arguments[2]
+    shown = min(count, POLL_SHOWN)
+    if memory is None or pointer + SUBSCRIPTION_SIZE * shown > len(memory):
+        return {"subscriptions": "<bad pointer>"}
+    items = []
+    for index in range(shown):
+        base = pointer + index * SUBSCRIPTION_SIZE
+        userdata, tag = SUBSCRIPTION_HEAD.unpack_from(memory, base)
+        kind = enum_text("eventtype", tag)
+        if tag == Eventtype.CLOCK:
+            clock, timeout, precision, flags = SUBSCRIPTION_CLOCK.unpack_from(memory, base + 16)
+            items.append(f"CLOCK({enum_text('clock', clock)}, timeout={timeout}, precision={precision}, "
+                         f"flags={flags_text('subclockflags', flags)}, userdata={userdata})")
+        elif tag in (Eventtype.FD_READ, Eventtype.FD_WRITE):
+            (fd,) = SUBSCRIPTION_FD.unpack_from(memory, base + 16)
+            items.append(f"{kind}(fd={fd}, userdata={userdata})")
+        else:
+            items.append(f"{kind}(userdata={userdata})")
+    return {"subscriptions": _listed(items, count)}
+
+
+def _events(memory: Memory, arguments: tuple[int, ...], decoded: dict[str, TraceValue],
+            results: dict[str, TraceValue]) -> None:
+    """poll_oneoff's events, read after the call: what woke the guest (matched to the
+    subscriptions by userdata)."""
+    pointer, count = arguments[1], results.get("nevents")
+    if not isinstance(count, int) or memory is None or pointer + EVENT.size * min(count, POLL_SHOWN) > len(memory):
+        return
+    items = []
+    for index in range(min(count, POLL_SHOWN)):
+        userdata, error, tag, nbytes, flags = EVENT.unpack_from(memory, pointer + index * EVENT.size)
+        detail = "" if tag == Eventtype.CLOCK else f", nbytes={nbytes}, flags={flags_text('eventrwflags', flags)}"
+        items.append(f"{enum_text('eventtype', tag)}(userdata={userdata}, error={errno_name(error)}{detail})")
+    results["events"] = _listed(items, count)
+
+
+def _readlink_target(memory: Memory, arguments: tuple[int, ...], decoded: dict[str, TraceValue],
+                     results: dict[str, TraceValue]) -> None:
+    """path_readlink's answer: the link's contents, shown as a path (`target`)."""
+    used = results.get("used")
+    if isinstance(used, int):
+        decoded["target"] = _path(memory, arguments[3], used)
+
+
+def _readdir_entries(memory: Memory, arguments: tuple[int, ...], decoded: dict[str, TraceValue],
+                     results: dict[str, TraceValue]) -> None:
+    """fd_readdir's answer as a count of whole entries (`entries`): a count short of a full buffer
+    is the end of the directory, a cut last entry the sign of a buffer too small."""
+    used = results.get("used")
+    if not isinstance(used, int) or memory is None or arguments[1] + used > len(memory):
+        return
+    offset, entries = 0, 0
+    while offset + DIRENT.size <= used:
+        name_length = DIRENT.unpack_from(memory, arguments[1] + offset)[2]
+        offset += DIRENT.size + name_length
+        if offset > used:
+            break
+        entries += 1
+    results["entries"] = entries
+
+
+_DecodeBefore = Callable[[Memory, tuple[int, ...]], dict[str, TraceValue]]
+_DecodeAfter = Callable[[Memory, tuple[int, ...], dict[str, TraceValue], dict[str, TraceValue]], None]
+_DECODE_BEFORE: Final[Mapping[str, _DecodeBefore]] = MappingProxyType({"poll_oneoff": _subscriptions})
+_DECODE_AFTER: Final[Mapping[str, _DecodeAfter]] = MappingProxyType({
+    "poll_oneoff": _events, "path_readlink": _readlink_target, "fd_readdir": _readdir_entries,
+})
 
 
 def _load(layout: struct.Struct, memory: Memory, pointer: int) -> int | None:

@@ -197,7 +197,9 @@ class RunResult:
     """How a run ended. `trap` is wasmtime's message with the wasm backtrace when the guest
     trapped, or the reason an exit status was refused (proc_exit >= 126, exit status 1, as
     wasmtime); None for a normal end. `results` are `--invoke`'s return values; `cache_hit` is None when the
-    compile cache was off."""
+    compile cache was off. `cut_short` says why a run whose guest ended by itself still ends with
+    the timeout's status (TRAP_EXIT_STATUS): --timeout ran out while its connections were still
+    sending what it had written (shim.sockets); the CLI prints it."""
 
     exit_code: int
     trap: str | None = None
@@ -206,6 +208,7 @@ class RunResult:
     cache_hit: bool | None = None
     ineffective_faults: tuple[str, ...] = ()  # one line per --fault that changed no call of this run
     result_types: tuple[str, ...] = ()  # `results`' wasm types ("i32", "f32"...), as printed
+    cut_short: str | None = None
 
 
 def run_module(config: RunConfig) -> RunResult:
@@ -709,6 +712,8 @@ def run_command(args: argparse.Namespace) -> int:
         limit = limit_reached(result.trap_code, config)
         if limit is not None:
             say(limit)
+    if result.cut_short is not None:
+        say(result.cut_short)
     _print_results(result.results, result.result_types)
     from shim.audit import audited_exit_status
 

@@ -66,7 +66,7 @@ from net.tls import (
 from shim.config import ConnectFile, KeepConfig, ListenFile
 from shim.errors import KeepError, say
 from shim.keys import forbid_core_dumps
-from shim.run import RunConfig, RunResult, Stdio
+from shim.run import TRAP_EXIT_STATUS, RunConfig, RunResult, Stdio
 from shim.signals import receive_stop_signals
 from shim.trace import same_file
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
@@ -328,6 +328,8 @@ class KeepNetwork:
     identity: KeepIdentity | None
     listeners: dict[str, Listener]
     bridge: _Bridge
+    # Set on exit: the connections still sending when the run's deadline ended the drain.
+    cut_short: int = 0
 
     def stop(self) -> None:
         """From the trio thread: every blocked and later socket call fails with ECANCELED; once
@@ -349,10 +351,14 @@ def _translate(error: NetError) -> NetworkError:
 
 @asynccontextmanager
 async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = None,
-                            provider: CertificateProvider | None = None
-                            ) -> AsyncIterator[KeepNetwork]:
+                            provider: CertificateProvider | None = None, *,
+                            deadline: float | None = None) -> AsyncIterator[KeepNetwork]:
     """Open every keep.toml socket; on exit close them and stop their tasks once queued data
-    and close_notify have left (or, when the keep was stopped, after `STOP_GRACE_SECONDS`)."""
+    and close_notify have left (or, when the keep was stopped, after `STOP_GRACE_SECONDS`).
+
+    `deadline` (trio's clock: `keep run --timeout`) also ends the wait for a guest that ended by
+    itself: the whole run was promised to end by then. The connections still sending at that
+    moment (their unsent data is dropped) are counted in the network's `cut_short`."""
     policy = policy or NetworkPolicy()
     entries = config.sockets
     # The TLS private key, session keys and every socket's plaintext are about to be in this
@@ -397,8 +403,9 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
         except NetworkError as error:
             failure = error
         if failure is None:
+            network = KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners, bridge)
             try:
-                yield KeepNetwork(tuple(sockets), TrioWaiter(bridge), identity, listeners, bridge)
+                yield network
             except BaseException as error:  # the guest run's own outcome, re-raised below
                 failure = error
             stopped = bridge.stopping or failure is not None  # a signal, --timeout, an error
@@ -410,13 +417,18 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
             board.changed()
             # A guest that ended by itself leaves its queued data to go out as a process's does
             # after exit(2): each connection until sent, or until its peer reads nothing for
-            # CLOSE_TIMEOUT (net.streams). A stopped keep gives it a moment only.
+            # CLOSE_TIMEOUT (net.streams), and at most until the run's deadline. A stopped keep
+            # gives it a moment only.
             grace = STOP_GRACE_SECONDS if stopped else DRAIN_LIMIT_SECONDS
+            end = trio.current_time() + grace
+            by_deadline = not stopped and deadline is not None and deadline < end
             requests = bridge.stop_requests
-            with trio.move_on_after(grace) as scope:
+            with trio.move_on_at(deadline if by_deadline and deadline is not None else end) as scope:
                 scope.shield = True  # Ctrl-C meanwhile (a stop request) ends the wait
                 await board.wait_until(lambda: board.live_connections == 0
                                        or bridge.stop_requests != requests)
+            if by_deadline and scope.cancelled_caught:
+                network.cut_short = board.live_connections
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
@@ -524,7 +536,9 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
     interrupts = _Interrupts()
 
     async def run_in_network() -> RunResult:
-        async with open_keep_network(keep_config, policy, provider) as network:
+        # --timeout bounds the whole run: the drain of a finished guest's connections as well
+        deadline = None if run_config.timeout is None else trio.current_time() + run_config.timeout
+        async with open_keep_network(keep_config, policy, provider, deadline=deadline) as network:
             interrupts.network = network
             if interrupts.received:  # a signal came while the sockets were being opened
                 network.stop()
@@ -536,7 +550,7 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
                 result = await outcome.acapture(
                     run_module_async, with_keep_config(run_config, keep_config, network))
                 nursery.cancel_scope.cancel()
-            return result.unwrap()
+        return _with_drain_outcome(result.unwrap(), network, run_config.timeout)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, interrupts)  # before anything is opened
@@ -545,6 +559,18 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
     if interrupts.received:
         raise GuestSignalled(interrupts.received[0])
     return result.unwrap()
+
+
+def _with_drain_outcome(result: RunResult, network: KeepNetwork, timeout: float | None) -> RunResult:
+    """`result`, with the timeout's exit status and a line saying why when --timeout ended the
+    drain of a guest that had ended by itself: its peers did not get all it wrote, which its own
+    exit status (often 0) would hide."""
+    if not network.cut_short or timeout is None:
+        return result
+    connections = "1 connection" if network.cut_short == 1 else f"{network.cut_short} connections"
+    return dataclasses.replace(result, exit_code=TRAP_EXIT_STATUS, cut_short=(
+        f"--timeout {timeout:g} s ran out while the guest's output was still leaving (the guest had "
+        f"ended with status {result.exit_code}): {connections} cut short, unsent data dropped"))
 
 
 class GuestSignalled(KeyboardInterrupt):

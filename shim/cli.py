@@ -241,8 +241,12 @@ def _add_volume_arguments(parser: argparse.ArgumentParser) -> None:
                        help="refuse a volume older than generation N (a rollback)")
     mount.add_argument("--commit-interval", type=float, metavar="SECONDS", default=5.0,
                        help="commit changes this often (default 5; 0: only on fsync and unmount)")
-    umount = actions.add_parser("umount", help="unmount a mounted volume (fusermount3 -u)",
-                                description="unmount a mounted volume (fusermount3 -u)")
+    umount = actions.add_parser(
+        "umount", help="unmount a mounted volume (fusermount3 -u) and report its final commit",
+        description="unmount a mounted volume (fusermount3 -u), then wait for the mount process's "
+                    "commit at unmount: exit status 0 ('unmounted MOUNTPOINT') only if that commit "
+                    "succeeded; 1 with the mount process's error if it failed, or if the process "
+                    "ended without a report (killed) or has not reported after 30 s (stopped, hung)")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.set_defaults(image=None)
 

@@ -31,7 +31,18 @@ the last commit and leaves a consistent volume (the storage commit protocol is c
 kernel keeps a dead mount point ("Transport endpoint is not connected") that `fusermount3 -u`
 clears, and `mount` names that command when it meets one. SIGINT, SIGTERM and SIGHUP unmount
 and commit from the moment the kernel has mounted; repeating one does not interrupt that commit
-(`serve`, `_StopSignals`). `umount` never asks the mount process anything (it may be stopped).
+(`serve`, `_StopSignals`).
+
+`umount` finds the mount in mountinfo only, never through the mount point (a stopped or hung
+mount process would hang it there), and learns how the unmount ended from the mount process
+itself: before mounting, the process listens on an abstract unix socket named after its mount
+point and image (`report_address`: no file on the host, gone with the process); `umount`
+connects before it unmounts (the kernel queues the connection even while the process is
+stopped), and after the final commit and close the process sends each waiting `umount` one line,
+"ok" or "failed MESSAGE" (its own error line: paths, errno, generation; nothing secret). Before
+this, `umount` only waited for the image's lock and said "unmounted" also when that commit had
+failed and the last changes were lost. A process killed before it reports closes the socket,
+which `umount` sees at once; one stopped or hung is waited for `_UMOUNT_WAIT` seconds.
 
 File handles are their own ids (`FileHandle`), distinct from inode numbers, for files and
 directories alike: each open handle counts on the inode (`fs.open`/`fs.release`), so a file
@@ -44,12 +55,15 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -63,7 +77,7 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
-from shim.errors import KeepError, point_at_devnull
+from shim.errors import KeepError, point_at_devnull, say
 from shim.keys import KeySource, read_key
 from shim.signals import STOP_SIGNALS, receive_stop_signals, stop_signals
 from storage.errors import FilesystemError, IntegrityError, NoSpace
@@ -81,6 +95,8 @@ ATTR_TIMEOUT = 1.0
 _BLOCK_SIZE = 4096
 READ_AHEAD_KIB = 1024  # the largest FUSE request (libfuse 3 max_write / kernel max_pages: 1 MiB)
 _UMOUNT_WAIT = 30.0  # seconds `umount` waits for the mount process to commit and let go
+_REPORT_CONNECT_WAIT = 5.0  # seconds `umount` waits to be queued on the mount process's socket
+_REPORT_LIMIT = 64 << 10  # the longest report `umount` reads (one line)
 
 log = logging.getLogger("keepshim.fuse")
 
@@ -563,6 +579,75 @@ def _fsname(image: str) -> str:
                              for byte in path)
 
 
+def _mount_source(image: str) -> str:
+    """The image as mountinfo names it, decoded (`_fsname` without the escapes)."""
+    return "keep:" + os.path.abspath(image)
+
+
+def report_address(mountpoint: str, source: str) -> bytes:
+    """The abstract unix socket on which the process serving `source` (a mount's source in
+    mountinfo, "keep:IMAGE") on `mountpoint` reports how its unmount ended (module notes).
+    A digest of both: unique while mounted (one process holds the image), within the 107
+    bytes of a socket name whatever the paths."""
+    digest = hashlib.sha256(os.fsencode(mountpoint) + b"\0" + os.fsencode(source)).hexdigest()
+    return b"\0keepshim-unmount-" + digest[:40].encode("ascii")
+
+
+class _UnmountReport:
+    """The mount process's side of telling `keep volume umount` how the unmount ended.
+
+    Listens on `report_address` from before the mount until `tell`, without ever accepting
+    while it serves: a `umount` connecting waits in the kernel's queue (so a stopped process
+    costs nothing and needs no task), and `tell` accepts everyone queued then and sends them
+    the one line. Closing without `tell` (or the process dying) resets the queued connections,
+    which `umount` reports as no report. The line carries only the outcome and the process's
+    own error message: no key, no data. If the name is taken (another process squats it), the
+    mount goes on and says that `umount` will not learn the outcome."""
+
+    def __init__(self, mountpoint: str, source: str) -> None:
+        self._address = report_address(mountpoint, source)
+        self._listener: socket.socket | None = None
+
+    def __enter__(self) -> Self:
+        listener = None
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self._address)
+            listener.listen(socket.SOMAXCONN)
+            listener.setblocking(False)
+        except OSError as error:
+            if listener is not None:
+                listener.close()
+            say(f"warning: `keep volume umount` cannot learn how this mount's final commit ends "
+                f"(its report socket: {error.strerror or error})")
+            return self
+        self._listener = listener
+        return self
+
+    def tell(self, outcome: str) -> None:
+        """Send `outcome` ("ok" or "failed MESSAGE", one line) to every `umount` waiting, and
+        stop listening. A `umount` that went away meanwhile is skipped."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        line = (" ".join(outcome.splitlines()) + "\n").encode("utf-8", "backslashreplace")
+        with listener:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # BlockingIOError: nobody else is waiting
+                    return
+                with connection, contextlib.suppress(OSError):
+                    connection.setblocking(False)
+                    connection.send(line, socket.MSG_NOSIGNAL)
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._listener is not None:  # no outcome to tell: the waiting `umount`s are reset
+            self._listener.close()
+            self._listener = None
+
+
 class _StopSignals:
     """From just before serving until after the final commit, SIGINT, SIGTERM and SIGHUP are
     recorded in `received` instead of acted on (`serve` listens for them itself while it
@@ -641,14 +726,23 @@ def mount_command(args: argparse.Namespace) -> int:
                            commit_interval=args.commit_interval, fsname=_fsname(args.image))
     operations = FuseOperations(volume)
     mounted = threading.Event()
-    with _StopSignals() as stops:
+    with _StopSignals() as stops, _UnmountReport(mountpoint, _mount_source(args.image)) as report:
         try:
-            state = volume.state()
-            mode = "read-only" if args.read_only else "read-write"
-            _report(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})")
-            trio.run(serve, operations, options, mounted, stops.received, stops.signals)
-        finally:
-            _close_after_unmount(volume, args.image, mountpoint if mounted.is_set() else None)
+            try:
+                state = volume.state()
+                mode = "read-only" if args.read_only else "read-write"
+                _report(f"mounting {args.image} on {mountpoint} ({mode}; {_describe(state)})")
+                trio.run(serve, operations, options, mounted, stops.received, stops.signals)
+            finally:
+                _close_after_unmount(volume, args.image, mountpoint if mounted.is_set() else None)
+        except KeepError as error:
+            report.tell(f"failed {error}")
+            raise
+        except BaseException:  # a bug (the caller says which): `umount` must not say "unmounted"
+            report.tell(f"failed the keep process serving {mountpoint} failed at unmount "
+                        "(see its own output)")
+            raise
+        report.tell("ok")
     state = volume.state()
     if mounted.is_set():
         outcome = "unchanged (read-only)" if args.read_only else "committed"
@@ -658,11 +752,13 @@ def mount_command(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class MountEntry:
-    """One line of /proc/self/mountinfo: the device (major:minor), type and source."""
+    """One line of /proc/self/mountinfo: the device (major:minor), type and source, and for a
+    FUSE mount the uid of the user who mounted it (its `user_id=` option), else None."""
 
     device: str
     fstype: str
     source: str
+    owner: int | None = None
 
 
 def _unescape(field: str) -> str:
@@ -682,7 +778,9 @@ def _mount_entry(mountpoint: str) -> MountEntry | None:
             if len(fields) > 4 and _unescape(fields[4]) == mountpoint and " - " in line:
                 after = line.split(" - ", 1)[1].split()
                 if len(after) >= 2:
-                    found = MountEntry(fields[2], after[0], _unescape(after[1]))
+                    owners = re.findall(r"(?:^|,)user_id=(\d+)(?:,|$)", after[2] if len(after) > 2 else "")
+                    found = MountEntry(fields[2], after[0], _unescape(after[1]),
+                                       int(owners[0]) if owners else None)
     return found
 
 
@@ -735,11 +833,83 @@ def _lock_is_free(image: str) -> bool:
     return _wait_for_release(image, 0.0) is True
 
 
+def _connect_report(mountpoint: str, entry: MountEntry) -> socket.socket | None:
+    """A connection on which the process serving `entry` on `mountpoint` will tell how its
+    unmount ended (`_UnmountReport`), or None: nobody listens (the process died, is an older
+    keep, or runs in another network namespace) or the listener is not the mount's owner (a
+    squatter on the name: what it would say is not believed)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(_REPORT_CONNECT_WAIT)
+        connection.connect(report_address(mountpoint, entry.source))
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        connection.close()
+        return None
+    _, uid, _ = struct.unpack("3i", credentials)
+    if uid != entry.owner and not (entry.owner is None and uid in (0, os.getuid())):
+        connection.close()
+        return None
+    return connection
+
+
+def _await_report(connection: socket.socket, timeout: float) -> str | None:
+    """The mount process's report line; None if it ended without one (killed, or it closed
+    without telling); TimeoutError if none came within `timeout` seconds (stopped, hung)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data and len(data) < _REPORT_LIMIT:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        connection.settimeout(remaining)
+        try:
+            chunk = connection.recv(_REPORT_LIMIT)
+        except TimeoutError:
+            raise
+        except OSError:  # ECONNRESET: the listener closed while we were still queued
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def _printable(text: str) -> str:
+    """`text` as one printable line (control characters and stray surrogates escaped): what
+    another process sent must not write to the operator's terminal unfiltered."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
+def _unmount_outcome(connection: socket.socket, mountpoint: str, image: str | None) -> None:
+    """After the kernel unmounted: wait for the mount process's report and say it ("unmounted
+    MOUNTPOINT" on stdout), or raise its failure, or the lack of a report, as a KeepError."""
+    try:
+        line = _await_report(connection, _UMOUNT_WAIT)
+    except TimeoutError:
+        held = f" (it still holds {image})" if image is not None else ""
+        raise KeepError(f"unmounted {mountpoint}, but the keep process serving it has not finished "
+                        f"its commit at unmount after {_UMOUNT_WAIT:g} s: is it stopped or hung?{held}") from None
+    if line == "ok":
+        print(f"unmounted {mountpoint}")
+        return
+    if line is not None and line.startswith("failed "):
+        raise KeepError(_printable(line.removeprefix("failed ")))
+    raise KeepError(f"unmounted {mountpoint}, but the keep process serving it ended without "
+                    "reporting its commit at unmount (was it killed?): the changes since its last "
+                    "commit may be lost")
+
+
 def umount_command(args: argparse.Namespace) -> int:
-    """`keep volume umount MOUNTPOINT`: fusermount3 -u, then wait for the commit at unmount.
-    The mount is found in mountinfo only, never through the mount point (see `_mount_path`),
-    so a stopped, hung or dead mount process cannot make this hang; a mount whose image no
-    process holds is a stale one (its process died)."""
+    """`keep volume umount MOUNTPOINT`: fusermount3 -u, then the outcome of the commit at
+    unmount as the mount process reports it (module notes): "unmounted MOUNTPOINT" and 0 only
+    if that commit and the close succeeded; otherwise a KeepError (exit status 1, as the mount
+    process's own): its error line, or that it ended without a report (killed), or that it
+    has not reported within `_UMOUNT_WAIT` seconds (stopped, hung). The mount is found in
+    mountinfo only, never through the mount point (see `_mount_path`), so a stopped, hung or
+    dead mount process cannot make this hang; a mount whose image no process holds is a stale
+    one (its process died), cleared with exit status 0 as before."""
     mountpoint = _mount_path(args.mountpoint)
     entry = _mount_entry(mountpoint)
     if entry is None:
@@ -748,14 +918,24 @@ def umount_command(args: argparse.Namespace) -> int:
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
     image = entry.source.removeprefix("keep:") if entry.source.startswith("keep:") else None
     stale = image is not None and _lock_is_free(image)
-    result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise KeepError(f"cannot unmount {args.mountpoint}: {message}")
-    if stale:
-        print(f"cleared the stale mount on {args.mountpoint}")
-        return 0
-    if image is not None and _wait_for_release(image, _UMOUNT_WAIT) is False:  # (None: no lock to wait for)
+    report = None if stale else _connect_report(mountpoint, entry)  # before the unmount ends it
+    with contextlib.ExitStack() as cleanup:
+        if report is not None:
+            cleanup.callback(report.close)
+        result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+            raise KeepError(f"cannot unmount {args.mountpoint}: {message}")
+        if report is not None:
+            _unmount_outcome(report, args.mountpoint, image)
+            return 0
+    # Nobody reported: a dead process's stale mount, or a live one that cannot tell us.
+    held = None if stale or image is None else _wait_for_release(image, _UMOUNT_WAIT)
+    if held is False:
         raise KeepError(f"unmounted {args.mountpoint}, but the keep process still holds {image}")
-    print(f"unmounted {args.mountpoint}")
+    if held is True:  # it was alive (the lock was held) and ended without a word for us
+        raise KeepError(f"unmounted {args.mountpoint}, but no report of its commit at unmount came "
+                        "from the keep process serving it (an older keep? another network namespace? "
+                        f"its report socket taken?): check that process's output before trusting {image}")
+    print(f"cleared the stale mount on {args.mountpoint}")
     return 0

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from storage.blockdev import MemoryBlockDevice
-from storage.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE
+from storage.fs import BLOCK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import Volume, create_volume, open_volume
 
@@ -32,6 +32,7 @@ class MFile:
     data: bytearray = field(default_factory=bytearray)
     nlink: int = 1
     mode: int = 0o644
+    mapped: set[int] = field(default_factory=set)  # block indices written (holes are not)
 
 
 @dataclass(eq=False)
@@ -139,6 +140,7 @@ class FilesystemModel(RuleBasedStateMachine):
             if len(node.data) < offset:
                 node.data.extend(bytes(offset - len(node.data)))
             node.data[offset:offset + len(payload)] = payload
+            node.mapped.update(range(offset // BLOCK_SIZE, (offset + len(payload) - 1) // BLOCK_SIZE + 1))
 
     @rule(data=st.data(), size=st.integers(0, 30000))
     def truncate(self, data: st.DataObject, size: int) -> None:
@@ -149,6 +151,7 @@ class FilesystemModel(RuleBasedStateMachine):
         self.volume.fs.setattr(node.ino, size=size)
         if size < len(node.data):
             del node.data[size:]
+            node.mapped = {index for index in node.mapped if index * BLOCK_SIZE < size}
         else:
             node.data.extend(bytes(size - len(node.data)))
 
@@ -284,6 +287,7 @@ class FilesystemModel(RuleBasedStateMachine):
                 if isinstance(node, MFile):
                     assert attr.is_file and attr.nlink == node.nlink and attr.size == len(node.data)
                     assert stat.S_IMODE(attr.mode) == node.mode
+                    assert attr.blocks == len(node.mapped) * (BLOCK_SIZE // 512)  # st_blocks: holes take none
                     assert fs.read(node.ino, 0, len(node.data) + 10) == bytes(node.data)
                 elif isinstance(node, MLink):
                     assert attr.is_symlink and fs.readlink(node.ino) == node.target

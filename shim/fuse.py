@@ -631,15 +631,17 @@ class _UnmountReport:
         if listener is None:
             return
         line = (" ".join(outcome.splitlines()) + "\n").encode("utf-8", "backslashreplace")
-        with listener:
+        waiting = []
+        with listener:  # closed before anyone hears: a remount at once finds the name free
             while True:
                 try:
-                    connection, _ = listener.accept()
+                    waiting.append(listener.accept()[0])
                 except OSError:  # BlockingIOError: nobody else is waiting
-                    return
-                with connection, contextlib.suppress(OSError):
-                    connection.setblocking(False)
-                    connection.send(line, socket.MSG_NOSIGNAL)
+                    break
+        for connection in waiting:
+            with connection, contextlib.suppress(OSError):
+                connection.setblocking(False)
+                connection.send(line, socket.MSG_NOSIGNAL)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:

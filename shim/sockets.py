@@ -543,10 +543,10 @@ async def run_with_keep_config(run_config: RunConfig, keep_config: KeepConfig,
             if interrupts.received:  # a signal came while the sockets were being opened
                 network.stop()
             async with trio.open_nursery() as nursery:
-                if run_config.timeout is not None:
+                if deadline is not None:
                     # The engine's epoch only stops wasm code; a guest blocked in accept or recv
                     # must be woken too (ECANCELED), then it traps at its next instruction.
-                    nursery.start_soon(_stop_after, network, run_config.timeout)
+                    nursery.start_soon(_stop_at, network, deadline)
                 result = await outcome.acapture(
                     run_module_async, with_keep_config(run_config, keep_config, network))
                 nursery.cancel_scope.cancel()
@@ -582,8 +582,9 @@ class GuestSignalled(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
-async def _stop_after(network: KeepNetwork, seconds: float) -> None:
-    await trio.sleep(seconds)
+async def _stop_at(network: KeepNetwork, deadline: float) -> None:
+    """At the run's deadline (trio's clock), wake a guest blocked on a socket (ECANCELED)."""
+    await trio.sleep_until(deadline)
     network.stop()
 
 

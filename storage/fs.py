@@ -426,12 +426,16 @@ class Filesystem:
             rows: dict[str, Any] = dict(self._all("SELECT key, value FROM meta"))
         except apsw.SQLError as exc:
             raise FilesystemError(errno.EIO, f"no keepshim filesystem on this volume ({exc})") from None
-        if (rows.get("format") not in (2, FORMAT_VERSION) or rows.get("block_size") != BLOCK_SIZE
+        version = rows.get("format")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise FilesystemError(errno.EIO, f"filesystem format {version} is newer than this keepshim's "
+                                  f"({FORMAT_VERSION}): open it with the keepshim that wrote it, or a newer one")
+        if (version not in (2, FORMAT_VERSION) or rows.get("block_size") != BLOCK_SIZE
                 or rows.get("data_blocks") != self._data_blocks):
             raise FilesystemError(errno.EIO, f"unsupported filesystem format {rows}")
-        if rows["format"] == 2 and self._store.writable:
+        if version == 2 and self._store.writable:
             self._upgrade_from_2()
-        exact = rows["format"] == FORMAT_VERSION or self._store.writable
+        exact = version == FORMAT_VERSION or self._store.writable
         self._exact_blocks = exact
         columns = _inode_columns("", exact)
         self._select_attr = f"SELECT {columns} FROM inodes WHERE ino = ?"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from fuse_harness import MountedVolume, create_image, fuse_skip_reason
 
+from storage.errors import FilesystemError
 from storage.fs import BLOCK_SIZE, FORMAT_VERSION, ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -134,3 +135,16 @@ def test_du_and_cp_through_the_mount_see_the_holes(tmp_path: Path) -> None:
             subprocess.run(["cp", "--sparse=auto", str(path), str(copy)], check=True)
             assert copy.read_bytes()[-3000:] == b"end" * 1000
             assert os.stat(copy).st_blocks * 512 < MIB  # the hole stayed a hole on the host
+
+
+def test_a_newer_format_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    image = tmp_path / "b.img"
+    key = _new(image)
+    with open_volume(image, volume_key=key) as volume:
+        fs = volume.fs
+        fs._run(lambda: fs._cursor.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT_VERSION + 1,)))
+        fs.fsync()
+    with pytest.raises(FilesystemError, match=f"filesystem format {FORMAT_VERSION + 1} is newer than this"):
+        open_volume(image, volume_key=key)
+    with pytest.raises(FilesystemError, match="is newer than this"):
+        open_volume(image, volume_key=key, writable=False)

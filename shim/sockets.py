@@ -356,9 +356,10 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
     """Open every keep.toml socket; on exit close them and stop their tasks once queued data
     and close_notify have left (or, when the keep was stopped, after `STOP_GRACE_SECONDS`).
 
-    `deadline` (trio's clock: `keep run --timeout`) also ends the wait for a guest that ended by
-    itself: the whole run was promised to end by then. The connections still sending at that
-    moment (their unsent data is dropped) are counted in the network's `cut_short`."""
+    `deadline` (trio's clock: `keep run --timeout`) bounds the opening (NetworkError with the
+    timeout's exit status) and ends the wait for a guest that ended by itself: the whole run was
+    promised to end by then. The connections still sending at that moment (their unsent data is
+    dropped) are counted in the network's `cut_short`."""
     policy = policy or NetworkPolicy()
     entries = config.sockets
     # The TLS private key, session keys and every socket's plaintext are about to be in this
@@ -385,15 +386,26 @@ async def open_keep_network(config: KeepConfig, policy: NetworkPolicy | None = N
     async with trio.open_nursery() as nursery:
         sockets: list[ListenerSocket | ConnectionSocket] = []
         listeners: dict[str, Listener] = {}
+        # The run's deadline bounds the opening too: a connect entry's peer that never answers
+        # the handshake would otherwise hold `keep run --timeout 2` for HANDSHAKE_TIMEOUT.
+        opening = trio.CancelScope()
+        if deadline is not None:
+            opening.deadline = deadline
         try:
-            for entry in entries:
-                if isinstance(entry, ListenFile):
-                    listener = await _listen(entry, identity, board, nursery)
-                    listeners[entry.name] = listener
-                    sockets.append(ListenerSocket(listener, bridge))
-                else:
-                    connection = await _connect(entry, identity, board, nursery)
-                    sockets.append(ConnectionSocket(connection, bridge))
+            with opening:
+                for entry in entries:
+                    if isinstance(entry, ListenFile):
+                        listener = await _listen(entry, identity, board, nursery)
+                        listeners[entry.name] = listener
+                        sockets.append(ListenerSocket(listener, bridge))
+                    else:
+                        connection = await _connect(entry, identity, board, nursery)
+                        sockets.append(ConnectionSocket(connection, bridge))
+            if opening.cancelled_caught:
+                where = f'connect "{entry.name}" ({entry.host} port {entry.port})' \
+                    if isinstance(entry, ConnectFile) else f'listen "{entry.name}"'
+                raise NetworkError(f"--timeout ran out while the keep's sockets were being opened ({where}): "
+                                   "the guest did not start", exit_status=TRAP_EXIT_STATUS)
             if identity is not None and config.tls.export_certificate is not None:
                 _export_certificate(config, identity)  # last: its appearance means "listening"
         except NetError as error:

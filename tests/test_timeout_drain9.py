@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 from fixture_build import WasmFixture
-from keep_net import STDIO, free_port, keep_env, listen_entry, start_keep
+from keep_net import STDIO, connect_entry, free_port, keep_env, listen_entry, run_keep_sync, start_keep
 
 from shim.run import TRAP_EXIT_STATUS
 
@@ -75,3 +75,22 @@ async def test_timeout_ends_the_drain_of_a_finished_guests_connections(
             "ended with status 0): 1 connection cut short, unsent data dropped\n") in keep.stderr
     assert "Traceback" not in keep.stderr
     assert elapsed < PEER_GIVES_UP - 30, elapsed  # generous: about TIMEOUT s, the old drain 10-20 s
+
+
+def test_timeout_bounds_the_opening_of_the_sockets(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """A connect entry whose peer accepts TCP but never answers the TLS handshake held `keep run
+    --timeout 2` for the handshake's own 10 s limit, then failed with exit 1 ('TLS handshake ...
+    timed out'), as if no --timeout had been given. The opening now ends at the run's deadline,
+    with the timeout's status."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody speaks
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        result = run_keep_sync(tmp_path, wasm_fixture("hello"), STDIO + connect_entry("up", "127.0.0.1", port),
+                               [], keep_env(keep_environment), extra=["--timeout", "2"], timeout=60)
+        elapsed = time.monotonic() - started
+    assert result.returncode == TRAP_EXIT_STATUS, result.stderr
+    assert result.stderr == (f"keep: --timeout ran out while the keep's sockets were being opened (connect \"up\" "
+                             f"(127.0.0.1 port {port})): the guest did not start\n")
+    assert result.stdout == ""
+    assert elapsed < 45, elapsed  # generous: about 2 s (the handshake limit alone was 10 s)

@@ -597,9 +597,10 @@ class Filesystem:
             raise _error(errno.ENOENT, "directory was removed")
         return attr
 
-    def _new_inode(self, parent: int, name: bytes, mode: int, nlink: int, size: int = 0) -> Attr:
+    def _new_inode(self, parent: int, name: bytes, mode: int, nlink: int, size: int = 0, blocks: int = 0) -> Attr:
         """Within a transaction: a new inode named `name` in the live directory `parent`
-        (EEXIST if the name is taken); a directory (`nlink` 2) adds a link to its parent."""
+        (EEXIST if the name is taken); a directory (`nlink` 2) adds a link to its parent.
+        `blocks`: how many blocks the caller maps for it in this transaction."""
         check_name(name)
         cursor = self._cursor
         now = _now()
@@ -613,14 +614,14 @@ class Filesystem:
             raise _error(errno.ENOENT, "directory was removed")
         if name in (b".", b".."):
             raise _error(errno.EEXIST)
-        cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
-                       " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
+        cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime, blocks)"
+                       " VALUES (?, ?, ?, 0, 0, ?, ?, ?, ?)", (mode, nlink, size, now, now, now, blocks))
         ino = int(self._db.last_insert_rowid())
         try:
             cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         except apsw.ConstraintError:
             raise _error(errno.EEXIST) from None
-        return Attr(ino, mode, nlink, size, 0, 0, now, now, now, 0)
+        return Attr(ino, mode, nlink, size, 0, 0, now, now, now, blocks)
 
     def _drop_link(self, attr: Attr) -> None:
         """One name of `attr.ino` went away: free it when nothing refers to it any more, at
@@ -965,9 +966,10 @@ class Filesystem:
             raise ValueError("more data than one transaction takes: create, then write")
 
         def work() -> Attr:
-            attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1, len(view))
+            blocks = -(-len(view) // BLOCK_SIZE)  # all of them new: the row counts them at once
+            attr = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 1, len(view), blocks)
             if len(view):  # new and empty: no lookup, and the inode already has its size
-                attr = attr._replace(mapped=self._write_mapped(attr.ino, {}, 0, view))
+                self._write_mapped(attr.ino, {}, 0, view)
             return attr
         attr = self._run(work)
         if open:
@@ -1349,8 +1351,8 @@ class Filesystem:
     def _write_mapped(self, ino: int, mapping: dict[int, int], offset: int, data: memoryview) -> int:
         """Within a transaction: write `data` (not empty) at `offset` of `ino`, whose blocks in
         that range are in `mapping` when they exist; the others are allocated, written and
-        mapped here (and counted in the inode's `blocks`; its other columns are the caller's
-        business). Returns how many blocks it mapped."""
+        mapped here. Returns how many blocks it mapped: the caller adds them to the inode's
+        `blocks` (in the statement that updates its size anyway)."""
         first = offset // BLOCK_SIZE
         last = (offset + len(data) - 1) // BLOCK_SIZE
         missing = [index for index in range(first, last + 1) if index not in mapping]
@@ -1362,7 +1364,6 @@ class Filesystem:
             return 0
         base = ino << _KEY_BITS
         count = len(missing)
-        self._cursor.execute("UPDATE inodes SET blocks = blocks + ? WHERE ino = ?", (count, ino))
         if count > 1 and missing[-1] - missing[0] == count - 1 and fresh[-1] - fresh[0] == count - 1:
             # one run of consecutive blocks on consecutive physical blocks (a file written in
             # order): one statement generates the rows inside SQLite (16,384 rows of the seq
@@ -1401,9 +1402,9 @@ class Filesystem:
             mapping = {} if row[10] is None else {first: int(row[10])}
         else:
             mapping = self._map(ino, first, last)
-        self._write_mapped(ino, mapping, offset, data)
-        self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ? WHERE ino = ?",
-                             (end, now, now, ino))
+        mapped = self._write_mapped(ino, mapping, offset, data)
+        self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ?, blocks = blocks + ?"
+                             " WHERE ino = ?", (end, now, now, mapped, ino))
 
     def fsync(self, ino: int | None = None) -> VolumeState:
         """Make every operation so far durable (one integrity commit for all files). Pending

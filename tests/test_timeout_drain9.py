@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fixture_build import WasmFixture
 from keep_net import STDIO, connect_entry, free_port, keep_env, listen_entry, run_keep_sync, start_keep
 
 from shim.run import TRAP_EXIT_STATUS
+from shim.wasm_compile import compile_c_to_wasm
 
 SIZE = 300_000  # fits in the keep's send buffer (256 KiB) and the kernel's: the guest ends at once
 TIMEOUT = 6  # seconds: room for the keep to start and the guest to end by itself first
@@ -94,3 +96,40 @@ def test_timeout_bounds_the_opening_of_the_sockets(
                              f"(127.0.0.1 port {port})): the guest did not start\n")
     assert result.stdout == ""
     assert elapsed < 45, elapsed  # generous: about 2 s (the handshake limit alone was 10 s)
+
+
+# Writes 64 MiB to stdout, 64 KiB per write(2): far more than a pipe holds.
+FLOOD_STDOUT = r"""
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    static char chunk[65536];
+    memset(chunk, 'x', sizeof chunk);
+    for (int i = 0; i < 1024; i++) if (write(1, chunk, sizeof chunk) < 0) return 1;
+    return 0;
+}
+"""
+
+
+def test_timeout_stops_a_guest_blocked_writing_to_a_stdout_nobody_reads(
+        tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`keep run --timeout 2 app | reader-that-stopped-reading`: the guest's fd_write blocked in
+    write(2) on the full pipe, where neither the epoch nor the stop signal reaches, and the run
+    never ended. Writes to a stdout that can block now wait for it to be writable or for the
+    stop: the run ends with the timeout's trap, naming fd_write."""
+    source = tmp_path / "flood.c"
+    source.write_text(FLOOD_STDOUT)
+    module = tmp_path / "flood.wasm"
+    compile_c_to_wasm(source, module)
+    with subprocess.Popen(["keep", "run", "--timeout", "2", str(module)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=keep_environment) as keep:
+        try:
+            status = keep.wait(timeout=60)  # the pipe is never read: only the stop can end the run
+        except subprocess.TimeoutExpired:
+            keep.kill()
+            raise AssertionError("keep run --timeout 2 still running after 60 s") from None
+        assert keep.stderr is not None
+        stderr = keep.stderr.read().decode()
+    assert status == TRAP_EXIT_STATUS, stderr
+    assert "wasm trap: interrupt (while waiting in fd_write)" in stderr
+    assert stderr.endswith("keep: the guest was stopped: it ran longer than --timeout 2 s\n")

@@ -11,7 +11,7 @@ Stopping a guest that waits: the runner stops wasm code by bumping the engine's 
 guest asleep in poll_oneoff or blocked reading stdin never meets. A Guest built with a
 `StopSignal` therefore also waits for that signal wherever it can block for long: the default
 waiter's sleeps and select() calls (another waiter is checked before and after each wait), and
-reads of a stdin that has an OS fd. When the signal is set, the wait raises `GuestStopped`,
+reads of a stdin and writes to a stdout or stderr that have an OS fd (a pipe nobody reads). When the signal is set, the wait raises `GuestStopped`,
 which the binding turns into a trap (the runner reports it as the interrupt it is). Without a
 signal nothing changes, so an unstoppable run pays nothing.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -197,11 +198,16 @@ class _StoppableWaiter:
 class _StoppableStream:
     """A Stream whose reads first wait until its fd is readable or the StopSignal is set
     (then GuestStopped): os.read on a silent pipe or terminal would block past any stop.
-    A stream without an OS fd never blocks and is read directly."""
+    Writes to an fd that can block (not a regular file) likewise wait until it is writable, and
+    move at most PIPE_BUF bytes at a time, which a pipe that select() calls writable takes
+    without blocking: `keep run --timeout 2 app | reader-that-stopped` otherwise never ended.
+    A stream without an OS fd never blocks and is used directly."""
 
     def __init__(self, stream: Stream, stop: StopSignal) -> None:
         self._stream = stream
         self._stop = stop
+        fileno = stream.fileno()
+        self._blocking_writes = fileno is not None and _may_block(fileno)
 
     def read(self, size: int) -> bytes:
         fileno = self._stream.fileno()
@@ -211,7 +217,16 @@ class _StoppableStream:
         return self._stream.read(size)
 
     def write(self, data: Buffer) -> int:
-        return self._stream.write(data)
+        fileno = self._stream.fileno()
+        if fileno is None or not self._blocking_writes:
+            return self._stream.write(data)
+        view = memoryview(data)
+        total = len(view)
+        while view:
+            select.select([self._stop.fileno()], [fileno], [])
+            self._stop.check()
+            view = view[self._stream.write(view[:select.PIPE_BUF]):]
+        return total
 
     def readiness(self, write: bool) -> Readiness | None:
         return self._stream.readiness(write)
@@ -224,6 +239,18 @@ class _StoppableStream:
 
     def close(self) -> None:
         self._stream.close()
+
+
+def _may_block(fileno: int) -> bool:
+    """Whether writing to `fileno` can wait for someone else (a pipe, socket or terminal; not
+    a regular file, a block device or /dev/null, nor an fd that cannot be examined)."""
+    try:
+        status = os.fstat(fileno)
+        if stat.S_ISCHR(status.st_mode) and os.path.samestat(status, os.stat(os.devnull)):
+            return False
+    except OSError:
+        return False
+    return not (stat.S_ISREG(status.st_mode) or stat.S_ISBLK(status.st_mode))
 
 
 class Guest:
@@ -261,7 +288,7 @@ class Guest:
                                else waiter if stop is None else _StoppableWaiter(waiter, stop))
         self.stop_signal = stop
         if stop is not None:
-            stdin = _StoppableStream(stdin, stop)
+            stdin, stdout, stderr = (_StoppableStream(stream, stop) for stream in (stdin, stdout, stderr))
         self.random = random
         self.exit_code: int | None = None
         self.host_error: BaseException | None = None

@@ -435,7 +435,9 @@ class Filesystem:
             raise FilesystemError(errno.EIO, f"unsupported filesystem format {rows}")
         if version == 2 and self._store.writable:
             self._upgrade_from_2()
-        exact = version == FORMAT_VERSION or self._store.writable
+            version = FORMAT_VERSION
+        self.format_version: int = version  # as the volume holds it now (`keep volume info`)
+        exact = version == FORMAT_VERSION
         self._exact_blocks = exact
         columns = _inode_columns("", exact)
         self._select_attr = f"SELECT {columns} FROM inodes WHERE ino = ?"

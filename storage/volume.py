@@ -84,6 +84,7 @@ class Volume:
             "blocks": usage.blocks,
             "blocks_free": usage.blocks_free,
             "files": usage.files - usage.files_free,
+            "filesystem_format": self.fs.format_version,
         }
         if isinstance(self.store, MerkleStore):
             layout = self.store.layout

@@ -108,6 +108,7 @@ def test_a_format_2_volume_is_upgraded_when_opened_writable(tmp_path: Path) -> N
         assert volume.fs.getattr(sparse).blocks == (MIB // BLOCK_SIZE + 1) * SECTORS_PER_BLOCK
         assert volume.fs.getattr(full).blocks == 3 * SECTORS_PER_BLOCK
         assert volume.fs._all("SELECT value FROM meta WHERE key = 'format'") == [(2,)]
+        assert volume.info()["filesystem_format"] == 2
         assert volume.fsck() == []
     with open_volume(image, volume_key=key) as volume:  # writable: upgraded, exact
         assert volume.fs.getattr(sparse).blocks == SECTORS_PER_BLOCK
@@ -115,6 +116,7 @@ def test_a_format_2_volume_is_upgraded_when_opened_writable(tmp_path: Path) -> N
         assert volume.fsck() == []
     with open_volume(image, volume_key=key, writable=False) as volume:  # and it stayed upgraded
         assert volume.fs._all("SELECT value FROM meta WHERE key = 'format'") == [(FORMAT_VERSION,)]
+        assert volume.info()["filesystem_format"] == FORMAT_VERSION
         assert volume.fs.getattr(sparse).blocks == SECTORS_PER_BLOCK
         assert volume.fs.read(sparse, MIB, BLOCK_SIZE) == b"s" * BLOCK_SIZE
 

@@ -11,9 +11,10 @@ Stopping a guest that waits: the runner stops wasm code by bumping the engine's 
 guest asleep in poll_oneoff or blocked reading stdin never meets. A Guest built with a
 `StopSignal` therefore also waits for that signal wherever it can block for long: the default
 waiter's sleeps and select() calls (another waiter is checked before and after each wait), and
-reads of a stdin and writes to a stdout or stderr that have an OS fd (a pipe nobody reads). When the signal is set, the wait raises `GuestStopped`,
-which the binding turns into a trap (the runner reports it as the interrupt it is). Without a
-signal nothing changes, so an unstoppable run pays nothing.
+reads of a stdin and writes to a stdout or stderr that have an OS fd (a pipe nobody reads). When
+the signal is set, the wait raises `GuestStopped`, which the binding turns into a trap (the
+runner reports it as the interrupt it is). Without a signal nothing changes, so an unstoppable
+run pays nothing.
 """
 
 from __future__ import annotations
@@ -288,7 +289,8 @@ class Guest:
                                else waiter if stop is None else _StoppableWaiter(waiter, stop))
         self.stop_signal = stop
         if stop is not None:
-            stdin, stdout, stderr = (_StoppableStream(stream, stop) for stream in (stdin, stdout, stderr))
+            stdin, stdout, stderr = (_StoppableStream(stream, stop)
+                                     for stream in (stdin, stdout, stderr))
         self.random = random
         self.exit_code: int | None = None
         self.host_error: BaseException | None = None

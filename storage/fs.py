@@ -923,10 +923,8 @@ class Filesystem:
                 self._resize(ino, attr.size, size)
             return self._attr(ino)
         result = self._run(work)
-        if size is not None:
-            self._trim_blocks(ino, size)
-            if result.mapped > -(-size // BLOCK_SIZE):  # counted before the trim freed blocks
-                result = self._run(lambda: self._attr(ino), changes=False)
+        if size is not None and self._trim_blocks(ino, size):  # `result` counted them still
+            result = self._run(lambda: self._attr(ino), changes=False)
         return result
 
     def _resize(self, ino: int, old: int, new: int) -> None:
@@ -948,13 +946,15 @@ class Filesystem:
             while self._unmap(ino, first_whole, last) >= _DELETE_BATCH:
                 pass
 
-    def _trim_blocks(self, ino: int, size: int) -> None:
-        """Free the whole blocks past `size`, in bounded transactions."""
+    def _trim_blocks(self, ino: int, size: int) -> int:
+        """Free the whole blocks past `size`, in bounded transactions; returns how many."""
         first = -(-size // BLOCK_SIZE)
-        while self._run(lambda: self._unmap(ino, first, _MAX_INDEX)) >= _DELETE_BATCH:
-            pass
+        freed = 0
+        while (batch := self._run(lambda: self._unmap(ino, first, _MAX_INDEX))) >= _DELETE_BATCH:
+            freed += batch
         self._run(lambda: self._cursor.execute("DELETE FROM trims WHERE ino = ?", (ino,)))
         self._trim_candidates.discard(ino)
+        return freed + batch
 
     # -- namespace operations --------------------------------------------------------------
 

@@ -449,6 +449,9 @@ class Filesystem:
         self._select_entries = (f"SELECT d.cookie, d.name, {_inode_columns('i.', exact)} FROM dirents d"
                                 " JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.cookie > ?"
                                 " ORDER BY d.cookie LIMIT 256")
+        # the columns are those the format promises (a crafted or damaged table fails here, EIO,
+        # not at every later getattr as an SQLite error reaching the user)
+        self._one(self._select_attr, (ROOT_INODE,))
 
     def _upgrade_from_2(self) -> None:
         """Format 2 -> 3: each inode's count of mapped blocks (st_blocks; format 2 could only

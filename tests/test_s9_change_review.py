@@ -4,12 +4,14 @@ volume image, a real FUSE mount where the kernel's view matters."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
-from fuse_harness import MountedVolume, create_image, fuse_skip_reason
+from fuse_harness import PASSPHRASE, MountedVolume, create_image, fuse_skip_reason, keep_volume
 
+from storage.errors import FilesystemError
 from storage.fs import BLOCK_SIZE, ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -57,3 +59,22 @@ def test_stat_right_after_a_truncate_through_the_mount_sees_the_freed_blocks(tmp
         assert os.stat(path).st_blocks == SECTORS_PER_BLOCK
         os.truncate(path, 2 * BLOCK_SIZE)
         assert os.stat(path).st_blocks == 0
+
+
+def test_a_format_3_volume_without_the_blocks_column_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """An image whose meta table says format 3 but whose inodes have no blocks column (crafted,
+    or damaged: nothing keepshim writes): every statement that builds attributes fails. The
+    open succeeded and the first getattr raised apsw's SQLError: `keep volume ls` said 'keep:
+    internal error: SQLError: no such column: blocks'. The open now refuses it, errno EIO."""
+    image = create_image(tmp_path / "v.img", "32M")
+    with open_volume(image, PASSPHRASE.encode()) as volume:
+        fs = volume.fs
+        fs._run(lambda: fs._cursor.execute("ALTER TABLE inodes DROP COLUMN blocks"))
+        fs.fsync()
+    for writable in (True, False):
+        with pytest.raises(FilesystemError, match="no such column: blocks") as refused:
+            open_volume(image, PASSPHRASE.encode(), writable=writable)
+        assert refused.value.errno == errno.EIO
+    listing = keep_volume("ls", image)
+    assert listing.returncode == 1
+    assert listing.stderr.decode().startswith("keep: ") and "internal error" not in listing.stderr.decode()

@@ -5,6 +5,8 @@ Knows nothing of wasmtime; shim wires these streams to the WASI host's socket pr
 
     errors    the flat exception hierarchy (NetError and its kinds)
     policy    NetworkPolicy: plaintext TCP only with an explicit opt-in
+    files     an owner's small files (TLS certificate, key, CA; a volume's key file) read
+              without blocking on a FIFO and without filling memory (shim.keys uses it too)
     tls       the keep's identity (CertificateProvider: self-signed in memory, configured files,
               RA-TLS later), TLS 1.3-only server/client contexts, client-CA checks, SPKI pins
     wiretap   TappedStream: the raw bytes under TLS reported to a tap (keep run --audit-host)

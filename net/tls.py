@@ -42,10 +42,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from net.errors import CertificateError, PinMismatch
+from net.files import InputFileError, open_regular_file, read_input_file
 
 SELF_SIGNED_NAMES = ("localhost", "127.0.0.1", "::1")
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
 MAX_PEM_BYTES = 1 << 20  # a certificate chain or a key is a few KiB
+MAX_CA_BYTES = 16 << 20  # a CA bundle: the system's holds ~150 certificates in ~220 KiB
 
 
 @dataclass(frozen=True, repr=False)
@@ -133,8 +135,8 @@ class FileCertificateProvider:
     key_path: Path
 
     def identity(self) -> KeepIdentity:
-        chain = _read_pem_file(self.certificate_path)
-        key = _read_pem_file(self.key_path)
+        chain = _read_pem_file(self.certificate_path, "tls certificate")
+        key = _read_pem_file(self.key_path, "tls key")
         identity = KeepIdentity(certificate_chain_pem=self._certificates_only(chain),
                                 private_key_pem=self._checked_key(key))
         try:
@@ -199,17 +201,18 @@ def validity_problem(certificate: x509.Certificate,
     return None
 
 
-def _read_pem_file(path: Path) -> bytes:
-    """A configured PEM file's bytes, at most MAX_PEM_BYTES of them: a path to /dev/zero or to
-    some huge file is one CertificateError, not a MemoryError after eating the host's memory."""
+def _read_pem_file(path: Path, what: str) -> bytes:
+    """The bytes of keep.toml's `what` file (its "tls certificate", its "tls key"): a regular
+    file of at most MAX_PEM_BYTES. Anything else is one CertificateError naming the path: a FIFO
+    held the keep's start in open() for ever (even SIGTERM only restarted the call), /dev/zero
+    or a huge file would fill memory (net.files)."""
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_PEM_BYTES + 1)
+        return read_input_file(path, MAX_PEM_BYTES)
     except OSError as error:
         raise CertificateError(f"cannot read {path}: {error.strerror}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise CertificateError(f"{path}: larger than {MAX_PEM_BYTES} bytes (not a PEM file?)")
-    return data
+    except InputFileError as error:
+        hint = " (not a PEM file?)" if error.reason.startswith("larger") else ""
+        raise CertificateError(f"{what} {error}{hint}") from None
 
 
 def _general_name(name: str) -> x509.GeneralName:
@@ -308,10 +311,16 @@ def check_pin(verification: ServerVerification, peer_certificate_der: bytes | No
 
 
 def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
+    """Trust the certificates of `ca_file`, a regular file (net.files: a FIFO there held the
+    keep's start for ever in OpenSSL's open). OpenSSL reads the very file that was checked,
+    through /proc/self/fd, so that it parses as it always has (certificates and CRLs)."""
     try:
-        context.load_verify_locations(cafile=str(ca_file))
+        with open_regular_file(ca_file, MAX_CA_BYTES) as descriptor:
+            context.load_verify_locations(cafile=f"/proc/self/fd/{descriptor}")
     except FileNotFoundError:
         raise CertificateError(f"CA file {ca_file} does not exist") from None
+    except InputFileError as error:
+        raise CertificateError(f"CA file {error}") from None
     except ssl.SSLError as error:  # its str() carries OpenSSL's code and CPython's source line
         if error.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
             raise CertificateError(f"CA file {ca_file} holds no PEM certificate") from None

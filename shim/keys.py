@@ -21,10 +21,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
-from shim.config import read_limited
+from net.files import InputFileError, read_input_file
 from shim.errors import KeepError, UsageError
 
 MAX_KEY_FILE_BYTES = 8 << 20  # cryptsetup's default key file size limit
@@ -98,17 +97,21 @@ def read_key(source: KeySource, *, prompt: str = "Passphrase: ", confirm: bool =
 
 
 def _read_file(path: str, what: str) -> bytes:
+    """The bytes of a key or passphrase file (`-`: stdin), at most MAX_KEY_FILE_BYTES. As with
+    cryptsetup, a pipe or FIFO is a file too (a process substitution, /dev/stdin on a pipe, a
+    FIFO a program feeds); it is opened without blocking (net.files: a FIFO that nobody writes
+    to held keep in open() for ever, deaf to SIGTERM), and a device or directory is refused."""
     try:
         if path == "-":
             data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
             if len(data) > MAX_KEY_FILE_BYTES:
-                raise ValueError
+                raise InputFileError(path, f"larger than {MAX_KEY_FILE_BYTES} bytes")
         else:
-            data = read_limited(Path(path), MAX_KEY_FILE_BYTES)
+            data = read_input_file(path, MAX_KEY_FILE_BYTES, pipes=True)
     except OSError as error:
         raise KeepError(f"cannot read {what} {path}: {error.strerror}") from None
-    except ValueError:
-        raise KeepError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes") from None
+    except InputFileError as error:
+        raise KeepError(f"{what} {error}") from None
     return data
 
 

@@ -633,11 +633,15 @@ class Filesystem:
         once (in this transaction) when it is not open and small enough, else as an orphan."""
         ino = attr.ino
         remaining = 0 if attr.is_dir else attr.nlink - 1
-        if remaining == 0 and not self._open_counts.get(ino) and self._unmap_file(attr) < _DELETE_BATCH:
-            # it had a name until now, so it is no orphan
-            self._delete_inode(ino, symlink=attr.is_symlink, orphan=False)
-            return
-        self._cursor.execute("UPDATE inodes SET nlink = ?, ctime = ? WHERE ino = ?", (remaining, _now(), ino))
+        unmapped = 0
+        if remaining == 0 and not self._open_counts.get(ino):
+            unmapped = self._unmap_file(attr)
+            if unmapped < _DELETE_BATCH:
+                # it had a name until now, so it is no orphan
+                self._delete_inode(ino, symlink=attr.is_symlink, orphan=False)
+                return
+        self._cursor.execute("UPDATE inodes SET nlink = ?, ctime = ?, blocks = blocks - ? WHERE ino = ?",
+                             (remaining, _now(), unmapped, ino))
         if remaining == 0:
             self._cursor.execute("INSERT OR IGNORE INTO orphans(ino) VALUES (?)", (ino,))
             self._orphan_candidates.add(ino)
@@ -714,25 +718,28 @@ class Filesystem:
             return phys
         return lookup
 
-    def _unmap(self, ino: int, first: int, last: int) -> int:
+    def _unmap(self, ino: int, first: int, last: int, *, counted: bool = True) -> int:
         """Unmap and free up to _DELETE_BATCH blocks of [first, last] (the last ones first);
-        returns how many."""
+        returns how many. The inode's `blocks` goes down by as many unless not `counted` (the
+        caller deletes the inode, or counts them in a statement it runs anyway)."""
         base = ino << _KEY_BITS
         # the limit is literal: bound as a parameter, it made this statement 4x slower (measured)
         rows = self._all(f"SELECT key, phys FROM blocks WHERE key BETWEEN ? AND ? ORDER BY key DESC LIMIT {_DELETE_BATCH}",
                          (base + first, base + last))
         if rows:
             self._cursor.execute("DELETE FROM blocks WHERE key BETWEEN ? AND ?", (rows[-1][0], rows[0][0]))
-            self._cursor.execute("UPDATE inodes SET blocks = blocks - ? WHERE ino = ?", (len(rows), ino))
+            if counted:
+                self._cursor.execute("UPDATE inodes SET blocks = blocks - ? WHERE ino = ?", (len(rows), ino))
             self._free_blocks([int(phys) for _, phys in rows])
         return len(rows)
 
     def _unmap_file(self, attr: Attr) -> int:
         """`_unmap` of a whole file, skipped for an empty one: no block lies past a file's size
-        unless a truncation of it is still pending (`_trim_candidates`)."""
+        unless a truncation of it is still pending (`_trim_candidates`). Not `counted`: the
+        caller (`_drop_link`) deletes the inode or counts them in its own update."""
         if not attr.size and attr.ino not in self._trim_candidates:
             return 0
-        return self._unmap(attr.ino, 0, _MAX_INDEX)
+        return self._unmap(attr.ino, 0, _MAX_INDEX, counted=False)
 
     def _allocate(self, count: int) -> list[int]:
         """`count` free physical blocks, lowest first (sequential writes stay contiguous). A

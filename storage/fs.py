@@ -438,7 +438,6 @@ class Filesystem:
             version = FORMAT_VERSION
         self.format_version: int = version  # as the volume holds it now (`keep volume info`)
         exact = version == FORMAT_VERSION
-        self._exact_blocks = exact
         columns = _inode_columns("", exact)
         self._select_attr = f"SELECT {columns} FROM inodes WHERE ino = ?"
         self._select_entry = (f"SELECT {columns}, (SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2)"
@@ -1528,7 +1527,7 @@ class Filesystem:
                     " OR ((b.key & 4294967295) * ? >= i.size AND i.ino NOT IN (SELECT ino FROM trims))",
                     (BLOCK_SIZE,)):  # a file listed in trims was shrunk: the next writable mount frees those
                 problems.append(f"block {key >> 32}:{key & 0xFFFFFFFF} has no file or lies past its end")
-            if self._exact_blocks:
+            if self.format_version == FORMAT_VERSION:  # (format 2 read-only: no count to check)
                 for ino, recorded, mapped_here in db.execute(
                         f"SELECT ino, blocks, {_COUNT_MAPPED.format('inodes.')} AS n FROM inodes WHERE blocks != n"):
                     problems.append(f"inode {ino}: {recorded} blocks recorded, {mapped_here} mapped")

@@ -148,12 +148,14 @@ class FilesystemModel(RuleBasedStateMachine):
         if not files:
             return
         node = data.draw(st.sampled_from(files))
-        self.volume.fs.setattr(node.ino, size=size)
+        attr = self.volume.fs.setattr(node.ino, size=size)
         if size < len(node.data):
             del node.data[size:]
             node.mapped = {index for index in node.mapped if index * BLOCK_SIZE < size}
         else:
             node.data.extend(bytes(size - len(node.data)))
+        # what it returns (FUSE hands it to the kernel as the file's attributes) is after the trim
+        assert (attr.size, attr.blocks) == (size, len(node.mapped) * (BLOCK_SIZE // 512))
 
     @rule(data=st.data(), mode=st.integers(0, 0o7777))
     def chmod(self, data: st.DataObject, mode: int) -> None:

@@ -45,8 +45,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import math
+import os
+import socket
 import ssl
 import threading
 import time
@@ -68,6 +71,7 @@ BUFFER_LIMIT = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 HANDSHAKE_GRACE = 1.0  # a handshake this old may give way to a new connection when all are taken
 LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
+HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's Connection Attempt Delay (trio's default too)
 CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
@@ -595,18 +599,59 @@ class Listener:
 
 
 async def _open_tcp(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection to `host`:`port`. "localhost" is both loopback addresses, tried in turn
-    (IPv4 first) without asking the resolver: a server may listen on ::1 alone. The first
-    address's error is the one reported when neither answers."""
-    addresses = LOCALHOST_ADDRESSES if host == "localhost" else (host,)
-    first_error: OSError | None = None
-    for address in addresses:
+    """A TCP connection to `host`:`port`. A host name is resolved and its addresses raced by
+    trio.open_tcp_stream (Happy Eyeballs); an IP address is connected to as it is. "localhost"
+    is both loopback addresses without asking the resolver (an /etc/hosts may name 127.0.0.1
+    alone while the server listens on ::1 alone), raced the same way: `_connect_first`."""
+    if host == "localhost":
+        return await _connect_first(LOCALHOST_ADDRESSES, port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    return await _connect_first((host,), port)  # an address: its own error, not trio's summary
+
+
+async def _connect_first(addresses: tuple[str, ...], port: int) -> trio.SocketStream:
+    """The first of `addresses` (IP literals) to accept a TCP connection on `port`, as RFC 8305
+    (Happy Eyeballs) connects: an attempt per address, in order, the next one started when the
+    previous has failed or HAPPY_EYEBALLS_DELAY has passed without an answer; the first to
+    connect wins and the others are cancelled (their sockets closed). Tried one after the other,
+    an address whose SYNs are dropped held the next one back for the whole CONNECT_TIMEOUT.
+    The same algorithm as trio.open_tcp_stream, which takes a name, not a list of addresses.
+    When every attempt fails, the first address's error is the one raised."""
+    errors: dict[int, OSError] = {}
+    winner: list[trio.SocketStream] = []
+
+    async def attempt(index: int, failed: trio.Event) -> None:
+        address = addresses[index]
+        tcp = trio.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                 socket.SOCK_STREAM)
         try:
-            return await trio.open_tcp_stream(address, port)
-        except OSError as error:
-            first_error = first_error or error
-    assert first_error is not None
-    raise first_error
+            await tcp.connect((address, port))
+        except OSError as error:  # trio words it "Error connecting to (ADDRESS, PORT): ..."
+            tcp.close()
+            errors[index] = OSError(error.errno, os.strerror(error.errno)) if error.errno else error
+            failed.set()
+            return
+        except BaseException:  # cancelled: another address won, or the deadline passed
+            tcp.close()
+            raise
+        if winner:  # another attempt won in the same instant
+            tcp.close()
+            return
+        winner.append(trio.SocketStream(tcp))
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(addresses)):
+            failed = trio.Event()
+            nursery.start_soon(attempt, index, failed)
+            with trio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                await failed.wait()
+    if winner:
+        return winner[0]
+    raise errors[0]
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

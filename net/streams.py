@@ -623,16 +623,23 @@ async def _connect_first(addresses: tuple[str, ...], port: int) -> trio.SocketSt
     errors: dict[int, OSError] = {}
     winner: list[trio.SocketStream] = []
 
+    def give_up(index: int, error: OSError, failed: trio.Event) -> None:
+        errors[index] = error
+        failed.set()
+
     async def attempt(index: int, failed: trio.Event) -> None:
         address = addresses[index]
-        tcp = trio.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                                 socket.SOCK_STREAM)
+        try:  # inside the handling too: an error escaping the nursery is an ExceptionGroup
+            tcp = trio.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                     socket.SOCK_STREAM)
+        except OSError as error:  # EMFILE; EAFNOSUPPORT for ::1 on a kernel without IPv6
+            give_up(index, error, failed)
+            return
         try:
             await tcp.connect((address, port))
         except OSError as error:  # trio words it "Error connecting to (ADDRESS, PORT): ..."
             tcp.close()
-            errors[index] = OSError(error.errno, os.strerror(error.errno)) if error.errno else error
-            failed.set()
+            give_up(index, OSError(error.errno, os.strerror(error.errno)) if error.errno else error, failed)
             return
         except BaseException:  # cancelled: another address won, or the deadline passed
             tcp.close()

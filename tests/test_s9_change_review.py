@@ -4,13 +4,20 @@ volume image, a real FUSE mount where the kernel's view matters."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
+import socket
 from pathlib import Path
 
 import pytest
+import trio
 from fuse_harness import PASSPHRASE, MountedVolume, create_image, fuse_skip_reason, keep_volume
 
+from net.errors import ConnectFailed
+from net.streams import ReadinessBoard, open_connection
+from net.tls import ServerVerification
 from storage.errors import FilesystemError
 from storage.fs import BLOCK_SIZE, ROOT_INODE
 from storage.luks2 import KdfCost
@@ -103,3 +110,31 @@ def test_a_large_file_unlinked_keeps_an_exact_count_between_its_batches(tmp_path
     with open_volume(image, volume_key=key) as volume:  # the next writable open reaps the orphan
         assert volume.fs._all("SELECT count(*) FROM inodes WHERE ino = ?", (big,)) == [(0,)]
         assert volume.fsck() == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_socket_that_cannot_be_created_is_a_connect_failure(host: str) -> None:
+    """The raced connect (20a33aa) created each attempt's socket outside its error handling: when
+    socket(2) itself failed (EMFILE here, the process's descriptors all taken; EAFNOSUPPORT for
+    ::1 on a kernel without IPv6) the OSError left the attempts' nursery as an ExceptionGroup,
+    which no caller catches, instead of ConnectFailed ('cannot connect to HOST:PORT: Too many open
+    files', as trio.open_tcp_stream made of it before)."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        board = ReadinessBoard(trio.lowlevel.current_trio_token())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        taken: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    taken.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(30), pytest.raises(ConnectFailed) as refused:
+                    await open_connection(host, port, None, ServerVerification(), board, nursery)
+        finally:
+            for descriptor in taken:
+                os.close(descriptor)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert str(refused.value) == f"cannot connect to {host}:{port}: Too many open files"

@@ -45,7 +45,6 @@ import errno
 import os
 import signal
 import ssl
-import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,9 +425,8 @@ class Keep:
                 try:
                     tcp = await listener.accept()
                 except OSError as error:
-                    if not failing:
-                        print(f"keep: cannot accept connections for now: "
-                              f"{error.strerror or error}", file=sys.stderr, flush=True)
+                    if not failing:  # (say: a stderr whose reader is gone must not end serve)
+                        say(f"cannot accept connections for now: {error.strerror or error}")
                     failing = True
                     await trio.sleep(ACCEPT_RETRY_SECONDS)
                     continue
@@ -444,8 +442,7 @@ class Keep:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
             return  # the peer went away, stalled its handshake or broke the protocol
         except Exception as error:  # a bug met by one connection must not end the keep
-            print(f"keep: a connection was dropped: keep internal error: {type(error).__name__}: "
-                  f"{error}", file=sys.stderr, flush=True)
+            say(f"a connection was dropped: keep internal error: {type(error).__name__}: {error}")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -603,8 +600,8 @@ def serve_command(args: argparse.Namespace) -> int:
             await nursery.start(keep.stop_on_signals)
             bound_host, bound_port = listeners[0].socket.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            print(f"keep: serving on {shown}:{bound_port} (backend {backend.name}, measurement "
-                  f"{measurement.hex()})", file=sys.stderr, flush=True)
+            say(f"serving on {shown}:{bound_port} (backend {backend.name}, measurement "
+                f"{measurement.hex()})")
             await keep.serve_on(listeners)
             nursery.cancel_scope.cancel()
 

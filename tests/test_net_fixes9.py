@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import re
+import resource
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -163,3 +170,85 @@ def test_keep_run_connects_to_localhost_on_ipv6_while_ipv4_drops_syns(
 
     with black_hole("127.0.0.1") as port:
         trio.run(main, port)
+
+
+# keep serve's own lines on stderr go through shim.errors.say, which drops what stderr cannot
+# take: a line that cannot be written must not end the keep.
+
+
+def _few_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+
+def _flood_until_refused_then_handshake(port: int, process: subprocess.Popen[str]) -> None:
+    """Hold more connections than keep serve has fds (its accept() fails: EMFILE), let them go,
+    then wait until a TLS handshake succeeds again (or the keep has exited: the caller asserts)."""
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(80)]
+    time.sleep(1)  # the keep tries to accept them all (not a timing check: a pause)
+    for connection in flood:
+        connection.close()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + HANG_GUARD
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with (socket.create_connection(("127.0.0.1", port), timeout=10) as tcp,
+                  context.wrap_socket(tcp) as tls):
+                assert tls.getpeercert(binary_form=True)
+            return
+        except (OSError, ssl.SSLError):
+            time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen[str]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=HANG_GUARD)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
+def test_keep_serve_whose_stderr_reader_is_gone_survives_a_failing_accept(tmp_path: Path) -> None:
+    """accept() failing (EMFILE: peers hold every fd) printed 'keep: cannot accept connections
+    for now' with a bare print: with stderr a pipe whose reader had gone (a supervisor that
+    restarted, `keep serve 2>&1 | head -1`), the print raised BrokenPipeError out of the accept
+    loop and anyone who could open enough connections ended the keep. It goes through say now."""
+    environment = {**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"],
+                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=environment, preexec_fn=_few_fds)
+    try:
+        assert process.stderr is not None
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+)", process.stderr.readline())
+        assert found
+        process.stderr.close()  # the reader goes: every later line meets EPIPE
+        _flood_until_refused_then_handshake(int(found.group(1)), process)
+        assert process.poll() is None, f"keep serve ended: status {process.returncode}"
+    finally:
+        status = _stop(process)
+    assert status == 128 + signal.SIGTERM
+
+
+def test_keep_serve_says_once_that_it_cannot_accept(tmp_path: Path) -> None:
+    """The line itself, on a stderr that takes it: once per run of failures, with the prefix."""
+    environment = {**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path / "cache")}
+    with open(tmp_path / "stderr", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0"],
+                                   stdin=subprocess.DEVNULL, stderr=stderr, text=True,
+                                   env=environment, preexec_fn=_few_fds)
+        try:
+            deadline = time.monotonic() + HANG_GUARD
+            while not (found := re.search(r"serving on 127\.0\.0\.1:(\d+)",
+                                          (tmp_path / "stderr").read_text())):
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            _flood_until_refused_then_handshake(int(found.group(1)), process)
+        finally:
+            status = _stop(process)
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert status == 128 + signal.SIGTERM, lines
+    assert lines.count("keep: cannot accept connections for now: Too many open files") == 1, lines
+    assert lines[-1] == "keep: SIGTERM: stopped", lines

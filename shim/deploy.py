@@ -29,6 +29,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from net.files import InputFileError, read_input_file
 from shim.attest import (
     OWNER_HANDSHAKE_SECONDS,
     Accepted,
@@ -51,7 +52,7 @@ from shim.attest import (
 from shim.attest._protocol import duplicate_grant, encode_message
 from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
-from shim.keys import forbid_core_dumps
+from shim.keys import MAX_KEY_FILE_BYTES, forbid_core_dumps
 from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
 
 ANSWER_SECONDS = 120.0
@@ -197,10 +198,12 @@ def _volume_grants(specs: Sequence[str], pins: dict[str, dict[str, object]]) -> 
         name, _, guest_path = target.partition("::")
         if not name or not separator or not key_path:
             raise UsageError(f"--volume-key {spec!r}: expected NAME[::GUEST_PATH]=KEYFILE")
-        try:
-            key = Path(key_path).read_bytes()
+        try:  # as keep run's --key-file: never blocks on a FIFO nobody feeds, never fills memory
+            key = read_input_file(key_path, MAX_KEY_FILE_BYTES, pipes=True)
         except OSError as error:
             raise UsageError(f"--volume-key {name}: cannot read {key_path}: {error.strerror}") from None
+        except InputFileError as error:
+            raise UsageError(f"--volume-key {name}: {error}") from None
         pin = pins.get(name, {})
         generation, uuid = pin.get("generation"), pin.get("uuid")
         try:

@@ -456,11 +456,14 @@ class Filesystem:
         """Format 2 -> 3: each inode's count of mapped blocks (st_blocks; format 2 could only
         estimate it from the size) becomes a column, filled from the block map, in one
         transaction made durable at once (one pass over the map: a crash before the commit
-        leaves format 2, upgraded again next time)."""
+        leaves format 2, upgraded again next time). Only inodes with mapped blocks are written:
+        the others read the column's default without their rows growing, so a volume whose
+        metadata region an older keepshim filled (empty files) still opens writable, where
+        room can be made (rewriting every row needed pages it did not have: ENOSPC)."""
         with self._db:
             self._db.execute("ALTER TABLE inodes ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(f"UPDATE inodes SET blocks = {_COUNT_MAPPED.format('inodes.')}"
-                             " WHERE (mode & 61440) = 32768")
+            self._db.execute("UPDATE inodes SET blocks = mapped.n FROM (SELECT key >> 32 AS ino, count(*) AS n"
+                             " FROM blocks GROUP BY key >> 32) AS mapped WHERE inodes.ino = mapped.ino")
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT_VERSION,))
         self._store.commit()
 

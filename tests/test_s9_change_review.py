@@ -18,7 +18,7 @@ from fuse_harness import PASSPHRASE, MountedVolume, create_image, fuse_skip_reas
 from net.errors import ConnectFailed
 from net.streams import ReadinessBoard, open_connection
 from net.tls import ServerVerification
-from storage.errors import FilesystemError
+from storage.errors import FilesystemError, NoSpace
 from storage.fs import BLOCK_SIZE, ROOT_INODE
 from storage.luks2 import KdfCost
 from storage.volume import create_volume, open_volume
@@ -138,3 +138,50 @@ async def test_a_socket_that_cannot_be_created_is_a_connect_failure(host: str) -
                 os.close(descriptor)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert str(refused.value) == f"cannot connect to {host}:{port}: Too many open files"
+
+
+def _fill_as_format_2(image: Path, key: bytes) -> int:
+    """Turn a fresh volume into a format-2 one (no blocks column) whose metadata region is full,
+    as an older keepshim left it after creating empty files until ENOSPC (those rows are what
+    format 2's create wrote); returns how many files it holds."""
+    with open_volume(image, volume_key=key) as volume:
+        fs = volume.fs
+
+        def downgrade() -> None:
+            fs._cursor.execute("ALTER TABLE inodes DROP COLUMN blocks")
+            fs._cursor.execute("UPDATE meta SET value = 2 WHERE key = 'format'")
+        fs._run(downgrade)
+        count = 0
+
+        def create_empty_files() -> None:
+            nonlocal count
+            for _ in range(200):
+                fs._cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                                   " VALUES (33188, 1, 0, 0, 0, 0, 0, 0)")
+                fs._cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (1, ?, ?)",
+                                   (b"an-empty-file-named-at-some-length-%08d" % count, fs._db.last_insert_rowid()))
+                count += 1
+        with contextlib.suppress(NoSpace):  # the region is full
+            while True:
+                fs._run(create_empty_files)
+        fs.fsync()
+    return count
+
+
+def test_a_format_2_volume_with_full_metadata_still_opens_writable(tmp_path: Path) -> None:
+    """A format-2 volume whose metadata region an older keepshim had filled (many empty files)
+    could no longer be opened writable at all: the upgrade's UPDATE rewrote every regular file's
+    row with the new column, which needs pages the region no longer has, so every writable open
+    ('keep volume rm', to make room) failed with 'no space left on the volume' while the older
+    keepshim still removed files (reproduced with c1925db filling a 24 MiB volume with 6656
+    empty files). The upgrade writes only the counts that are not 0."""
+    image = tmp_path / "v.img"
+    key = _new(image)
+    files = _fill_as_format_2(image, key)
+    assert files > 1000
+    with open_volume(image, volume_key=key) as volume:  # upgraded, and room can be made
+        fs = volume.fs
+        assert volume.info()["filesystem_format"] == 3
+        fs.unlink(ROOT_INODE, b"an-empty-file-named-at-some-length-%08d" % 0)
+        assert fs.getattr(fs.lookup(ROOT_INODE, b"an-empty-file-named-at-some-length-%08d" % 1).ino).blocks == 0
+        assert volume.fsck() == []

@@ -666,11 +666,12 @@ def _peer_name(stream: trio.SocketStream) -> str:
         address = stream.socket.getpeername()
     except OSError:
         return "unknown peer"
-    return _host_port(address[0], address[1])
+    return host_port(address[0], address[1])
 
 
-def _host_port(host: str, port: int) -> str:
-    """`host:port`, an IPv6 address in brackets ([::1]:443) so that the port stands apart."""
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets ([::1]:443) so that the port stands apart (as
+    URLs and curl write it); for every message that names an address, keep serve's too."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -691,7 +692,7 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
     """Connect out, complete the TLS handshake and check the pin; start the connection's tasks.
     The TCP connect gets CONNECT_TIMEOUT: a server that never answers (its SYNs dropped) would
     otherwise hold the keep's start for the kernel's SYN retries, over two minutes."""
-    where = _host_port(host, port)
+    where = host_port(host, port)
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await _open_tcp(host, port)

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
+from net.streams import host_port
 from shim.attest import (
     REPORT_DATA_BYTES,
     Accepted,
@@ -356,7 +357,7 @@ class Keep:
         try:
             return await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
-            raise KeepError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+            raise KeepError(f"cannot listen on {host_port(host, port)}: {error.strerror or error}") from None
 
     async def serve_on(self, listeners: list[trio.SocketListener]) -> None:
         """Accept connections on `listeners` until one deployment has finished."""
@@ -599,9 +600,8 @@ def serve_command(args: argparse.Namespace) -> int:
             # the keep, not meet the default action (SIGTERM killed it, status -15, not 143)
             await nursery.start(keep.stop_on_signals)
             bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            say(f"serving on {shown}:{bound_port} (backend {backend.name}, measurement "
-                f"{measurement.hex()})")
+            say(f"serving on {host_port(bound_host, bound_port)} (backend {backend.name}, "
+                f"measurement {measurement.hex()})")
             await keep.serve_on(listeners)
             nursery.cancel_scope.cancel()
 

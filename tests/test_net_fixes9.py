@@ -252,3 +252,18 @@ def test_keep_serve_says_once_that_it_cannot_accept(tmp_path: Path) -> None:
     assert status == 128 + signal.SIGTERM, lines
     assert lines.count("keep: cannot accept connections for now: Too many open files") == 1, lines
     assert lines[-1] == "keep: SIGTERM: stopped", lines
+
+
+def test_keep_serve_names_an_ipv6_address_it_cannot_listen_on_in_brackets(tmp_path: Path) -> None:
+    """'keep: cannot listen on ::1:PORT: Address already in use': the port ran into the address.
+    Written [::1]:PORT now, as the 'serving on' line and the listeners' log already did."""
+    environment = {**os.environ, "KEEPSHIM_CACHE_DIR": str(tmp_path / "cache")}
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "shim", "serve", "--listen", f"[::1]:{port}"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                env=environment, timeout=HANG_GUARD)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"keep: cannot listen on [::1]:{port}: Address already in use\n"

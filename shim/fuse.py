@@ -568,20 +568,19 @@ def _describe(state: VolumeState) -> str:
     return f"uuid {state.uuid}, generation {state.generation}, root MAC {mac}"
 
 
-def _fsname(image: str) -> str:
-    """The image's absolute path in /proc/mounts (so `umount` can wait for it). Mount options
-    are ASCII (pyfuse3 encodes them so: an 'é' raised UnicodeEncodeError) and libfuse splits
-    them at commas, so every byte outside printable ASCII, the comma and the backslash travel
-    as libfuse's octal escapes (\\ooo), which it decodes; mountinfo shows the path again (with
-    whitespace and backslashes as octal escapes, which `_mount_entry` decodes)."""
-    path = os.fsencode(os.path.abspath(image))
-    return "keep:" + "".join(chr(byte) if 0x20 < byte < 0x7F and byte not in b",\\" else f"\\{byte:03o}"
-                             for byte in path)
-
-
 def _mount_source(image: str) -> str:
-    """The image as mountinfo names it, decoded (`_fsname` without the escapes)."""
+    """The image as mountinfo names it, decoded: "keep:" and its absolute path."""
     return "keep:" + os.path.abspath(image)
+
+
+def _fsname(image: str) -> str:
+    """`_mount_source` as a mount option (so `umount` finds the image in /proc/mounts). Mount
+    options are ASCII (pyfuse3 encodes them so: an 'é' raised UnicodeEncodeError) and libfuse
+    splits them at commas, so every byte outside printable ASCII, the comma and the backslash
+    travel as libfuse's octal escapes (\\ooo), which it decodes; mountinfo shows the path again
+    (with whitespace and backslashes as octal escapes, which `_mount_entry` decodes)."""
+    return "".join(chr(byte) if 0x20 < byte < 0x7F and byte not in b",\\" else f"\\{byte:03o}"
+                   for byte in os.fsencode(_mount_source(image)))
 
 
 def report_address(mountpoint: str, source: str) -> bytes:

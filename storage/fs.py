@@ -433,11 +433,13 @@ class Filesystem:
         if (version not in (2, FORMAT_VERSION) or rows.get("block_size") != BLOCK_SIZE
                 or rows.get("data_blocks") != self._data_blocks):
             raise FilesystemError(errno.EIO, f"unsupported filesystem format {rows}")
-        if version == 2 and self._store.writable:
-            self._upgrade_from_2()
+        if version == 2 and self._store.writable and self._upgrade_from_2():
             version = FORMAT_VERSION
         self.format_version: int = version  # as the volume holds it now (`keep volume info`)
         exact = version == FORMAT_VERSION
+        # whether inodes.blocks is kept (the statements that map or unmap blocks): not on a
+        # format-2 volume, which has no such column (read-only, or too full to upgrade)
+        self._counts_blocks = exact
         columns = _inode_columns("", exact)
         self._select_attr = f"SELECT {columns} FROM inodes WHERE ino = ?"
         self._select_entry = (f"SELECT {columns}, (SELECT ino FROM dirents WHERE parent = ?1 AND name = ?2)"
@@ -452,20 +454,28 @@ class Filesystem:
         # not at every later getattr as an SQLite error reaching the user)
         self._one(self._select_attr, (ROOT_INODE,))
 
-    def _upgrade_from_2(self) -> None:
+    def _upgrade_from_2(self) -> bool:
         """Format 2 -> 3: each inode's count of mapped blocks (st_blocks; format 2 could only
         estimate it from the size) becomes a column, filled from the block map, in one
         transaction made durable at once (one pass over the map: a crash before the commit
         leaves format 2, upgraded again next time). Only inodes with mapped blocks are written:
-        the others read the column's default without their rows growing, so a volume whose
-        metadata region an older keepshim filled (empty files) still opens writable, where
-        room can be made (rewriting every row needed pages it did not have: ENOSPC)."""
-        with self._db:
-            self._db.execute("ALTER TABLE inodes ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("UPDATE inodes SET blocks = mapped.n FROM (SELECT key >> 32 AS ino, count(*) AS n"
-                             " FROM blocks GROUP BY key >> 32) AS mapped WHERE inodes.ino = mapped.ino")
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT_VERSION,))
+        the others read the column's default without their rows growing.
+
+        False, with nothing changed, when the metadata region has no room for the counts (an
+        older keepshim filled it): the volume is then used as format 2 (estimates, no counts
+        kept) and upgraded by a writable open after room was made. Refusing it instead left no
+        writable open at all, not even one to remove files (ENOSPC)."""
+        try:
+            with self._db:
+                self._db.execute("ALTER TABLE inodes ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE inodes SET blocks = mapped.n FROM (SELECT key >> 32 AS ino,"
+                                 " count(*) AS n FROM blocks GROUP BY key >> 32) AS mapped"
+                                 " WHERE inodes.ino = mapped.ino")
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT_VERSION,))
+        except apsw.FullError:  # rolled back: format 2 as it was
+            return False
         self._store.commit()
+        return True
 
     def _reap_orphans(self) -> None:
         """Free inodes left unlinked-but-open by a process that died, and finish truncations
@@ -621,8 +631,12 @@ class Filesystem:
             raise _error(errno.ENOENT, "directory was removed")
         if name in (b".", b".."):
             raise _error(errno.EEXIST)
-        cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime, blocks)"
-                       " VALUES (?, ?, ?, 0, 0, ?, ?, ?, ?)", (mode, nlink, size, now, now, now, blocks))
+        if self._counts_blocks:
+            cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime, blocks)"
+                           " VALUES (?, ?, ?, 0, 0, ?, ?, ?, ?)", (mode, nlink, size, now, now, now, blocks))
+        else:  # format 2 (its estimate from the size is `blocks` too: new blocks fill the file)
+            cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                           " VALUES (?, ?, ?, 0, 0, ?, ?, ?)", (mode, nlink, size, now, now, now))
         ino = int(self._db.last_insert_rowid())
         try:
             cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
@@ -642,8 +656,11 @@ class Filesystem:
                 # it had a name until now, so it is no orphan
                 self._delete_inode(ino, symlink=attr.is_symlink, orphan=False)
                 return
-        self._cursor.execute("UPDATE inodes SET nlink = ?, ctime = ?, blocks = blocks - ? WHERE ino = ?",
-                             (remaining, _now(), unmapped, ino))
+        if self._counts_blocks:
+            self._cursor.execute("UPDATE inodes SET nlink = ?, ctime = ?, blocks = blocks - ? WHERE ino = ?",
+                                 (remaining, _now(), unmapped, ino))
+        else:
+            self._cursor.execute("UPDATE inodes SET nlink = ?, ctime = ? WHERE ino = ?", (remaining, _now(), ino))
         if remaining == 0:
             self._cursor.execute("INSERT OR IGNORE INTO orphans(ino) VALUES (?)", (ino,))
             self._orphan_candidates.add(ino)
@@ -730,7 +747,7 @@ class Filesystem:
                          (base + first, base + last))
         if rows:
             self._cursor.execute("DELETE FROM blocks WHERE key BETWEEN ? AND ?", (rows[-1][0], rows[0][0]))
-            if counted:
+            if counted and self._counts_blocks:
                 self._cursor.execute("UPDATE inodes SET blocks = blocks - ? WHERE ino = ?", (len(rows), ino))
             self._free_blocks([int(phys) for _, phys in rows])
         return len(rows)
@@ -1417,8 +1434,12 @@ class Filesystem:
         else:
             mapping = self._map(ino, first, last)
         mapped = self._write_mapped(ino, mapping, offset, data)
-        self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ?, blocks = blocks + ?"
-                             " WHERE ino = ?", (end, now, now, mapped, ino))
+        if self._counts_blocks:
+            self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ?, blocks = blocks + ?"
+                                 " WHERE ino = ?", (end, now, now, mapped, ino))
+        else:
+            self._cursor.execute("UPDATE inodes SET size = max(size, ?), mtime = ?, ctime = ? WHERE ino = ?",
+                                 (end, now, now, ino))
 
     def fsync(self, ino: int | None = None) -> VolumeState:
         """Make every operation so far durable (one integrity commit for all files). Pending
@@ -1530,7 +1551,7 @@ class Filesystem:
                     " OR ((b.key & 4294967295) * ? >= i.size AND i.ino NOT IN (SELECT ino FROM trims))",
                     (BLOCK_SIZE,)):  # a file listed in trims was shrunk: the next writable mount frees those
                 problems.append(f"block {key >> 32}:{key & 0xFFFFFFFF} has no file or lies past its end")
-            if self.format_version == FORMAT_VERSION:  # (format 2 read-only: no count to check)
+            if self._counts_blocks:  # (format 2: no count to check)
                 for ino, recorded, mapped_here in db.execute(
                         f"SELECT ino, blocks, {_COUNT_MAPPED.format('inodes.')} AS n FROM inodes WHERE blocks != n"):
                     problems.append(f"inode {ino}: {recorded} blocks recorded, {mapped_here} mapped")

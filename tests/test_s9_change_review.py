@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import resource
 import socket
@@ -140,10 +141,11 @@ async def test_a_socket_that_cannot_be_created_is_a_connect_failure(host: str) -
     assert str(refused.value) == f"cannot connect to {host}:{port}: Too many open files"
 
 
-def _fill_as_format_2(image: Path, key: bytes) -> int:
+def _fill_as_format_2(image: Path, key: bytes, small_files: int = 0) -> int:
     """Turn a fresh volume into a format-2 one (no blocks column) whose metadata region is full,
     as an older keepshim left it after creating empty files until ENOSPC (those rows are what
-    format 2's create wrote); returns how many files it holds."""
+    format 2's create wrote), after `small_files` files of one block each ("small-N"); returns
+    how many empty files it holds."""
     with open_volume(image, volume_key=key) as volume:
         fs = volume.fs
 
@@ -151,19 +153,31 @@ def _fill_as_format_2(image: Path, key: bytes) -> int:
             fs._cursor.execute("ALTER TABLE inodes DROP COLUMN blocks")
             fs._cursor.execute("UPDATE meta SET value = 2 WHERE key = 'format'")
         fs._run(downgrade)
+
+        def create_format_2(name: bytes, data: bytes) -> None:
+            """As format 2's create: the inode row without a count, then its blocks."""
+            fs._cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
+                               " VALUES (33188, 1, ?, 0, 0, 0, 0, 0)", (len(data),))
+            ino = fs._db.last_insert_rowid()
+            fs._cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (1, ?, ?)", (name, ino))
+            if data:
+                fs._write_mapped(ino, {}, 0, memoryview(data))
+
+        def create_small_files() -> None:
+            for index in range(small_files):
+                create_format_2(b"small-%d" % index, b"%d" % index)
+        fs._run(create_small_files)
         count = 0
 
-        def create_empty_files() -> None:
+        def create_empty_files(batch: int) -> None:
             nonlocal count
-            for _ in range(200):
-                fs._cursor.execute("INSERT INTO inodes(mode, nlink, size, uid, gid, atime, mtime, ctime)"
-                                   " VALUES (33188, 1, 0, 0, 0, 0, 0, 0)")
-                fs._cursor.execute("INSERT INTO dirents(parent, name, ino) VALUES (1, ?, ?)",
-                                   (b"an-empty-file-named-at-some-length-%08d" % count, fs._db.last_insert_rowid()))
+            for _ in range(batch):
+                create_format_2(b"an-empty-file-named-at-some-length-%08d" % count, b"")
                 count += 1
-        with contextlib.suppress(NoSpace):  # the region is full
-            while True:
-                fs._run(create_empty_files)
+        for batch in (200, 1):  # to the last page: a failed batch gives back what it took
+            with contextlib.suppress(NoSpace):  # the region is full
+                while True:
+                    fs._run(functools.partial(create_empty_files, batch))
         fs.fsync()
     return count
 
@@ -184,4 +198,33 @@ def test_a_format_2_volume_with_full_metadata_still_opens_writable(tmp_path: Pat
         assert volume.info()["filesystem_format"] == 3
         fs.unlink(ROOT_INODE, b"an-empty-file-named-at-some-length-%08d" % 0)
         assert fs.getattr(fs.lookup(ROOT_INODE, b"an-empty-file-named-at-some-length-%08d" % 1).ino).blocks == 0
+        assert volume.fsck() == []
+
+
+def test_a_format_2_volume_too_full_to_upgrade_is_used_as_format_2(tmp_path: Path) -> None:
+    """Metadata full and files with blocks (their rows must grow to hold a count): no room for
+    the upgrade at all. Every writable open failed with 'no space left on the volume' (reproduced
+    with c1925db: 17074 files of 10 bytes with 249-byte names fill a 128 MiB volume's metadata;
+    'keep volume rm' then exit 1). The volume now stays format 2 until room is made: opened
+    writable without counts (st_blocks estimated from the size, as format 2 did), files can be
+    removed and written; a later writable open with room upgrades it, exact and fsck clean."""
+    image = tmp_path / "v.img"
+    key = _new(image)
+    _fill_as_format_2(image, key, small_files=1000)
+    with open_volume(image, volume_key=key) as volume:  # no room: stays format 2, but writable
+        fs = volume.fs
+        assert volume.info()["filesystem_format"] == 2
+        for index in range(1500):
+            fs.unlink(ROOT_INODE, b"an-empty-file-named-at-some-length-%08d" % index)
+        fs.unlink(ROOT_INODE, b"small-0")
+        ino = fs.create(ROOT_INODE, b"new", data=b"n" * 5000).ino
+        fs.write(ino, 3 * MIB, b"w")
+        assert fs.getattr(ino).blocks == (3 * MIB // BLOCK_SIZE + 1) * SECTORS_PER_BLOCK  # the estimate
+        assert fs.read(fs.lookup(ROOT_INODE, b"small-7").ino, 0, 10) == b"7"
+        assert volume.fsck() == []
+    with open_volume(image, volume_key=key) as volume:  # room now: upgraded, exact
+        fs = volume.fs
+        assert volume.info()["filesystem_format"] == 3
+        assert fs.getattr(ino).blocks == 3 * SECTORS_PER_BLOCK
+        assert fs.getattr(fs.lookup(ROOT_INODE, b"small-7").ino).blocks == SECTORS_PER_BLOCK
         assert volume.fsck() == []

@@ -19,7 +19,8 @@ fi
 # gocryptfs is only the benchmark peer; a machine without it still runs everything else.
 dpkg -s gocryptfs >/dev/null 2>&1 || apt-get install -y -qq gocryptfs >/dev/null 2>&1 || true
 
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+# a venv without pip is one whose creation was interrupted (ensurepip runs last): made again
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then rm -rf .venv; python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[fuse,test,demo]'
 # storage's native sector loops (a small C file, built with zig into the package directory;

@@ -13,10 +13,29 @@ pytest puts this directory on sys.path for its conftest.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from fixture_build import FixtureBuilder, FixtureBuildError, WasmFixture
+
+from shim.signals import STOP_SIGNALS
+
+
+def _keep_ignoring(number: int, frame: object) -> None:
+    """What a stop signal that this test run was started with ignored still does to it: nothing."""
+
+
+# A test run started under nohup (SIGHUP ignored) or as a non-interactive shell's background job
+# (SIGINT ignored) would hand those ignored signals to every keep it starts, through exec, and
+# keep leaves an inherited SIG_IGN as it is (shim.signals): the tests that stop a keep with
+# SIGHUP or SIGINT would wait for it in vain (seen: `setsid nohup bash .ci/run`, 6 tests timed
+# out). The run itself goes on ignoring them, with a handler that does nothing, which unlike
+# SIG_IGN is not inherited: every child starts at the default, as the tests expect (the tests of
+# the nohup rule ignore the signal in the child themselves).
+for _number in STOP_SIGNALS:
+    if signal.getsignal(_number) == signal.SIG_IGN:
+        signal.signal(_number, _keep_ignoring)
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ struct ks_openssl {
     int (*mac_final)(void *, u8 *, size_t *, size_t);
 };
 
-int ks_abi_version(void) { return 4; }
+int ks_abi_version(void) { return 5; }
 
 static int crypt_sector(const struct ks_openssl *f, void *context, u64 tweak, const u8 *in,
                         u8 *out, int sector_size) {
@@ -132,20 +132,22 @@ struct ks_small_commit {
     u64 metadata_at;             /* the client metadata, in the header ... */
     u64 metadata_length;
     u64 metadata_digest_at;      /* ... whose SHA-256 goes here in the state message */
-    const u8 *mac_input;         /* the header MAC's message (its label, then the header up to the
-                                    MAC, contiguous); the MAC goes to the last 32 bytes of the
-                                    header sector */
-    u64 mac_length;
+    const u8 *mac_label;         /* the header MAC's message is this label, then the header up to
+                                    the MAC; the MAC goes to the last 32 bytes of the header
+                                    sector */
+    u64 mac_label_length;
     u64 depth;                   /* number of tree levels, 2..MAX_LEVELS (leaves ... root) */
     u8 *levels[MAX_LEVELS];      /* level 0 is the leaves; the last level is the root hash */
     u64 level_lengths[MAX_LEVELS];
     u64 sector_size;             /* 4096: a tree page, a record sector */
 };
 
-static int hmac_sha256(const struct ks_openssl *f, const struct ks_small_commit *c,
-                       const u8 *data, u64 length, u8 *out) {
+/* HMAC-SHA256 of `prefix` (`prefix_length` bytes, none when 0) then `data`. */
+static int hmac_sha256(const struct ks_openssl *f, const struct ks_small_commit *c, const u8 *prefix,
+                       u64 prefix_length, const u8 *data, u64 length, u8 *out) {
     size_t out_length = 0;
     if (f->mac_init(c->mac_context, 0, 0, 0) != 1) return -1;
+    if (prefix_length && f->mac_update(c->mac_context, prefix, (size_t)prefix_length) != 1) return -1;
     if (f->mac_update(c->mac_context, data, (size_t)length) != 1) return -1;
     if (f->mac_final(c->mac_context, out, &out_length, DIGEST_SIZE) != 1) return -1;
     return out_length == DIGEST_SIZE ? 0 : -1;
@@ -160,7 +162,7 @@ static void copy_bytes(u8 *to, const u8 *from, u64 length) {
  * the state message; rehash the tree pages above the changed leaves, level by level, up to the
  * root (a level's last page, when short, hashed zero-padded to a whole page); put the root into
  * the header and the state message; HMAC the state message into the header (the root MAC, also
- * copied out), HMAC the header (label first) into its last 32 bytes; encrypt the header sector
+ * copied out), HMAC the label and the header into the header's last 32 bytes; encrypt the header sector
  * in place.
  * Contract (checked by storage/_small_commit.py before the call): every pointer covers what the
  * fields say; sectors[i] < level_lengths[0] / 32 and its tweak does not overflow; each level
@@ -209,8 +211,9 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
     const u8 *root = c->levels[c->depth - 1];
     copy_bytes(c->record + c->root_at, root, DIGEST_SIZE);
     copy_bytes(c->state + c->state_length - DIGEST_SIZE, root, DIGEST_SIZE);
-    if (hmac_sha256(f, c, c->state, c->state_length, c->record + c->root_mac_at) != 0) return -1;
+    if (hmac_sha256(f, c, 0, 0, c->state, c->state_length, c->record + c->root_mac_at) != 0) return -1;
     copy_bytes(c->root_mac, c->record + c->root_mac_at, DIGEST_SIZE);
-    if (hmac_sha256(f, c, c->mac_input, c->mac_length, c->record + size - DIGEST_SIZE) != 0) return -1;
+    if (hmac_sha256(f, c, c->mac_label, c->mac_label_length, c->record, size - DIGEST_SIZE,
+                    c->record + size - DIGEST_SIZE) != 0) return -1;
     return crypt_sector(f, c->context, c->header_tweak, c->record, c->record, (int)size);
 }

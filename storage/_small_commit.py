@@ -6,9 +6,10 @@ dozen calls through several layers each: about 100 us per commit in context agai
 of actual work. `ks_small_commit` (storage/_native.c) runs the same steps in ONE ctypes call.
 
 Division of labour: the integrity layer keeps the whole record format. It packs the header
-(everything but the entries' digests, the root and the two MACs), copies the plaintext behind
-it and packs the state MAC's message (everything but the metadata's hash and the root); this
-module owns the buffers those go into, their addresses, the HMAC-SHA256 context keyed with the
+(everything but the entries' digests, the root and the two MACs) into its log image at the
+record's log position, copies the plaintext behind it and packs the state MAC's message
+(everything but the metadata's hash and the root); this module owns the state message and the
+MAC label, the addresses of those and of the log image, the HMAC-SHA256 context keyed with the
 integrity key (native.HmacContext: keyed once, restarted per MAC) and the `SmallCommit`
 structure that tells the C code where each result goes. The C code only calls OpenSSL (see the
 C file's contract, checked here before every call). tests/test_small_commits.py compares whole
@@ -29,26 +30,27 @@ MAX_SECTORS = native.SMALL_COMMIT_SECTORS
 
 
 class NativeSmallCommit:
-    """Buffers and addresses for `ks_small_commit` with one key and one tree.
+    """Buffers and addresses for `ks_small_commit` with one key, one tree and one log.
 
-    `record` is the record being assembled: a header sector, then up to MAX_SECTORS sectors.
-    It sits right behind `mac_label` in one buffer, so that the header MAC's message (label,
-    then the header up to its MAC) is contiguous. `state` is the state MAC's message, whose last
-    32 bytes (the tree root) the C code fills in.
+    The record being assembled (a header sector, then up to MAX_SECTORS sectors) is the slice
+    of `log` (the store's memory image of its redo log, sector for sector, see MerkleStore) at
+    the record's log position: `run` names that position. `state` is the state MAC's message,
+    whose last 32 bytes (the tree root) the C code fills in.
     """
 
     def __init__(self, encryption: NativeEncryption, key: bytes, mac_label: bytes, state_length: int,
                  metadata_digest_at: int, header: struct.Struct, root_at: int, root_mac_at: int,
-                 entry_size: int, data_start: int) -> None:
+                 entry_size: int, data_start: int, log: memoryview) -> None:
         """`header` is the record header's fixed part (the client metadata, then the entries,
         follow it), with the root and the root MAC at `root_at` and `root_mac_at`; entries are
         `entry_size` bytes, ending with their digest; data sector (leaf) i goes home to segment
         sector `data_start` + i; the metadata's SHA-256 goes to `metadata_digest_at` in the
-        state message. Raises SelfTestFailed when libcrypto's HMAC context disagrees with hmac."""
+        state message; `log` is writable, whole sectors, and kept (its address is used by every
+        `run`). Raises SelfTestFailed when libcrypto's HMAC context disagrees with hmac."""
         if header.size + HASH_SIZE > SECTOR_SIZE or not 0 <= root_at <= header.size - HASH_SIZE \
                 or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < 2 * HASH_SIZE \
                 or not 0 <= metadata_digest_at <= state_length - 2 * HASH_SIZE \
-                or entry_size < HASH_SIZE or data_start < 0:
+                or entry_size < HASH_SIZE or data_start < 0 or log.readonly or log.nbytes % SECTOR_SIZE:
             raise ValueError("the small-commit record layout does not fit a sector")
         self._encryption = encryption
         self._lock = encryption.lock
@@ -58,9 +60,7 @@ class NativeSmallCommit:
                                       for count in range(1, MAX_SECTORS + 1)]
         self._leaves = 0  # leaves of the bound tree
         self._mac = encryption.loops.hmac_context(key)
-        self._area = bytearray(len(mac_label) + (1 + MAX_SECTORS) * SECTOR_SIZE)
-        self._area[:len(mac_label)] = mac_label
-        self.record = memoryview(self._area)[len(mac_label):]
+        self._label = bytearray(mac_label)
         self.state = bytearray(state_length)
         self.root_mac = bytearray(HASH_SIZE)  # the state MAC of the last `run` (the header's is encrypted)
         self._anchors: list[object] = []  # exports of every buffer whose address is in `commit`
@@ -76,15 +76,16 @@ class NativeSmallCommit:
         commit.mac_context = self._mac.address
         commit.metadata_at = header.size
         commit.metadata_digest_at = metadata_digest_at
-        commit.record = self._address(self._area) + len(mac_label)
+        self._log = self._address(log)
+        self._log_sectors = log.nbytes // SECTOR_SIZE
         commit.root_at = root_at
         commit.root_mac_at = root_mac_at
         commit.root_mac = self._address(self.root_mac)
         commit.entry_size = entry_size
         commit.state = self._address(self.state)
         commit.state_length = state_length
-        commit.mac_input = self._address(self._area)
-        commit.mac_length = len(mac_label) + SECTOR_SIZE - HASH_SIZE
+        commit.mac_label = self._address(self._label)
+        commit.mac_label_length = len(mac_label)
         commit.sector_size = SECTOR_SIZE
         commit.data_tweak = encryption.tweak(data_start)
         commit.tweak_step = encryption.units_per_sector
@@ -97,7 +98,7 @@ class NativeSmallCommit:
         del self._anchors[self._fixed:]
         self.bound_levels = None
 
-    def _address(self, buffer: bytearray) -> int:
+    def _address(self, buffer: bytearray | memoryview) -> int:
         """`buffer`'s address, kept valid: the export held in `_anchors` also stops any resize."""
         anchor = ctypes.c_char.from_buffer(buffer)
         self._anchors.append(anchor)
@@ -129,9 +130,10 @@ class NativeSmallCommit:
         self._leaves = leaves
         return True
 
-    def run(self, sectors: list[int], header_sector: int, metadata_length: int) -> None:
-        """Encrypt and hash the `sectors` (distinct leaf indices, whose plaintext the caller put
-        behind the header in this order), hash the metadata (`metadata_length` bytes after the
+    def run(self, sectors: list[int], slot: int, header_sector: int, metadata_length: int) -> None:
+        """On the record at sector `slot` of the log buffer (header, then the `sectors`' plaintext
+        in this order, as the caller put them): encrypt and hash the `sectors` (distinct leaf
+        indices) in place, hash the metadata (`metadata_length` bytes after the
         header's fixed part) into the state message, update the bound tree up to the root, fill
         in the entries' digests, the root and root MAC, MAC the header and encrypt it for
         segment sector `header_sector`."""
@@ -144,10 +146,12 @@ class NativeSmallCommit:
             low, high = (min(sectors), max(sectors)) if sectors else (-1, -1)
         if (self.bound_levels is None or self._mac.address is None or count > MAX_SECTORS
                 or low < 0 or high >= self._leaves or header_sector < 0
+                or not 0 <= slot <= self._log_sectors - 1 - count
                 or header_tweak >= 1 << 64 or metadata_length < 0 or entries_at > self._entries_limits[count]):
             raise ValueError("small commit outside the bound tree, the plain64 range or the header")
         commit = self._commit
         commit.count = count
+        commit.record = self._log + slot * SECTOR_SIZE
         if count == 1:
             commit.sectors[0] = low
         else:

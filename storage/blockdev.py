@@ -63,7 +63,7 @@ class BlockDevice(Protocol):
         """Write all of `data` at `offset`; `NoSpace` if the range passes the end."""
         ...
 
-    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+    def write_scattered(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
         """`write` of each (offset, data) piece, in order: for many small pieces at scattered
         offsets (a checkpoint's home sectors) without the per-call overhead of `write`."""
         ...
@@ -255,7 +255,7 @@ class FileBlockDevice(_ClosesOnExit):
             if start_writeback is not None:
                 start_writeback(fd, offset, done, _SYNC_FILE_RANGE_WRITE)
 
-    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+    def write_scattered(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
         """One pwrite per piece in a tight loop, after checking every range (nothing is
         written if one is out of the device). A checkpoint writes about a thousand scattered
         4 KiB sectors: through `write` each cost 10 us, about half of it Python."""
@@ -436,7 +436,7 @@ class MemoryBlockDevice(_ClosesOnExit):
         _check_range(offset, len(view), len(self._data), writing=True)
         self._data[offset:offset + len(view)] = view
 
-    def write_scattered(self, pieces: list[tuple[int, bytes]]) -> None:
+    def write_scattered(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
         """`write` of each piece (through the method, so subclasses that model crashes see each),
         after checking every range (nothing is written if one is out of the device)."""
         for offset, data in pieces:

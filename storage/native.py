@@ -39,7 +39,7 @@ from pathlib import Path
 
 from storage.errors import SelfTestFailed
 
-ABI_VERSION = 4  # ks_abi_version() of the C file this module was written for
+ABI_VERSION = 5  # ks_abi_version() of the C file this module was written for
 DISABLE_ENVIRONMENT_VARIABLE = "KEEPSHIM_NATIVE"  # "off" (or "0") keeps the Python loops
 SOURCE = Path(__file__).with_name("_native.c")
 # Native OS and architecture, baseline CPU (the loops gain nothing from newer instructions and the
@@ -178,7 +178,7 @@ class SmallCommit(ctypes.Structure):
                 ("state", ctypes.c_void_p), ("state_length", ctypes.c_uint64),
                 ("metadata_at", ctypes.c_uint64), ("metadata_length", ctypes.c_uint64),
                 ("metadata_digest_at", ctypes.c_uint64),
-                ("mac_input", ctypes.c_void_p), ("mac_length", ctypes.c_uint64),
+                ("mac_label", ctypes.c_void_p), ("mac_label_length", ctypes.c_uint64),
                 ("depth", ctypes.c_uint64), ("levels", ctypes.c_void_p * SMALL_COMMIT_LEVELS),
                 ("level_lengths", ctypes.c_uint64 * SMALL_COMMIT_LEVELS),
                 ("sector_size", ctypes.c_uint64)]

@@ -204,8 +204,9 @@ def test_a_crash_right_after_the_durable_write_keeps_the_small_commit() -> None:
 def test_the_native_step_refuses_what_its_c_contract_forbids() -> None:
     """`NativeSmallCommit.run` hands raw addresses and offsets to C: a sector outside the
     bound tree, too many or no sectors, a negative or out-of-range header sector, metadata that
-    pushes the entries into the MAC, or no bound tree at all, is a ValueError before any native
-    work (the record and the tree are left as they were)."""
+    pushes the entries into the MAC, a record that does not fit the log image where it would be,
+    or no bound tree at all, is a ValueError before any native work (the log image and the tree
+    are left as they were)."""
     key = os.urandom(64)
     store = MerkleStore.format(DataSegment(MemoryBlockDevice(SEGMENT_BYTES), 0, SEGMENT_BYTES, SectorCipher(key)),
                                key, UUID)
@@ -213,18 +214,60 @@ def test_the_native_step_refuses_what_its_c_contract_forbids() -> None:
     if small is None:
         pytest.skip("the native loops are not built")
     leaves = len(store._levels[0]) // 32
-    before = (bytes(small.record), [bytes(level) for level in store._levels])
+    before = (bytes(store._log_image), [bytes(level) for level in store._levels])
     with pytest.raises(ValueError):
-        small.run([0], 2, 0)  # nothing bound yet
+        small.run([0], 0, 2, 0)  # nothing bound yet
     assert small.bind(store._levels)
-    for sectors, header, metadata in [([leaves], 2, 0), ([-1], 2, 0), ([], 2, 0), ([0, 1, 2, 3, 4], 2, 0),
-                                      ([0], -1, 0), ([0], 1 << 61, 0), ([0], 2, -1), ([0, 1, 2, 3], 2, 3900)]:
+    last = len(store._log_image) // SECTOR_SIZE - 1  # the log image's last sector
+    for sectors, slot, header, metadata in [
+            ([leaves], 0, 2, 0), ([-1], 0, 2, 0), ([], 0, 2, 0), ([0, 1, 2, 3, 4], 0, 2, 0), ([0], 0, -1, 0),
+            ([0], 0, 1 << 61, 0), ([0], 0, 2, -1), ([0, 1, 2, 3], 0, 2, 3900),
+            ([0], -1, 2, 0), ([0], last, 2, 0), ([0, 1], last - 1, 2, 0), ([0], 1 << 62, 2, 0)]:
         with pytest.raises(ValueError):
-            small.run(sectors, header, metadata)
-    assert (bytes(small.record), [bytes(level) for level in store._levels]) == before
+            small.run(sectors, slot, header, metadata)
+    assert (bytes(store._log_image), [bytes(level) for level in store._levels]) == before
+    small.run([0], last - 1, 2, 0)  # the last place a one-sector record fits: accepted
+    assert bytes(store._log_image[(last - 1) * SECTOR_SIZE:]) != bytes(2 * SECTOR_SIZE)
     assert not small.bind([bytearray(SECTOR_SIZE)])  # one level: not a tree it handles
     assert small.bind(store._levels)
     store.close()  # frees the native step's HMAC context: no more runs
     assert store._small is None
     with pytest.raises(ValueError):
-        small.run([0], 2, 0)
+        small.run([0], 0, 2, 0)
+
+
+@pytest.mark.parametrize("native_step", [True, False])
+def test_logged_sectors_read_back_from_the_log_image_until_the_checkpoint(native_step: bool) -> None:
+    """A small commit leaves its logged sectors' ciphertext where it assembled the record (the
+    store's log image) and reads decrypt it from there: every overwritten sector reads back as
+    last written after each commit, with later records never clobbering earlier ones' sectors,
+    through the checkpoint that empties the log and after recovery (which logs ciphertext read
+    from the disk instead)."""
+    key = os.urandom(64)
+    device = MemoryBlockDevice(SEGMENT_BYTES)
+    store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID)
+    if not native_step:
+        store._small = None  # `_small_record_in_python`
+    rng = random.Random(5)
+    model = {sector: rng.randbytes(SECTOR_SIZE) for sector in range(16)}
+    store.write(0, b"".join(model.values()))
+    store.commit()
+    checkpoints = 0
+    for _ in range(60):
+        for sector in rng.sample(range(16), rng.randrange(1, 4)):
+            model[sector] = rng.randbytes(SECTOR_SIZE)
+            store.write(sector, model[sector])
+        before = store._log_position
+        store.commit()
+        checkpoints += store._log_position < before
+        logged = [sector for sector, cipher in store._pending.items() if isinstance(cipher, memoryview)]
+        assert logged or not store._pending  # small records' sectors stay in the log image
+        assert all(store.read(sector, 1) == model[sector] for sector in range(16))
+        assert store.read(0, 16) == b"".join(model.values())
+    assert checkpoints >= 2  # the 64-sector log filled up several times
+    copy = MemoryBlockDevice(SEGMENT_BYTES)
+    copy._data[:] = device._data  # the image as a crash would leave it: the log not yet checkpointed
+    recovered = MerkleStore.open(DataSegment(copy, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID, writable=False)
+    assert recovered._pending  # replayed records: their sectors are read from the log's ciphertext
+    assert recovered.read(0, 16) == b"".join(model.values())
+    store.close()

@@ -153,7 +153,7 @@ class VolumeSession:
                 step()
                 return
             except _LostWrite as failure:
-                failure.handle.lost = failure.error
+                failure.handle.lost = failure.handle.lost_since_sync = failure.error
 
     def _write_buffer(self) -> None:
         if not self._buffer:
@@ -307,9 +307,14 @@ class VolumeFile(_Handle):
     """An open regular file of the volume (counted on its inode until `close`).
 
     `lost` is the error of a flush that lost this handle's buffered bytes or its new file while
-    another handle's call (or a commit) was writing them out; this handle's next call reports it."""
+    another handle's call (or a commit) was writing them out; this handle's next call reports it.
+    `lost_since_sync` keeps that error until this handle's next fsync reports it too: whichever
+    call learnt it first (a write, an fstat), the bytes the guest was told went in are gone, and
+    a program that handled that call's ENOSPC (made room, retried) must not be told by its fsync
+    that everything is stored (a kernel's errseq reports a write-back error to the next fsync
+    of every open file description)."""
 
-    __slots__ = ("_closed", "_read", "_write", "lost")
+    __slots__ = ("_closed", "_read", "_write", "lost", "lost_since_sync")
 
     def __init__(self, session: VolumeSession, ino: int, *, read: bool, write: bool) -> None:
         super().__init__(session, ino)
@@ -317,9 +322,18 @@ class VolumeFile(_Handle):
         self._write = write
         self._closed = False
         self.lost: OSError | None = None
+        self.lost_since_sync: OSError | None = None
 
     def report_lost(self) -> None:
         lost, self.lost = self.lost, None
+        if lost is not None:
+            raise lost
+
+    def report_lost_since_sync(self) -> None:
+        """Raise what a flush lost of this handle's writes since its last fsync, even if another
+        call of this handle reported it already (fsync only; once)."""
+        self.lost = None
+        lost, self.lost_since_sync = self.lost_since_sync, None
         if lost is not None:
             raise lost
 
@@ -356,7 +370,7 @@ class VolumeFile(_Handle):
     def sync(self) -> None:
         with self.session.lock:
             self.session.commit()
-            self.report_lost()  # committed what could be; this file's loss is its fsync's error
+            self.report_lost_since_sync()  # committed what could be; this file's loss is its fsync's error
 
     def datasync(self) -> None:
         self.sync()

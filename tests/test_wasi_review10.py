@@ -1,0 +1,46 @@
+"""Defects found by the session-10 review of the preview1 host and the volume backend.
+
+Sections of fixtures/review10_calls.c run under `keep run` on a guest directory (and, where the
+outcome is wasmtime's too, under wasmtime's built-in WASI, through the differential machinery
+of tests/test_differential.py). Every test failed on the code before its fix (see the commit
+that added it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fixture_build import WasmFixture
+from guest_dirs import EncryptedVolume, GuestDirectoryFactory, TreeSpec, materialize
+from test_differential import KEEP_RUN_COMMAND, Case, lines, run_guest
+
+FIXTURE = "review10_calls"
+
+
+def run_section(section: str, factory: GuestDirectoryFactory, wasm_fixture: WasmFixture, tmp_path: Path,
+                keep_environment: dict[str, str], tree: TreeSpec | None = None) -> list[str]:
+    """review10_calls SECTION under `keep run` alone on a directory made by `factory` from `tree`
+    (empty by default); the run must end with status 0 and an empty stderr. Its stdout lines."""
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    materialize(tree or {}, initial)
+    (tmp_path / "directory").mkdir()
+    directory = factory(tmp_path / "directory")
+    directory.prepare(initial)
+    case = Case(f"review10-{section}", FIXTURE, args=(section,))
+    outcome = run_guest(KEEP_RUN_COMMAND, directory, case, wasm_fixture(FIXTURE), tmp_path / "streams",
+                        keep_environment)
+    assert (outcome.status, outcome.stderr) == (0, b""), outcome.stderr[-2000:]
+    return lines(outcome.stdout)
+
+
+def test_a_write_lost_on_a_full_volume_is_still_reported_by_fsync_after_a_retry(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """A write that met a full volume said ENOSPC, and with it the keep's write-back buffer lost
+    the 1 MiB of earlier writes the guest had been told went in. A program that handles ENOSPC
+    by making room and retrying then got 0 from fsync and close: its file had a 1 MiB hole of
+    zeros and nothing said so. Now the file's fsync says ENOSPC. (Volume only: it fills it.)"""
+    assert run_section("enospc_retry", EncryptedVolume, wasm_fixture, tmp_path, keep_environment) == lines(
+        b"== enospc_retry\nfilled: ENOSPC\na write: ENOSPC; making room and retrying\nunlink big: 0\n"
+        b"g: fsync: -1 ENOSPC\n"
+        b"g: close: 0\ng: type=file size=2621440 nlink=1\n")

@@ -325,6 +325,17 @@ class _Validator:
             self.fail(key, f"expected a string, got {_describe(value)}")
         return value
 
+    def guest_text(self, value: object, key: KeyPath) -> str:
+        """An argument or environment value: the guest gets it as a NUL-terminated C string,
+        so a NUL inside could not reach it (TOML allows one as "\\u0000"). Refused here, where
+        the error names the line, instead of when the guest starts (a deployed keep had already
+        accepted the deployment then, and was used up by it)."""
+        text = self.string(value, key)
+        if "\0" in text:
+            self.fail(key, "contains a NUL character, which a guest's arguments and environment "
+                           "cannot hold")
+        return text
+
     def boolean(self, value: object, key: KeyPath) -> bool:
         if not isinstance(value, bool):
             self.fail(key, f"expected true or false, got {_describe(value)}")
@@ -348,7 +359,7 @@ class _Validator:
             raw_args = document["args"]
             if not isinstance(raw_args, list):
                 self.fail(("args",), f"expected a list of strings, got {_describe(raw_args)}")
-            args = tuple(self.string(a, ("args", i)) for i, a in enumerate(raw_args))
+            args = tuple(self.guest_text(a, ("args", i)) for i, a in enumerate(raw_args))
         env = self.env(document.get("env", {}))
         files = KeepConfig().files
         if "files" in document:
@@ -369,7 +380,7 @@ class _Validator:
                 self.fail(("env", name), "not a valid environment variable name")
             if name in RESERVED_ENV:
                 self.fail(("env", name), "is set by the keep from [[files]]; do not set it here")
-            env[name] = self.string(value, ("env", name))
+            env[name] = self.guest_text(value, ("env", name))
         return env
 
     def tls(self, raw: object) -> TlsSettings:

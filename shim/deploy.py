@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 import trio
+import wasmtime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -73,6 +74,23 @@ class DeployResult:
     exit_status: int
     error: str | None
     volumes: tuple[VolumeState, ...]
+
+
+def check_workload(deploy: Deploy, source: str = "the workload") -> None:
+    """KeepError unless the deployment could start: its module is valid WebAssembly and its
+    arguments hold no NUL. Checked by the owner before connecting and by the keep before it
+    accepts: a keep serves one deployment, and an invalid module it had accepted used it up
+    (the owner got "main.wasm is not a valid module" and the keep had exited). Validation only
+    parses (no code is generated), so it costs a fraction of the compile that follows."""
+    if any("\0" in arg for arg in deploy.args):
+        raise KeepError("a guest argument contains a NUL character, which a guest's arguments "
+                        "cannot hold")
+    try:
+        wasmtime.Module.validate(wasmtime.Engine(), deploy.workload)
+    except wasmtime.WasmtimeError as error:
+        from shim.run import one_line
+
+        raise KeepError(f"{source} is not a valid WebAssembly module: {one_line(str(error))}") from None
 
 
 def check_pins(deploy: Deploy, policy: Policy) -> None:
@@ -249,6 +267,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     previous = read_volume_state(state_path)
     deploy = Deploy(workload=workload, config=config_text, args=tuple(args.guest_args),
                     volumes=_volume_grants(args.volume_key, previous))
+    check_workload(deploy, args.module)  # before connecting: an invalid module would use up the keep
     result = trio.run(functools.partial(deploy_to, host, port, deploy, policy,
                                         stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                         announce=sys.stderr))

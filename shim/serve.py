@@ -13,7 +13,8 @@ compiles the workload in memory (no compile cache: the module bytes and the comp
 reach the host disk), runs it with stdout/stderr streamed back as `output` frames, and ends with
 `finished` (exit status, error, final volume states). Any other deployment that arrives meanwhile
 is `refused` ("this keep already runs a workload"). A deployment refused before it started
-(a bad keep.toml, something not wired yet) leaves the keep waiting for the next one. After the one
+(a bad keep.toml, a module that is not valid WebAssembly, something not wired yet) leaves the
+keep waiting for the next one. After the one
 deployment has finished, `serve` returns.
 
 The guest's stdio: fd 0 is empty (end of file), fds 1 and 2 go to the owner unless keep.toml makes
@@ -77,7 +78,7 @@ from shim.attest._protocol import (
     duplicate_grant,
 )
 from shim.config import ConfigError, ConnectFile, KeepConfig, StdioFile, parse_config
-from shim.deploy import parse_address
+from shim.deploy import check_workload, parse_address
 from shim.errors import KeepError, UsageError, say
 from shim.keys import forbid_core_dumps
 from shim.signals import receive_stop_signals
@@ -331,8 +332,13 @@ class Keep:
                  volumes: Mapping[str, Path] | None = None,
                  handshake_seconds: float = HANDSHAKE_SECONDS,
                  deploy_seconds: float = DEPLOY_SECONDS,
-                 pending_bytes_limit: int = PENDING_BYTES_LIMIT) -> None:
+                 pending_bytes_limit: int = PENDING_BYTES_LIMIT,
+                 check: Callable[[Deploy], None] | None = None) -> None:
+        """`check` refuses a deployment its runner could not start (KeepError), before the keep
+        accepts it; by default `check_workload` for `run_deployment` (it compiles the module)
+        and nothing for another runner, which decides what its workload bytes are."""
         self.identity = AttestedIdentity()
+        self._check = check if check is not None or runner is not run_deployment else check_workload
         self._volume_images = dict(volumes or {})
         self.backend = backend
         self.tls = KeepTLS(self.identity, backend)
@@ -476,6 +482,8 @@ class Keep:
         self._run_scope = trio.CancelScope()  # a signal from now on stops this deployment
         try:
             config = preflight(message)
+            if self._check is not None:  # (in a thread: parsing a 128 MiB module takes a while)
+                await trio.to_thread.run_sync(self._check, message)
             integrity_failures: list[str] = []
             volumes = await trio.to_thread.run_sync(open_granted_volumes, message.volumes,
                                                     self._volume_images, integrity_failures)

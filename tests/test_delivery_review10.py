@@ -1,0 +1,90 @@
+"""Session 10's third review of attested delivery and configuration: each test reproduces a
+defect met with real `keep serve` / `keep deploy` processes on loopback (or the real parser),
+and fails on the code before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import wasmtime
+from test_attest_deploy import Keeper
+
+from shim.attest import Conversation, Deploy, Policy, Refused, open_verified_stream
+from shim.config import ConfigError, parse_config
+
+NIL_OK = Policy(allow_insecure_nil=True)
+
+EXIT_3 = bytes(wasmtime.wat2wasm("""
+(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 3))))"""))
+
+NOT_WASM = b"\0asm\x01\0\0\0\xff\xff"  # the right magic, then a malformed section
+
+
+@pytest.fixture
+def keeper(tmp_path: Path) -> Iterator[Keeper]:
+    """A `keep serve` process (test_attest_deploy's harness), stopped at the end (after a
+    yield, this runs whatever the test's outcome)."""
+    serving = Keeper(tmp_path / "keep")
+    yield serving
+    serving.stop()
+
+
+def _finish(serving: Keeper) -> tuple[int, str]:
+    """Exit status and the rest of its stderr once `keep serve` has ended."""
+    assert serving.process.stderr is not None
+    rest = serving.process.stderr.read()
+    return serving.process.wait(timeout=30), rest
+
+
+def _deploy_raw(port: int, deploy: Deploy) -> object:
+    """What a keep answers a deployment sent as it is (an owner that skips keep deploy's checks)."""
+
+    async def main() -> object:
+        stream, _ = await open_verified_stream("127.0.0.1", port, NIL_OK)
+        async with stream:
+            conversation = Conversation("owner")
+            await stream.send_all(conversation.send(deploy))
+            while (message := conversation.next_message()) is None:
+                conversation.receive_data(await stream.receive_some())
+            return message
+
+    return trio.run(main)
+
+
+def test_an_invalid_module_does_not_use_up_the_keep(keeper: Keeper, tmp_path: Path) -> None:
+    """A module that is not valid WebAssembly used to be `accepted`, fail to compile, and end
+    `keep serve` (a keep serves one deployment): the owner's keep was gone and the owner read
+    "main.wasm is not a valid module". Now keep deploy refuses it before connecting, naming the
+    file, and a keep refuses it before accepting, and waits for the next deployment."""
+    module = tmp_path / "garbage.wasm"
+    module.write_bytes(NOT_WASM)
+    owner = keeper.deploy("--allow-insecure-nil", str(module))
+    assert owner.returncode == 1
+    assert f"keep: {module} is not a valid WebAssembly module: " in owner.stderr
+    assert "attested" not in owner.stderr  # before connecting
+
+    answer = _deploy_raw(keeper.port, Deploy(workload=NOT_WASM))
+    assert isinstance(answer, Refused)
+    assert "the workload is not a valid WebAssembly module" in answer.reason
+    answer = _deploy_raw(keeper.port, Deploy(workload=EXIT_3, args=("a\0b",)))
+    assert isinstance(answer, Refused) and "NUL" in answer.reason
+    assert keeper.process.poll() is None
+
+    good = tmp_path / "good.wasm"
+    good.write_bytes(EXIT_3)
+    assert keeper.deploy("--allow-insecure-nil", str(good)).returncode == 3
+    assert _finish(keeper)[0] == 0
+
+
+@pytest.mark.parametrize("text", ['args = ["a\\u0000b"]\n', '[env]\nX = "p\\u0000q"\n'])
+def test_a_nul_in_keep_toml_args_or_env_is_a_config_error_naming_the_line(text: str) -> None:
+    """TOML allows "\\u0000"; the guest's C strings cannot hold it. It used to pass keep.toml's
+    checks on both sides and fail only when the guest started, after the keep had accepted."""
+    with pytest.raises(ConfigError, match=r"keep\.toml:\d: (args\[0\]|env\.X): contains a NUL"):
+        parse_config("# a keep.toml\n" + text)

@@ -181,7 +181,8 @@ async def _converse(stream: trio.SSLStream[trio.SocketStream], conversation: Con
                 if message.workload_sha256 != deploy.workload_sha256:
                     raise RemoteProtocolError("the keep accepted another workload than ours")
             case Output():
-                _write_output(stdout if message.stream == "stdout" else stderr, message.data)
+                _write_output(stdout if message.stream == "stdout" else stderr, message.data,
+                              message.stream)
             case Finished():
                 check_returned_volumes(deploy, message.volumes)
                 return DeployResult(claims, spki_sha256, message.exit_status, message.error,
@@ -191,14 +192,19 @@ async def _converse(stream: trio.SSLStream[trio.SocketStream], conversation: Con
         message = await _next_message(stream, conversation)
 
 
-def _write_output(sink: BinaryIO, data: bytes) -> None:
+def _write_output(sink: BinaryIO, data: bytes, name: str) -> None:
     """Write the guest's output to ours. If our reader has gone (`keep deploy ... | head`), the
     rest is dropped quietly, as `keep demo` does, and the deployment still runs to its end: its
-    exit status and volume states still count."""
+    exit status and volume states still count. Any other write error (a full disk, EIO) is
+    said once, and the rest is dropped the same way: it used to end keep deploy as an
+    "internal error" (exit 70), the deployment's exit status and volume states lost."""
     try:
         sink.write(data)
         sink.flush()
-    except BrokenPipeError:
+    except OSError as error:
+        if not isinstance(error, BrokenPipeError):
+            say(f"cannot write the guest's {name}: {error.strerror or error}; the rest of it is "
+                "dropped")
         try:
             descriptor = sink.fileno()
         except (OSError, ValueError):  # not a file (an in-memory sink): nothing left to drop

@@ -4,6 +4,8 @@ and fails on the code before its fix."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,19 @@ EXIT_3 = bytes(wasmtime.wat2wasm("""
   (memory (export "memory") 1)
   (func (export "_start") (call $exit (i32.const 3))))"""))
 
+HELLO_EXIT_3 = bytes(wasmtime.wat2wasm("""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "hello\\n")
+  (func (export "_start")
+    (i32.store (i32.const 16) (i32.const 0))
+    (i32.store (i32.const 20) (i32.const 6))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
+    (call $exit (i32.const 3))))"""))
+
 NOT_WASM = b"\0asm\x01\0\0\0\xff\xff"  # the right magic, then a malformed section
 
 
@@ -33,6 +48,11 @@ def keeper(tmp_path: Path) -> Iterator[Keeper]:
     serving = Keeper(tmp_path / "keep")
     yield serving
     serving.stop()
+
+
+def _deploy_command(serving: Keeper, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", "shim", "deploy", "--to", f"127.0.0.1:{serving.port}",
+            "--allow-insecure-nil", *arguments]
 
 
 def _finish(serving: Keeper) -> tuple[int, str]:
@@ -88,3 +108,19 @@ def test_a_nul_in_keep_toml_args_or_env_is_a_config_error_naming_the_line(text: 
     checks on both sides and fail only when the guest started, after the keep had accepted."""
     with pytest.raises(ConfigError, match=r"keep\.toml:\d: (args\[0\]|env\.X): contains a NUL"):
         parse_config("# a keep.toml\n" + text)
+
+
+def test_a_full_disk_under_keep_deploys_stdout_is_one_line_and_the_status_still_counts(
+        keeper: Keeper, tmp_path: Path) -> None:
+    """`keep deploy ... > /dev/full` (a full disk) ended keep deploy with "internal error:
+    OSError: [Errno 28]" (exit 70) at the guest's first line: the deployment's exit status and
+    volume states were lost. Now one line says so and the deployment runs to its end."""
+    module = tmp_path / "hello.wasm"
+    module.write_bytes(HELLO_EXIT_3)
+    with open("/dev/full", "wb") as full:
+        owner = subprocess.run(_deploy_command(keeper, str(module)), stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=60)
+    assert owner.returncode == 3, owner.stderr
+    assert owner.stderr.count("keep: cannot write the guest's stdout: No space left on device") == 1
+    assert "internal error" not in owner.stderr
+    assert _finish(keeper)[0] == 0

@@ -353,9 +353,35 @@ def _create(args: argparse.Namespace) -> int:
                                kdf_cost=cost, integrity=args.integrity, label=args.label)
         with volume:
             state = volume.commit()
-    print(f"created {args.image}: {size} bytes, uuid {state.uuid}, integrity {args.integrity}, "
+    _output(f"created {args.image}: {size} bytes, uuid {state.uuid}, integrity {args.integrity}, "
           f"generation {state.generation}")
     return 0
+
+
+def _output(line: str) -> None:
+    """Write `line` and a newline to stdout as the bytes it stands for: a path from the command
+    line that is not UTF-8 holds surrogates (os.fsdecode), which a strict stdout (Python's,
+    under a locale such as en_US.UTF-8) refused after the work was done: exit 70 for a success.
+    The user's own bytes go back out unchanged."""
+    stream = sys.stdout
+    try:
+        data = os.fsencode(line + "\n")
+    except UnicodeEncodeError:  # a character the locale's encoding lacks (not the user's bytes)
+        data = (line + "\n").encode(sys.getfilesystemencoding(), "backslashreplace")
+    binary = getattr(stream, "buffer", None)
+    if binary is None:  # a text-only stream (an embedding's): its own encoding, never a failure
+        stream.write(data.decode(stream.encoding or "utf-8", "backslashreplace"))
+        return
+    stream.flush()  # after what was printed before, as text
+    binary.write(data)
+
+
+def _shown_name(name: bytes) -> str:
+    """A volume name (or symlink target) as `ls` shows it: bytes that are not UTF-8 as \\xff
+    and characters a terminal would act on (newline, escape...) escaped: a guest makes any
+    name but "/" and NUL, which must neither forge a line of the listing nor drive the
+    operator's terminal."""
+    return _printable(name.decode("utf-8", "backslashreplace"))
 
 
 def _printable(text: str) -> str:
@@ -389,7 +415,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.header_only:
         with FileBlockDevice(args.image, writable=False) as device:
             facts = read_header_info(device)
-        print(_format_info(facts, args.json))
+        _output(_format_info(facts, args.json))
         return 0
     key = _key(args)
     try:
@@ -403,9 +429,9 @@ def _info(args: argparse.Namespace) -> int:
         if isinstance(error, StorageError) and type(error) is not StorageError:
             raise
         with FileBlockDevice(args.image, writable=False) as device:
-            print(_format_info({"luks2": open_luks2(device, key).dump()}, args.json))
+            _output(_format_info({"luks2": open_luks2(device, key).dump()}, args.json))
         raise
-    print(_format_info(facts, args.json))
+    _output(_format_info(facts, args.json))
     return 0
 
 
@@ -424,7 +450,7 @@ def _add_key(args: argparse.Namespace) -> int:
         with _Progress("deriving the new keyslot key"):
             slot = luks.add_keyslot(new_key, pbkdf=args.pbkdf, iter_time_ms=args.iter_time,
                                     cost=_kdf_cost(args))
-    print(f"added keyslot {slot}")
+    _output(f"added keyslot {slot}")
     return 0
 
 
@@ -443,7 +469,7 @@ def _remove_key(args: argparse.Namespace) -> int:
                 raise KeepError(f"keyslot {target} is the one this key opens: give the key of "
                                 "another keyslot to remove it", exit_status=2) from None
         luks.remove_keyslot(target)
-    print(f"removed keyslot {target}")
+    _output(f"removed keyslot {target}")
     return 0
 
 
@@ -457,7 +483,7 @@ def _passwd(args: argparse.Namespace) -> int:
         with _Progress("deriving the new keyslot key"):
             new_slot = luks.change_passphrase(old_slot, new_key, pbkdf=args.pbkdf,
                                               iter_time_ms=args.iter_time, cost=_kdf_cost(args))
-    print(f"changed the passphrase (keyslot {old_slot} replaced by keyslot {new_slot})")
+    _output(f"changed the passphrase (keyslot {old_slot} replaced by keyslot {new_slot})")
     return 0
 
 
@@ -478,16 +504,15 @@ def _ls(args: argparse.Namespace) -> int:
                        if name not in (b".", b"..")]
         else:
             entries = [(_split_path(args.path)[-1], attr)]
-        out = sys.stdout
         for name, entry in entries:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.mtime_ns / 1e9))
-            text = os.fsdecode(name)
+            text = _shown_name(name)
             if entry.is_symlink:
-                text += " -> " + os.fsdecode(fs.readlink(entry.ino))
+                text += " -> " + _shown_name(fs.readlink(entry.ino))
             elif entry.is_dir:
                 text += "/"
             mode = stat.filemode(entry.mode)
-            out.write(f"{mode} {entry.nlink:3d} {entry.size:12d} {when} {text}\n")
+            _output(f"{mode} {entry.nlink:3d} {entry.size:12d} {when} {text}")
     return 0
 
 
@@ -796,7 +821,7 @@ def _import(args: argparse.Namespace) -> int:
         with _Progress(f"importing {args.host_dir}", total=_walk_size(host_root)) as progress:
             count = _import_tree(fs, host_root, target, args.path, progress, _image_identity(volume))
         volume.commit()
-    print(f"imported {count} entries into {args.path}")
+    _output(f"imported {count} entries into {args.path}")
     return 0
 
 
@@ -869,7 +894,7 @@ def _export(args: argparse.Namespace) -> int:
                 count = _export_tree(fs, source, directory, args.host_dir, _image_identity(volume))
         finally:
             os.close(directory)
-    print(f"exported {count} entries to {args.host_dir}")
+    _output(f"exported {count} entries to {args.host_dir}")
     return 0
 
 
@@ -1022,10 +1047,10 @@ def _fsck(args: argparse.Namespace) -> int:
     with _opened(args, writable=False) as volume, _Progress(f"checking {args.image}"):
         problems = volume.fsck()
     for problem in problems:
-        print(problem)
+        _output(problem)
     if problems:
         raise KeepError(f"{args.image}: {len(problems)} problem(s) found")
-    print(f"{args.image}: clean")
+    _output(f"{args.image}: clean")
     return 0
 
 

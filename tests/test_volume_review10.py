@@ -1,0 +1,83 @@
+"""Session 10's third review of `keep volume` and the in-keep filesystem: each test reproduces a
+defect found then (it failed on the code before its fix).
+
+Most run `keep volume` as a real process (`python -m shim`), on real image files made with tiny
+KDF costs, to see what a user sees: the exit status, stdout's bytes and stderr's one line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import test_storage_review7 as review7
+
+from storage.fs import ROOT_INODE
+from storage.volume import open_volume
+
+PASSPHRASE = review7.PASSPHRASE
+KEY_OPTIONS = ["--passphrase-env", "KEEP_REVIEW10_KEY"]
+QUICK_KDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+
+
+def keep_volume(*args: str | bytes | os.PathLike[str], stdout_errors: str = "strict",
+                cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`keep volume ARGS` as its own process with the test key. Its stdout is strict UTF-8
+    (`stdout_errors`), as Python makes it under a locale such as en_US.UTF-8 (C.UTF-8 makes it
+    surrogateescape, which hides what users of those locales see)."""
+    environment = {**os.environ, "KEEP_REVIEW10_KEY": PASSPHRASE.decode(),
+                   "PYTHONIOENCODING": f"utf-8:{stdout_errors}"}
+    command = [os.fsencode(sys.executable), b"-m", b"shim", b"volume",
+               *(os.fsencode(argument) for argument in args), *map(os.fsencode, KEY_OPTIONS)]
+    return subprocess.run(command, capture_output=True, env=environment, cwd=cwd, timeout=120,
+                          check=False)
+
+
+def volume_names(image: Path, directory: bytes = b"") -> set[bytes]:
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        ino = volume.fs.lookup(ROOT_INODE, directory).ino if directory else ROOT_INODE
+        return {name for name, _, _ in volume.fs.readdir(ino)} - {b".", b".."}
+
+
+# -- names the locale cannot print ---------------------------------------------------------------
+
+
+def test_ls_of_names_that_are_not_utf8_or_hold_control_characters(tmp_path: Path) -> None:
+    """Any byte but "/" and NUL is a valid name (a guest makes them). Under a UTF-8 locale
+    `keep volume ls` crashed on a name that is not UTF-8 ('internal error: UnicodeEncodeError',
+    exit 70), and printed a name's newline and escape sequences raw: a name could forge a
+    line of the listing or drive the operator's terminal. Such bytes are now shown escaped."""
+    image = review7.make_image(tmp_path / "v.img", {b"bad\xffname": b"x", b"new\nline": b"y",
+                                            b"esc\x1b[2J": b"z", b"caf\xc3\xa9": b"w"})
+    result = keep_volume("ls", image, "/")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 4
+    assert [line.split(maxsplit=5)[-1] for line in lines] == [
+        "bad\\xffname", "new\\nline", "esc\\x1b[2J", "café"]
+    assert b"\x1b" not in result.stdout
+
+
+def test_messages_naming_host_paths_that_are_not_utf8_do_not_crash(tmp_path: Path) -> None:
+    """The closing line of `create`, `import` and `export` repeats the path the user gave;
+    for a path that is not UTF-8 the print failed after the work was done and committed: exit
+    70 'internal error: UnicodeEncodeError' for a success. The path is now written as the
+    bytes it was given."""
+    source = tmp_path / os.fsdecode(b"src\xff")
+    (source / "d").mkdir(parents=True)
+    (source / "d" / "f").write_bytes(b"hi\n")
+    image = tmp_path / os.fsdecode(b"v\xfe.img")
+    created = keep_volume("create", image, "--size", "24M", *QUICK_KDF)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith(b"created " + os.fsencode(image) + b": ")
+    imported = keep_volume("import", image, source, os.fsdecode(b"/in\xfd"))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout == b"imported 2 entries into /in\xfd\n"
+    destination = tmp_path / os.fsdecode(b"out\xfc")
+    exported = keep_volume("export", image, destination, os.fsdecode(b"/in\xfd"))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout == b"exported 2 entries to " + os.fsencode(destination) + b"\n"
+    assert (destination / "d" / "f").read_bytes() == b"hi\n"

@@ -4,6 +4,7 @@ and fails on the code before its fix."""
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -124,3 +125,22 @@ def test_a_full_disk_under_keep_deploys_stdout_is_one_line_and_the_status_still_
     assert owner.stderr.count("keep: cannot write the guest's stdout: No space left on device") == 1
     assert "internal error" not in owner.stderr
     assert _finish(keeper)[0] == 0
+
+
+def _limit_memory() -> None:
+    """In the child: reading /dev/zero whole fails fast (old code) instead of eating the host."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def test_a_policy_that_never_ends_is_one_clear_error(tmp_path: Path) -> None:
+    """`--policy /dev/zero` was read whole (keep.toml and key files are bounded, the policy was
+    not): memory filled until "internal error: MemoryError" (exit 70). Now it is refused as a
+    device, before connecting."""
+    module = tmp_path / "good.wasm"
+    module.write_bytes(EXIT_3)
+    owner = subprocess.run([sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1",
+                            "--policy", "/dev/zero", str(module)], capture_output=True, text=True,
+                           timeout=60, preexec_fn=_limit_memory)
+    assert owner.returncode == 1
+    assert owner.stderr == ("keep: policy /dev/zero: is a character device, not a regular file or "
+                            "a pipe (not a policy.toml?)\n")

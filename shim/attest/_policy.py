@@ -18,9 +18,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from net.files import InputFileError, read_input_file
 from shim.attest._backends import KNOWN_BACKENDS
 from shim.attest._errors import PolicyError
-from shim.config import MAX_DOTTED_KEY_PARTS, long_dotted_key_line
+from shim.config import MAX_CONFIG_BYTES, MAX_DOTTED_KEY_PARTS, long_dotted_key_line
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,18 @@ def parse_policy(text: str, *, source: str = "policy.toml", allow_insecure_nil: 
 
 
 def load_policy(path: Path, *, allow_insecure_nil: bool = False) -> Policy:
-    """Read and parse a policy.toml file."""
+    """Read and parse a policy.toml file: a regular file or a pipe (`--policy <(...)`) of at
+    most MAX_CONFIG_BYTES, as keep.toml. A device or an endless file used to be read whole:
+    `--policy /dev/zero` filled memory until a MemoryError ("internal error", exit 70)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolicyError(f"cannot read policy {path}: {error}") from None
+        data = read_input_file(path, MAX_CONFIG_BYTES, pipes=True)
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except OSError as error:
+        raise PolicyError(f"cannot read policy {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"policy {path}: not UTF-8 text") from None
+    except InputFileError as error:
+        raise PolicyError(f"policy {error} (not a policy.toml?)") from None
     return parse_policy(text, source=str(path), allow_insecure_nil=allow_insecure_nil)
 
 

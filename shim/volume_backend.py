@@ -122,6 +122,10 @@ class VolumeSession:
         # next flush creates it, in one transaction with its first bytes when the buffer holds
         # them (a new file written and closed: one transaction instead of two)
         self._pending_create: tuple[VolumeFile, int, bytes] | None = None
+        # the last loss of written bytes of each inode: (its sequence number, the error), which
+        # the fsync of every handle of that inode open before it reports once (`VolumeFile.sync`)
+        self.losses: dict[int, tuple[int, OSError]] = {}
+        self._loss_count = 0
         self._closed = False
 
     # -- plumbing --------------------------------------------------------------------------
@@ -144,16 +148,19 @@ class VolumeSession:
             self._create_pending()
         self._write_buffer()
 
-    @staticmethod
-    def _writing_out(step: Callable[[], None]) -> None:
+    def _writing_out(self, step: Callable[[], None]) -> None:
         """Run `step` until it completes; each _LostWrite it raises has already dropped what
-        failed (so the next try gets further) and is kept on its handle."""
+        failed (so the next try gets further) and is kept on its handle and its inode."""
         while True:
             try:
                 step()
                 return
             except _LostWrite as failure:
-                failure.handle.lost = failure.handle.lost_since_sync = failure.error
+                handle = failure.handle
+                handle.lost = handle.lost_since_sync = failure.error
+                if handle.ino:
+                    self._loss_count += 1
+                    self.losses[handle.ino] = (self._loss_count, failure.error)
 
     def _write_buffer(self) -> None:
         if not self._buffer:
@@ -311,10 +318,11 @@ class VolumeFile(_Handle):
     `lost_since_sync` keeps that error until this handle's next fsync reports it too: whichever
     call learnt it first (a write, an fstat), the bytes the guest was told went in are gone, and
     a program that handled that call's ENOSPC (made room, retried) must not be told by its fsync
-    that everything is stored (a kernel's errseq reports a write-back error to the next fsync
-    of every open file description)."""
+    that everything is stored. Likewise the fsync of any other handle of the file open at the
+    time reports it once (`VolumeSession.losses`, `_loss_seen`): a kernel's errseq reports a
+    write-back error to the next fsync of every open file description of the file."""
 
-    __slots__ = ("_closed", "_read", "_write", "lost", "lost_since_sync")
+    __slots__ = ("_closed", "_loss_seen", "_read", "_write", "lost", "lost_since_sync")
 
     def __init__(self, session: VolumeSession, ino: int, *, read: bool, write: bool) -> None:
         super().__init__(session, ino)
@@ -323,6 +331,7 @@ class VolumeFile(_Handle):
         self._closed = False
         self.lost: OSError | None = None
         self.lost_since_sync: OSError | None = None
+        self._loss_seen = session.losses[ino][0] if ino in session.losses else 0
 
     def report_lost(self) -> None:
         lost, self.lost = self.lost, None
@@ -330,10 +339,15 @@ class VolumeFile(_Handle):
             raise lost
 
     def report_lost_since_sync(self) -> None:
-        """Raise what a flush lost of this handle's writes since its last fsync, even if another
-        call of this handle reported it already (fsync only; once)."""
+        """Raise what a flush lost of this handle's writes, or of the file's through any handle,
+        since this handle's last fsync, even if another call reported it already (fsync only;
+        once per handle)."""
         self.lost = None
         lost, self.lost_since_sync = self.lost_since_sync, None
+        number, error = self.session.losses.get(self.ino, (0, None))
+        if number > self._loss_seen:
+            self._loss_seen = number
+            lost = lost or error
         if lost is not None:
             raise lost
 

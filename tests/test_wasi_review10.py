@@ -44,3 +44,15 @@ def test_a_write_lost_on_a_full_volume_is_still_reported_by_fsync_after_a_retry(
         b"== enospc_retry\nfilled: ENOSPC\na write: ENOSPC; making room and retrying\nunlink big: 0\n"
         b"g: fsync: -1 ENOSPC\n"
         b"g: close: 0\ng: type=file size=2621440 nlink=1\n")
+
+
+def test_bytes_lost_on_a_full_volume_are_reported_by_the_fsync_of_another_fd_of_the_file(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """Bytes written through one fd and lost when the volume was full were reported only by that
+    fd: fsync through a second fd of the same file returned 0, so a program that makes a file
+    durable through another descriptor (or reopens it to fsync) was told lost bytes were stored.
+    A kernel reports a write-back error to the next fsync of every open file description."""
+    assert run_section("fsync_other_fd", EncryptedVolume, wasm_fixture, tmp_path, keep_environment) == lines(
+        b"== fsync_other_fd\nfilled: ENOSPC\nwriter: write 400000: 400000\nother: fsync: -1 ENOSPC\n"
+        b"other: fsync again: 0\nwriter: fsync: -1 ENOSPC\nwriter: close: 0\nother: close: 0\n"
+        b"f: type=file size=0 nlink=1\nunlink big: 0\n")

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from shim.errors import KeepError, UsageError
+from shim.errors import KeepError, UsageError, point_at_devnull
 from shim.keys import KeySource, read_key
 from shim.volume_state import sync_directory
 from storage._luks2_header import (
@@ -87,7 +87,26 @@ _LARGEST_FILE = (1 << 63) - 1
 
 
 def volume_command(args: argparse.Namespace) -> int:
-    """Run one `keep volume` action; storage errors become KeepError here and only here."""
+    """Run one `keep volume` action; storage errors become KeepError here and only here.
+
+    Stdout is flushed here, not at exit: a failure there (a full disk, a closed pipe) was
+    Python's "Exception ignored" and exit status 120. After any failure what stdout still
+    buffers is dropped (its descriptor pointed at /dev/null), so that exit adds no noise."""
+    try:
+        status = _translated(args)
+        with _host_errors("stdout"):
+            sys.stdout.flush()
+        return status
+    except BaseException:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            point_at_devnull(1)
+        raise
+
+
+def _translated(args: argparse.Namespace) -> int:
+    """The action, with storage errors translated into one-line KeepErrors."""
     action: Callable[[argparse.Namespace], int] = _ACTIONS[args.volume_action]
     try:
         return action(args)
@@ -362,7 +381,7 @@ def _output(line: str) -> None:
     """Write `line` and a newline to stdout as the bytes it stands for: a path from the command
     line that is not UTF-8 holds surrogates (os.fsdecode), which a strict stdout (Python's,
     under a locale such as en_US.UTF-8) refused after the work was done: exit 70 for a success.
-    The user's own bytes go back out unchanged."""
+    The user's own bytes go back out unchanged. A failed write names stdout."""
     stream = sys.stdout
     try:
         data = os.fsencode(line + "\n")
@@ -370,10 +389,12 @@ def _output(line: str) -> None:
         data = (line + "\n").encode(sys.getfilesystemencoding(), "backslashreplace")
     binary = getattr(stream, "buffer", None)
     if binary is None:  # a text-only stream (an embedding's): its own encoding, never a failure
-        stream.write(data.decode(stream.encoding or "utf-8", "backslashreplace"))
+        with _host_errors("stdout"):
+            stream.write(data.decode(stream.encoding or "utf-8", "backslashreplace"))
         return
-    stream.flush()  # after what was printed before, as text
-    binary.write(data)
+    with _host_errors("stdout"):  # a full disk or a closed pipe is stdout's, not the image's
+        stream.flush()  # after what was printed before, as text
+        binary.write(data)
 
 
 def _shown_name(name: bytes) -> str:

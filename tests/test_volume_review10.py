@@ -81,3 +81,21 @@ def test_messages_naming_host_paths_that_are_not_utf8_do_not_crash(tmp_path: Pat
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout == b"exported 2 entries to " + os.fsencode(destination) + b"\n"
     assert (destination / "d" / "f").read_bytes() == b"hi\n"
+
+
+def test_a_stdout_that_cannot_be_written_is_named_and_fails_cleanly(tmp_path: Path) -> None:
+    """`keep volume ls IMG / > /dev/full` said 'IMG: no space left on device' (the image is
+    fine: stdout is full), and a short output (fsck's one line, info...) failed only in
+    Python's flush at exit: exit status 120 and 'Exception ignored in: <_io.TextIOWrapper
+    name='<stdout>'...' on stderr. Both now fail in one line naming stdout, exit status 1."""
+    image = review7.make_image(tmp_path / "v.img", {b"f%d" % n: b"" for n in range(800)})
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "PYTHONUNBUFFERED"}  # stdout buffered, as a user's is
+    for action in (["ls", image, "/"], ["fsck", image], ["info", image]):
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "shim", "volume", *map(os.fspath, action), *KEY_OPTIONS],
+                stdout=full, stderr=subprocess.PIPE, timeout=120, check=False,
+                env={**environment, "KEEP_REVIEW10_KEY": PASSPHRASE.decode()})
+        assert (result.returncode, result.stderr) == (
+            1, b"keep: stdout: no space left on device\n"), action

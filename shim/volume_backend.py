@@ -54,6 +54,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
 from storage.errors import FilesystemError, IntegrityError, NoSpace
@@ -101,6 +102,17 @@ class _LostWrite(Exception):
         self.error = error
 
 
+@dataclass(slots=True)
+class _Loss:
+    """Bytes of an inode lost by a flush: the session's count of losses then, the error, and
+    whether an fsync has reported it yet (until then a new handle reports it too, as the
+    kernel's errseq_sample gives a new open an error nobody has seen)."""
+
+    number: int
+    error: OSError
+    seen: bool = False
+
+
 class VolumeSession:
     """One open volume shared by the handles of a run: lock, write-back buffer, commits."""
 
@@ -122,9 +134,9 @@ class VolumeSession:
         # next flush creates it, in one transaction with its first bytes when the buffer holds
         # them (a new file written and closed: one transaction instead of two)
         self._pending_create: tuple[VolumeFile, int, bytes] | None = None
-        # the last loss of written bytes of each inode: (its sequence number, the error), which
-        # the fsync of every handle of that inode open before it reports once (`VolumeFile.sync`)
-        self.losses: dict[int, tuple[int, OSError]] = {}
+        # the last loss of written bytes of each inode, which the fsync of every handle of that
+        # inode open before it (or opened before any fsync reported it) reports once
+        self.losses: dict[int, _Loss] = {}
         self._loss_count = 0
         self._closed = False
 
@@ -160,7 +172,7 @@ class VolumeSession:
                 handle.lost = handle.lost_since_sync = failure.error
                 if handle.ino:
                     self._loss_count += 1
-                    self.losses[handle.ino] = (self._loss_count, failure.error)
+                    self.losses[handle.ino] = _Loss(self._loss_count, failure.error)
 
     def _write_buffer(self) -> None:
         if not self._buffer:
@@ -331,7 +343,8 @@ class VolumeFile(_Handle):
         self._closed = False
         self.lost: OSError | None = None
         self.lost_since_sync: OSError | None = None
-        self._loss_seen = session.losses[ino][0] if ino in session.losses else 0
+        loss = session.losses.get(ino)
+        self._loss_seen = 0 if loss is None else loss.number if loss.seen else loss.number - 1
 
     def report_lost(self) -> None:
         lost, self.lost = self.lost, None
@@ -344,10 +357,11 @@ class VolumeFile(_Handle):
         once per handle)."""
         self.lost = None
         lost, self.lost_since_sync = self.lost_since_sync, None
-        number, error = self.session.losses.get(self.ino, (0, None))
-        if number > self._loss_seen:
-            self._loss_seen = number
-            lost = lost or error
+        loss = self.session.losses.get(self.ino)
+        if loss is not None and loss.number > self._loss_seen:
+            self._loss_seen = loss.number
+            loss.seen = True
+            lost = lost or loss.error
         if lost is not None:
             raise lost
 

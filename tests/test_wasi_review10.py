@@ -51,8 +51,10 @@ def test_bytes_lost_on_a_full_volume_are_reported_by_the_fsync_of_another_fd_of_
     """Bytes written through one fd and lost when the volume was full were reported only by that
     fd: fsync through a second fd of the same file returned 0, so a program that makes a file
     durable through another descriptor (or reopens it to fsync) was told lost bytes were stored.
-    A kernel reports a write-back error to the next fsync of every open file description."""
+    A kernel reports a write-back error to the next fsync of every open file description, and to
+    one opened later while no fsync has reported it."""
     assert run_section("fsync_other_fd", EncryptedVolume, wasm_fixture, tmp_path, keep_environment) == lines(
-        b"== fsync_other_fd\nfilled: ENOSPC\nwriter: write 400000: 400000\nother: fsync: -1 ENOSPC\n"
-        b"other: fsync again: 0\nwriter: fsync: -1 ENOSPC\nwriter: close: 0\nother: close: 0\n"
-        b"f: type=file size=0 nlink=1\nunlink big: 0\n")
+        b"== fsync_other_fd\nfilled: ENOSPC\nwriter: write 400000: 400000\nreopened: fsync: -1 ENOSPC\n"
+        b"other: fsync: -1 ENOSPC\nother: fsync again: 0\nwriter: fsync: -1 ENOSPC\nwriter: close: 0\n"
+        b"other: close: 0\nreopened: fsync again: 0\nlater: fsync: 0\nf: type=file size=0 nlink=1\n"
+        b"unlink big: 0\n")

@@ -496,10 +496,12 @@ class Keep:
             await stream.send_all(conversation.send(_refusal(
                 f"keep internal error while checking the deployment: {type(error).__name__}: {error}")))
             return
+        owner_gone = trio.Event()
         try:  # from here on this keep has run its one deployment, however the owner behaves
             try:
                 await stream.send_all(conversation.send(Accepted(message.workload_sha256)))
-                outcome = await self._run(stream, conversation, message, config, volumes)
+                outcome = await self._run(stream, conversation, message, config, volumes,
+                                          owner_gone)
             finally:
                 try:
                     states = await trio.to_thread.run_sync(close_volumes, volumes)
@@ -509,22 +511,33 @@ class Keep:
                 outcome = RunOutcome(outcome.exit_status, "; ".join(
                     [*([outcome.error] if outcome.error else []), *integrity_failures]))
             run_error = None if outcome.error is None else _shortened(outcome.error)
-            await stream.send_all(conversation.send(Finished(outcome.exit_status, run_error,
-                                                             states)))
-            await stream.aclose()
+            try:
+                if owner_gone.is_set():
+                    raise trio.BrokenResourceError("the owner's connection ended")
+                await stream.send_all(conversation.send(Finished(outcome.exit_status, run_error,
+                                                                 states)))
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # Serving ends either way; the operator learns why the owner got no outcome
+                # (which stays the owner's: it is not said here).
+                say("the owner's connection broke before the deployment ended: its outcome "
+                    "could not be delivered (the workload ran to its end"
+                    + (", its volumes were committed)" if states else ")"))
         finally:
             self.finished.set()
 
     async def _run(self, stream: trio.SSLStream[trio.SocketStream], conversation: Conversation,
                    deploy: Deploy, config: KeepConfig,
-                   volumes: Mapping[str, VolumeSession]) -> RunOutcome:
+                   volumes: Mapping[str, VolumeSession], owner_gone: trio.Event) -> RunOutcome:
         send, receive = trio.open_memory_channel[tuple[StreamName, bytes]](16)
+        watching = trio.CancelScope()
         kinds = [entry.kind if isinstance(entry, StdioFile) else "null" for entry in config.stdio]
         stdout = GuestOutput("stdout", send, discard=kinds[1] == "null")
         stderr = GuestOutput("stderr", send, discard=kinds[2] == "null")
         outcome = RunOutcome(exit_status=1, error="the workload did not run")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_forward_output, stream, conversation, receive)
+            nursery.start_soon(_watch_owner, stream, watching, owner_gone)
             async with send:
                 assert self._run_scope is not None
                 try:
@@ -537,6 +550,7 @@ class Keep:
                                          f"{type(error).__name__}: {error}")
                 finally:
                     self._guest_stopped.set()
+                    watching.cancel()
         if self._run_scope.cancelled_caught and self.signal_number is not None:
             outcome = RunOutcome.signalled(self.signal_number)
         if outcome.signal_number is not None:
@@ -573,6 +587,20 @@ async def _forward_output(stream: trio.SSLStream[trio.SocketStream], conversatio
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             async for _ in receive:
                 pass
+
+
+async def _watch_owner(stream: trio.SSLStream[trio.SocketStream], scope: trio.CancelScope,
+                       gone: trio.Event) -> None:
+    """Note when the owner goes away while its deployment runs (until `scope` is cancelled, as
+    the run ends). The owner sends nothing after `deploy`, so whatever this receive returns -
+    end of stream, a broken connection, bytes the protocol does not allow - means no outcome
+    will reach it; and a peer that died quietly may not even break the keep's last send, so
+    this is how the keep knows. (Cancelling a receive after the handshake leaves the stream
+    usable for the sends that follow.)"""
+    with scope:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some()
+        gone.set()
 
 
 def _volume_images(specs: Sequence[str]) -> dict[str, Path]:

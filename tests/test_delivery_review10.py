@@ -39,6 +39,23 @@ HELLO_EXIT_3 = bytes(wasmtime.wat2wasm("""
     (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
     (call $exit (i32.const 3))))"""))
 
+READY_SLEEP_EXIT_5 = bytes(wasmtime.wat2wasm("""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "ready\\n")
+  (func (export "_start")
+    (i32.store (i32.const 16) (i32.const 0))
+    (i32.store (i32.const 20) (i32.const 6))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
+    ;; one clock subscription at 64 (monotonic, relative, 2 s), its event at 128
+    (i32.store (i32.const 80) (i32.const 1))
+    (i64.store (i32.const 88) (i64.const 2000000000))
+    (drop (call $poll (i32.const 64) (i32.const 128) (i32.const 1) (i32.const 24)))
+    (call $exit (i32.const 5))))"""))
+
 NOT_WASM = b"\0asm\x01\0\0\0\xff\xff"  # the right magic, then a malformed section
 
 
@@ -144,3 +161,26 @@ def test_a_policy_that_never_ends_is_one_clear_error(tmp_path: Path) -> None:
     assert owner.returncode == 1
     assert owner.stderr == ("keep: policy /dev/zero: is a character device, not a regular file or "
                             "a pipe (not a policy.toml?)\n")
+
+
+def test_keep_serve_says_why_the_owner_got_no_outcome(keeper: Keeper, tmp_path: Path) -> None:
+    """An owner whose `keep deploy` died mid-run: the workload ran to its end and keep serve
+    exited 0 without a word, so its operator could not tell a delivered deployment from a lost
+    one. Now one line says the outcome could not be delivered (and not what it was: that is
+    the owner's)."""
+    module = tmp_path / "ready.wasm"
+    module.write_bytes(READY_SLEEP_EXIT_5)
+    owner = subprocess.Popen(_deploy_command(keeper, str(module)), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert owner.stdout is not None
+        assert owner.stdout.readline() == b"ready\n"
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
+        assert owner.stdout is not None
+        owner.stdout.close()
+    status, said = _finish(keeper)
+    assert status == 0
+    assert said == ("keep: the owner's connection broke before the deployment ended: its outcome "
+                    "could not be delivered (the workload ran to its end)\n")

@@ -394,7 +394,9 @@ class _Validator:
                            export_certificate=paths.get("export_certificate"))
 
     def name(self, value: object, key: KeyPath) -> str:
-        name = self.string(value, key)
+        """An fd's name: it goes into FD_NAMES (joined with ':'), so it holds no ':' and,
+        as every environment value, no NUL."""
+        name = self.guest_text(value, key)
         if not name or ":" in name:
             self.fail(key, f"a name must be non-empty and contain no ':' (got {name!r})")
         return name

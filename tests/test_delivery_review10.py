@@ -184,3 +184,12 @@ def test_keep_serve_says_why_the_owner_got_no_outcome(keeper: Keeper, tmp_path: 
     assert status == 0
     assert said == ("keep: the owner's connection broke before the deployment ended: its outcome "
                     "could not be delivered (the workload ran to its end)\n")
+
+
+def test_a_nul_in_an_fd_name_is_a_config_error_naming_the_line() -> None:
+    """An fd's name goes into FD_NAMES, an environment value: a NUL in it passed keep.toml's
+    checks and failed as the guest started ("arguments and environment must not contain NUL
+    bytes", no line or key; a deployed keep had accepted and was used up)."""
+    text = '[[files]]\nkind = "stdin"\n[[files]]\nkind = "listen"\nname = "a\\u0000b"\nport = 1\n'
+    with pytest.raises(ConfigError, match=r"keep\.toml:5: files\[1\]\.name: contains a NUL"):
+        parse_config(text)

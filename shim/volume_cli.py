@@ -237,8 +237,15 @@ class _VolumePathError(FilesystemError):
         self.volume_path = volume_path
 
 
+def _names_a_directory(path: str) -> bool:
+    """Whether `path` ends in "/" or "/." past the root: as on Linux, such a path names a
+    directory or nothing ("put f /docs/" must not make a file called "docs")."""
+    return bool(_split_path(path)) and path.endswith(("/", "/."))
+
+
 def _resolve(fs: Filesystem, path: str) -> Attr:
-    """Walk `path` from the root (no symlinks followed: the CLI names entries literally)."""
+    """Walk `path` from the root (no symlinks followed: the CLI names entries literally);
+    ENOTDIR for a non-directory named with a trailing "/"."""
     attr = fs.getattr(ROOT_INODE)
     for name in _split_path(path):
         if name == b"..":
@@ -247,6 +254,8 @@ def _resolve(fs: Filesystem, path: str) -> Attr:
             attr = fs.lookup(attr.ino, name)
         except FilesystemError as error:
             raise _VolumePathError(error.errno or errno.EIO, path) from None
+    if not attr.is_dir and _names_a_directory(path):
+        raise _VolumePathError(errno.ENOTDIR, path)
     return attr
 
 
@@ -645,6 +654,10 @@ def _put(args: argparse.Namespace) -> int:
                                   "not copied into it")
             fs = volume.fs
             parent, name = _parent_and_name(fs, args.path)
+            if _names_a_directory(args.path):  # "/docs/": a directory or nothing, never a file
+                existing = fs.find(parent.ino, name)
+                raise _VolumePathError(errno.EISDIR if existing is not None and existing.is_dir
+                                       else errno.ENOTDIR, args.path)
             with _Progress(f"writing {args.path}"):
                 _write_file(fs, parent, name, source, mode, args.path)
             volume.commit()

@@ -99,3 +99,35 @@ def test_a_stdout_that_cannot_be_written_is_named_and_fails_cleanly(tmp_path: Pa
                 env={**environment, "KEEP_REVIEW10_KEY": PASSPHRASE.decode()})
         assert (result.returncode, result.stderr) == (
             1, b"keep: stdout: no space left on device\n"), action
+
+
+# -- paths ---------------------------------------------------------------------------------------
+
+
+def test_a_path_with_a_trailing_slash_names_a_directory_or_nothing(tmp_path: Path) -> None:
+    """`keep volume put IMG report.pdf /docs/` with no directory /docs made a regular FILE
+    called "docs" (exit 0), where cp says "Not a directory"; `cat`, `get` and `rm` of "/f/"
+    took the file f, where Linux says ENOTDIR. A path ending in "/" (or "/.") now names a
+    directory: put refuses it, the others refuse a non-directory, and nothing is written."""
+    image = review7.make_image(tmp_path / "v.img", {b"f": b"data\n"})
+    host = tmp_path / "report.pdf"
+    host.write_bytes(b"%PDF\n")
+    put = keep_volume("put", image, host, "/docs/")
+    assert (put.returncode, put.stderr) == (1, b"keep: /docs/: Not a directory\n")
+    put_onto_a_file = keep_volume("put", image, host, "/f/.")
+    assert (put_onto_a_file.returncode, put_onto_a_file.stderr) == (
+        1, b"keep: /f/.: Not a directory\n")
+    for action in (["cat", image, "/f/"], ["get", image, "/f/", tmp_path / "out"],
+                   ["rm", image, "/f/"], ["ls", image, "/f/"]):
+        result = keep_volume(*action)
+        assert (result.returncode, result.stderr) == (1, b"keep: /f/: Not a directory\n"), action
+    assert volume_names(image) == {b"f"}
+    assert not (tmp_path / "out").exists()
+    # a directory named with the slash is still a directory
+    assert keep_volume("mkdir", image, "/docs/").returncode == 0
+    into_directory = keep_volume("put", image, host, "/docs/")
+    assert (into_directory.returncode, into_directory.stderr) == (
+        1, b"keep: /docs/: Is a directory\n")
+    assert keep_volume("ls", image, "/docs/").returncode == 0
+    assert keep_volume("rm", image, "-r", "/docs/").returncode == 0
+    assert volume_names(image) == {b"f"}

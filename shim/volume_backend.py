@@ -152,7 +152,7 @@ class VolumeSession:
         """Create the pending file, then write the buffered bytes to storage (the lock is held
         by the caller). A failure that loses a handle's bytes or new file is kept on that
         handle (`VolumeFile.lost`, reported by its next call) and the flush goes on, so that
-        nothing stays pending; an IntegrityError is raised."""
+        nothing stays pending; an IntegrityError is kept on the handle too, and raised."""
         self._writing_out(self._flush_steps)
 
     def _flush_steps(self) -> None:
@@ -168,11 +168,15 @@ class VolumeSession:
                 step()
                 return
             except _LostWrite as failure:
-                handle = failure.handle
-                handle.lost = handle.lost_since_sync = failure.error
-                if handle.ino:
-                    self._loss_count += 1
-                    self.losses[handle.ino] = _Loss(self._loss_count, failure.error)
+                self._lose(failure.handle, failure.error)
+
+    def _lose(self, handle: VolumeFile, error: OSError) -> None:
+        """Keep `error` on `handle`, whose buffered bytes or new file a flush lost, and on its
+        inode: its next call and the next fsync of each handle of the file report it."""
+        handle.lost = handle.lost_since_sync = error
+        if handle.ino:
+            self._loss_count += 1
+            self.losses[handle.ino] = _Loss(self._loss_count, error)
 
     def _write_buffer(self) -> None:
         if not self._buffer:
@@ -189,7 +193,8 @@ class VolumeSession:
         try:
             if self.fs.write(handle.ino, offset, data) < len(data):
                 raise NoSpace()  # the guest was told all of it went in: a short write is an error
-        except IntegrityError:
+        except IntegrityError as error:
+            self._lose(handle, error)  # the caller's call fails with it, and the writer learns too
             raise
         except OSError as error:
             raise _LostWrite(handle, error) from None
@@ -212,7 +217,9 @@ class VolumeSession:
         except BaseException as error:
             if self._buffer_handle is handle:
                 self._buffer, self._buffer_handle = bytearray(), None
-            if isinstance(error, OSError) and not isinstance(error, IntegrityError):
+            if isinstance(error, IntegrityError):
+                self._lose(handle, error)  # raised to the caller; the new file's handle learns too
+            elif isinstance(error, OSError):
                 raise _LostWrite(handle, error) from None
             raise
 

@@ -8,11 +8,17 @@ that added it).
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+import pytest
 from fixture_build import WasmFixture
 from guest_dirs import EncryptedVolume, GuestDirectoryFactory, TreeSpec, materialize
 from test_differential import KEEP_RUN_COMMAND, Case, lines, run_guest
+from wasi_harness import volume_root
+
+from shim.volume_backend import VolumeDirectory
+from storage.errors import IntegrityError
 
 FIXTURE = "review10_calls"
 
@@ -58,3 +64,41 @@ def test_bytes_lost_on_a_full_volume_are_reported_by_the_fsync_of_another_fd_of_
         b"other: fsync: -1 ENOSPC\nother: fsync again: 0\nwriter: fsync: -1 ENOSPC\nwriter: close: 0\n"
         b"other: close: 0\nreopened: fsync again: 0\nlater: fsync: 0\nf: type=file size=0 nlink=1\n"
         b"unlink big: 0\n")
+
+
+def test_bytes_lost_to_an_integrity_failure_in_another_call_are_reported_by_their_own_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing a file's buffered bytes (or creating a new file with them) out failed with an
+    integrity error (the host changed a sector) during another call: that call said EIO, but the
+    bytes were dropped without a word to their own file, whose fsync and close returned 0 and
+    whose reads showed the old contents. Now the file's next call and its fsync say EIO."""
+    root = volume_root(tmp_path)
+    assert isinstance(root, VolumeDirectory)
+    root.mkdir("elsewhere")
+    old = root.open_file("old", create=True, exclusive=True, truncate=False, read=True, write=True)
+    old.pwrite(b"a" * 100, 0)
+    old.sync()
+    assert old.pwrite(b"b" * 10, 5) == 10  # buffered: the guest is told it went in
+
+    def tampered(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("a sector changed by the host")
+
+    def flush_fails(method: str) -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(root.session.fs, method, tampered)
+            with pytest.raises(OSError) as failure:
+                root.stat_at("elsewhere")
+            assert failure.value.errno == errno.EIO
+
+    flush_fails("write")
+    new = root.open_file("new", create=True, exclusive=True, truncate=False, read=True, write=True)
+    assert new.pwrite(b"c" * 10, 0) == 10  # the file is created with these bytes at the next flush
+    flush_fails("create")
+    assert root.stat_at("elsewhere").size >= 0
+    for handle in (old, new):
+        with pytest.raises(OSError) as failure:
+            handle.sync()
+        assert failure.value.errno == errno.EIO
+        handle.close()
+    assert root.session.integrity_failures == 2
+    root.session.close()

@@ -198,6 +198,9 @@ def preflight(deploy: Deploy) -> KeepConfig:
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
     if (duplicate := duplicate_grant(deploy.volumes)) is not None:
         raise KeepError(duplicate)
+    # FD_NAMES names every fd, the granted volumes' guest paths too: a ':' in one is refused
+    # here, not when the guest starts (the keep would have accepted, and been used up).
+    config.guest_env([grant.guest_path for grant in deploy.volumes])
     if config.tls.certificate is not None or config.tls.export_certificate is not None:
         raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
                         "TLS sockets use its attested key")

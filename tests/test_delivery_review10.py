@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 import wasmtime
-from test_attest_deploy import Keeper
+from test_attest_deploy import Keeper, _owner_key_and_keep_image
 
-from shim.attest import Conversation, Deploy, Policy, Refused, open_verified_stream
+from shim.attest import Conversation, Deploy, Policy, Refused, VolumeGrant, open_verified_stream
 from shim.config import ConfigError, parse_config
 
 NIL_OK = Policy(allow_insecure_nil=True)
@@ -193,3 +193,27 @@ def test_a_nul_in_an_fd_name_is_a_config_error_naming_the_line() -> None:
     text = '[[files]]\nkind = "stdin"\n[[files]]\nkind = "listen"\nname = "a\\u0000b"\nport = 1\n'
     with pytest.raises(ConfigError, match=r"keep\.toml:5: files\[1\]\.name: contains a NUL"):
         parse_config(text)
+
+
+def test_a_volume_guest_path_with_a_colon_is_refused_before_the_keep_accepts(tmp_path: Path) -> None:
+    """A granted volume's guest path names its fd in FD_NAMES, whose separator is ':'. Granted
+    at '/a:b', it passed every check, the keep accepted, and the guest's start failed ("fd name
+    '/a:b' contains ':'"): the keep was used up. Now keep deploy refuses it before connecting,
+    and a keep before accepting, waiting for the next deployment."""
+    key_file, image = _owner_key_and_keep_image(tmp_path / "keep", tmp_path / "owner")
+    serving = Keeper(tmp_path / "keep", "--volume", f"data={image}")
+    try:
+        module = tmp_path / "good.wasm"
+        module.write_bytes(EXIT_3)
+        owner = serving.deploy("--allow-insecure-nil", "--volume-key", f"data::/a:b={key_file}",
+                               str(module))
+        assert owner.returncode == 2
+        assert "fd name '/a:b' contains ':'" in owner.stderr and "attested" not in owner.stderr
+        grant = VolumeGrant("data", key_file=key_file.read_bytes(), guest_path="/a:b")
+        answer = _deploy_raw(serving.port, Deploy(workload=EXIT_3, volumes=(grant,)))
+        assert isinstance(answer, Refused) and "contains ':'" in answer.reason
+        assert serving.deploy("--allow-insecure-nil", "--volume-key", f"data::/ab={key_file}",
+                              str(module)).returncode == 3
+        assert _finish(serving)[0] == 0
+    finally:
+        serving.stop()

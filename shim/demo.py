@@ -170,8 +170,13 @@ def build_guest(cache_dir: Path | None = None,
         return cached.read_bytes(), cached, True
     if before_compiling is not None:
         before_compiling()
-    with tempfile.TemporaryDirectory(prefix="keep-demo-build-") as scratch:
-        source_path = Path(scratch) / "guestbook.c"
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix="keep-demo-build-")
+    except OSError as error:  # no usable temporary directory (TMPDIR, /tmp, ... all read-only)
+        raise DemoError(f"cannot make a directory to compile the guest in: {error.strerror} "
+                        "(set TMPDIR to a writable directory)") from None
+    with scratch:
+        source_path = Path(scratch.name) / "guestbook.c"
         source_path.write_bytes(source)
         try:
             compile_c_to_wasm(source_path, cached)
@@ -368,7 +373,11 @@ def demo_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--workdir {chosen} already holds {IMAGE_NAME} (from an earlier demo): "
                              "give an empty directory")
     else:
-        workdir = Path(tempfile.mkdtemp(prefix="keep-demo-"))
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix="keep-demo-"))
+        except OSError as error:  # TMPDIR, /tmp, /var/tmp, /usr/tmp and the cwd all unusable
+            raise DemoError(f"cannot make a temporary work directory: {error.strerror} (set "
+                            "TMPDIR to a writable directory, or give --workdir DIR)") from None
     remove = chosen is None and not args.keep_files
     try:
         run_demo(workdir.resolve())

@@ -4,9 +4,11 @@ and fails on the code before its fix."""
 
 from __future__ import annotations
 
+import argparse
 import resource
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from test_attest_deploy import Keeper, _owner_key_and_keep_image
 
 from shim.attest import Conversation, Deploy, Policy, Refused, VolumeGrant, open_verified_stream
 from shim.config import ConfigError, parse_config
+from shim.demo import DemoError, build_guest, demo_command
 
 NIL_OK = Policy(allow_insecure_nil=True)
 
@@ -217,3 +220,17 @@ def test_a_volume_guest_path_with_a_colon_is_refused_before_the_keep_accepts(tmp
         assert _finish(serving)[0] == 0
     finally:
         serving.stop()
+
+
+def test_keep_demo_without_a_usable_temporary_directory_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TMPDIR, /tmp, /var/tmp, /usr/tmp and the cwd all unwritable (seen with read-only
+    tmpfs mounts in a mount namespace, and the cwd /proc), `keep demo` ended with "internal
+    error: FileNotFoundError: No usable temporary directory found" (exit 70); so did compiling
+    its guest. Here tempfile's directory is pinned to one that does not exist, the same error."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(DemoError, match=r"^cannot make a temporary work directory: .* give "
+                                        r"--workdir DIR\)$"):
+        demo_command(argparse.Namespace(workdir=None, keep_files=False))
+    with pytest.raises(DemoError, match=r"^cannot make a directory to compile the guest in: "):
+        build_guest(cache_dir=tmp_path / "empty cache")

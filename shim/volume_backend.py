@@ -223,6 +223,17 @@ class VolumeSession:
                 raise _LostWrite(handle, error) from None
             raise
 
+    def pending_file(self, handle: VolumeFile) -> bool:
+        """Whether `handle`'s new file is yet to be created (at the next flush)."""
+        return self._pending_create is not None and self._pending_create[0] is handle
+
+    def buffered_end(self, ino: int) -> int:
+        """Where the buffered bytes of inode `ino` end (0 when none are buffered)."""
+        handle = self._buffer_handle
+        if not self._buffer or handle is None or handle.ino != ino:
+            return 0
+        return self._buffer_offset + len(self._buffer)
+
     def create_later(self, handle: VolumeFile, parent: int, name: bytes) -> None:
         """Create `name` in `parent` for `handle` at the next flush (the caller checked the
         name and flushed: nothing else is pending)."""
@@ -371,6 +382,25 @@ class VolumeFile(_Handle):
             lost = lost or loss.error
         if lost is not None:
             raise lost
+
+    def size(self) -> int:
+        """The size with this file's buffered bytes, without writing them out: an APPEND write
+        asks before every write, and a flush each time made buffering useless for appends (20000
+        appends of 100 bytes: 2.5 s against 0.17 s without O_APPEND)."""
+        session = self.session
+        with session.lock:
+            if session.pending_file(self):
+                size = 0  # created at the next flush: only the buffered bytes below
+            else:
+                try:
+                    self.report_lost()  # the creation failed: no inode to ask
+                    size = session.fs.getattr(self.ino).size
+                except IntegrityError as error:
+                    session.integrity_failed(error)
+                    raise
+                except FilesystemError as error:
+                    raise OSError(error.errno, error.strerror) from None
+            return max(size, session.buffered_end(self.ino))
 
     @_storage_call
     def pread(self, size: int, offset: int) -> bytes:

@@ -15,10 +15,11 @@ import pytest
 from fixture_build import WasmFixture
 from guest_dirs import EncryptedVolume, GuestDirectoryFactory, TreeSpec, materialize
 from test_differential import KEEP_RUN_COMMAND, Case, lines, run_guest
-from wasi_harness import volume_root
+from wasi_harness import RESULT, GuestHarness, volume_root
 
 from shim.volume_backend import VolumeDirectory
 from storage.errors import IntegrityError
+from wasi_host._abi import Fdflags, Oflags, Whence
 
 FIXTURE = "review10_calls"
 
@@ -101,4 +102,44 @@ def test_bytes_lost_to_an_integrity_failure_in_another_call_are_reported_by_thei
         assert failure.value.errno == errno.EIO
         handle.close()
     assert root.session.integrity_failures == 2
+    root.session.close()
+
+
+def test_append_writes_on_the_volume_are_buffered_and_land_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every O_APPEND write asked the file's size first through stat, which wrote the keep's
+    write-back buffer out: each append was one storage write (20000 appends of 100 bytes took
+    2.5 s on the volume against 0.17 s without O_APPEND, 0.36 s on a host directory). The size
+    now counts the buffered bytes without writing them out. Appends through two fds of one file
+    and to a file created by the same open still land at the end, in order."""
+    root = volume_root(tmp_path)
+    assert isinstance(root, VolumeDirectory)
+    harness = GuestHarness(root)
+    storage_writes: list[int] = []
+    write = root.session.fs.write
+
+    def counted(ino: int, offset: int, data: bytes) -> int:
+        storage_writes.append(len(data))
+        return write(ino, offset, data)
+
+    monkeypatch.setattr(root.session.fs, "write", counted)
+    new = harness.open("new.log", Oflags.CREAT | Oflags.EXCL, fdflags=Fdflags.APPEND)
+    for index in range(200):
+        assert harness.write(new, b"line %03d\n" % index) == 9
+    assert storage_writes == []  # all 1800 bytes wait in the buffer (created with them later)
+    first = harness.open("new.log", fdflags=Fdflags.APPEND)
+    second = harness.open("new.log", fdflags=Fdflags.APPEND)
+    for index in range(100):
+        harness.write(first, b"a%d;" % index)
+        harness.write(second, b"b%d;" % index)
+    assert len(storage_writes) <= 200  # one per switch between fds (was one per append: 400)
+    harness.write(new, b"end\n")
+    assert harness.call("fd_seek", new, 0, Whence.CUR, RESULT) == 0
+    expected = b"".join(b"line %03d\n" % index for index in range(200))
+    expected += b"".join(b"a%d;b%d;" % (index, index) for index in range(100)) + b"end\n"
+    assert harness.u64(RESULT) == len(expected)  # the offset follows the append
+    assert harness.call("fd_seek", new, 0, Whence.SET, RESULT) == 0
+    assert harness.read(new, len(expected) + 10) == expected
+    assert harness.fstat(first).size == len(expected)
+    harness.guest.close()
     root.session.close()

@@ -82,7 +82,7 @@ class OpenFile(Entry):
 
     def write(self, data: Buffer) -> int:
         if self.fdflags & Fdflags.APPEND:  # at the end, wherever the offset is (wasmtime)
-            end = self.file.stat().size
+            end = self.file.size()
             written = self.file.pwrite(data, end)
             self.offset = end + written
             return written

@@ -352,7 +352,7 @@ def fd_pwrite(guest: Guest, memory: Memory, fd: int, iovs: int, iovs_len: int, o
     data = gather(memory, iovs, iovs_len)
     _invalid_unless(offset <= _MAX_OFFSET)
     if entry.fdflags & Fdflags.APPEND:
-        offset = entry.file.stat().size  # Linux pwrite ignores the offset under O_APPEND (wasmtime too)
+        offset = entry.file.size()  # Linux pwrite ignores the offset under O_APPEND (wasmtime too)
     else:
         _invalid_unless(offset + len(data) <= _MAX_OFFSET)  # a transfer ending past off_t, as Linux
     store_u32(memory, result_ptr, entry.file.pwrite(data, offset))

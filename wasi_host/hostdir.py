@@ -65,6 +65,9 @@ class HostFile:
     def stat(self) -> FileStat:
         return _file_stat(os.fstat(self._fd))
 
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self._fd, size, offset)
 

@@ -87,6 +87,9 @@ class MemoryFile:
     def stat(self) -> FileStat:
         return self._inode.stat()
 
+    def size(self) -> int:
+        return self._inode.size
+
     def pread(self, size: int, offset: int) -> bytes:
         inode = self._inode
         end = min(offset + size, inode.size)

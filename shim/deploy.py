@@ -50,7 +50,7 @@ from shim.attest import (
     load_policy,
     open_verified_stream,
 )
-from shim.attest._protocol import duplicate_grant, encode_message
+from shim.attest._protocol import MAX_WORKLOAD_BYTES, duplicate_grant, encode_message
 from shim.config import KeepConfig, parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import MAX_KEY_FILE_BYTES, forbid_core_dumps
@@ -256,10 +256,12 @@ def deploy_command(args: argparse.Namespace) -> int:
     """`keep deploy --to ADDR:PORT ... MODULE.wasm [ARGS...]`: exits with the guest's status."""
     host, port = parse_address(args.to, "--to")
     forbid_core_dumps()  # the owner's volume keys will be in this process
-    try:
-        workload = Path(args.module).read_bytes()
+    try:  # at most what a deploy frame carries: /dev/zero used to fill memory (MemoryError)
+        workload = read_input_file(args.module, MAX_WORKLOAD_BYTES, pipes=True)
     except OSError as error:
         raise UsageError(f"cannot read {args.module}: {error.strerror}") from None
+    except InputFileError as error:
+        raise UsageError(f"module {error}") from None  # (the largest a deploy frame carries)
     config_text, config = "", KeepConfig()
     if args.config is not None:
         config_text = read_config_text(Path(args.config))  # at most MAX_CONFIG_BYTES

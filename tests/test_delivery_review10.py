@@ -234,3 +234,15 @@ def test_keep_demo_without_a_usable_temporary_directory_is_one_line(
         demo_command(argparse.Namespace(workdir=None, keep_files=False))
     with pytest.raises(DemoError, match=r"^cannot make a directory to compile the guest in: "):
         build_guest(cache_dir=tmp_path / "empty cache")
+
+
+def test_keep_deploy_of_a_module_that_never_ends_is_one_clear_error() -> None:
+    """`keep deploy /dev/zero` read the module whole before any check: memory filled until
+    "internal error: MemoryError" (exit 70). Now the module is read as keep.toml is, at most
+    the largest a deploy frame carries."""
+    owner = subprocess.run([sys.executable, "-m", "shim", "deploy", "--to", "127.0.0.1:1",
+                            "/dev/zero"], capture_output=True, text=True, timeout=60,
+                           preexec_fn=_limit_memory)
+    assert owner.returncode == 2
+    assert owner.stderr == ("keep: module /dev/zero: is a character device, not a regular file "
+                            "or a pipe\n")

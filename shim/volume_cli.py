@@ -65,7 +65,7 @@ from storage.errors import (
     VolumeInUse,
     WrongPassphrase,
 )
-from storage.fs import ROOT_INODE, Attr, Filesystem
+from storage.fs import BLOCK_SIZE, ROOT_INODE, Attr, Filesystem
 from storage.luks2 import (
     DEFAULT_ARGON2_LANES,
     DEFAULT_ARGON2_MEMORY_KIB,
@@ -80,6 +80,7 @@ from storage.volume import Volume, create_volume, open_volume
 
 COPY_CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(COPY_CHUNK)
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -623,17 +624,35 @@ def _write_file(fs: Filesystem, parent: Attr, name: bytes, source: IO[bytes], mo
                 chunk = source.read(COPY_CHUNK)
             if not chunk:
                 break
-            if fs.write(attr.ino, offset, chunk) < len(chunk):
-                raise NoSpace()  # the volume filled up part way through the chunk
+            _write_data(fs, attr.ino, offset, chunk)
             offset += len(chunk)
             if progress is not None:
                 progress.advance(len(chunk))
+        if fs.getattr(attr.ino).size < offset:  # the source ends in a hole
+            fs.setattr(attr.ino, size=offset)
         fs.rename(parent.ino, temporary, parent.ino, name)
     except BaseException:
         with contextlib.suppress(OSError):
             fs.unlink(parent.ino, temporary)
         raise
     return fs.getattr(attr.ino)
+
+
+def _write_data(fs: Filesystem, ino: int, offset: int, chunk: bytes) -> None:
+    """Write `chunk` at `offset` (block-aligned) of new file `ino`, whole blocks of zeros left
+    as holes: they read back as zeros, and a sparse host file (a disk image, what `get` or
+    `export` wrote) takes only its data's room, not its size's. A short write (the volume
+    filled up part way through) is NoSpace."""
+    view = memoryview(chunk)
+    run = 0  # where the data not yet written starts
+    for start in range(0, len(view), BLOCK_SIZE):
+        block = view[start:start + BLOCK_SIZE]
+        if block == _ZERO_BLOCK[:len(block)]:
+            if run < start and fs.write(ino, offset + run, view[run:start]) < start - run:
+                raise NoSpace()
+            run = start + BLOCK_SIZE
+    if run < len(view) and fs.write(ino, offset + run, view[run:]) < len(view) - run:
+        raise NoSpace()
 
 
 def _put(args: argparse.Namespace) -> int:

@@ -131,3 +131,39 @@ def test_a_path_with_a_trailing_slash_names_a_directory_or_nothing(tmp_path: Pat
     assert keep_volume("ls", image, "/docs/").returncode == 0
     assert keep_volume("rm", image, "-r", "/docs/").returncode == 0
     assert volume_names(image) == {b"f"}
+
+
+# -- sparse host files -----------------------------------------------------------------------------
+
+
+def test_put_and_import_keep_a_sparse_host_files_holes(tmp_path: Path) -> None:
+    """The volume holds sparse files (unmapped blocks read as zeros) and `get`/`export` keep
+    their holes, but `put` and `import` wrote every zero: a host file of 200 MiB with 4 KiB of
+    data could not go into a 24 MiB volume ('no space left on the volume'), not even one that
+    `export` had just written from a volume of the same size. Whole zero blocks of the source
+    are now holes in the volume's file, its size and bytes unchanged."""
+    image = review7.make_image(tmp_path / "v.img")
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as file:
+        file.seek(100 << 20)
+        file.write(b"middle")
+        file.seek(200 << 20)
+        file.write(b"end\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.link(sparse, tree / "copy.bin")
+    put = keep_volume("put", image, sparse, "/sparse.bin")
+    assert (put.returncode, put.stderr) == (0, b"")
+    imported = keep_volume("import", image, tree, "/tree")
+    assert (imported.returncode, imported.stderr) == (0, b"")
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        fs = volume.fs
+        for directory, name in ((ROOT_INODE, b"sparse.bin"),
+                                (fs.lookup(ROOT_INODE, b"tree").ino, b"copy.bin")):
+            attr = fs.lookup(directory, name)
+            assert attr.size == (200 << 20) + 4
+            assert attr.blocks <= 3 * 8  # the two blocks with data (and a spare), not 51,201
+            assert fs.read(attr.ino, (100 << 20) - 2, 10) == b"\0\0middle\0\0"
+            assert fs.read(attr.ino, 200 << 20, 10) == b"end\n"
+            assert fs.read(attr.ino, 4096, 8) == bytes(8)
+        assert volume.fsck() == []

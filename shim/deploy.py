@@ -51,7 +51,7 @@ from shim.attest import (
     open_verified_stream,
 )
 from shim.attest._protocol import MAX_WORKLOAD_BYTES, duplicate_grant, encode_message
-from shim.config import KeepConfig, parse_config, read_config_text
+from shim.config import parse_config, read_config_text
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import MAX_KEY_FILE_BYTES, forbid_core_dumps
 from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
@@ -262,10 +262,10 @@ def deploy_command(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {args.module}: {error.strerror}") from None
     except InputFileError as error:
         raise UsageError(f"module {error}") from None  # (the largest a deploy frame carries)
-    config_text, config = "", KeepConfig()
+    config_text = ""
     if args.config is not None:
         config_text = read_config_text(Path(args.config))  # at most MAX_CONFIG_BYTES
-        config = parse_config(config_text, source=args.config)  # report mistakes here, before connecting
+        parse_config(config_text, source=args.config)  # report mistakes here, before connecting
     if args.policy is not None:
         policy = load_policy(Path(args.policy), allow_insecure_nil=args.allow_insecure_nil)
     else:
@@ -276,7 +276,9 @@ def deploy_command(args: argparse.Namespace) -> int:
     deploy = Deploy(workload=workload, config=config_text, args=tuple(args.guest_args),
                     volumes=_volume_grants(args.volume_key, previous))
     check_workload(deploy, args.module)  # before connecting: an invalid module would use up the keep
-    config.guest_env([grant.guest_path for grant in deploy.volumes])  # as the keep checks FD_NAMES
+    from shim.serve import preflight
+
+    preflight(deploy)  # what the keep would refuse (host files, an unpinned connect, FD_NAMES)
     result = trio.run(functools.partial(deploy_to, host, port, deploy, policy,
                                         stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                         announce=sys.stderr))

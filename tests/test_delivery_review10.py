@@ -246,3 +246,20 @@ def test_keep_deploy_of_a_module_that_never_ends_is_one_clear_error() -> None:
     assert owner.returncode == 2
     assert owner.stderr == ("keep: module /dev/zero: is a character device, not a regular file "
                             "or a pipe\n")
+
+
+def test_keep_deploy_refuses_what_the_keep_would_refuse_before_connecting(
+        keeper: Keeper, tmp_path: Path) -> None:
+    """A keep.toml the keep refuses for a deployed workload (host files, a TLS connect without
+    a pin) passed keep deploy's own checks: the owner attested the keep and sent the workload
+    and its volume keys, only to read the refusal. keep deploy now runs the keep's checks
+    first, as its text promises for keep.toml mistakes."""
+    module = tmp_path / "good.wasm"
+    module.write_bytes(EXIT_3)
+    config = tmp_path / "keep.toml"
+    config.write_text('[tls]\ncertificate = "c.pem"\nkey = "k.pem"\n')
+    owner = keeper.deploy("--allow-insecure-nil", "--config", str(config), str(module))
+    assert owner.returncode == 1
+    assert owner.stderr == ("keep: a deployed keep.toml cannot name host files ([tls] paths): "
+                            "the keep's TLS sockets use its attested key\n")
+    assert keeper.process.poll() is None

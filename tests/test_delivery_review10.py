@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,17 @@ import trio
 import wasmtime
 from test_attest_deploy import Keeper, _owner_key_and_keep_image
 
-from shim.attest import Conversation, Deploy, Policy, Refused, VolumeGrant, open_verified_stream
+from shim.attest import (
+    AttestedCertificateProvider,
+    AttestedIdentity,
+    Conversation,
+    Deploy,
+    NilBackend,
+    Policy,
+    Refused,
+    VolumeGrant,
+    open_verified_stream,
+)
 from shim.config import ConfigError, parse_config
 from shim.demo import DemoError, build_guest, demo_command
 
@@ -263,3 +274,18 @@ def test_keep_deploy_refuses_what_the_keep_would_refuse_before_connecting(
     assert owner.stderr == ("keep: a deployed keep.toml cannot name host files ([tls] paths): "
                             "the keep's TLS sockets use its attested key\n")
     assert keeper.process.poll() is None
+
+
+def test_a_deployed_workloads_tls_certificate_outlives_a_day(tmp_path: Path) -> None:
+    """The guest's TLS sockets get the keep's attested certificate once, when they open, and
+    keep it as long as the workload serves; it was valid for one day, so from the second day a
+    client that checks its dates refused every handshake (`openssl verify -attime` two days
+    on: "certificate has expired"). It now lasts as long as keep run's self-signed one."""
+    leaf = tmp_path / "leaf.pem"
+    leaf.write_bytes(AttestedCertificateProvider(AttestedIdentity(), NilBackend()).identity()
+                     .certificate_chain_pem)
+    two_days_on = str(int(time.time()) + 2 * 86400)
+    checked = subprocess.run(["openssl", "verify", "-CAfile", str(leaf), "-attime", two_days_on,
+                              str(leaf)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout == f"{leaf}: OK\n"

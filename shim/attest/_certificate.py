@@ -86,8 +86,11 @@ class AttestedIdentity:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()))
 
-    def certificate(self, backend: Backend, nonce: bytes) -> x509.Certificate:
-        """A self-signed certificate whose evidence binds this key and `nonce`."""
+    def certificate(self, backend: Backend, nonce: bytes, *,
+                    validity: datetime.timedelta = _VALIDITY) -> x509.Certificate:
+        """A self-signed certificate whose evidence binds this key and `nonce`, valid from
+        five minutes ago for `validity` (owners do not check the dates, see above; the guest's
+        own TLS sockets, whose clients may, ask for longer)."""
         evidence = backend.evidence(report_data_for(self.spki_der, nonce))
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keepshim keep")])
         now = datetime.datetime.now(datetime.UTC)
@@ -96,7 +99,7 @@ class AttestedIdentity:
                 .public_key(self.private_key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + _VALIDITY)
+                .not_valid_after(now + validity)
                 .add_extension(x509.UnrecognizedExtension(EVIDENCE_OIDS[backend.name],
                                                           der_octet_string(evidence)),
                                critical=False)

@@ -34,8 +34,8 @@ import trio
 from cryptography import x509
 
 from net.errors import NetError
+from net.tls import SELF_SIGNED_VALIDITY, server_context
 from net.tls import KeepIdentity as NetKeepIdentity
-from net.tls import server_context
 from shim.attest._backends import Backend, Claims
 from shim.attest._certificate import NO_NONCE, NONCE_BYTES, AttestedIdentity, verify_keep_certificate
 from shim.attest._errors import AttestationError, MalformedEvidence
@@ -148,13 +148,16 @@ async def open_verified_stream(
 @dataclass(frozen=True)
 class AttestedCertificateProvider:
     """net.tls's CertificateProvider for the guest's own TLS sockets (keep.toml listen/connect):
-    the keep's attested key with a certificate whose evidence binds `nonce` (for a deployed
-    workload: the nonce of the owner's deploy connection, so the owner can check that the
-    workload's listeners terminate TLS inside the keep it attested)."""
+    the keep's attested key with a certificate whose evidence binds `nonce` (by default none:
+    clients of a deployed workload pin the key's SPKI that keep deploy announced). It is made
+    once, when the sockets open, and serves as long as the workload runs: it is valid as long
+    as keep run's self-signed one (net.tls.SELF_SIGNED_VALIDITY), not one day, after which a
+    client that checks its dates (one trusting it as its anchor) refused every handshake."""
 
     identity_key: AttestedIdentity
     backend: Backend
     nonce: bytes = NO_NONCE
 
     def identity(self) -> NetKeepIdentity:
-        return self.identity_key.net_identity(self.identity_key.certificate(self.backend, self.nonce))
+        return self.identity_key.net_identity(self.identity_key.certificate(
+            self.backend, self.nonce, validity=SELF_SIGNED_VALIDITY))

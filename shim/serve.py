@@ -614,8 +614,10 @@ def _volume_images(specs: Sequence[str]) -> dict[str, Path]:
             raise UsageError(f"--volume {spec!r}: expected NAME=IMAGE")
         if name in images:
             raise UsageError(f"--volume {name}: given twice")
-        if not Path(image).is_file():
-            raise UsageError(f"--volume {name}: {image} is not a volume image file")
+        # (a block device, e.g. a loop device or a disk partition, is a volume too, as for keep
+        # run --volume and keep volume: it used to be refused here as "not a volume image file")
+        if not (Path(image).is_file() or Path(image).is_block_device()):
+            raise UsageError(f"--volume {name}: {image} is not a volume image file or block device")
         images[name] = Path(image)
     return images
 

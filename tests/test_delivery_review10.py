@@ -17,6 +17,7 @@ import pytest
 import trio
 import wasmtime
 from test_attest_deploy import Keeper, _owner_key_and_keep_image
+from test_blockdev import _attach_loop_device
 
 from shim.attest import (
     AttestedCertificateProvider,
@@ -289,3 +290,26 @@ def test_a_deployed_workloads_tls_certificate_outlives_a_day(tmp_path: Path) -> 
                               str(leaf)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout == f"{leaf}: OK\n"
+
+
+def test_keep_serve_offers_a_volume_on_a_block_device(tmp_path: Path) -> None:
+    """keep run --volume and keep volume open a volume on a block device (a loop device, a
+    partition); keep serve --volume refused one: "--volume data: /dev/loop0 is not a volume
+    image file" (exit 2). Now a deployment opens it there like an image."""
+    key_file, image = _owner_key_and_keep_image(tmp_path / "keep", tmp_path / "owner")
+    loop = _attach_loop_device(image)
+    if loop is None:
+        pytest.skip("needs root and loop devices (losetup) to get a real block device")
+    try:
+        serving = Keeper(tmp_path / "keep", "--volume", f"data={loop}")
+        try:
+            module = tmp_path / "good.wasm"
+            module.write_bytes(EXIT_3)
+            owner = serving.deploy("--allow-insecure-nil", "--volume-key", f"data={key_file}",
+                                   str(module))
+            assert owner.returncode == 3, owner.stderr
+            assert _finish(serving)[0] == 0
+        finally:
+            serving.stop()
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)

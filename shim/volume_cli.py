@@ -1079,18 +1079,25 @@ def _reopen_parent(parent: _ExportLevel, child: int) -> None:
 def _export_entry(fs: Filesystem, directory: int, name: bytes, attr: Attr, host_path: str,
                   image: tuple[int, int] | None) -> bool:
     """Export a file or symlink of the volume as `name` in host directory `directory`; False
-    for another kind (skipped: the filesystem makes none)."""
+    for another kind (skipped: the filesystem makes none). A file that fails part way (the
+    host disk full, a sector of the volume unreadable) is removed: the export stops with an
+    error, and no partial copy stays behind under the file's name (as `get` removes its own)."""
     if attr.is_symlink:
         _clear_host_entry(directory, name, host_path, image, keep_directory=False)
         os.symlink(fs.readlink(attr.ino), name, dir_fd=directory)
     elif attr.is_file:
         _clear_host_entry(directory, name, host_path, image, keep_directory=False)
         descriptor = os.open(name, _EXPORT_OPEN, 0o600, dir_fd=directory)
-        with os.fdopen(descriptor, "wb") as sink:
-            _copy_out(fs, attr, sink, host_path, sparse=True)
-            sink.flush()
-            os.fchmod(descriptor, stat.S_IMODE(attr.mode))
-            os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))
+        try:
+            with os.fdopen(descriptor, "wb") as sink:
+                _copy_out(fs, attr, sink, host_path, sparse=True)
+                sink.flush()
+                os.fchmod(descriptor, stat.S_IMODE(attr.mode))
+                os.utime(descriptor, ns=(attr.atime_ns, attr.mtime_ns))
+        except BaseException:  # no part of a file under its name, to pass for the whole
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=directory)
+            raise
     else:
         return False
     return True

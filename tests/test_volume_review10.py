@@ -8,6 +8,8 @@ KDF costs, to see what a user sees: the exit status, stdout's bytes and stderr's
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +169,34 @@ def test_put_and_import_keep_a_sparse_host_files_holes(tmp_path: Path) -> None:
             assert fs.read(attr.ino, 200 << 20, 10) == b"end\n"
             assert fs.read(attr.ino, 4096, 8) == bytes(8)
         assert volume.fsck() == []
+
+
+# -- a failed export ---------------------------------------------------------------------------
+
+
+def _limit_file_size() -> None:
+    """In the child: writes past 1 MiB fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+
+def test_a_file_export_fails_on_leaves_no_partial_file_under_its_name(tmp_path: Path) -> None:
+    """An export that failed part way through a file (the host disk full, an unreadable
+    sector of the volume) left the part written under the file's own name, mode and all, to
+    pass for the whole file; `get` removes its partial copy. The partial file is now removed;
+    the files exported before it stay."""
+    image = review7.make_image(tmp_path / "v.img", {b"a.txt": b"small\n"})
+    with open_volume(image, PASSPHRASE, writable=True) as volume:
+        big = volume.fs.create(ROOT_INODE, b"b.bin")
+        volume.fs.write(big.ino, 0, os.urandom(3 << 20))
+        volume.commit()
+    destination = tmp_path / "out"
+    environment = {**os.environ, "KEEP_REVIEW10_KEY": PASSPHRASE.decode()}
+    result = subprocess.run(
+        [sys.executable, "-m", "shim", "volume", "export", image, destination, "/", *KEY_OPTIONS],
+        capture_output=True, env=environment, timeout=120, check=False,
+        preexec_fn=_limit_file_size)
+    assert (result.returncode, result.stderr) == (
+        1, f"keep: {destination / 'b.bin'}: file too large\n".encode())
+    assert sorted(os.listdir(destination)) == ["a.txt"]
+    assert (destination / "a.txt").read_bytes() == b"small\n"

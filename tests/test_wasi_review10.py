@@ -9,6 +9,8 @@ that added it).
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,22 @@ def test_append_writes_on_the_volume_are_buffered_and_land_at_the_end(
     assert harness.fstat(first).size == len(expected)
     harness.guest.close()
     root.session.close()
+
+
+def test_opening_a_fifo_in_a_host_directory_does_not_wait_for_a_partner(
+        wasm_fixture: WasmFixture, tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """A guest opening a FIFO that the host directory holds waited in open(2) for a writer, in a
+    host call that neither --timeout nor SIGTERM could end: `keep run --timeout 2` was still
+    there after 20 s (SIGKILL alone ended it, losing any volume's last commit). The open is
+    non-blocking now: at once for reading, ENXIO for writing with no reader, as open(2) with
+    O_NONBLOCK. (Host directory only; wasmtime's own open waits for ever.)"""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    os.mkfifo(sandbox / "fifo")
+    completed = subprocess.run(
+        [*KEEP_RUN_COMMAND, "--timeout", "20", "--dir", f"{sandbox}::/sandbox", str(wasm_fixture(FIXTURE)), "fifo"],
+        capture_output=True, env=keep_environment, timeout=60, check=False)
+    assert (completed.returncode, completed.stderr) == (0, b"")
+    assert lines(completed.stdout) == lines(
+        b"== fifo\nopen fifo for reading: ok\nopen fifo for writing: ok\nclose reader: 0\n"
+        b"open fifo for writing, no reader: -1 ENXIO\n")

@@ -114,7 +114,10 @@ class HostDirectory:
         return HostDirectory(os.open(name, _DIRECTORY_FLAGS, dir_fd=self._fd))
 
     def open_file(self, name: str, *, create: bool, exclusive: bool, truncate: bool, read: bool, write: bool) -> HostFile:
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: opening a FIFO waits for a partner, in a host call that neither --timeout
+        # nor a stop signal can interrupt; non-blocking, it opens at once (or ENXIO for writing
+        # with no reader) and blocking mode is back for the file's reads and writes.
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         flags |= os.O_RDWR if read and write else os.O_WRONLY if write else os.O_RDONLY
         if create:
             flags |= os.O_CREAT
@@ -123,9 +126,13 @@ class HostDirectory:
         if truncate:
             flags |= os.O_TRUNC
         fd = os.open(name, flags, 0o666, dir_fd=self._fd)
-        if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+        try:
+            if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            raise
         return HostFile(fd)
 
     def mkdir(self, name: str) -> None:

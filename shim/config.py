@@ -459,6 +459,9 @@ class _Validator:
         host = self.host_name(raw["host"], (*key, "host"), "a host name or IP address")
         if not host:
             self.fail((*key, "host"), "must not be empty")
+        if "name" not in raw and ":" in host:  # an IPv6 address: blame the missing name
+            self.fail(key, f"a connect entry's name defaults to its host, and {host!r} holds "
+                           "':', which FD_NAMES uses as separator: give the entry a name")
         name = self.name(raw.get("name", host), (*key, "name"))
         prot, port, plaintext = self.socket_common(raw, key)
         self.tls_only(raw, key, prot, ("ca", "pin_sha256", "server_name"))

@@ -313,3 +313,17 @@ def test_keep_serve_offers_a_volume_on_a_block_device(tmp_path: Path) -> None:
             serving.stop()
     finally:
         subprocess.run(["losetup", "--detach", loop], check=True)
+
+
+def test_a_connect_entry_to_an_ipv6_address_without_a_name_says_to_name_it() -> None:
+    """A connect entry's name defaults to its host; for an IPv6 address that name holds ':'.
+    The error blamed a key the file does not have ("files[0].name: a name must be non-empty
+    and contain no ':' (got '::1')"); it now says where the name came from and what to do."""
+    text = '[[files]]\nkind = "connect"\nhost = "::1"\nport = 9\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert str(caught.value) == ("keep.toml:1: files[0]: a connect entry's name defaults to its "
+                                 "host, and '::1' holds ':', which FD_NAMES uses as separator: "
+                                 "give the entry a name")
+    named = parse_config(text + 'name = "db"\n').sockets[0]
+    assert (named.name, named.host) == ("db", "::1")

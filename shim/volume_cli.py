@@ -382,8 +382,9 @@ def _create(args: argparse.Namespace) -> int:
                                kdf_cost=cost, integrity=args.integrity, label=args.label)
         with volume:
             state = volume.commit()
+            size = volume.device.size  # whole 4 KiB sectors: what --size was rounded down to
     _output(f"created {args.image}: {size} bytes, uuid {state.uuid}, integrity {args.integrity}, "
-          f"generation {state.generation}")
+            f"generation {state.generation}")
     return 0
 
 

@@ -200,3 +200,13 @@ def test_a_file_export_fails_on_leaves_no_partial_file_under_its_name(tmp_path: 
         1, f"keep: {destination / 'b.bin'}: file too large\n".encode())
     assert sorted(os.listdir(destination)) == ["a.txt"]
     assert (destination / "a.txt").read_bytes() == b"small\n"
+
+
+def test_create_reports_the_size_it_made(tmp_path: Path) -> None:
+    """`create --size` not a multiple of 4 KiB makes an image of whole 4 KiB sectors (rounded
+    down), but said 'created v.img: 25165825 bytes' for a file of 25165824."""
+    image = tmp_path / "v.img"
+    result = keep_volume("create", image, "--size", str((24 << 20) + 1), *QUICK_KDF)
+    assert result.returncode == 0, result.stderr
+    assert image.stat().st_size == 24 << 20
+    assert result.stdout.startswith(f"created {image}: {24 << 20} bytes, uuid ".encode())

@@ -420,7 +420,7 @@ def fd_seek(guest: Guest, memory: Memory, fd: int, offset: int, whence: int, res
     elif whence == Whence.CUR:
         position = entry.offset + delta
     else:
-        position = entry.file.stat().size + delta
+        position = entry.file.size() + delta  # size(): a volume's buffered bytes stay buffered
     _invalid_unless(0 <= position <= _MAX_OFFSET)
     entry.offset = position
     store(U64, memory, result_ptr, position)

@@ -20,8 +20,8 @@ from test_differential import KEEP_RUN_COMMAND, Case, lines, run_guest
 from wasi_harness import RESULT, GuestHarness, volume_root
 
 from shim.volume_backend import VolumeDirectory
-from storage.errors import IntegrityError
-from wasi_host._abi import Fdflags, Oflags, Whence
+from storage.errors import IntegrityError, NoSpace
+from wasi_host._abi import Errno, Fdflags, Oflags, Whence
 
 FIXTURE = "review10_calls"
 
@@ -192,5 +192,32 @@ def test_seeking_to_the_end_of_a_volume_file_keeps_its_writes_buffered(
     assert harness.fstat(fd).size == 405
     assert harness.call("fd_seek", fd, 0, Whence.SET, RESULT) == 0
     assert harness.read(fd, 500) == b"first" + b"".join(b"%04d" % index for index in range(1, 100)) + b"last"
+    harness.guest.close()
+    root.session.close()
+
+
+def test_renumbering_onto_a_file_whose_close_fails_still_succeeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fd_renumber closes the fd it replaces; when that close failed (a volume file whose
+    buffered bytes could not be written out: ENOSPC) fd_renumber returned ENOSPC although the
+    move was done: the source fd was gone, so a guest that believed the error and went on using
+    it got EBADF. dup2(2) drops such an error; so does fd_renumber now, and the file's other
+    fds still report the loss at fsync."""
+    root, harness, _ = counted_volume_guest(tmp_path, monkeypatch)
+    replaced = harness.open("replaced", Oflags.CREAT)
+    other = harness.open("replaced")
+    moved = harness.open("moved", Oflags.CREAT)
+    assert harness.call("fd_sync", replaced) == 0
+    harness.write(replaced, b"bytes told to be written")
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise NoSpace()
+
+    monkeypatch.setattr(root.session.fs, "write", full)
+    assert harness.call("fd_renumber", moved, replaced) == 0
+    monkeypatch.undo()
+    assert harness.call("fd_fdstat_get", moved, RESULT) == Errno.BADF
+    assert harness.call("fd_fdstat_get", replaced, RESULT) == 0
+    assert harness.call("fd_sync", other) == Errno.NOSPC
     harness.guest.close()
     root.session.close()

@@ -13,6 +13,7 @@ the highest in use.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TypeVar
 
 from wasi_host._abi import MAX_FILE_OFFSET, Errno, Fdflags, Filetype, Rights
@@ -274,7 +275,11 @@ class FdTable:
         previous = self.entries.get(target)
         self.entries[target] = entry
         if previous is not None:
-            previous.close()
+            # The move is done: an error closing what `target` held (a volume file's lost
+            # write-back) is dropped, as dup2(2) drops it, rather than make the guest think the
+            # renumber failed. Any other fd of that file still has its fsync report it.
+            with contextlib.suppress(OSError):
+                previous.close()
 
     def close_all(self) -> None:
         """Close every fd (the guest is finished); the first failure is re-raised at the end."""

@@ -726,8 +726,8 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         _write_into_special(fs, attr, host_file)
         return
     with _host_errors(host_file):
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".keep-partial",
-                                                 dir=directory)
+        descriptor, temporary = tempfile.mkstemp(prefix=_partial_prefix(base),
+                                                 suffix=_PARTIAL_SUFFIX, dir=directory)
     try:
         with _host_sink(descriptor, host_file) as sink:
             _copy_out(fs, attr, sink, host_file, sparse=True)
@@ -742,6 +742,20 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+_PARTIAL_SUFFIX = ".keep-partial"
+_NAME_MAX = 255  # bytes in a host file name (Linux)
+_RANDOM_CHARACTERS = 8  # what tempfile.mkstemp puts between the prefix and the suffix
+
+
+def _partial_prefix(base: str) -> str:
+    """The prefix of `get`'s temporary beside host file `base`: ".BASE." with BASE cut to the
+    bytes that leave the whole name within a file name: a host name of 233 to 255 bytes is
+    valid, and its temporary failed with 'file name too long'. (A cut through a character
+    is harmless: the temporary is renamed away or removed.)"""
+    room = _NAME_MAX - len(_PARTIAL_SUFFIX) - _RANDOM_CHARACTERS - 2  # the two dots
+    return f".{os.fsdecode(os.fsencode(base)[:room])}."
 
 
 def _write_into_special(fs: Filesystem, attr: Attr, host_file: str) -> None:

@@ -210,3 +210,15 @@ def test_create_reports_the_size_it_made(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert image.stat().st_size == 24 << 20
     assert result.stdout.startswith(f"created {image}: {24 << 20} bytes, uuid ".encode())
+
+
+def test_get_into_a_host_name_of_up_to_255_bytes(tmp_path: Path) -> None:
+    """`get` writes a temporary ".NAME.XXXXXXXX.keep-partial" beside the host file: for a
+    valid host name of 233 to 255 bytes that temporary's name was too long, and get failed
+    with 'NAME: file name too long'. The temporary's name is now cut to fit."""
+    image = review7.make_image(tmp_path / "v.img", {b"f": b"data\n"})
+    for name in ("h" * 255, "é" * 127, "x" * 233):
+        result = keep_volume("get", image, "/f", tmp_path / name)
+        assert (result.returncode, result.stderr) == (0, b""), name
+        assert (tmp_path / name).read_bytes() == b"data\n"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".keep-partial")]

@@ -584,7 +584,11 @@ class VolumeDirectory(_Handle):
         itself, so they are skipped here."""
         session = self.session
         with session.lock:
-            session.flush()
+            try:
+                session.flush()
+            except IntegrityError as error:  # the operator learns of it, as from any other call
+                session.integrity_failed(error)
+                raise
         entries = session.fs.readdir(self.ino, cookie + 2)
         while True:
             with session.lock:

@@ -221,3 +221,31 @@ def test_renumbering_onto_a_file_whose_close_fails_still_succeeds(
     assert harness.call("fd_sync", other) == Errno.NOSPC
     harness.guest.close()
     root.session.close()
+
+
+def test_an_integrity_failure_met_by_readdir_is_reported_to_the_operator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """readdir writes the keep's write-back buffer out first; an integrity failure there (a
+    sector changed by the host) reached the guest as EIO, but the operator was not told (no
+    line on stderr, the session's count stayed 0), unlike the same failure met by any other
+    call: the guest failed with no word of why."""
+    root = volume_root(tmp_path)
+    assert isinstance(root, VolumeDirectory)
+    told: list[IntegrityError] = []
+    monkeypatch.setattr(root.session, "_on_integrity_error", told.append)
+    handle = root.open_file("x", create=True, exclusive=True, truncate=False, read=True, write=True)
+    root.stat_at("x")  # created
+    handle.pwrite(b"buffered", 0)
+
+    def tampered(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("a sector changed by the host")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(root.session.fs, "write", tampered)
+        with pytest.raises(OSError) as failure:
+            list(root.readdir(0))
+    assert failure.value.errno == errno.EIO
+    assert (root.session.integrity_failures, len(told)) == (1, 1)
+    with pytest.raises(OSError):
+        handle.close()  # its bytes were lost: its close says so
+    root.session.close()

@@ -42,7 +42,7 @@ from typing import IO, Any, Self
 
 from shim.errors import KeepError, UsageError, point_at_devnull
 from shim.keys import KeySource, read_key
-from shim.volume_state import sync_directory
+from shim.volume_state import sync_directory, temporary_prefix
 from storage._luks2_header import (
     MAX_ARGON2_LANES,
     MAX_ARGON2_MEMORY_KIB,
@@ -81,6 +81,7 @@ from storage.volume import Volume, create_volume, open_volume
 COPY_CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(COPY_CHUNK)
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_PARTIAL_SUFFIX = ".keep-partial"  # `get` writes to .NAME.XXXXXXXX.keep-partial first
 TEMPORARY_PREFIX = b".keep-put-"  # `put` writes here first, then renames over the target
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -726,7 +727,7 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         _write_into_special(fs, attr, host_file)
         return
     with _host_errors(host_file):
-        descriptor, temporary = tempfile.mkstemp(prefix=_partial_prefix(base),
+        descriptor, temporary = tempfile.mkstemp(prefix=temporary_prefix(base, _PARTIAL_SUFFIX),
                                                  suffix=_PARTIAL_SUFFIX, dir=directory)
     try:
         with _host_sink(descriptor, host_file) as sink:
@@ -742,20 +743,6 @@ def _get_into(fs: Filesystem, attr: Attr, host_file: str, image: tuple[int, int]
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-_PARTIAL_SUFFIX = ".keep-partial"
-_NAME_MAX = 255  # bytes in a host file name (Linux)
-_RANDOM_CHARACTERS = 8  # what tempfile.mkstemp puts between the prefix and the suffix
-
-
-def _partial_prefix(base: str) -> str:
-    """The prefix of `get`'s temporary beside host file `base`: ".BASE." with BASE cut to the
-    bytes that leave the whole name within a file name: a host name of 233 to 255 bytes is
-    valid, and its temporary failed with 'file name too long'. (A cut through a character
-    is harmless: the temporary is renamed away or removed.)"""
-    room = _NAME_MAX - len(_PARTIAL_SUFFIX) - _RANDOM_CHARACTERS - 2  # the two dots
-    return f".{os.fsdecode(os.fsencode(base)[:room])}."
 
 
 def _write_into_special(fs: Filesystem, attr: Attr, host_file: str) -> None:

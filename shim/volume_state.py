@@ -90,8 +90,8 @@ def replace_atomically(path: Path, data: bytes) -> None:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o644
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".partial")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".partial",
+                                             prefix=temporary_prefix(path.name, ".partial"))
     try:
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)
@@ -104,6 +104,20 @@ def replace_atomically(path: Path, data: bytes) -> None:
             os.unlink(temporary)
         raise
     sync_directory(path.parent)
+
+
+_NAME_MAX = 255  # bytes in a host file name (Linux)
+_RANDOM_CHARACTERS = 8  # what tempfile.mkstemp puts between the prefix and the suffix
+
+
+def temporary_prefix(name: str, suffix: str) -> str:
+    """The prefix of a temporary made beside host file `name` with `suffix` (tempfile.mkstemp):
+    ".NAME." with NAME cut to the bytes that leave the whole name within a file name. A name of
+    up to 255 bytes is valid, and its temporary (22 bytes longer) failed with 'file name too
+    long': after a run had committed, for --volume-state. (A cut through a character is
+    harmless: the temporary is renamed away or removed.)"""
+    room = _NAME_MAX - len(os.fsencode(suffix)) - _RANDOM_CHARACTERS - 2  # the two dots
+    return f".{os.fsdecode(os.fsencode(name)[:room])}."
 
 
 def sync_directory(directory: str | os.PathLike[str]) -> None:

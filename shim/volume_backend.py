@@ -217,6 +217,8 @@ class VolumeSession:
         except BaseException as error:
             if self._buffer_handle is handle:
                 self._buffer, self._buffer_handle = bytearray(), None
+            if isinstance(error, OSError):
+                handle.failed = error  # every later call of the handle fails with it too
             if isinstance(error, IntegrityError):
                 self._lose(handle, error)  # raised to the caller; the new file's handle learns too
             elif isinstance(error, OSError):
@@ -350,9 +352,11 @@ class VolumeFile(_Handle):
     a program that handled that call's ENOSPC (made room, retried) must not be told by its fsync
     that everything is stored. Likewise the fsync of any other handle of the file open at the
     time reports it once (`VolumeSession.losses`, `_loss_seen`): a kernel's errseq reports a
-    write-back error to the next fsync of every open file description of the file."""
+    write-back error to the next fsync of every open file description of the file.
+    `failed` is the error that kept the handle's new file from being created: there is no file,
+    so every later call but close fails with it (a write must not be told its bytes went in)."""
 
-    __slots__ = ("_closed", "_loss_seen", "_read", "_write", "lost", "lost_since_sync")
+    __slots__ = ("_closed", "_loss_seen", "_read", "_write", "failed", "lost", "lost_since_sync")
 
     def __init__(self, session: VolumeSession, ino: int, *, read: bool, write: bool) -> None:
         super().__init__(session, ino)
@@ -361,11 +365,13 @@ class VolumeFile(_Handle):
         self._closed = False
         self.lost: OSError | None = None
         self.lost_since_sync: OSError | None = None
+        self.failed: OSError | None = None
         loss = session.losses.get(ino)
         self._loss_seen = 0 if loss is None else loss.number if loss.seen else loss.number - 1
 
     def report_lost(self) -> None:
         lost, self.lost = self.lost, None
+        lost = lost or self.failed
         if lost is not None:
             raise lost
 
@@ -380,6 +386,7 @@ class VolumeFile(_Handle):
             self._loss_seen = loss.number
             loss.seen = True
             lost = lost or loss.error
+        lost = lost or self.failed
         if lost is not None:
             raise lost
 
@@ -416,7 +423,7 @@ class VolumeFile(_Handle):
         session = self.session
         with session.lock:
             try:
-                if self.lost is not None:  # (a call per guest write: only when there is one)
+                if self.lost is not None or self.failed is not None:  # (only when there is one)
                     self.report_lost()
                 return session.buffered_write(self, offset, data)
             except IntegrityError as error:
@@ -451,6 +458,7 @@ class VolumeFile(_Handle):
                     self._closed = True
                     if self.ino:  # else its creation failed: no inode, nothing counted
                         session.fs.release(self.ino)
+                self.failed = None  # said by earlier calls; unless `lost` still holds it unsaid
                 self.report_lost()
             except IntegrityError as error:
                 session.integrity_failed(error)

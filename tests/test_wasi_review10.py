@@ -249,3 +249,33 @@ def test_an_integrity_failure_met_by_readdir_is_reported_to_the_operator(
     with pytest.raises(OSError):
         handle.close()  # its bytes were lost: its close says so
     root.session.close()
+
+
+def test_a_new_file_that_could_not_be_created_takes_no_more_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open(O_CREAT|O_EXCL) on the volume creates the file at the next flush; when that failed
+    (no room), the fd's next call said ENOSPC once, and then its writes succeeded again: bytes
+    the guest was told went in, into a file that did not exist (fstat and fsync then said
+    ENOENT, an errno no write-back gives). Every later call but close now fails with the
+    creation's own error."""
+    root, harness, _ = counted_volume_guest(tmp_path, monkeypatch)
+    root.mkdir("d")
+    fd = harness.open("new", Oflags.CREAT | Oflags.EXCL)
+    array, count = harness.ciovecs(b"x" * 100)
+    assert harness.call("fd_write", fd, array, count, RESULT) == 0
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise NoSpace()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(root.session.fs, "create", full)
+        assert root.stat_at("d").size >= 0  # this flush fails to create "new": kept on its fd
+    for _ in range(3):
+        assert harness.call("fd_write", fd, array, count, RESULT) == Errno.NOSPC
+    assert harness.call("fd_filestat_get", fd, RESULT) == Errno.NOSPC
+    assert harness.call("fd_sync", fd) == Errno.NOSPC
+    assert harness.call("fd_close", fd) == 0  # said already by the calls before
+    with pytest.raises(FileNotFoundError):
+        root.stat_at("new")
+    harness.guest.close()
+    root.session.close()

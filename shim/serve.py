@@ -523,8 +523,9 @@ class Keep:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # Serving ends either way; the operator learns why the owner got no outcome
                 # (which stays the owner's: it is not said here).
+                ended = "was stopped" if outcome.signal_number is not None else "ran to its end"
                 say("the owner's connection broke before the deployment ended: its outcome "
-                    "could not be delivered (the workload ran to its end"
+                    f"could not be delivered (the workload {ended}"
                     + (", its volumes were committed)" if states else ")"))
         finally:
             self.finished.set()

@@ -290,4 +290,7 @@ def deploy_command(args: argparse.Namespace) -> int:
             raise KeepError(f"cannot write --volume-state {state_path}: {error.strerror}") from None
     if result.error is not None:
         say(f"the keep reports: {result.error}")
+    if not 0 <= result.exit_status <= 255:  # exiting with 256 would read as success (0)
+        raise KeepError(f"the keep reported exit status {result.exit_status}, which no process "
+                        "exits with (0-255)")
     return result.exit_status

@@ -30,8 +30,9 @@ from shim.attest import (
     VolumeGrant,
     open_verified_stream,
 )
-from shim.config import ConfigError, parse_config
+from shim.config import ConfigError, ConnectFile, parse_config
 from shim.demo import DemoError, build_guest, demo_command
+from shim.serve import Deployment, Keep, RunOutcome
 
 NIL_OK = Policy(allow_insecure_nil=True)
 
@@ -326,4 +327,27 @@ def test_a_connect_entry_to_an_ipv6_address_without_a_name_says_to_name_it() -> 
                                  "host, and '::1' holds ':', which FD_NAMES uses as separator: "
                                  "give the entry a name")
     named = parse_config(text + 'name = "db"\n').sockets[0]
-    assert (named.name, named.host) == ("db", "::1")
+    assert isinstance(named, ConnectFile) and (named.name, named.host) == ("db", "::1")
+
+
+@pytest.mark.parametrize("status", [256, -1])
+async def test_an_exit_status_keep_deploy_cannot_exit_with_is_an_error(status: int,
+                                                                       tmp_path: Path) -> None:
+    """keep deploy exits with the status the keep's `finished` states: a keep's 256 became
+    exit status 0 (a success) in the shell, -1 became 255. Now one line and exit 1."""
+
+    async def runner(_deployment: Deployment) -> RunOutcome:
+        return RunOutcome(exit_status=status)
+
+    module = tmp_path / "good.wasm"
+    module.write_bytes(EXIT_3)
+    keep = Keep(NilBackend(), runner)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(keep.serve, "127.0.0.1", 0)
+        owner = await trio.run_process(
+            [sys.executable, "-m", "shim", "deploy", "--to", f"{host}:{port}",
+             "--allow-insecure-nil", str(module)], capture_stdout=True, capture_stderr=True,
+            check=False)
+    assert owner.returncode == 1
+    assert owner.stderr.decode().endswith(f"keep: the keep reported exit status {status}, which "
+                                          "no process exits with (0-255)\n")

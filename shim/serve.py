@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
+from net.errors import NetError
+from net.policy import NetworkPolicy
 from net.streams import host_port
 from shim.attest import (
     REPORT_DATA_BYTES,
@@ -194,7 +196,9 @@ class GuestOutput:
 def preflight(deploy: Deploy) -> KeepConfig:
     """Check a deployment before accepting it; a KeepError here becomes `refused`. A deployed
     keep.toml may not make the workload trust anything of the keep host's: no host files, and
-    every TLS connect pins its server (pin_sha256)."""
+    every TLS connect pins its server (pin_sha256). Whatever the run would refuse at its start
+    (plaintext TCP without insecure_plaintext, FD_NAMES it cannot build) is refused here too:
+    once accepted, the keep is used up by the deployment even if the guest never starts."""
     config = parse_config(deploy.config, source="keep.toml (deployed)") if deploy.config else KeepConfig()
     if (duplicate := duplicate_grant(deploy.volumes)) is not None:
         raise KeepError(duplicate)
@@ -205,6 +209,13 @@ def preflight(deploy: Deploy) -> KeepConfig:
         raise KeepError("a deployed keep.toml cannot name host files ([tls] paths): the keep's "
                         "TLS sockets use its attested key")
     for entry in config.sockets:
+        try:  # the policy the run applies (NetworkPolicy(): no --insecure-plaintext in a keep)
+            NetworkPolicy().check(entry.name, entry.prot,
+                                  entry_allows_plaintext=entry.insecure_plaintext)
+        except NetError:
+            raise KeepError(f"socket {entry.name!r} uses prot = \"tcp\" (plaintext the host can "
+                            "read): a deployed keep.toml allows it only with "
+                            "insecure_plaintext = true on the entry") from None
         if getattr(entry, "client_ca", None) is not None or getattr(entry, "ca", None) is not None:
             raise KeepError(f"socket {entry.name!r}: CA files on the keep host cannot be trusted "
                             "by a deployed workload (use pin_sha256)")
@@ -250,7 +261,6 @@ async def _run_in_keep_network(run_config: RunConfig, keep_config: KeepConfig,
     guest computing in wasm code nor let the keep commit its volumes and tell the owner. Here the
     keep's own signal handler cancels this run: the sockets are stopped (a guest blocked in
     accept or poll gets ECANCELED) and the engine's epoch stops the guest's wasm code."""
-    from net.policy import NetworkPolicy
     from shim.run import run_module_async
     from shim.sockets import open_keep_network, with_keep_config
 

@@ -351,3 +351,25 @@ async def test_an_exit_status_keep_deploy_cannot_exit_with_is_an_error(status: i
     assert owner.returncode == 1
     assert owner.stderr.decode().endswith(f"keep: the keep reported exit status {status}, which "
                                           "no process exits with (0-255)\n")
+
+
+def test_a_deployed_plaintext_listener_without_its_opt_in_does_not_use_up_the_keep(
+        keeper: Keeper, tmp_path: Path) -> None:
+    """prot = "tcp" without insecure_plaintext passed the keep's checks, so the keep accepted,
+    the run refused the socket ('... or pass --insecure-plaintext', an option keep deploy does
+    not have) and keep serve exited: used up. Now both sides refuse it first."""
+    listener = ('[[files]]\nkind = "stdin"\n[[files]]\nkind = "stdout"\n[[files]]\nkind = "stderr"\n'
+                '[[files]]\nkind = "listen"\nname = "x"\nprot = "tcp"\naddr = "127.0.0.1"\nport = 0\n')
+    module = tmp_path / "good.wasm"
+    module.write_bytes(EXIT_3)
+    config = tmp_path / "keep.toml"
+    config.write_text(listener)
+    owner = keeper.deploy("--allow-insecure-nil", "--config", str(config), str(module))
+    assert (owner.returncode, owner.stderr) == (1, (
+        "keep: socket 'x' uses prot = \"tcp\" (plaintext the host can read): a deployed keep.toml "
+        "allows it only with insecure_plaintext = true on the entry\n"))
+    answer = _deploy_raw(keeper.port, Deploy(workload=EXIT_3, config=listener))
+    assert isinstance(answer, Refused) and "insecure_plaintext = true" in answer.reason
+    config.write_text(listener + "insecure_plaintext = true\n")
+    assert keeper.deploy("--allow-insecure-nil", "--config", str(config), str(module)).returncode == 3
+    assert _finish(keeper)[0] == 0

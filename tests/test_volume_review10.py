@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import test_storage_review7 as review7
 from fixture_build import WasmFixture
@@ -29,23 +30,26 @@ __all__ = ["image", "passphrase_file"]  # the fixtures of test_run_volume, used 
 QUICK_KDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 
 
-def keep_volume(*args: str | bytes | os.PathLike[str], stdout_errors: str = "strict",
-                cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    """`keep volume ARGS` as its own process with the test key. Its stdout is strict UTF-8
-    (`stdout_errors`), as Python makes it under a locale such as en_US.UTF-8 (C.UTF-8 makes it
-    surrogateescape, which hides what users of those locales see)."""
+def keep_volume(*args: str | os.PathLike[str], buffered: bool = False,
+                **options: Any) -> subprocess.CompletedProcess[bytes]:
+    """`keep volume ARGS` as its own process with the test key (`options` to subprocess.run;
+    stdout and stderr captured unless given). Its stdout is strict UTF-8, as Python makes it
+    under a locale such as en_US.UTF-8 (C.UTF-8 makes it surrogateescape, which hides what
+    users of those locales see); `buffered` drops PYTHONUNBUFFERED, as a user's stdout is."""
     environment = {**os.environ, "KEEP_REVIEW10_KEY": PASSPHRASE.decode(),
-                   "PYTHONIOENCODING": f"utf-8:{stdout_errors}"}
-    command = [os.fsencode(sys.executable), b"-m", b"shim", b"volume",
-               *(os.fsencode(argument) for argument in args), *map(os.fsencode, KEY_OPTIONS)]
-    return subprocess.run(command, capture_output=True, env=environment, cwd=cwd, timeout=120,
-                          check=False)
+                   "PYTHONIOENCODING": "utf-8:strict"}
+    if buffered:
+        environment.pop("PYTHONUNBUFFERED", None)
+    command = [sys.executable, "-m", "shim", "volume", *args, *KEY_OPTIONS]
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(command, env=environment, timeout=120, check=False, **options)
 
 
-def volume_names(image: Path, directory: bytes = b"") -> set[bytes]:
+def volume_names(image: Path) -> set[bytes]:
+    """The names in the volume's root directory."""
     with open_volume(image, PASSPHRASE, writable=False) as volume:
-        ino = volume.fs.lookup(ROOT_INODE, directory).ino if directory else ROOT_INODE
-        return {name for name, _, _ in volume.fs.readdir(ino)} - {b".", b".."}
+        return {name for name, _, _ in volume.fs.readdir(ROOT_INODE)} - {b".", b".."}
 
 
 # -- names the locale cannot print ---------------------------------------------------------------
@@ -96,14 +100,9 @@ def test_a_stdout_that_cannot_be_written_is_named_and_fails_cleanly(tmp_path: Pa
     Python's flush at exit: exit status 120 and 'Exception ignored in: <_io.TextIOWrapper
     name='<stdout>'...' on stderr. Both now fail in one line naming stdout, exit status 1."""
     image = review7.make_image(tmp_path / "v.img", {b"f%d" % n: b"" for n in range(800)})
-    environment = {name: value for name, value in os.environ.items()
-                   if name != "PYTHONUNBUFFERED"}  # stdout buffered, as a user's is
     for action in (["ls", image, "/"], ["fsck", image], ["info", image]):
         with open("/dev/full", "wb") as full:
-            result = subprocess.run(
-                [sys.executable, "-m", "shim", "volume", *map(os.fspath, action), *KEY_OPTIONS],
-                stdout=full, stderr=subprocess.PIPE, timeout=120, check=False,
-                env={**environment, "KEEP_REVIEW10_KEY": PASSPHRASE.decode()})
+            result = keep_volume(*action, buffered=True, stdout=full)
         assert (result.returncode, result.stderr) == (
             1, b"keep: stdout: no space left on device\n"), action
 
@@ -196,11 +195,7 @@ def test_a_file_export_fails_on_leaves_no_partial_file_under_its_name(tmp_path: 
         volume.fs.write(big.ino, 0, os.urandom(3 << 20))
         volume.commit()
     destination = tmp_path / "out"
-    environment = {**os.environ, "KEEP_REVIEW10_KEY": PASSPHRASE.decode()}
-    result = subprocess.run(
-        [sys.executable, "-m", "shim", "volume", "export", image, destination, "/", *KEY_OPTIONS],
-        capture_output=True, env=environment, timeout=120, check=False,
-        preexec_fn=_limit_file_size)
+    result = keep_volume("export", image, destination, "/", preexec_fn=_limit_file_size)
     assert (result.returncode, result.stderr) == (
         1, f"keep: {destination / 'b.bin'}: file too large\n".encode())
     assert sorted(os.listdir(destination)) == ["a.txt"]

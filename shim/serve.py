@@ -623,6 +623,8 @@ def _volume_images(specs: Sequence[str]) -> dict[str, Path]:
         name, separator, image = spec.partition("=")
         if not name or not separator or not image:
             raise UsageError(f"--volume {spec!r}: expected NAME=IMAGE")
+        if "/" in name:  # (a grant's name never holds one: such a volume could never be granted)
+            raise UsageError(f"--volume {spec!r}: a volume name has no '/'")
         if name in images:
             raise UsageError(f"--volume {name}: given twice")
         # (a block device, e.g. a loop device or a disk partition, is a volume too, as for keep

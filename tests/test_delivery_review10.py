@@ -373,3 +373,14 @@ def test_a_deployed_plaintext_listener_without_its_opt_in_does_not_use_up_the_ke
     config.write_text(listener + "insecure_plaintext = true\n")
     assert keeper.deploy("--allow-insecure-nil", "--config", str(config), str(module)).returncode == 3
     assert _finish(keeper)[0] == 0
+
+
+def test_keep_serve_refuses_a_volume_name_no_deployment_could_grant(tmp_path: Path) -> None:
+    """A grant's volume name never holds '/' (the protocol refuses it), so `keep serve --volume
+    a/b=IMG` offered a volume no deployment could ever open, and said nothing: it served."""
+    image = tmp_path / "data.img"
+    image.write_bytes(b"")
+    served = subprocess.run([sys.executable, "-m", "shim", "serve", "--listen", "127.0.0.1:0",
+                             "--volume", f"a/b={image}"], capture_output=True, text=True, timeout=30)
+    assert (served.returncode, served.stderr) == (
+        2, f"keep: --volume 'a/b={image}': a volume name has no '/'\n")

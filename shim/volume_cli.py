@@ -659,6 +659,9 @@ def _write_data(fs: Filesystem, ino: int, offset: int, chunk: bytes) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     source: IO[bytes]
+    if args.host_file == "-" and getattr(args, "key_file", None) == "-":
+        # the key would take all of stdin, and an empty file would replace PATH (exit 0)
+        raise UsageError("stdin cannot be both the key (--key-file -) and the file to put (-)")
     if args.host_file == "-":
         source = sys.stdin.buffer
         mode = 0o644

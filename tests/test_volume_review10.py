@@ -240,3 +240,18 @@ def test_a_volume_state_file_named_with_up_to_255_bytes_records_the_run(
         generation = volume.state().generation
     assert json.loads(state.read_text())[str(image)]["generation"] == generation
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+
+
+def test_put_from_stdin_with_the_key_from_stdin_is_refused(tmp_path: Path) -> None:
+    """`put IMG - PATH --key-file -`: the key took all of stdin (key and data alike), then
+    put read nothing more and replaced PATH by an EMPTY file, exit 0. It is now a usage
+    error (2) before anything is read or written."""
+    image = review7.make_image(tmp_path / "v.img", {b"f": b"precious\n"})
+    result = subprocess.run(
+        [sys.executable, "-m", "shim", "volume", "put", image, "-", "/f", "--key-file", "-"],
+        input=PASSPHRASE, capture_output=True, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (
+        2, b"keep: stdin cannot be both the key (--key-file -) and the file to put (-)\n")
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        attr = volume.fs.lookup(ROOT_INODE, b"f")
+        assert volume.fs.read(attr.ino, 0, 100) == b"precious\n"

@@ -12,9 +12,12 @@ the target, so a failed put leaves the old file (and no temporary); `get` remove
 temporary (decrypted data) on any failure. `export` never follows a host symlink inside the
 destination (one an earlier export made from the volume could point anywhere on the host).
 Neither ever replaces the open image itself (nor do `put` and `import` copy it into itself);
-`get` writes into a device or FIFO (/dev/null, /dev/stdout) rather than replacing it; both keep
-a sparse file's holes. Trees are walked with lists, not recursion (a volume's tree may be deeper
-than Python's recursion limit).
+`get` writes into a device or FIFO (/dev/null, /dev/stdout) rather than replacing it. All four
+keep a sparse file's holes (whole 4 KiB blocks of zeros), both ways. A path ending in "/" names a
+directory, as on Linux. `ls` shows a name's bytes that are not UTF-8 and its control characters
+escaped (a guest makes any name); a failed write to stdout is stdout's ("stdout: broken pipe").
+Trees are walked with lists, not recursion (a volume's tree may be deeper than Python's recursion
+limit).
 
 Key management (`add-key`, `remove-key`, `passwd`) touches only the LUKS2 container, so it works on
 any LUKS2 image, including ones cryptsetup made. The file actions go through storage.volume.

@@ -479,7 +479,16 @@ def _luks(args: argparse.Namespace) -> Iterator[tuple[LuksVolume, bytes]]:
         yield open_luks2(device, key), key
 
 
+def _check_one_key_from_stdin(args: argparse.Namespace) -> None:
+    """Refuse the key and the new key both from stdin (`-`): the first read takes all of it,
+    and the second found nothing ('the passphrase is empty', which the user had not given)."""
+    sources = (args.key_file, args.passphrase_file, args.new_key_file, args.new_passphrase_file)
+    if sum(source == "-" for source in sources) > 1:
+        raise UsageError("stdin ('-') can give the key or the new key, not both")
+
+
 def _add_key(args: argparse.Namespace) -> int:
+    _check_one_key_from_stdin(args)
     _check_kdf_options(args)
     with _luks(args) as (luks, _):
         new_key = _new_key(args)
@@ -510,6 +519,7 @@ def _remove_key(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    _check_one_key_from_stdin(args)
     _check_kdf_options(args)
     with _luks(args) as (luks, _):
         old_slot = luks.opened_keyslot
@@ -662,9 +672,9 @@ def _write_data(fs: Filesystem, ino: int, offset: int, chunk: bytes) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     source: IO[bytes]
-    if args.host_file == "-" and getattr(args, "key_file", None) == "-":
+    if args.host_file == "-" and "-" in (args.key_file, args.passphrase_file):
         # the key would take all of stdin, and an empty file would replace PATH (exit 0)
-        raise UsageError("stdin cannot be both the key (--key-file -) and the file to put (-)")
+        raise UsageError("stdin ('-') can give the key or the file to put, not both")
     if args.host_file == "-":
         source = sys.stdin.buffer
         mode = 0o644

@@ -244,14 +244,33 @@ def test_a_volume_state_file_named_with_up_to_255_bytes_records_the_run(
 
 def test_put_from_stdin_with_the_key_from_stdin_is_refused(tmp_path: Path) -> None:
     """`put IMG - PATH --key-file -`: the key took all of stdin (key and data alike), then
-    put read nothing more and replaced PATH by an EMPTY file, exit 0. It is now a usage
-    error (2) before anything is read or written."""
+    put read nothing more and replaced PATH by an EMPTY file, exit 0 (with --passphrase-file -
+    the same when the data is one line). It is now a usage error (2) before anything is read
+    or written."""
     image = review7.make_image(tmp_path / "v.img", {b"f": b"precious\n"})
-    result = subprocess.run(
-        [sys.executable, "-m", "shim", "volume", "put", image, "-", "/f", "--key-file", "-"],
-        input=PASSPHRASE, capture_output=True, timeout=120, check=False)
-    assert (result.returncode, result.stderr) == (
-        2, b"keep: stdin cannot be both the key (--key-file -) and the file to put (-)\n")
+    for option in ("--key-file", "--passphrase-file"):
+        result = subprocess.run(
+            [sys.executable, "-m", "shim", "volume", "put", image, "-", "/f", option, "-"],
+            input=PASSPHRASE, capture_output=True, timeout=120, check=False)
+        assert (result.returncode, result.stderr) == (
+            2, b"keep: stdin ('-') can give the key or the file to put, not both\n"), option
     with open_volume(image, PASSPHRASE, writable=False) as volume:
         attr = volume.fs.lookup(ROOT_INODE, b"f")
         assert volume.fs.read(attr.ino, 0, 100) == b"precious\n"
+
+
+def test_the_key_and_the_new_key_both_from_stdin_are_refused(tmp_path: Path) -> None:
+    """`add-key`/`passwd` with --key-file - and --new-key-file -: the first read took all of
+    stdin, so with both keys on it the key was 'wrong passphrase' (it was right), and with the
+    key alone the new one was 'the passphrase is empty'. Now a usage error naming the
+    conflict, the header untouched."""
+    image = review7.make_image(tmp_path / "v.img")
+    before = image.read_bytes()[:16 << 20]
+    for action in ("add-key", "passwd"):
+        result = subprocess.run(
+            [sys.executable, "-m", "shim", "volume", action, image, "--key-file", "-",
+             "--new-key-file", "-", *QUICK_KDF],
+            input=PASSPHRASE + b"\nnew", capture_output=True, timeout=120, check=False)
+        assert (result.returncode, result.stderr) == (
+            2, b"keep: stdin ('-') can give the key or the new key, not both\n"), action
+    assert image.read_bytes()[:16 << 20] == before

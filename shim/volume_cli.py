@@ -479,11 +479,27 @@ def _luks(args: argparse.Namespace) -> Iterator[tuple[LuksVolume, bytes]]:
         yield open_luks2(device, key), key
 
 
+def _reads_stdin(path: str | None) -> bool:
+    """Whether reading file option `path` takes bytes from our stdin: "-", or another name of
+    stdin's stream (/dev/stdin, /proc/self/fd/0 on a pipe, a FIFO, a terminal). A regular file
+    on stdin is no stream: opened again by name, it is read from its start, taking nothing."""
+    if path is None:
+        return False
+    if path == "-":
+        return True
+    try:
+        standard = os.fstat(0)
+        return not stat.S_ISREG(standard.st_mode) and os.path.samestat(os.stat(path), standard)
+    except (OSError, ValueError):  # no stdin, or no such file (reading it will say so)
+        return False
+
+
 def _check_one_key_from_stdin(args: argparse.Namespace) -> None:
-    """Refuse the key and the new key both from stdin (`-`): the first read takes all of it,
-    and the second found nothing ('the passphrase is empty', which the user had not given)."""
+    """Refuse the key and the new key both from stdin (`-`, or /dev/stdin...): the first read
+    takes all of it, and the second found nothing ('the passphrase is empty', which the user
+    had not given)."""
     sources = (args.key_file, args.passphrase_file, args.new_key_file, args.new_passphrase_file)
-    if sum(source == "-" for source in sources) > 1:
+    if sum(map(_reads_stdin, sources)) > 1:
         raise UsageError("stdin ('-') can give the key or the new key, not both")
 
 
@@ -672,7 +688,7 @@ def _write_data(fs: Filesystem, ino: int, offset: int, chunk: bytes) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     source: IO[bytes]
-    if args.host_file == "-" and "-" in (args.key_file, args.passphrase_file):
+    if _reads_stdin(args.host_file) and (_reads_stdin(args.key_file) or _reads_stdin(args.passphrase_file)):
         # the key would take all of stdin, and an empty file would replace PATH (exit 0)
         raise UsageError("stdin ('-') can give the key or the file to put, not both")
     if args.host_file == "-":

@@ -1,0 +1,70 @@
+"""Defects found by the review of session 10's whole change (a16e221..): each test failed on the
+code before its fix (see the commit that added it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import test_storage_review7 as review7
+
+from storage.fs import ROOT_INODE
+from storage.volume import open_volume
+
+PASSPHRASE = review7.PASSPHRASE
+
+
+def keep_volume_on_stdin(*args: str | Path, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    """`keep volume ARGS` as its own process, `stdin` on a pipe."""
+    return subprocess.run([sys.executable, "-m", "shim", "volume", *args], input=stdin,
+                          capture_output=True, timeout=120, check=False)
+
+
+def test_put_from_stdin_with_the_key_from_dev_stdin_is_refused(tmp_path: Path) -> None:
+    """19d969c refused `put IMG - PATH --key-file -` (the key took all of stdin and PATH was
+    replaced by an EMPTY file, exit 0), but only for the spelling '-': `--key-file /dev/stdin`
+    (or /proc/self/fd/0) reads the same pipe and did exactly that. Also `put IMG /dev/stdin
+    PATH --key-file -`. Both are now the same usage error."""
+    image = review7.make_image(tmp_path / "v.img", {b"f": b"precious\n"})
+    for data_source, key_source in (("-", "/dev/stdin"), ("/dev/stdin", "-"),
+                                    ("-", "/proc/self/fd/0")):
+        for option in ("--key-file", "--passphrase-file"):
+            result = keep_volume_on_stdin("put", image, data_source, "/f", option, key_source,
+                                          stdin=PASSPHRASE)
+            assert (result.returncode, result.stderr) == (
+                2, b"keep: stdin ('-') can give the key or the file to put, not both\n"), (
+                data_source, option, key_source)
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        attr = volume.fs.lookup(ROOT_INODE, b"f")
+        assert volume.fs.read(attr.ino, 0, 100) == b"precious\n"
+
+
+def test_the_key_and_the_new_key_both_from_stdin_under_another_name_are_refused(tmp_path: Path) -> None:
+    """The same for add-key/passwd: --key-file /dev/stdin with --new-key-file - read stdin
+    twice (the second read found nothing: 'the passphrase is empty')."""
+    image = review7.make_image(tmp_path / "v.img")
+    before = image.read_bytes()[:16 << 20]
+    for action in ("add-key", "passwd"):
+        result = keep_volume_on_stdin(action, image, "--key-file", "/dev/stdin", "--new-key-file", "-",
+                                      "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+                                      stdin=PASSPHRASE)
+        assert (result.returncode, result.stderr) == (
+            2, b"keep: stdin ('-') can give the key or the new key, not both\n"), action
+    assert image.read_bytes()[:16 << 20] == before
+
+
+def test_a_key_file_that_is_the_same_regular_file_as_stdin_is_no_conflict(tmp_path: Path) -> None:
+    """A regular file redirected to stdin and also named as the key file is read twice from
+    its start (two open file descriptions): nothing is taken from the other, so it is allowed."""
+    image = review7.make_image(tmp_path / "v.img")
+    key = tmp_path / "key"
+    key.write_bytes(PASSPHRASE)
+    with key.open("rb") as stdin:
+        result = subprocess.run([sys.executable, "-m", "shim", "volume", "put", image, "-", "/k",
+                                 "--key-file", "/dev/stdin"], stdin=stdin, capture_output=True,
+                                timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, b"")
+    with open_volume(image, PASSPHRASE, writable=False) as volume:
+        attr = volume.fs.lookup(ROOT_INODE, b"k")
+        assert volume.fs.read(attr.ino, 0, 100) == PASSPHRASE

@@ -113,6 +113,16 @@ class _Loss:
     seen: bool = False
 
 
+def _kept(error: OSError) -> OSError:
+    """`error` as kept on a handle for its later calls: an IntegrityError becomes a plain EIO,
+    since it is told to the operator (`VolumeSession.integrity_failed`) where it happened, and
+    every later call raising it again must not count and tell it again (one sector changed by
+    the host would be 'N integrity failures')."""
+    if isinstance(error, IntegrityError):
+        return OSError(errno.EIO, error.strerror or str(error))
+    return error
+
+
 class VolumeSession:
     """One open volume shared by the handles of a run: lock, write-back buffer, commits."""
 
@@ -173,6 +183,7 @@ class VolumeSession:
     def _lose(self, handle: VolumeFile, error: OSError) -> None:
         """Keep `error` on `handle`, whose buffered bytes or new file a flush lost, and on its
         inode: its next call and the next fsync of each handle of the file report it."""
+        error = _kept(error)
         handle.lost = handle.lost_since_sync = error
         if handle.ino:
             self._loss_count += 1
@@ -218,7 +229,7 @@ class VolumeSession:
             if self._buffer_handle is handle:
                 self._buffer, self._buffer_handle = bytearray(), None
             if isinstance(error, OSError):
-                handle.failed = error  # every later call of the handle fails with it too
+                handle.failed = _kept(error)  # every later call of the handle fails with it too
             if isinstance(error, IntegrityError):
                 self._lose(handle, error)  # raised to the caller; the new file's handle learns too
             elif isinstance(error, OSError):

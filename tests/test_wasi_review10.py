@@ -86,6 +86,19 @@ def test_bytes_lost_on_a_full_volume_are_reported_by_the_fsync_of_another_fd_of_
         b"unlink big: 0\n")
 
 
+def flush_meets_a_changed_sector(root: VolumeDirectory, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A call (stat of "elsewhere", which must exist) whose flush of the write-back buffer or
+    pending new file meets an IntegrityError in storage's `method` ("write", "create"): EIO."""
+    def tampered(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("a sector changed by the host")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(root.session.fs, method, tampered)
+        with pytest.raises(OSError) as failure:
+            root.stat_at("elsewhere")
+        assert failure.value.errno == errno.EIO
+
+
 def test_bytes_lost_to_an_integrity_failure_in_another_call_are_reported_by_their_own_fsync(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writing a file's buffered bytes (or creating a new file with them) out failed with an
@@ -100,20 +113,10 @@ def test_bytes_lost_to_an_integrity_failure_in_another_call_are_reported_by_thei
     old.sync()
     assert old.pwrite(b"b" * 10, 5) == 10  # buffered: the guest is told it went in
 
-    def tampered(*args: object, **kwargs: object) -> None:
-        raise IntegrityError("a sector changed by the host")
-
-    def flush_fails(method: str) -> None:
-        with monkeypatch.context() as patch:
-            patch.setattr(root.session.fs, method, tampered)
-            with pytest.raises(OSError) as failure:
-                root.stat_at("elsewhere")
-            assert failure.value.errno == errno.EIO
-
-    flush_fails("write")
+    flush_meets_a_changed_sector(root, monkeypatch, "write")
     new = root.open_file("new", create=True, exclusive=True, truncate=False, read=True, write=True)
     assert new.pwrite(b"c" * 10, 0) == 10  # the file is created with these bytes at the next flush
-    flush_fails("create")
+    flush_meets_a_changed_sector(root, monkeypatch, "create")
     assert root.stat_at("elsewhere").size >= 0
     for handle in (old, new):
         with pytest.raises(OSError) as failure:

@@ -69,6 +69,7 @@ from shim.keys import forbid_core_dumps
 from shim.run import TRAP_EXIT_STATUS, RunConfig, RunResult, Stdio
 from shim.signals import receive_stop_signals
 from shim.trace import same_file
+from shim.volume_state import temporary_prefix
 from wasi_host._backend import Buffer, Pollable, Readiness, Stream
 from wasi_host._guest import GuestStopped
 
@@ -473,8 +474,8 @@ def _export_certificate(config: KeepConfig, identity: KeepIdentity) -> None:
     path = config.tls.export_certificate
     assert path is not None
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                                 suffix=".partial")
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".partial",
+                                                 prefix=temporary_prefix(path.name, ".partial"))
         try:
             with os.fdopen(descriptor, "wb") as stream:
                 os.fchmod(stream.fileno(), 0o644)

@@ -13,6 +13,8 @@ import test_storage_review7 as review7
 from test_wasi_review10 import flush_meets_a_changed_sector
 from wasi_harness import volume_root
 
+from shim.config import KeepConfig, ListenFile, TlsSettings
+from shim.sockets import open_keep_network
 from shim.volume_backend import VolumeDirectory
 from storage.errors import IntegrityError
 from storage.fs import ROOT_INODE
@@ -107,3 +109,19 @@ def test_one_integrity_failure_is_reported_to_the_operator_once(tmp_path: Path,
     old.close()
     new.close()
     root.session.close()
+
+
+@pytest.mark.parametrize("length", [255, 240])
+async def test_export_certificate_to_a_name_of_up_to_255_bytes(tmp_path: Path, length: int) -> None:
+    """9c4e1f9 and 673e234 fitted the temporaries of `keep volume get` and --volume-state into
+    255 bytes (shim.volume_state.temporary_prefix), but left the third copy of the pattern:
+    keep.toml's [tls] export_certificate writes '.NAME.XXXXXXXX.partial' (18 bytes longer) first,
+    so a valid name of 238-255 bytes failed the run at its start with 'cannot write the
+    certificate to NAME: File name too long'."""
+    export = tmp_path / ("c" * (length - 4) + ".pem")
+    listen = ListenFile(name="web", addr="127.0.0.1", port=0)
+    config = KeepConfig(files=(*KeepConfig().files, listen), tls=TlsSettings(export_certificate=export))
+    async with open_keep_network(config) as network:
+        assert network.identity is not None
+        assert export.read_bytes() == network.identity.certificate_chain_pem
+    assert [path.name for path in tmp_path.iterdir()] == [export.name]  # no temporary left

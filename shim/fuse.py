@@ -143,6 +143,20 @@ def _entry(attr: Attr) -> EntryAttributes:
     return entry
 
 
+def _killed_privileges(attr: Attr, ctx: RequestContext) -> int | None:
+    """The mode a regular file keeps when a caller without CAP_FSETID (FUSE tells us the uid
+    only: any but root) truncates it, or None if it is unchanged: Linux's
+    setattr_should_drop_suidgid drops S_ISUID always, and S_ISGID if group execute is set or
+    the caller is not in the file's group (of which we know the primary group only)."""
+    mode = attr.mode
+    if ctx.uid == 0 or not stat.S_ISREG(mode):
+        return None
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or ctx.gid != attr.gid):
+        mode &= ~stat.S_ISGID
+    mode &= ~stat.S_ISUID
+    return mode if mode != attr.mode else None
+
+
 class FuseOperations(pyfuse3.Operations):
     """FUSE requests over one open volume (see the module notes for threading)."""
 
@@ -288,11 +302,13 @@ class FuseOperations(pyfuse3.Operations):
         atomic O_TRUNC, so the kernel sends no setattr(size=0) of its own: it has checked
         write permission and the read-only mount and leaves the truncation to us (as Linux,
         also for O_RDONLY | O_TRUNC); a read-only volume still refuses it in storage (EROFS).
-        Truncating marks mtime too, as POSIX asks."""
+        Truncating marks mtime too, as POSIX asks, and drops set-user-ID and set-group-ID as
+        the kernel would have (`_killed_privileges`): its setattr is skipped with atomic O_TRUNC."""
         truncate = bool(flags & os.O_TRUNC)
         with self._call("open", changes=truncate) as fs:
             if truncate:
-                fs.setattr(inode, size=0, mtime_ns=time.time_ns())
+                fs.setattr(inode, size=0, mtime_ns=time.time_ns(),
+                           mode=_killed_privileges(fs.getattr(inode), ctx))
             return FileInfo(fh=self._open_handle(inode, fs))
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

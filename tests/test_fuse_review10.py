@@ -1,0 +1,105 @@
+"""Session-10 review of `keep volume mount`: what programs see through a real FUSE mount,
+compared with what Linux's own filesystems (tmpfs, ext4) do.
+
+Each test mounts a real image in a real `keep` process (fuse_harness.MountedVolume, always
+unmounted in teardown) and checks with POSIX calls, from root and from another user.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fuse_harness import MountedVolume, create_image, fuse_skip_reason
+
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.skipif(fuse_skip_reason() is not None, reason=str(fuse_skip_reason()))]
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One empty volume, copied for each test (creating one per test costs more)."""
+    return create_image(tmp_path_factory.mktemp("fuse10") / "base.img", "32M")
+
+
+@pytest.fixture
+def shared_mount(pristine: Path, tmp_path: Path) -> Iterator[MountedVolume]:
+    """A mount other users may use (--allow-other), as a shared directory would be."""
+    image = Path(shutil.copyfile(pristine, tmp_path / "volume.img"))
+    with MountedVolume(image, tmp_path / "mnt", "--allow-other") as mount:
+        yield mount
+
+
+def _as_user(uid: int, directory: Path, action: Callable[[int], None]) -> int:
+    """Run `action(dirfd)` in a child process as `uid` (and gid `uid`), with `directory`
+    opened before the switch (the test's tmp dirs are not reachable by other users); the
+    errno it failed with, or 0."""
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through its exit status)
+        status = 255
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            action(dirfd)
+            status = 0
+        except OSError as error:
+            status = error.errno or 254
+        finally:
+            os._exit(status)
+    os.close(dirfd)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
+def _truncate_by_open(dirfd: int) -> None:
+    os.close(os.open("shared", os.O_WRONLY | os.O_TRUNC, dir_fd=dirfd))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch users")
+def test_o_trunc_by_another_user_clears_set_user_and_group_id(shared_mount: MountedVolume) -> None:
+    """`: > file` (open with O_TRUNC) by a user other than root empties a set-user-ID file
+    writable by all: Linux filesystems then drop S_ISUID (and S_ISGID with group execute), as
+    a write does, so nobody plants a setuid program. libfuse's atomic O_TRUNC leaves that to
+    us (the kernel sends no setattr), and the bits stayed: 6777 after the truncation."""
+    path = shared_mount.mountpoint / "shared"
+    path.write_bytes(b"#!/bin/sh\n")
+    os.chmod(path, 0o6777)
+    assert _as_user(NOBODY, shared_mount.mountpoint, _truncate_by_open) == 0
+    after = os.stat(path)
+    assert after.st_size == 0
+    assert stat.S_IMODE(after.st_mode) == 0o777
+
+    # without group execute, S_ISGID goes only if the caller is not in the file's group
+    path.write_bytes(b"x")
+    os.chmod(path, 0o6766)
+    assert _as_user(NOBODY, shared_mount.mountpoint, _truncate_by_open) == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o766
+    path.write_bytes(b"x")
+    os.chown(path, 0, NOBODY)
+    os.chmod(path, 0o2766)
+    assert _as_user(NOBODY, shared_mount.mountpoint, _truncate_by_open) == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o2766
+
+    # root (CAP_FSETID) keeps them, as on a local filesystem
+    os.chmod(path, 0o6777)
+    os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o6777
+
+
+def test_errno_helper_reports_failures(shared_mount: MountedVolume) -> None:
+    """The child helper itself: a refused open comes back as its errno (so a 0 above means
+    the call succeeded, not that the child could not report)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to switch users")
+    path = shared_mount.mountpoint / "shared"
+    path.write_bytes(b"x")
+    os.chmod(path, 0o644)
+    assert _as_user(NOBODY, shared_mount.mountpoint, _truncate_by_open) == errno.EACCES

@@ -75,6 +75,7 @@ HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's Connection Attempt Delay (trio's defau
 CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs for minutes
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
+PORT_0_ATTEMPTS = 10  # port 0 on every address: tries at one free port for all (see _bind_listeners)
 WARNINGS_PER_MINUTE = 10  # a listener's log lines (refused handshakes, accept errors) per minute
 
 
@@ -675,11 +676,32 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def _bind_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """Listening sockets on every address of `host` (None: 0.0.0.0 and ::), all on `port`. With
+    port 0 each family's bind picked its own free port: 0.0.0.0 and :: listened on two ports and
+    the listener named one. The port the first picked is then bound on every address; should
+    another family have it taken (a race with other programs), the choice is made again."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    attempts = PORT_0_ATTEMPTS
+    while port == 0 and len({item.socket.getsockname()[1] for item in listeners}) > 1:
+        chosen = listeners[0].socket.getsockname()[1]
+        for item in listeners:
+            item.socket.close()
+        attempts -= 1
+        try:
+            return await trio.open_tcp_listeners(chosen, host=host)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempts <= 0:
+                raise
+        listeners = await trio.open_tcp_listeners(0, host=host)
+    return listeners
+
+
 async def open_listener(settings: ListenerSettings, host: str, port: int, board: ReadinessBoard,
                         nursery: trio.Nursery) -> Listener:
     """Bind `host`:`port` and start accepting in `nursery`."""
     bind_host = None if host in ("", "::") else host  # "::" (Enarx's default): every address
-    socket_listeners = await trio.open_tcp_listeners(port, host=bind_host)
+    socket_listeners = await _bind_listeners(bind_host, port)
     listener = Listener(settings, socket_listeners, board, nursery)
     nursery.start_soon(listener.serve)
     return listener

@@ -102,7 +102,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
                         help="stop the guest (a trap) after this many seconds")
     parser.add_argument("--max-memory", type=count, metavar="BYTES",
-                        help="refuse to grow guest memory beyond this many bytes")
+                        help="refuse to grow guest memory beyond this many bytes (the guest may "
+                        "then have one linear memory and one table, of at most BYTES/8 elements)")
     parser.add_argument("--fuel", type=count, metavar="N",
                         help="trap after N units of fuel (roughly wasm instructions)")
     parser.add_argument("--trap-unknown-imports", action="store_true",

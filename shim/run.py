@@ -81,6 +81,7 @@ from wasi_host.streams import OsStream
 TRAP_EXIT_STATUS = 134  # what wasmtime's CLI exits with for a trap (128 + SIGABRT)
 MAX_FUEL = 2**64 - 1  # wasmtime's fuel is a u64: larger values wrapped around silently
 MAX_MEMORY = 2**63 - 1  # wasmtime-py passes the memory limit as an i64 (negative: no limit)
+TABLE_ELEMENT_BYTES = 8  # a table element (a function or extern reference) is a pointer
 INVALID_EXIT_STATUS = 126  # proc_exit codes from here on are an error in wasmtime (exit status 1)
 WASI_MODULE = "wasi_snapshot_preview1"
 _WASM_MAGIC = b"\0asm"
@@ -411,7 +412,7 @@ class _GuestRun:
             if config.engine_settings.epoch_interruption:
                 store.set_epoch_deadline(1)  # one increment_epoch() stops the guest
             if config.max_memory is not None:
-                store.set_limits(memory_size=config.max_memory)
+                _limit_memory(store, config.max_memory)
             if config.fuel is not None:
                 store.set_fuel(config.fuel)
             try:
@@ -425,7 +426,9 @@ class _GuestRun:
                     # (_trapped takes the exit code, or reports the stop with this text)
                     return self._trapped(GuestTrap("wasm trap: interrupt (while waiting in a host call of the "
                                                    "start function)", None))
-                raise ModuleError(f"cannot instantiate {config.module}: {error}") from None
+                limited = " (--max-memory allows one linear memory and one table)" \
+                    if config.max_memory is not None and "count too high" in str(error) else ""
+                raise ModuleError(f"cannot instantiate {config.module}: {error}{limited}") from None
             except GuestTrap as trap:
                 return self._trapped(trap)
             try:
@@ -479,6 +482,16 @@ class _GuestRun:
         if guest.host_error is not None:
             raise guest.host_error
         return _Outcome(TRAP_EXIT_STATUS, str(trap), trap.code)
+
+
+def _limit_memory(store: wasmtime.Store, max_memory: int) -> None:
+    """--max-memory for one store. wasmtime's `memory_size` limit is per linear memory and
+    leaves tables alone, so on its own it bounded neither a module with several memories (each
+    grew to the limit) nor a table grown in a loop (3 GB of host memory in 4 s under --max-memory
+    1 MiB): the guest may have one memory and one table, and the table at most as many elements
+    as the limit has bytes for (`TABLE_ELEMENT_BYTES` each)."""
+    store.set_limits(memory_size=max_memory, table_elements=max_memory // TABLE_ELEMENT_BYTES,
+                     memories=1, tables=1)
 
 
 def _refuse_v128(func_type: wasmtime.FuncType, name: str) -> None:

@@ -100,6 +100,9 @@ _REPORT_LIMIT = 64 << 10  # the longest report `umount` reads (one line)
 
 log = logging.getLogger("keepshim.fuse")
 
+# what Linux's xattr code lets a local filesystem store (system.* is its own: ACLs)
+_XATTR_NAMESPACES = frozenset({b"user.", b"trusted.", b"security."})
+
 
 @contextlib.contextmanager
 def _storage_errors(operation: str) -> Iterator[None]:
@@ -380,10 +383,17 @@ class FuseOperations(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------------------------
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        if name.startswith(b"system."):
-            # POSIX ACLs and other kernel-interpreted names: stored as plain bytes they would
-            # claim an ACL that nothing enforces (and `cp -a` would then skip its chmod).
+        """Names in the namespaces Linux filesystems keep (`_XATTR_NAMESPACES`); system.* is
+        refused: POSIX ACLs and other kernel-interpreted names, stored as plain bytes, would
+        claim an ACL that nothing enforces (and `cp -a` would then skip its chmod). For FUSE
+        the kernel passes any name on, so, as its own xattr code does for other filesystems,
+        another prefix is EOPNOTSUPP and a namespace with nothing after it EINVAL: stored,
+        'foo.x' or 'user.' could not be copied to any other filesystem."""
+        namespace, dot, rest = name.partition(b".")
+        if not dot or namespace + dot not in _XATTR_NAMESPACES:
             raise FUSEError(errno.EOPNOTSUPP)
+        if not rest:
+            raise FUSEError(errno.EINVAL)
         with self._call("setxattr", changes=True) as fs:
             fs.setxattr(inode, name, value)
 

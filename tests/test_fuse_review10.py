@@ -103,3 +103,23 @@ def test_errno_helper_reports_failures(shared_mount: MountedVolume) -> None:
     path.write_bytes(b"x")
     os.chmod(path, 0o644)
     assert _as_user(NOBODY, shared_mount.mountpoint, _truncate_by_open) == errno.EACCES
+
+
+def test_xattr_names_outside_linux_namespaces_are_refused(shared_mount: MountedVolume) -> None:
+    """tmpfs and ext4 refuse an xattr name outside user., trusted., security. (and system.)
+    with EOPNOTSUPP, and a namespace with nothing after it with EINVAL; the kernel leaves that
+    check to FUSE filesystems, and the mount stored 'foo.x', 'x' and 'user.', which no other
+    filesystem takes (`cp -a` / `rsync -X` out of the mount then failed on them)."""
+    path = shared_mount.mountpoint / "tagged"
+    path.write_bytes(b"x")
+    for name in ("foo.x", "x", "User.x", "userx", "system.foo"):
+        with pytest.raises(OSError) as refused:
+            os.setxattr(path, name, b"1")
+        assert refused.value.errno == errno.EOPNOTSUPP, name
+    for name in ("user.", "trusted.", "security."):
+        with pytest.raises(OSError) as refused:
+            os.setxattr(path, name, b"1")
+        assert refused.value.errno == errno.EINVAL, name
+    for name in ("user.a", "trusted.b", "security.c"):
+        os.setxattr(path, name, b"v")
+    assert sorted(os.listxattr(path)) == ["security.c", "trusted.b", "user.a"]

@@ -169,8 +169,12 @@ class Connection:
     """A connected stream (TLS or, when policy allows, plaintext TCP) with plaintext buffers."""
 
     def __init__(self, stream: trio.abc.Stream, board: ReadinessBoard, peer: str,
-                 *, buffer_limit: int = BUFFER_LIMIT) -> None:
+                 *, buffer_limit: int = BUFFER_LIMIT, name_alerts: bool = False) -> None:
         self.peer = peer
+        # An outgoing connection's peer ending TLS with an alert is said on the log, once: in TLS
+        # 1.3 a server judges the keep's client certificate after the keep's handshake is over,
+        # and its refusal would otherwise reach the guest as a bare EPIPE or ECONNRESET.
+        self._name_alerts = name_alerts
         self._stream = stream
         self._board = board
         self._limit = buffer_limit
@@ -330,6 +334,7 @@ class Connection:
                 data = await self._stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 if not isinstance(error.__cause__, ssl.SSLZeroReturnError):
+                    self._name_alert(error)
                     with self._lock:
                         self._read_error = ConnectionResetError(
                             errno.ECONNRESET, "peer reset the connection or cut TLS without "
@@ -347,6 +352,15 @@ class Connection:
             self._board.changed()
             if not data:
                 return
+
+    def _name_alert(self, error: BaseException) -> None:
+        """Log the TLS alert that ended an outgoing connection (see `__init__`), once."""
+        reason = _describe_failure(error)
+        if self._name_alerts and "ALERT" in reason:
+            self._name_alerts = False
+            log.warning("the TLS connection to %s was ended by the peer's alert %s%s", self.peer,
+                        reason, " (the server refused the keep's client certificate)"
+                        if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason else "")
 
     async def _writer(self) -> None:
         def work() -> bool:
@@ -742,6 +756,6 @@ async def open_connection(host: str, port: int, context: ssl.SSLContext | None,
                     f"TLS handshake with {where} failed: {_describe_failure(error)}") from None
             raise
         stream = tls
-    connection = Connection(stream, board, where)
+    connection = Connection(stream, board, where, name_alerts=context is not None)
     nursery.start_soon(connection.run)
     return connection

@@ -5,9 +5,15 @@ loopback. Every test stops by itself; none asserts a timing.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
+from pathlib import Path
 
 import trio
+import trustme
+from fixture_build import WasmFixture
+from keep_net import STDIO, connect_entry, keep_env, run_keep_sync
 
 from net.streams import ListenerSettings, ReadinessBoard, open_listener
 
@@ -44,3 +50,40 @@ async def test_a_listener_on_every_address_with_port_0_has_one_port_for_both_fam
                 await tcp.aclose()
             listener.close_connections()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_server_refusing_the_keeps_client_certificate_after_the_handshake_is_named(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """A connect entry's server that requires a client certificate from another CA: in TLS 1.3
+    the keep's handshake completes before the server judges the keep's certificate, so the
+    refusal (the server's alert) reached the guest as a bare EPIPE or ECONNRESET and keep's
+    stderr said nothing of why. The server's alert is now named on stderr, once."""
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    other_ca.configure_trust(server_context)  # not the keep's self-signed certificate
+
+    def serve_once(listening: socket.socket) -> None:
+        """Python's blocking ssl, as most servers: the refusal goes out as an alert."""
+        listening.settimeout(TEST_DEADLINE)  # a keep that never connects ends the test
+        with contextlib.suppress(ssl.SSLError, OSError):
+            connection, _ = listening.accept()
+            with connection:
+                server_context.wrap_socket(connection, server_side=True).close()
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        entry = connect_entry("upstream", "localhost", port, ca=str(tmp_path / "ca.pem"))
+        wasm = wasm_fixture("net_client")
+        with trio.fail_after(TEST_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, serve_once, listening)
+                result = await trio.to_thread.run_sync(lambda: run_keep_sync(
+                    tmp_path, wasm, STDIO + entry, ["upstream", "hello"], keep_env(keep_environment)))
+    assert result.returncode == 1  # the guest's own: its send or recv failed
+    assert "Broken pipe" in result.stdout or "reset" in result.stdout, result.stdout
+    named = [line for line in result.stderr.splitlines() if "ALERT_UNKNOWN_CA" in line]
+    assert len(named) == 1, result.stderr
+    assert f"localhost:{port}" in named[0] and named[0].startswith("keep: "), named

@@ -310,8 +310,8 @@ class FuseOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         with self._call("open", changes=truncate) as fs:
             if truncate:
-                fs.setattr(inode, size=0, mtime_ns=time.time_ns(),
-                           mode=_killed_privileges(fs.getattr(inode), ctx))
+                killed = None if ctx.uid == 0 else _killed_privileges(fs.getattr(inode), ctx)
+                fs.setattr(inode, size=0, mtime_ns=time.time_ns(), mode=killed)
             return FileInfo(fh=self._open_handle(inode, fs))
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -159,9 +159,14 @@ class _WarningLimit:
 
 
 def _describe_failure(error: BaseException) -> str:
+    """OpenSSL's reason for a failed TLS stream; for a certificate that failed verification,
+    with OpenSSL's word on why (a host name mismatch, expired, an unknown issuer), which the
+    reason alone (CERTIFICATE_VERIFY_FAILED) does not tell apart."""
     cause = error.__cause__ or error
     if isinstance(cause, ssl.SSLError):  # one raised by Python code has no `reason`
-        return getattr(cause, "reason", None) or str(cause)
+        reason = getattr(cause, "reason", None) or str(cause)
+        why = getattr(cause, "verify_message", None)  # ssl.SSLCertVerificationError's
+        return f"{reason} ({why.rstrip('.')})" if why else reason
     return str(cause) or type(cause).__name__
 
 

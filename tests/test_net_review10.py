@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
 import trio
@@ -65,8 +66,41 @@ async def test_a_server_refusing_the_keeps_client_certificate_after_the_handshak
     server_context.verify_mode = ssl.CERT_REQUIRED
     other_ca.configure_trust(server_context)  # not the keep's self-signed certificate
 
+    result, port = await _run_client_against(server_context, tmp_path, wasm_fixture("net_client"),
+                                             keep_env(keep_environment))
+    assert result.returncode == 1  # the guest's own: its send or recv failed
+    assert "Broken pipe" in result.stdout or "reset" in result.stdout, result.stdout
+    named = [line for line in result.stderr.splitlines() if "ALERT_UNKNOWN_CA" in line]
+    assert len(named) == 1, result.stderr
+    assert f"localhost:{port}" in named[0] and named[0].startswith("keep: "), named
+
+
+async def test_a_server_certificate_that_fails_verification_is_refused_saying_why(
+        tmp_path: Path, wasm_fixture: WasmFixture, keep_environment: dict[str, str]) -> None:
+    """A connect entry whose server's certificate is from the configured CA but for another name:
+    keep said only 'TLS handshake with localhost:PORT failed: CERTIFICATE_VERIFY_FAILED', the
+    same for a wrong name, an expired certificate or an unknown issuer. It now carries OpenSSL's
+    verification message (here the host name mismatch)."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("other.example").configure_cert(server_context)
+
+    result, port = await _run_client_against(server_context, tmp_path, wasm_fixture("net_client"),
+                                             keep_env(keep_environment))
+    assert result.returncode != 0 and result.stdout == ""  # the guest never started
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f'connect "upstream": TLS handshake with localhost:{port} failed' in result.stderr
+    assert "Hostname mismatch" in result.stderr and "localhost" in result.stderr, result.stderr
+
+
+async def _run_client_against(server_context: ssl.SSLContext, directory: Path, wasm: Path,
+                              env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """`keep run` of net_client ("hello") whose connect entry "upstream" (trusting
+    directory/ca.pem) reaches a one-connection server on `server_context`: Python's blocking
+    ssl, as most servers are, so that a refusal goes out as an alert. The run and the port."""
+
     def serve_once(listening: socket.socket) -> None:
-        """Python's blocking ssl, as most servers: the refusal goes out as an alert."""
         listening.settimeout(TEST_DEADLINE)  # a keep that never connects ends the test
         with contextlib.suppress(ssl.SSLError, OSError):
             connection, _ = listening.accept()
@@ -75,15 +109,10 @@ async def test_a_server_refusing_the_keeps_client_certificate_after_the_handshak
 
     with socket.create_server(("127.0.0.1", 0)) as listening:
         port = listening.getsockname()[1]
-        entry = connect_entry("upstream", "localhost", port, ca=str(tmp_path / "ca.pem"))
-        wasm = wasm_fixture("net_client")
+        entry = connect_entry("upstream", "localhost", port, ca=str(directory / "ca.pem"))
         with trio.fail_after(TEST_DEADLINE):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, serve_once, listening)
                 result = await trio.to_thread.run_sync(lambda: run_keep_sync(
-                    tmp_path, wasm, STDIO + entry, ["upstream", "hello"], keep_env(keep_environment)))
-    assert result.returncode == 1  # the guest's own: its send or recv failed
-    assert "Broken pipe" in result.stdout or "reset" in result.stdout, result.stdout
-    named = [line for line in result.stderr.splitlines() if "ALERT_UNKNOWN_CA" in line]
-    assert len(named) == 1, result.stderr
-    assert f"localhost:{port}" in named[0] and named[0].startswith("keep: "), named
+                    directory, wasm, STDIO + entry, ["upstream", "hello"], env))
+    return result, port

@@ -76,6 +76,10 @@ CONNECT_TIMEOUT = 10.0  # an outgoing TCP connect; the kernel alone retries SYNs
 CLOSE_TIMEOUT = 10.0
 ACCEPT_BACKLOG = 128
 PORT_0_ATTEMPTS = 10  # port 0 on every address: tries at one free port for all (see _bind_listeners)
+# A client's alerts that say it refused the keep's certificate (RFC 8446 6.2): no CA of its own
+# vouches for it, most often a client not given the exported certificate.
+UNTRUSTED_ALERTS = frozenset({"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                              "SSLV3_ALERT_CERTIFICATE_UNKNOWN"})
 WARNINGS_PER_MINUTE = 10  # a listener's log lines (refused handshakes, accept errors) per minute
 
 
@@ -587,6 +591,8 @@ class Listener:
                 except (trio.BrokenResourceError, trio.TooSlowError, OSError) as error:
                     reason = ("timed out" if isinstance(error, trio.TooSlowError)
                               else _describe_failure(error))
+                    if reason in UNTRUSTED_ALERTS:  # the client refused us, not we the client
+                        reason += " (the client does not trust the keep's certificate)"
         except BaseException:  # the keep is stopping (its nursery is cancelled): close and go
             tcp.socket.close()
             raise

@@ -11,12 +11,14 @@ import ssl
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 import trustme
 from fixture_build import WasmFixture
 from keep_net import STDIO, connect_entry, keep_env, run_keep_sync
 
 from net.streams import ListenerSettings, ReadinessBoard, open_listener
+from net.tls import SelfSignedProvider, server_context
 
 TEST_DEADLINE = 60.0
 
@@ -92,6 +94,35 @@ async def test_a_server_certificate_that_fails_verification_is_refused_saying_wh
     assert result.stderr.count("\n") == 1, result.stderr
     assert f'connect "upstream": TLS handshake with localhost:{port} failed' in result.stderr
     assert "Hostname mismatch" in result.stderr and "localhost" in result.stderr, result.stderr
+
+
+async def test_a_client_that_does_not_trust_the_keeps_certificate_is_named_as_such(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """curl or Python's ssl without the exported certificate (the commonest first try) abort the
+    handshake with an unknown_ca alert, and the keep logged 'TLS handshake with ... refused:
+    TLSV1_ALERT_UNKNOWN_CA': as if the keep had refused the client. The line now says the client
+    does not trust the keep's certificate."""
+    identity = SelfSignedProvider().identity()
+    board = ReadinessBoard(trio.lowlevel.current_trio_token())
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listener = await open_listener(
+                ListenerSettings(name="web", context=server_context(identity)), "127.0.0.1", 0,
+                board, nursery)
+
+            def connect_untrusting() -> None:
+                """Python's blocking ssl, as curl does, sends its alert before it goes."""
+                untrusting = ssl.create_default_context()  # the system's CAs: not the keep's
+                with (socket.create_connection(("127.0.0.1", listener.port)) as raw,
+                      pytest.raises(ssl.SSLCertVerificationError)):
+                    untrusting.wrap_socket(raw, server_hostname="localhost")
+
+            await trio.to_thread.run_sync(connect_untrusting)
+            await board.wait_until(lambda: listener.handshake_failures == 1)
+            listener.close()
+            nursery.cancel_scope.cancel()
+    lines = [line for line in caplog.text.splitlines() if "TLSV1_ALERT_UNKNOWN_CA" in line]
+    assert len(lines) == 1 and "does not trust the keep's certificate" in lines[0], caplog.text
 
 
 async def _run_client_against(server_context: ssl.SSLContext, directory: Path, wasm: Path,

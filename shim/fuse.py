@@ -455,8 +455,7 @@ def check_mountpoint(mountpoint: str) -> None:
     whose image no process holds, and gets the stale-mount message)."""
     entry = _mount_entry(mountpoint)
     if entry is not None:
-        image = entry.source.removeprefix("keep:")
-        if entry.fstype == "fuse.keep" and entry.source.startswith("keep:") and _lock_is_free(image):
+        if _is_stale(mountpoint, entry):
             raise KeepError(stale_mount_message(mountpoint))
         raise KeepError(f"{mountpoint} is already a mount point")
     try:
@@ -860,6 +859,51 @@ def _lock_is_free(image: str) -> bool:
     return _wait_for_release(image, 0.0) is True
 
 
+def _held_by_readers_only(image: str) -> bool:
+    """Whether the image's lock is shared (read-only mounts and readers hold it), not
+    exclusive; False also if the image cannot be opened."""
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also lets go of the shared lock just taken
+    return True
+
+
+def _nobody_listens(address: bytes) -> bool:
+    """Whether no process listens on the abstract unix socket `address` (a connection that
+    succeeds is closed at once: a mount process skips it when it reports)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_REPORT_CONNECT_WAIT)
+        try:
+            probe.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _is_stale(mountpoint: str, entry: MountEntry) -> bool:
+    """Whether `entry` on `mountpoint` is a keep mount whose process died: no process holds
+    its image; or only readers do (the image is mounted read-only elsewhere too: its lock is
+    shared) and nothing listens on this mount's report socket, where its live process would
+    (`_UnmountReport`). The image's lock alone took a dead read-only mount beside a live one
+    for a live mount: `mount` said 'already a mount point' instead of naming the cure, and
+    `umount` waited 30 s for that live other mount to let go and failed."""
+    if entry.fstype != "fuse.keep" or not entry.source.startswith("keep:"):
+        return False
+    image = entry.source.removeprefix("keep:")
+    if _lock_is_free(image):
+        return True
+    return _held_by_readers_only(image) and _nobody_listens(report_address(mountpoint, entry.source))
+
+
 def _connect_report(mountpoint: str, entry: MountEntry) -> socket.socket | None:
     """A connection on which the process serving `entry` on `mountpoint` will tell how its
     unmount ended (`_UnmountReport`), or None: nobody listens (the process died, is an older
@@ -944,7 +988,7 @@ def umount_command(args: argparse.Namespace) -> int:
     if entry.fstype != "fuse.keep":  # never unmount what is not ours (a typo, a data disk)
         raise KeepError(f"{args.mountpoint} is not a keep volume mount (it is {entry.fstype})")
     image = entry.source.removeprefix("keep:") if entry.source.startswith("keep:") else None
-    stale = image is not None and _lock_is_free(image)
+    stale = _is_stale(mountpoint, entry)
     report = None if stale else _connect_report(mountpoint, entry)  # before the unmount ends it
     with contextlib.ExitStack() as cleanup:
         if report is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fuse_harness import MountedVolume, create_image, fuse_skip_reason
+from fuse_harness import MountedVolume, create_image, force_unmount, fuse_skip_reason, keep_volume
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(fuse_skip_reason() is not None, reason=str(fuse_skip_reason()))]
@@ -123,3 +123,31 @@ def test_xattr_names_outside_linux_namespaces_are_refused(shared_mount: MountedV
     for name in ("user.a", "trusted.b", "security.c"):
         os.setxattr(path, name, b"v")
     assert sorted(os.listxattr(path)) == ["security.c", "trusted.b", "user.a"]
+
+
+def test_a_dead_read_only_mount_beside_a_live_one_is_stale(pristine: Path, tmp_path: Path) -> None:
+    """Two read-only mounts of one image share its lock; the second's process is SIGKILLed.
+    Its mount point is stale, but the image's lock (still held, shared, by the first) made it
+    look live: `mount` on it said 'already a mount point' instead of naming fusermount3, and
+    `umount` waited 30 s for the image to be let go and failed saying the keep process still
+    held it. A live mount listens on its report socket; a dead one does not."""
+    image = Path(shutil.copyfile(pristine, tmp_path / "volume.img"))
+    with MountedVolume(image, tmp_path / "first", "--read-only") as first:
+        second = MountedVolume(image, tmp_path / "second", "--read-only").start()
+        try:
+            second.kill()
+            again = keep_volume("mount", image, second.mountpoint, "--read-only")
+            assert again.returncode == 1
+            assert b"stale FUSE mount" in again.stderr and b"fusermount3 -u" in again.stderr
+            cleared = keep_volume("umount", second.mountpoint, passphrase=None)
+            assert cleared.returncode == 0, cleared.stderr.decode()
+            assert cleared.stdout.decode().startswith("cleared the stale mount on")
+        finally:
+            force_unmount(second.mountpoint)
+        # the live one is not taken for dead: it is still a mount point, and unmounts as one
+        assert os.listdir(first.mountpoint) == []
+        live = keep_volume("mount", image, first.mountpoint, "--read-only")
+        assert live.returncode == 1 and b"already a mount point" in live.stderr
+        done = keep_volume("umount", first.mountpoint, passphrase=None)
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.decode() == f"unmounted {first.mountpoint}\n"

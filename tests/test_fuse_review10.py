@@ -12,15 +12,38 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
+import trio
+import trio.testing
 from fuse_harness import MountedVolume, create_image, force_unmount, fuse_skip_reason, keep_volume
+
+pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install keepshim[fuse])")
+from pyfuse3 import RequestContext  # noqa: E402
+
+from shim.fuse import FuseOperations, _commit_periodically  # noqa: E402
+from storage.fs import ROOT_INODE  # noqa: E402
+from storage.luks2 import KdfCost  # noqa: E402
+from storage.volume import create_volume  # noqa: E402
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(fuse_skip_reason() is not None, reason=str(fuse_skip_reason()))]
 
 NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Stands in for pyfuse3.RequestContext (only uid and gid are read)."""
+
+    uid: int = 0
+    gid: int = 0
+
+
+_ROOT = cast(RequestContext, _Context())
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +174,37 @@ def test_a_dead_read_only_mount_beside_a_live_one_is_stale(pristine: Path, tmp_p
         done = keep_volume("umount", first.mountpoint, passphrase=None)
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout.decode() == f"unmounted {first.mountpoint}\n"
+
+
+class _CountingOperations(FuseOperations):
+    """Counts how often the commit timer looks at `dirty` (once per wake-up)."""
+
+    looks = 0
+
+    @property
+    def dirty(self) -> bool:
+        self.looks += 1
+        return super().dirty
+
+
+async def test_the_commit_timer_sleeps_while_nothing_changes(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """An idle mount's timer woke every --commit-interval seconds to find nothing to commit:
+    with --commit-interval 0.000001 the idle mount process used a whole CPU (201 clock ticks
+    in 2 s, measured). It now waits for a change, then commits `interval` later. Virtual time
+    (trio's autojump clock): 10 s idle at a 1 ms interval must not wake it."""
+    with create_volume(tmp_path / "v.img", 24 << 20, b"pw", kdf_cost=KdfCost(1, 8192, 1)) as volume:
+        operations = _CountingOperations(volume)
+        generation = volume.state().generation
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_commit_periodically, operations, 0.001)
+            await trio.sleep(10)
+            assert operations.looks == 0
+            await operations.mkdir(ROOT_INODE, b"d", 0o755, _ROOT)
+            await trio.sleep(0.01)
+            assert not operations.dirty  # committed by the timer
+            assert volume.state().generation > generation
+            looks = operations.looks
+            await trio.sleep(10)
+            assert operations.looks == looks  # idle again after that commit
+            nursery.cancel_scope.cancel()

@@ -245,9 +245,14 @@ async def run_module_async(config: RunConfig) -> RunResult:
             # The worker thread cannot be abandoned (it owns the guest), so a cancelled run waits
             # here until the epoch tick has stopped the guest. Captured, so that a KeepError leaves
             # the nursery as itself rather than inside an ExceptionGroup.
-            with _frozen_heap():
-                captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
-            finished.set()
+            # `finished` however this ends: a run cancelled while its module compiled is
+            # cancelled here, before the guest thread starts, and _interrupt_when_cancelled's
+            # shielded ticking waits for `finished` (it never came: the run never ended).
+            try:
+                with _frozen_heap():
+                    captured = await trio.to_thread.run_sync(outcome.capture, run.execute)
+            finally:
+                finished.set()
             nursery.cancel_scope.cancel()
     finally:
         guest.close()

@@ -64,3 +64,46 @@ def test_max_memory_bounds_a_module_with_several_memories(tmp_path: Path,
     assert ended.stderr.count("\n") == 1 and "--max-memory" in ended.stderr, ended.stderr
     # without the limit, the same module runs (each memory ends at 256 pages)
     assert _keep_run(keep_environment, module).returncode == 1  # 512: not a valid exit status
+
+
+_CANCEL_DURING_COMPILE = """
+import sys
+from pathlib import Path
+
+import trio
+
+import shim.run as run
+
+module, cache = Path(sys.argv[1]), Path(sys.argv[2])
+compile_module = run._compile
+
+
+async def main() -> None:
+    with trio.CancelScope() as scope:
+        def compile_then_cancel(*arguments):
+            trio.from_thread.run_sync(scope.cancel)  # the stop arrives while the module compiles
+            return compile_module(*arguments)
+
+        run._compile = compile_then_cancel
+        await run.run_module_async(run.RunConfig(module=module, interruptible=True, cache_dir=cache))
+    print("cancelled" if scope.cancelled_caught else "finished")
+
+
+trio.run(main)
+"""
+
+
+def test_a_stop_while_the_module_compiles_ends_the_run(tmp_path: Path, keep_environment: dict[str, str]) -> None:
+    """`keep run --audit-host M` (or with --volume) given SIGTERM while its module compiled
+    never ended: the cancelled run left its nursery before the guest thread started, so the
+    `finished` event that ends the shielded epoch-ticking task was never set, and the process
+    ticked the epoch every 10 ms for good (seen: still running 10 minutes after SIGTERM, a big
+    module). In-process here, the cancellation made from inside the compile so that it always
+    lands there: the run now ends as cancelled."""
+    module = _module(tmp_path, "empty_start", '(module (memory (export "memory") 1) (func (export "_start")))')
+    try:
+        ended = subprocess.run([sys.executable, "-c", _CANCEL_DURING_COMPILE, str(module), str(tmp_path / "cache")],
+                               env=keep_environment, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the run cancelled while its module compiled did not end") from None
+    assert (ended.returncode, ended.stdout) == (0, "cancelled\n"), ended.stderr

@@ -431,8 +431,11 @@ class _GuestRun:
                     # (_trapped takes the exit code, or reports the stop with this text)
                     return self._trapped(GuestTrap("wasm trap: interrupt (while waiting in a host call of the "
                                                    "start function)", None))
-                limited = " (--max-memory allows one linear memory and one table)" \
-                    if config.max_memory is not None and "count too high" in str(error) else ""
+                limited = ""
+                if config.max_memory is not None and "count too high" in str(error):
+                    limited = " (--max-memory allows one linear memory and one table)"
+                elif config.max_memory is not None and "exceeds table limits" in str(error):
+                    limited = f" (--max-memory {config.max_memory} allows {_table_elements(config.max_memory)})"
                 raise ModuleError(f"cannot instantiate {config.module}: {error}{limited}") from None
             except GuestTrap as trap:
                 return self._trapped(trap)
@@ -497,6 +500,11 @@ def _limit_memory(store: wasmtime.Store, max_memory: int) -> None:
     as the limit has bytes for (`TABLE_ELEMENT_BYTES` each)."""
     store.set_limits(memory_size=max_memory, table_elements=max_memory // TABLE_ELEMENT_BYTES,
                      memories=1, tables=1)
+
+
+def _table_elements(max_memory: int) -> str:
+    """How many table elements --max-memory allows, in words."""
+    return f"{max_memory // TABLE_ELEMENT_BYTES} table elements of {TABLE_ELEMENT_BYTES} bytes"
 
 
 def _refuse_v128(func_type: wasmtime.FuncType, name: str) -> None:

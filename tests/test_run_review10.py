@@ -43,6 +43,12 @@ def test_max_memory_bounds_a_table_grown_in_a_loop(tmp_path: Path, keep_environm
           (br_if $grow (i32.lt_u (table.size) (i32.const 8388608))))))""")
     ended = _keep_run(keep_environment, "--max-memory", _MEBIBYTE, module)
     assert ended.returncode == 5, ended.stderr
+    # a table that starts beyond the limit: one line that says what the limit allows
+    module = _module(tmp_path, "big_table", '(module (memory (export "memory") 1) (table 10000 funcref) '
+                                             '(func (export "_start")))')
+    ended = _keep_run(keep_environment, "--max-memory", 65536, module)
+    assert ended.returncode == 1 and ended.stderr.count("\n") == 1, ended.stderr
+    assert "--max-memory 65536 allows 8192 table elements" in ended.stderr, ended.stderr
 
 
 def test_max_memory_bounds_a_module_with_several_memories(tmp_path: Path,

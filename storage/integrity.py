@@ -279,40 +279,30 @@ def _split_digests(digests: bytes, count: int) -> tuple[bytes, ...]:
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14; the mmap module has no name for it
 
 
-def _prefaulted(size: int) -> memoryview:
-    """`size` zero bytes of writable memory with every page already mapped: the staging arena
-    and the commit scratch buffer are tens of MiB, and touching fresh pages one fault at a time
-    costs about 2-3 ms per MiB on these VMs. Transparent huge pages where the kernel offers
-    them (MADV_HUGEPAGE, then MADV_POPULATE_WRITE maps the whole area in one call: 16 MiB in
-    3.3 ms against 11 ms for MAP_POPULATE's 4 KiB pages, measured), else MAP_POPULATE."""
+def _anonymous_memory(size: int, *, populate: bool) -> memoryview:
+    """`size` zero bytes of writable, page-aligned memory, transparent huge pages where the
+    kernel offers them (MADV_HUGEPAGE). With `populate`, every page is mapped at once: the
+    staging arena and the commit scratch buffer are tens of MiB, and touching fresh pages one
+    fault at a time costs about 2-3 ms per MiB on these VMs (MADV_POPULATE_WRITE maps the whole
+    area in one call: 16 MiB in 3.3 ms against 11 ms for MAP_POPULATE's 4 KiB pages, measured;
+    MAP_POPULATE where the kernel lacks it, before Linux 5.14). Without, pages are mapped as
+    they are first touched (MerkleStore's log image: never more than the log is used)."""
     anonymous = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
-    huge = getattr(mmap, "MADV_HUGEPAGE", None)
     try:
+        area = mmap.mmap(-1, size, flags=anonymous)
+        huge = getattr(mmap, "MADV_HUGEPAGE", None)
         if huge is not None:
-            area = mmap.mmap(-1, size, flags=anonymous)
-            try:
+            with contextlib.suppress(OSError):  # else 4 KiB pages
                 area.madvise(huge)
+        if populate:
+            try:
                 area.madvise(_MADV_POPULATE_WRITE)
-                return memoryview(area)
-            except OSError:  # no THP or no MADV_POPULATE_WRITE (Linux < 5.14): 4 KiB pages
+            except OSError:
                 area.close()
-        return memoryview(mmap.mmap(-1, size, flags=anonymous | getattr(mmap, "MAP_POPULATE", 0)))
+                area = mmap.mmap(-1, size, flags=anonymous | getattr(mmap, "MAP_POPULATE", 0))
+        return memoryview(area)
     except OSError:  # no anonymous mapping here: ordinary memory
         return memoryview(bytearray(size))
-
-
-def _log_image(sectors: int) -> memoryview:
-    """Zeroed, page-aligned, writable memory for `sectors` sectors, mapped as it is touched
-    (transparent huge pages where the kernel offers them): MerkleStore's image of its redo log."""
-    try:
-        area = mmap.mmap(-1, sectors * SECTOR_SIZE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
-    except OSError:  # no anonymous mapping here: ordinary memory
-        return memoryview(bytearray(sectors * SECTOR_SIZE))
-    huge = getattr(mmap, "MADV_HUGEPAGE", None)
-    if huge is not None:
-        with contextlib.suppress(OSError):  # else 4 KiB pages
-            area.madvise(huge)
-    return memoryview(area)
 
 
 def _uuid_field(uuid: str) -> bytes:
@@ -536,7 +526,7 @@ class _CachedStore:
         if self._arena_used + count > self._arena_sectors:
             return memoryview(bytes(view))
         if self._arena is None:
-            self._arena = _prefaulted(self._arena_sectors * SECTOR_SIZE)
+            self._arena = _anonymous_memory(self._arena_sectors * SECTOR_SIZE, populate=True)
         start = self._arena_used * SECTOR_SIZE
         staged = self._arena[start:start + count * SECTOR_SIZE]
         staged[:] = view
@@ -579,7 +569,7 @@ class _CachedStore:
             if not self._take_prefetch(first, count):
                 total = self._current_run(first, count)
                 if self._ahead is None:
-                    self._ahead = _prefaulted(_AHEAD_SECTORS * SECTOR_SIZE)
+                    self._ahead = _anonymous_memory(_AHEAD_SECTORS * SECTOR_SIZE, populate=True)
                 self._ahead_count = 0  # until the refill has succeeded
                 self._ahead_count = self._read_home_into(first, self._ahead[:total * SECTOR_SIZE], needed=count)
                 self._ahead_first = first
@@ -608,7 +598,7 @@ class _CachedStore:
         total = self._current_run(first, 0)  # 0 at the end of the volume
         if total <= 0:
             return
-        buffer = self._spare if self._spare is not None else _prefaulted(_AHEAD_SECTORS * SECTOR_SIZE)
+        buffer = self._spare if self._spare is not None else _anonymous_memory(_AHEAD_SECTORS * SECTOR_SIZE, populate=True)
         self._spare = None
         job = self._background_read(first, buffer[:total * SECTOR_SIZE])
         if self._prefetcher is None:
@@ -735,7 +725,7 @@ class MerkleStore(_CachedStore):
         # fresh memory cost 5-15 us of a durable 4 KiB overwrite's ~300 here), and the record
         # goes to the disk from page-aligned memory. Virtual memory, mapped as it is used, never
         # more than the log (at most 32 MiB), and only for a writable store.
-        self._log_image = _log_image(layout.log_sectors) if writable else memoryview(bytearray(0))
+        self._log_image = _anonymous_memory(layout.log_sectors * SECTOR_SIZE, populate=False) if writable else memoryview(bytearray(0))
         # the state MAC's message with the native step in `_small.state`, constant parts packed
         # once here; constant parts of the state MAC
         self._state_prefix = b"keepshim/state/v1" + self._uuid_field
@@ -1019,7 +1009,7 @@ class MerkleStore(_CachedStore):
         """The warm ciphertext buffer, grown to hold at least `sectors`."""
         if self._scratch.nbytes < sectors * SECTOR_SIZE:
             self._scratch.release()
-            self._scratch = _prefaulted(max(sectors, self._arena_sectors) * SECTOR_SIZE)
+            self._scratch = _anonymous_memory(max(sectors, self._arena_sectors) * SECTOR_SIZE, populate=True)
         return self._scratch
 
     def _encrypt_dirty_run(self, first: int, view: memoryview, digests: memoryview) -> None:

@@ -332,8 +332,9 @@ def test_sequential_read_into_reads_ahead_but_never_hides_a_change() -> None:
 @pytest.mark.parametrize("refuse", ["nothing", "madvise", "mmap"])
 def test_prefaulted_memory_is_zeroed_and_writable_whatever_the_kernel_refuses(
         refuse: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The staging arena's allocator: huge pages populated in one call, else MAP_POPULATE,
-    else plain memory; every way gives `size` zero bytes that take writes."""
+    """The staging arena's allocator (`_anonymous_memory(populate=True)`): huge pages populated
+    in one call, else MAP_POPULATE, else plain memory; every way gives `size` zero bytes that
+    take writes. Without `populate` (the log image), one mapping and never MAP_POPULATE."""
     real_mmap = mmap.mmap
     calls: list[int] = []
 
@@ -349,7 +350,7 @@ def test_prefaulted_memory_is_zeroed_and_writable_whatever_the_kernel_refuses(
 
     monkeypatch.setattr(mmap, "mmap", fake_mmap)
     size = 3 * SECTOR_SIZE + 100
-    area = integrity_module._prefaulted(size)
+    area = integrity_module._anonymous_memory(size, populate=True)
     assert len(area) == size and not area.readonly and area.tobytes() == bytes(size)
     area[size - 5:] = b"hello"
     assert area[size - 5:].tobytes() == b"hello"
@@ -358,3 +359,7 @@ def test_prefaulted_memory_is_zeroed_and_writable_whatever_the_kernel_refuses(
         assert len(calls) == 2 and not calls[0] & populate and calls[1] & populate
     elif refuse == "nothing" and hasattr(mmap, "MADV_HUGEPAGE"):
         assert len(calls) == 1 and not calls[0] & populate  # populated by madvise
+    calls.clear()
+    lazy = integrity_module._anonymous_memory(size, populate=False)
+    assert len(lazy) == size and not lazy.readonly and lazy.tobytes() == bytes(size)
+    assert len(calls) == 1 and not calls[0] & populate

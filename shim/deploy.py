@@ -52,6 +52,7 @@ from shim.attest import (
 )
 from shim.attest._protocol import MAX_WORKLOAD_BYTES, duplicate_grant, encode_message
 from shim.config import parse_config, read_config_text
+from shim.engine import EngineSettings
 from shim.errors import KeepError, UsageError, point_at_devnull, say
 from shim.keys import MAX_KEY_FILE_BYTES, forbid_core_dumps
 from shim.volume_state import pin, read_volume_state, update_state_file, writable_state_file
@@ -86,7 +87,7 @@ def check_workload(deploy: Deploy, source: str = "the workload") -> None:
         raise KeepError("a guest argument contains a NUL character, which a guest's arguments "
                         "cannot hold")
     try:
-        wasmtime.Module.validate(wasmtime.Engine(), deploy.workload)
+        wasmtime.Module.validate(EngineSettings().make_engine(), deploy.workload)  # the run's wasm features
     except wasmtime.WasmtimeError as error:
         from shim.run import one_line
 

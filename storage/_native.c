@@ -43,7 +43,7 @@ struct ks_openssl {
     int (*mac_final)(void *, u8 *, size_t *, size_t);
 };
 
-int ks_abi_version(void) { return 5; }
+int ks_abi_version(void) { return 7; }
 
 static int crypt_sector(const struct ks_openssl *f, void *context, u64 tweak, const u8 *in,
                         u8 *out, int sector_size) {
@@ -105,8 +105,28 @@ long long ks_xts_verify_decrypt(const struct ks_openssl *f, void *context, u64 f
     return mismatching;
 }
 
+/* The SHA-256 of each `node_size`-byte node of `level` (`length` bytes; the last node, when
+ * short, hashed zero-padded to `node_size`) into out + 32 * i: one level of the integrity
+ * layer's tree from the one below (MerkleStore._rebuild_levels). Contract: 0 < length,
+ * 0 < node_size <= 4096, out holds ceil(length / node_size) * 32 bytes.
+ * Returns 0, or -1 when an OpenSSL call failed (the output is then undefined). */
+int ks_hash_nodes(const struct ks_openssl *f, const u8 *level, u64 length, u64 node_size, u8 *out) {
+    u8 padded[4096];
+    if (node_size == 0 || node_size > sizeof padded || length == 0) return -1;
+    u64 start = 0;
+    for (; start + node_size <= length; start += node_size, out += DIGEST_SIZE)
+        if (sha256(f, level + start, (int)node_size, out) != 0) return -1;
+    if (start < length) {
+        u64 k = 0;
+        for (; k < length - start; k++) padded[k] = level[start + k];
+        for (; k < node_size; k++) padded[k] = 0;
+        if (sha256(f, padded, (int)node_size, out) != 0) return -1;
+    }
+    return 0;
+}
+
 #define SMALL_SECTORS 4
-#define MAX_LEVELS 8
+#define MAX_LEVELS 12
 
 /* One small commit of storage/integrity.py (`MerkleStore._append_small_record`), filled in by the
  * caller; the layout of the record and of every message stays in Python, this only runs the
@@ -132,14 +152,17 @@ struct ks_small_commit {
     u64 metadata_at;             /* the client metadata, in the header ... */
     u64 metadata_length;
     u64 metadata_digest_at;      /* ... whose SHA-256 goes here in the state message */
-    const u8 *mac_label;         /* the header MAC's message is this label, then the header up to
-                                    the MAC; the MAC goes to the last 32 bytes of the header
-                                    sector */
+    const u8 *mac_label;         /* the header MAC's message is this label, then the first
+                                    `mac_length` bytes of the header; the MAC goes to the last
+                                    32 bytes of the header sector */
     u64 mac_label_length;
     u64 depth;                   /* number of tree levels, 2..MAX_LEVELS (leaves ... root) */
     u8 *levels[MAX_LEVELS];      /* level 0 is the leaves; the last level is the root hash */
     u64 level_lengths[MAX_LEVELS];
-    u64 sector_size;             /* 4096: a tree page, a record sector */
+    u64 sector_size;             /* 4096: a record sector */
+    u64 node_size;               /* a tree node: the hashes of `node_size` / 32 nodes (or leaves)
+                                    of the level below; 64..sector_size, a multiple of 32 */
+    u64 mac_length;              /* at most sector_size - 32 */
 };
 
 /* HMAC-SHA256 of `prefix` (`prefix_length` bytes, none when 0) then `data`. */
@@ -159,24 +182,26 @@ static void copy_bytes(u8 *to, const u8 *from, u64 length) {
 
 /* The small commit, in the Python path's order: encrypt each record sector in place and hash
  * its ciphertext (the new leaf: into the leaves and the header's entry); hash the metadata into
- * the state message; rehash the tree pages above the changed leaves, level by level, up to the
- * root (a level's last page, when short, hashed zero-padded to a whole page); put the root into
+ * the state message; rehash the tree nodes above the changed leaves, level by level, up to the
+ * root (a level's last node, when short, hashed zero-padded to a whole node); put the root into
  * the header and the state message; HMAC the state message into the header (the root MAC, also
- * copied out), HMAC the label and the header into the header's last 32 bytes; encrypt the header sector
+ * copied out), HMAC the label and the header's first mac_length bytes into the header's last 32 bytes; encrypt the header sector
  * in place.
  * Contract (checked by storage/_small_commit.py before the call): every pointer covers what the
  * fields say; sectors[i] < level_lengths[0] / 32 and its tweak does not overflow; each level
- * holds the hashes of the pages of the level below (32 bytes per page, rounded up) and the last
+ * holds the hashes of the nodes of the level below (32 bytes per node_size bytes, rounded up) and the last
  * one a single hash; the root, entry, metadata and MAC offsets lie inside the header sector
  * before its last 32 bytes, the metadata digest's inside the state message.
  * Returns 0, or -1 when an OpenSSL call failed (the buffers are then undefined). */
 int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c) {
     u64 size = c->sector_size;
-    u64 fanout = size / DIGEST_SIZE;
-    u64 pages[SMALL_SECTORS];
+    u64 node = c->node_size;
+    u64 fanout = node / DIGEST_SIZE;
+    u64 pages[SMALL_SECTORS];  /* the node above each changed leaf, then above those, ... */
     u8 padded[4096];
     if (c->count < 1 || c->count > SMALL_SECTORS || c->depth < 2 || c->depth > MAX_LEVELS
-        || size > sizeof padded || size % DIGEST_SIZE) return -1;
+        || size > sizeof padded || size % DIGEST_SIZE || node < 2 * DIGEST_SIZE || node > size
+        || node % DIGEST_SIZE || c->mac_length > size - DIGEST_SIZE) return -1;
     for (u64 i = 0; i < c->count; i++) {
         u8 *sector = c->record + (i + 1) * size;
         u8 *digest = c->record + c->entries_at + i * c->entry_size;
@@ -193,15 +218,15 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
             int seen = 0;
             for (u64 j = 0; j < i; j++) seen |= pages[j] == pages[i];
             if (seen) continue;  /* that page is hashed already */
-            u64 start = pages[i] * size;
+            u64 start = pages[i] * node;
             u8 *out = c->levels[depth] + pages[i] * DIGEST_SIZE;
-            if (start + size <= below_length) {
-                if (sha256(f, below + start, (int)size, out) != 0) return -1;
+            if (start + node <= below_length) {
+                if (sha256(f, below + start, (int)node, out) != 0) return -1;
             } else {
                 u64 length = below_length - start;
                 copy_bytes(padded, below + start, length);
-                for (u64 k = length; k < size; k++) padded[k] = 0;
-                if (sha256(f, padded, (int)size, out) != 0) return -1;
+                for (u64 k = length; k < node; k++) padded[k] = 0;
+                if (sha256(f, padded, (int)node, out) != 0) return -1;
             }
         }
         for (u64 i = 0; i < c->count; i++) pages[i] /= fanout;
@@ -213,7 +238,7 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
     copy_bytes(c->state + c->state_length - DIGEST_SIZE, root, DIGEST_SIZE);
     if (hmac_sha256(f, c, 0, 0, c->state, c->state_length, c->record + c->root_mac_at) != 0) return -1;
     copy_bytes(c->root_mac, c->record + c->root_mac_at, DIGEST_SIZE);
-    if (hmac_sha256(f, c, c->mac_label, c->mac_label_length, c->record, size - DIGEST_SIZE,
+    if (hmac_sha256(f, c, c->mac_label, c->mac_label_length, c->record, c->mac_length,
                     c->record + size - DIGEST_SIZE) != 0) return -1;
     return crypt_sector(f, c->context, c->header_tweak, c->record, c->record, (int)size);
 }

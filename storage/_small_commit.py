@@ -1,7 +1,7 @@
 """The native step of MerkleStore's small commits (storage.integrity `_append_small_record`).
 
 Why: a durable 4 KiB overwrite is one small commit, and in Python its cryptography (XTS and
-SHA-256 of the data sector, three SHA-256 of tree pages, two HMACs, XTS of the header) costs a
+SHA-256 of the data sector, a SHA-256 per tree level, two HMACs, XTS of the header) costs a
 dozen calls through several layers each: about 100 us per commit in context against some 15 us
 of actual work. `ks_small_commit` (storage/_native.c) runs the same steps in ONE ctypes call.
 
@@ -40,17 +40,21 @@ class NativeSmallCommit:
 
     def __init__(self, encryption: NativeEncryption, key: bytes, mac_label: bytes, state_length: int,
                  metadata_digest_at: int, header: struct.Struct, root_at: int, root_mac_at: int,
-                 entry_size: int, data_start: int, log: memoryview) -> None:
+                 entry_size: int, data_start: int, log: memoryview, node_size: int,
+                 mac_body_only: bool) -> None:
         """`header` is the record header's fixed part (the client metadata, then the entries,
         follow it), with the root and the root MAC at `root_at` and `root_mac_at`; entries are
         `entry_size` bytes, ending with their digest; data sector (leaf) i goes home to segment
         sector `data_start` + i; the metadata's SHA-256 goes to `metadata_digest_at` in the
         state message; `log` is writable, whole sectors, and kept (its address is used by every
-        `run`). Raises SelfTestFailed when libcrypto's HMAC context disagrees with hmac."""
+        `run`); a tree node holds the hashes of `node_size` / 32 nodes of the level below; the
+        header MAC covers the header up to its last entry when `mac_body_only`, else up to the
+        MAC (integrity format 1). Raises SelfTestFailed when libcrypto's HMAC context disagrees with hmac."""
         if header.size + HASH_SIZE > SECTOR_SIZE or not 0 <= root_at <= header.size - HASH_SIZE \
                 or not 0 <= root_mac_at <= header.size - HASH_SIZE or state_length < 2 * HASH_SIZE \
                 or not 0 <= metadata_digest_at <= state_length - 2 * HASH_SIZE \
-                or entry_size < HASH_SIZE or data_start < 0 or log.readonly or log.nbytes % SECTOR_SIZE:
+                or entry_size < HASH_SIZE or data_start < 0 or log.readonly or log.nbytes % SECTOR_SIZE \
+                or not 2 * HASH_SIZE <= node_size <= SECTOR_SIZE or node_size % HASH_SIZE:
             raise ValueError("the small-commit record layout does not fit a sector")
         self._encryption = encryption
         self._lock = encryption.lock
@@ -59,6 +63,9 @@ class NativeSmallCommit:
         self._entries_limits = [0] + [SECTOR_SIZE - 2 * HASH_SIZE - (count - 1) * entry_size
                                       for count in range(1, MAX_SECTORS + 1)]
         self._leaves = 0  # leaves of the bound tree
+        self._node_size = node_size
+        self._mac_body_only = mac_body_only
+        self._entry_size = entry_size
         self._mac = encryption.loops.hmac_context(key)
         self._label = bytearray(mac_label)
         self.state = bytearray(state_length)
@@ -87,6 +94,7 @@ class NativeSmallCommit:
         commit.mac_label = self._address(self._label)
         commit.mac_label_length = len(mac_label)
         commit.sector_size = SECTOR_SIZE
+        commit.node_size = node_size
         commit.data_tweak = encryption.tweak(data_start)
         commit.tweak_step = encryption.units_per_sector
         self._fixed = len(self._anchors)
@@ -118,7 +126,7 @@ class NativeSmallCommit:
         commit = self._commit
         for depth, level in enumerate(levels):
             below = len(levels[depth - 1]) if depth else 0
-            if len(level) % HASH_SIZE or (depth and len(level) != -(-below // SECTOR_SIZE) * HASH_SIZE):
+            if len(level) % HASH_SIZE or (depth and len(level) != -(-below // self._node_size) * HASH_SIZE):
                 return False
             commit.levels[depth] = self._address(level)
             commit.level_lengths[depth] = len(level)
@@ -158,6 +166,9 @@ class NativeSmallCommit:
             commit.sectors[:count] = sectors
         commit.header_tweak = header_tweak
         commit.entries_at = entries_at
+        # the header's bytes up to the last entry's digest: what format 2's header MAC covers
+        commit.mac_length = entries_at + (count - 1) * self._entry_size + HASH_SIZE \
+            if self._mac_body_only else SECTOR_SIZE - HASH_SIZE
         commit.metadata_length = metadata_length
         with self._lock:
             self._call()

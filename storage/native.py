@@ -39,7 +39,7 @@ from pathlib import Path
 
 from storage.errors import SelfTestFailed
 
-ABI_VERSION = 5  # ks_abi_version() of the C file this module was written for
+ABI_VERSION = 7  # ks_abi_version() of the C file this module was written for
 DISABLE_ENVIRONMENT_VARIABLE = "KEEPSHIM_NATIVE"  # "off" (or "0") keeps the Python loops
 SOURCE = Path(__file__).with_name("_native.c")
 # Native OS and architecture, baseline CPU (the loops gain nothing from newer instructions and the
@@ -161,7 +161,7 @@ class HmacContext:
 
 
 SMALL_COMMIT_SECTORS = 4  # SMALL_SECTORS of the C file: the most data sectors of one small commit
-SMALL_COMMIT_LEVELS = 8  # MAX_LEVELS of the C file: the deepest tree (128**7 sectors) it handles
+SMALL_COMMIT_LEVELS = 12  # MAX_LEVELS of the C file: the deepest tree (16**11 sectors) it handles
 
 
 class SmallCommit(ctypes.Structure):
@@ -181,7 +181,8 @@ class SmallCommit(ctypes.Structure):
                 ("mac_label", ctypes.c_void_p), ("mac_label_length", ctypes.c_uint64),
                 ("depth", ctypes.c_uint64), ("levels", ctypes.c_void_p * SMALL_COMMIT_LEVELS),
                 ("level_lengths", ctypes.c_uint64 * SMALL_COMMIT_LEVELS),
-                ("sector_size", ctypes.c_uint64)]
+                ("sector_size", ctypes.c_uint64), ("node_size", ctypes.c_uint64),
+                ("mac_length", ctypes.c_uint64)]
 
 
 class NativeLoops:
@@ -203,6 +204,25 @@ class NativeLoops:
         self._small_commit = library.ks_small_commit
         self._small_commit.restype = ctypes.c_int
         self._small_commit.argtypes = [pointer, ctypes.POINTER(SmallCommit)]
+        self._hash_nodes = library.ks_hash_nodes
+        self._hash_nodes.restype = ctypes.c_int
+        self._hash_nodes.argtypes = [pointer, pointer, u64, u64, pointer]
+
+    def hash_nodes(self, level: bytearray, node_size: int) -> bytearray:
+        """The SHA-256 of each `node_size`-byte node of `level` (the last one, when short,
+        zero-padded): the level above it in the integrity layer's tree, in one call."""
+        if not level or not 0 < node_size <= 4096:
+            raise ValueError("hash_nodes: empty level or node size out of range")
+        out = bytearray(-(-len(level) // node_size) * 32)
+        source = (ctypes.c_char * len(level)).from_buffer(level)
+        target = (ctypes.c_char * len(out)).from_buffer(out)
+        try:
+            if self._hash_nodes(self._openssl_pointer, ctypes.addressof(source), len(level), node_size,
+                                ctypes.addressof(target)) != 0:
+                raise SelfTestFailed("libcrypto SHA-256 failed in the native loop")
+        finally:
+            del source, target  # the exports end: `level` may be resized again
+        return out
 
     def crypt(self, context: int, first_tweak: int, tweak_step: int, source: int | bytes,
               target: int, count: int, sector_size: int, digests: int | None) -> None:

@@ -88,8 +88,8 @@ class Volume:
         }
         if isinstance(self.store, MerkleStore):
             layout = self.store.layout
-            facts.update(log_sectors=layout.log_sectors, leaf_page_sectors=layout.page_sectors,
-                         data_sectors=layout.data_sectors)
+            facts.update(integrity_format=self.store.tree_version, log_sectors=layout.log_sectors,
+                         leaf_page_sectors=layout.page_sectors, data_sectors=layout.data_sectors)
         return facts
 
     def fsck(self) -> list[str]:

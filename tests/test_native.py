@@ -226,3 +226,23 @@ def test_the_keyed_hmac_context_restarts_with_its_key() -> None:
     context.close()  # idempotent
     with pytest.raises(SelfTestFailed):
         context.digest(b"closed")
+
+
+def test_a_tree_level_hashed_natively_is_the_python_one() -> None:
+    """`hash_nodes` (MerkleStore._rebuild_levels at open): every node's SHA-256, the short last
+    node zero-padded, for levels that end on a node boundary and ones that do not; an empty
+    level or a node size out of range is refused; the level is not held after the call."""
+    encryption = SectorCipher(os.urandom(64)).native_encryption()
+    if encryption is None:
+        pytest.skip("the native loops are not built")
+    rng = random.Random(8)
+    for length in (1, 31, 32, 512, 513, 4096, 5000, 3 * 4096 + 7):
+        level = bytearray(rng.randbytes(length))
+        for node_size in (32, 512, 4096):
+            expected = b"".join(hashlib.sha256(bytes(level[start:start + node_size]).ljust(node_size, b"\0")).digest()
+                                for start in range(0, length, node_size))
+            assert encryption.loops.hash_nodes(level, node_size) == expected
+        level.extend(b"x")  # no export left behind: the level can be resized
+    for level, node_size in ((bytearray(), 512), (bytearray(64), 0), (bytearray(64), 8192)):
+        with pytest.raises(ValueError):
+            encryption.loops.hash_nodes(level, node_size)

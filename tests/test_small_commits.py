@@ -57,9 +57,10 @@ def _workload(store: MerkleStore, rng: random.Random, after_commit: Callable[[],
     return model
 
 
+@pytest.mark.parametrize("tree_version", [2, 1])
 @pytest.mark.parametrize("native_step", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, native_step: bool,
+def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, native_step: bool, tree_version: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     key = random.Random(seed).randbytes(64)
     small_path = MerkleStore._append_small_record
@@ -73,7 +74,8 @@ def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, nativ
 
     def run(small: bool) -> tuple[list[bytes], MemoryBlockDevice]:
         device = MemoryBlockDevice(SEGMENT_BYTES)
-        store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID)
+        store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
+                                   tree_version=tree_version)
         assert (store._small is not None) == SectorCipher(key).native  # the native step is there when built
         if not native_step:
             store._small = None  # `_small_record_in_python`
@@ -91,8 +93,9 @@ def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, nativ
     assert small == general
     # and the image left by small commits recovers (the log replayed at open)
     store = MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID, writable=False)
+    assert store.tree_version == tree_version  # as the superblock says
     model = _workload(MerkleStore.format(DataSegment(MemoryBlockDevice(SEGMENT_BYTES), 0, SEGMENT_BYTES,
-                                                     SectorCipher(key)), key, UUID),
+                                                     SectorCipher(key)), key, UUID, tree_version=tree_version),
                       random.Random(seed), lambda: None)
     assert {sector: store.read(sector, 1) for sector in model} == model
     assert store.check() == []
@@ -138,10 +141,12 @@ def test_an_image_file_copied_between_small_commits_recovers_them(tmp_path: Path
             assert {sector: recovered.read(sector, 1) for sector in states[index]} == states[index]
 
 
-def _live_small_record(device: MemoryBlockDevice, key: bytes) -> tuple[MerkleStore, dict[int, bytes], int]:
+def _live_small_record(device: MemoryBlockDevice, key: bytes,
+                       tree_version: int = 2) -> tuple[MerkleStore, dict[int, bytes], int]:
     """A volume whose last commit is a small record of two overwritten sectors, not yet
     checkpointed; returns the store, the expected contents and the generation to pin."""
-    store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID)
+    store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
+                               tree_version=tree_version)
     rng = random.Random(11)
     contents = {sector: rng.randbytes(SECTOR_SIZE) for sector in range(8)}
     store.write(0, b"".join(contents.values()))
@@ -156,20 +161,26 @@ def _live_small_record(device: MemoryBlockDevice, key: bytes) -> tuple[MerkleSto
     return store, contents, latest.generation
 
 
-def test_a_flip_anywhere_in_a_live_small_record_is_caught() -> None:
-    """Header (entries, root, both MACs) and logged ciphertext of a small record are all
-    authenticated: any flipped byte makes the record invalid, so a pinned open refuses the
-    image; the untouched image opens at the pinned generation with the new contents."""
+@pytest.mark.parametrize("tree_version", [2, 1])
+def test_a_flip_anywhere_in_a_live_small_record_is_caught(tree_version: int) -> None:
+    """Header (entries, root, both MACs, and the zero padding: MAC'd in format 1, required to
+    be zeros in format 2) and logged ciphertext of a small record are all checked: any flipped
+    byte makes the record invalid, so a pinned open refuses the image; the untouched image
+    opens at the pinned generation with the new contents."""
     key = os.urandom(64)
     device = MemoryBlockDevice(SEGMENT_BYTES)
-    store, contents, generation = _live_small_record(device, key)
+    store, contents, generation = _live_small_record(device, key, tree_version)
     record_start = store.layout.log_start + store._log_position - 3
     crashed = device.snapshot()
     rng = random.Random(5)
+    header_bytes = 1024  # the header's fields, metadata and entries lie in its first KiB
     for segment_sector in range(record_start, record_start + 3):
-        for _ in range(4):
+        for flip in range(6):
             device.restore(crashed)
-            offset = segment_sector * SECTOR_SIZE + rng.randrange(SECTOR_SIZE)
+            # in the header: twice in its body, twice in its padding, twice anywhere
+            low, high = ((0, header_bytes) if flip < 2 else (header_bytes, SECTOR_SIZE - 32) if flip < 4
+                         else (0, SECTOR_SIZE)) if segment_sector == record_start else (0, SECTOR_SIZE)
+            offset = segment_sector * SECTOR_SIZE + rng.randrange(low, high)
             device.write(offset, bytes([device.read(offset, 1)[0] ^ (1 << rng.randrange(8))]))
             with pytest.raises((IntegrityError, RollbackError)):
                 MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,

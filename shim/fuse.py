@@ -687,8 +687,8 @@ class _UnmountReport:
 
 
 class _StopSignals:
-    """From just before serving until after the final commit, SIGINT, SIGTERM and SIGHUP are
-    recorded in `received` instead of acted on (`serve` listens for them itself while it
+    """From just before serving until the process exits (after a failure: until after the final
+    commit), SIGINT, SIGTERM and SIGHUP are recorded in `received` instead of acted on (`serve` listens for them itself while it
     serves, through trio, which then restores these handlers and redelivers to them what it
     did not consume).
 
@@ -714,6 +714,15 @@ class _StopSignals:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if kind is None:
+            # The final commit is done and the process only reports and exits: a signal
+            # repeated now is ignored too. Restored (and Python's finalisation resets its own
+            # handlers to the default, though not SIG_IGN), a second SIGTERM sent 50 ms after
+            # the first killed the process once a fast final commit had finished: exit -15,
+            # the data committed.
+            for number in self._previous:
+                signal.signal(number, signal.SIG_IGN)
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from shim import __version__
-from shim.errors import KeepError, point_at_devnull, say
+from shim.errors import KeepError, StdoutClosed, point_at_devnull, say
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -358,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="keep: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         return handler(args)
+    except StdoutClosed as error:
+        point_at_devnull(1)  # what stdout still buffers goes nowhere at exit
+        return error.exit_status
     except KeepError as error:
         if args.debug:
             traceback.print_exc()

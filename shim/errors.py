@@ -17,6 +17,13 @@ class KeepError(Exception):
             self.exit_status = exit_status
 
 
+class StdoutClosed(KeepError):
+    """Stdout's reader went away (EPIPE: `keep volume ls IMG | head`). Nothing is said and
+    the exit status is 141 (128 + SIGPIPE), as for a tool the signal ended."""
+
+    exit_status = 141
+
+
 class UsageError(KeepError):
     """Bad command-line usage (exit status 2, as argparse uses)."""
 

@@ -15,7 +15,9 @@ Neither ever replaces the open image itself (nor do `put` and `import` copy it i
 `get` writes into a device or FIFO (/dev/null, /dev/stdout) rather than replacing it. All four
 keep a sparse file's holes (whole 4 KiB blocks of zeros), both ways. A path ending in "/" names a
 directory, as on Linux. `ls` shows a name's bytes that are not UTF-8 and its control characters
-escaped (a guest makes any name); a failed write to stdout is stdout's ("stdout: broken pipe").
+escaped (a guest makes any name); a failed write to stdout is stdout's ("stdout: no space left
+on device"), except that a reader that went away (`keep volume ls IMG | head`) ends the action
+quietly with exit status 141, as SIGPIPE ends `ls`.
 Trees are walked with lists, not recursion (a volume's tree may be deeper than Python's recursion
 limit).
 
@@ -43,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from shim.errors import KeepError, UsageError, point_at_devnull
+from shim.errors import KeepError, StdoutClosed, UsageError, point_at_devnull
 from shim.keys import KeySource, read_key
 from shim.volume_state import sync_directory, temporary_prefix
 from storage._luks2_header import (
@@ -173,6 +175,8 @@ def _host_errors(name: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except OSError as error:
+        if name == "stdout" and error.errno == errno.EPIPE:
+            raise StdoutClosed("stdout: broken pipe") from None  # its reader is gone: quietly
         raise KeepError(f"{os.fsdecode(name)}: {_reason(error)}") from None
 
 

@@ -163,6 +163,7 @@ def test_info_and_header_only_info(image: Path) -> None:
     facts = json.loads(ok("info", image, "--json"))
     assert facts["integrity"] == "merkle" and facts["luks2"]["cipher"] == "aes-xts-plain64"
     assert facts["luks2"]["sector_size"] == 4096 and isinstance(facts["generation"], int)
+    assert facts["integrity_format"] == 2  # 512-byte tree nodes (storage.integrity)
     header = json.loads(ok("info", image, "--header-only", "--json", passphrase=None))
     assert header["uuid"] == facts["uuid"] and header["keyslots"] == [0]
 
@@ -522,3 +523,29 @@ def test_put_fails_when_the_volume_takes_only_part_of_a_chunk(monkeypatch: pytes
         attr = fs.lookup(ROOT_INODE, b"f")
         assert fs.read(attr.ino, 0, 100) == b"old"
         assert [name for name, _, _ in fs.readdir(ROOT_INODE)] == [b".", b"..", b"f"]
+
+
+def test_a_reader_that_went_away_ends_the_action_quietly_with_141(image: Path, tmp_path: Path) -> None:
+    """`keep volume ls IMG | head`: stdout's reader is gone (EPIPE), which ends the action
+    without a word and with exit status 141, as SIGPIPE ends `ls`; a stdout that fails
+    otherwise (/dev/full: ENOSPC) is still an error that says so."""
+    source = tmp_path / "file"
+    source.write_bytes(b"x" * 100_000)
+    ok("put", image, source, "/file")
+    for action in (["ls", image, "/"], ["cat", image, "/file"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader went away before the first byte
+        environment = {**os.environ, "KEEP_TEST_KEY": PASSPHRASE}
+        result = subprocess.run([sys.executable, "-m", "shim", "volume", *map(str, action),
+                                 "--passphrase-env", "KEEP_TEST_KEY"],
+                                env=environment, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+        os.close(write_end)
+        assert (result.returncode, result.stderr) == (141, b""), action
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "shim", "volume", "cat", str(image), "/file",
+                                 "--passphrase-env", "KEEP_TEST_KEY"],
+                                env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE}, stdout=full,
+                                stderr=subprocess.PIPE, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == b"keep: stdout: no space left on device\n"
+    assert ok("cat", image, "/file") == b"x" * 100_000  # and the image is as it was

@@ -313,10 +313,33 @@ def _read_module(config: RunConfig) -> bytes:
         with open(config.module, "rb") as stream:
             header = stream.read(len(_WASM_MAGIC))
             if header != _WASM_MAGIC:
+                if config.module.lower().endswith(".wat"):
+                    return _wat_to_wasm(config, header + stream.read(_WAT_LIMIT + 1 - len(header)))
                 raise _not_wasm(config)
             return header + stream.read()
     except OSError as error:
         raise ModuleError(f"cannot read {config.module}: {error.strerror}") from None
+
+
+_WAT_LIMIT = 64 << 20  # bytes of WebAssembly text `keep run` translates
+_WAT_LOCATION = re.compile(r"-->\s*\S*?:(\d+):(\d+)")
+
+
+def _wat_to_wasm(config: RunConfig, text: bytes) -> bytes:
+    """A module in the WebAssembly text format (a file named *.wat, as wasmtime runs them),
+    translated by wasmtime's own parser; its errors in one line, with line and column."""
+    if len(text) > _WAT_LIMIT:
+        raise ModuleError(f"{config.module}: WebAssembly text larger than {_WAT_LIMIT >> 20} MiB")
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8")))
+    except UnicodeDecodeError as error:
+        raise ModuleError(f"{config.module}: WebAssembly text is not UTF-8 (byte {error.start})") from None
+    except wasmtime.WasmtimeError as error:
+        message = str(error).strip()
+        first = message.splitlines()[0] if message else "invalid WebAssembly text"
+        where = _WAT_LOCATION.search(message)
+        at = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
+        raise ModuleError(f"{config.module}: invalid WebAssembly text: {first}{at}") from None
 
 
 def _not_wasm(config: RunConfig) -> ModuleError:

@@ -270,6 +270,39 @@ def test_non_wasm_file(tmp_path: Path) -> None:
     assert_one_line_error(keep("run", str(path)), "not a WebAssembly module")
 
 
+HELLO_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from wat\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 15))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $exit (i32.const 3))))
+"""
+
+
+def test_a_module_in_the_text_format_runs_and_its_errors_say_where(tmp_path: Path) -> None:
+    """A file named *.wat is WebAssembly text, as wasmtime runs it: translated by wasmtime's
+    parser, then run through our WASI host like any module. Its errors are one line with the
+    place; a .wat that is not UTF-8 or is over 64 MiB is refused before parsing."""
+    hello = tmp_path / "hello.wat"
+    hello.write_text(HELLO_WAT)
+    completed = keep("run", str(hello))
+    assert (completed.returncode, completed.stdout, completed.stderr) == (3, "hello from wat\n", "")
+    bad = tmp_path / "bad.wat"
+    bad.write_text('(module\n  (func (export "_start") (nonsense)))\n')
+    assert_one_line_error(keep("run", str(bad)), "bad.wat: invalid WebAssembly text", "line 2, column 28")
+    binary = tmp_path / "binary.wat"
+    binary.write_bytes(b"(module)\xff")
+    assert_one_line_error(keep("run", str(binary)), "binary.wat: WebAssembly text is not UTF-8 (byte 8)")
+    huge = tmp_path / "huge.wat"
+    with open(huge, "wb") as stream:
+        stream.truncate((64 << 20) + 1)
+    assert_one_line_error(keep("run", str(huge)), "huge.wat: WebAssembly text larger than 64 MiB")
+
+
 def test_truncated_module(fixtures: FixtureBuilder, tmp_path: Path) -> None:
     path = tmp_path / "truncated.wasm"
     path.write_bytes(fixtures.build("hello").read_bytes()[:300])

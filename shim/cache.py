@@ -25,6 +25,12 @@ blocking and without following a symlink at an entry's name, and only a regular 
 MAX_ENTRY_BYTES is read (a FIFO planted at an entry's name would hang every start, a link to
 /dev/zero or a sparse terabyte file would fill memory); anything else is discarded like a
 damaged entry.
+
+The cache stays within a size limit (1 GiB, as wasmtime's own cache; `KEEPSHIM_CACHE_LIMIT`
+in bytes, 0 for none): after each new entry, the least recently used entries (by modification
+time: a hit touches its entry) are removed until the rest fit, and temporaries a crashed
+writer left (`.entry-*`, older than an hour) are removed. Entries of an older wasmtime or of
+other settings are never hit again, so they age out this way.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import os
 import secrets
 import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +62,9 @@ _KEY_SIZE = 32
 _KEY_FILE = "cache.key"
 _ENTRIES = "modules"
 MAX_ENTRY_BYTES = 1 << 30
+DEFAULT_SIZE_LIMIT = 1 << 30
+_LIMIT_VARIABLE = "KEEPSHIM_CACHE_LIMIT"
+_STALE_TEMPORARY_SECONDS = 3600
 """The largest sealed entry read back (wasm modules are at most 128 MiB; their compiled form a
 few times that): a bigger file at an entry's name is discarded, never read into memory."""
 
@@ -157,6 +167,7 @@ class CacheStatistics:
     misses: int = 0
     discarded: int = 0
     write_failures: int = 0
+    pruned: int = 0
 
 
 @dataclass
@@ -166,6 +177,7 @@ class CompileCache:
     directory: Path
     key: bytes = field(repr=False)
     statistics: CacheStatistics = field(default_factory=CacheStatistics)
+    size_limit: int = DEFAULT_SIZE_LIMIT  # bytes of entries kept; 0: no limit
 
     def __post_init__(self) -> None:
         if len(self.key) != _KEY_SIZE:
@@ -179,7 +191,7 @@ class CompileCache:
         """The `nil` backend cache: key file `cache.key` (0600) in `directory` (default:
         `default_cache_directory()`)."""
         directory = directory if directory is not None else default_cache_directory()
-        return cls(directory, load_or_create_key_file(directory / _KEY_FILE))
+        return cls(directory, load_or_create_key_file(directory / _KEY_FILE), size_limit=size_limit_from_environment())
 
     def entry_path(self, wasm: bytes, settings: EngineSettings) -> Path:
         """Where the entry for this module and these settings lives (the name reveals nothing
@@ -198,11 +210,50 @@ class CompileCache:
         module = self._read(engine, path)
         if module is not None:
             self.statistics.hits += 1
+            with contextlib.suppress(OSError):
+                os.utime(path, follow_symlinks=False)  # recently used: the last to be pruned
             return module, True
         self.statistics.misses += 1
         module = wasmtime.Module(engine, wasm)
-        self._write(path, bytes(module.serialize()))
+        if self._write(path, bytes(module.serialize())):
+            self.prune(keep=path)
         return module, False
+
+    def prune(self, *, keep: Path | None = None) -> None:
+        """Remove the least recently used entries (never `keep`) until the rest fit within
+        `size_limit`, and temporaries older than an hour. Only regular files and symlinks
+        with an entry's or a temporary's name in the entries directory are touched; failures
+        are ignored (another process may prune at the same time)."""
+        entries: list[tuple[float, str, int]] = []
+        now = time.time()
+        try:
+            with os.scandir(self.directory / _ENTRIES) as found:
+                for item in found:
+                    try:
+                        status = item.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(status.st_mode):
+                        continue
+                    if item.name.startswith(".entry-"):
+                        if now - status.st_mtime > _STALE_TEMPORARY_SECONDS:
+                            with contextlib.suppress(OSError):
+                                os.unlink(item.path)
+                    elif item.name.endswith(".sealed") and item.path != str(keep):
+                        entries.append((status.st_mtime, item.path, status.st_size))
+        except OSError:
+            return
+        if not self.size_limit:
+            return
+        kept = os.stat(keep, follow_symlinks=False).st_size if keep is not None and keep.exists() else 0
+        total = kept + sum(size for _, _, size in entries)
+        for _, path, size in sorted(entries):  # oldest first
+            if total <= self.size_limit:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                self.statistics.pruned += 1
+            total -= size
 
     def _aad(self, path: Path) -> bytes:
         return _MAGIC + self._key_id + path.name.encode()
@@ -239,7 +290,8 @@ class CompileCache:
         with contextlib.suppress(OSError):
             path.unlink()
 
-    def _write(self, path: Path, serialized: bytes) -> None:
+    def _write(self, path: Path, serialized: bytes) -> bool:
+        """Seal and store an entry atomically; False (counted) when it cannot be written."""
         nonce = secrets.token_bytes(_NONCE_SIZE)
         sealed = _MAGIC + nonce + self._seal.encrypt(nonce, serialized, self._aad(path))
         try:
@@ -255,6 +307,19 @@ class CompileCache:
                 raise
         except OSError:  # a cache that cannot be written only costs the next start time
             self.statistics.write_failures += 1
+            return False
+        return True
+
+
+def size_limit_from_environment() -> int:
+    """`KEEPSHIM_CACHE_LIMIT` (bytes; 0: no limit), else DEFAULT_SIZE_LIMIT; a value that is not
+    a number of bytes is a one-line KeepError."""
+    text = os.environ.get(_LIMIT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_SIZE_LIMIT
+    if not (text.isascii() and text.isdigit()):
+        raise KeepError(f"{_LIMIT_VARIABLE}={text!r}: expected a number of bytes (0: no limit)")
+    return int(text)
 
 
 def _derive(key: bytes, label: bytes) -> bytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,39 @@ def test_invalid_module_is_not_cached(tmp_path: Path) -> None:
     with pytest.raises(wasmtime.WasmtimeError):
         cache.load_module(settings.make_engine(), settings, b"\0asm\x01\0\0\0garbage")
     assert entries(tmp_path) == []
+
+
+def test_the_cache_keeps_within_its_limit_least_recently_used_first(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries used least recently go first once the entries pass the size limit (a hit marks
+    its entry as used); the entry just written is never pruned; temporaries older than an hour
+    (a crashed writer's) go, younger ones (a writer at work) stay; anything else is left."""
+    modules = [module_bytes(MARKER + bytes([index])) for index in range(4)]
+    settings = EngineSettings()
+    engine = settings.make_engine()
+    cache = CompileCache.open(tmp_path)
+    for index, wasm in enumerate(modules[:3]):
+        cache.load_module(engine, settings, wasm)
+        os.utime(cache.entry_path(wasm, settings), (time.time() - 100 + index,) * 2)  # distinct ages
+    sizes = [cache.entry_path(wasm, settings).stat().st_size for wasm in modules[:3]]
+    assert cache.load_module(engine, settings, modules[0])[1]  # a hit: entry 0 is now the newest
+    stale = tmp_path / "modules" / ".entry-crashed"
+    fresh = tmp_path / "modules" / ".entry-writing"
+    other = tmp_path / "modules" / "notes.txt"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    cache.size_limit = sum(sizes)  # three entries fit; the fourth pushes the oldest used out
+    cache.load_module(engine, settings, modules[3])
+    present = [cache.entry_path(wasm, settings).exists() for wasm in modules]
+    assert present == [True, False, True, True]  # entry 1 was the least recently used
+    assert cache.statistics.pruned == 1
+    assert (stale.exists(), fresh.exists(), other.exists()) == (False, True, True)
+    cache.size_limit = 1  # smaller than any entry: all but the one just written go
+    cache.load_module(engine, settings, modules[1])
+    assert [cache.entry_path(wasm, settings).exists() for wasm in modules] == [False, True, False, False]
+    monkeypatch.setenv("KEEPSHIM_CACHE_LIMIT", "0")
+    assert CompileCache.open(tmp_path).size_limit == 0  # no limit
+    monkeypatch.setenv("KEEPSHIM_CACHE_LIMIT", "1G")
+    with pytest.raises(KeepError, match="KEEPSHIM_CACHE_LIMIT"):
+        CompileCache.open(tmp_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def _keep_ignoring(number: int, frame: object) -> None:
 for _number in STOP_SIGNALS:
     if signal.getsignal(_number) == signal.SIG_IGN:
         signal.signal(_number, _keep_ignoring)
+
+# Tests run `keep` by name, as a user does: the one installed beside this interpreter (the
+# README's `.venv/bin/python -m pytest` puts it in .venv/bin), whatever PATH the run inherited.
+# Without this, a clean clone's CI found no `keep` (12 tests failed) unless .venv/bin happened to
+# be on the caller's PATH.
+_KEEP = Path(sys.executable).with_name("keep")
+if not _KEEP.is_file():
+    raise RuntimeError(f"{_KEEP} is missing: run the tests with the interpreter scripts/install.sh "
+                       "set up (.venv/bin/python -m pytest)")
+os.environ["PATH"] = f"{_KEEP.parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")

@@ -586,10 +586,19 @@ async def _stop_on_signals(signals: AsyncIterator[int]) -> None:
         return
 
 
+_REPEAT_REPORT_SECONDS = 60.0
+
+
 async def _commit_periodically(operations: FuseOperations, interval: float) -> None:
     """Commit `interval` seconds after the first change since the last commit. The timer
     sleeps until something changes: it ticked every `interval` also when idle, so a mount
-    given a tiny interval (--commit-interval 0.000001) took a whole CPU doing nothing."""
+    given a tiny interval (--commit-interval 0.000001) took a whole CPU doing nothing.
+
+    A failing commit (the host's disk under a sparse image is full) is reported when it first
+    fails, when its reason changes, and then once a minute with the count: it was one line per
+    interval for as long as the disk stayed full. The first success after failures says so."""
+    failures = 0
+    reported: tuple[str, float] | None = None  # the last reason reported, and when
     while True:
         await operations.wait_for_change()
         await trio.sleep(interval)
@@ -597,7 +606,16 @@ async def _commit_periodically(operations: FuseOperations, interval: float) -> N
             try:
                 operations.commit()
             except OSError as error:  # reported; the next fsync or unmount tries again
-                log.error("timed commit failed: %s", error)
+                failures += 1
+                now = trio.current_time()
+                if reported is None or reported[0] != str(error) or now - reported[1] >= _REPEAT_REPORT_SECONDS:
+                    again = f" ({failures} timed commits failed in a row)" if failures > 1 else ""
+                    log.error("timed commit failed: %s%s", error, again)
+                    reported = (str(error), now)
+            else:
+                if failures:
+                    log.warning("timed commit succeeded after %d failed", failures)
+                failures, reported = 0, None
 
 
 def _describe(state: VolumeState) -> str:

@@ -208,3 +208,45 @@ async def test_the_commit_timer_sleeps_while_nothing_changes(
             await trio.sleep(10)
             assert operations.looks == looks  # idle again after that commit
             nursery.cancel_scope.cancel()
+
+
+class _FailingCommits:
+    """Stands in for FuseOperations in the commit timer: always dirty, a change every wait, and
+    commits that fail with `errors` in turn (None: success)."""
+
+    def __init__(self, errors: list[OSError | None]) -> None:
+        self.errors = errors
+        self.commits = 0
+        self.dirty = True
+
+    async def wait_for_change(self) -> None:
+        await trio.sleep(0)
+
+    def commit(self) -> None:
+        error = self.errors[min(self.commits, len(self.errors) - 1)]
+        self.commits += 1
+        if error is not None:
+            raise error
+
+
+async def test_a_failing_timed_commit_is_reported_once_a_minute_not_every_interval(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A host disk that stays full made the timer log 'timed commit failed' every interval (5 s:
+    720 lines an hour). Now: the first failure, a changed reason, then one line a minute with
+    the count; the first success after failures says so. Virtual time: 10 minutes at 5 s."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    broken = OSError(errno.EIO, "Input/output error")
+    operations = _FailingCommits([full] * 100 + [broken] * 10 + [None])
+    with caplog.at_level("WARNING", logger="keep.fuse"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_commit_periodically, operations, 5.0)
+            await trio.sleep(5 * 112 + 2.5)
+            nursery.cancel_scope.cancel()
+    assert operations.commits == 112
+    lines = [record.getMessage() for record in caplog.records]
+    # ENOSPC at 5 s, then at 65, 125, ... 485 s (9 lines for 100 failures over 500 s)
+    assert lines[0] == "timed commit failed: [Errno 28] No space left on device"
+    assert lines[1] == "timed commit failed: [Errno 28] No space left on device (13 timed commits failed in a row)"
+    assert len([line for line in lines if "Errno 28" in line]) == 9
+    assert lines[9] == "timed commit failed: [Errno 5] Input/output error (101 timed commits failed in a row)"
+    assert lines[10:] == ["timed commit succeeded after 110 failed"]

@@ -1226,7 +1226,8 @@ class MerkleStore(_CachedStore):
             sectors = sorted(dirty)
             undo = [(sector * HASH_SIZE, leaves[sector * HASH_SIZE:(sector + 1) * HASH_SIZE]) for sector in sectors]
         try:
-            if small is not None and (small.bound_levels is self._levels or small.bind(self._levels)):
+            # the native step takes 1..4 sectors: a commit of metadata alone takes the Python steps
+            if small is not None and count and (small.bound_levels is self._levels or small.bind(self._levels)):
                 # the header without its digests, root and MACs; the plaintext behind it
                 _RECORD.pack_into(record, 0, _RECORD_MAGIC, self._uuid_field, generation, self._root_mac.ljust(32, b"\0"),
                                   count, 0, 1, len(metadata), _FREE_LEAF, _FREE_LEAF)

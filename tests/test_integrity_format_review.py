@@ -268,3 +268,58 @@ def test_a_commit_of_metadata_alone_is_a_record(tree_version: int, native_step: 
                                     expected_generation=generation)
         assert reopened.metadata == b"sizes %d" % round_number
         assert reopened.read(3, 1) == b"d" * SECTOR_SIZE and reopened.check() == []
+
+
+class RefusingDevice(MemoryBlockDevice):
+    """Refuses every write while `refusing` (a full or failing host disk)."""
+
+    refusing = False
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.refusing:
+            raise OSError(28, "No space left on device")
+        super().write(offset, data)
+
+
+@pytest.mark.parametrize("tree_version", [2, 1])
+@pytest.mark.parametrize("kind", ["small-native", "small-python", "general"])
+def test_a_commit_the_disk_refuses_leaves_every_tree_level_as_the_last_commit_made_it(tree_version: int,
+                                                                                      kind: str) -> None:
+    """`_undo_leaves` puts the leaves back and rehashes the nodes above them (of the format's
+    node size): every level is then the plain computation over the old leaves, the root the
+    last commit's, whichever sectors (and so nodes) the failed commit touched; a retry on the
+    sound disk commits, and the image reopens with it."""
+    key = os.urandom(64)
+    size = 4 << 20
+    device = RefusingDevice(size)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
+    if kind == "small-python":
+        store._small = None
+    rng = random.Random(tree_version)
+    store.write(0, rng.randbytes(600 * SECTOR_SIZE))
+    store.commit()
+    for sectors in ([5], [17, 300, 301, 590], [130, 131], [*range(100, 110), 400, 580]):
+        if kind != "general" and len(sectors) > 4:
+            continue
+        root = store._tree_root()
+        contents = {sector: rng.randbytes(SECTOR_SIZE) for sector in sectors}
+        if kind == "general":
+            contents[620 + len(sectors)] = rng.randbytes(SECTOR_SIZE)  # a fresh sector: the general path
+        for sector, data in contents.items():
+            store.write(sector, data)
+        device.refusing = True
+        with pytest.raises(OSError):
+            store.commit()
+        device.refusing = False
+        assert store._tree_root() == root
+        level = bytes(store._leaves)
+        for depth, expected in enumerate(store._levels[1:], 1):  # each level from the one below
+            node = store._node_size
+            level = b"".join(hashlib.sha256(level[at:at + node].ljust(node, b"\0")).digest()
+                             for at in range(0, len(level), node))
+            assert bytes(expected) == level, f"level {depth} after the refused commit of {sectors}"
+        generation = store.commit().generation
+        reopened = MerkleStore.open(DataSegment(MemoryBlockDevice(size, initial=device.snapshot()), 0, size,
+                                                SectorCipher(key)), key, UUID, writable=False,
+                                    expected_generation=generation)
+        assert {sector: reopened.read(sector, 1) for sector in contents} == contents

@@ -94,7 +94,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from storage._small_commit import NativeSmallCommit
 from storage.blockdev import BlockDevice
-from storage.errors import IntegrityError, NoSpace, RollbackError, SelfTestFailed, StorageError
+from storage.errors import (
+    IntegrityError,
+    NoSpace,
+    RollbackError,
+    SelfTestFailed,
+    StorageError,
+    UnsupportedFormat,
+)
 from storage.xts import NativeEncryption
 
 SECTOR_SIZE = 4096
@@ -119,6 +126,7 @@ class _TreeFormat:
 _TREE_FORMATS = {1: _TreeFormat(1, b"KSHIMSB1", 4096, b"keepshim/state/v1", b"keepshim/log/v1", False),
                  2: _TreeFormat(2, b"KSHIMSB2", 512, b"keepshim/state/v2", b"keepshim/log/v2", True)}
 _TREE_BY_MAGIC = {tree.magic: tree for tree in _TREE_FORMATS.values()}
+_SUPERBLOCK_FAMILY = b"KSHIMSB"
 TREE_VERSION = 2  # what new volumes get
 _RECORD_MAGIC = b"KSHIMLR1"
 _PLAIN_MAGIC = b"KSHIMPL1"
@@ -840,6 +848,11 @@ class MerkleStore(_CachedStore):
         rebuilt and checked against the MAC'd root; refuses a generation older than pinned."""
         key = integrity_key(volume_key, uuid)
         newest = _newest_superblock(segment, key, _uuid_field(uuid))
+        if newest is not None and newest[0] not in _TREE_BY_MAGIC:
+            found = newest[0][len(_SUPERBLOCK_FAMILY):].decode("ascii", "replace")
+            raise UnsupportedFormat(
+                f"the volume's integrity format ({found}) is newer than this keepshim's "
+                f"({', '.join(map(str, _TREE_FORMATS))}): open it with a newer keepshim")
         layout = _recorded_layout(segment, newest) or MerkleLayout.for_sectors(segment.sectors)
         # no authentic superblock: `_recover` says so, whatever the format
         tree_version = _TREE_BY_MAGIC[newest[0]].version if newest is not None else TREE_VERSION
@@ -1660,7 +1673,8 @@ def _authentic_superblock(sector: bytes, key: bytes, uuid_field: bytes) -> tuple
     except struct.error:
         return None
     magic, uuid, meta_length = fields[0], fields[1], fields[8]
-    if magic not in _TREE_BY_MAGIC or uuid != uuid_field or meta_length > METADATA_LIMIT:
+    # any format's superblock (KSHIMSB1, 2, ... later ones too, for a clear "newer format")
+    if not magic.startswith(_SUPERBLOCK_FAMILY) or uuid != uuid_field or meta_length > METADATA_LIMIT:
         return None
     mac = hmac.digest(key, b"keepshim/superblock/v1" + sector[:-HASH_SIZE], "sha256")
     if not hmac.compare_digest(sector[-HASH_SIZE:], mac):

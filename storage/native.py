@@ -214,7 +214,7 @@ class NativeLoops:
         if not level or not 0 < node_size <= 4096:
             raise ValueError("hash_nodes: empty level or node size out of range")
         out = bytearray(-(-len(level) // node_size) * 32)
-        source = (ctypes.c_char * len(level)).from_buffer(level)
+        source = (ctypes.c_char * len(level)).from_buffer(level)  # TypeError for read-only memory
         target = (ctypes.c_char * len(out)).from_buffer(out)
         try:
             if self._hash_nodes(self._openssl_pointer, ctypes.addressof(source), len(level), node_size,

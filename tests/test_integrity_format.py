@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import hmac
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 
 from storage.blockdev import MemoryBlockDevice
+from storage.errors import IntegrityError, UnsupportedFormat
 from storage.fs import ROOT_INODE
-from storage.integrity import SECTOR_SIZE, TREE_VERSION, DataSegment, MerkleStore
+from storage.integrity import SECTOR_SIZE, TREE_VERSION, DataSegment, MerkleStore, integrity_key
 from storage.luks2 import KdfCost
 from storage.volume import Volume, create_volume, open_volume
 from storage.xts import SectorCipher
@@ -149,3 +152,23 @@ def test_the_tree_root_is_the_one_each_format_defines(tree_version: int, node_si
     assert reopened.tree_version == tree_version
     assert reopened._tree_root() == _reference_root(bytes(reopened._leaves), node_size)
     assert reopened.check() == []
+
+
+def test_a_volume_of_a_newer_integrity_format_is_refused_by_name() -> None:
+    """A volume whose newest superblock (authentic: made with the key) has a format this
+    keepshim does not know, as a later keepshim would write, is refused as such: not 'no
+    valid superblock (wrong key or damaged image)', which sent the user to the passphrase."""
+    key = random.Random(5).randbytes(64)
+    size = 1 << 20
+    device = MemoryBlockDevice(size)
+    segment = DataSegment(device, 0, size, SectorCipher(key))
+    MerkleStore.format(segment, key, UUID).close()
+    sector = bytearray(segment.read_plain(0, 1))
+    sector[:8] = b"KSHIMSB3"
+    struct.pack_into("<Q", sector, 48, struct.unpack_from("<Q", sector, 48)[0] + 1)  # the newer one
+    sector[-32:] = hmac.digest(integrity_key(key, UUID), b"keepshim/superblock/v1" + bytes(sector[:-32]), "sha256")
+    segment.write_plain(1, bytes(sector))
+    with pytest.raises(UnsupportedFormat, match=r"integrity format \(3\) is newer than this keepshim's \(1, 2\)"):
+        MerkleStore.open(segment, key, UUID, writable=True)
+    with pytest.raises(IntegrityError, match="no valid superblock"):  # the wrong key still says so
+        MerkleStore.open(DataSegment(device, 0, size, SectorCipher(key[::-1])), key[::-1], UUID, writable=False)

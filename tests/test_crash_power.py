@@ -12,6 +12,7 @@ import os
 import random
 
 import pytest
+from power_cut import CutDevice, PowerCut
 
 from storage.blockdev import MemoryBlockDevice
 from storage.integrity import SECTOR_SIZE, DataSegment, MerkleStore
@@ -21,58 +22,12 @@ UUID = "5e1c2f10-9a7b-4c3d-8e2f-112233445566"
 SEGMENT_BYTES = 1 << 20
 
 
-class PowerCut(Exception):
-    """Raised by the device to stop the store mid-operation."""
-
-
-class FlakyDevice(MemoryBlockDevice):
-    """Durable contents plus the writes since the last sync; fails at the N-th call."""
-
-    def __init__(self, size: int, fail_at: int) -> None:
-        super().__init__(size)
-        self.unsynced: list[tuple[int, bytes]] = []
-        self.calls = 0
-        self.fail_at = fail_at
-
-    def _tick(self) -> None:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise PowerCut()
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._tick()
-        self.unsynced.append((offset, bytes(data)))
-
-    def read(self, offset: int, length: int) -> bytes:
-        image = bytearray(super().read(offset, length))
-        for write_offset, data in self.unsynced:  # reads see unsynced writes, as a page cache does
-            start, end = max(offset, write_offset), min(offset + length, write_offset + len(data))
-            if start < end:
-                image[start - offset:end - offset] = data[start - write_offset:end - write_offset]
-        return bytes(image)
-
-    def sync(self) -> None:
-        self._tick()
-        for offset, data in self.unsynced:
-            super().write(offset, data)
-        self.unsynced.clear()
-
-    def after_cut(self, rng: random.Random) -> MemoryBlockDevice:
-        """The image after the power cut: each unsynced 4 KiB piece survives or not."""
-        survivor = MemoryBlockDevice(self.size, initial=self.snapshot())
-        for offset, data in self.unsynced:
-            for piece in range(0, len(data), SECTOR_SIZE):
-                if rng.random() < 0.5:
-                    survivor.write(offset + piece, data[piece:piece + SECTOR_SIZE])
-        return survivor
-
-
 def run_until_cut(key: bytes, fail_at: int, seed: int, *, fresh_runs: bool = False
-                  ) -> tuple[FlakyDevice, list[dict[int, bytes]], dict[int, bytes]]:
+                  ) -> tuple[CutDevice, list[dict[int, bytes]], dict[int, bytes]]:
     """Random writes and commits until the device fails; returns the device, the states of
     every acknowledged commit (index = commits acknowledged) and the writes in flight. With
     `fresh_runs`, most writes are runs of never-written sectors (written home, not logged)."""
-    device = FlakyDevice(SEGMENT_BYTES, fail_at=10**9)
+    device = CutDevice(SEGMENT_BYTES, fail_at=10**9)
     segment = DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key))
     store = MerkleStore.format(segment, key, UUID)
     device.sync()
@@ -140,7 +95,7 @@ def test_power_cut_in_a_big_commit_written_home_from_the_worker_thread(fail_at: 
     unsynced pieces leaves either the whole commit or none of it."""
     key = os.urandom(64)
     size = 4 << 20
-    device = FlakyDevice(size, fail_at=10**9)
+    device = CutDevice(size, fail_at=10**9)
     store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID)
     device.sync()
     rng = random.Random(fail_at)

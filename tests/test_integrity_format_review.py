@@ -20,6 +20,7 @@ import random
 import struct
 
 import pytest
+from power_cut import CutDevice, PowerCut
 
 from storage.blockdev import MemoryBlockDevice
 from storage.errors import IntegrityError, RollbackError
@@ -27,56 +28,6 @@ from storage.integrity import SECTOR_SIZE, DataSegment, MerkleStore, integrity_k
 from storage.xts import SectorCipher
 
 UUID = "7d3e1a52-0c4b-4e8f-9a21-3b5c6d7e8f90"
-
-
-class PowerCut(Exception):
-    """Raised by the device to stop the store mid-operation."""
-
-
-class CutDevice(MemoryBlockDevice):
-    """Durable contents plus the writes since the last sync (reads see them); fails at the
-    N-th write or sync."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.unsynced: list[tuple[int, bytes]] = []
-        self.calls = 0
-        self.fail_at = 1 << 62
-
-    def _tick(self) -> None:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise PowerCut()
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._tick()
-        self.unsynced.append((offset, bytes(data)))
-
-    def read(self, offset: int, length: int) -> bytes:
-        image = bytearray(super().read(offset, length))
-        for at, data in self.unsynced:
-            start, end = max(offset, at), min(offset + length, at + len(data))
-            if start < end:
-                image[start - offset:end - offset] = data[start - at:end - at]
-        return bytes(image)
-
-    def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
-        view = memoryview(buffer).cast("B")
-        view[:] = self.read(offset, len(view))
-
-    def sync(self) -> None:
-        self._tick()
-        for offset, data in self.unsynced:
-            super().write(offset, data)
-        self.unsynced.clear()
-
-    def after_cut(self, rng: random.Random, keep: float) -> MemoryBlockDevice:
-        survivor = MemoryBlockDevice(self.size, initial=self.snapshot())
-        for offset, data in self.unsynced:
-            for piece in range(0, len(data), SECTOR_SIZE):
-                if rng.random() < keep:
-                    survivor.write(offset + piece, data[piece:piece + SECTOR_SIZE])
-        return survivor
 
 
 def reference_root(leaves: bytes | bytearray, node_size: int) -> bytes:

@@ -62,11 +62,11 @@ _KEY_SIZE = 32
 _KEY_FILE = "cache.key"
 _ENTRIES = "modules"
 MAX_ENTRY_BYTES = 1 << 30
-DEFAULT_SIZE_LIMIT = 1 << 30
-_LIMIT_VARIABLE = "KEEPSHIM_CACHE_LIMIT"
-_STALE_TEMPORARY_SECONDS = 3600
 """The largest sealed entry read back (wasm modules are at most 128 MiB; their compiled form a
 few times that): a bigger file at an entry's name is discarded, never read into memory."""
+DEFAULT_SIZE_LIMIT = 1 << 30  # bytes of entries kept (KEEPSHIM_CACHE_LIMIT), as wasmtime's cache
+_LIMIT_VARIABLE = "KEEPSHIM_CACHE_LIMIT"
+_STALE_TEMPORARY_SECONDS = 3600  # a temporary this old is a crashed writer's
 
 
 class NotARegularFile(OSError):
@@ -245,8 +245,10 @@ class CompileCache:
             return
         if not self.size_limit:
             return
-        kept = os.stat(keep, follow_symlinks=False).st_size if keep is not None and keep.exists() else 0
-        total = kept + sum(size for _, _, size in entries)
+        total = sum(size for _, _, size in entries)
+        if keep is not None:
+            with contextlib.suppress(OSError):
+                total += os.stat(keep, follow_symlinks=False).st_size
         for _, path, size in sorted(entries):  # oldest first
             if total <= self.size_limit:
                 break

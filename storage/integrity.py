@@ -30,7 +30,7 @@ with ``K = HKDF-SHA256(volume key, salt=uuid, info="keepshim/integrity/v1")``.
 Why 512-byte nodes: a small commit rehashes one node per level, and without SHA extensions
 SHA-256 runs at about 380 MB/s here, so each 4 KiB node cost 11 us; with 16-ary nodes a
 path costs about a fifth of the 128-ary one for the same volume (5 levels of 512 bytes
-against 3 of 4 KiB). Tree format 1 (volumes made before: 4 KiB nodes, 128-ary, superblock
+against 3 of 4 KiB). Integrity format 1 (volumes made before: 4 KiB nodes, 128-ary, superblock
 magic KSHIMSB1, "keepshim/state/v1") is still opened, read and written as it is; the
 superblock's magic says which format a volume has, for its whole life. Format 1's record
 header MAC ("keepshim/log/v1") also covered the header's zero padding, up to the MAC: 4 KiB to
@@ -110,10 +110,10 @@ HASHES_PER_PAGE = SECTOR_SIZE // HASH_SIZE  # 128 leaves per stored leaf page
 METADATA_LIMIT = 1024  # bytes of client metadata carried by every commit
 
 
-
 @dataclass(frozen=True)
-class _TreeFormat:
-    """A format of the tree (see the module docstring): the superblock's magic says which."""
+class _IntegrityFormat:
+    """An integrity format (see the module docstring): tree node size and MAC rules; the
+    superblock's magic says which a volume has."""
 
     version: int
     magic: bytes
@@ -123,11 +123,12 @@ class _TreeFormat:
     mac_body_only: bool  # ... the header up to its last entry (else up to the MAC: padding too)
 
 
-_TREE_FORMATS = {1: _TreeFormat(1, b"KSHIMSB1", 4096, b"keepshim/state/v1", b"keepshim/log/v1", False),
-                 2: _TreeFormat(2, b"KSHIMSB2", 512, b"keepshim/state/v2", b"keepshim/log/v2", True)}
-_TREE_BY_MAGIC = {tree.magic: tree for tree in _TREE_FORMATS.values()}
+_INTEGRITY_FORMATS = {
+    1: _IntegrityFormat(1, b"KSHIMSB1", 4096, b"keepshim/state/v1", b"keepshim/log/v1", False),
+    2: _IntegrityFormat(2, b"KSHIMSB2", 512, b"keepshim/state/v2", b"keepshim/log/v2", True)}
+_FORMAT_BY_MAGIC = {format_.magic: format_ for format_ in _INTEGRITY_FORMATS.values()}
 _SUPERBLOCK_FAMILY = b"KSHIMSB"
-TREE_VERSION = 2  # what new volumes get
+INTEGRITY_FORMAT = 2  # what new volumes get
 _RECORD_MAGIC = b"KSHIMLR1"
 _PLAIN_MAGIC = b"KSHIMPL1"
 _UUID_FIELD = 40
@@ -723,11 +724,11 @@ class MerkleStore(_CachedStore):
     """
 
     def __init__(self, segment: DataSegment, key: bytes, uuid: str, layout: MerkleLayout,
-                 writable: bool, tree_version: int = TREE_VERSION) -> None:
+                 writable: bool, integrity_format: int = INTEGRITY_FORMAT) -> None:
         super().__init__(uuid, layout.data_sectors, writable,
                          cache_limit=max(8, layout.log_sectors // 6))
-        self._tree = _TREE_FORMATS[tree_version]
-        self._node_size = self._tree.node_size
+        self._format = _INTEGRITY_FORMATS[integrity_format]
+        self._node_size = self._format.node_size
         self._fanout = self._node_size // HASH_SIZE  # level-0 hashes under one level-1 node
         self._segment = segment
         self._key = key
@@ -776,7 +777,7 @@ class MerkleStore(_CachedStore):
         self._log_image = _anonymous_memory(layout.log_sectors * SECTOR_SIZE, populate=False) if writable else memoryview(bytearray(0))
         # the state MAC's message with the native step in `_small.state`, constant parts packed
         # once here; constant parts of the state MAC
-        self._state_prefix = self._tree.state_label + self._uuid_field
+        self._state_prefix = self._format.state_label + self._uuid_field
         self._generation_at = len(self._state_prefix)  # the generation's place in the state message
         self._log_start = layout.log_start
         self._layout_packed = layout.packed()
@@ -820,14 +821,14 @@ class MerkleStore(_CachedStore):
 
     @classmethod
     def format(cls, segment: DataSegment, volume_key: bytes, uuid: str, *,
-               tree_version: int = TREE_VERSION) -> MerkleStore:
+               integrity_format: int = INTEGRITY_FORMAT) -> MerkleStore:
         """Lay out a fresh integrity area on `segment` and write generation 1: every data sector
         free (zero leaves; the hashes past the last data sector stay zero bytes forever). Only
-        the leaf pages and one superblock are written. `tree_version` 1 (the old 4 KiB nodes)
-        is for tests of volumes made before tree format 2."""
+        the leaf pages and one superblock are written. `integrity_format` 1 (the old 4 KiB nodes)
+        is for tests of volumes made before integrity format 2."""
         layout = MerkleLayout.for_sectors(segment.sectors)
         store = cls(segment, integrity_key(volume_key, uuid), uuid, layout, writable=True,
-                    tree_version=tree_version)
+                    integrity_format=integrity_format)
         store._rebuild_levels()
         store._generation = 1
         store._root_mac = store._state_mac(1, store._tree_root(), b"")
@@ -848,15 +849,15 @@ class MerkleStore(_CachedStore):
         rebuilt and checked against the MAC'd root; refuses a generation older than pinned."""
         key = integrity_key(volume_key, uuid)
         newest = _newest_superblock(segment, key, _uuid_field(uuid))
-        if newest is not None and newest[0] not in _TREE_BY_MAGIC:
+        if newest is not None and newest[0] not in _FORMAT_BY_MAGIC:
             found = newest[0][len(_SUPERBLOCK_FAMILY):].decode("ascii", "replace")
             raise UnsupportedFormat(
                 f"the volume's integrity format ({found}) is newer than this keepshim's "
-                f"({', '.join(map(str, _TREE_FORMATS))}): open it with a newer keepshim")
+                f"({', '.join(map(str, _INTEGRITY_FORMATS))}): open it with a newer keepshim")
         layout = _recorded_layout(segment, newest) or MerkleLayout.for_sectors(segment.sectors)
         # no authentic superblock: `_recover` says so, whatever the format
-        tree_version = _TREE_BY_MAGIC[newest[0]].version if newest is not None else TREE_VERSION
-        store = cls(segment, key, uuid, layout, writable, tree_version)
+        integrity_format = _FORMAT_BY_MAGIC[newest[0]].version if newest is not None else INTEGRITY_FORMAT
+        store = cls(segment, key, uuid, layout, writable, integrity_format)
         store._recover()
         if expected_generation is not None and store._generation < expected_generation:
             raise RollbackError(
@@ -875,9 +876,9 @@ class MerkleStore(_CachedStore):
         return self._layout
 
     @property
-    def tree_version(self) -> int:
-        """The tree's format: 2 (512-byte nodes), or 1 for volumes made before it."""
-        return self._tree.version
+    def integrity_format(self) -> int:
+        """The volume's integrity format: 2 (512-byte tree nodes), or 1 for volumes made before it."""
+        return self._format.version
 
     def state(self) -> VolumeState:
         """The last committed (uuid, generation, root MAC)."""
@@ -1191,10 +1192,10 @@ class MerkleStore(_CachedStore):
         prefix = self._state_prefix
         metadata_digest_at = len(prefix) + _GENERATION.size + len(self._layout_packed)
         try:
-            small = NativeSmallCommit(encryption, self._key, self._tree.log_label, metadata_digest_at + 2 * HASH_SIZE,
+            small = NativeSmallCommit(encryption, self._key, self._format.log_label, metadata_digest_at + 2 * HASH_SIZE,
                                       metadata_digest_at, _RECORD, _RECORD_ROOT_AT, _RECORD_ROOT_AT + HASH_SIZE,
                                       _ENTRY.size, self._layout.data_start, self._log_image, self._node_size,
-                                      self._tree.mac_body_only)
+                                      self._format.mac_body_only)
         except SelfTestFailed:
             return None  # this libcrypto's HMAC context is unusable: the Python steps
         small.state[:len(prefix)] = prefix
@@ -1306,8 +1307,8 @@ class MerkleStore(_CachedStore):
                           self._root_mac.ljust(32, b"\0"), len(sectors), 0, 1, len(metadata), root, root_mac)
         record[_RECORD.size:entries_at] = metadata
         record[entry:mac_at] = _ZERO_SECTOR[entry:mac_at]
-        tree = self._tree
-        record[mac_at:SECTOR_SIZE] = self._mac(tree.log_label, record[:entry if tree.mac_body_only else mac_at])
+        format_ = self._format
+        record[mac_at:SECTOR_SIZE] = self._mac(format_.log_label, record[:entry if format_.mac_body_only else mac_at])
         header = record[:SECTOR_SIZE]
         cipher.encrypt_into(position, header, header)
         return root_mac
@@ -1429,7 +1430,7 @@ class MerkleStore(_CachedStore):
                 body = head + metadata + b"".join(entries)
                 padded = body.ljust(header_sectors * SECTOR_SIZE - HASH_SIZE, b"\0")
                 # every header byte the parser reads is authenticated (format 1: the padding too)
-                header = padded + self._mac(self._tree.log_label, body if self._tree.mac_body_only else padded)
+                header = padded + self._mac(self._format.log_label, body if self._format.mac_body_only else padded)
                 position = layout.log_start + self._log_position
                 record = b"".join([self._segment.cipher.encrypt_run(position, header), *logged_parts])
                 self._segment.write_raw(position, record)
@@ -1513,7 +1514,7 @@ class MerkleStore(_CachedStore):
         `log_position`, durably."""
         layout = self._layout
         metadata = self._committed_metadata
-        body = _SUPERBLOCK.pack(self._tree.magic, self._uuid_field, self._generation, layout.total,
+        body = _SUPERBLOCK.pack(self._format.magic, self._uuid_field, self._generation, layout.total,
                                 layout.log_sectors, layout.page_sectors, layout.data_sectors,
                                 log_position, len(metadata), self._tree_root(),
                                 self._root_mac) + metadata
@@ -1533,8 +1534,8 @@ class MerkleStore(_CachedStore):
         (magic, _, generation, total, log, pages, data, log_start, meta_length, root, root_mac) = fields
         end = _SUPERBLOCK.size + meta_length
         layout = self._layout
-        if magic != self._tree.magic:
-            return None  # a volume's tree format never changes
+        if magic != self._format.magic:
+            return None  # a volume's integrity format never changes
         if (total, log, pages, data) != (
                 layout.total, layout.log_sectors, layout.page_sectors, layout.data_sectors):
             return None
@@ -1608,14 +1609,14 @@ class MerkleStore(_CachedStore):
         if header_sectors != -(-(body_length + HASH_SIZE) // SECTOR_SIZE) or position + total > layout.log_sectors:
             return None
         header = first if header_sectors == 1 else self._segment.read_plain(start, header_sectors)
-        if self._tree.mac_body_only:  # the MAC covers the body; the padding must be zeros
+        if self._format.mac_body_only:  # the MAC covers the body; the padding must be zeros
             authenticated = header[:body_length]
             padding = len(header) - HASH_SIZE - body_length
             if header.count(0, body_length, body_length + padding) != padding:
                 return None  # changed: XTS turned the changed 16-byte block into noise
         else:
             authenticated = header[:-HASH_SIZE]
-        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(self._tree.log_label, authenticated)):
+        if not hmac.compare_digest(header[-HASH_SIZE:], self._mac(self._format.log_label, authenticated)):
             return None
         body = header[:body_length]
         metadata = body[_RECORD.size:_RECORD.size + meta_length]

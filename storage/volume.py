@@ -88,7 +88,7 @@ class Volume:
         }
         if isinstance(self.store, MerkleStore):
             layout = self.store.layout
-            facts.update(integrity_format=self.store.tree_version, log_sectors=layout.log_sectors,
+            facts.update(integrity_format=self.store.integrity_format, log_sectors=layout.log_sectors,
                          leaf_page_sectors=layout.page_sectors, data_sectors=layout.data_sectors)
         return facts
 

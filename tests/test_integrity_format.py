@@ -35,7 +35,7 @@ import pytest
 from storage.blockdev import MemoryBlockDevice
 from storage.errors import IntegrityError, UnsupportedFormat
 from storage.fs import ROOT_INODE
-from storage.integrity import SECTOR_SIZE, TREE_VERSION, DataSegment, MerkleStore, integrity_key
+from storage.integrity import INTEGRITY_FORMAT, SECTOR_SIZE, DataSegment, MerkleStore, integrity_key
 from storage.luks2 import KdfCost
 from storage.volume import Volume, create_volume, open_volume
 from storage.xts import SectorCipher
@@ -103,7 +103,7 @@ def _read_path_once(image: Path, path: bytes) -> bytes:
 
 
 def test_new_volumes_get_format_2(tmp_path: Path) -> None:
-    assert TREE_VERSION == 2
+    assert INTEGRITY_FORMAT == 2
     with create_volume(tmp_path / "v2.img", 24 << 20, b"pw", pbkdf="pbkdf2",
                        kdf_cost=KdfCost(iterations=1000)) as volume:
         assert volume.info()["integrity_format"] == 2
@@ -128,16 +128,16 @@ def _reference_root(leaves: bytes, node_size: int) -> bytes:
             return level
 
 
-@pytest.mark.parametrize(("tree_version", "node_size"), [(2, 512), (1, 4096)])
-def test_the_tree_root_is_the_one_each_format_defines(tree_version: int, node_size: int) -> None:
+@pytest.mark.parametrize(("integrity_format", "node_size"), [(2, 512), (1, 4096)])
+def test_the_tree_root_is_the_one_each_format_defines(integrity_format: int, node_size: int) -> None:
     """After commits on both paths (small and general), and after reopening, the root is the
     plain computation over the leaves with that format's node size; the volume's levels are
     several deep (a short last node at every level above the leaves)."""
     size = 16 << 20
-    key = random.Random(tree_version).randbytes(64)
+    key = random.Random(integrity_format).randbytes(64)
     device = MemoryBlockDevice(size)
-    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
-    assert store.tree_version == tree_version
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, integrity_format=integrity_format)
+    assert store.integrity_format == integrity_format
     rng = random.Random(2)
     store.write(0, rng.randbytes(300 * SECTOR_SIZE))
     store.write(store.sector_count - 1, rng.randbytes(SECTOR_SIZE))
@@ -149,7 +149,7 @@ def test_the_tree_root_is_the_one_each_format_defines(tree_version: int, node_si
     assert store._tree_root() == _reference_root(bytes(store._leaves), node_size)
     store.close()
     reopened = MerkleStore.open(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, writable=False)
-    assert reopened.tree_version == tree_version
+    assert reopened.integrity_format == integrity_format
     assert reopened._tree_root() == _reference_root(bytes(reopened._leaves), node_size)
     assert reopened.check() == []
 

@@ -42,12 +42,12 @@ def reference_root(leaves: bytes | bytearray, node_size: int) -> bytes:
 Acked = dict[int, dict[int, bytes]]
 
 
-def workload_until_cut(key: bytes, tree_version: int, size: int, fail_at: int, seed: int, *,
+def workload_until_cut(key: bytes, integrity_format: int, size: int, fail_at: int, seed: int, *,
                        python_step: bool, flushes: bool) -> tuple[CutDevice, Acked, int, dict[int, bytes]]:
     """Returns the device at the cut, the contents of every generation seen, the last
     acknowledged generation and every write issued (the in-flight commit's contents)."""
     device = CutDevice(size)
-    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, integrity_format=integrity_format)
     if python_step:
         store._small = None
     if flushes:  # cache-pressure flushes after 48 dirty sectors instead of 16 MiB
@@ -104,21 +104,21 @@ def workload_until_cut(key: bytes, tree_version: int, size: int, fail_at: int, s
     return device, acked, last, model
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
+@pytest.mark.parametrize("integrity_format", [2, 1])
 @pytest.mark.parametrize(("size", "python_step", "flushes"),
                          [(1 << 20, False, False), (1 << 20, True, True), (8 << 20, False, True), (8 << 20, True, False)])
-def test_power_cuts_recover_an_acknowledged_state_in_both_formats(tree_version: int, size: int, python_step: bool,
+def test_power_cuts_recover_an_acknowledged_state_in_both_formats(integrity_format: int, size: int, python_step: bool,
                                                                  flushes: bool) -> None:
     key = os.urandom(64)
-    rng = random.Random(tree_version * 100 + size + python_step * 7 + flushes * 13)
+    rng = random.Random(integrity_format * 100 + size + python_step * 7 + flushes * 13)
     for trial in range(6):
         fail_at = rng.randrange(1, 1500)
-        device, acked, last, model = workload_until_cut(key, tree_version, size, fail_at, rng.randrange(1 << 30),
+        device, acked, last, model = workload_until_cut(key, integrity_format, size, fail_at, rng.randrange(1 << 30),
                                                         python_step=python_step, flushes=flushes)
         survivor = device.after_cut(rng, rng.choice([0.0, 0.5, 1.0]))
         store = MerkleStore.open(DataSegment(survivor, 0, size, SectorCipher(key)), key, UUID, writable=True)
         label = f"trial {trial}, cut at call {fail_at}"
-        assert store.tree_version == tree_version
+        assert store.integrity_format == integrity_format
         generation = store.state().generation
         assert generation >= last, label
         expected = acked.get(generation, model if generation == max(acked) + 1 else None)
@@ -132,14 +132,14 @@ def test_power_cuts_recover_an_acknowledged_state_in_both_formats(tree_version: 
         assert reopened.state().generation == generation and reopened.check() == [], label
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
-def test_a_flip_anywhere_in_a_live_record_with_a_two_sector_header_is_caught(tree_version: int) -> None:
+@pytest.mark.parametrize("integrity_format", [2, 1])
+def test_a_flip_anywhere_in_a_live_record_with_a_two_sector_header_is_caught(integrity_format: int) -> None:
     """The general path's record: 700 bytes of metadata and 158 entries (8 logged, 150 home)
     make a header of two sectors, the second mostly padding in format 2."""
     key = os.urandom(64)
     size = 4 << 20
     device = MemoryBlockDevice(size)
-    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, integrity_format=integrity_format)
     rng = random.Random(3)
     store.write(0, rng.randbytes(200 * SECTOR_SIZE))
     store.commit()
@@ -165,8 +165,8 @@ def test_a_flip_anywhere_in_a_live_record_with_a_two_sector_header_is_caught(tre
                                  expected_generation=generation)
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
-def test_a_superblock_of_the_other_format_never_opens_the_volume_with_its_rules(tree_version: int) -> None:
+@pytest.mark.parametrize("integrity_format", [2, 1])
+def test_a_superblock_of_the_other_format_never_opens_the_volume_with_its_rules(integrity_format: int) -> None:
     """Only the key makes a superblock; still: the other format's magic on a copy of the
     volume's own superblock (newer generation, other slot) makes the open fail, never
     recover with the other format's tree; an older one is ignored."""
@@ -174,11 +174,11 @@ def test_a_superblock_of_the_other_format_never_opens_the_volume_with_its_rules(
     size = 1 << 20
     device = MemoryBlockDevice(size)
     segment = DataSegment(device, 0, size, SectorCipher(key))
-    store = MerkleStore.format(segment, key, UUID, tree_version=tree_version)
+    store = MerkleStore.format(segment, key, UUID, integrity_format=integrity_format)
     store.write(0, b"a" * SECTOR_SIZE)
     store.commit()
     store.close()  # checkpoint into slot 1
-    other = {1: b"KSHIMSB2", 2: b"KSHIMSB1"}[tree_version]
+    other = {1: b"KSHIMSB2", 2: b"KSHIMSB1"}[integrity_format]
     subkey = integrity_key(key, UUID)
     good = device.snapshot()
     for generation_delta, opens in ((1, False), (-1, True)):
@@ -190,22 +190,22 @@ def test_a_superblock_of_the_other_format_never_opens_the_volume_with_its_rules(
         segment.write_plain(0, bytes(sector))  # into the other slot
         if opens:
             reopened = MerkleStore.open(segment, key, UUID, writable=False)
-            assert reopened.tree_version == tree_version and reopened.read(0, 1) == b"a" * SECTOR_SIZE
+            assert reopened.integrity_format == integrity_format and reopened.read(0, 1) == b"a" * SECTOR_SIZE
         else:
             with pytest.raises(IntegrityError):
                 MerkleStore.open(segment, key, UUID, writable=False)
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
+@pytest.mark.parametrize("integrity_format", [2, 1])
 @pytest.mark.parametrize("native_step", [True, False])
-def test_a_commit_of_metadata_alone_is_a_record(tree_version: int, native_step: bool) -> None:
+def test_a_commit_of_metadata_alone_is_a_record(integrity_format: int, native_step: bool) -> None:
     """`store.metadata = ...; store.commit()` with no sector written: the native small step
     (which takes 1..4 sectors) raised ValueError("small commit outside the bound tree ...");
     the commit is a record of no entries, replayed at open."""
     key = os.urandom(64)
     size = 1 << 20
     device = MemoryBlockDevice(size)
-    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, integrity_format=integrity_format)
     if not native_step:
         store._small = None
     store.write(3, b"d" * SECTOR_SIZE)
@@ -232,9 +232,9 @@ class RefusingDevice(MemoryBlockDevice):
         super().write(offset, data)
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
+@pytest.mark.parametrize("integrity_format", [2, 1])
 @pytest.mark.parametrize("kind", ["small-native", "small-python", "general"])
-def test_a_commit_the_disk_refuses_leaves_every_tree_level_as_the_last_commit_made_it(tree_version: int,
+def test_a_commit_the_disk_refuses_leaves_every_tree_level_as_the_last_commit_made_it(integrity_format: int,
                                                                                       kind: str) -> None:
     """`_undo_leaves` puts the leaves back and rehashes the nodes above them (of the format's
     node size): every level is then the plain computation over the old leaves, the root the
@@ -243,10 +243,10 @@ def test_a_commit_the_disk_refuses_leaves_every_tree_level_as_the_last_commit_ma
     key = os.urandom(64)
     size = 4 << 20
     device = RefusingDevice(size)
-    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, tree_version=tree_version)
+    store = MerkleStore.format(DataSegment(device, 0, size, SectorCipher(key)), key, UUID, integrity_format=integrity_format)
     if kind == "small-python":
         store._small = None
-    rng = random.Random(tree_version)
+    rng = random.Random(integrity_format)
     store.write(0, rng.randbytes(600 * SECTOR_SIZE))
     store.commit()
     for sectors in ([5], [17, 300, 301, 590], [130, 131], [*range(100, 110), 400, 580]):

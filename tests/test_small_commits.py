@@ -57,10 +57,10 @@ def _workload(store: MerkleStore, rng: random.Random, after_commit: Callable[[],
     return model
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
+@pytest.mark.parametrize("integrity_format", [2, 1])
 @pytest.mark.parametrize("native_step", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, native_step: bool, tree_version: int,
+def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, native_step: bool, integrity_format: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     key = random.Random(seed).randbytes(64)
     small_path = MerkleStore._append_small_record
@@ -75,7 +75,7 @@ def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, nativ
     def run(small: bool) -> tuple[list[bytes], MemoryBlockDevice]:
         device = MemoryBlockDevice(SEGMENT_BYTES)
         store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
-                                   tree_version=tree_version)
+                                   integrity_format=integrity_format)
         assert (store._small is not None) == SectorCipher(key).native  # the native step is there when built
         if not native_step:
             store._small = None  # `_small_record_in_python`
@@ -93,9 +93,9 @@ def test_small_commits_write_the_same_bytes_as_the_general_path(seed: int, nativ
     assert small == general
     # and the image left by small commits recovers (the log replayed at open)
     store = MerkleStore.open(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID, writable=False)
-    assert store.tree_version == tree_version  # as the superblock says
+    assert store.integrity_format == integrity_format  # as the superblock says
     model = _workload(MerkleStore.format(DataSegment(MemoryBlockDevice(SEGMENT_BYTES), 0, SEGMENT_BYTES,
-                                                     SectorCipher(key)), key, UUID, tree_version=tree_version),
+                                                     SectorCipher(key)), key, UUID, integrity_format=integrity_format),
                       random.Random(seed), lambda: None)
     assert {sector: store.read(sector, 1) for sector in model} == model
     assert store.check() == []
@@ -142,11 +142,11 @@ def test_an_image_file_copied_between_small_commits_recovers_them(tmp_path: Path
 
 
 def _live_small_record(device: MemoryBlockDevice, key: bytes,
-                       tree_version: int = 2) -> tuple[MerkleStore, dict[int, bytes], int]:
+                       integrity_format: int = 2) -> tuple[MerkleStore, dict[int, bytes], int]:
     """A volume whose last commit is a small record of two overwritten sectors, not yet
     checkpointed; returns the store, the expected contents and the generation to pin."""
     store = MerkleStore.format(DataSegment(device, 0, SEGMENT_BYTES, SectorCipher(key)), key, UUID,
-                               tree_version=tree_version)
+                               integrity_format=integrity_format)
     rng = random.Random(11)
     contents = {sector: rng.randbytes(SECTOR_SIZE) for sector in range(8)}
     store.write(0, b"".join(contents.values()))
@@ -161,15 +161,15 @@ def _live_small_record(device: MemoryBlockDevice, key: bytes,
     return store, contents, latest.generation
 
 
-@pytest.mark.parametrize("tree_version", [2, 1])
-def test_a_flip_anywhere_in_a_live_small_record_is_caught(tree_version: int) -> None:
+@pytest.mark.parametrize("integrity_format", [2, 1])
+def test_a_flip_anywhere_in_a_live_small_record_is_caught(integrity_format: int) -> None:
     """Header (entries, root, both MACs, and the zero padding: MAC'd in format 1, required to
     be zeros in format 2) and logged ciphertext of a small record are all checked: any flipped
     byte makes the record invalid, so a pinned open refuses the image; the untouched image
     opens at the pinned generation with the new contents."""
     key = os.urandom(64)
     device = MemoryBlockDevice(SEGMENT_BYTES)
-    store, contents, generation = _live_small_record(device, key, tree_version)
+    store, contents, generation = _live_small_record(device, key, integrity_format)
     record_start = store.layout.log_start + store._log_position - 3
     crashed = device.snapshot()
     rng = random.Random(5)

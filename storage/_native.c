@@ -197,7 +197,7 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
     u64 size = c->sector_size;
     u64 node = c->node_size;
     u64 fanout = node / DIGEST_SIZE;
-    u64 pages[SMALL_SECTORS];  /* the node above each changed leaf, then above those, ... */
+    u64 nodes[SMALL_SECTORS];  /* the node above each changed leaf, then above those, ... */
     u8 padded[4096];
     if (c->count < 1 || c->count > SMALL_SECTORS || c->depth < 2 || c->depth > MAX_LEVELS
         || size > sizeof padded || size % DIGEST_SIZE || node < 2 * DIGEST_SIZE || node > size
@@ -209,17 +209,17 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
         if (crypt_sector(f, c->context, tweak, sector, sector, (int)size) != 0) return -1;
         if (sha256(f, sector, (int)size, digest) != 0) return -1;
         copy_bytes(c->levels[0] + c->sectors[i] * DIGEST_SIZE, digest, DIGEST_SIZE);
-        pages[i] = c->sectors[i] / fanout;
+        nodes[i] = c->sectors[i] / fanout;
     }
     for (u64 depth = 1; depth < c->depth; depth++) {
         const u8 *below = c->levels[depth - 1];
         u64 below_length = c->level_lengths[depth - 1];
         for (u64 i = 0; i < c->count; i++) {
             int seen = 0;
-            for (u64 j = 0; j < i; j++) seen |= pages[j] == pages[i];
-            if (seen) continue;  /* that page is hashed already */
-            u64 start = pages[i] * node;
-            u8 *out = c->levels[depth] + pages[i] * DIGEST_SIZE;
+            for (u64 j = 0; j < i; j++) seen |= nodes[j] == nodes[i];
+            if (seen) continue;  /* that node is hashed already */
+            u64 start = nodes[i] * node;
+            u8 *out = c->levels[depth] + nodes[i] * DIGEST_SIZE;
             if (start + node <= below_length) {
                 if (sha256(f, below + start, (int)node, out) != 0) return -1;
             } else {
@@ -229,7 +229,7 @@ int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c)
                 if (sha256(f, padded, (int)node, out) != 0) return -1;
             }
         }
-        for (u64 i = 0; i < c->count; i++) pages[i] /= fanout;
+        for (u64 i = 0; i < c->count; i++) nodes[i] /= fanout;
     }
     if (sha256(f, c->record + c->metadata_at, (int)c->metadata_length, c->state + c->metadata_digest_at) != 0)
         return -1;

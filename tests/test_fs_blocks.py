@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fuse_harness import MountedVolume, create_image, fuse_skip_reason
-from test_crash_power import FlakyDevice, PowerCut
+from power_cut import CutDevice, PowerCut
 
 from storage.errors import FilesystemError
 from storage.fs import BLOCK_SIZE, FORMAT_VERSION, ROOT_INODE
@@ -166,7 +166,7 @@ def test_a_power_cut_anywhere_in_the_upgrade_leaves_format_2_or_format_3(tmp_pat
     rng = random.Random(3)
     formats: dict[int, int] = {}
     for fail_at in range(1, 1000):
-        device = FlakyDevice(len(contents), fail_at=fail_at)
+        device = CutDevice(len(contents), fail_at=fail_at)
         device.restore(contents)
         try:
             open_volume(device, volume_key=key).close()

@@ -30,7 +30,9 @@ The cache stays within a size limit (1 GiB, as wasmtime's own cache; `KEEPSHIM_C
 in bytes, 0 for none): after each new entry, the least recently used entries (by modification
 time: a hit touches its entry) are removed until the rest fit, and temporaries a crashed
 writer left (`.entry-*`, older than an hour) are removed. Entries of an older wasmtime or of
-other settings are never hit again, so they age out this way.
+other settings are never hit again, so they age out this way. Pruning removes only names of
+entries and temporaries, relative to the entries directory opened without following a symlink
+(a `modules` that is a symlink is not pruned: whatever it points at is not the cache's).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import errno
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -67,6 +70,8 @@ few times that): a bigger file at an entry's name is discarded, never read into 
 DEFAULT_SIZE_LIMIT = 1 << 30  # bytes of entries kept (KEEPSHIM_CACHE_LIMIT), as wasmtime's cache
 _LIMIT_VARIABLE = "KEEPSHIM_CACHE_LIMIT"
 _STALE_TEMPORARY_SECONDS = 3600  # a temporary this old is a crashed writer's
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.sealed")  # entry_path's names
+_TEMPORARY_NAME = re.compile(r"\.entry-.+", re.DOTALL)  # _write's temporaries (tempfile.mkstemp)
 
 
 class NotARegularFile(OSError):
@@ -221,39 +226,57 @@ class CompileCache:
 
     def prune(self, *, keep: Path | None = None) -> None:
         """Remove the least recently used entries (never `keep`) until the rest fit within
-        `size_limit`, and temporaries older than an hour. Only regular files and symlinks
-        with an entry's or a temporary's name in the entries directory are touched; failures
-        are ignored (another process may prune at the same time)."""
+        `size_limit`, and temporaries older than an hour. Only names this class makes (an
+        entry's, a temporary's) that are not directories are touched, and only in the entries
+        directory itself: it is opened without following a symlink and every name is removed
+        relative to it (a `modules` planted as a symlink elsewhere had that directory's
+        `*.sealed` and old `.entry-*` files deleted). Failures are ignored (another process may
+        prune at the same time)."""
+        try:
+            directory = os.open(self.directory / _ENTRIES,
+                                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            self._prune_in(directory, keep.name if keep is not None else None)
+        finally:
+            os.close(directory)
+
+    def _prune_in(self, directory: int, keep: str | None) -> None:
         entries: list[tuple[float, str, int]] = []
+        kept = 0
         now = time.time()
         try:
-            with os.scandir(self.directory / _ENTRIES) as found:
+            with os.scandir(directory) as found:
                 for item in found:
+                    is_entry = _ENTRY_NAME.fullmatch(item.name) is not None
+                    is_temporary = _TEMPORARY_NAME.fullmatch(item.name) is not None
+                    if not (is_entry or is_temporary):
+                        continue
                     try:
                         status = item.stat(follow_symlinks=False)
                     except OSError:
                         continue
                     if stat.S_ISDIR(status.st_mode):
                         continue
-                    if item.name.startswith(".entry-"):
+                    if is_temporary:
                         if now - status.st_mtime > _STALE_TEMPORARY_SECONDS:
                             with contextlib.suppress(OSError):
-                                os.unlink(item.path)
-                    elif item.name.endswith(".sealed") and item.path != str(keep):
-                        entries.append((status.st_mtime, item.path, status.st_size))
+                                os.unlink(item.name, dir_fd=directory)
+                    elif item.name == keep:
+                        kept = status.st_size
+                    else:
+                        entries.append((status.st_mtime, item.name, status.st_size))
         except OSError:
             return
         if not self.size_limit:
             return
-        total = sum(size for _, _, size in entries)
-        if keep is not None:
-            with contextlib.suppress(OSError):
-                total += os.stat(keep, follow_symlinks=False).st_size
-        for _, path, size in sorted(entries):  # oldest first
+        total = kept + sum(size for _, _, size in entries)
+        for _, name, size in sorted(entries):  # oldest first
             if total <= self.size_limit:
                 break
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(name, dir_fd=directory)
                 self.statistics.pruned += 1
             total -= size
 

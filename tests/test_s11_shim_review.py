@@ -1,0 +1,51 @@
+"""Session 11 review of recent user-facing changes in shim/ (cache pruning, `keep run FILE.wat`,
+`keep volume` on a closed stdout, the mount's stop signals and commit timer): regression tests
+for the defects found."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import wasmtime
+from test_cache import MARKER, module_bytes
+
+from shim.cache import CompileCache
+from shim.engine import EngineSettings
+
+
+def test_pruning_never_deletes_through_a_modules_symlink_nor_other_names(tmp_path: Path) -> None:
+    """The cache directory is the host's: its `modules` may be a symlink planted to another
+    directory. Pruning (dc625c8) followed it and deleted that directory's `*.sealed` files and
+    `.entry-*` files older than an hour (here: after one cache miss under a small limit, all of
+    them). It also deleted any `*.sealed` name in the cache, not only an entry's."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    entry_like = victim / ("ab" * 32 + ".sealed")
+    for path in (victim / "precious.sealed", entry_like, victim / ".entry-backup"):
+        path.write_bytes(b"the user's own file")
+        os.utime(path, (time.time() - 7200,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "modules").symlink_to(victim)
+    cache = CompileCache.open(cache_dir)
+    cache.size_limit = 1
+    settings = EngineSettings()
+    module, hit = cache.load_module(settings.make_engine(), settings, module_bytes(MARKER + b"s"))
+    assert not hit and isinstance(module, wasmtime.Module)
+    for path in (victim / "precious.sealed", entry_like, victim / ".entry-backup"):
+        assert path.read_bytes() == b"the user's own file", path
+
+    # in a real entries directory, a name that is not an entry's is left alone too
+    own = tmp_path / "own"
+    cache = CompileCache.open(own)
+    cache.size_limit = 1
+    engine = settings.make_engine()
+    cache.load_module(engine, settings, module_bytes(MARKER + b"a"))
+    (own / "modules" / "notes.sealed").write_bytes(b"x" * 100)
+    os.utime(own / "modules" / "notes.sealed", (time.time() - 7200,) * 2)
+    cache.load_module(engine, settings, module_bytes(MARKER + b"b"))
+    names = sorted(path.name for path in (own / "modules").iterdir())
+    assert names == sorted(["notes.sealed", cache.entry_path(module_bytes(MARKER + b"b"), settings).name])
+    assert cache.statistics.pruned == 1  # the first entry, the least recently used

@@ -342,9 +342,13 @@ def size_limit_from_environment() -> int:
     text = os.environ.get(_LIMIT_VARIABLE, "").strip()
     if not text:
         return DEFAULT_SIZE_LIMIT
-    if not (text.isascii() and text.isdigit()):
-        raise KeepError(f"{_LIMIT_VARIABLE}={text!r}: expected a number of bytes (0: no limit)")
-    return int(text)
+    try:
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(text)
+        return int(text)  # ValueError past Python's 4300 digits: was an internal error, exit 70
+    except ValueError:
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise KeepError(f"{_LIMIT_VARIABLE}={shown!r}: expected a number of bytes (0: no limit)") from None
 
 
 def _derive(key: bytes, label: bytes) -> bytes:

@@ -8,11 +8,13 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import wasmtime
 from test_cache import MARKER, module_bytes
 
 from shim.cache import CompileCache
 from shim.engine import EngineSettings
+from shim.errors import KeepError
 
 
 def test_pruning_never_deletes_through_a_modules_symlink_nor_other_names(tmp_path: Path) -> None:
@@ -49,3 +51,15 @@ def test_pruning_never_deletes_through_a_modules_symlink_nor_other_names(tmp_pat
     names = sorted(path.name for path in (own / "modules").iterdir())
     assert names == sorted(["notes.sealed", cache.entry_path(module_bytes(MARKER + b"b"), settings).name])
     assert cache.statistics.pruned == 1  # the first entry, the least recently used
+
+
+def test_a_cache_limit_of_too_many_digits_is_a_one_line_error(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEEPSHIM_CACHE_LIMIT of more than 4300 digits passed the isdigit() check and int()
+    raised ValueError (Python's limit on converting long digit strings): `keep run` said
+    'internal error: ValueError: Exceeds the limit (4300 digits) ...', exit 70."""
+    monkeypatch.setenv("KEEPSHIM_CACHE_LIMIT", "1" * 5000)
+    with pytest.raises(KeepError, match=r"KEEPSHIM_CACHE_LIMIT=.*5000 characters.*expected a number of bytes"):
+        CompileCache.open(tmp_path)
+    monkeypatch.setenv("KEEPSHIM_CACHE_LIMIT", " 000000000000000000000000000000000000000000000042 ")
+    assert CompileCache.open(tmp_path).size_limit == 42

@@ -322,12 +322,18 @@ def _read_module(config: RunConfig) -> bytes:
 
 
 _WAT_LIMIT = 64 << 20  # bytes of WebAssembly text `keep run` translates
-_WAT_LOCATION = re.compile(r"-->\s*\S*?:(\d+):(\d+)")
+# Where the parser's error is: "REASON\n     --> <anon>:LINE:COLUMN\n (the line, a caret)" (the
+# last such line: REASON may quote a name holding one), or "REASON at <anon>:LINE:COLUMN" at the
+# very end (item nesting too deep)
+_WAT_LOCATION = re.compile(r"\n[ \t]*-->[ \t]*<anon>:(\d+):(\d+)(?=\n|\Z)")
+_WAT_LOCATION_AT_END = re.compile(r"[ \t]+at[ \t]+<anon>:(\d+):(\d+)\Z")
 
 
 def _wat_to_wasm(config: RunConfig, text: bytes) -> bytes:
     """A module in the WebAssembly text format (a file named *.wat, as wasmtime runs them),
-    translated by wasmtime's own parser; its errors in one line, with line and column."""
+    translated by wasmtime's own parser; its errors in one line, with line and column, and
+    printable: the reason may quote a name from the text (`$"\1b[2J\0a"`), whose control
+    characters are shown escaped, never sent to the terminal (nor cut the line)."""
     if len(text) > _WAT_LIMIT:
         raise ModuleError(f"{config.module}: WebAssembly text larger than {_WAT_LIMIT >> 20} MiB")
     try:
@@ -336,10 +342,18 @@ def _wat_to_wasm(config: RunConfig, text: bytes) -> bytes:
         raise ModuleError(f"{config.module}: WebAssembly text is not UTF-8 (byte {error.start})") from None
     except wasmtime.WasmtimeError as error:
         message = str(error).strip()
-        first = message.splitlines()[0] if message else "invalid WebAssembly text"
-        where = _WAT_LOCATION.search(message)
+        found = list(_WAT_LOCATION.finditer(message))
+        where = found[-1] if found else _WAT_LOCATION_AT_END.search(message)
+        reason = message[:where.start()] if where else (message.splitlines() or [""])[0]
+        reason = _printable(reason.strip()) or "invalid WebAssembly text"
         at = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
-        raise ModuleError(f"{config.module}: invalid WebAssembly text: {first}{at}") from None
+        raise ModuleError(f"{config.module}: invalid WebAssembly text: {reason}{at}") from None
+
+
+def _printable(text: str) -> str:
+    """`text` with its control (and other unprintable) characters escaped, as one line."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
 
 
 def _not_wasm(config: RunConfig) -> ModuleError:

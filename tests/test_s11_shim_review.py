@@ -5,6 +5,8 @@ for the defects found."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,3 +65,26 @@ def test_a_cache_limit_of_too_many_digits_is_a_one_line_error(tmp_path: Path,
         CompileCache.open(tmp_path)
     monkeypatch.setenv("KEEPSHIM_CACHE_LIMIT", " 000000000000000000000000000000000000000000000042 ")
     assert CompileCache.open(tmp_path).size_limit == 42
+
+
+def _keep_run(*arguments: str, cache_dir: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "shim", "run", *arguments], capture_output=True,
+                          env={**os.environ, "KEEPSHIM_CACHE_DIR": str(cache_dir)}, timeout=120, check=False)
+
+
+def test_a_wat_error_is_one_printable_line_with_its_place(tmp_path: Path) -> None:
+    """`keep run FILE.wat` (196d7cd) printed the parser's first line as it came: a quoted name
+    in the text (`$"\\1b[2J..."`, which the parser echoes decoded) sent its escape sequence to
+    the terminal raw and a \\0a in it cut the line (and the name) short; 'item nesting too
+    deep' came as 'at <anon>:1:1102' instead of the line and column."""
+    named = tmp_path / "named.wat"
+    named.write_text('(module (func (export "_start") (call $"\\1b[2J\\0anext")))\n')
+    completed = _keep_run(str(named), cache_dir=tmp_path / "cache")
+    assert completed.returncode == 1
+    assert completed.stderr == (f"keep: {named}: invalid WebAssembly text: unknown func: failed to find "
+                                "name `$\\x1b[2J\\nnext` at line 1, column 39\n").encode()
+    deep = tmp_path / "deep.wat"
+    deep.write_text("(component " * 2000 + ")" * 2000)
+    completed = _keep_run(str(deep), cache_dir=tmp_path / "cache")
+    assert completed.returncode == 1
+    assert completed.stderr.endswith(b": invalid WebAssembly text: item nesting too deep at line 1, column 1102\n")

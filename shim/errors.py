@@ -18,8 +18,9 @@ class KeepError(Exception):
 
 
 class StdoutClosed(KeepError):
-    """Stdout's reader went away (EPIPE: `keep volume ls IMG | head`). Nothing is said and
-    the exit status is 141 (128 + SIGPIPE), as for a tool the signal ended."""
+    """Stdout's reader went away (EPIPE: `keep volume ls IMG | head`), or the reader of a pipe
+    `keep volume get` writes into (/dev/stdout, a FIFO). Nothing is said and the exit status is
+    141 (128 + SIGPIPE), as for a tool the signal ended."""
 
     exit_status = 141
 

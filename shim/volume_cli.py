@@ -16,8 +16,9 @@ Neither ever replaces the open image itself (nor do `put` and `import` copy it i
 keep a sparse file's holes (whole 4 KiB blocks of zeros), both ways. A path ending in "/" names a
 directory, as on Linux. `ls` shows a name's bytes that are not UTF-8 and its control characters
 escaped (a guest makes any name); a failed write to stdout is stdout's ("stdout: no space left
-on device"), except that a reader that went away (`keep volume ls IMG | head`) ends the action
-quietly with exit status 141, as SIGPIPE ends `ls`.
+on device"), except that a reader that went away (`keep volume ls IMG | head`, also `get IMG F
+/dev/stdout | head` or a FIFO's reader) ends the action quietly with exit status 141, as SIGPIPE
+ends `ls` and `cp`.
 Trees are walked with lists, not recursion (a volume's tree may be deeper than Python's recursion
 limit).
 
@@ -175,8 +176,9 @@ def _host_errors(name: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if name == "stdout" and error.errno == errno.EPIPE:
-            raise StdoutClosed("stdout: broken pipe") from None  # its reader is gone: quietly
+        if error.errno == errno.EPIPE:  # a pipe's reader is gone: quietly, as SIGPIPE ends cp
+            # (stdout, or stdout named /dev/stdout or /proc/self/fd/1 for `get`, or a FIFO)
+            raise StdoutClosed(f"{os.fsdecode(name)}: broken pipe") from None
         raise KeepError(f"{os.fsdecode(name)}: {_reason(error)}") from None
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 from test_cache import MARKER, module_bytes
+from test_volume_cli import FAST_KDF, PASSPHRASE, keep, ok
 
 from shim.cache import CompileCache
 from shim.engine import EngineSettings
@@ -88,3 +89,25 @@ def test_a_wat_error_is_one_printable_line_with_its_place(tmp_path: Path) -> Non
     completed = _keep_run(str(deep), cache_dir=tmp_path / "cache")
     assert completed.returncode == 1
     assert completed.stderr.endswith(b": invalid WebAssembly text: item nesting too deep at line 1, column 1102\n")
+
+
+def test_get_into_dev_stdout_whose_reader_went_away_ends_quietly_with_141(tmp_path: Path) -> None:
+    """4f3bcc8 made a reader that went away end `keep volume cat/get -` quietly with 141 (as
+    SIGPIPE ends cp), but `get IMG F /dev/stdout | head` (stdout by name, which `get` documents)
+    still said 'keep: /dev/stdout: broken pipe' with exit status 1. A pipe's EPIPE is the same
+    either way now; other failures of the file still say so (/dev/full)."""
+    image = tmp_path / "v.img"
+    ok("create", image, "--size", "24M", *FAST_KDF)
+    source = tmp_path / "file"
+    source.write_bytes(b"x" * 300_000)
+    ok("put", image, source, "/file")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader went away before the first byte
+    result = subprocess.run([sys.executable, "-m", "shim", "volume", "get", str(image), "/file", "/dev/stdout",
+                             "--passphrase-env", "KEEP_TEST_KEY"], env={**os.environ, "KEEP_TEST_KEY": PASSPHRASE},
+                            stdout=write_end, stderr=subprocess.PIPE, timeout=120, check=False)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, b"")
+    full = keep("get", image, "/file", "/dev/full")
+    assert (full.returncode, full.stderr) == (1, b"keep: /dev/full: no space left on device\n")
+    assert ok("cat", image, "/file") == b"x" * 300_000

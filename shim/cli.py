@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from shim import __version__
-from shim.errors import KeepError, StdoutClosed, point_at_devnull, say
+from shim.errors import CLOSED_AT_START, KeepError, StdoutClosed, point_at_devnull, say
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -342,6 +342,7 @@ def _fill_closed_standard_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
+            CLOSED_AT_START.add(fd)
             point_at_devnull(fd)
             os.set_inheritable(fd, True)
             if getattr(sys, name) is None:  # Python found the fd closed at start-up

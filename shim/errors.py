@@ -31,6 +31,11 @@ class UsageError(KeepError):
     exit_status = 2
 
 
+CLOSED_AT_START: set[int] = set()
+"""The standard fds (0, 1, 2) that were closed when keep started (shim.cli put /dev/null on
+them, so that no file keep opens takes their number)."""
+
+
 def say(message: str) -> None:
     """Print `keep: MESSAGE` on stderr, as well as it can be: a stderr that cannot be written (a
     full disk, a closed pipe) loses the line but must not replace the exit status the line was

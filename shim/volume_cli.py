@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from shim.errors import KeepError, StdoutClosed, UsageError, point_at_devnull
+from shim.errors import CLOSED_AT_START, KeepError, StdoutClosed, UsageError, point_at_devnull
 from shim.keys import KeySource, read_key
 from shim.volume_state import sync_directory, temporary_prefix
 from storage._luks2_header import (
@@ -99,7 +99,15 @@ def volume_command(args: argparse.Namespace) -> int:
 
     Stdout is flushed here, not at exit: a failure there (a full disk, a closed pipe) was
     Python's "Exception ignored" and exit status 120. After any failure what stdout still
-    buffers is dropped (its descriptor pointed at /dev/null), so that exit adds no noise."""
+    buffers is dropped (its descriptor pointed at /dev/null), so that exit adds no noise.
+
+    A stdout that was closed when keep started (`keep volume ls IMG >&-`) stays one that cannot
+    be written: /dev/null took its number (shim.cli), and `ls` or `cat` exited 0 with their
+    output gone, where ls and cat say 'write error: Bad file descriptor'. It is /dev/null opened
+    read-only now, so a write fails with EBADF ('stdout: bad file descriptor', exit 1) and an
+    action that writes nothing to stdout (mkdir, put) still succeeds."""
+    if 1 in CLOSED_AT_START:
+        _refuse_writes(1)
     try:
         status = _translated(args)
         with _host_errors("stdout"):
@@ -111,6 +119,15 @@ def volume_command(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             point_at_devnull(1)
         raise
+
+
+def _refuse_writes(fd: int) -> None:
+    """Put /dev/null opened read-only on `fd`: still taken, but a write to it fails (EBADF)."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=True)
+    finally:
+        os.close(null)
 
 
 def _translated(args: argparse.Namespace) -> int:

@@ -111,3 +111,28 @@ def test_get_into_dev_stdout_whose_reader_went_away_ends_quietly_with_141(tmp_pa
     full = keep("get", image, "/file", "/dev/full")
     assert (full.returncode, full.stderr) == (1, b"keep: /dev/full: no space left on device\n")
     assert ok("cat", image, "/file") == b"x" * 300_000
+
+
+def test_a_stdout_closed_at_start_is_a_write_error_for_volume_output(tmp_path: Path) -> None:
+    """`keep volume ls IMG >&-` and `cat` exited 0 with their output gone (keep puts /dev/null on
+    a closed fd 1, so that no file it opens takes the number), where ls and cat say 'write
+    error: Bad file descriptor' and fail. Now output to such a stdout is 'stdout: bad file
+    descriptor', exit 1; an action that prints nothing (mkdir) still succeeds, and the image
+    never receives stdout's bytes."""
+    image = tmp_path / "v.img"
+    ok("create", image, "--size", "24M", *FAST_KDF)
+    source = tmp_path / "file"
+    source.write_bytes(b"secret-bytes " * 1000)
+    ok("put", image, source, "/file")
+    environment = {**os.environ, "KEEP_TEST_KEY": PASSPHRASE}
+    for action, expected in ((["ls", str(image), "/"], 1), (["cat", str(image), "/file"], 1),
+                             (["mkdir", str(image), "/made"], 0)):
+        result = subprocess.run([sys.executable, "-m", "shim", "volume", *action, "--passphrase-env", "KEEP_TEST_KEY"],
+                                env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                                check=False, preexec_fn=lambda: os.close(1))
+        assert result.returncode == expected, (action, result.stderr)
+        assert result.stderr == (b"keep: stdout: bad file descriptor\n" if expected else b""), action
+    assert b"made/" in ok("ls", image, "/")
+    assert ok("cat", image, "/file") == b"secret-bytes " * 1000
+    assert b"secret-bytes" not in image.read_bytes()
+    assert ok("fsck", image).strip().endswith(b"clean")

@@ -746,10 +746,11 @@ class _StopSignals:
 
 
 def _report(line: str) -> None:
-    """A status line on stdout. If stdout cannot take it (its reader has gone: `keep volume
-    mount ... | head -1`; its terminal hung up, whose SIGHUP unmounted), the line is dropped:
-    the EPIPE or EIO came after the final commit and was reported as 'IMG: broken pipe' or
-    'IMG: input/output error' with exit status 1, as if the image had failed."""
+    """A status line on stdout (mount's and umount's). If stdout cannot take it (its reader has
+    gone: `keep volume mount ... | head -1`; its terminal hung up, whose SIGHUP unmounted; it
+    was closed: `keep volume umount MNT >&-`), the line is dropped: the EPIPE, EIO or EBADF
+    came after the final commit or the unmount and was reported as 'IMG: broken pipe' or
+    'stdout: bad file descriptor' with exit status 1, as if the unmount had failed."""
     try:
         print(line, flush=True)
     except OSError:
@@ -1002,7 +1003,7 @@ def _unmount_outcome(connection: socket.socket, mountpoint: str, image: str | No
         raise KeepError(f"unmounted {mountpoint}, but the keep process serving it has not finished "
                         f"its commit at unmount after {_UMOUNT_WAIT:g} s: is it stopped or hung?{held}") from None
     if line == "ok":
-        print(f"unmounted {mountpoint}")
+        _report(f"unmounted {mountpoint}")
         return
     if line is not None and line.startswith("failed "):
         raise KeepError(_printable(line.removeprefix("failed ")))
@@ -1047,5 +1048,5 @@ def umount_command(args: argparse.Namespace) -> int:
         raise KeepError(f"unmounted {args.mountpoint}, but no report of its commit at unmount came "
                         "from the keep process serving it (an older keep? another network namespace? "
                         f"its report socket taken?): check that process's output before trusting {image}")
-    print(f"cleared the stale mount on {args.mountpoint}")
+    _report(f"cleared the stale mount on {args.mountpoint}")
     return 0

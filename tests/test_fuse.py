@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -730,3 +731,15 @@ def test_after_unmount_fsck_is_clean_and_export_gives_the_same_tree(
     exported = tmp_path / "exported"
     keep_ok("export", tools_mount.image, exported)
     diff_trees(snapshot, exported)
+
+
+def test_umount_with_stdout_closed_unmounts_and_says_so_by_its_status(mounted: MountedVolume) -> None:
+    """`keep volume umount MNT >&-`: the unmount and its commit happen, and the status is 0; only
+    the 'unmounted' line is lost (9fd0a5d made a closed stdout a write error for volume output,
+    and the line's EBADF made a done unmount exit 1)."""
+    (mounted.mountpoint / "y").write_text("y")
+    result = subprocess.run(["bash", "-c", '"$@" >&-', "_", sys.executable, "-m", "shim", "volume", "umount",
+                             str(mounted.mountpoint)], capture_output=True, timeout=300)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert keep_ok("cat", mounted.image, "/y") == "y"
+    assert mounted.stop() == 0

@@ -706,9 +706,9 @@ class _UnmountReport:
 
 class _StopSignals:
     """From just before serving until the process exits (after a failure: until after the final
-    commit), SIGINT, SIGTERM and SIGHUP are recorded in `received` instead of acted on (`serve` listens for them itself while it
-    serves, through trio, which then restores these handlers and redelivers to them what it
-    did not consume).
+    commit), SIGINT, SIGTERM and SIGHUP are recorded in `received` instead of acted on (`serve`
+    listens for them itself while it serves, through trio, which then restores these handlers
+    and redelivers to them what it did not consume).
 
     Ctrl-C pressed twice, or SIGTERM sent twice, used to interrupt the final commit (a
     KeyboardInterrupt, or SIGTERM's default action, met also in a storage worker thread):

@@ -185,12 +185,12 @@ static void copy_bytes(u8 *to, const u8 *from, u64 length) {
  * the state message; rehash the tree nodes above the changed leaves, level by level, up to the
  * root (a level's last node, when short, hashed zero-padded to a whole node); put the root into
  * the header and the state message; HMAC the state message into the header (the root MAC, also
- * copied out), HMAC the label and the header's first mac_length bytes into the header's last 32 bytes; encrypt the header sector
- * in place.
+ * copied out), HMAC the label and the header's first mac_length bytes into the header's last
+ * 32 bytes; encrypt the header sector in place.
  * Contract (checked by storage/_small_commit.py before the call): every pointer covers what the
  * fields say; sectors[i] < level_lengths[0] / 32 and its tweak does not overflow; each level
- * holds the hashes of the nodes of the level below (32 bytes per node_size bytes, rounded up) and the last
- * one a single hash; the root, entry, metadata and MAC offsets lie inside the header sector
+ * holds the hashes of the nodes of the level below (32 bytes per node_size bytes, rounded up)
+ * and the last one a single hash; the root, entry, metadata and MAC offsets lie inside the header sector
  * before its last 32 bytes, the metadata digest's inside the state message.
  * Returns 0, or -1 when an OpenSSL call failed (the buffers are then undefined). */
 int ks_small_commit(const struct ks_openssl *f, const struct ks_small_commit *c) {

@@ -220,6 +220,12 @@ class FuseOperations(pyfuse3.Operations):
     def dirty(self) -> bool:
         return self._dirty
 
+    @property
+    def generation(self) -> int:
+        """The generation of the last commit (the timer's, an fsync's, ...)."""
+        with self._lock:
+            return self._volume.state().generation
+
     async def wait_for_change(self) -> None:
         """Return once something changed since the last commit (at once if it has)."""
         await self._changed.wait()
@@ -596,9 +602,11 @@ async def _commit_periodically(operations: FuseOperations, interval: float) -> N
 
     A failing commit (the host's disk under a sparse image is full) is reported when it first
     fails, when its reason changes, and then once a minute with the count: it was one line per
-    interval for as long as the disk stayed full. The first success after failures says so."""
+    interval for as long as the disk stayed full. The first success after failures says so; a
+    commit made meanwhile by other means (an fsync) ends the run of failures too."""
     failures = 0
     reported: tuple[str, float] | None = None  # the last reason reported, and when
+    failed_at = 0  # the generation when the last timed commit failed
     while True:
         await operations.wait_for_change()
         await trio.sleep(interval)
@@ -606,6 +614,10 @@ async def _commit_periodically(operations: FuseOperations, interval: float) -> N
             try:
                 operations.commit()
             except OSError as error:  # reported; the next fsync or unmount tries again
+                generation = operations.generation
+                if failures and generation != failed_at:  # an fsync's commit went through since
+                    failures, reported = 0, None
+                failed_at = generation
                 failures += 1
                 now = trio.current_time()
                 if reported is None or reported[0] != str(error) or now - reported[1] >= _REPEAT_REPORT_SECONDS:

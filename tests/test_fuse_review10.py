@@ -218,6 +218,7 @@ class _FailingCommits:
         self.errors = errors
         self.commits = 0
         self.dirty = True
+        self.generation = 1
 
     async def wait_for_change(self) -> None:
         await trio.sleep(0)
@@ -227,6 +228,7 @@ class _FailingCommits:
         self.commits += 1
         if error is not None:
             raise error
+        self.generation += 1
 
 
 async def test_a_failing_timed_commit_is_reported_once_a_minute_not_every_interval(
@@ -250,3 +252,21 @@ async def test_a_failing_timed_commit_is_reported_once_a_minute_not_every_interv
     assert len([line for line in lines if "Errno 28" in line]) == 9
     assert lines[9] == "timed commit failed: [Errno 5] Input/output error (101 timed commits failed in a row)"
     assert lines[10:] == ["timed commit succeeded after 110 failed"]
+
+
+async def test_a_commit_by_other_means_ends_the_run_of_timed_commit_failures(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    """Timed commits fail, an fsync's commit goes through (the generation moves on), then the
+    timed ones fail again: the new failure is reported at once and counted from one, not as
+    'N failed in a row' nor held back until the minute is up."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    operations = _FailingCommits([full] * 10)
+    with caplog.at_level("WARNING", logger="keep.fuse"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_commit_periodically, operations, 5.0)
+            await trio.sleep(5 * 3 + 2.5)  # three failures: one line
+            operations.generation += 1  # an fsync committed meanwhile
+            await trio.sleep(5 * 2)  # two more failures
+            nursery.cancel_scope.cancel()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["timed commit failed: [Errno 28] No space left on device"] * 2
